@@ -1,0 +1,7 @@
+//! Shared building blocks of blockd and filed: framing, TLS, peer authentication, sizes and telemetry.
+
+pub mod auth;
+pub mod frame;
+pub mod size;
+pub mod telemetry;
+pub mod tls;
