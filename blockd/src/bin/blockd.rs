@@ -1,0 +1,162 @@
+//! The blockd command line: `blockd standalone` serves one local export over NBD.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+
+use blockd::nbd::export::Export;
+use blockd::nbd::server::{self, Listener, ServerOptions};
+use blockd::nbd::tls::TlsSettings;
+use blockd::store::{BlockStore, EngineKind, OpenOptions};
+
+#[derive(Parser)]
+#[command(name = "blockd", version, about = "A userspace replicated block device served over NBD")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one local file or block device over NBD, without replication.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    /// Backing regular file (created sparse with --size when missing) or block device.
+    #[arg(long)]
+    backing: PathBuf,
+    /// Export size, e.g. 1G (creates or grows a regular file; default: the whole backing).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// TCP address to listen on (repeatable). Default 127.0.0.1:10809 when no --socket is given.
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    listen: Vec<String>,
+    /// Unix socket path to listen on (repeatable).
+    #[arg(long = "socket", value_name = "PATH")]
+    socket: Vec<PathBuf>,
+    /// Export name clients ask for (the empty name also selects it).
+    #[arg(long, default_value = "blockd")]
+    export: String,
+    /// Export description sent with NBD_INFO_DESCRIPTION.
+    #[arg(long)]
+    description: Option<String>,
+    /// Serve read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// I/O engine: auto (io_uring when available), uring, or sync.
+    #[arg(long, default_value = "auto")]
+    io_engine: EngineKind,
+    /// Certificate directory (server-cert.pem, server-key.pem, optional ca-cert.pem; with
+    /// ca-cert.pem, clients must present a certificate it issued). Enables STARTTLS.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Require TLS: refuse every option but STARTTLS and ABORT until TLS is up.
+    #[arg(long, requires = "tls_dir")]
+    tls: bool,
+    /// Seconds a client may take for the whole handshake.
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    handshake_timeout: u64,
+}
+
+fn parse_size(text: &str) -> Result<u64, common::size::SizeError> {
+    common::size::parse_size(text)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    common::telemetry::init("info");
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Standalone(args) => runtime.block_on(standalone(args)),
+    }
+}
+
+async fn standalone(args: StandaloneArgs) -> Result<()> {
+    let store = BlockStore::open(
+        &args.backing,
+        &OpenOptions {
+            size: args.size,
+            read_only: args.read_only,
+            engine: args.io_engine,
+        },
+    )
+    .with_context(|| format!("cannot open the backing {}", args.backing.display()))?;
+    let tls = args
+        .tls_dir
+        .as_deref()
+        .map(|dir| TlsSettings::from_dir(dir, args.tls))
+        .transpose()?;
+
+    let mut listen = args.listen.clone();
+    if listen.is_empty() && args.socket.is_empty() {
+        listen.push("127.0.0.1:10809".to_string());
+    }
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        let l = TcpListener::bind(addr.as_str())
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.push(Listener::Tcp(l));
+    }
+    for path in &args.socket {
+        remove_stale_socket(path)?;
+        let l = UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on the Unix socket {}", path.display()))?;
+        listeners.push(Listener::Unix(l));
+    }
+    let addresses: Vec<String> = listeners.iter().map(Listener::describe).collect();
+
+    let export = Arc::new(Export {
+        name: args.export.clone(),
+        description: args.description.clone(),
+        store,
+    });
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    eprintln!(
+        "blockd: serving export {:?} ({} bytes, engine {}{}{}) on {}",
+        export.name,
+        export.store.size(),
+        export.store.engine_name(),
+        if args.read_only { ", read-only" } else { "" },
+        match (&args.tls_dir, args.tls) {
+            (Some(_), true) => ", TLS required",
+            (Some(_), false) => ", TLS optional",
+            (None, _) => "",
+        },
+        addresses.join(", ")
+    );
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    };
+    let options = ServerOptions {
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        ..ServerOptions::default()
+    };
+    let result = server::run_with(listeners, export, tls, options, shutdown).await;
+    for path in &args.socket {
+        let _ = std::fs::remove_file(path);
+    }
+    result.context("NBD server failed")
+}
+
+/// Removes a leftover socket file from an earlier run; refuses to remove anything else.
+fn remove_stale_socket(path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => Ok(()),
+    }
+}

@@ -1,0 +1,878 @@
+//! The transmission phase of one connection: a reader that decodes requests and runs each as its
+//! own task against the store, and one writer task that sends replies whole, out of order,
+//! batching several replies per vectored write.
+//!
+//! Memory is bounded by a per-connection byte budget: a READ holds budget for its data until the
+//! reply is on the socket; a WRITE payload is read from the socket in chunks, each holding budget
+//! until the store has written it. Requests larger than the maximum payload get an error reply
+//! (a WRITE's payload is read and discarded first), never a dropped connection.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Span;
+
+use crate::nbd::export::MAX_PAYLOAD;
+use crate::nbd::handshake::Session;
+use crate::nbd::proto::{
+    self, BlockDescriptor, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO,
+    CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
+    CMD_WRITE_ZEROES, HeaderError, REQUEST_LEN, Request, STATE_HOLE, STATE_ZERO,
+};
+use crate::store::{BlockStore, Extent, StoreError};
+
+/// Tunables of the transmission phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest READ/WRITE payload served; larger requests get `EOVERFLOW`.
+    pub max_payload: u32,
+    /// Size of the pieces a large payload is moved in (socket to store, store to reply).
+    pub chunk: usize,
+    /// Bytes of request data one connection may hold in memory at once (>= `max_payload`).
+    pub budget: usize,
+    /// Structured READs at least this long check for holes and send them as hole chunks.
+    pub hole_detect_min: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_payload: MAX_PAYLOAD,
+            chunk: 4 << 20,
+            budget: 128 << 20,
+            hole_detect_min: 64 << 10,
+        }
+    }
+}
+
+/// Budget charged for requests without data, so a flood of them is bounded too.
+const MIN_CHARGE: usize = 4096;
+/// Read buffer for request headers and small payloads.
+const READ_BUFFER: usize = 256 << 10;
+/// Most replies gathered into one vectored write.
+const MAX_BATCH: usize = 64;
+/// Most bytes gathered into one vectored write before it is sent.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Why a request is refused or failed; [`errno`] maps each to the NBD error value.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("unknown command {0}")]
+    UnknownCommand(u16),
+    #[error("flags {flags:#x} are not valid for command {command}")]
+    BadFlags { command: u16, flags: u16 },
+    #[error("zero-length request")]
+    ZeroLength,
+    #[error("FLUSH with non-zero offset or length")]
+    FlushRange,
+    #[error("{length} bytes at {offset} reach past the end of the {size}-byte export")]
+    OutOfRange {
+        offset: u64,
+        length: u32,
+        size: u64,
+        write: bool,
+    },
+    #[error("payload of {length} bytes exceeds the maximum of {max}")]
+    TooLarge { length: u32, max: u32 },
+    #[error("the export is read-only")]
+    ReadOnly,
+    #[error("BLOCK_STATUS without a negotiated base:allocation context")]
+    NoMetaContext,
+    #[error("store operation failed")]
+    Store(#[source] StoreError),
+}
+
+/// The NBD error value for a failed request. The one place errors become errnos.
+pub fn errno(error: &RequestError) -> u32 {
+    match error {
+        RequestError::UnknownCommand(_)
+        | RequestError::BadFlags { .. }
+        | RequestError::ZeroLength
+        | RequestError::FlushRange
+        | RequestError::NoMetaContext => proto::EINVAL,
+        RequestError::OutOfRange { write: true, .. } => proto::ENOSPC,
+        RequestError::OutOfRange { write: false, .. } => proto::EINVAL,
+        RequestError::TooLarge { .. } => proto::EOVERFLOW,
+        RequestError::ReadOnly => proto::EPERM,
+        RequestError::Store(e) => match e {
+            StoreError::OutOfRange { .. } => proto::EINVAL,
+            StoreError::ReadOnly => proto::EPERM,
+            StoreError::NotFast => proto::ENOTSUP,
+            other => match other.raw_os_error() {
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => proto::ENOSPC,
+                Some(libc::EPERM | libc::EROFS | libc::EACCES) => proto::EPERM,
+                _ => proto::EIO,
+            },
+        },
+    }
+}
+
+/// A validated request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read { offset: u64, len: u32, df: bool },
+    Write { offset: u64, len: u32, fua: bool },
+    Flush,
+    Trim { offset: u64, len: u32, fua: bool },
+    Cache { offset: u64, len: u32 },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        may_punch: bool,
+        fast: bool,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u32,
+        req_one: bool,
+        context: u32,
+    },
+    Disconnect,
+}
+
+/// Checks a request against the session and export. Pure; the order of checks decides which
+/// error a request with several problems gets.
+pub fn validate(
+    req: &Request,
+    session: &Session,
+    size: u64,
+    read_only: bool,
+    max_payload: u32,
+) -> Result<Op, RequestError> {
+    let allowed = match req.kind {
+        CMD_READ if session.structured => CMD_FLAG_FUA | CMD_FLAG_DF,
+        CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
+        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
+        CMD_DISC => return Ok(Op::Disconnect),
+        other => return Err(RequestError::UnknownCommand(other)),
+    };
+    if req.flags & !allowed != 0 {
+        return Err(RequestError::BadFlags {
+            command: req.kind,
+            flags: req.flags,
+        });
+    }
+    let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+    if writes && read_only {
+        return Err(RequestError::ReadOnly);
+    }
+    let (offset, len) = (req.offset, req.length);
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    if req.kind == CMD_FLUSH {
+        if offset != 0 || len != 0 {
+            return Err(RequestError::FlushRange);
+        }
+        return Ok(Op::Flush);
+    }
+    if matches!(req.kind, CMD_READ | CMD_WRITE) && len > max_payload {
+        return Err(RequestError::TooLarge {
+            length: len,
+            max: max_payload,
+        });
+    }
+    if len == 0 {
+        return Err(RequestError::ZeroLength);
+    }
+    if offset.checked_add(u64::from(len)).is_none_or(|end| end > size) {
+        return Err(RequestError::OutOfRange {
+            offset,
+            length: len,
+            size,
+            write: matches!(req.kind, CMD_WRITE | CMD_WRITE_ZEROES),
+        });
+    }
+    Ok(match req.kind {
+        CMD_READ => Op::Read {
+            offset,
+            len,
+            df: req.flags & CMD_FLAG_DF != 0,
+        },
+        CMD_WRITE => Op::Write { offset, len, fua },
+        CMD_TRIM => Op::Trim { offset, len, fua },
+        CMD_CACHE => Op::Cache { offset, len },
+        CMD_WRITE_ZEROES => Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            may_punch: req.flags & CMD_FLAG_NO_HOLE == 0,
+            fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+        },
+        CMD_BLOCK_STATUS => Op::BlockStatus {
+            offset,
+            len,
+            req_one: req.flags & CMD_FLAG_REQ_ONE != 0,
+            context: session.base_allocation.ok_or(RequestError::NoMetaContext)?,
+        },
+        _ => unreachable!("command filtered above"),
+    })
+}
+
+/// `base:allocation` descriptors for extents starting at the request offset: statuses mapped,
+/// equal neighbours merged, total clipped to `len`, at most one with `req_one`.
+pub fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<BlockDescriptor> {
+    let mut out: Vec<BlockDescriptor> = Vec::with_capacity(extents.len().min(64));
+    let mut left = u64::from(len);
+    for e in extents {
+        if left == 0 {
+            break;
+        }
+        let length = e.length.min(left);
+        if length == 0 {
+            continue;
+        }
+        left -= length;
+        let status = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+        match out.last_mut() {
+            Some(last) if last.status == status => last.length += length as u32,
+            _ => out.push(BlockDescriptor {
+                length: length as u32,
+                status,
+            }),
+        }
+    }
+    if out.is_empty() {
+        out.push(BlockDescriptor { length: len, status: 0 });
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outgoing replies
+// ---------------------------------------------------------------------------------------------
+
+/// Small inline header of a reply (simple reply header or one chunk prefix).
+#[derive(Default)]
+struct Head {
+    bytes: [u8; proto::DATA_CHUNK_PREFIX_LEN],
+    len: u8,
+}
+
+impl Head {
+    fn new(src: &[u8]) -> Head {
+        let mut head = Head::default();
+        head.bytes[..src.len()].copy_from_slice(src);
+        head.len = src.len() as u8;
+        head
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+/// One reply, written to the socket as a unit.
+struct Outgoing {
+    head: Head,
+    body: Vec<Bytes>,
+    /// Budget held until the reply is on the socket.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        usize::from(self.head.len) + self.body.iter().map(Bytes::len).sum::<usize>()
+    }
+}
+
+/// Per-request context handed to request tasks.
+#[derive(Clone)]
+struct Ctx {
+    store: BlockStore,
+    session: Session,
+    limits: Limits,
+    replies: mpsc::UnboundedSender<Outgoing>,
+    span: Span,
+}
+
+impl Ctx {
+    fn send(&self, reply: Outgoing) {
+        // The writer only goes away when the connection is broken; the reply is moot then.
+        let _ = self.replies.send(reply);
+    }
+
+    /// Success without data (simple reply, valid in both modes).
+    fn ok(&self, cookie: u64, permit: Option<OwnedSemaphorePermit>) {
+        self.send(Outgoing {
+            head: Head::new(&proto::encode_simple_reply(0, cookie)),
+            body: Vec::new(),
+            _permit: permit,
+        });
+    }
+
+    /// An error reply: an error chunk with a message when structured replies are on.
+    fn fail(&self, cookie: u64, command: u16, error: &RequestError) {
+        let code = errno(error);
+        if matches!(error, RequestError::Store(_)) {
+            self.span.in_scope(|| {
+                tracing::warn!(cookie, command, errno = code, error = %ErrorChain(error), "request failed");
+            });
+        } else {
+            self.span.in_scope(|| {
+                tracing::debug!(cookie, command, errno = code, error = %error, "request refused");
+            });
+        }
+        if self.session.structured {
+            let mut buf = BytesMut::with_capacity(64);
+            proto::encode_error_chunk(cookie, code, &error.to_string(), &mut buf);
+            self.send(Outgoing {
+                head: Head::default(),
+                body: vec![buf.freeze()],
+                _permit: None,
+            });
+        } else {
+            self.send(Outgoing {
+                head: Head::new(&proto::encode_simple_reply(code, cookie)),
+                body: Vec::new(),
+                _permit: None,
+            });
+        }
+    }
+
+    fn done(&self, cookie: u64, command: u16, result: Result<(), RequestError>, permit: OwnedSemaphorePermit) {
+        match result {
+            Ok(()) => self.ok(cookie, Some(permit)),
+            Err(e) => self.fail(cookie, command, &e),
+        }
+    }
+}
+
+/// Displays an error with its `source` chain.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request execution
+// ---------------------------------------------------------------------------------------------
+
+/// Reads `len` bytes at `offset` as pieces of at most `chunk` bytes, reading pieces concurrently.
+async fn read_range(
+    store: &BlockStore,
+    offset: u64,
+    len: u64,
+    chunk: usize,
+) -> Result<Vec<Bytes>, StoreError> {
+    if len <= chunk as u64 {
+        return Ok(vec![store.read(offset, len as usize).await?.freeze()]);
+    }
+    let mut tasks = Vec::with_capacity(len.div_ceil(chunk as u64) as usize);
+    let mut pos = 0u64;
+    while pos < len {
+        let n = (len - pos).min(chunk as u64) as usize;
+        let store = store.clone();
+        let at = offset + pos;
+        tasks.push(tokio::spawn(async move { store.read(at, n).await }));
+        pos += n as u64;
+    }
+    let mut pieces = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let piece = task.await.map_err(|_| StoreError::EngineGone)??;
+        pieces.push(piece.freeze());
+    }
+    Ok(pieces)
+}
+
+async fn serve_read(ctx: Ctx, cookie: u64, offset: u64, len: u32, df: bool, permit: OwnedSemaphorePermit) {
+    let result = if ctx.session.structured {
+        structured_read(&ctx, cookie, offset, len, df).await
+    } else {
+        read_range(&ctx.store, offset, u64::from(len), ctx.limits.chunk)
+            .await
+            .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
+    };
+    match result {
+        Ok((head, body)) => ctx.send(Outgoing {
+            head,
+            body,
+            _permit: Some(permit),
+        }),
+        Err(e) => ctx.fail(cookie, CMD_READ, &RequestError::Store(e)),
+    }
+}
+
+/// A structured READ reply: hole chunks for sparse regions (unless DF or the read is small),
+/// data chunks for the rest; the last chunk carries DONE.
+async fn structured_read(
+    ctx: &Ctx,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    df: bool,
+) -> Result<(Head, Vec<Bytes>), StoreError> {
+    let chunk = ctx.limits.chunk;
+    let extents = if !df && len >= ctx.limits.hole_detect_min {
+        // Hole detection is an optimisation: if it fails, the read itself reports errors.
+        ctx.store.block_status(offset, u64::from(len)).await.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let has_hole = extents.iter().any(|e| e.hole && e.zero);
+    if !has_hole {
+        let pieces = read_range(&ctx.store, offset, u64::from(len), chunk).await?;
+        if pieces.len() == 1 || df {
+            let head = proto::encode_data_chunk_prefix(cookie, true, offset, len);
+            return Ok((Head::new(&head), pieces));
+        }
+        return Ok((Head::default(), data_chunks(cookie, offset, pieces, true)));
+    }
+    // Mixed data and holes: one entry per run, data read concurrently.
+    enum Run {
+        Hole(u64, u32),
+        Data(u64, tokio::task::JoinHandle<Result<Vec<Bytes>, StoreError>>),
+    }
+    let mut runs = Vec::with_capacity(extents.len() + 1);
+    let mut pos = offset;
+    let end = offset + u64::from(len);
+    for e in extents.iter().chain(std::iter::once(&Extent {
+        length: u64::MAX,
+        hole: false,
+        zero: false,
+    })) {
+        if pos >= end {
+            break;
+        }
+        let n = e.length.min(end - pos);
+        if n == 0 {
+            continue;
+        }
+        if e.hole && e.zero {
+            runs.push(Run::Hole(pos, n as u32));
+        } else {
+            let store = ctx.store.clone();
+            let at = pos;
+            runs.push(Run::Data(
+                at,
+                tokio::spawn(async move { read_range(&store, at, n, chunk).await }),
+            ));
+        }
+        pos += n;
+    }
+    let mut body = Vec::with_capacity(runs.len() * 2);
+    let last = runs.len() - 1;
+    for (i, run) in runs.into_iter().enumerate() {
+        match run {
+            Run::Hole(at, n) => {
+                let mut buf = BytesMut::with_capacity(32);
+                proto::encode_hole_chunk(cookie, i == last, at, n, &mut buf);
+                body.push(buf.freeze());
+            }
+            Run::Data(at, task) => {
+                let pieces = task.await.map_err(|_| StoreError::EngineGone)??;
+                body.extend(data_chunks(cookie, at, pieces, i == last));
+            }
+        }
+    }
+    Ok((Head::default(), body))
+}
+
+/// OFFSET_DATA chunks for consecutive `pieces` starting at `offset`; DONE on the last if `done`.
+fn data_chunks(cookie: u64, mut offset: u64, pieces: Vec<Bytes>, done: bool) -> Vec<Bytes> {
+    let count = pieces.len();
+    let mut out = Vec::with_capacity(count * 2);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let n = piece.len() as u32;
+        let prefix = proto::encode_data_chunk_prefix(cookie, done && i + 1 == count, offset, n);
+        out.push(Bytes::copy_from_slice(&prefix));
+        out.push(piece);
+        offset += u64::from(n);
+    }
+    out
+}
+
+async fn run_op(ctx: &Ctx, op: Op) -> Result<(), RequestError> {
+    let store = &ctx.store;
+    let s = RequestError::Store;
+    match op {
+        Op::Flush => store.flush().await.map_err(s),
+        Op::Trim { offset, len, fua } => {
+            store.trim(offset, u64::from(len)).await.map_err(s)?;
+            if fua {
+                store.flush().await.map_err(s)?;
+            }
+            Ok(())
+        }
+        Op::Cache { offset, len } => store.cache(offset, u64::from(len)).await.map_err(s),
+        Op::WriteZeroes {
+            offset,
+            len,
+            fua,
+            may_punch,
+            fast,
+        } => {
+            if fast {
+                store.fast_zero(offset, u64::from(len)).await.map_err(s)?;
+                if fua {
+                    store.flush().await.map_err(s)?;
+                }
+                Ok(())
+            } else {
+                store
+                    .write_zeroes(offset, u64::from(len), may_punch, fua)
+                    .await
+                    .map_err(s)
+            }
+        }
+        Op::Read { .. } | Op::Write { .. } | Op::BlockStatus { .. } | Op::Disconnect => {
+            unreachable!("handled by the reader")
+        }
+    }
+}
+
+async fn serve_block_status(ctx: Ctx, cookie: u64, offset: u64, len: u32, req_one: bool, context: u32, permit: OwnedSemaphorePermit) {
+    match ctx.store.block_status(offset, u64::from(len)).await {
+        Ok(extents) => {
+            let descs = descriptors(&extents, len, req_one);
+            let mut buf = BytesMut::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * descs.len());
+            proto::encode_block_status_chunk(cookie, context, &descs, &mut buf);
+            ctx.send(Outgoing {
+                head: Head::default(),
+                body: vec![buf.freeze()],
+                _permit: Some(permit),
+            });
+        }
+        Err(e) => ctx.fail(cookie, CMD_BLOCK_STATUS, &RequestError::Store(e)),
+    }
+}
+
+/// Completion state of a WRITE moved in several chunks: the last chunk to finish replies.
+struct WriteJoin {
+    ctx: Ctx,
+    cookie: u64,
+    remaining: AtomicUsize,
+    error: Mutex<Option<StoreError>>,
+}
+
+impl WriteJoin {
+    fn chunk_done(&self, result: Result<(), StoreError>) {
+        if let Err(e) = result {
+            let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+            slot.get_or_insert(e);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match error {
+                None => self.ctx.ok(self.cookie, None),
+                Some(e) => self.ctx.fail(self.cookie, CMD_WRITE, &RequestError::Store(e)),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection loop
+// ---------------------------------------------------------------------------------------------
+
+/// Why a connection's transmission phase ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    #[error("reading a request failed")]
+    ReadRequest(#[source] io::Error),
+    #[error("request has a bad magic {0:#x}")]
+    BadMagic(u64),
+    #[error("reading the payload of a WRITE failed")]
+    ReadPayload(#[source] io::Error),
+    #[error("writing replies failed")]
+    WriteReply(#[source] io::Error),
+    #[error("the reply writer task failed")]
+    WriterTask(#[source] tokio::task::JoinError),
+}
+
+/// How the reader loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The client sent `NBD_CMD_DISC`.
+    Disconnect,
+    /// The client closed the connection.
+    Eof,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+/// Serves requests from `reader`, replying on `writer`, until the client disconnects, the
+/// connection breaks, or `shutdown` completes. In-flight requests finish and their replies are
+/// written before this returns.
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    store: BlockStore,
+    session: Session,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) -> Result<End, TransmissionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let ctx = Ctx {
+        store,
+        session,
+        limits,
+        replies: tx,
+        span: Span::current(),
+    };
+    let budget = Arc::new(Semaphore::new(limits.budget.max(limits.max_payload as usize)));
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let read_result = read_loop(&mut reader, &ctx, &budget, shutdown).await;
+    drop(ctx);
+    // All request tasks hold a sender; the writer ends once the last reply is written.
+    let write_result = writer_task.await.map_err(TransmissionError::WriterTask)?;
+    let end = read_result?;
+    write_result?;
+    Ok(end)
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    ctx: &Ctx,
+    budget: &Arc<Semaphore>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<End, TransmissionError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let request = tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(End::Shutdown),
+            r = read_request(reader) => match r? {
+                Some(request) => request,
+                None => return Ok(End::Eof),
+            },
+        };
+        let size = ctx.store.size();
+        let op = validate(
+            &request,
+            &ctx.session,
+            size,
+            ctx.store.read_only(),
+            ctx.limits.max_payload,
+        );
+        let cookie = request.cookie;
+        match op {
+            Err(e) => {
+                // Keep the stream in sync: a refused WRITE's payload is still on the wire.
+                discard(reader, u64::from(request.payload_len())).await?;
+                ctx.fail(cookie, request.kind, &e);
+            }
+            Ok(Op::Disconnect) => return Ok(End::Disconnect),
+            Ok(Op::Write { offset, len, fua }) => {
+                receive_write(reader, ctx, budget, cookie, offset, len, fua).await?;
+            }
+            Ok(Op::Read { offset, len, df }) => {
+                let permit = charge(budget, len as usize).await;
+                tokio::spawn(serve_read(ctx.clone(), cookie, offset, len, df, permit));
+            }
+            Ok(Op::BlockStatus {
+                offset,
+                len,
+                req_one,
+                context,
+            }) => {
+                let permit = charge(budget, 0).await;
+                tokio::spawn(serve_block_status(ctx.clone(), cookie, offset, len, req_one, context, permit));
+            }
+            Ok(op) => {
+                let permit = charge(budget, 0).await;
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let result = run_op(&ctx, op).await;
+                    ctx.done(cookie, request.kind, result, permit);
+                });
+            }
+        }
+    }
+}
+
+/// Takes `bytes` (at least [`MIN_CHARGE`]) from the connection budget, waiting if needed.
+async fn charge(budget: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
+    let n = bytes.max(MIN_CHARGE) as u32;
+    budget
+        .clone()
+        .acquire_many_owned(n)
+        .await
+        .expect("the budget semaphore is never closed")
+}
+
+/// Reads the next request header; `None` on a clean end of stream between requests.
+async fn read_request<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+) -> Result<Option<Request>, TransmissionError> {
+    let available = reader.fill_buf().await.map_err(TransmissionError::ReadRequest)?;
+    if available.is_empty() {
+        return Ok(None);
+    }
+    let mut header = [0u8; REQUEST_LEN];
+    reader
+        .read_exact(&mut header)
+        .await
+        .map_err(TransmissionError::ReadRequest)?;
+    match Request::decode(&header) {
+        Ok(request) => Ok(Some(request)),
+        Err(HeaderError::BadMagic(m)) => Err(TransmissionError::BadMagic(m)),
+        Err(HeaderError::Incomplete) => unreachable!("the header buffer is full"),
+    }
+}
+
+/// Reads a WRITE payload chunk by chunk, handing each chunk to the store as it arrives.
+async fn receive_write<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    ctx: &Ctx,
+    budget: &Arc<Semaphore>,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    fua: bool,
+) -> Result<(), TransmissionError> {
+    let chunk = ctx.limits.chunk;
+    let len = len as usize;
+    if len <= chunk {
+        let permit = charge(budget, len).await;
+        let data = read_payload(reader, len).await?;
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let result = ctx.store.write(offset, data, fua).await;
+            drop(permit);
+            match result {
+                Ok(()) => ctx.ok(cookie, None),
+                Err(e) => ctx.fail(cookie, CMD_WRITE, &RequestError::Store(e)),
+            }
+        });
+        return Ok(());
+    }
+    let join = Arc::new(WriteJoin {
+        ctx: ctx.clone(),
+        cookie,
+        remaining: AtomicUsize::new(len.div_ceil(chunk)),
+        error: Mutex::new(None),
+    });
+    let mut pos = 0usize;
+    while pos < len {
+        let n = (len - pos).min(chunk);
+        let permit = charge(budget, n).await;
+        let data = read_payload(reader, n).await?;
+        let join = join.clone();
+        let at = offset + pos as u64;
+        tokio::spawn(async move {
+            let result = join.ctx.store.write(at, data, fua).await;
+            drop(permit);
+            join.chunk_done(result);
+        });
+        pos += n;
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill).
+async fn read_payload<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    len: usize,
+) -> Result<Bytes, TransmissionError> {
+    let mut buf = BytesMut::with_capacity(len);
+    while buf.len() < len {
+        let want = (len - buf.len()) as u64;
+        let n = (&mut *reader)
+            .take(want)
+            .read_buf(&mut buf)
+            .await
+            .map_err(TransmissionError::ReadPayload)?;
+        if n == 0 {
+            return Err(TransmissionError::ReadPayload(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads and drops `len` bytes.
+async fn discard<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
+    len: u64,
+) -> Result<(), TransmissionError> {
+    if len == 0 {
+        return Ok(());
+    }
+    let copied = tokio::io::copy_buf(&mut (&mut *reader).take(len), &mut tokio::io::sink())
+        .await
+        .map_err(TransmissionError::ReadPayload)?;
+    if copied < len {
+        return Err(TransmissionError::ReadPayload(io::ErrorKind::UnexpectedEof.into()));
+    }
+    Ok(())
+}
+
+/// The connection's only writer: sends each reply whole, several per vectored write when
+/// replies queue up, and shuts the stream down when every sender is gone.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) -> Result<(), TransmissionError> {
+    let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
+    let mut result = Ok(());
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.len();
+        batch.push(first);
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(next) => {
+                    bytes += next.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_batch(&mut writer, &batch).await {
+            result = Err(TransmissionError::WriteReply(e));
+            break;
+        }
+        batch.clear();
+    }
+    if result.is_ok() {
+        let _ = writer.shutdown().await;
+    }
+    result
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Outgoing]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
+    for reply in batch {
+        if reply.head.len > 0 {
+            slices.push(IoSlice::new(reply.head.as_slice()));
+        }
+        for piece in &reply.body {
+            slices.push(IoSlice::new(piece));
+        }
+    }
+    // Stay below IOV_MAX (1024) per syscall.
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let take = rest.len().min(512);
+        let n = writer.write_vectored(&rest[..take]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    writer.flush().await
+}
+
+#[cfg(test)]
+mod tests;

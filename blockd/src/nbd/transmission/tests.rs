@@ -1,0 +1,414 @@
+//! Transmission-phase tests over an in-memory duplex against a real store on a temporary file.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::nbd::handshake::BASE_ALLOCATION_ID;
+use crate::nbd::proto::*;
+use crate::store::{EngineKind, OpenOptions};
+
+const SIZE: u64 = 8 << 20;
+
+struct Harness {
+    client: DuplexStream,
+    server: JoinHandle<Result<End, TransmissionError>>,
+    store: BlockStore,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn open_store(read_only: bool) -> (BlockStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.img");
+    let store = BlockStore::open(
+        &path,
+        &OpenOptions {
+            size: Some(SIZE),
+            read_only: false,
+            engine: EngineKind::Sync,
+        },
+    )
+    .unwrap();
+    if read_only {
+        drop(store);
+        let store = BlockStore::open(
+            &path,
+            &OpenOptions {
+                size: None,
+                read_only: true,
+                engine: EngineKind::Sync,
+            },
+        )
+        .unwrap();
+        return (store, dir);
+    }
+    (store, dir)
+}
+
+fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
+    let (store, dir) = open_store(read_only);
+    let (client, server_end) = tokio::io::duplex(1 << 20);
+    let (r, w) = tokio::io::split(server_end);
+    let session = Session {
+        structured,
+        base_allocation: structured.then_some(BASE_ALLOCATION_ID),
+        flags: 0,
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(r, w, store.clone(), session, limits, async move {
+        if stopped.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }));
+    Harness {
+        client,
+        server,
+        store,
+        _dir: dir,
+        stop: Some(stop),
+    }
+}
+
+fn req(kind: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Request {
+    Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        length,
+    }
+}
+
+impl Harness {
+    async fn send(&mut self, r: Request, payload: &[u8]) {
+        let mut b = BytesMut::new();
+        b.put_slice(&r.encode());
+        b.put_slice(payload);
+        self.client.write_all(&b).await.unwrap();
+    }
+
+    /// Reads one simple reply; `data_len` bytes follow a successful read reply.
+    async fn simple(&mut self, data_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
+        let mut head = [0u8; SIMPLE_REPLY_LEN];
+        self.client.read_exact(&mut head).await.unwrap();
+        let (Reply::Simple { error, cookie }, _) = Reply::decode(&head).unwrap() else {
+            panic!("not a simple reply")
+        };
+        let mut data = vec![0u8; if error == 0 { data_len(cookie) } else { 0 }];
+        self.client.read_exact(&mut data).await.unwrap();
+        (cookie, error, data)
+    }
+
+    /// Reads one reply message in structured mode (a simple reply or one chunk).
+    async fn message(&mut self) -> Reply {
+        let mut head = [0u8; CHUNK_HEADER_LEN];
+        self.client.read_exact(&mut head[..4]).await.unwrap();
+        if u32::from_be_bytes(head[..4].try_into().unwrap()) == SIMPLE_REPLY_MAGIC {
+            self.client.read_exact(&mut head[4..16]).await.unwrap();
+            return Reply::decode(&head[..16]).unwrap().0;
+        }
+        self.client.read_exact(&mut head[4..]).await.unwrap();
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut all = head.to_vec();
+        all.resize(CHUNK_HEADER_LEN + len, 0);
+        self.client.read_exact(&mut all[CHUNK_HEADER_LEN..]).await.unwrap();
+        Reply::decode(&all).unwrap().0
+    }
+
+    /// Collects a structured READ reply into (error, bytes) with holes as zeroes.
+    async fn structured_read(&mut self, offset: u64, len: usize) -> (u64, u32, Vec<u8>, Vec<u16>) {
+        let mut out = vec![0xeeu8; len];
+        let mut kinds = Vec::new();
+        let mut error = 0;
+        loop {
+            match self.message().await {
+                Reply::Chunk { header, payload } => {
+                    kinds.push(header.kind);
+                    match payload {
+                        Chunk::Data { offset: at, data } => {
+                            let s = (at - offset) as usize;
+                            out[s..s + data.len()].copy_from_slice(&data);
+                        }
+                        Chunk::Hole { offset: at, length } => {
+                            let s = (at - offset) as usize;
+                            out[s..s + length as usize].fill(0);
+                        }
+                        Chunk::Error { error: e, .. } => error = e,
+                        Chunk::None => {}
+                        other => panic!("unexpected chunk {other:?}"),
+                    }
+                    if header.flags & REPLY_FLAG_DONE != 0 {
+                        return (header.cookie, error, out, kinds);
+                    }
+                }
+                Reply::Simple { .. } => panic!("simple reply to a structured read"),
+            }
+        }
+    }
+
+    async fn finish(self) -> Result<End, TransmissionError> {
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("connection ends")
+            .expect("server task")
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_by_cookie_and_disc_drains() {
+    let mut h = start(false, false, Limits::default());
+    // Pipeline 32 writes without reading replies, then DISC.
+    for i in 0..32u64 {
+        h.send(req(CMD_WRITE, 0, 100 + i, i * 4096, 4096), &pattern(4096, i as u8)).await;
+    }
+    h.send(req(CMD_FLUSH, 0, 999, 0, 0), &[]).await;
+    let mut seen = HashMap::new();
+    for _ in 0..33 {
+        let (cookie, error, _) = h.simple(|_| 0).await;
+        assert_eq!(error, 0);
+        assert!(seen.insert(cookie, ()).is_none(), "duplicate reply for {cookie}");
+    }
+    assert_eq!(seen.len(), 33);
+    // Reads, pipelined; each answered with its own data.
+    for i in 0..32u64 {
+        h.send(req(CMD_READ, 0, 200 + i, i * 4096, 4096), &[]).await;
+    }
+    for _ in 0..32 {
+        let (cookie, error, data) = h.simple(|_| 4096).await;
+        assert_eq!(error, 0);
+        assert_eq!(data, pattern(4096, (cookie - 200) as u8));
+    }
+    // Writes followed immediately by DISC: all are replied to, then the stream ends.
+    for i in 0..8u64 {
+        h.send(req(CMD_WRITE, CMD_FLAG_FUA, 300 + i, (64 + i) * 4096, 4096), &pattern(4096, 7)).await;
+    }
+    h.send(req(CMD_DISC, 0, 400, 0, 0), &[]).await;
+    for _ in 0..8 {
+        assert_eq!(h.simple(|_| 0).await.1, 0);
+    }
+    let mut rest = Vec::new();
+    h.client.read_to_end(&mut rest).await.unwrap();
+    assert!(rest.is_empty());
+    let store = h.store.clone();
+    assert_eq!(h.finish().await.unwrap(), End::Disconnect);
+    let data = store.read(70 * 4096, 4096).await.unwrap();
+    assert_eq!(&data[..], &pattern(4096, 7)[..]);
+}
+
+#[tokio::test]
+async fn errors_keep_the_connection_usable() {
+    let limits = Limits {
+        max_payload: 64 << 10,
+        ..Limits::default()
+    };
+    let mut h = start(false, false, limits);
+    // Too large: the payload is read and discarded.
+    h.send(req(CMD_WRITE, 0, 1, 0, (64 << 10) + 1), &vec![0xaa; (64 << 10) + 1]).await;
+    assert_eq!(h.simple(|_| 0).await, (1, EOVERFLOW, vec![]));
+    h.send(req(CMD_READ, 0, 2, 0, (64 << 10) + 1), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (2, EOVERFLOW, vec![]));
+    // Past the end.
+    h.send(req(CMD_READ, 0, 3, SIZE - 512, 1024), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (3, EINVAL, vec![]));
+    h.send(req(CMD_WRITE, 0, 4, SIZE, 16), &[1; 16]).await;
+    assert_eq!(h.simple(|_| 0).await, (4, ENOSPC, vec![]));
+    h.send(req(CMD_TRIM, 0, 5, u64::MAX - 1, 16), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (5, EINVAL, vec![]));
+    // Unknown command, bad flags, zero length, DF without structured replies, FLUSH with a range.
+    h.send(req(42, 0, 6, 0, 0), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (6, EINVAL, vec![]));
+    h.send(req(CMD_WRITE, CMD_FLAG_NO_HOLE, 7, 0, 4), &[1, 2, 3, 4]).await;
+    assert_eq!(h.simple(|_| 0).await, (7, EINVAL, vec![]));
+    h.send(req(CMD_READ, 0, 8, 0, 0), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (8, EINVAL, vec![]));
+    h.send(req(CMD_READ, CMD_FLAG_DF, 9, 0, 16), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (9, EINVAL, vec![]));
+    h.send(req(CMD_FLUSH, 0, 10, 1, 0), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (10, EINVAL, vec![]));
+    h.send(req(CMD_BLOCK_STATUS, 0, 11, 0, 512), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (11, EINVAL, vec![]));
+    // Still in sync: a 1-byte unaligned write and read round-trip.
+    h.send(req(CMD_WRITE, 0, 12, 12345, 3), b"xyz").await;
+    assert_eq!(h.simple(|_| 0).await, (12, 0, vec![]));
+    h.send(req(CMD_READ, 0, 13, 12344, 5), &[]).await;
+    assert_eq!(h.simple(|_| 5).await, (13, 0, b"\0xyz\0".to_vec()));
+    // A bad magic ends the connection.
+    h.client.write_all(&[0u8; REQUEST_LEN]).await.unwrap();
+    assert!(matches!(h.finish().await, Err(TransmissionError::BadMagic(0))));
+}
+
+#[tokio::test]
+async fn read_only_export_refuses_writes() {
+    let mut h = start(false, true, Limits::default());
+    h.send(req(CMD_WRITE, 0, 1, 0, 4), &[1, 2, 3, 4]).await;
+    assert_eq!(h.simple(|_| 0).await, (1, EPERM, vec![]));
+    h.send(req(CMD_TRIM, 0, 2, 0, 4096), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (2, EPERM, vec![]));
+    h.send(req(CMD_WRITE_ZEROES, 0, 3, 0, 4096), &[]).await;
+    assert_eq!(h.simple(|_| 0).await, (3, EPERM, vec![]));
+    h.send(req(CMD_READ, 0, 4, 0, 4), &[]).await;
+    assert_eq!(h.simple(|_| 4).await, (4, 0, vec![0; 4]));
+    h.send(req(CMD_FLUSH, 0, 5, 0, 0), &[]).await;
+    assert_eq!(h.simple(|_| 0).await.1, 0);
+    drop(h.client);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), h.server).await.unwrap().unwrap().unwrap(),
+        End::Eof
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_writes_are_streamed_in_chunks() {
+    let limits = Limits {
+        chunk: 64 << 10,
+        budget: 256 << 10,
+        ..Limits::default()
+    };
+    let mut h = start(false, false, limits);
+    let data = pattern(3 << 20, 3);
+    h.send(req(CMD_WRITE, 0, 1, 4096, data.len() as u32), &data).await;
+    assert_eq!(h.simple(|_| 0).await, (1, 0, vec![]));
+    h.send(req(CMD_READ, 0, 2, 4096, data.len() as u32), &[]).await;
+    let (cookie, error, back) = h.simple(|_| 3 << 20).await;
+    assert_eq!((cookie, error), (2, 0));
+    assert!(back == data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_reads_send_holes_and_block_status() {
+    let mut h = start(true, false, Limits::default());
+    // Data in the middle of a 1 MiB region; the rest is a hole of the sparse file.
+    let data = pattern(64 << 10, 9);
+    h.send(req(CMD_WRITE, 0, 1, 512 << 10, data.len() as u32), &data).await;
+    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 1 }));
+    h.send(req(CMD_READ, 0, 2, 0, 1 << 20), &[]).await;
+    let (cookie, error, back, kinds) = h.structured_read(0, 1 << 20).await;
+    assert_eq!((cookie, error), (2, 0));
+    let mut expect = vec![0u8; 1 << 20];
+    expect[512 << 10..(512 << 10) + data.len()].copy_from_slice(&data);
+    assert!(back == expect);
+    if h.store.block_status(0, 1 << 20).await.unwrap().len() > 1 {
+        assert!(kinds.contains(&REPLY_TYPE_OFFSET_HOLE), "{kinds:?}");
+    }
+    // DF: exactly one data chunk.
+    h.send(req(CMD_READ, CMD_FLAG_DF, 3, 0, 1 << 20), &[]).await;
+    let (_, error, back, kinds) = h.structured_read(0, 1 << 20).await;
+    assert_eq!(error, 0);
+    assert!(back == expect);
+    assert_eq!(kinds, vec![REPLY_TYPE_OFFSET_DATA]);
+    // Small read: a single data chunk.
+    h.send(req(CMD_READ, 0, 4, (512 << 10) + 1, 10), &[]).await;
+    let (_, _, back, kinds) = h.structured_read((512 << 10) + 1, 10).await;
+    assert_eq!(back, data[1..11].to_vec());
+    assert_eq!(kinds, vec![REPLY_TYPE_OFFSET_DATA]);
+    // Errors on a structured read come as an error chunk.
+    h.send(req(CMD_READ, 0, 5, SIZE, 10), &[]).await;
+    let (_, error, _, kinds) = h.structured_read(SIZE, 10).await;
+    assert_eq!((error, kinds), (EINVAL, vec![REPLY_TYPE_ERROR]));
+    // Block status with and without REQ_ONE.
+    for (cookie, flags) in [(6u64, 0u16), (7, CMD_FLAG_REQ_ONE)] {
+        h.send(req(CMD_BLOCK_STATUS, flags, cookie, 0, 1 << 20), &[]).await;
+        let Reply::Chunk { header, payload: Chunk::BlockStatus { context_id, descriptors } } = h.message().await else {
+            panic!("not a block status chunk")
+        };
+        assert_eq!(header.cookie, cookie);
+        assert_eq!(header.flags, REPLY_FLAG_DONE);
+        assert_eq!(context_id, BASE_ALLOCATION_ID);
+        let total: u64 = descriptors.iter().map(|d| u64::from(d.length)).sum();
+        assert!(total > 0 && total <= 1 << 20);
+        if flags != 0 {
+            assert_eq!(descriptors.len(), 1);
+        }
+    }
+    // Write zeroes (punching) then the range reads as zeroes.
+    h.send(req(CMD_WRITE_ZEROES, 0, 8, 512 << 10, 4096), &[]).await;
+    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 8 }));
+    h.send(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 520 << 10, 4096), &[]).await;
+    match h.message().await {
+        Reply::Simple { error: 0, cookie: 9 } => assert!(h.store.supports_fast_zero()),
+        Reply::Chunk { payload: Chunk::Error { error, .. }, header } => {
+            assert_eq!((header.cookie, error), (9, ENOTSUP));
+        }
+        other => panic!("{other:?}"),
+    }
+    h.send(req(CMD_READ, 0, 10, 512 << 10, 4096), &[]).await;
+    let (_, _, back, _) = h.structured_read(512 << 10, 4096).await;
+    assert_eq!(back, vec![0u8; 4096]);
+    h.send(req(CMD_CACHE, 0, 11, 0, 4096), &[]).await;
+    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 11 }));
+    h.send(req(CMD_TRIM, CMD_FLAG_FUA, 12, 0, 4096), &[]).await;
+    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 12 }));
+    h.send(req(CMD_DISC, 0, 13, 0, 0), &[]).await;
+    assert_eq!(h.finish().await.unwrap(), End::Disconnect);
+}
+
+#[tokio::test]
+async fn shutdown_stops_reading_and_drains() {
+    let mut h = start(false, false, Limits::default());
+    h.send(req(CMD_WRITE, 0, 1, 0, 4), &[1, 2, 3, 4]).await;
+    assert_eq!(h.simple(|_| 0).await, (1, 0, vec![]));
+    let stop = h.stop.take().unwrap();
+    stop.send(()).unwrap();
+    assert_eq!(h.finish().await.unwrap(), End::Shutdown);
+}
+
+#[test]
+fn descriptors_merge_clip_and_limit() {
+    let e = |length, hole| Extent {
+        length,
+        hole,
+        zero: hole,
+    };
+    let d = descriptors(&[e(100, false), e(50, false), e(1000, true)], 400, false);
+    assert_eq!(
+        d,
+        vec![
+            BlockDescriptor { length: 150, status: 0 },
+            BlockDescriptor {
+                length: 250,
+                status: STATE_HOLE | STATE_ZERO
+            }
+        ]
+    );
+    assert_eq!(descriptors(&[e(100, false), e(50, true)], 400, true).len(), 1);
+    assert_eq!(descriptors(&[], 7, false), vec![BlockDescriptor { length: 7, status: 0 }]);
+}
+
+#[test]
+fn validation_picks_the_right_error() {
+    let s = Session {
+        structured: true,
+        base_allocation: None,
+        flags: 0,
+    };
+    let v = |r: Request, ro: bool| validate(&r, &s, 1000, ro, 64).map_err(|e| errno(&e));
+    assert_eq!(v(req(CMD_WRITE, 0, 1, 0, 10), true), Err(EPERM));
+    assert_eq!(v(req(CMD_WRITE, 0, 1, 995, 10), false), Err(ENOSPC));
+    assert_eq!(v(req(CMD_WRITE_ZEROES, 0, 1, 995, 10), false), Err(ENOSPC));
+    assert_eq!(v(req(CMD_READ, 0, 1, 995, 10), false), Err(EINVAL));
+    assert_eq!(v(req(CMD_READ, 0, 1, 0, 65), false), Err(EOVERFLOW));
+    assert_eq!(v(req(CMD_TRIM, 0, 1, 0, 1000), false), Ok(Op::Trim { offset: 0, len: 1000, fua: false }));
+    assert_eq!(v(req(CMD_BLOCK_STATUS, 0, 1, 0, 10), false), Err(EINVAL));
+    assert_eq!(v(req(CMD_READ, CMD_FLAG_DF, 1, 0, 10), false), Ok(Op::Read { offset: 0, len: 10, df: true }));
+    assert_eq!(v(req(CMD_READ, 1 << 9, 1, 0, 10), false), Err(EINVAL));
+    assert_eq!(v(req(CMD_DISC, 0xffff, 1, 5, 5), false), Ok(Op::Disconnect));
+    assert_eq!(
+        errno(&RequestError::Store(StoreError::Write {
+            offset: 0,
+            len: 1,
+            source: std::io::Error::from_raw_os_error(libc::EDQUOT)
+        })),
+        ENOSPC
+    );
+    assert_eq!(errno(&RequestError::Store(StoreError::NotFast)), ENOTSUP);
+    assert_eq!(errno(&RequestError::Store(StoreError::EngineGone)), EIO);
+}

@@ -1,0 +1,331 @@
+//! The connection handshake as one pure step: both sides' reports in, the ordered commands the
+//! runtime must execute out (openraft engine style). Combines the sync decision, split-brain
+//! recovery and the generation bookkeeping of a resync start.
+
+use crate::meta::generation::Uuid;
+
+use super::split_brain::{self, Resolution, SplitBrainPolicy, SplitBrainSide, Verdict};
+use super::state::{ConnState, DiskState, ReplState};
+use super::sync_decision::{self, BitmapPlan, SideView, SplitBrainKind, SyncDecision, SyncOutcome};
+
+/// Everything one side knows at handshake time about itself (the peer sends the same).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandshakeSide {
+    pub view: SideView,
+    /// Bits set in this side's bitmap for the other side.
+    pub dirty_bits: u64,
+    /// `blockctl connect --discard-my-data` was given on this side.
+    pub discard_my_data: bool,
+    /// Quorum state now; `None` when quorum is off.
+    pub quorum: Option<bool>,
+}
+
+/// One step for the runtime, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Save the blocks set in my bitmap for the peer (my divergent writes) to the side file
+    /// before anything overwrites them.
+    SaveDivergentBlocks,
+    /// Set every bit of my bitmap for the peer (full sync).
+    SetAllBits,
+    /// Copy my bitmap slot of node `0` into my slot for the peer.
+    CopyBitmapSlot(u8),
+    /// Clear my bitmap for the peer (the source provides the bitmap).
+    ClearBitmap,
+    /// Send my bitmap for the peer, receive the peer's bitmap for me, OR it into mine.
+    ExchangeBitmaps,
+    /// Source: `GenerationIds::pin_bitmap(peer)`; persist the superblock and the bitmap.
+    PinBitmapUuid,
+    /// Source: send the generation the target adopts (my current UUID).
+    SendSyncUuid(Uuid),
+    /// Target: on receiving the sync UUID, clear the consistent flag and
+    /// `GenerationIds::adopt_sync_source`, persisted before the first resync write.
+    AdoptSyncUuid,
+    /// Enter the replication state (resync workers start for SyncSource/SyncTarget).
+    Enter(ReplState),
+    /// Drop the link and stay StandAlone until `blockctl connect`.
+    Disconnect(DisconnectReason),
+}
+
+/// Why a handshake ends the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectReason {
+    /// Split brain detected and not resolved; report it in status and events.
+    SplitBrain(SplitBrainKind),
+    /// No common generation: not the same data set.
+    UnrelatedData,
+}
+
+/// The result of a handshake for `me`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandshakeOutcome {
+    pub decision: SyncDecision,
+    /// Present when a split brain was detected.
+    pub split_brain: Option<Resolution>,
+    /// The connection state afterwards.
+    pub conn: ConnState,
+    pub commands: Vec<Command>,
+}
+
+/// Runs the handshake decision for `me` against `peer`.
+pub fn handshake(
+    me: &HandshakeSide,
+    peer: &HandshakeSide,
+    policy: &SplitBrainPolicy,
+) -> HandshakeOutcome {
+    let decision = sync_decision::decide(&me.view, &peer.view);
+    let mut split_brain = None;
+    // After a resolved split brain the OR of both bitmaps covers the divergence (UseBitmap), or
+    // nothing does (FullSync).
+    let outcome = match decision.outcome {
+        SyncOutcome::SplitBrain(kind) => {
+            let side = |s: &HandshakeSide, other: &HandshakeSide| SplitBrainSide {
+                node_id: s.view.node_id,
+                role: s.view.role,
+                primary_at_split: s.view.ids.bitmap[other.view.node_id as usize % 32].primary_bit(),
+                changes: s.dirty_bits,
+                discard_my_data: s.discard_my_data,
+                quorum: s.quorum,
+            };
+            let r = split_brain::resolve(kind, policy, &side(me, peer), &side(peer, me));
+            split_brain = Some(r);
+            let plan = match kind {
+                SplitBrainKind::BitmapsValid => BitmapPlan::UseBitmap,
+                SplitBrainKind::NeedsFullSync => BitmapPlan::FullSync,
+            };
+            match r.verdict {
+                Verdict::KeepMine => SyncOutcome::Source(plan),
+                Verdict::DiscardMine => SyncOutcome::Target(plan),
+                Verdict::Disconnect => SyncOutcome::SplitBrain(kind),
+            }
+        }
+        other => other,
+    };
+    let discarding = split_brain.is_some_and(|r| r.verdict == Verdict::DiscardMine);
+    let mut commands = Vec::new();
+    let conn = match outcome {
+        SyncOutcome::NoSync => {
+            commands.push(Command::Enter(ReplState::Established));
+            ConnState::Connected
+        }
+        SyncOutcome::Source(plan) => {
+            match plan {
+                BitmapPlan::FullSync => commands.push(Command::SetAllBits),
+                BitmapPlan::CopySlot(n) => commands.push(Command::CopyBitmapSlot(n)),
+                BitmapPlan::UseBitmap | BitmapPlan::PeerCopiesSlot(_) => {}
+            }
+            commands.push(Command::ExchangeBitmaps);
+            commands.push(Command::PinBitmapUuid);
+            commands.push(Command::SendSyncUuid(me.view.ids.current));
+            // An Inconsistent source (its own resync from a third node is not done) waits.
+            commands.push(Command::Enter(if me.view.disk == DiskState::Inconsistent {
+                ReplState::PausedSyncS
+            } else {
+                ReplState::SyncSource
+            }));
+            ConnState::Connected
+        }
+        SyncOutcome::Target(plan) => {
+            if discarding {
+                commands.push(Command::SaveDivergentBlocks);
+            }
+            if matches!(plan, BitmapPlan::PeerCopiesSlot(_)) {
+                commands.push(Command::ClearBitmap);
+            }
+            commands.push(Command::ExchangeBitmaps);
+            commands.push(Command::AdoptSyncUuid);
+            commands.push(Command::Enter(
+                if peer.view.disk == DiskState::Inconsistent {
+                    ReplState::PausedSyncT
+                } else {
+                    ReplState::SyncTarget
+                },
+            ));
+            ConnState::Connected
+        }
+        SyncOutcome::SplitBrain(kind) => {
+            commands.push(Command::Disconnect(DisconnectReason::SplitBrain(kind)));
+            ConnState::StandAlone
+        }
+        SyncOutcome::Unrelated => {
+            commands.push(Command::Disconnect(DisconnectReason::UnrelatedData));
+            ConnState::StandAlone
+        }
+    };
+    HandshakeOutcome {
+        decision,
+        split_brain,
+        conn,
+        commands,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::meta::generation::GenerationIds;
+    use crate::repl::split_brain::{After0Pri, ResolvedBy};
+    use crate::repl::state::Role;
+    use crate::repl::sync_decision::SyncRule;
+
+    fn side(node_id: u8, current: u64) -> HandshakeSide {
+        let mut ids = GenerationIds::just_created();
+        ids.current = Uuid(current);
+        HandshakeSide {
+            view: SideView {
+                node_id,
+                ids,
+                crashed_primary: false,
+                disk: DiskState::UpToDate,
+                role: Role::Secondary,
+            },
+            dirty_bits: 0,
+            discard_my_data: false,
+            quorum: None,
+        }
+    }
+
+    #[test]
+    fn in_sync() {
+        let a = side(0, 0x100);
+        let out = handshake(&a, &a.clone_as(1), &SplitBrainPolicy::default());
+        assert_eq!(out.conn, ConnState::Connected);
+        assert_eq!(out.commands, [Command::Enter(ReplState::Established)]);
+        assert_eq!(out.split_brain, None);
+    }
+
+    impl HandshakeSide {
+        fn clone_as(&self, node_id: u8) -> HandshakeSide {
+            let mut s = self.clone();
+            s.view.node_id = node_id;
+            s
+        }
+    }
+
+    #[test]
+    fn full_sync_of_a_new_node() {
+        let a = side(0, 0x100);
+        let b = side(1, Uuid::JUST_CREATED.0);
+        let pol = SplitBrainPolicy::default();
+        assert_eq!(
+            handshake(&a, &b, &pol).commands,
+            [
+                Command::SetAllBits,
+                Command::ExchangeBitmaps,
+                Command::PinBitmapUuid,
+                Command::SendSyncUuid(Uuid(0x100)),
+                Command::Enter(ReplState::SyncSource)
+            ]
+        );
+        assert_eq!(
+            handshake(&b, &a, &pol).commands,
+            [
+                Command::ExchangeBitmaps,
+                Command::AdoptSyncUuid,
+                Command::Enter(ReplState::SyncTarget)
+            ]
+        );
+    }
+
+    #[test]
+    fn copy_slot_and_paused_source() {
+        let mut a = side(0, 0x200);
+        a.view.ids.bitmap[2] = Uuid(0x100);
+        a.view.disk = DiskState::Inconsistent;
+        let b = side(1, 0x100);
+        let pol = SplitBrainPolicy::default();
+        assert_eq!(
+            handshake(&a, &b, &pol).commands,
+            [
+                Command::CopyBitmapSlot(2),
+                Command::ExchangeBitmaps,
+                Command::PinBitmapUuid,
+                Command::SendSyncUuid(Uuid(0x200)),
+                Command::Enter(ReplState::PausedSyncS)
+            ]
+        );
+        assert_eq!(
+            handshake(&b, &a, &pol).commands,
+            [
+                Command::ClearBitmap,
+                Command::ExchangeBitmaps,
+                Command::AdoptSyncUuid,
+                Command::Enter(ReplState::PausedSyncT)
+            ]
+        );
+    }
+
+    fn split(a_changes: u64, b_changes: u64) -> (HandshakeSide, HandshakeSide) {
+        let mut a = side(0, 0x200);
+        a.view.ids.bitmap[1] = Uuid(0x101); // a was Primary at the split
+        a.dirty_bits = a_changes;
+        let mut b = side(1, 0x300);
+        b.view.ids.bitmap[0] = Uuid(0x100);
+        b.dirty_bits = b_changes;
+        (a, b)
+    }
+
+    #[test]
+    fn split_brain_unresolved_and_resolved() {
+        let (a, mut b) = split(10, 3);
+        let out = handshake(&a, &b, &SplitBrainPolicy::default());
+        assert_eq!(out.conn, ConnState::StandAlone);
+        assert_eq!(
+            out.commands,
+            [Command::Disconnect(DisconnectReason::SplitBrain(
+                SplitBrainKind::BitmapsValid
+            ))]
+        );
+        assert_eq!(out.decision.rule, SyncRule::BitmapBoth);
+
+        let pol = SplitBrainPolicy {
+            zero_primaries: After0Pri::DiscardYoungerPrimary,
+            ..SplitBrainPolicy::default()
+        };
+        let out = handshake(&b, &a, &pol);
+        assert_eq!(
+            out.split_brain.map(|r| r.by),
+            Some(ResolvedBy::YoungerPrimary)
+        );
+        assert_eq!(
+            out.commands,
+            [
+                Command::SaveDivergentBlocks,
+                Command::ExchangeBitmaps,
+                Command::AdoptSyncUuid,
+                Command::Enter(ReplState::SyncTarget)
+            ]
+        );
+        assert_eq!(
+            handshake(&a, &b, &pol).commands[0],
+            Command::ExchangeBitmaps
+        );
+
+        // Manual resolution of a split brain without valid bitmaps: full sync.
+        b.view.ids.bitmap[0] = Uuid::ZERO;
+        b.view.ids.history[0] = Uuid(0x100);
+        let mut a2 = a.clone();
+        a2.view.ids.bitmap[1] = Uuid::ZERO;
+        a2.view.ids.history[0] = Uuid(0x100);
+        a2.discard_my_data = true;
+        let out = handshake(&b, &a2, &pol);
+        assert_eq!(out.decision.rule, SyncRule::HistoryBoth);
+        assert_eq!(out.commands[0], Command::SetAllBits);
+        assert_eq!(
+            handshake(&a2, &b, &pol).commands[0],
+            Command::SaveDivergentBlocks
+        );
+    }
+
+    #[test]
+    fn unrelated() {
+        let a = side(0, 0x200);
+        let b = side(1, 0x300);
+        let out = handshake(&a, &b, &SplitBrainPolicy::default());
+        assert_eq!(out.conn, ConnState::StandAlone);
+        assert_eq!(
+            out.commands,
+            [Command::Disconnect(DisconnectReason::UnrelatedData)]
+        );
+    }
+}

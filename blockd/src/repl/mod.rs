@@ -1,0 +1,12 @@
+//! Replication decisions, free of I/O: roles, disk/connection/replication states, the resync
+//! direction from generation identifiers, split-brain recovery, quorum and promotion rules,
+//! and the handshake that combines them into commands. The runtime (links, resync workers)
+//! executes what these functions decide.
+
+pub mod handshake;
+pub mod names;
+pub mod promote;
+pub mod quorum;
+pub mod split_brain;
+pub mod state;
+pub mod sync_decision;

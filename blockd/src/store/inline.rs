@@ -1,0 +1,87 @@
+//! The inline fast path: non-blocking (`RWF_NOWAIT`) reads and writes tried on the calling
+//! async thread before a request is handed to the engine.
+//!
+//! A buffered read whose pages are cached, or a buffered write the filesystem can take without
+//! blocking, costs a memcpy; sending it to another thread costs two wake-ups. Anything the
+//! kernel cannot do without blocking (`EAGAIN`, a short transfer) goes to the engine for the
+//! remainder, as does every FUA write. Filesystems without `RWF_NOWAIT` support disable the
+//! path on the first `EOPNOTSUPP`.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::BytesMut;
+
+use super::os;
+
+pub(crate) struct InlinePath {
+    /// Largest request tried inline (0 disables the path).
+    max: usize,
+    reads: AtomicBool,
+    writes: AtomicBool,
+}
+
+impl InlinePath {
+    pub(crate) fn new(max: usize) -> InlinePath {
+        InlinePath {
+            max,
+            reads: AtomicBool::new(max > 0),
+            writes: AtomicBool::new(max > 0),
+        }
+    }
+
+    /// Reads what the page cache can give without blocking: a buffer of at most `len` bytes
+    /// (possibly empty), the rest to be read by the engine.
+    pub(crate) fn read(&self, file: &File, offset: u64, len: usize) -> BytesMut {
+        let mut buf = BytesMut::new();
+        if len > self.max || !self.reads.load(Ordering::Relaxed) {
+            return buf;
+        }
+        while buf.len() < len {
+            let done = buf.len();
+            match os::pread_append(
+                file,
+                &mut buf,
+                len - done,
+                offset + done as u64,
+                libc::RWF_NOWAIT,
+            ) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    self.note_error(&e, &self.reads);
+                    break;
+                }
+            }
+        }
+        buf
+    }
+
+    /// Writes what can be written without blocking; returns the number of bytes written.
+    pub(crate) fn write(&self, file: &File, offset: u64, data: &[u8]) -> usize {
+        if data.len() > self.max || !self.writes.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let mut done = 0;
+        while done < data.len() {
+            match os::pwrite_once(file, &data[done..], offset + done as u64, libc::RWF_NOWAIT) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) => {
+                    self.note_error(&e, &self.writes);
+                    break;
+                }
+            }
+        }
+        done
+    }
+
+    /// `EOPNOTSUPP` means this file never supports `RWF_NOWAIT`: stop trying. Any other error
+    /// (`EAGAIN`, `ENOSPC`, `EIO`...) is left for the engine to hit and report.
+    fn note_error(&self, e: &io::Error, flag: &AtomicBool) {
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            flag.store(false, Ordering::Relaxed);
+        }
+    }
+}

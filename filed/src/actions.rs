@@ -1,0 +1,108 @@
+//! Actions (csync2's `action` sections): after a sync, run each action whose patterns match a
+//! changed path, once per batch, with `%%` replaced by the changed files; output is appended to
+//! the action's logfile (or discarded).
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::config::{Action, Group, Host};
+use crate::filter::glob_match;
+
+/// Whether an action's patterns match a logical path (the path or one of its parents).
+pub fn matches(action: &Action, path: &str) -> bool {
+    action.patterns.iter().any(|p| {
+        let mut cur = path;
+        loop {
+            if glob_match(p, cur) {
+                return true;
+            }
+            match cur.rfind('/') {
+                Some(i) if i > 0 => cur = &cur[..i],
+                _ => return false,
+            }
+        }
+    })
+}
+
+/// Paths an action runs for: received changes always (unless `do-local-only`), local changes sent
+/// to a peer with `do-local`/`do-local-only`.
+pub fn selected<'a>(action: &Action, received: &'a [String], sent: &'a [String]) -> Vec<&'a String> {
+    let mut out: Vec<&String> = Vec::new();
+    if !action.do_local_only {
+        out.extend(received.iter().filter(|p| matches(action, p)));
+    }
+    if action.do_local {
+        out.extend(sent.iter().filter(|p| matches(action, p)));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Runs the group's actions for a finished batch (blocking until each command exits).
+pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String]) {
+    for action in &group.actions {
+        let paths = selected(action, received, sent);
+        if paths.is_empty() {
+            continue;
+        }
+        let phys: Vec<String> = paths.iter().filter_map(|p| host.physical(p)).map(|p: PathBuf| p.display().to_string()).collect();
+        let batches: Vec<Vec<String>> = if action.once_per_batch { vec![phys] } else { phys.into_iter().map(|p| vec![p]).collect() };
+        for files in batches {
+            let cmd = action.exec.replace("%%", &files.join(" "));
+            let (out, err) = match &action.logfile {
+                Some(l) => match std::fs::OpenOptions::new().create(true).append(true).open(l) {
+                    Ok(f) => match f.try_clone() {
+                        Ok(f2) => (Stdio::from(f), Stdio::from(f2)),
+                        Err(_) => (Stdio::null(), Stdio::null()),
+                    },
+                    Err(e) => {
+                        tracing::warn!(logfile = %l.display(), error = %e, "cannot open action logfile");
+                        (Stdio::null(), Stdio::null())
+                    }
+                },
+                None => (Stdio::null(), Stdio::null()),
+            };
+            match Command::new("/bin/sh").arg("-c").arg(&cmd).stdin(Stdio::null()).stdout(out).stderr(err).status() {
+                Ok(st) if st.success() => tracing::info!(group = %group.name, command = %cmd, "action ran"),
+                Ok(st) => tracing::warn!(group = %group.name, command = %cmd, status = %st, "action failed"),
+                Err(e) => tracing::warn!(group = %group.name, command = %cmd, error = %e, "action could not start"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn action(p: &str, local: bool, only: bool) -> Action {
+        Action { patterns: vec![p.into()], exec: "true".into(), logfile: None, do_local: local, do_local_only: only, once_per_batch: true }
+    }
+
+    #[test]
+    fn selection() {
+        let a = action("%d%/nginx/*.conf", false, false);
+        let rx = vec!["%d%/nginx/a.conf".to_string(), "%d%/other".to_string()];
+        let tx = vec!["%d%/nginx/b.conf".to_string()];
+        assert_eq!(selected(&a, &rx, &tx), vec![&rx[0]]);
+        let a = action("%d%/nginx", true, false);
+        assert_eq!(selected(&a, &rx, &tx).len(), 2);
+        let a = action("%d%/nginx", true, true);
+        assert_eq!(selected(&a, &rx, &tx), vec![&tx[0]]);
+    }
+
+    #[test]
+    fn runs_once_per_batch_with_log() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[hosts.a]\nprefix={{d=\"{0}/a\"}}\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%d%\"]\n[[groups.g.action]]\npattern=\"%d%/*\"\nexec=\"echo ran %%\"\nlogfile=\"{0}/log\"\n",
+            d.path().display()
+        );
+        let c = crate::config::Config::parse(&text, &d.path().join("f.toml")).unwrap();
+        run_for(&c.hosts["a"], &c.groups["g"], &["%d%/x".into(), "%d%/y".into()], &[]);
+        let log = std::fs::read_to_string(d.path().join("log")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains("/a/x") && log.contains("/a/y"));
+    }
+}

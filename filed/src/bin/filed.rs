@@ -1,0 +1,184 @@
+//! The `filed` command line: parses arguments, loads the configuration and hands the work to the
+//! library (commands run in-process, or inside the running `filed serve` via its control socket).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use filed::commands::{self, Command, EXIT_ERROR, Keep};
+use filed::config::{Config, DEFAULT_CONFIG};
+use filed::node::Node;
+use filed::server::{self, control_path};
+use filed::session::ServeOptions;
+use filed::store::RedbStore;
+
+#[derive(Parser)]
+#[command(name = "filed", version, about = "csync2-style group file synchronisation")]
+struct Cli {
+    /// Configuration file (the same on every host).
+    #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// This host's name in the configuration (default: the hostname; csync2 -N).
+    #[arg(long, global = true)]
+    node: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KeepArg {
+    Local,
+    Remote,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check for local changes and exchange them with every reachable peer (csync2 -x).
+    Sync {
+        group: Option<String>,
+        /// Only these peers (csync2 -P).
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+    },
+    /// Scan the included trees and record changes (csync2 -cr).
+    Check {
+        group: Option<String>,
+        /// Hash every file even when size and mtime are unchanged.
+        #[arg(long)]
+        rehash: bool,
+    },
+    /// List paths waiting to be sent, per peer (csync2 -M).
+    Dirty { group: Option<String> },
+    /// Compare this host's tree with the peers' (csync2 -T).
+    Compare {
+        peer: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Resolve a conflict by keeping one side's version, then sync it.
+    Resolve {
+        path: String,
+        #[arg(long, value_enum)]
+        keep: KeepArg,
+    },
+    /// Make this host's version win the next sync (csync2 -f).
+    Force { path: String },
+    /// Create keys: a group key FILE (csync2 -k FILE), or without FILE every missing CA,
+    /// certificate and group key named in the configuration.
+    Keygen {
+        file: Option<PathBuf>,
+        /// With no FILE: only certificates for these hosts.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+    /// Show per group and peer the queue, last sync, conflicts and errors.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List unresolved conflicts.
+    LsConflicts {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Listen for peers (csync2 -ii).
+    Serve {
+        /// Listen address (default: this host's `address`).
+        #[arg(long)]
+        listen: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    common::telemetry::init("warn");
+    match run() {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("filed: {e:#}");
+            ExitCode::from(EXIT_ERROR as u8)
+        }
+    }
+}
+
+fn absolute(p: &str) -> String {
+    if p.starts_with('/') || p.starts_with('%') {
+        p.to_string()
+    } else {
+        std::env::current_dir().map(|d| d.join(p).display().to_string()).unwrap_or_else(|_| p.to_string())
+    }
+}
+
+fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    if let Cmd::Keygen { file: Some(file), .. } = &cli.cmd {
+        filed::keygen::write_group_key(file)?;
+        println!("wrote group key {}", file.display());
+        return Ok(0);
+    }
+    let config = Arc::new(Config::load(&cli.config)?);
+    if let Cmd::Keygen { file: None, hosts } = &cli.cmd {
+        let only = if hosts.is_empty() { None } else { Some(hosts.as_slice()) };
+        for p in filed::keygen::generate_missing(&config, only)? {
+            println!("created {}", p.display());
+        }
+        return Ok(0);
+    }
+    let me = config.local_host(cli.node.as_deref())?.clone();
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let command = match cli.cmd {
+        Cmd::Serve { listen } => {
+            let store = RedbStore::open(&me.state, Duration::from_secs(10))?;
+            let node = Arc::new(Node::new(config.clone(), me.clone(), Arc::new(store)));
+            let addr = listen.unwrap_or_else(|| me.address.clone());
+            return rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+                let control = server::bind_control(&control_path(&me.state))?;
+                let shutdown = async {
+                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = tokio::signal::ctrl_c() => {},
+                    }
+                };
+                server::serve(node, listener, Some(control), ServeOptions::default(), shutdown).await?;
+                let _ = std::fs::remove_file(control_path(&me.state));
+                Ok(0)
+            });
+        }
+        Cmd::Keygen { .. } => unreachable!("handled above"),
+        Cmd::Sync { group, peers } => Command::Sync { group, peers },
+        Cmd::Check { group, rehash } => Command::Check { group, rehash },
+        Cmd::Dirty { group } => Command::Dirty { group },
+        Cmd::Compare { peer, group } => Command::Compare { group, peer },
+        Cmd::Resolve { path, keep } => Command::Resolve {
+            path: absolute(&path),
+            keep: match keep {
+                KeepArg::Local => Keep::Local,
+                KeepArg::Remote => Keep::Remote,
+            },
+        },
+        Cmd::Force { path } => Command::Force { path: absolute(&path) },
+        Cmd::Status { json } => Command::Status { json },
+        Cmd::LsConflicts { json } => Command::LsConflicts { json },
+    };
+    let outcome = rt.block_on(async {
+        match RedbStore::try_open(&me.state)? {
+            Some(store) => {
+                let node = Node::new(config.clone(), me.clone(), Arc::new(store));
+                Ok::<_, anyhow::Error>(commands::run(&node, &command).await)
+            }
+            None => {
+                // `filed serve` holds the database: let it run the command.
+                let sock = control_path(&me.state);
+                server::forward(&sock, &command)
+                    .await
+                    .with_context(|| format!("state database {} is busy and no filed serve answers on {}", me.state.display(), sock.display()))
+            }
+        }
+    })?;
+    print!("{}", outcome.output);
+    Ok(outcome.code)
+}

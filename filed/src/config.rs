@@ -1,0 +1,522 @@
+//! The cluster configuration (TOML, one file copied to every host): hosts with their addresses,
+//! state database, certificates and path prefixes; groups with members, slaves, key, include and
+//! exclude rules, conflict policy, backups and actions. Also maps logical paths (`%prefix%/x`) to
+//! the directories of one host.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::filter::{Filter, Rule, check_syntax, is_path_pattern};
+
+/// csync2's port.
+pub const DEFAULT_PORT: u16 = 30865;
+pub const DEFAULT_CONFIG: &str = "/etc/filed/filed.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read config file")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: `{key}`: {problem}")]
+    Invalid { path: PathBuf, key: String, problem: String },
+    #[error("{path}: this host ({name}) is not in [hosts]; pass --node NAME or add a [hosts.{name}] section")]
+    UnknownSelf { path: PathBuf, name: String },
+    #[error("cannot determine the hostname")]
+    Hostname(#[source] std::io::Error),
+}
+
+/// Conflict auto-resolution, as csync2's `auto` statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoPolicy {
+    /// Keep the conflict until `filed resolve`/`filed force`.
+    #[default]
+    None,
+    /// The host that runs the sync first (the initiating side) wins.
+    First,
+    /// The version with the newer mtime wins.
+    Younger,
+    /// The version with the older mtime wins.
+    Older,
+    /// The bigger file wins.
+    Bigger,
+    /// The smaller file wins.
+    Smaller,
+    /// The host listed first (left) in the group's host list wins.
+    Left,
+    /// The host listed later (right) in the group's host list wins.
+    Right,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    ca: Option<String>,
+    ca_key: Option<String>,
+    #[serde(default)]
+    prefix: BTreeMap<String, String>,
+    #[serde(default)]
+    hosts: BTreeMap<String, RawHost>,
+    #[serde(default)]
+    groups: BTreeMap<String, RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawHost {
+    address: Option<String>,
+    state: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    prefix: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGroup {
+    hosts: Vec<String>,
+    #[serde(default)]
+    slaves: Vec<String>,
+    key: String,
+    #[serde(default)]
+    include: Vec<String>,
+    #[serde(default)]
+    exclude: Vec<String>,
+    #[serde(default)]
+    rules: Vec<String>,
+    #[serde(default)]
+    auto: AutoPolicy,
+    backup_directory: Option<String>,
+    backup_generations: Option<u32>,
+    #[serde(default)]
+    action: Vec<RawAction>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawAction {
+    pattern: OneOrMany,
+    exec: String,
+    logfile: Option<String>,
+    #[serde(default)]
+    do_local: bool,
+    #[serde(default)]
+    do_local_only: bool,
+    once_per_batch: Option<bool>,
+}
+
+/// One host of the cluster.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub name: String,
+    /// `host:port`.
+    pub address: String,
+    pub state: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Prefix name -> directory on this host (global `[prefix]` entries merged in).
+    pub prefixes: BTreeMap<String, PathBuf>,
+}
+
+/// An action: a command run after files matching its patterns changed.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub patterns: Vec<String>,
+    pub exec: String,
+    pub logfile: Option<PathBuf>,
+    pub do_local: bool,
+    pub do_local_only: bool,
+    pub once_per_batch: bool,
+}
+
+/// One synchronisation group.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    /// Members that send and receive, in configuration order (for `left`/`right`).
+    pub hosts: Vec<String>,
+    /// Members that only receive.
+    pub slaves: Vec<String>,
+    pub key: PathBuf,
+    pub filter: Filter,
+    pub auto: AutoPolicy,
+    /// Logical path (may use a `%prefix%`).
+    pub backup_directory: Option<String>,
+    pub backup_generations: u32,
+    pub actions: Vec<Action>,
+}
+
+impl Group {
+    /// All members, masters first then slaves, in configuration order.
+    pub fn members(&self) -> impl Iterator<Item = &str> {
+        self.hosts.iter().chain(self.slaves.iter()).map(String::as_str)
+    }
+    pub fn has_member(&self, name: &str) -> bool {
+        self.members().any(|m| m == name)
+    }
+    pub fn is_slave(&self, name: &str) -> bool {
+        self.slaves.iter().any(|s| s == name)
+    }
+    /// Position in the member list (for `left`/`right`).
+    pub fn position(&self, name: &str) -> Option<usize> {
+        self.members().position(|m| m == name)
+    }
+    /// The other members that `me` exchanges files with. Two slaves never talk to each other.
+    pub fn peers_of(&self, me: &str) -> Vec<String> {
+        let me_slave = self.is_slave(me);
+        self.members()
+            .filter(|m| *m != me && !(me_slave && self.is_slave(m)))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub ca: PathBuf,
+    pub ca_key: Option<PathBuf>,
+    pub hosts: BTreeMap<String, Host>,
+    pub groups: BTreeMap<String, Group>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates; relative paths are resolved against the directory of `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let abs = |s: &str| -> PathBuf {
+            let p = Path::new(s);
+            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+        };
+        let invalid = |key: String, problem: String| ConfigError::Invalid { path: path.into(), key, problem };
+
+        for (name, v) in &raw.prefix {
+            check_prefix(name, v).map_err(|p| invalid(format!("prefix.{name}"), p))?;
+        }
+        let mut hosts = BTreeMap::new();
+        for (name, h) in raw.hosts {
+            check_name(&name).map_err(|p| invalid(format!("hosts.{name}"), p))?;
+            let address = match &h.address {
+                Some(a) => normalize_address(a).map_err(|p| invalid(format!("hosts.{name}.address"), p))?,
+                None => format!("{name}:{DEFAULT_PORT}"),
+            };
+            let mut prefixes: BTreeMap<String, PathBuf> =
+                raw.prefix.iter().map(|(k, v)| (k.clone(), abs(v))).collect();
+            for (k, v) in &h.prefix {
+                check_prefix(k, v).map_err(|p| invalid(format!("hosts.{name}.prefix.{k}"), p))?;
+                prefixes.insert(k.clone(), abs(v));
+            }
+            let host = Host {
+                address,
+                state: h.state.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/var/lib/filed/{name}.redb"))),
+                cert: h.cert.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.pem"))),
+                key: h.key.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.key"))),
+                prefixes,
+                name: name.clone(),
+            };
+            hosts.insert(name, host);
+        }
+
+        let mut groups = BTreeMap::new();
+        for (name, g) in raw.groups {
+            let key = |k: &str| format!("groups.{name}.{k}");
+            check_name(&name).map_err(|p| invalid(format!("groups.{name}"), p))?;
+            if g.hosts.is_empty() {
+                return Err(invalid(key("hosts"), "a group needs at least one host".into()));
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for m in g.hosts.iter().chain(g.slaves.iter()) {
+                if !hosts.contains_key(m) {
+                    return Err(invalid(key("hosts"), format!("host {m:?} has no [hosts.{m}] section")));
+                }
+                if !seen.insert(m.clone()) {
+                    return Err(invalid(key("hosts"), format!("host {m:?} is listed twice")));
+                }
+            }
+            let mut rules = Vec::new();
+            for p in &g.include {
+                rules.push(Rule { include: true, pattern: p.clone() });
+            }
+            for p in &g.exclude {
+                rules.push(Rule { include: false, pattern: p.clone() });
+            }
+            for r in &g.rules {
+                let (inc, pat) = if let Some(p) = r.strip_prefix("include ") {
+                    (true, p.trim())
+                } else if let Some(p) = r.strip_prefix("exclude ") {
+                    (false, p.trim())
+                } else {
+                    return Err(invalid(key("rules"), format!("{r:?} must start with \"include \" or \"exclude \"")));
+                };
+                rules.push(Rule { include: inc, pattern: pat.to_string() });
+            }
+            if !rules.iter().any(|r| r.include && r.is_path_pattern()) {
+                return Err(invalid(key("include"), "no include path (starting with / or %prefix%)".into()));
+            }
+            for r in &rules {
+                if r.pattern.is_empty() || r.pattern.contains('\0') {
+                    return Err(invalid(key("include"), format!("bad pattern {:?}", r.pattern)));
+                }
+                if r.is_path_pattern() {
+                    check_prefix_use(&r.pattern, &g, &hosts).map_err(|p| invalid(key("include"), p))?;
+                }
+            }
+            let filter = Filter::new(rules);
+            for root in filter.roots() {
+                check_syntax(&root).map_err(|e| invalid(key("include"), e.to_string()))?;
+            }
+            if let Some(b) = &g.backup_directory {
+                check_syntax(b).map_err(|e| invalid(key("backup-directory"), e.to_string()))?;
+                check_prefix_use(b, &g, &hosts).map_err(|p| invalid(key("backup-directory"), p))?;
+                if filter.roots().iter().any(|r| crate::filter::is_under(b, r)) && filter.included(b) {
+                    return Err(invalid(key("backup-directory"), "lies inside the synced tree; exclude it".into()));
+                }
+            }
+            let mut actions = Vec::new();
+            for (i, a) in g.action.into_iter().enumerate() {
+                let patterns = match a.pattern {
+                    OneOrMany::One(s) => vec![s],
+                    OneOrMany::Many(v) => v,
+                };
+                if patterns.is_empty() {
+                    return Err(invalid(format!("groups.{name}.action[{i}].pattern"), "no pattern".into()));
+                }
+                if a.exec.trim().is_empty() {
+                    return Err(invalid(format!("groups.{name}.action[{i}].exec"), "empty command".into()));
+                }
+                actions.push(Action {
+                    patterns,
+                    exec: a.exec,
+                    logfile: a.logfile.as_deref().map(abs),
+                    do_local: a.do_local || a.do_local_only,
+                    do_local_only: a.do_local_only,
+                    once_per_batch: a.once_per_batch.unwrap_or(true),
+                });
+            }
+            groups.insert(
+                name.clone(),
+                Group {
+                    name: name.clone(),
+                    hosts: g.hosts,
+                    slaves: g.slaves,
+                    key: abs(&g.key),
+                    filter,
+                    auto: g.auto,
+                    backup_directory: g.backup_directory,
+                    backup_generations: g.backup_generations.unwrap_or(3),
+                    actions,
+                },
+            );
+        }
+        Ok(Config {
+            file: path.into(),
+            ca: raw.ca.as_deref().map(abs).unwrap_or_else(|| PathBuf::from("/etc/filed/ca.pem")),
+            ca_key: raw.ca_key.as_deref().map(abs),
+            hosts,
+            groups,
+        })
+    }
+
+    /// The local host: `--node NAME`, else the hostname (full, then up to the first dot).
+    pub fn local_host(&self, node: Option<&str>) -> Result<&Host, ConfigError> {
+        let name = match node {
+            Some(n) => n.to_string(),
+            None => hostname().map_err(ConfigError::Hostname)?,
+        };
+        if let Some(h) = self.hosts.get(&name) {
+            return Ok(h);
+        }
+        if node.is_none() {
+            if let Some(short) = name.split('.').next() {
+                if let Some(h) = self.hosts.get(short) {
+                    return Ok(h);
+                }
+            }
+        }
+        Err(ConfigError::UnknownSelf { path: self.file.clone(), name })
+    }
+
+    /// Groups this host is a member of.
+    pub fn groups_of<'a>(&'a self, me: &'a str) -> impl Iterator<Item = &'a Group> + 'a {
+        self.groups.values().filter(move |g| g.has_member(me))
+    }
+}
+
+impl Host {
+    /// Maps a logical path (`%prefix%/x` or `/x`) to this host's filesystem.
+    pub fn physical(&self, logical: &str) -> Option<PathBuf> {
+        if let Some(rest) = logical.strip_prefix('%') {
+            let end = rest.find('%')?;
+            let dir = self.prefixes.get(&rest[..end])?;
+            let tail = &rest[end + 1..];
+            let tail = tail.strip_prefix('/').unwrap_or(tail);
+            if tail.is_empty() { Some(dir.clone()) } else { Some(dir.join(tail)) }
+        } else if logical.starts_with('/') {
+            Some(PathBuf::from(logical))
+        } else {
+            None
+        }
+    }
+}
+
+fn check_name(n: &str) -> Result<(), String> {
+    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+        return Err(format!("name {n:?} may only use letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn check_prefix(name: &str, value: &str) -> Result<(), String> {
+    check_name(name)?;
+    if value.is_empty() || value.contains(['*', '?', '[']) {
+        return Err(format!("prefix value {value:?} must be a directory without wildcards"));
+    }
+    Ok(())
+}
+
+/// A `%prefix%` at the start of a path pattern must be defined for every member host.
+fn check_prefix_use(pattern: &str, g: &RawGroup, hosts: &BTreeMap<String, Host>) -> Result<(), String> {
+    if !is_path_pattern(pattern) {
+        return Ok(());
+    }
+    let Some(rest) = pattern.strip_prefix('%') else { return Ok(()) };
+    let Some(end) = rest.find('%') else {
+        return Err(format!("{pattern:?}: unterminated %prefix%"));
+    };
+    let name = &rest[..end];
+    let tail = &rest[end + 1..];
+    if !(tail.is_empty() || tail.starts_with('/')) {
+        return Err(format!("{pattern:?}: %{name}% must be followed by / or nothing"));
+    }
+    for m in g.hosts.iter().chain(g.slaves.iter()) {
+        if !hosts.get(m).is_some_and(|h| h.prefixes.contains_key(name)) {
+            return Err(format!("prefix %{name}% is not defined for host {m:?} (hosts.{m}.prefix.{name} or [prefix])"));
+        }
+    }
+    Ok(())
+}
+
+fn normalize_address(a: &str) -> Result<String, String> {
+    if a.is_empty() {
+        return Err("empty address".into());
+    }
+    if a.starts_with('[') {
+        // [v6]:port or [v6]
+        return Ok(if a.contains("]:") { a.to_string() } else { format!("{a}:{DEFAULT_PORT}") });
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            p.parse::<u16>().map_err(|_| format!("bad port {p:?} in {a:?}"))?;
+            Ok(a.to_string())
+        }
+        Some(_) => Ok(format!("[{a}]:{DEFAULT_PORT}")),
+        None => Ok(format!("{a}:{DEFAULT_PORT}")),
+    }
+}
+
+/// The kernel's hostname.
+pub fn hostname() -> std::io::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for writes of buf.len() bytes; gethostname NUL-terminates on success
+    // when the name fits, and we bound the search for the terminator by the buffer length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../examples/two-nodes.toml");
+
+    #[test]
+    fn example_parses() {
+        let c = Config::parse(EXAMPLE, Path::new("/x/two-nodes.toml")).unwrap();
+        let a = &c.hosts["alpha"];
+        assert_eq!(a.address, "127.0.0.2:30865");
+        assert_eq!(a.state, PathBuf::from("/x/alpha/state.redb"));
+        assert_eq!(a.physical("%data%/sub/f"), Some(PathBuf::from("/x/alpha/data/sub/f")));
+        assert_eq!(c.hosts["beta"].physical("%data%"), Some(PathBuf::from("/x/beta/data")));
+        let g = &c.groups["data"];
+        assert_eq!(g.backup_generations, 3);
+        assert_eq!(g.auto, AutoPolicy::None);
+        assert_eq!(g.peers_of("alpha"), vec!["beta".to_string()]);
+        assert_eq!(c.ca, PathBuf::from("/x/pki/ca.pem"));
+        assert_eq!(c.local_host(Some("beta")).unwrap().name, "beta");
+        assert!(matches!(c.local_host(Some("nope")), Err(ConfigError::UnknownSelf { .. })));
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, Path::new("/etc/filed/f.toml")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_key_problem() {
+        let e = err("[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\n");
+        assert!(e.contains("/etc/filed/f.toml") && e.contains("groups.g.hosts") && e.contains("\"a\""), "{e}");
+        let e = err("[hosts.a]\naddress=\"h:99999\"\n");
+        assert!(e.contains("hosts.a.address") && e.contains("port"), "{e}");
+        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%p%/x\"]\n");
+        assert!(e.contains("groups.g.include") && e.contains("%p%"), "{e}");
+        let e = err("[hosts.a]\nbogus=1\n");
+        assert!(e.contains("f.toml") && e.contains("bogus"), "{e}");
+        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nauto=\"sideways\"\n");
+        assert!(e.contains("sideways"), "{e}");
+        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\nexclude=[\"*~\"]\n");
+        assert!(e.contains("groups.g.include"), "{e}");
+        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nbackup-directory=\"/x/bak\"\n");
+        assert!(e.contains("backup-directory"), "{e}");
+    }
+
+    #[test]
+    fn defaults_and_addresses() {
+        let c = Config::parse(
+            "[prefix]\nroot=\"/srv\"\n[hosts.a]\n[hosts.b]\naddress=\"10.0.0.2\"\nprefix={root=\"/b\"}\n[groups.g]\nhosts=[\"a\"]\nslaves=[\"b\"]\nkey=\"/k\"\ninclude=[\"%root%/w\"]\nrules=[\"exclude %root%/w/tmp\"]\n[[groups.g.action]]\npattern=\"%root%/w/*.conf\"\nexec=\"true\"\n",
+            Path::new("/etc/filed/filed.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.hosts["a"].address, format!("a:{DEFAULT_PORT}"));
+        assert_eq!(c.hosts["b"].address, "10.0.0.2:30865");
+        assert_eq!(c.hosts["a"].physical("%root%/w/x"), Some(PathBuf::from("/srv/w/x")));
+        assert_eq!(c.hosts["b"].physical("%root%/w/x"), Some(PathBuf::from("/b/w/x")));
+        let g = &c.groups["g"];
+        assert!(g.is_slave("b"));
+        assert_eq!(g.peers_of("b"), vec!["a".to_string()]);
+        assert!(!g.filter.included("%root%/w/tmp/x"));
+        assert!(g.actions[0].once_per_batch);
+        assert_eq!(normalize_address("::1").unwrap(), "[::1]:30865");
+    }
+}

@@ -1,0 +1,22 @@
+//! filed: csync2-style group file synchronisation. Read the modules in the order a change flows:
+//! `config` and `filter` (what is synced), `entry` (the state of one path), `store` (the state
+//! database), `scan` (find local changes), `plan` (pure sync decisions), `proto` and `session`
+//! (the exchange with a peer over `transport`, file data via `delta`), `apply` (safe writes).
+
+pub mod actions;
+pub mod apply;
+pub mod codec;
+pub mod commands;
+pub mod config;
+pub mod entry;
+pub mod filter;
+pub mod keygen;
+pub mod node;
+pub mod plan;
+pub mod proto;
+pub mod scan;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod delta;
+pub mod transport;

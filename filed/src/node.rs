@@ -1,0 +1,77 @@
+//! One host's view of the cluster at run time: the configuration, its own host entry, the state
+//! store, per-group locks (one sync per group at a time on this host) and the TLS settings. Shared
+//! by the CLI commands, the listener and (later) the watcher.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use common::auth::SharedKey;
+
+use crate::config::{Config, Group, Host};
+use crate::store::StateStore;
+use crate::transport::{ClientSettings, ServerSettings, TransportError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("group {0:?} is not configured")]
+    NoGroup(String),
+    #[error("this host ({me}) is not a member of group {group:?}")]
+    NotMember { me: String, group: String },
+    #[error("cannot load the key of group {group:?}")]
+    Key {
+        group: String,
+        #[source]
+        source: common::auth::AuthError,
+    },
+    #[error("cannot load the TLS certificate/key of {me}")]
+    Tls {
+        me: String,
+        #[source]
+        source: TransportError,
+    },
+}
+
+pub struct Node {
+    pub config: Arc<Config>,
+    pub me: Host,
+    pub store: Arc<dyn StateStore>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Node {
+    pub fn new(config: Arc<Config>, me: Host, store: Arc<dyn StateStore>) -> Node {
+        Node { config, me, store, locks: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn group(&self, name: &str) -> Result<&Group, NodeError> {
+        let g = self.config.groups.get(name).ok_or_else(|| NodeError::NoGroup(name.into()))?;
+        if !g.has_member(&self.me.name) {
+            return Err(NodeError::NotMember { me: self.me.name.clone(), group: name.into() });
+        }
+        Ok(g)
+    }
+
+    /// The groups this host is a member of.
+    pub fn my_groups(&self) -> Vec<&Group> {
+        self.config.groups_of(&self.me.name).collect()
+    }
+
+    /// The lock serialising syncs of one group on this host.
+    pub fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks.lock().expect("lock poisoned").entry(group.to_string()).or_default().clone()
+    }
+
+    pub fn group_key(&self, group: &Group) -> Result<SharedKey, NodeError> {
+        SharedKey::load(&group.key).map_err(|source| NodeError::Key { group: group.name.clone(), source })
+    }
+
+    pub fn client_settings(&self) -> Result<ClientSettings, NodeError> {
+        ClientSettings::from_files(&self.config.ca, &self.me.cert, &self.me.key, &self.me.name)
+            .map_err(|source| NodeError::Tls { me: self.me.name.clone(), source })
+    }
+
+    pub fn server_settings(&self) -> Result<ServerSettings, NodeError> {
+        ServerSettings::from_files(&self.config.ca, &self.me.cert, &self.me.key, &self.me.name)
+            .map_err(|source| NodeError::Tls { me: self.me.name.clone(), source })
+    }
+}

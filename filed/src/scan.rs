@@ -1,0 +1,308 @@
+//! `filed check`: walks a group's included trees on this host, compares every path with the state
+//! database and records what changed (new, changed, deleted, renamed), marking it dirty for every
+//! peer. Stat-only for files whose size and mtime are unchanged; a file is hashed only when they
+//! differ (or when a full check is asked for).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use crate::config::{Group, Host};
+use crate::entry::{FileState, Kind, now_ns, read_state};
+use crate::filter::{is_path_pattern, is_under};
+use crate::store::{Batch, Op, StateStore, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("reading the state database failed")]
+    Store(#[source] StoreError),
+    #[error("path {0:?} uses a prefix not defined for this host")]
+    NoPrefix(String),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScanOptions {
+    /// Hash every regular file even when size and mtime are unchanged.
+    pub rehash: bool,
+}
+
+/// What a scan found.
+#[derive(Debug, Default, Clone)]
+pub struct ScanReport {
+    pub new: Vec<String>,
+    pub changed: Vec<String>,
+    pub deleted: Vec<String>,
+    /// (old path, new path) pairs with the same content hash.
+    pub renamed: Vec<(String, String)>,
+    pub unchanged: usize,
+    pub hashed: usize,
+    /// Paths that could not be read, with the reason (they keep their recorded state).
+    pub errors: Vec<String>,
+}
+
+impl ScanReport {
+    pub fn changes(&self) -> usize {
+        self.new.len() + self.changed.len() + self.deleted.len()
+    }
+}
+
+/// Scans the whole group (`only` = None) or just the given logical paths and what lies below them.
+/// Changes are marked dirty for each of `peers`.
+pub fn scan_group(
+    store: &dyn StateStore,
+    host: &Host,
+    group: &Group,
+    peers: &[String],
+    only: Option<&[String]>,
+    opts: ScanOptions,
+) -> Result<ScanReport, ScanError> {
+    let recorded: HashMap<String, FileState> = store.files(&group.name).map_err(ScanError::Store)?.into_iter().collect();
+    let mut report = ScanReport::default();
+    let mut seen: BTreeMap<String, FileState> = BTreeMap::new();
+    let config_roots = group.filter.roots();
+    let (roots, explicit) = match only {
+        Some(paths) => (paths.to_vec(), true),
+        None => (config_roots.clone(), false),
+    };
+    let mut scanned_roots = Vec::new();
+    for root in &roots {
+        if !config_roots.iter().any(|r| is_under(root, r)) {
+            report.errors.push(format!("{root}: not inside the includes of group {}", group.name));
+            continue;
+        }
+        let phys = host.physical(root).ok_or_else(|| ScanError::NoPrefix(root.clone()))?;
+        match std::fs::symlink_metadata(&phys) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                // A missing include root is probably an unmounted filesystem: never turn it into
+                // a mass deletion.
+                report.errors.push(format!("{root}: include root {} is missing; not scanned", phys.display()));
+                continue;
+            }
+            _ => {}
+        }
+        scanned_roots.push(root.clone());
+        walk(group, root, &phys, &recorded, &mut seen, &mut report, opts);
+    }
+
+    let mut batch = Batch::new();
+    let now = now_ns();
+    let mark = |batch: &mut Batch, path: &str| {
+        for p in peers {
+            batch.push(Op::MarkDirty { group: group.name.clone(), peer: p.clone(), path: path.to_string(), force: crate::store::Force::None });
+        }
+    };
+    for (path, st) in &seen {
+        match recorded.get(path) {
+            Some(old) if old.same(st) => report.unchanged += 1,
+            old => {
+                if old.is_none_or(|o| !o.exists()) {
+                    report.new.push(path.clone());
+                } else {
+                    report.changed.push(path.clone());
+                }
+                batch.push(Op::SetFile { group: group.name.clone(), path: path.clone(), state: st.clone() });
+                mark(&mut batch, path);
+            }
+        }
+    }
+    let mut gone: Vec<&String> = recorded
+        .iter()
+        .filter(|(p, st)| st.exists() && !seen.contains_key(*p) && scanned_roots.iter().any(|r| is_under(p, r)))
+        .map(|(p, _)| p)
+        .collect();
+    gone.sort();
+    for path in gone {
+        if report.errors.iter().any(|e| e.starts_with(&format!("{path}:"))) {
+            continue; // unreadable, not deleted
+        }
+        report.deleted.push(path.clone());
+        batch.push(Op::SetFile { group: group.name.clone(), path: path.clone(), state: FileState::deleted(now) });
+        mark(&mut batch, path);
+    }
+    // Renames: a deleted file and a new file with the same content.
+    let mut by_hash: HashMap<[u8; 32], &String> = HashMap::new();
+    for d in &report.deleted {
+        if let Some(old) = recorded.get(d).filter(|o| o.kind == Kind::File) {
+            by_hash.entry(old.hash).or_insert(d);
+        }
+    }
+    let mut renamed = Vec::new();
+    for n in &report.new {
+        if let Some(st) = seen.get(n).filter(|s| s.kind == Kind::File) {
+            if let Some(from) = by_hash.remove(&st.hash) {
+                renamed.push((from.clone(), n.clone()));
+            }
+        }
+    }
+    report.renamed = renamed;
+    store.commit(batch).map_err(ScanError::Store)?;
+    Ok(report)
+}
+
+fn walk(
+    group: &Group,
+    logical: &str,
+    phys: &Path,
+    recorded: &HashMap<String, FileState>,
+    seen: &mut BTreeMap<String, FileState>,
+    report: &mut ScanReport,
+    opts: ScanOptions,
+) {
+    let included = group.filter.included(logical);
+    if included {
+        let mut st = match read_state(phys, false) {
+            Ok(Some(st)) => st,
+            Ok(None) => return,
+            Err(e) => {
+                report.errors.push(format!("{logical}: {e}"));
+                return;
+            }
+        };
+        if st.kind == Kind::File {
+            match recorded.get(logical) {
+                Some(old) if !opts.rehash && old.kind == Kind::File && old.size == st.size && old.mtime_ns == st.mtime_ns => {
+                    st.hash = old.hash;
+                }
+                _ => match hash_stable(phys, &st) {
+                    Ok(Some(h)) => {
+                        st.hash = h;
+                        report.hashed += 1;
+                    }
+                    Ok(None) => {
+                        report.errors.push(format!("{logical}: changed while being read; will retry next check"));
+                        return;
+                    }
+                    Err(e) => {
+                        report.errors.push(format!("{logical}: {e}"));
+                        return;
+                    }
+                },
+            }
+        }
+        let is_dir = st.kind == Kind::Dir;
+        seen.insert(logical.to_string(), st);
+        if !is_dir {
+            return;
+        }
+    } else {
+        // Excluded: only descend when a later include rule may re-include something below.
+        let reincluded = group
+            .filter
+            .rules()
+            .iter()
+            .any(|r| r.include && is_path_pattern(&r.pattern) && is_under(&r.pattern, logical) && r.pattern != logical);
+        if !reincluded || !phys.is_dir() {
+            return;
+        }
+    }
+    let entries = match std::fs::read_dir(phys) {
+        Ok(e) => e,
+        Err(e) => {
+            report.errors.push(format!("{logical}: {e}"));
+            return;
+        }
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        match e {
+            Ok(e) => match e.file_name().into_string() {
+                Ok(n) if n.starts_with(crate::apply::TEMP_PREFIX) => {}
+                Ok(n) => names.push(n),
+                Err(n) => report.errors.push(format!("{logical}/{}: name is not UTF-8; skipped", n.to_string_lossy())),
+            },
+            Err(e) => report.errors.push(format!("{logical}: {e}")),
+        }
+    }
+    names.sort();
+    for n in names {
+        let child = if logical == "/" { format!("/{n}") } else { format!("{logical}/{n}") };
+        walk(group, &child, &phys.join(&n), recorded, seen, report, opts);
+    }
+}
+
+/// Hashes a file and checks it did not change meanwhile (same size and mtime after reading).
+fn hash_stable(phys: &Path, before: &FileState) -> std::io::Result<Option<[u8; 32]>> {
+    for _ in 0..3 {
+        let h = crate::entry::hash_file(phys)?;
+        match read_state(phys, false)? {
+            Some(after) if after.size == before.size && after.mtime_ns == before.mtime_ns => return Ok(Some(h)),
+            _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::RedbStore;
+    use std::time::Duration;
+
+    pub(crate) fn setup(dir: &Path) -> (Config, RedbStore) {
+        let text = format!(
+            "[hosts.a]\nprefix={{d=\"{0}/a\"}}\nstate=\"{0}/a.redb\"\n[hosts.b]\nprefix={{d=\"{0}/b\"}}\n[groups.g]\nhosts=[\"a\",\"b\"]\nkey=\"k\"\ninclude=[\"%d%\"]\nexclude=[\"*~\"]\n",
+            dir.display()
+        );
+        std::fs::create_dir_all(dir.join("a")).unwrap();
+        let c = Config::parse(&text, &dir.join("f.toml")).unwrap();
+        let s = RedbStore::open(&dir.join("a.redb"), Duration::ZERO).unwrap();
+        (c, s)
+    }
+
+    fn run(c: &Config, s: &RedbStore) -> ScanReport {
+        scan_group(s, &c.hosts["a"], &c.groups["g"], &["b".to_string()], None, ScanOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn finds_new_changed_deleted_renamed() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        let a = d.path().join("a");
+        std::fs::create_dir(a.join("sub")).unwrap();
+        std::fs::write(a.join("sub/f"), b"one").unwrap();
+        std::fs::write(a.join("big"), vec![7u8; 10000]).unwrap();
+        std::fs::write(a.join("x~"), b"ignored").unwrap();
+        std::os::unix::fs::symlink("sub/f", a.join("l")).unwrap();
+        let r = run(&c, &s);
+        assert_eq!(r.new, vec!["%d%", "%d%/big", "%d%/l", "%d%/sub", "%d%/sub/f"]);
+        assert_eq!(s.dirty("g", "b").unwrap().len(), 5);
+        let r = run(&c, &s);
+        assert_eq!(r.changes(), 0);
+        assert_eq!(r.hashed, 0, "unchanged files are not re-read");
+        std::fs::write(a.join("sub/f"), b"two!").unwrap();
+        std::fs::rename(a.join("big"), a.join("big2")).unwrap();
+        let r = run(&c, &s);
+        assert_eq!(r.changed.iter().filter(|p| p.as_str() == "%d%/sub/f").count(), 1);
+        assert_eq!(r.deleted, vec!["%d%/big"]);
+        assert_eq!(r.renamed, vec![("%d%/big".to_string(), "%d%/big2".to_string())]);
+        assert_eq!(s.file("g", "%d%/big").unwrap().unwrap().kind, Kind::Deleted);
+        std::fs::remove_dir_all(a.join("sub")).unwrap();
+        let r = run(&c, &s);
+        assert_eq!(r.deleted, vec!["%d%/l", "%d%/sub", "%d%/sub/f"].into_iter().filter(|p| *p != "%d%/l").collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn missing_root_is_not_a_mass_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        std::fs::write(d.path().join("a/f"), b"x").unwrap();
+        run(&c, &s);
+        std::fs::remove_dir_all(d.path().join("a")).unwrap();
+        let r = run(&c, &s);
+        assert!(r.deleted.is_empty());
+        assert_eq!(r.errors.len(), 1);
+    }
+
+    #[test]
+    fn only_scans_given_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        std::fs::write(d.path().join("a/f"), b"x").unwrap();
+        std::fs::write(d.path().join("a/g"), b"y").unwrap();
+        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &[], Some(&["%d%/f".to_string()]), ScanOptions::default()).unwrap();
+        assert_eq!(r.new, vec!["%d%/f"]);
+        std::fs::remove_file(d.path().join("a/f")).unwrap();
+        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &[], Some(&["%d%/f".to_string()]), ScanOptions::default()).unwrap();
+        assert_eq!(r.deleted, vec!["%d%/f"]);
+    }
+}

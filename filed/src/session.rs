@@ -1,0 +1,863 @@
+//! One sync session between two hosts over an authenticated [`Connection`]: the initiator sends
+//! its dirty entries, the listener decides every path with [`plan::decide`] and answers with
+//! decisions, then file data streams in both directions (full, delta, rename, metadata, delete)
+//! without a round trip per file (see [`crate::proto`] for the message order). Both sides apply
+//! what they receive with [`Applier`], then record agreed states, clear dirty marks and keep
+//! conflicts in the store.
+
+use std::collections::HashMap;
+use std::io::{BufWriter, Read, Write};
+
+use bytes::Bytes;
+
+use crate::apply::{Applier, ApplyError};
+use crate::config::Group;
+use crate::delta::{BaseSignature, DeltaApplier, DeltaEncoder, DeltaError, DeltaOptions};
+use crate::entry::{FileState, Kind, now_ns};
+use crate::node::{Node, NodeError};
+use crate::plan::{self, Decision, Outgoing, Sides, Transfer};
+use crate::proto::{DATA_CHUNK, Message, PROTOCOL_VERSION, WireDecision, WireTransfer};
+use crate::scan::{ScanError, ScanOptions, scan_group};
+use crate::store::{Batch, Conflict, Force, Op, PeerStatus, StoreError};
+use crate::transport::{Connection, TransportError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connection to {peer} failed")]
+    Transport {
+        peer: String,
+        #[source]
+        source: TransportError,
+    },
+    #[error("{peer} closed the connection during the session")]
+    Closed { peer: String },
+    #[error("malformed message from {peer}")]
+    Decode {
+        peer: String,
+        #[source]
+        source: crate::codec::DecodeError,
+    },
+    #[error("unexpected {got} from {peer} (expected {expected})")]
+    Unexpected { peer: String, got: &'static str, expected: &'static str },
+    #[error("{peer} refused: {message}")]
+    Refused { peer: String, message: String },
+    #[error("state database error")]
+    Store(#[source] StoreError),
+    #[error("scan failed")]
+    Scan(#[source] ScanError),
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    #[error("cannot prepare writes for group {group}")]
+    Apply {
+        group: String,
+        #[source]
+        source: ApplyError,
+    },
+    #[error("{peer} sent a path refused here: {path:?}")]
+    BadPath { peer: String, path: String },
+}
+
+/// What one session did.
+#[derive(Debug, Default, Clone)]
+pub struct SessionReport {
+    pub group: String,
+    pub peer: String,
+    pub pushed: Vec<String>,
+    pub pulled: Vec<String>,
+    pub renamed: Vec<(String, String)>,
+    pub in_sync: usize,
+    pub conflicts: Vec<String>,
+    pub held: Vec<String>,
+    /// Per-path failures (the path stays dirty and is retried next time).
+    pub errors: Vec<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// One path of a session, seen from the initiator (`local` = initiator's state).
+#[derive(Debug, Clone)]
+struct Item {
+    path: String,
+    decision: WireDecision,
+    transfer: WireTransfer,
+    /// The initiator's state.
+    client: Option<FileState>,
+    /// The listener's state.
+    server: Option<FileState>,
+    winner: Option<FileState>,
+}
+
+fn wire_transfer(t: &Transfer) -> WireTransfer {
+    match t {
+        Transfer::Full => WireTransfer::Full,
+        Transfer::Delta => WireTransfer::Delta,
+        Transfer::Meta => WireTransfer::Meta,
+        Transfer::MetaOnly => WireTransfer::MetaOnly,
+        Transfer::Delete => WireTransfer::Delete,
+        Transfer::Rename { from } => WireTransfer::Rename { from: from.clone() },
+    }
+}
+
+fn has_data(t: &WireTransfer) -> bool {
+    matches!(t, WireTransfer::Full | WireTransfer::Delta)
+}
+
+/// Order in which the receiver applies items: renames, deletions (deepest first), then creations
+/// and updates (parents first), then everything without a transfer.
+fn apply_rank(it: &Item) -> (u8, String) {
+    match (&it.decision, &it.transfer) {
+        (WireDecision::Push | WireDecision::Pull, WireTransfer::Rename { .. }) => (0, it.path.clone()),
+        (WireDecision::Push | WireDecision::Pull, WireTransfer::Delete) => {
+            // Reverse path order: children before their parent.
+            (1, it.path.bytes().map(|b| (255 - b) as char).collect())
+        }
+        (WireDecision::Push | WireDecision::Pull, _) => (2, it.path.clone()),
+        _ => (3, it.path.clone()),
+    }
+}
+
+/// A framed message link with the peer's name for errors.
+struct Link<'a> {
+    conn: &'a mut Connection,
+    peer: String,
+}
+
+impl Link<'_> {
+    async fn feed(&mut self, m: &Message) -> Result<(), SessionError> {
+        self.conn.feed(&m.encode()).await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })
+    }
+    async fn flush(&mut self) -> Result<(), SessionError> {
+        self.conn.flush().await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })
+    }
+    async fn send(&mut self, m: &Message) -> Result<(), SessionError> {
+        self.feed(m).await?;
+        self.flush().await
+    }
+    async fn recv(&mut self) -> Result<Message, SessionError> {
+        let frame: Option<Bytes> =
+            self.conn.recv().await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })?;
+        let frame = frame.ok_or_else(|| SessionError::Closed { peer: self.peer.clone() })?;
+        let m = Message::decode(&frame).map_err(|source| SessionError::Decode { peer: self.peer.clone(), source })?;
+        if let Message::Error { message } = m {
+            return Err(SessionError::Refused { peer: self.peer.clone(), message });
+        }
+        Ok(m)
+    }
+    fn unexpected(&self, got: &Message, expected: &'static str) -> SessionError {
+        SessionError::Unexpected { peer: self.peer.clone(), got: got.name(), expected }
+    }
+}
+
+/// Sends the winner's content of `it` (this side is the sender). Failures to read the local file
+/// are sent as an `Outcome` with the error in place of the data.
+async fn send_data(link: &mut Link<'_>, applier: &Applier, it: &Item, signature: Option<Vec<u8>>) -> Result<(), SessionError> {
+    let res = match it.transfer {
+        WireTransfer::Full => send_full(link, applier, &it.path).await,
+        WireTransfer::Delta => match signature {
+            Some(sig) => send_delta(link, applier, &it.path, sig).await,
+            None => Ok(Err("no signature received for delta".to_string())),
+        },
+        _ => return Ok(()),
+    }?;
+    if let Err(error) = res {
+        link.feed(&Message::Outcome { path: it.path.clone(), error: Some(error) }).await?;
+    }
+    Ok(())
+}
+
+async fn send_full(link: &mut Link<'_>, applier: &Applier, path: &str) -> Result<Result<(), String>, SessionError> {
+    let mut f = match applier.open_current(path) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(Err(format!("{path}: vanished on the sender"))),
+        Err(e) => return Ok(Err(format!("{path}: {}", error_chain(&e)))),
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    link.feed(&Message::FileStart { path: path.to_string(), len }).await?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; DATA_CHUNK.min(len.max(1) as usize).max(1)];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // The receiver sees the hash mismatch and drops the temp file.
+                tracing::warn!(path, error = %e, "read failed while sending");
+                break;
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        link.feed(&Message::Data { bytes: buf[..n].to_vec() }).await?;
+    }
+    link.feed(&Message::FileEnd { hash: *hasher.finalize().as_bytes() }).await?;
+    Ok(Ok(()))
+}
+
+async fn send_delta(link: &mut Link<'_>, applier: &Applier, path: &str, sig: Vec<u8>) -> Result<Result<(), String>, SessionError> {
+    let f = match applier.open_current(path) {
+        Ok(Some(f)) => f,
+        Ok(None) => return Ok(Err(format!("{path}: vanished on the sender"))),
+        Err(e) => return Ok(Err(format!("{path}: {}", error_chain(&e)))),
+    };
+    let sig = match BaseSignature::parse(sig) {
+        Ok(s) => s,
+        Err(e) => return Ok(Err(format!("{path}: {}", error_chain(&e)))),
+    };
+    let index = sig.index();
+    let mut enc = DeltaEncoder::new(&sig, &index, std::io::BufReader::with_capacity(1 << 16, f), DeltaOptions::default());
+    let mut first = true;
+    loop {
+        match enc.next_chunk() {
+            Ok(Some(chunk)) => {
+                first = false;
+                link.feed(&Message::DeltaChunk { bytes: chunk }).await?;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                if first {
+                    return Ok(Err(format!("{path}: {}", error_chain(&e))));
+                }
+                // Mid-stream: end the file; the receiver's hash check fails and it drops it.
+                break;
+            }
+        }
+    }
+    let sum = enc.finish();
+    link.feed(&Message::FileEnd { hash: *sum.hash.as_bytes() }).await?;
+    Ok(Ok(()))
+}
+
+/// Receives and applies one item (this side is the receiver). Always consumes the item's
+/// messages, so a failed item does not desynchronise the stream.
+async fn receive_item(link: &mut Link<'_>, applier: &Applier, it: &Item, mine: Option<&FileState>, dirs: &mut Vec<(String, FileState)>) -> Result<Result<(), String>, SessionError> {
+    let winner = it.winner.clone();
+    let path = it.path.as_str();
+    let local = |r: Result<(), ApplyError>| r.map_err(|e| error_chain(&e));
+    match &it.transfer {
+        WireTransfer::None => Ok(Ok(())),
+        WireTransfer::Delete => Ok(local(applier.delete(path))),
+        WireTransfer::Rename { from } => {
+            let Some(w) = winner else { return Ok(Err("rename without a state".into())) };
+            let Some(src) = mine else { return Ok(Err(format!("{from}: rename source unknown here"))) };
+            Ok(local(applier.rename(from, path, src, &w)))
+        }
+        WireTransfer::Meta | WireTransfer::MetaOnly => {
+            let Some(w) = winner else { return Ok(Err("no state".into())) };
+            Ok(local(match (w.kind, &it.transfer) {
+                (Kind::Dir, _) => applier.make_dir(path, &w).map(|_| dirs.push((path.to_string(), w.clone()))),
+                (Kind::Symlink, _) => applier.make_symlink(path, &w),
+                (_, WireTransfer::MetaOnly) => applier.set_meta(path, &w),
+                _ => Err(ApplyError::Rejected(crate::filter::PathRejected::Empty)),
+            }))
+        }
+        WireTransfer::Full | WireTransfer::Delta => {
+            let Some(w) = winner else { return Ok(Err("no state".into())) };
+            receive_content(link, applier, path, &w, it.transfer == WireTransfer::Delta).await
+        }
+    }
+}
+
+async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: &FileState, delta: bool) -> Result<Result<(), String>, SessionError> {
+    // Prepare the target; on failure keep consuming the stream.
+    let mut failure: Option<String> = None;
+    let mut pending = match applier.begin_file(path) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            failure = Some(error_chain(&e));
+            None
+        }
+    };
+    let mut hasher = blake3::Hasher::new();
+    let mut written: u64 = 0;
+    let mut applier_state: Option<DeltaApplier<BufWriter<std::fs::File>>> = None;
+    if delta && failure.is_none() {
+        match applier.open_current(path) {
+            Ok(Some(base)) => {
+                let out = pending.as_ref().and_then(|p| p.file.try_clone().ok());
+                match out.map(|o| DeltaApplier::new(base, BufWriter::with_capacity(1 << 16, o), w.size)) {
+                    Some(Ok(a)) => applier_state = Some(a),
+                    Some(Err(e)) => failure = Some(error_chain(&e)),
+                    None => failure = Some("cannot clone the temp file handle".into()),
+                }
+            }
+            Ok(None) => failure = Some("delta base vanished".into()),
+            Err(e) => failure = Some(error_chain(&e)),
+        }
+    }
+    let mut started = delta;
+    loop {
+        let m = link.recv().await?;
+        match m {
+            Message::Outcome { error, .. } if !started || delta => {
+                // The sender could not send this item.
+                return Ok(Err(error.unwrap_or_else(|| "sender aborted".into())));
+            }
+            Message::FileStart { path: p, len } if !delta && !started => {
+                started = true;
+                if p != path {
+                    return Err(SessionError::BadPath { peer: link.peer.clone(), path: p });
+                }
+                if len != w.size && failure.is_none() {
+                    failure = Some(format!("sender's file has {len} bytes, expected {}", w.size));
+                }
+            }
+            Message::Data { bytes } if started && !delta => {
+                if failure.is_none() {
+                    if let Some(p) = pending.as_mut() {
+                        written += bytes.len() as u64;
+                        hasher.update(&bytes);
+                        if let Err(e) = p.file.write_all(&bytes) {
+                            failure = Some(format!("write failed: {e}"));
+                        }
+                    }
+                }
+            }
+            Message::DeltaChunk { bytes } if delta => {
+                if failure.is_none() {
+                    if let Some(a) = applier_state.as_mut() {
+                        if let Err(e) = a.apply_chunk(&bytes) {
+                            failure = Some(error_chain(&e));
+                        }
+                    }
+                }
+            }
+            Message::FileEnd { hash } if started => {
+                if let Some(f) = failure {
+                    return Ok(Err(f));
+                }
+                if hash != w.hash {
+                    return Ok(Err("the sender's file changed since its scan (hash differs); retried next sync".into()));
+                }
+                if delta {
+                    let a = applier_state.take().expect("delta applier present without failure");
+                    if let Err(e) = a.finish(&blake3::Hash::from(hash)).and_then(|mut out| out.flush().map_err(DeltaError::Write)) {
+                        return Ok(Err(error_chain(&e)));
+                    }
+                } else if written != w.size || *hasher.finalize().as_bytes() != hash {
+                    return Ok(Err("received data does not match the sender's hash".into()));
+                }
+                let p = pending.take().expect("pending file present without failure");
+                return Ok(applier.commit_file(p, w).map_err(|e| error_chain(&e)));
+            }
+            other => return Err(link.unexpected(&other, "file data")),
+        }
+    }
+}
+
+/// Sets the mtimes of directories whose contents were just written, deepest first: directories
+/// received in this batch get the sender's metadata; other parents of received paths get back the
+/// mtime recorded for them, so this side's own writes do not show up as local changes.
+fn finish_dirs(node: &Node, group: &Group, applier: &Applier, received: &[&Item], dirs: &mut Vec<(String, FileState)>, errors: &mut HashMap<String, String>) {
+    let explicit: std::collections::HashSet<String> = dirs.iter().map(|(p, _)| p.clone()).collect();
+    for it in received {
+        let mut parents = vec![it.path.as_str()];
+        if let WireTransfer::Rename { from } = &it.transfer {
+            parents.push(from.as_str());
+        }
+        for p in parents {
+            let Some(i) = p.rfind('/').filter(|&i| i > 0) else { continue };
+            let parent = &p[..i];
+            if explicit.contains(parent) || dirs.iter().any(|(d, _)| d == parent) {
+                continue;
+            }
+            if let Ok(Some(st)) = node.store.file(&group.name, parent) {
+                if st.kind == Kind::Dir {
+                    dirs.push((parent.to_string(), st));
+                }
+            }
+        }
+    }
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (p, st) in dirs.drain(..) {
+        if let Err(e) = applier.set_meta(&p, &st) {
+            if explicit.contains(&p) {
+                errors.insert(p, error_chain(&e));
+            }
+        }
+    }
+}
+
+/// Records the outcome of a session in the store (same on both sides, from this side's view).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    node: &Node,
+    group: &Group,
+    peer: &str,
+    items: &[Item],
+    i_am_client: bool,
+    my_errors: &HashMap<String, String>,
+    peer_errors: &HashMap<String, String>,
+    applier: &Applier,
+    report: &mut SessionReport,
+) -> Result<(), SessionError> {
+    let mut b = Batch::new();
+    let g = group.name.clone();
+    let now = now_ns();
+    let others: Vec<String> = group.peers_of(&node.me.name).into_iter().filter(|p| p != peer).collect();
+    for it in items {
+        let (mine, theirs) = if i_am_client { (&it.client, &it.server) } else { (&it.server, &it.client) };
+        // From this side's view: do I send (push) or receive (pull)?
+        let my_decision = if i_am_client { it.decision } else { mirror(it.decision) };
+        let path = it.path.clone();
+        let clear = |b: &mut Batch| {
+            b.push(Op::ClearDirty { group: g.clone(), peer: peer.into(), path: path.clone() });
+            b.push(Op::ClearConflict { group: g.clone(), peer: peer.into(), path: path.clone() });
+        };
+        let agree = |b: &mut Batch, st: &Option<FileState>| match st.as_ref().filter(|s| s.exists()) {
+            Some(s) => b.push(Op::SetAgreed { group: g.clone(), peer: peer.into(), path: path.clone(), state: s.clone() }),
+            None => b.push(Op::RemoveAgreed { group: g.clone(), peer: peer.into(), path: path.clone() }),
+        };
+        match my_decision {
+            WireDecision::InSync => {
+                agree(&mut b, mine);
+                clear(&mut b);
+                report.in_sync += 1;
+            }
+            WireDecision::Hold => report.held.push(path.clone()),
+            WireDecision::Conflict => {
+                b.push(Op::SetConflict(Conflict {
+                    group: g.clone(),
+                    peer: peer.into(),
+                    path: path.clone(),
+                    local: mine.clone().unwrap_or_else(|| FileState::deleted(0)),
+                    remote: theirs.clone().unwrap_or_else(|| FileState::deleted(0)),
+                    seen_ns: now,
+                }));
+                report.conflicts.push(path.clone());
+            }
+            WireDecision::Push => {
+                if let Some(e) = peer_errors.get(&path) {
+                    report.errors.push(format!("{path}: on {peer}: {e}"));
+                    continue;
+                }
+                agree(&mut b, &it.winner);
+                clear(&mut b);
+                match &it.transfer {
+                    WireTransfer::Rename { from } => report.renamed.push((from.clone(), path.clone())),
+                    _ => report.pushed.push(path.clone()),
+                }
+            }
+            WireDecision::Pull => {
+                if let Some(e) = my_errors.get(&path) {
+                    report.errors.push(format!("{path}: {e}"));
+                    continue;
+                }
+                agree(&mut b, &it.winner);
+                clear(&mut b);
+                // Record what is on disk now (owner may differ when not root) with the winner's hash.
+                let local = match it.winner.as_ref().filter(|w| w.exists()) {
+                    None => FileState::deleted(now),
+                    Some(w) => match applier.current(&path) {
+                        Ok(Some(mut st)) => {
+                            st.hash = w.hash;
+                            st
+                        }
+                        _ => w.clone(),
+                    },
+                };
+                b.push(Op::SetFile { group: g.clone(), path: path.clone(), state: local });
+                for o in &others {
+                    b.push(Op::MarkDirty { group: g.clone(), peer: o.clone(), path: path.clone(), force: Force::None });
+                }
+                report.pulled.push(path.clone());
+            }
+        }
+    }
+    b.push(Op::SetPeerStatus {
+        group: g.clone(),
+        peer: peer.into(),
+        status: PeerStatus {
+            last_ok_ns: now,
+            last_attempt_ns: now,
+            last_error: report.errors.first().cloned().unwrap_or_default(),
+        },
+    });
+    node.store.commit(b).map_err(SessionError::Store)
+}
+
+fn mirror(d: WireDecision) -> WireDecision {
+    match d {
+        WireDecision::Push => WireDecision::Pull,
+        WireDecision::Pull => WireDecision::Push,
+        d => d,
+    }
+}
+
+/// Records a failed session attempt with a peer (for `filed status`).
+pub fn record_failure(node: &Node, group: &str, peer: &str, error: &str) {
+    let old = node.store.peer_status(group, peer).unwrap_or_default();
+    let mut b = Batch::new();
+    b.push(Op::SetPeerStatus {
+        group: group.into(),
+        peer: peer.into(),
+        status: PeerStatus { last_ok_ns: old.last_ok_ns, last_attempt_ns: now_ns(), last_error: error.into() },
+    });
+    let _ = node.store.commit(b);
+}
+
+/// The initiator's side of a session with `peer` for `group` (the local scan is done by the caller).
+pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Result<SessionReport, SessionError> {
+    let peer = conn.peer_name().to_string();
+    let applier = Applier::new(&node.me, group).map_err(|source| SessionError::Apply { group: group.name.clone(), source })?;
+    let mut link = Link { conn, peer: peer.clone() };
+    let mut report = SessionReport { group: group.name.clone(), peer: peer.clone(), ..Default::default() };
+    link.send(&Message::Hello { version: PROTOCOL_VERSION, group: group.name.clone(), from: node.me.name.clone() }).await?;
+    match link.recv().await? {
+        Message::HelloOk { .. } => {}
+        other => return Err(link.unexpected(&other, "HelloOk")),
+    }
+    // Step 2: our dirty entries for this peer.
+    let store = &node.store;
+    for d in store.dirty(&group.name, &peer).map_err(SessionError::Store)? {
+        let state = store.file(&group.name, &d.path).map_err(SessionError::Store)?;
+        let base = store.agreed(&group.name, &peer, &d.path).map_err(SessionError::Store)?;
+        link.feed(&Message::Entry { path: d.path, state, base, force: d.force.code() }).await?;
+    }
+    link.send(&Message::End).await?;
+
+    // Step 3: decisions and signatures for our delta pushes.
+    let mut items = Vec::new();
+    let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
+    loop {
+        match link.recv().await? {
+            Message::Decision { path, decision, transfer, remote, winner } => {
+                if group.filter.check(&path).is_err() {
+                    return Err(SessionError::BadPath { peer, path });
+                }
+                if let WireTransfer::Rename { from } = &transfer {
+                    if group.filter.check(from).is_err() {
+                        return Err(SessionError::BadPath { peer, path: from.clone() });
+                    }
+                }
+                let client = store.file(&group.name, &path).map_err(SessionError::Store)?;
+                items.push(Item { path, decision, transfer, client, server: remote, winner });
+            }
+            Message::Signature { path, bytes } => {
+                sigs.insert(path, bytes);
+            }
+            Message::End => break,
+            other => return Err(link.unexpected(&other, "Decision")),
+        }
+    }
+    // Step 4: our push data, then signatures for delta pulls.
+    for it in items.iter().filter(|i| i.decision == WireDecision::Push && has_data(&i.transfer)) {
+        send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
+    }
+    for it in items.iter().filter(|i| i.decision == WireDecision::Pull && i.transfer == WireTransfer::Delta) {
+        let sig = match applier.open_current(&it.path) {
+            Ok(Some(f)) => {
+                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len).map(|s| s.as_bytes().to_vec()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        link.feed(&Message::Signature { path: it.path.clone(), bytes: sig }).await?;
+    }
+    link.send(&Message::End).await?;
+
+    // Step 5: outcomes of our pushes, then pulled data.
+    let mut peer_errors = HashMap::new();
+    for _ in items.iter().filter(|i| i.decision == WireDecision::Push) {
+        match link.recv().await? {
+            Message::Outcome { path, error: Some(e) } => {
+                peer_errors.insert(path, e);
+            }
+            Message::Outcome { .. } => {}
+            other => return Err(link.unexpected(&other, "Outcome")),
+        }
+    }
+    let mut my_errors = HashMap::new();
+    let mut dirs = Vec::new();
+    for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
+        let src = match &it.transfer {
+            WireTransfer::Rename { from } => store.file(&group.name, from).map_err(SessionError::Store)?,
+            _ => None,
+        };
+        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
+            my_errors.insert(it.path.clone(), e);
+        }
+    }
+    let received: Vec<&Item> = items.iter().filter(|i| i.decision == WireDecision::Pull).collect();
+    finish_dirs(node, group, &applier, &received, &mut dirs, &mut my_errors);
+    match link.recv().await? {
+        Message::End => {}
+        other => return Err(link.unexpected(&other, "End")),
+    }
+    // Step 6: our outcomes.
+    for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
+        link.feed(&Message::Outcome { path: it.path.clone(), error: my_errors.get(&it.path).cloned() }).await?;
+    }
+    link.send(&Message::End).await?;
+    record(node, group, &peer, &items, true, &my_errors, &peer_errors, &applier, &mut report)?;
+    crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
+    let c = link.conn.counters();
+    report.bytes_sent = c.sent();
+    report.bytes_received = c.received();
+    Ok(report)
+}
+
+/// The peer's view of a group for `filed compare`: every existing path with its state and the
+/// state it last agreed on with us.
+pub async fn fetch_listing(node: &Node, group: &Group, conn: &mut Connection) -> Result<Vec<(String, FileState, Option<FileState>)>, SessionError> {
+    let peer = conn.peer_name().to_string();
+    let mut link = Link { conn, peer: peer.clone() };
+    link.send(&Message::Hello { version: PROTOCOL_VERSION, group: group.name.clone(), from: node.me.name.clone() }).await?;
+    match link.recv().await? {
+        Message::HelloOk { .. } => {}
+        other => return Err(link.unexpected(&other, "HelloOk")),
+    }
+    link.send(&Message::List).await?;
+    let mut out = Vec::new();
+    loop {
+        match link.recv().await? {
+            Message::Entry { path, state: Some(st), base, .. } => out.push((path, st, base)),
+            Message::End => return Ok(out),
+            other => return Err(link.unexpected(&other, "Entry")),
+        }
+    }
+}
+
+/// How long a listener waits for a group busy with another sync before refusing with "busy".
+pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Options of the listener side.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Scan the group before deciding (off when a watcher keeps the store current).
+    pub scan_first: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions { scan_first: true }
+    }
+}
+
+/// The listener's side of a session on an authenticated connection.
+pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) -> Result<SessionReport, SessionError> {
+    let peer = conn.peer_name().to_string();
+    let group_name = conn.group().to_string();
+    let mut link = Link { conn, peer: peer.clone() };
+    let group = match link.recv().await? {
+        Message::Hello { version, group, from } => {
+            let refuse = if version != PROTOCOL_VERSION {
+                Some(format!("protocol version {version} not supported (this is {PROTOCOL_VERSION})"))
+            } else if group != group_name || from != peer {
+                Some("hello does not match the authenticated group/host".to_string())
+            } else {
+                None
+            };
+            match (refuse, node.group(&group)) {
+                (None, Ok(g)) if g.has_member(&peer) => g.clone(),
+                (reason, res) => {
+                    let message = reason.unwrap_or_else(|| match res {
+                        Err(e) => e.to_string(),
+                        Ok(_) => format!("{peer} is not a member of group {group}"),
+                    });
+                    let _ = link.send(&Message::Error { message: message.clone() }).await;
+                    return Err(SessionError::Refused { peer, message });
+                }
+            }
+        }
+        other => return Err(link.unexpected(&other, "Hello")),
+    };
+    let lock = node.group_lock(&group.name);
+    let _guard = match tokio::time::timeout(BUSY_WAIT, lock.lock()).await {
+        Ok(g) => g,
+        Err(_) => {
+            let message = format!("busy: group {} is being synced on {}; retry", group.name, node.me.name);
+            let _ = link.send(&Message::Error { message: message.clone() }).await;
+            return Err(SessionError::Refused { peer, message });
+        }
+    };
+    let applier = Applier::new(&node.me, &group).map_err(|source| SessionError::Apply { group: group.name.clone(), source })?;
+    if opts.scan_first {
+        let peers = if group.is_slave(&node.me.name) { Vec::new() } else { group.peers_of(&node.me.name) };
+        scan_group(node.store.as_ref(), &node.me, &group, &peers, None, ScanOptions::default()).map_err(SessionError::Scan)?;
+    }
+    link.send(&Message::HelloOk { name: node.me.name.clone() }).await?;
+    let mut report = SessionReport { group: group.name.clone(), peer: peer.clone(), ..Default::default() };
+
+    // Step 2: the initiator's entries.
+    let store = &node.store;
+    let mut entries: HashMap<String, (Option<FileState>, Force)> = HashMap::new();
+    loop {
+        match link.recv().await? {
+            Message::List if entries.is_empty() => {
+                for (path, st) in store.files(&group.name).map_err(SessionError::Store)? {
+                    if st.exists() {
+                        let base = store.agreed(&group.name, &peer, &path).map_err(SessionError::Store)?;
+                        link.feed(&Message::Entry { path, state: Some(st), base, force: 0 }).await?;
+                    }
+                }
+                link.send(&Message::End).await?;
+                return Ok(report);
+            }
+            Message::Entry { path, state, base: _, force } => {
+                if let Err(e) = group.filter.check(&path) {
+                    tracing::warn!(%peer, %path, error = %e, "refused path from peer");
+                    let message = format!("path refused: {e}");
+                    let _ = link.send(&Message::Error { message: message.clone() }).await;
+                    return Err(SessionError::BadPath { peer, path });
+                }
+                entries.insert(path, (state, Force::from_code(force)));
+            }
+            Message::End => break,
+            other => return Err(link.unexpected(&other, "Entry")),
+        }
+    }
+    let my_dirty: HashMap<String, Force> =
+        store.dirty(&group.name, &peer).map_err(SessionError::Store)?.into_iter().map(|d| (d.path, d.force)).collect();
+    let mut paths: Vec<String> = entries.keys().chain(my_dirty.keys()).cloned().collect();
+    paths.sort();
+    paths.dedup();
+
+    // Decide every path (from this side's view, then mirrored for the initiator).
+    let my_pos = group.position(&node.me.name).unwrap_or(0);
+    let peer_pos = group.position(&peer).unwrap_or(0);
+    let mut items = Vec::with_capacity(paths.len());
+    for path in paths {
+        let mine = store.file(&group.name, &path).map_err(SessionError::Store)?;
+        let base = store.agreed(&group.name, &peer, &path).map_err(SessionError::Store)?;
+        let (theirs, their_force) = match entries.remove(&path) {
+            Some((st, f)) => (st, f),
+            None => (base.clone(), Force::None),
+        };
+        let my_force = my_dirty.get(&path).copied().unwrap_or_default();
+        let sides = Sides {
+            auto: group.auto,
+            local_is_left: my_pos < peer_pos,
+            local_initiated: false,
+            local_slave: group.is_slave(&node.me.name),
+            remote_slave: group.is_slave(&peer),
+            local_force: my_force == Force::Win || their_force == Force::Lose,
+            remote_force: their_force == Force::Win || my_force == Force::Lose,
+        };
+        let d = plan::decide(mine.as_ref(), theirs.as_ref(), base.as_ref(), sides);
+        let (decision, winner, receiver) = match d {
+            Decision::InSync => (WireDecision::InSync, None, None),
+            Decision::Hold => (WireDecision::Hold, None, None),
+            Decision::Conflict => (WireDecision::Conflict, None, None),
+            // Mine wins: the initiator pulls.
+            Decision::Push => (WireDecision::Pull, mine.clone(), theirs.clone()),
+            Decision::Pull => (WireDecision::Push, theirs.clone(), mine.clone()),
+        };
+        let transfer = match decision {
+            WireDecision::Push | WireDecision::Pull => wire_transfer(&plan::transfer_for(winner.as_ref(), receiver.as_ref())),
+            _ => WireTransfer::None,
+        };
+        items.push(Item { path, decision, transfer, client: theirs, server: mine, winner });
+    }
+    // Renames, per direction.
+    for dir in [WireDecision::Push, WireDecision::Pull] {
+        let idx: Vec<usize> = (0..items.len()).filter(|&i| items[i].decision == dir).collect();
+        let outgoing: Vec<Outgoing<'_>> = idx
+            .iter()
+            .map(|&i| {
+                let it = &items[i];
+                let receiver = if dir == WireDecision::Push { it.server.as_ref() } else { it.client.as_ref() };
+                let transfer = match &it.transfer {
+                    WireTransfer::Full => Transfer::Full,
+                    WireTransfer::Delete => Transfer::Delete,
+                    _ => Transfer::Meta,
+                };
+                Outgoing { path: &it.path, winner: it.winner.as_ref(), receiver, transfer }
+            })
+            .collect();
+        let pairs = plan::pair_renames(&outgoing);
+        drop(outgoing);
+        for (del, send) in pairs {
+            let from = items[idx[del]].path.clone();
+            items[idx[send]].transfer = WireTransfer::Rename { from };
+        }
+    }
+    items.sort_by_key(apply_rank);
+
+    // Step 3: decisions (+ our signatures for the initiator's delta pushes).
+    for it in &items {
+        link.feed(&Message::Decision {
+            path: it.path.clone(),
+            decision: it.decision,
+            transfer: it.transfer.clone(),
+            remote: it.server.clone(),
+            winner: it.winner.clone(),
+        })
+        .await?;
+        if it.decision == WireDecision::Push && it.transfer == WireTransfer::Delta {
+            let sig = match applier.open_current(&it.path) {
+                Ok(Some(f)) => {
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len).map(|s| s.as_bytes().to_vec()).unwrap_or_default()
+                }
+                _ => Vec::new(),
+            };
+            link.feed(&Message::Signature { path: it.path.clone(), bytes: sig }).await?;
+        }
+    }
+    link.send(&Message::End).await?;
+
+    // Step 4: apply the initiator's pushes as they stream in, then collect its signatures.
+    let mut my_errors = HashMap::new();
+    let mut dirs = Vec::new();
+    for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
+        let src = match &it.transfer {
+            WireTransfer::Rename { from } => store.file(&group.name, from).map_err(SessionError::Store)?,
+            _ => None,
+        };
+        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
+            tracing::warn!(%peer, path = %it.path, error = %e, "applying a pushed change failed");
+            my_errors.insert(it.path.clone(), e);
+        }
+    }
+    let received: Vec<&Item> = items.iter().filter(|i| i.decision == WireDecision::Push).collect();
+    finish_dirs(node, &group, &applier, &received, &mut dirs, &mut my_errors);
+    let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
+    loop {
+        match link.recv().await? {
+            Message::Signature { path, bytes } => {
+                sigs.insert(path, bytes);
+            }
+            Message::End => break,
+            other => return Err(link.unexpected(&other, "Signature or End")),
+        }
+    }
+    // Step 5: outcomes of the pushes, then our data for the initiator's pulls.
+    for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
+        link.feed(&Message::Outcome { path: it.path.clone(), error: my_errors.get(&it.path).cloned() }).await?;
+    }
+    for it in items.iter().filter(|i| i.decision == WireDecision::Pull && has_data(&i.transfer)) {
+        send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
+    }
+    link.send(&Message::End).await?;
+    // Step 6: the initiator's outcomes.
+    let mut peer_errors = HashMap::new();
+    loop {
+        match link.recv().await? {
+            Message::Outcome { path, error: Some(e) } => {
+                peer_errors.insert(path, e);
+            }
+            Message::Outcome { .. } => {}
+            Message::End => break,
+            other => return Err(link.unexpected(&other, "Outcome")),
+        }
+    }
+    record(node, &group, &peer, &items, false, &my_errors, &peer_errors, &applier, &mut report)?;
+    let c = link.conn.counters();
+    report.bytes_sent = c.sent();
+    report.bytes_received = c.received();
+    crate::actions::run_for(&node.me, &group, &report.pulled, &report.pushed);
+    Ok(report)
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
