@@ -6,10 +6,10 @@
 #   check100k  check of an unchanged 100,000-file tree (second run)        (csync2 -cr | filed check)
 # plus, for information, the first push of the 64 MiB file (full64m).
 #
-# Each tool runs two nodes on loopback addresses (csync2: 127.0.0.2/.3, filed: 127.0.0.4/.5,
+# Each tool runs two nodes on loopback addresses (csync2: 127.0.0.22/.23, filed: 127.0.0.24/.25,
 # both on port 30865, TLS on), with the same seeded files. Wire bytes are IP bytes in both
 # directions (headers and TLS included), counted by nftables rules on the loopback output hook
-# for the tool's address pair and port. Every measured sync is verified (the peer tree must equal
+# for the tool's server addresses and port (clients may connect from 127.0.0.1). Every measured sync is verified (the peer tree must equal
 # the source tree) before its figures are kept.
 #
 # csync2 quirks handled here: hosts are named by IP address (that is what -N binds and what the
@@ -30,6 +30,9 @@ TOOLS=${TOOLS:-"csync2 filed"}
 CASES=${CASES:-"push10k full64m delta64m rename16m check100k"}
 FILED=${FILED_BIN:-$ROOT/target/release/filed}
 PORT=30865
+# Node addresses; away from 127.0.0.2/.3, which the examples and integration tests use.
+CS_A=${CS_A:-127.0.0.22} CS_B=${CS_B:-127.0.0.23} # csync2
+FD_A=${FD_A:-127.0.0.24} FD_B=${FD_B:-127.0.0.25} # filed
 NFT_TABLE=filed_bench
 RESULTS=$W/results.tsv
 PIDS=()
@@ -54,10 +57,10 @@ nft_setup() {
 table inet $NFT_TABLE {
     chain out {
         type filter hook output priority 0; policy accept;
-        ip saddr 127.0.0.2-127.0.0.3 ip daddr 127.0.0.2-127.0.0.3 tcp dport $PORT counter comment "csync2"
-        ip saddr 127.0.0.2-127.0.0.3 ip daddr 127.0.0.2-127.0.0.3 tcp sport $PORT counter comment "csync2"
-        ip saddr 127.0.0.4-127.0.0.5 ip daddr 127.0.0.4-127.0.0.5 tcp dport $PORT counter comment "filed"
-        ip saddr 127.0.0.4-127.0.0.5 ip daddr 127.0.0.4-127.0.0.5 tcp sport $PORT counter comment "filed"
+        ip daddr $CS_A-$CS_B tcp dport $PORT counter comment "csync2"
+        ip saddr $CS_A-$CS_B tcp sport $PORT counter comment "csync2"
+        ip daddr $FD_A-$FD_B tcp dport $PORT counter comment "filed"
+        ip saddr $FD_A-$FD_B tcp sport $PORT counter comment "filed"
     }
 }
 EOF
@@ -142,7 +145,7 @@ C=$W/csync2
 cs() { # cs NODE(a|b) ARGS...
     local node=$1 ip
     shift
-    [[ $node == a ]] && ip=127.0.0.2 || ip=127.0.0.3
+    [[ $node == a ]] && ip=$CS_A || ip=$CS_B
     CSYNC2_SYSTEM_DIR=$C/$node/etc csync2 -N "$ip" -D "$C/$node/db" "$@"
 }
 
@@ -158,24 +161,24 @@ csync2_setup() {
         cat >"$C/$n/etc/csync2.cfg" <<EOF
 group bench
 {
-    host 127.0.0.2 127.0.0.3;
+    host $CS_A $CS_B;
     key $C/group.key;
     include %data%;
     auto younger;
 }
 prefix data
 {
-    on 127.0.0.2: $C/a/data;
-    on 127.0.0.3: $C/b/data;
+    on $CS_A: $C/a/data;
+    on $CS_B: $C/b/data;
 }
 EOF
     done
     for n in a b; do
-        setsid bash -c "exec env CSYNC2_SYSTEM_DIR=$C/$n/etc csync2 -ii -v -N $([[ $n == a ]] && echo 127.0.0.2 || echo 127.0.0.3) -D $C/$n/db" \
+        setsid bash -c "exec env CSYNC2_SYSTEM_DIR=$C/$n/etc csync2 -ii -v -N $([[ $n == a ]] && echo $CS_A || echo $CS_B) -D $C/$n/db" \
             >"$C/$n/server.log" 2>&1 &
         PIDS+=($!)
     done
-    wait_listening 127.0.0.2 && wait_listening 127.0.0.3 && return
+    wait_listening $CS_A && wait_listening $CS_B && return
     die "csync2 servers did not start (see $C/*/server.log)"
 }
 
@@ -233,14 +236,14 @@ ca = "pki/ca.pem"
 ca-key = "pki/ca.key"
 
 [hosts.alpha]
-address = "127.0.0.4:$PORT"
+address = "$FD_A:$PORT"
 state = "alpha/state.redb"
 cert = "pki/alpha.pem"
 key = "pki/alpha.key"
 prefix = { data = "alpha/data" }
 
 [hosts.beta]
-address = "127.0.0.5:$PORT"
+address = "$FD_B:$PORT"
 state = "beta/state.redb"
 cert = "pki/beta.pem"
 key = "pki/beta.key"
@@ -257,7 +260,7 @@ EOF
         setsid "$FILED" --config "$F/cluster.toml" --node "$n" serve >"$F/$n/server.log" 2>&1 &
         PIDS+=($!)
     done
-    wait_listening 127.0.0.4 && wait_listening 127.0.0.5 ||
+    wait_listening $FD_A && wait_listening $FD_B ||
         die "filed servers did not start (see $F/*/server.log)"
 }
 
@@ -340,6 +343,9 @@ mkdir -p "$W"
 : >"$W/filed.log"
 seed
 nft_setup
+for ip in $CS_A $CS_B $FD_A $FD_B; do
+    ! ss -Hltn "src $ip and sport = :$PORT" | grep -q . || die "$ip:$PORT is already in use: $(ss -Hltnp "src $ip and sport = :$PORT")"
+done
 for tool in $TOOLS; do
     log "== $tool"
     "${tool}_setup"

@@ -21,15 +21,24 @@ pub fn filed_bin() -> PathBuf {
         if let Some(b) = std::env::var_os("FILED_BIN") {
             return PathBuf::from(b);
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
         let st = Command::new(env!("CARGO"))
             .args(["build", "-p", "filed", "--bin", "filed"])
             .current_dir(&root)
             .status()
             .expect("running cargo build -p filed");
         assert!(st.success(), "cargo build -p filed failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-        let target = if target.is_absolute() { target } else { root.join(target) };
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let target = if target.is_absolute() {
+            target
+        } else {
+            root.join(target)
+        };
         target.join("debug/filed")
     })
     .clone()
@@ -67,7 +76,11 @@ pub struct Run {
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
@@ -90,8 +103,14 @@ impl Cluster {
             ));
             std::fs::create_dir_all(dir.path().join(name).join("data")).unwrap();
         }
-        let masters: Vec<String> = nodes[..n - slaves].iter().map(|s| format!("\"{s}\"")).collect();
-        let sl: Vec<String> = nodes[n - slaves..].iter().map(|s| format!("\"{s}\"")).collect();
+        let masters: Vec<String> = nodes[..n - slaves]
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect();
+        let sl: Vec<String> = nodes[n - slaves..]
+            .iter()
+            .map(|s| format!("\"{s}\""))
+            .collect();
         cfg.push_str(&format!(
             "[groups.data]\nhosts = [{}]\nslaves = [{}]\nkey = \"pki/data.key\"\ninclude = [\"%data%\"]\nexclude = [\"*~\"]\nbackup-directory = \"%backup%\"\nbackup-generations = 3\n{group_extra}\n",
             masters.join(", "),
@@ -99,7 +118,13 @@ impl Cluster {
         ));
         let config = dir.path().join("filed.toml");
         std::fs::write(&config, cfg).unwrap();
-        let c = Cluster { dir, config, nodes, port, servers: HashMap::new() };
+        let c = Cluster {
+            dir,
+            config,
+            nodes,
+            port,
+            servers: HashMap::new(),
+        };
         let r = c.run_raw(None, &["keygen"]);
         assert_eq!(r.code, 0, "keygen: {r:?}");
         c
@@ -160,7 +185,10 @@ impl Cluster {
         let addr = self.addr(node);
         let start = Instant::now();
         while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(20), "{node} did not start listening");
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{node} did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -203,7 +231,11 @@ impl Drop for Cluster {
 }
 
 pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn filed");
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn filed");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -232,18 +264,31 @@ fn walk(root: &Path, p: &Path, out: &mut BTreeMap<String, (String, String, u32, 
     let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
     let mode = md.mode() & 0o7777;
     if md.file_type().is_symlink() {
-        out.insert(rel, ("symlink".into(), std::fs::read_link(p).unwrap().display().to_string(), 0, mtime));
+        out.insert(
+            rel,
+            (
+                "symlink".into(),
+                std::fs::read_link(p).unwrap().display().to_string(),
+                0,
+                mtime,
+            ),
+        );
     } else if md.is_dir() {
         if !rel.is_empty() {
             out.insert(rel, ("dir".into(), String::new(), mode, mtime));
         }
-        let mut names: Vec<_> = std::fs::read_dir(p).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
         for n in names {
             walk(root, &n, out);
         }
     } else {
-        let h = blake3::hash(&std::fs::read(p).unwrap()).to_hex().to_string();
+        let h = blake3::hash(&std::fs::read(p).unwrap())
+            .to_hex()
+            .to_string();
         out.insert(rel, ("file".into(), h, mode, mtime));
     }
 }
@@ -253,9 +298,19 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     let (sa, sb) = (snapshot(a), snapshot(b));
     if sa != sb {
         let mut msg = String::new();
-        for k in sa.keys().chain(sb.keys()).collect::<std::collections::BTreeSet<_>>() {
+        for k in sa
+            .keys()
+            .chain(sb.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             if sa.get(k) != sb.get(k) {
-                msg.push_str(&format!("{k}:\n  {}: {:?}\n  {}: {:?}\n", a.display(), sa.get(k), b.display(), sb.get(k)));
+                msg.push_str(&format!(
+                    "{k}:\n  {}: {:?}\n  {}: {:?}\n",
+                    a.display(),
+                    sa.get(k),
+                    b.display(),
+                    sb.get(k)
+                ));
             }
         }
         panic!("trees differ:\n{msg}");
@@ -266,11 +321,24 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
 pub fn set_mtime(p: &Path, ns: i64) {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let ts = [
-        libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-        libc::timespec { tv_sec: ns / 1_000_000_000, tv_nsec: ns % 1_000_000_000 },
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        libc::timespec {
+            tv_sec: ns / 1_000_000_000,
+            tv_nsec: ns % 1_000_000_000,
+        },
     ];
     // SAFETY: valid C string and two timespecs.
-    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     assert_eq!(rc, 0, "utimensat {}", p.display());
 }
 

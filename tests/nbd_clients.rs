@@ -430,10 +430,12 @@ fn fio_nbd_randwrite_with_crc32c_verify() {
                 "--io_size=48M",
                 "--verify=crc32c",
                 "--do_verify=1",
+                "--verify_state_save=0",
                 "--verify_fatal=1",
             ])
             .args(["--output-format=json"])
-            .arg(format!("--uri={}", server.uri())),
+            .arg(format!("--uri={}", server.uri()))
+            .current_dir(server.dir()),
         Duration::from_secs(120),
     );
     let json_start = out

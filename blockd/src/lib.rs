@@ -5,3 +5,4 @@ pub mod store;
 pub mod config;
 pub mod meta;
 pub mod repl;
+pub mod control;

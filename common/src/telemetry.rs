@@ -1,5 +1,7 @@
 //! Tracing setup for the daemons and CLIs: human-readable logs on stderr, filtered by `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber. `default_filter` applies when `RUST_LOG` is unset
@@ -11,5 +13,6 @@ pub fn init(default_filter: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .try_init();
 }

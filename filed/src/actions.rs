@@ -26,7 +26,11 @@ pub fn matches(action: &Action, path: &str) -> bool {
 
 /// Paths an action runs for: received changes always (unless `do-local-only`), local changes sent
 /// to a peer with `do-local`/`do-local-only`.
-pub fn selected<'a>(action: &Action, received: &'a [String], sent: &'a [String]) -> Vec<&'a String> {
+pub fn selected<'a>(
+    action: &Action,
+    received: &'a [String],
+    sent: &'a [String],
+) -> Vec<&'a String> {
     let mut out: Vec<&String> = Vec::new();
     if !action.do_local_only {
         out.extend(received.iter().filter(|p| matches(action, p)));
@@ -46,12 +50,24 @@ pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String])
         if paths.is_empty() {
             continue;
         }
-        let phys: Vec<String> = paths.iter().filter_map(|p| host.physical(p)).map(|p: PathBuf| p.display().to_string()).collect();
-        let batches: Vec<Vec<String>> = if action.once_per_batch { vec![phys] } else { phys.into_iter().map(|p| vec![p]).collect() };
+        let phys: Vec<String> = paths
+            .iter()
+            .filter_map(|p| host.physical(p))
+            .map(|p: PathBuf| p.display().to_string())
+            .collect();
+        let batches: Vec<Vec<String>> = if action.once_per_batch {
+            vec![phys]
+        } else {
+            phys.into_iter().map(|p| vec![p]).collect()
+        };
         for files in batches {
             let cmd = action.exec.replace("%%", &files.join(" "));
             let (out, err) = match &action.logfile {
-                Some(l) => match std::fs::OpenOptions::new().create(true).append(true).open(l) {
+                Some(l) => match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(l)
+                {
                     Ok(f) => match f.try_clone() {
                         Ok(f2) => (Stdio::from(f), Stdio::from(f2)),
                         Err(_) => (Stdio::null(), Stdio::null()),
@@ -63,10 +79,23 @@ pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String])
                 },
                 None => (Stdio::null(), Stdio::null()),
             };
-            match Command::new("/bin/sh").arg("-c").arg(&cmd).stdin(Stdio::null()).stdout(out).stderr(err).status() {
-                Ok(st) if st.success() => tracing::info!(group = %group.name, command = %cmd, "action ran"),
-                Ok(st) => tracing::warn!(group = %group.name, command = %cmd, status = %st, "action failed"),
-                Err(e) => tracing::warn!(group = %group.name, command = %cmd, error = %e, "action could not start"),
+            match Command::new("/bin/sh")
+                .arg("-c")
+                .arg(&cmd)
+                .stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .status()
+            {
+                Ok(st) if st.success() => {
+                    tracing::info!(group = %group.name, command = %cmd, "action ran")
+                }
+                Ok(st) => {
+                    tracing::warn!(group = %group.name, command = %cmd, status = %st, "action failed")
+                }
+                Err(e) => {
+                    tracing::warn!(group = %group.name, command = %cmd, error = %e, "action could not start")
+                }
             }
         }
     }
@@ -77,7 +106,14 @@ mod tests {
     use super::*;
 
     fn action(p: &str, local: bool, only: bool) -> Action {
-        Action { patterns: vec![p.into()], exec: "true".into(), logfile: None, do_local: local, do_local_only: only, once_per_batch: true }
+        Action {
+            patterns: vec![p.into()],
+            exec: "true".into(),
+            logfile: None,
+            do_local: local,
+            do_local_only: only,
+            once_per_batch: true,
+        }
     }
 
     #[test]
@@ -100,7 +136,12 @@ mod tests {
             d.path().display()
         );
         let c = crate::config::Config::parse(&text, &d.path().join("f.toml")).unwrap();
-        run_for(&c.hosts["a"], &c.groups["g"], &["%d%/x".into(), "%d%/y".into()], &[]);
+        run_for(
+            &c.hosts["a"],
+            &c.groups["g"],
+            &["%d%/x".into(), "%d%/y".into()],
+            &[],
+        );
         let log = std::fs::read_to_string(d.path().join("log")).unwrap();
         assert_eq!(log.lines().count(), 1, "{log}");
         assert!(log.contains("/a/x") && log.contains("/a/y"));

@@ -24,7 +24,9 @@ pub const TEMP_PREFIX: &str = ".filed.tmp.";
 pub enum ApplyError {
     #[error("refused path")]
     Rejected(#[source] PathRejected),
-    #[error("{path}: a parent directory is a symlink or not a directory; refusing to write through it")]
+    #[error(
+        "{path}: a parent directory is a symlink or not a directory; refusing to write through it"
+    )]
     SymlinkEscape { path: String },
     #[error("{path}: prefix not defined on this host")]
     NoPrefix { path: String },
@@ -40,11 +42,19 @@ pub enum ApplyError {
     #[error("{path}: refusing to remove an include root")]
     RootRemoval { path: String },
     #[error("{path}: rename source changed (expected size {size}, mtime {mtime_ns})")]
-    RenameSourceChanged { path: String, size: u64, mtime_ns: i64 },
+    RenameSourceChanged {
+        path: String,
+        size: u64,
+        mtime_ns: i64,
+    },
 }
 
 fn io_err<'a>(path: &'a str, op: &'static str) -> impl FnOnce(io::Error) -> ApplyError + 'a {
-    move |source| ApplyError::Io { path: path.to_string(), op, source }
+    move |source| ApplyError::Io {
+        path: path.to_string(),
+        op,
+        source,
+    }
 }
 
 fn cstr(s: &str) -> CString {
@@ -52,21 +62,43 @@ fn cstr(s: &str) -> CString {
 }
 
 fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
 }
 
-fn openat(dir: &OwnedFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+fn openat(
+    dir: &OwnedFd,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
     // SAFETY: `dir` is a valid open descriptor and `name` a NUL-terminated string; the returned
     // descriptor is owned by nobody else.
-    let fd = cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, libc::c_uint::from(mode)) })?;
+    let fd = cvt(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        )
+    })?;
     // SAFETY: fd was just returned by openat and is not owned elsewhere.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
     // SAFETY: c is NUL-terminated; the returned descriptor is owned by nobody else.
-    let fd = cvt(unsafe { libc::open(c.as_ptr(), libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC) })?;
+    let fd = cvt(unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
+        )
+    })?;
     // SAFETY: fd was just returned by open.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -75,10 +107,21 @@ fn fstatat(dir: &OwnedFd, name: &CStr) -> io::Result<Option<libc::stat>> {
     // SAFETY: an all-zero stat is a valid value for this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid descriptor, NUL-terminated name, st points to writable memory of the right type.
-    let rc = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if rc < 0 {
         let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::NotFound { Ok(None) } else { Err(e) };
+        return if e.kind() == io::ErrorKind::NotFound {
+            Ok(None)
+        } else {
+            Err(e)
+        };
     }
     Ok(Some(st))
 }
@@ -99,7 +142,10 @@ fn system_time(ns: i64) -> SystemTime {
 }
 
 fn timespec(ns: i64) -> libc::timespec {
-    libc::timespec { tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t, tv_nsec: ns.rem_euclid(1_000_000_000) as _ }
+    libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
 }
 
 /// The parent directory of a target, opened safely, and the target's name in it.
@@ -138,22 +184,35 @@ impl Applier {
     pub fn new(host: &Host, group: &Group) -> Result<Applier, ApplyError> {
         let mut roots = Vec::new();
         for r in group.filter.roots() {
-            let phys = host.physical(&r).ok_or_else(|| ApplyError::NoPrefix { path: r.clone() })?;
+            let phys = host
+                .physical(&r)
+                .ok_or_else(|| ApplyError::NoPrefix { path: r.clone() })?;
             roots.push((r, phys));
         }
         // Longest root first so nested lookups pick the deepest.
         roots.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
         let backup = match &group.backup_directory {
-            Some(b) => Some(host.physical(b).ok_or_else(|| ApplyError::NoPrefix { path: b.clone() })?),
+            Some(b) => Some(
+                host.physical(b)
+                    .ok_or_else(|| ApplyError::NoPrefix { path: b.clone() })?,
+            ),
             None => None,
         };
-        Ok(Applier { group: group.clone(), roots, backup, generations: group.backup_generations })
+        Ok(Applier {
+            group: group.clone(),
+            roots,
+            backup,
+            generations: group.backup_generations,
+        })
     }
 
     /// Checks a logical path and opens its parent directory (creating missing parents when
     /// `create` is set) without following any symlink below the include root.
     pub fn target(&self, logical: &str, create: bool) -> Result<Option<Target>, ApplyError> {
-        self.group.filter.check(logical).map_err(ApplyError::Rejected)?;
+        self.group
+            .filter
+            .check(logical)
+            .map_err(ApplyError::Rejected)?;
         let (root, phys) = self
             .roots
             .iter()
@@ -171,8 +230,15 @@ impl Applier {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_err(logical, "open parent")(e)),
             };
-            let name = phys.file_name().map(|n| CString::new(n.as_bytes()).expect("no NUL")).unwrap_or_else(|| cstr("."));
-            return Ok(Some(Target { logical: logical.into(), dir, name }));
+            let name = phys
+                .file_name()
+                .map(|n| CString::new(n.as_bytes()).expect("no NUL"))
+                .unwrap_or_else(|| cstr("."));
+            return Ok(Some(Target {
+                logical: logical.into(),
+                dir,
+                name,
+            }));
         }
         if create {
             std::fs::create_dir_all(phys).map_err(io_err(logical, "create include root"))?;
@@ -198,32 +264,50 @@ impl Applier {
                             return Err(io_err(logical, "create parent directory")(e));
                         }
                     }
-                    openat(&dir, &name, flags, 0).map_err(|_| ApplyError::SymlinkEscape { path: logical.into() })?
+                    openat(&dir, &name, flags, 0).map_err(|_| ApplyError::SymlinkEscape {
+                        path: logical.into(),
+                    })?
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) => {
-                    return Err(ApplyError::SymlinkEscape { path: logical.into() });
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ELOOP)
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    return Err(ApplyError::SymlinkEscape {
+                        path: logical.into(),
+                    });
                 }
                 Err(e) => return Err(io_err(logical, "open parent directory")(e)),
             };
         }
-        Ok(Some(Target { logical: logical.into(), dir, name: cstr(last) }))
+        Ok(Some(Target {
+            logical: logical.into(),
+            dir,
+            name: cstr(last),
+        }))
     }
 
     fn need_target(&self, logical: &str) -> Result<Target, ApplyError> {
-        self.target(logical, true)?.ok_or_else(|| io_err(logical, "open parent")(io::ErrorKind::NotFound.into()))
+        self.target(logical, true)?
+            .ok_or_else(|| io_err(logical, "open parent")(io::ErrorKind::NotFound.into()))
     }
 
     /// Opens the current regular file at `logical` for reading (the base of a delta).
     pub fn open_current(&self, logical: &str) -> Result<Option<File>, ApplyError> {
-        let Some(t) = self.target(logical, false)? else { return Ok(None) };
+        let Some(t) = self.target(logical, false)? else {
+            return Ok(None);
+        };
         match openat(&t.dir, &t.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
             Ok(fd) => {
                 let f = File::from(fd);
                 let md = f.metadata().map_err(io_err(logical, "stat"))?;
                 Ok(if md.is_file() { Some(f) } else { None })
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) => Ok(None),
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ELOOP) =>
+            {
+                Ok(None)
+            }
             Err(e) => Err(io_err(logical, "open")(e)),
         }
     }
@@ -232,14 +316,32 @@ impl Applier {
     pub fn begin_file(&self, logical: &str) -> Result<PendingFile, ApplyError> {
         let target = self.need_target(logical)?;
         for attempt in 0..100u32 {
-            let tmp = cstr(&format!("{TEMP_PREFIX}{}.{}.{attempt}", std::process::id(), rand_suffix()));
-            match openat(&target.dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW, 0o600) {
-                Ok(fd) => return Ok(PendingFile { file: File::from(fd), target, tmp, done: false }),
+            let tmp = cstr(&format!(
+                "{TEMP_PREFIX}{}.{}.{attempt}",
+                std::process::id(),
+                rand_suffix()
+            ));
+            match openat(
+                &target.dir,
+                &tmp,
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                0o600,
+            ) {
+                Ok(fd) => {
+                    return Ok(PendingFile {
+                        file: File::from(fd),
+                        target,
+                        tmp,
+                        done: false,
+                    });
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(io_err(logical, "create temp file")(e)),
             }
         }
-        Err(io_err(logical, "create temp file")(io::ErrorKind::AlreadyExists.into()))
+        Err(io_err(logical, "create temp file")(
+            io::ErrorKind::AlreadyExists.into(),
+        ))
     }
 
     /// Finishes a received file: metadata, fsync, backup of the old version, atomic rename.
@@ -249,8 +351,15 @@ impl Applier {
         p.file.sync_all().map_err(io_err(&logical, "fsync"))?;
         self.clear_for(&p.target, false)?;
         // SAFETY: valid descriptors and NUL-terminated names.
-        cvt(unsafe { libc::renameat(p.target.dir.as_raw_fd(), p.tmp.as_ptr(), p.target.dir.as_raw_fd(), p.target.name.as_ptr()) })
-            .map_err(io_err(&logical, "rename into place"))?;
+        cvt(unsafe {
+            libc::renameat(
+                p.target.dir.as_raw_fd(),
+                p.tmp.as_ptr(),
+                p.target.dir.as_raw_fd(),
+                p.target.name.as_ptr(),
+            )
+        })
+        .map_err(io_err(&logical, "rename into place"))?;
         p.done = true;
         fsync_dir(&p.target.dir).map_err(io_err(&logical, "fsync directory"))?;
         Ok(())
@@ -259,14 +368,21 @@ impl Applier {
     /// Makes the target free for a new non-directory entry: backs up and removes an old file or
     /// symlink (kept when `keep_file`), removes an empty directory.
     fn clear_for(&self, t: &Target, remove_file: bool) -> Result<(), ApplyError> {
-        let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(&t.logical, "stat"))? else { return Ok(()) };
+        let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(&t.logical, "stat"))? else {
+            return Ok(());
+        };
         if is_dir(&st) {
             // SAFETY: valid descriptor and NUL-terminated name.
-            let rc = unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), libc::AT_REMOVEDIR) };
+            let rc =
+                unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), libc::AT_REMOVEDIR) };
             if rc < 0 {
                 let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) {
-                    return Err(ApplyError::NotEmpty { path: t.logical.clone() });
+                if e.raw_os_error() == Some(libc::ENOTEMPTY)
+                    || e.raw_os_error() == Some(libc::EEXIST)
+                {
+                    return Err(ApplyError::NotEmpty {
+                        path: t.logical.clone(),
+                    });
                 }
                 return Err(io_err(&t.logical, "remove directory")(e));
             }
@@ -277,14 +393,17 @@ impl Applier {
         }
         if remove_file {
             // SAFETY: valid descriptor and NUL-terminated name.
-            cvt(unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), 0) }).map_err(io_err(&t.logical, "remove"))?;
+            cvt(unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), 0) })
+                .map_err(io_err(&t.logical, "remove"))?;
         }
         Ok(())
     }
 
     /// Keeps the current regular file at the target as backup generation 1 (older ones shift).
     fn backup(&self, t: &Target) -> Result<(), ApplyError> {
-        let Some(dir) = &self.backup else { return Ok(()) };
+        let Some(dir) = &self.backup else {
+            return Ok(());
+        };
         if self.generations == 0 {
             return Ok(());
         }
@@ -296,14 +415,26 @@ impl Applier {
             let _ = std::fs::rename(gen_path(n), gen_path(n + 1));
         }
         let dest = gen_path(1);
-        let dest_c = CString::new(dest.as_os_str().as_bytes()).map_err(|_| io_err(&t.logical, "backup")(io::ErrorKind::InvalidInput.into()))?;
+        let dest_c = CString::new(dest.as_os_str().as_bytes())
+            .map_err(|_| io_err(&t.logical, "backup")(io::ErrorKind::InvalidInput.into()))?;
         // Hard link first (cheap, same filesystem); copy otherwise.
         // SAFETY: valid descriptor, NUL-terminated names; AT_FDCWD with an absolute/relative path.
-        let rc = unsafe { libc::linkat(t.dir.as_raw_fd(), t.name.as_ptr(), libc::AT_FDCWD, dest_c.as_ptr(), 0) };
+        let rc = unsafe {
+            libc::linkat(
+                t.dir.as_raw_fd(),
+                t.name.as_ptr(),
+                libc::AT_FDCWD,
+                dest_c.as_ptr(),
+                0,
+            )
+        };
         if rc == 0 {
             return Ok(());
         }
-        let mut src = File::from(openat(&t.dir, &t.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(io_err(&t.logical, "open for backup"))?);
+        let mut src = File::from(
+            openat(&t.dir, &t.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                .map_err(io_err(&t.logical, "open for backup"))?,
+        );
         let mut out = File::create(&dest).map_err(io_err(&t.logical, "create backup"))?;
         io::copy(&mut src, &mut out).map_err(io_err(&t.logical, "copy to backup"))?;
         out.sync_all().map_err(io_err(&t.logical, "fsync backup"))?;
@@ -322,10 +453,22 @@ impl Applier {
             }
             None => mkdirat(&t, state.mode)?,
         }
-        let fd = openat(&t.dir, &t.name, libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY, 0).map_err(io_err(logical, "open directory"))?;
+        let fd = openat(
+            &t.dir,
+            &t.name,
+            libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY,
+            0,
+        )
+        .map_err(io_err(logical, "open directory"))?;
         let f = File::from(fd);
-        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(state.mode)).map_err(io_err(logical, "chmod"))?;
-        chown_ok(std::os::unix::fs::fchown(&f, Some(state.uid), Some(state.gid))).map_err(io_err(logical, "chown"))?;
+        f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(state.mode))
+            .map_err(io_err(logical, "chmod"))?;
+        chown_ok(std::os::unix::fs::fchown(
+            &f,
+            Some(state.uid),
+            Some(state.gid),
+        ))
+        .map_err(io_err(logical, "chown"))?;
         Ok(())
     }
 
@@ -333,16 +476,31 @@ impl Applier {
     pub fn make_symlink(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
         let t = self.need_target(logical)?;
         let target = cstr(state.target.as_deref().unwrap_or(""));
-        let tmp = cstr(&format!("{TEMP_PREFIX}{}.{}.l", std::process::id(), rand_suffix()));
+        let tmp = cstr(&format!(
+            "{TEMP_PREFIX}{}.{}.l",
+            std::process::id(),
+            rand_suffix()
+        ));
         // SAFETY: valid descriptor and NUL-terminated strings.
-        cvt(unsafe { libc::symlinkat(target.as_ptr(), t.dir.as_raw_fd(), tmp.as_ptr()) }).map_err(io_err(logical, "create symlink"))?;
+        cvt(unsafe { libc::symlinkat(target.as_ptr(), t.dir.as_raw_fd(), tmp.as_ptr()) })
+            .map_err(io_err(logical, "create symlink"))?;
         let meta = lchown_times(&t.dir, &tmp, state);
-        let res = meta.map_err(io_err(logical, "set symlink metadata")).and_then(|_| self.clear_for(&t, false)).and_then(|_| {
-            // SAFETY: valid descriptors and NUL-terminated names.
-            cvt(unsafe { libc::renameat(t.dir.as_raw_fd(), tmp.as_ptr(), t.dir.as_raw_fd(), t.name.as_ptr()) })
+        let res = meta
+            .map_err(io_err(logical, "set symlink metadata"))
+            .and_then(|_| self.clear_for(&t, false))
+            .and_then(|_| {
+                // SAFETY: valid descriptors and NUL-terminated names.
+                cvt(unsafe {
+                    libc::renameat(
+                        t.dir.as_raw_fd(),
+                        tmp.as_ptr(),
+                        t.dir.as_raw_fd(),
+                        t.name.as_ptr(),
+                    )
+                })
                 .map(|_| ())
                 .map_err(io_err(logical, "rename symlink into place"))
-        });
+            });
         if res.is_err() {
             // SAFETY: valid descriptor and NUL-terminated name.
             unsafe { libc::unlinkat(t.dir.as_raw_fd(), tmp.as_ptr(), 0) };
@@ -356,11 +514,23 @@ impl Applier {
     pub fn set_meta(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
         let t = self.need_target(logical)?;
         match state.kind {
-            Kind::Symlink => lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata")),
+            Kind::Symlink => {
+                lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata"))
+            }
             Kind::Deleted => Ok(()),
             Kind::File | Kind::Dir => {
-                let flags = if state.kind == Kind::Dir { libc::O_DIRECTORY } else { 0 };
-                let fd = openat(&t.dir, &t.name, flags | libc::O_NOFOLLOW | libc::O_RDONLY, 0).map_err(io_err(logical, "open"))?;
+                let flags = if state.kind == Kind::Dir {
+                    libc::O_DIRECTORY
+                } else {
+                    0
+                };
+                let fd = openat(
+                    &t.dir,
+                    &t.name,
+                    flags | libc::O_NOFOLLOW | libc::O_RDONLY,
+                    0,
+                )
+                .map_err(io_err(logical, "open"))?;
                 set_file_meta(&File::from(fd), state).map_err(io_err(logical, "set metadata"))
             }
         }
@@ -369,26 +539,54 @@ impl Applier {
     /// Removes a path (a regular file is backed up first; a directory must be empty).
     pub fn delete(&self, logical: &str) -> Result<(), ApplyError> {
         if self.roots.iter().any(|(r, _)| r == logical) {
-            return Err(ApplyError::RootRemoval { path: logical.into() });
+            return Err(ApplyError::RootRemoval {
+                path: logical.into(),
+            });
         }
-        let Some(t) = self.target(logical, false)? else { return Ok(()) };
+        let Some(t) = self.target(logical, false)? else {
+            return Ok(());
+        };
         self.clear_for(&t, true)?;
         fsync_dir(&t.dir).map_err(io_err(logical, "fsync directory"))
     }
 
     /// Renames `from` (which must still be the regular file described by `expect`) to `to`, then
     /// gives it `state`'s metadata. The version at `to`, if any, is backed up first.
-    pub fn rename(&self, from: &str, to: &str, expect: &FileState, state: &FileState) -> Result<(), ApplyError> {
-        let src = self.target(from, false)?.ok_or_else(|| io_err(from, "rename")(io::ErrorKind::NotFound.into()))?;
+    pub fn rename(
+        &self,
+        from: &str,
+        to: &str,
+        expect: &FileState,
+        state: &FileState,
+    ) -> Result<(), ApplyError> {
+        let src = self
+            .target(from, false)?
+            .ok_or_else(|| io_err(from, "rename")(io::ErrorKind::NotFound.into()))?;
         match fstatat(&src.dir, &src.name).map_err(io_err(from, "stat"))? {
-            Some(st) if is_reg(&st) && st.st_size as u64 == expect.size && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == expect.mtime_ns => {}
-            _ => return Err(ApplyError::RenameSourceChanged { path: from.into(), size: expect.size, mtime_ns: expect.mtime_ns }),
+            Some(st)
+                if is_reg(&st)
+                    && st.st_size as u64 == expect.size
+                    && st.st_mtime * 1_000_000_000 + st.st_mtime_nsec == expect.mtime_ns => {}
+            _ => {
+                return Err(ApplyError::RenameSourceChanged {
+                    path: from.into(),
+                    size: expect.size,
+                    mtime_ns: expect.mtime_ns,
+                });
+            }
         }
         let dst = self.need_target(to)?;
         self.clear_for(&dst, false)?;
         // SAFETY: valid descriptors and NUL-terminated names.
-        cvt(unsafe { libc::renameat(src.dir.as_raw_fd(), src.name.as_ptr(), dst.dir.as_raw_fd(), dst.name.as_ptr()) })
-            .map_err(io_err(to, "rename"))?;
+        cvt(unsafe {
+            libc::renameat(
+                src.dir.as_raw_fd(),
+                src.name.as_ptr(),
+                dst.dir.as_raw_fd(),
+                dst.name.as_ptr(),
+            )
+        })
+        .map_err(io_err(to, "rename"))?;
         self.set_meta(to, state)?;
         fsync_dir(&dst.dir).map_err(io_err(to, "fsync directory"))?;
         fsync_dir(&src.dir).map_err(io_err(from, "fsync directory"))
@@ -396,35 +594,76 @@ impl Applier {
 
     /// The current state of a path (not hashed), reached safely.
     pub fn current(&self, logical: &str) -> Result<Option<FileState>, ApplyError> {
-        let Some(t) = self.target(logical, false)? else { return Ok(None) };
-        let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(logical, "stat"))? else { return Ok(None) };
+        let Some(t) = self.target(logical, false)? else {
+            return Ok(None);
+        };
+        let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(logical, "stat"))? else {
+            return Ok(None);
+        };
         let _ = st;
         // Build the state through std for one code path with the scanner.
-        let path = PathBuf::from(format!("/proc/self/fd/{}", t.dir.as_raw_fd())).join(t.name.to_str().unwrap_or(""));
+        let path = PathBuf::from(format!("/proc/self/fd/{}", t.dir.as_raw_fd()))
+            .join(t.name.to_str().unwrap_or(""));
         crate::entry::read_state(&path, false).map_err(io_err(logical, "stat"))
     }
 }
 
 fn mkdirat(t: &Target, mode: u32) -> Result<(), ApplyError> {
     // SAFETY: valid descriptor and NUL-terminated name.
-    cvt(unsafe { libc::mkdirat(t.dir.as_raw_fd(), t.name.as_ptr(), mode as libc::mode_t) }).map(|_| ()).map_err(io_err(&t.logical, "mkdir"))
+    cvt(unsafe { libc::mkdirat(t.dir.as_raw_fd(), t.name.as_ptr(), mode as libc::mode_t) })
+        .map(|_| ())
+        .map_err(io_err(&t.logical, "mkdir"))
 }
 
 fn set_file_meta(f: &File, state: &FileState) -> io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    chown_ok(std::os::unix::fs::fchown(f, Some(state.uid), Some(state.gid)))?;
+    chown_ok(std::os::unix::fs::fchown(
+        f,
+        Some(state.uid),
+        Some(state.gid),
+    ))?;
     f.set_permissions(std::fs::Permissions::from_mode(state.mode))?;
     let t = system_time(state.mtime_ns);
-    f.set_times(std::fs::FileTimes::new().set_modified(t).set_accessed(SystemTime::now()))
+    f.set_times(
+        std::fs::FileTimes::new()
+            .set_modified(t)
+            .set_accessed(SystemTime::now()),
+    )
 }
 
 fn lchown_times(dir: &OwnedFd, name: &CStr, state: &FileState) -> io::Result<()> {
     // SAFETY: valid descriptor and NUL-terminated name.
-    let rc = unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), state.uid, state.gid, libc::AT_SYMLINK_NOFOLLOW) };
-    chown_ok(if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) })?;
-    let times = [libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW }, timespec(state.mtime_ns)];
+    let rc = unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            state.uid,
+            state.gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    chown_ok(if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    })?;
+    let times = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        timespec(state.mtime_ns),
+    ];
     // SAFETY: valid descriptor, NUL-terminated name, times points to two timespecs.
-    cvt(unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) }).map(|_| ())
+    cvt(unsafe {
+        libc::utimensat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(|_| ())
 }
 
 /// Not being root is not an error for ownership: the file keeps this process's owner.
@@ -443,7 +682,10 @@ fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
 fn rand_suffix() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
     t ^ (N.fetch_add(1, Ordering::Relaxed) << 32)
 }
 
@@ -465,7 +707,16 @@ mod tests {
     }
 
     fn fstate(hash_of: &[u8], mtime: i64, mode: u32) -> FileState {
-        FileState { kind: Kind::File, size: hash_of.len() as u64, mtime_ns: mtime, mode, uid: 0, gid: 0, target: None, hash: *blake3::hash(hash_of).as_bytes() }
+        FileState {
+            kind: Kind::File,
+            size: hash_of.len() as u64,
+            mtime_ns: mtime,
+            mode,
+            uid: 0,
+            gid: 0,
+            target: None,
+            hash: *blake3::hash(hash_of).as_bytes(),
+        }
     }
 
     fn write(a: &Applier, path: &str, data: &[u8], mtime: i64) {
@@ -507,39 +758,91 @@ mod tests {
         assert!(!f.exists());
         assert_eq!(std::fs::read(bak.join("%d%_sub_f.1")).unwrap(), b"four");
         // no temp files left behind
-        assert_eq!(std::fs::read_dir(d.path().join("a/sub")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("a/sub")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
     fn dirs_symlinks_renames() {
         let d = tempfile::tempdir().unwrap();
         let (_c, a) = setup(d.path());
-        let mut ds = FileState { kind: Kind::Dir, size: 0, mtime_ns: 7_000_000_001, mode: 0o750, uid: nix_uid(), gid: nix_gid(), target: None, hash: [0; 32] };
+        let mut ds = FileState {
+            kind: Kind::Dir,
+            size: 0,
+            mtime_ns: 7_000_000_001,
+            mode: 0o750,
+            uid: nix_uid(),
+            gid: nix_gid(),
+            target: None,
+            hash: [0; 32],
+        };
         a.make_dir("%d%/x", &ds).unwrap();
         a.set_meta("%d%/x", &ds).unwrap();
         let got = read_state(&d.path().join("a/x"), false).unwrap().unwrap();
-        assert_eq!((got.kind, got.mode, got.mtime_ns), (Kind::Dir, 0o750, 7_000_000_001));
+        assert_eq!(
+            (got.kind, got.mode, got.mtime_ns),
+            (Kind::Dir, 0o750, 7_000_000_001)
+        );
         ds.mode = 0o700;
         a.make_dir("%d%/x", &ds).unwrap();
-        assert_eq!(read_state(&d.path().join("a/x"), false).unwrap().unwrap().mode, 0o700);
-        let ls = FileState { kind: Kind::Symlink, size: 0, mtime_ns: 5_000_000_000, mode: 0o777, uid: nix_uid(), gid: nix_gid(), target: Some("../elsewhere".into()), hash: [0; 32] };
+        assert_eq!(
+            read_state(&d.path().join("a/x"), false)
+                .unwrap()
+                .unwrap()
+                .mode,
+            0o700
+        );
+        let ls = FileState {
+            kind: Kind::Symlink,
+            size: 0,
+            mtime_ns: 5_000_000_000,
+            mode: 0o777,
+            uid: nix_uid(),
+            gid: nix_gid(),
+            target: Some("../elsewhere".into()),
+            hash: [0; 32],
+        };
         a.make_symlink("%d%/x/l", &ls).unwrap();
         let got = read_state(&d.path().join("a/x/l"), false).unwrap().unwrap();
-        assert_eq!((got.target.as_deref(), got.mtime_ns), (Some("../elsewhere"), 5_000_000_000));
+        assert_eq!(
+            (got.target.as_deref(), got.mtime_ns),
+            (Some("../elsewhere"), 5_000_000_000)
+        );
         write(&a, "%d%/x/f", b"data", 9);
         let cur = a.current("%d%/x/f").unwrap().unwrap();
         let newst = fstate(b"data", 11, 0o600);
-        a.rename("%d%/x/f", "%d%/y/g", &cur, &FileState { uid: nix_uid(), gid: nix_gid(), ..newst.clone() }).unwrap();
+        a.rename(
+            "%d%/x/f",
+            "%d%/y/g",
+            &cur,
+            &FileState {
+                uid: nix_uid(),
+                gid: nix_gid(),
+                ..newst.clone()
+            },
+        )
+        .unwrap();
         assert!(!d.path().join("a/x/f").exists());
         assert_eq!(std::fs::read(d.path().join("a/y/g")).unwrap(), b"data");
         // a changed source is refused
-        assert!(matches!(a.rename("%d%/y/g", "%d%/z", &cur, &newst), Err(ApplyError::RenameSourceChanged { .. })));
+        assert!(matches!(
+            a.rename("%d%/y/g", "%d%/z", &cur, &newst),
+            Err(ApplyError::RenameSourceChanged { .. })
+        ));
         // non-empty directory is not removed; empty one is
-        assert!(matches!(a.delete("%d%/x"), Err(ApplyError::NotEmpty { .. })));
+        assert!(matches!(
+            a.delete("%d%/x"),
+            Err(ApplyError::NotEmpty { .. })
+        ));
         a.delete("%d%/x/l").unwrap();
         a.delete("%d%/x").unwrap();
         assert!(!d.path().join("a/x").exists());
-        assert!(matches!(a.delete("%d%"), Err(ApplyError::RootRemoval { .. })));
+        assert!(matches!(
+            a.delete("%d%"),
+            Err(ApplyError::RootRemoval { .. })
+        ));
         // a file replaces a directory and vice versa
         a.make_dir("%d%/t", &ds).unwrap();
         write(&a, "%d%/t", b"now a file", 1);
@@ -555,16 +858,37 @@ mod tests {
         std::fs::create_dir_all(d.path().join("a")).unwrap();
         std::fs::create_dir_all(d.path().join("outside")).unwrap();
         std::os::unix::fs::symlink(d.path().join("outside"), d.path().join("a/link")).unwrap();
-        assert!(matches!(a.begin_file("%d%/link/evil"), Err(ApplyError::SymlinkEscape { .. })));
-        assert!(matches!(a.make_dir("%d%/link/sub/x", &fstate(b"", 1, 0o755)), Err(ApplyError::SymlinkEscape { .. })));
-        assert!(matches!(a.begin_file("%d%/../outside/evil"), Err(ApplyError::Rejected(_))));
-        assert!(matches!(a.begin_file("/etc/passwd"), Err(ApplyError::Rejected(_))));
-        assert!(matches!(a.delete("%d%/link/x"), Err(ApplyError::SymlinkEscape { .. })));
-        assert_eq!(std::fs::read_dir(d.path().join("outside")).unwrap().count(), 0);
+        assert!(matches!(
+            a.begin_file("%d%/link/evil"),
+            Err(ApplyError::SymlinkEscape { .. })
+        ));
+        assert!(matches!(
+            a.make_dir("%d%/link/sub/x", &fstate(b"", 1, 0o755)),
+            Err(ApplyError::SymlinkEscape { .. })
+        ));
+        assert!(matches!(
+            a.begin_file("%d%/../outside/evil"),
+            Err(ApplyError::Rejected(_))
+        ));
+        assert!(matches!(
+            a.begin_file("/etc/passwd"),
+            Err(ApplyError::Rejected(_))
+        ));
+        assert!(matches!(
+            a.delete("%d%/link/x"),
+            Err(ApplyError::SymlinkEscape { .. })
+        ));
+        assert_eq!(
+            std::fs::read_dir(d.path().join("outside")).unwrap().count(),
+            0
+        );
         // replacing the symlink itself is fine: it is the target, not a parent
         write(&a, "%d%/link", b"file", 1);
         assert!(d.path().join("a/link").is_file());
-        assert_eq!(std::fs::read_dir(d.path().join("outside")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(d.path().join("outside")).unwrap().count(),
+            0
+        );
     }
 
     #[test]

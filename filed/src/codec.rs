@@ -28,7 +28,10 @@ pub fn put_i64(buf: &mut Vec<u8>, v: i64) {
     buf.extend_from_slice(&v.to_be_bytes());
 }
 pub fn put_bytes(buf: &mut Vec<u8>, v: &[u8]) {
-    put_u32(buf, u32::try_from(v.len()).expect("field longer than 4 GiB"));
+    put_u32(
+        buf,
+        u32::try_from(v.len()).expect("field longer than 4 GiB"),
+    );
     buf.extend_from_slice(v);
 }
 pub fn put_str(buf: &mut Vec<u8>, v: &str) {
@@ -64,12 +67,16 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(DecodeError::Trailing { extra: self.buf.len() })
+            Err(DecodeError::Trailing {
+                extra: self.buf.len(),
+            })
         }
     }
     pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError::Truncated { needed: n - self.buf.len() });
+            return Err(DecodeError::Truncated {
+                needed: n - self.buf.len(),
+            });
         }
         let (head, tail) = self.buf.split_at(n);
         self.buf = tail;
@@ -79,13 +86,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     pub fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_be_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     pub fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn i64(&mut self) -> Result<i64, DecodeError> {
-        Ok(i64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(i64::from_be_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     pub fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
@@ -104,14 +117,20 @@ impl<'a> Reader<'a> {
         match self.u8()? {
             0 => Ok(None),
             1 => Ok(Some(self.string(what)?)),
-            v => Err(DecodeError::Invalid { what: "option tag", value: v.into() }),
+            v => Err(DecodeError::Invalid {
+                what: "option tag",
+                value: v.into(),
+            }),
         }
     }
     pub fn bool(&mut self) -> Result<bool, DecodeError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            v => Err(DecodeError::Invalid { what: "bool", value: v.into() }),
+            v => Err(DecodeError::Invalid {
+                what: "bool",
+                value: v.into(),
+            }),
         }
     }
 }

@@ -34,14 +34,34 @@ pub enum Keep {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    Sync { group: Option<String>, peers: Vec<String> },
-    Check { group: Option<String>, rehash: bool },
-    Dirty { group: Option<String> },
-    Compare { group: Option<String>, peer: Option<String> },
-    Resolve { path: String, keep: Keep },
-    Force { path: String },
-    Status { json: bool },
-    LsConflicts { json: bool },
+    Sync {
+        group: Option<String>,
+        peers: Vec<String>,
+    },
+    Check {
+        group: Option<String>,
+        rehash: bool,
+    },
+    Dirty {
+        group: Option<String>,
+    },
+    Compare {
+        group: Option<String>,
+        peer: Option<String>,
+    },
+    Resolve {
+        path: String,
+        keep: Keep,
+    },
+    Force {
+        path: String,
+    },
+    Status {
+        json: bool,
+    },
+    LsConflicts {
+        json: bool,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -54,7 +74,10 @@ impl Outcome {
     fn error(out: String, msg: impl std::fmt::Display) -> Outcome {
         let mut output = out;
         let _ = writeln!(output, "error: {msg}");
-        Outcome { code: EXIT_ERROR, output }
+        Outcome {
+            code: EXIT_ERROR,
+            output,
+        }
     }
 }
 
@@ -80,16 +103,29 @@ fn groups<'a>(node: &'a Node, group: Option<&str>) -> Result<Vec<&'a Group>, Str
 
 /// Peers that get this host's changes marked dirty (a slave marks none: it never sends).
 fn dirty_peers(node: &Node, g: &Group) -> Vec<String> {
-    if g.is_slave(&node.me.name) { Vec::new() } else { g.peers_of(&node.me.name) }
+    if g.is_slave(&node.me.name) {
+        Vec::new()
+    } else {
+        g.peers_of(&node.me.name)
+    }
 }
 
 fn scan_one(node: &Node, g: &Group, rehash: bool) -> Result<ScanReport, String> {
-    scan_group(node.store.as_ref(), &node.me, g, &dirty_peers(node, g), None, ScanOptions { rehash }).map_err(|e| error_chain(&e))
+    scan_group(
+        node.store.as_ref(),
+        &node.me,
+        g,
+        &dirty_peers(node, g),
+        None,
+        ScanOptions { rehash },
+    )
+    .map_err(|e| error_chain(&e))
 }
 
 fn print_scan(out: &mut String, g: &Group, r: &ScanReport) {
     let renamed_to: std::collections::HashSet<&String> = r.renamed.iter().map(|(_, t)| t).collect();
-    let renamed_from: std::collections::HashSet<&String> = r.renamed.iter().map(|(f, _)| f).collect();
+    let renamed_from: std::collections::HashSet<&String> =
+        r.renamed.iter().map(|(f, _)| f).collect();
     for p in r.new.iter().filter(|p| !renamed_to.contains(p)) {
         let _ = writeln!(out, "{}: new      {p}", g.name);
     }
@@ -120,7 +156,14 @@ async fn check(node: &Node, group: Option<&str>, rehash: bool) -> Outcome {
         match scan_one(node, g, rehash) {
             Ok(r) => {
                 print_scan(&mut out, g, &r);
-                let _ = writeln!(out, "{}: {} changes, {} unchanged, {} hashed", g.name, r.changes(), r.unchanged, r.hashed);
+                let _ = writeln!(
+                    out,
+                    "{}: {} changes, {} unchanged, {} hashed",
+                    g.name,
+                    r.changes(),
+                    r.unchanged,
+                    r.hashed
+                );
                 if !r.errors.is_empty() {
                     code = EXIT_PARTIAL;
                 }
@@ -134,13 +177,20 @@ async fn check(node: &Node, group: Option<&str>, rehash: bool) -> Outcome {
 async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionReport, String> {
     let settings = node.client_settings().map_err(|e| error_chain(&e))?;
     let key = node.group_key(g).map_err(|e| error_chain(&e))?;
-    let host = node.config.hosts.get(peer).ok_or_else(|| format!("no host {peer}"))?;
+    let host = node
+        .config
+        .hosts
+        .get(peer)
+        .ok_or_else(|| format!("no host {peer}"))?;
     let mut attempt = 0;
     loop {
         let res = async {
             let mut conn = transport::connect(&host.address, &settings, &g.name, &key, peer)
                 .await
-                .map_err(|source| SessionError::Transport { peer: peer.to_string(), source })?;
+                .map_err(|source| SessionError::Transport {
+                    peer: peer.to_string(),
+                    source,
+                })?;
             let lock = node.group_lock(&g.name);
             let _guard = lock.lock().await;
             let r = session::run_client(node, g, &mut conn).await;
@@ -149,7 +199,9 @@ async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionRepor
         }
         .await;
         match res {
-            Err(SessionError::Refused { message, .. }) if message.starts_with("busy") && attempt < 5 => {
+            Err(SessionError::Refused { message, .. })
+                if message.starts_with("busy") && attempt < 5 =>
+            {
                 attempt += 1;
                 let ms = 100 + (rand_u64() % 900);
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
@@ -161,7 +213,11 @@ async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionRepor
 }
 
 fn rand_u64() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(7) ^ u64::from(std::process::id())
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(7)
+        ^ u64::from(std::process::id())
 }
 
 fn print_session(out: &mut String, r: &SessionReport) {
@@ -269,12 +325,21 @@ fn dirty(node: &Node, group: Option<&str>) -> Outcome {
             }
         }
     }
-    Outcome { code: if any { EXIT_PENDING } else { EXIT_OK }, output: out }
+    Outcome {
+        code: if any { EXIT_PENDING } else { EXIT_OK },
+        output: out,
+    }
 }
 
 fn describe(s: &FileState) -> String {
     match s.kind {
-        Kind::File => format!("file {} bytes mode {:o} mtime {} hash {}", s.size, s.mode, s.mtime_ns, s.hash_hex()),
+        Kind::File => format!(
+            "file {} bytes mode {:o} mtime {} hash {}",
+            s.size,
+            s.mode,
+            s.mtime_ns,
+            s.hash_hex()
+        ),
         Kind::Dir => format!("dir mode {:o} mtime {}", s.mode, s.mtime_ns),
         Kind::Symlink => format!("symlink -> {}", s.target.as_deref().unwrap_or("")),
         Kind::Deleted => "deleted".into(),
@@ -313,8 +378,12 @@ async fn compare(node: &Node, group: Option<&str>, only_peer: Option<&str>) -> O
             let listing = async {
                 let key = node.group_key(g).map_err(|e| error_chain(&e))?;
                 let host = node.config.hosts.get(&peer).ok_or("unknown host")?;
-                let mut conn = transport::connect(&host.address, &settings, &g.name, &key, &peer).await.map_err(|e| error_chain(&e))?;
-                let l = session::fetch_listing(node, g, &mut conn).await.map_err(|e| error_chain(&e));
+                let mut conn = transport::connect(&host.address, &settings, &g.name, &key, &peer)
+                    .await
+                    .map_err(|e| error_chain(&e))?;
+                let l = session::fetch_listing(node, g, &mut conn)
+                    .await
+                    .map_err(|e| error_chain(&e));
                 let _ = conn.close().await;
                 l
             }
@@ -335,12 +404,24 @@ async fn compare(node: &Node, group: Option<&str>, only_peer: Option<&str>) -> O
                 let line = match (local.get(p), remote.get(p)) {
                     (Some(l), Some(r)) if l.same(r) => continue,
                     (Some(l), Some(r)) if l.same_content(r) => {
-                        if l.kind == Kind::Dir && l.mode == r.mode && l.uid == r.uid && l.gid == r.gid {
+                        if l.kind == Kind::Dir
+                            && l.mode == r.mode
+                            && l.uid == r.uid
+                            && l.gid == r.gid
+                        {
                             continue; // directory mtimes differ by nature while files change
                         }
-                        format!("M\t{me}\t{peer}\t{p}\n\t{me}: {}\n\t{peer}: {}", describe(l), describe(r))
+                        format!(
+                            "M\t{me}\t{peer}\t{p}\n\t{me}: {}\n\t{peer}: {}",
+                            describe(l),
+                            describe(r)
+                        )
                     }
-                    (Some(l), Some(r)) => format!("X\t{me}\t{peer}\t{p}\n\t{me}: {}\n\t{peer}: {}", describe(l), describe(r)),
+                    (Some(l), Some(r)) => format!(
+                        "X\t{me}\t{peer}\t{p}\n\t{me}: {}\n\t{peer}: {}",
+                        describe(l),
+                        describe(r)
+                    ),
                     (Some(_), None) => format!("L\t{me}\t{peer}\t{p}"),
                     (None, Some(_)) => format!("R\t{me}\t{peer}\t{p}"),
                     (None, None) => continue,
@@ -362,7 +443,11 @@ async fn compare(node: &Node, group: Option<&str>, only_peer: Option<&str>) -> O
 
 /// Maps a user-given path (logical `%prefix%/..`, or a path on this host) to (group, logical path).
 pub fn logical_path<'a>(node: &'a Node, arg: &str) -> Option<(&'a Group, String)> {
-    let arg = if arg.len() > 1 { arg.trim_end_matches('/') } else { arg };
+    let arg = if arg.len() > 1 {
+        arg.trim_end_matches('/')
+    } else {
+        arg
+    };
     for g in node.my_groups() {
         if arg.starts_with('%') {
             if g.filter.check(arg).is_ok() {
@@ -371,7 +456,9 @@ pub fn logical_path<'a>(node: &'a Node, arg: &str) -> Option<(&'a Group, String)
             continue;
         }
         for root in g.filter.roots() {
-            let Some(phys) = node.me.physical(&root) else { continue };
+            let Some(phys) = node.me.physical(&root) else {
+                continue;
+            };
             let phys = phys.to_string_lossy().into_owned();
             let rest = if arg == phys {
                 Some("")
@@ -393,46 +480,87 @@ pub fn logical_path<'a>(node: &'a Node, arg: &str) -> Option<(&'a Group, String)
 async fn resolve(node: &Node, path: &str, keep: Keep) -> Outcome {
     let mut out = String::new();
     let Some((g, logical)) = logical_path(node, path) else {
-        return Outcome::error(out, format!("{path} is not inside any group of {}", node.me.name));
+        return Outcome::error(
+            out,
+            format!("{path} is not inside any group of {}", node.me.name),
+        );
     };
     let conflicts = match node.store.conflicts(Some(&g.name)) {
-        Ok(c) => c.into_iter().filter(|c| c.path == logical).collect::<Vec<_>>(),
+        Ok(c) => c
+            .into_iter()
+            .filter(|c| c.path == logical)
+            .collect::<Vec<_>>(),
         Err(e) => return Outcome::error(out, error_chain(&e)),
     };
     if conflicts.is_empty() {
         return Outcome::error(out, format!("no recorded conflict on {logical}"));
     }
-    let force = if keep == Keep::Local { Force::Win } else { Force::Lose };
+    let force = if keep == Keep::Local {
+        Force::Win
+    } else {
+        Force::Lose
+    };
     let mut b = Batch::new();
     let mut peers = Vec::new();
     for c in &conflicts {
-        b.push(Op::MarkDirty { group: g.name.clone(), peer: c.peer.clone(), path: logical.clone(), force });
+        b.push(Op::MarkDirty {
+            group: g.name.clone(),
+            peer: c.peer.clone(),
+            path: logical.clone(),
+            force,
+        });
         peers.push(c.peer.clone());
     }
     if let Err(e) = node.store.commit(b) {
         return Outcome::error(out, error_chain(&e));
     }
-    let _ = writeln!(out, "{logical}: keeping the {} version; syncing with {}", if keep == Keep::Local { "local" } else { "remote" }, peers.join(", "));
+    let _ = writeln!(
+        out,
+        "{logical}: keeping the {} version; syncing with {}",
+        if keep == Keep::Local {
+            "local"
+        } else {
+            "remote"
+        },
+        peers.join(", ")
+    );
     let r = sync(node, Some(&g.name), &peers).await;
     out.push_str(&r.output);
-    Outcome { code: r.code, output: out }
+    Outcome {
+        code: r.code,
+        output: out,
+    }
 }
 
 /// `filed force PATH` (csync2 -f): this host's version wins the next sync with every peer.
 fn force(node: &Node, path: &str) -> Outcome {
     let mut out = String::new();
     let Some((g, logical)) = logical_path(node, path) else {
-        return Outcome::error(out, format!("{path} is not inside any group of {}", node.me.name));
+        return Outcome::error(
+            out,
+            format!("{path} is not inside any group of {}", node.me.name),
+        );
     };
     let mut b = Batch::new();
     for peer in g.peers_of(&node.me.name) {
-        b.push(Op::MarkDirty { group: g.name.clone(), peer, path: logical.clone(), force: Force::Win });
+        b.push(Op::MarkDirty {
+            group: g.name.clone(),
+            peer,
+            path: logical.clone(),
+            force: Force::Win,
+        });
     }
     if let Err(e) = node.store.commit(b) {
         return Outcome::error(out, error_chain(&e));
     }
-    let _ = writeln!(out, "{logical}: this host's version wins the next `filed sync`");
-    Outcome { code: EXIT_OK, output: out }
+    let _ = writeln!(
+        out,
+        "{logical}: this host's version wins the next `filed sync`"
+    );
+    Outcome {
+        code: EXIT_OK,
+        output: out,
+    }
 }
 
 fn fmt_time(ns: i64) -> String {
@@ -453,11 +581,31 @@ fn status(node: &Node, json: bool) -> Outcome {
             Ok(c) => c,
             Err(e) => return Outcome::error(out, error_chain(&e)),
         };
-        let files = node.store.files(&g.name).map(|f| f.iter().filter(|(_, s)| s.exists()).count()).unwrap_or(0);
+        let files = node
+            .store
+            .files(&g.name)
+            .map(|f| f.iter().filter(|(_, s)| s.exists()).count())
+            .unwrap_or(0);
         let mut peers_json = Vec::new();
-        let _ = writeln!(out, "group {} ({} paths, {} conflicts, auto {:?}){}", g.name, files, conflicts.len(), g.auto, if g.is_slave(&node.me.name) { " [slave]" } else { "" });
+        let _ = writeln!(
+            out,
+            "group {} ({} paths, {} conflicts, auto {:?}){}",
+            g.name,
+            files,
+            conflicts.len(),
+            g.auto,
+            if g.is_slave(&node.me.name) {
+                " [slave]"
+            } else {
+                ""
+            }
+        );
         for peer in g.peers_of(&node.me.name) {
-            let dirty = node.store.dirty(&g.name, &peer).map(|d| d.len()).unwrap_or(0);
+            let dirty = node
+                .store
+                .dirty(&g.name, &peer)
+                .map(|d| d.len())
+                .unwrap_or(0);
             let st = node.store.peer_status(&g.name, &peer).unwrap_or_default();
             let pc = conflicts.iter().filter(|c| c.peer == peer).count();
             let _ = writeln!(
@@ -465,7 +613,11 @@ fn status(node: &Node, json: bool) -> Outcome {
                 "  peer {peer}: {dirty} queued, {pc} conflicts, last sync {}, last attempt {}{}",
                 fmt_time(st.last_ok_ns),
                 fmt_time(st.last_attempt_ns),
-                if st.last_error.is_empty() { String::new() } else { format!(", last error: {}", st.last_error) }
+                if st.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(", last error: {}", st.last_error)
+                }
             );
             peers_json.push(serde_json::json!({
                 "peer": peer, "queued": dirty, "conflicts": pc,
@@ -476,12 +628,26 @@ fn status(node: &Node, json: bool) -> Outcome {
             "group": g.name, "paths": files, "conflicts": conflicts.len(), "slave": g.is_slave(&node.me.name), "peers": peers_json,
         }));
     }
-    let any_conflicts = node.store.conflicts(None).map(|c| !c.is_empty()).unwrap_or(false);
+    let any_conflicts = node
+        .store
+        .conflicts(None)
+        .map(|c| !c.is_empty())
+        .unwrap_or(false);
     if json {
-        out = serde_json::to_string_pretty(&serde_json::json!({ "host": node.me.name, "groups": groups_json })).unwrap_or_default();
+        out = serde_json::to_string_pretty(
+            &serde_json::json!({ "host": node.me.name, "groups": groups_json }),
+        )
+        .unwrap_or_default();
         out.push('\n');
     }
-    Outcome { code: if any_conflicts { EXIT_CONFLICTS } else { EXIT_OK }, output: out }
+    Outcome {
+        code: if any_conflicts {
+            EXIT_CONFLICTS
+        } else {
+            EXIT_OK
+        },
+        output: out,
+    }
 }
 
 /// `filed ls-conflicts`.
@@ -500,8 +666,23 @@ fn ls_conflicts(node: &Node, json: bool) -> Outcome {
         out.push('\n');
     } else {
         for c in &list {
-            let _ = writeln!(out, "{}\t{}\t{}\n\tlocal:  {}\n\tremote: {}", c.group, c.peer, c.path, describe(&c.local), describe(&c.remote));
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\n\tlocal:  {}\n\tremote: {}",
+                c.group,
+                c.peer,
+                c.path,
+                describe(&c.local),
+                describe(&c.remote)
+            );
         }
     }
-    Outcome { code: if list.is_empty() { EXIT_OK } else { EXIT_CONFLICTS }, output: out }
+    Outcome {
+        code: if list.is_empty() {
+            EXIT_OK
+        } else {
+            EXIT_CONFLICTS
+        },
+        output: out,
+    }
 }

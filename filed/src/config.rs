@@ -29,8 +29,14 @@ pub enum ConfigError {
         source: toml::de::Error,
     },
     #[error("{path}: `{key}`: {problem}")]
-    Invalid { path: PathBuf, key: String, problem: String },
-    #[error("{path}: this host ({name}) is not in [hosts]; pass --node NAME or add a [hosts.{name}] section")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+    #[error(
+        "{path}: this host ({name}) is not in [hosts]; pass --node NAME or add a [hosts.{name}] section"
+    )]
     UnknownSelf { path: PathBuf, name: String },
     #[error("cannot determine the hostname")]
     Hostname(#[source] std::io::Error),
@@ -168,7 +174,10 @@ pub struct Group {
 impl Group {
     /// All members, masters first then slaves, in configuration order.
     pub fn members(&self) -> impl Iterator<Item = &str> {
-        self.hosts.iter().chain(self.slaves.iter()).map(String::as_str)
+        self.hosts
+            .iter()
+            .chain(self.slaves.iter())
+            .map(String::as_str)
     }
     pub fn has_member(&self, name: &str) -> bool {
         self.members().any(|m| m == name)
@@ -202,22 +211,38 @@ pub struct Config {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
     /// Parses and validates; relative paths are resolved against the directory of `path`.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
         let abs = |s: &str| -> PathBuf {
             let p = Path::new(s);
-            if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
         };
-        let invalid = |key: String, problem: String| ConfigError::Invalid { path: path.into(), key, problem };
+        let invalid = |key: String, problem: String| ConfigError::Invalid {
+            path: path.into(),
+            key,
+            problem,
+        };
 
         for (name, v) in &raw.prefix {
             check_prefix(name, v).map_err(|p| invalid(format!("prefix.{name}"), p))?;
@@ -226,20 +251,37 @@ impl Config {
         for (name, h) in raw.hosts {
             check_name(&name).map_err(|p| invalid(format!("hosts.{name}"), p))?;
             let address = match &h.address {
-                Some(a) => normalize_address(a).map_err(|p| invalid(format!("hosts.{name}.address"), p))?,
+                Some(a) => {
+                    normalize_address(a).map_err(|p| invalid(format!("hosts.{name}.address"), p))?
+                }
                 None => format!("{name}:{DEFAULT_PORT}"),
             };
-            let mut prefixes: BTreeMap<String, PathBuf> =
-                raw.prefix.iter().map(|(k, v)| (k.clone(), abs(v))).collect();
+            let mut prefixes: BTreeMap<String, PathBuf> = raw
+                .prefix
+                .iter()
+                .map(|(k, v)| (k.clone(), abs(v)))
+                .collect();
             for (k, v) in &h.prefix {
                 check_prefix(k, v).map_err(|p| invalid(format!("hosts.{name}.prefix.{k}"), p))?;
                 prefixes.insert(k.clone(), abs(v));
             }
             let host = Host {
                 address,
-                state: h.state.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/var/lib/filed/{name}.redb"))),
-                cert: h.cert.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.pem"))),
-                key: h.key.as_deref().map(abs).unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.key"))),
+                state: h
+                    .state
+                    .as_deref()
+                    .map(abs)
+                    .unwrap_or_else(|| PathBuf::from(format!("/var/lib/filed/{name}.redb"))),
+                cert: h
+                    .cert
+                    .as_deref()
+                    .map(abs)
+                    .unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.pem"))),
+                key: h
+                    .key
+                    .as_deref()
+                    .map(abs)
+                    .unwrap_or_else(|| PathBuf::from(format!("/etc/filed/{name}.key"))),
                 prefixes,
                 name: name.clone(),
             };
@@ -251,12 +293,18 @@ impl Config {
             let key = |k: &str| format!("groups.{name}.{k}");
             check_name(&name).map_err(|p| invalid(format!("groups.{name}"), p))?;
             if g.hosts.is_empty() {
-                return Err(invalid(key("hosts"), "a group needs at least one host".into()));
+                return Err(invalid(
+                    key("hosts"),
+                    "a group needs at least one host".into(),
+                ));
             }
             let mut seen = std::collections::BTreeSet::new();
             for m in g.hosts.iter().chain(g.slaves.iter()) {
                 if !hosts.contains_key(m) {
-                    return Err(invalid(key("hosts"), format!("host {m:?} has no [hosts.{m}] section")));
+                    return Err(invalid(
+                        key("hosts"),
+                        format!("host {m:?} has no [hosts.{m}] section"),
+                    ));
                 }
                 if !seen.insert(m.clone()) {
                     return Err(invalid(key("hosts"), format!("host {m:?} is listed twice")));
@@ -264,10 +312,16 @@ impl Config {
             }
             let mut rules = Vec::new();
             for p in &g.include {
-                rules.push(Rule { include: true, pattern: p.clone() });
+                rules.push(Rule {
+                    include: true,
+                    pattern: p.clone(),
+                });
             }
             for p in &g.exclude {
-                rules.push(Rule { include: false, pattern: p.clone() });
+                rules.push(Rule {
+                    include: false,
+                    pattern: p.clone(),
+                });
             }
             for r in &g.rules {
                 let (inc, pat) = if let Some(p) = r.strip_prefix("include ") {
@@ -275,19 +329,32 @@ impl Config {
                 } else if let Some(p) = r.strip_prefix("exclude ") {
                     (false, p.trim())
                 } else {
-                    return Err(invalid(key("rules"), format!("{r:?} must start with \"include \" or \"exclude \"")));
+                    return Err(invalid(
+                        key("rules"),
+                        format!("{r:?} must start with \"include \" or \"exclude \""),
+                    ));
                 };
-                rules.push(Rule { include: inc, pattern: pat.to_string() });
+                rules.push(Rule {
+                    include: inc,
+                    pattern: pat.to_string(),
+                });
             }
             if !rules.iter().any(|r| r.include && r.is_path_pattern()) {
-                return Err(invalid(key("include"), "no include path (starting with / or %prefix%)".into()));
+                return Err(invalid(
+                    key("include"),
+                    "no include path (starting with / or %prefix%)".into(),
+                ));
             }
             for r in &rules {
                 if r.pattern.is_empty() || r.pattern.contains('\0') {
-                    return Err(invalid(key("include"), format!("bad pattern {:?}", r.pattern)));
+                    return Err(invalid(
+                        key("include"),
+                        format!("bad pattern {:?}", r.pattern),
+                    ));
                 }
                 if r.is_path_pattern() {
-                    check_prefix_use(&r.pattern, &g, &hosts).map_err(|p| invalid(key("include"), p))?;
+                    check_prefix_use(&r.pattern, &g, &hosts)
+                        .map_err(|p| invalid(key("include"), p))?;
                 }
             }
             let filter = Filter::new(rules);
@@ -297,8 +364,13 @@ impl Config {
             if let Some(b) = &g.backup_directory {
                 check_syntax(b).map_err(|e| invalid(key("backup-directory"), e.to_string()))?;
                 check_prefix_use(b, &g, &hosts).map_err(|p| invalid(key("backup-directory"), p))?;
-                if filter.roots().iter().any(|r| crate::filter::is_under(b, r)) && filter.included(b) {
-                    return Err(invalid(key("backup-directory"), "lies inside the synced tree; exclude it".into()));
+                if filter.roots().iter().any(|r| crate::filter::is_under(b, r))
+                    && filter.included(b)
+                {
+                    return Err(invalid(
+                        key("backup-directory"),
+                        "lies inside the synced tree; exclude it".into(),
+                    ));
                 }
             }
             let mut actions = Vec::new();
@@ -308,10 +380,16 @@ impl Config {
                     OneOrMany::Many(v) => v,
                 };
                 if patterns.is_empty() {
-                    return Err(invalid(format!("groups.{name}.action[{i}].pattern"), "no pattern".into()));
+                    return Err(invalid(
+                        format!("groups.{name}.action[{i}].pattern"),
+                        "no pattern".into(),
+                    ));
                 }
                 if a.exec.trim().is_empty() {
-                    return Err(invalid(format!("groups.{name}.action[{i}].exec"), "empty command".into()));
+                    return Err(invalid(
+                        format!("groups.{name}.action[{i}].exec"),
+                        "empty command".into(),
+                    ));
                 }
                 actions.push(Action {
                     patterns,
@@ -339,7 +417,11 @@ impl Config {
         }
         Ok(Config {
             file: path.into(),
-            ca: raw.ca.as_deref().map(abs).unwrap_or_else(|| PathBuf::from("/etc/filed/ca.pem")),
+            ca: raw
+                .ca
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| PathBuf::from("/etc/filed/ca.pem")),
             ca_key: raw.ca_key.as_deref().map(abs),
             hosts,
             groups,
@@ -362,7 +444,10 @@ impl Config {
                 }
             }
         }
-        Err(ConfigError::UnknownSelf { path: self.file.clone(), name })
+        Err(ConfigError::UnknownSelf {
+            path: self.file.clone(),
+            name,
+        })
     }
 
     /// Groups this host is a member of.
@@ -379,7 +464,11 @@ impl Host {
             let dir = self.prefixes.get(&rest[..end])?;
             let tail = &rest[end + 1..];
             let tail = tail.strip_prefix('/').unwrap_or(tail);
-            if tail.is_empty() { Some(dir.clone()) } else { Some(dir.join(tail)) }
+            if tail.is_empty() {
+                Some(dir.clone())
+            } else {
+                Some(dir.join(tail))
+            }
         } else if logical.starts_with('/') {
             Some(PathBuf::from(logical))
         } else {
@@ -389,8 +478,14 @@ impl Host {
 }
 
 fn check_name(n: &str) -> Result<(), String> {
-    if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-        return Err(format!("name {n:?} may only use letters, digits, '-', '_' and '.'"));
+    if n.is_empty()
+        || !n
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "name {n:?} may only use letters, digits, '-', '_' and '.'"
+        ));
     }
     Ok(())
 }
@@ -398,28 +493,40 @@ fn check_name(n: &str) -> Result<(), String> {
 fn check_prefix(name: &str, value: &str) -> Result<(), String> {
     check_name(name)?;
     if value.is_empty() || value.contains(['*', '?', '[']) {
-        return Err(format!("prefix value {value:?} must be a directory without wildcards"));
+        return Err(format!(
+            "prefix value {value:?} must be a directory without wildcards"
+        ));
     }
     Ok(())
 }
 
 /// A `%prefix%` at the start of a path pattern must be defined for every member host.
-fn check_prefix_use(pattern: &str, g: &RawGroup, hosts: &BTreeMap<String, Host>) -> Result<(), String> {
+fn check_prefix_use(
+    pattern: &str,
+    g: &RawGroup,
+    hosts: &BTreeMap<String, Host>,
+) -> Result<(), String> {
     if !is_path_pattern(pattern) {
         return Ok(());
     }
-    let Some(rest) = pattern.strip_prefix('%') else { return Ok(()) };
+    let Some(rest) = pattern.strip_prefix('%') else {
+        return Ok(());
+    };
     let Some(end) = rest.find('%') else {
         return Err(format!("{pattern:?}: unterminated %prefix%"));
     };
     let name = &rest[..end];
     let tail = &rest[end + 1..];
     if !(tail.is_empty() || tail.starts_with('/')) {
-        return Err(format!("{pattern:?}: %{name}% must be followed by / or nothing"));
+        return Err(format!(
+            "{pattern:?}: %{name}% must be followed by / or nothing"
+        ));
     }
     for m in g.hosts.iter().chain(g.slaves.iter()) {
         if !hosts.get(m).is_some_and(|h| h.prefixes.contains_key(name)) {
-            return Err(format!("prefix %{name}% is not defined for host {m:?} (hosts.{m}.prefix.{name} or [prefix])"));
+            return Err(format!(
+                "prefix %{name}% is not defined for host {m:?} (hosts.{m}.prefix.{name} or [prefix])"
+            ));
         }
     }
     Ok(())
@@ -431,11 +538,16 @@ fn normalize_address(a: &str) -> Result<String, String> {
     }
     if a.starts_with('[') {
         // [v6]:port or [v6]
-        return Ok(if a.contains("]:") { a.to_string() } else { format!("{a}:{DEFAULT_PORT}") });
+        return Ok(if a.contains("]:") {
+            a.to_string()
+        } else {
+            format!("{a}:{DEFAULT_PORT}")
+        });
     }
     match a.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => {
-            p.parse::<u16>().map_err(|_| format!("bad port {p:?} in {a:?}"))?;
+            p.parse::<u16>()
+                .map_err(|_| format!("bad port {p:?} in {a:?}"))?;
             Ok(a.to_string())
         }
         Some(_) => Ok(format!("[{a}]:{DEFAULT_PORT}")),
@@ -468,36 +580,54 @@ mod tests {
         let a = &c.hosts["alpha"];
         assert_eq!(a.address, "127.0.0.2:30865");
         assert_eq!(a.state, PathBuf::from("/x/alpha/state.redb"));
-        assert_eq!(a.physical("%data%/sub/f"), Some(PathBuf::from("/x/alpha/data/sub/f")));
-        assert_eq!(c.hosts["beta"].physical("%data%"), Some(PathBuf::from("/x/beta/data")));
+        assert_eq!(
+            a.physical("%data%/sub/f"),
+            Some(PathBuf::from("/x/alpha/data/sub/f"))
+        );
+        assert_eq!(
+            c.hosts["beta"].physical("%data%"),
+            Some(PathBuf::from("/x/beta/data"))
+        );
         let g = &c.groups["data"];
         assert_eq!(g.backup_generations, 3);
         assert_eq!(g.auto, AutoPolicy::None);
         assert_eq!(g.peers_of("alpha"), vec!["beta".to_string()]);
         assert_eq!(c.ca, PathBuf::from("/x/pki/ca.pem"));
         assert_eq!(c.local_host(Some("beta")).unwrap().name, "beta");
-        assert!(matches!(c.local_host(Some("nope")), Err(ConfigError::UnknownSelf { .. })));
+        assert!(matches!(
+            c.local_host(Some("nope")),
+            Err(ConfigError::UnknownSelf { .. })
+        ));
     }
 
     fn err(text: &str) -> String {
-        Config::parse(text, Path::new("/etc/filed/f.toml")).unwrap_err().to_string()
+        Config::parse(text, Path::new("/etc/filed/f.toml"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn errors_name_file_key_problem() {
         let e = err("[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\n");
-        assert!(e.contains("/etc/filed/f.toml") && e.contains("groups.g.hosts") && e.contains("\"a\""), "{e}");
+        assert!(
+            e.contains("/etc/filed/f.toml") && e.contains("groups.g.hosts") && e.contains("\"a\""),
+            "{e}"
+        );
         let e = err("[hosts.a]\naddress=\"h:99999\"\n");
         assert!(e.contains("hosts.a.address") && e.contains("port"), "{e}");
         let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%p%/x\"]\n");
         assert!(e.contains("groups.g.include") && e.contains("%p%"), "{e}");
         let e = err("[hosts.a]\nbogus=1\n");
         assert!(e.contains("f.toml") && e.contains("bogus"), "{e}");
-        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nauto=\"sideways\"\n");
+        let e = err(
+            "[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nauto=\"sideways\"\n",
+        );
         assert!(e.contains("sideways"), "{e}");
         let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\nexclude=[\"*~\"]\n");
         assert!(e.contains("groups.g.include"), "{e}");
-        let e = err("[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nbackup-directory=\"/x/bak\"\n");
+        let e = err(
+            "[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nbackup-directory=\"/x/bak\"\n",
+        );
         assert!(e.contains("backup-directory"), "{e}");
     }
 
@@ -510,8 +640,14 @@ mod tests {
         .unwrap();
         assert_eq!(c.hosts["a"].address, format!("a:{DEFAULT_PORT}"));
         assert_eq!(c.hosts["b"].address, "10.0.0.2:30865");
-        assert_eq!(c.hosts["a"].physical("%root%/w/x"), Some(PathBuf::from("/srv/w/x")));
-        assert_eq!(c.hosts["b"].physical("%root%/w/x"), Some(PathBuf::from("/b/w/x")));
+        assert_eq!(
+            c.hosts["a"].physical("%root%/w/x"),
+            Some(PathBuf::from("/srv/w/x"))
+        );
+        assert_eq!(
+            c.hosts["b"].physical("%root%/w/x"),
+            Some(PathBuf::from("/b/w/x"))
+        );
         let g = &c.groups["g"];
         assert!(g.is_slave("b"));
         assert_eq!(g.peers_of("b"), vec!["a".to_string()]);

@@ -33,7 +33,12 @@ impl Kind {
             2 => Kind::Dir,
             3 => Kind::Symlink,
             4 => Kind::Deleted,
-            _ => return Err(DecodeError::Invalid { what: "file kind", value: v.into() }),
+            _ => {
+                return Err(DecodeError::Invalid {
+                    what: "file kind",
+                    value: v.into(),
+                });
+            }
         })
     }
     pub fn name(self) -> &'static str {
@@ -97,7 +102,9 @@ impl FileState {
     pub fn same_meta(&self, other: &FileState) -> bool {
         match self.kind {
             Kind::Deleted => true,
-            Kind::Symlink => self.uid == other.uid && self.gid == other.gid && self.mtime_ns == other.mtime_ns,
+            Kind::Symlink => {
+                self.uid == other.uid && self.gid == other.gid && self.mtime_ns == other.mtime_ns
+            }
             _ => {
                 self.mode == other.mode
                     && self.uid == other.uid
@@ -125,7 +132,10 @@ impl FileState {
         FileState {
             kind,
             size: if kind == Kind::File { md.size() } else { 0 },
-            mtime_ns: md.mtime().saturating_mul(1_000_000_000).saturating_add(md.mtime_nsec()),
+            mtime_ns: md
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(md.mtime_nsec()),
             mode: md.mode() & 0o7777,
             uid: md.uid(),
             gid: md.gid(),
@@ -157,13 +167,25 @@ impl FileState {
         let mtime_ns = r.i64()?;
         let mode = r.u32()?;
         if mode > 0o7777 {
-            return Err(DecodeError::Invalid { what: "mode", value: mode.into() });
+            return Err(DecodeError::Invalid {
+                what: "mode",
+                value: mode.into(),
+            });
         }
         let uid = r.u32()?;
         let gid = r.u32()?;
         let target = r.opt_string("symlink target")?;
         let hash = r.array32()?;
-        Ok(FileState { kind, size, mtime_ns, mode, uid, gid, target, hash })
+        Ok(FileState {
+            kind,
+            size,
+            mtime_ns,
+            mode,
+            uid,
+            gid,
+            target,
+            hash,
+        })
     }
 
     pub fn from_bytes(b: &[u8]) -> Result<FileState, DecodeError> {
@@ -222,9 +244,14 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub fn arb_state() -> impl Strategy<Value = FileState> {
+    pub fn arb_state() -> impl Strategy<Value = FileState> + Clone {
         (
-            prop_oneof![Just(Kind::File), Just(Kind::Dir), Just(Kind::Symlink), Just(Kind::Deleted)],
+            prop_oneof![
+                Just(Kind::File),
+                Just(Kind::Dir),
+                Just(Kind::Symlink),
+                Just(Kind::Deleted)
+            ],
             any::<u64>(),
             any::<i64>(),
             0u32..=0o7777,
@@ -233,16 +260,18 @@ pub(crate) mod tests {
             proptest::option::of("[a-z/.]{0,20}"),
             any::<[u8; 32]>(),
         )
-            .prop_map(|(kind, size, mtime_ns, mode, uid, gid, target, hash)| FileState {
-                kind,
-                size,
-                mtime_ns,
-                mode,
-                uid,
-                gid,
-                target,
-                hash,
-            })
+            .prop_map(
+                |(kind, size, mtime_ns, mode, uid, gid, target, hash)| FileState {
+                    kind,
+                    size,
+                    mtime_ns,
+                    mode,
+                    uid,
+                    gid,
+                    target,
+                    hash,
+                },
+            )
     }
 
     proptest! {
@@ -276,7 +305,16 @@ pub(crate) mod tests {
 
     #[test]
     fn same_content_ignores_meta() {
-        let a = FileState { kind: Kind::File, size: 1, mtime_ns: 1, mode: 0o644, uid: 0, gid: 0, target: None, hash: [1; 32] };
+        let a = FileState {
+            kind: Kind::File,
+            size: 1,
+            mtime_ns: 1,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: None,
+            hash: [1; 32],
+        };
         let mut b = a.clone();
         b.mtime_ns = 2;
         assert!(a.same_content(&b));

@@ -64,7 +64,11 @@ impl Filter {
     /// without ones nested inside another root.
     pub fn roots(&self) -> Vec<String> {
         let mut roots: Vec<String> = Vec::new();
-        for r in self.rules.iter().filter(|r| r.include && r.is_path_pattern()) {
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| r.include && r.is_path_pattern())
+        {
             let mut lit = Vec::new();
             for c in r.pattern.split('/') {
                 if has_wildcard(c) {
@@ -141,7 +145,10 @@ pub fn check_syntax(path: &str) -> Result<(), PathRejected> {
     if path == "/" {
         return Ok(());
     }
-    if body.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if body
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err(PathRejected::BadComponent(path.into()));
     }
     Ok(())
@@ -258,7 +265,15 @@ mod tests {
     use super::*;
 
     fn f(rules: &[(bool, &str)]) -> Filter {
-        Filter::new(rules.iter().map(|(i, p)| Rule { include: *i, pattern: p.to_string() }).collect())
+        Filter::new(
+            rules
+                .iter()
+                .map(|(i, p)| Rule {
+                    include: *i,
+                    pattern: p.to_string(),
+                })
+                .collect(),
+        )
     }
 
     #[test]
@@ -280,14 +295,23 @@ mod tests {
 
     #[test]
     fn last_match_wins_like_csync2() {
-        let flt = f(&[(true, "%d%"), (false, "%d%/tmp"), (true, "%d%/tmp/keep"), (false, "*~"), (false, ".*")]);
+        let flt = f(&[
+            (true, "%d%"),
+            (false, "%d%/tmp"),
+            (true, "%d%/tmp/keep"),
+            (false, "*~"),
+            (false, ".*"),
+        ]);
         assert!(flt.included("%d%/a"));
         assert!(flt.included("%d%"));
         assert!(!flt.included("%d%/tmp/x"));
         assert!(flt.included("%d%/tmp/keep/x"));
         assert!(!flt.included("%d%/a~"));
         assert!(!flt.included("%d%/.git/config"));
-        assert!(!flt.included("%e%/a"), "no path pattern matches: excluded by default");
+        assert!(
+            !flt.included("%e%/a"),
+            "no path pattern matches: excluded by default"
+        );
         let flt = f(&[(false, "*.log"), (true, "important.log"), (true, "/srv")]);
         assert!(flt.included("/srv/important.log"));
         assert!(!flt.included("/srv/other.log"));
@@ -295,21 +319,47 @@ mod tests {
 
     #[test]
     fn roots_drop_nested_and_wildcards() {
-        let flt = f(&[(true, "/etc/apache"), (true, "/etc/apache/sites"), (true, "/srv/*/www"), (true, "%h%/bob")]);
-        assert_eq!(flt.roots(), vec!["%h%/bob".to_string(), "/etc/apache".into(), "/srv".into()]);
+        let flt = f(&[
+            (true, "/etc/apache"),
+            (true, "/etc/apache/sites"),
+            (true, "/srv/*/www"),
+            (true, "%h%/bob"),
+        ]);
+        assert_eq!(
+            flt.roots(),
+            vec!["%h%/bob".to_string(), "/etc/apache".into(), "/srv".into()]
+        );
     }
 
     #[test]
     fn checks_peer_paths() {
         let flt = f(&[(true, "%d%"), (false, "*~")]);
         assert_eq!(flt.check("%d%/a/b"), Ok(()));
-        assert!(matches!(flt.check("%d%/../etc/passwd"), Err(PathRejected::BadComponent(_))));
-        assert!(matches!(flt.check("%d%/a/./b"), Err(PathRejected::BadComponent(_))));
-        assert!(matches!(flt.check("%d%//b"), Err(PathRejected::BadComponent(_))));
-        assert!(matches!(flt.check("/etc/passwd"), Err(PathRejected::Outside(_))));
-        assert!(matches!(flt.check("etc/passwd"), Err(PathRejected::Relative(_))));
+        assert!(matches!(
+            flt.check("%d%/../etc/passwd"),
+            Err(PathRejected::BadComponent(_))
+        ));
+        assert!(matches!(
+            flt.check("%d%/a/./b"),
+            Err(PathRejected::BadComponent(_))
+        ));
+        assert!(matches!(
+            flt.check("%d%//b"),
+            Err(PathRejected::BadComponent(_))
+        ));
+        assert!(matches!(
+            flt.check("/etc/passwd"),
+            Err(PathRejected::Outside(_))
+        ));
+        assert!(matches!(
+            flt.check("etc/passwd"),
+            Err(PathRejected::Relative(_))
+        ));
         assert!(matches!(flt.check("%dx/a"), Err(PathRejected::Outside(_))));
-        assert!(matches!(flt.check("%d%/a~"), Err(PathRejected::Excluded(_))));
+        assert!(matches!(
+            flt.check("%d%/a~"),
+            Err(PathRejected::Excluded(_))
+        ));
         assert!(matches!(flt.check("%d%/a\0"), Err(PathRejected::Nul(_))));
         assert!(matches!(flt.check(""), Err(PathRejected::Empty)));
     }

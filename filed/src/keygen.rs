@@ -22,38 +22,57 @@ pub enum KeygenError {
     },
     #[error("certificate operation failed")]
     Tls(#[source] common::tls::TlsError),
-    #[error("host {host} has no certificate and the CA key is unknown (set `ca-key` in the config)")]
+    #[error(
+        "host {host} has no certificate and the CA key is unknown (set `ca-key` in the config)"
+    )]
     NoCaKey { host: String },
 }
 
 /// Writes a new random group key (mode 0600); refuses to overwrite.
 pub fn write_group_key(path: &Path) -> Result<(), KeygenError> {
     if let Some(d) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).map_err(|source| KeygenError::Write { path: path.into(), source })?;
+        std::fs::create_dir_all(d).map_err(|source| KeygenError::Write {
+            path: path.into(),
+            source,
+        })?;
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
-        .map_err(|source| if source.kind() == std::io::ErrorKind::AlreadyExists {
-            KeygenError::Exists { path: path.into() }
-        } else {
-            KeygenError::Write { path: path.into(), source }
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                KeygenError::Exists { path: path.into() }
+            } else {
+                KeygenError::Write {
+                    path: path.into(),
+                    source,
+                }
+            }
         })?;
-    writeln!(f, "{}", SharedKey::generate_secret()).map_err(|source| KeygenError::Write { path: path.into(), source })
+    writeln!(f, "{}", SharedKey::generate_secret()).map_err(|source| KeygenError::Write {
+        path: path.into(),
+        source,
+    })
 }
 
 fn mkparent(p: &Path) -> Result<(), KeygenError> {
     if let Some(d) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(d).map_err(|source| KeygenError::Write { path: p.into(), source })?;
+        std::fs::create_dir_all(d).map_err(|source| KeygenError::Write {
+            path: p.into(),
+            source,
+        })?;
     }
     Ok(())
 }
 
 /// Creates every missing file the configuration names: CA (when `ca-key` is set), host
 /// certificates (for `hosts`, or all hosts), group keys. Returns what was created.
-pub fn generate_missing(config: &Config, hosts: Option<&[String]>) -> Result<Vec<PathBuf>, KeygenError> {
+pub fn generate_missing(
+    config: &Config,
+    hosts: Option<&[String]>,
+) -> Result<Vec<PathBuf>, KeygenError> {
     let mut made = Vec::new();
     let ca = match &config.ca_key {
         Some(ca_key) if !config.ca.exists() => {
@@ -71,7 +90,9 @@ pub fn generate_missing(config: &Config, hosts: Option<&[String]>) -> Result<Vec
         if hosts.is_some_and(|list| !list.contains(&h.name)) || h.cert.exists() {
             continue;
         }
-        let ca = ca.as_ref().ok_or_else(|| KeygenError::NoCaKey { host: h.name.clone() })?;
+        let ca = ca.as_ref().ok_or_else(|| KeygenError::NoCaKey {
+            host: h.name.clone(),
+        })?;
         let mut names = vec![h.name.clone()];
         if let Some((addr, _)) = h.address.rsplit_once(':') {
             let addr = addr.trim_start_matches('[').trim_end_matches(']');

@@ -27,7 +27,7 @@ pub enum NodeError {
     Tls {
         me: String,
         #[source]
-        source: TransportError,
+        source: Box<TransportError>,
     },
 }
 
@@ -40,13 +40,25 @@ pub struct Node {
 
 impl Node {
     pub fn new(config: Arc<Config>, me: Host, store: Arc<dyn StateStore>) -> Node {
-        Node { config, me, store, locks: Mutex::new(HashMap::new()) }
+        Node {
+            config,
+            me,
+            store,
+            locks: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn group(&self, name: &str) -> Result<&Group, NodeError> {
-        let g = self.config.groups.get(name).ok_or_else(|| NodeError::NoGroup(name.into()))?;
+        let g = self
+            .config
+            .groups
+            .get(name)
+            .ok_or_else(|| NodeError::NoGroup(name.into()))?;
         if !g.has_member(&self.me.name) {
-            return Err(NodeError::NotMember { me: self.me.name.clone(), group: name.into() });
+            return Err(NodeError::NotMember {
+                me: self.me.name.clone(),
+                group: name.into(),
+            });
         }
         Ok(g)
     }
@@ -58,20 +70,34 @@ impl Node {
 
     /// The lock serialising syncs of one group on this host.
     pub fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.locks.lock().expect("lock poisoned").entry(group.to_string()).or_default().clone()
+        self.locks
+            .lock()
+            .expect("lock poisoned")
+            .entry(group.to_string())
+            .or_default()
+            .clone()
     }
 
     pub fn group_key(&self, group: &Group) -> Result<SharedKey, NodeError> {
-        SharedKey::load(&group.key).map_err(|source| NodeError::Key { group: group.name.clone(), source })
+        SharedKey::load(&group.key).map_err(|source| NodeError::Key {
+            group: group.name.clone(),
+            source,
+        })
     }
 
     pub fn client_settings(&self) -> Result<ClientSettings, NodeError> {
         ClientSettings::from_files(&self.config.ca, &self.me.cert, &self.me.key, &self.me.name)
-            .map_err(|source| NodeError::Tls { me: self.me.name.clone(), source })
+            .map_err(|source| NodeError::Tls {
+                me: self.me.name.clone(),
+                source: Box::new(source),
+            })
     }
 
     pub fn server_settings(&self) -> Result<ServerSettings, NodeError> {
         ServerSettings::from_files(&self.config.ca, &self.me.cert, &self.me.key, &self.me.name)
-            .map_err(|source| NodeError::Tls { me: self.me.name.clone(), source })
+            .map_err(|source| NodeError::Tls {
+                me: self.me.name.clone(),
+                source: Box::new(source),
+            })
     }
 }

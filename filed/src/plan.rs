@@ -89,7 +89,12 @@ pub fn equivalent(a: Option<&FileState>, b: Option<&FileState>) -> bool {
 
 /// Decides one path. `local`/`remote`: current states (None or a tombstone = absent);
 /// `base`: the last agreed state (None = never agreed).
-pub fn decide(local: Option<&FileState>, remote: Option<&FileState>, base: Option<&FileState>, sides: Sides) -> Decision {
+pub fn decide(
+    local: Option<&FileState>,
+    remote: Option<&FileState>,
+    base: Option<&FileState>,
+    sides: Sides,
+) -> Decision {
     if equivalent(local, remote) {
         return Decision::InSync;
     }
@@ -108,18 +113,34 @@ pub fn decide(local: Option<&FileState>, remote: Option<&FileState>, base: Optio
     }
 }
 
-fn resolve_both_changed(local: Option<&FileState>, remote: Option<&FileState>, sides: Sides) -> Decision {
+fn resolve_both_changed(
+    local: Option<&FileState>,
+    remote: Option<&FileState>,
+    sides: Sides,
+) -> Decision {
     if let (Some(l), Some(r)) = (local, remote) {
         if l.same_content(r) {
             // Identical change (or a directory on both sides): only metadata differs.
-            return if meta_key(l) >= meta_key(r) { Decision::Push } else { Decision::Pull };
+            return if meta_key(l) >= meta_key(r) {
+                Decision::Push
+            } else {
+                Decision::Pull
+            };
         }
     }
     if sides.local_force != sides.remote_force {
-        return if sides.local_force { Decision::Push } else { Decision::Pull };
+        return if sides.local_force {
+            Decision::Push
+        } else {
+            Decision::Pull
+        };
     }
     if sides.local_slave != sides.remote_slave {
-        return if sides.remote_slave { Decision::Push } else { Decision::Pull };
+        return if sides.remote_slave {
+            Decision::Push
+        } else {
+            Decision::Pull
+        };
     }
     auto_resolve(local, remote, sides).unwrap_or(Decision::Conflict)
 }
@@ -130,7 +151,11 @@ fn meta_key(s: &FileState) -> (i64, u32, u32, u32) {
 }
 
 /// The `auto` policy's winner, if it picks one.
-pub fn auto_resolve(local: Option<&FileState>, remote: Option<&FileState>, sides: Sides) -> Option<Decision> {
+pub fn auto_resolve(
+    local: Option<&FileState>,
+    remote: Option<&FileState>,
+    sides: Sides,
+) -> Option<Decision> {
     let by = |l: i128, r: i128, prefer_greater: bool| -> Option<Decision> {
         if l == r {
             None
@@ -143,20 +168,34 @@ pub fn auto_resolve(local: Option<&FileState>, remote: Option<&FileState>, sides
     let size = |s: &FileState| i128::from(if s.kind == Kind::File { s.size } else { 0 });
     match sides.auto {
         AutoPolicy::None => None,
-        AutoPolicy::First => Some(if sides.local_initiated { Decision::Push } else { Decision::Pull }),
-        AutoPolicy::Left => Some(if sides.local_is_left { Decision::Push } else { Decision::Pull }),
-        AutoPolicy::Right => Some(if sides.local_is_left { Decision::Pull } else { Decision::Push }),
-        AutoPolicy::Younger | AutoPolicy::Older | AutoPolicy::Bigger | AutoPolicy::Smaller => match (local, remote) {
-            (Some(_), None) => Some(Decision::Push),
-            (None, Some(_)) => Some(Decision::Pull),
-            (None, None) => None,
-            (Some(l), Some(r)) => match sides.auto {
-                AutoPolicy::Younger => by(l.mtime_ns.into(), r.mtime_ns.into(), true),
-                AutoPolicy::Older => by(l.mtime_ns.into(), r.mtime_ns.into(), false),
-                AutoPolicy::Bigger => by(size(l), size(r), true),
-                _ => by(size(l), size(r), false),
-            },
-        },
+        AutoPolicy::First => Some(if sides.local_initiated {
+            Decision::Push
+        } else {
+            Decision::Pull
+        }),
+        AutoPolicy::Left => Some(if sides.local_is_left {
+            Decision::Push
+        } else {
+            Decision::Pull
+        }),
+        AutoPolicy::Right => Some(if sides.local_is_left {
+            Decision::Pull
+        } else {
+            Decision::Push
+        }),
+        AutoPolicy::Younger | AutoPolicy::Older | AutoPolicy::Bigger | AutoPolicy::Smaller => {
+            match (local, remote) {
+                (Some(_), None) => Some(Decision::Push),
+                (None, Some(_)) => Some(Decision::Pull),
+                (None, None) => None,
+                (Some(l), Some(r)) => match sides.auto {
+                    AutoPolicy::Younger => by(l.mtime_ns.into(), r.mtime_ns.into(), true),
+                    AutoPolicy::Older => by(l.mtime_ns.into(), r.mtime_ns.into(), false),
+                    AutoPolicy::Bigger => by(size(l), size(r), true),
+                    _ => by(size(l), size(r), false),
+                },
+            }
+        }
     }
 }
 
@@ -238,16 +277,42 @@ mod tests {
     use proptest::prelude::*;
 
     fn file(hash: u8, mtime: i64, size: u64) -> FileState {
-        FileState { kind: Kind::File, size, mtime_ns: mtime, mode: 0o644, uid: 0, gid: 0, target: None, hash: [hash; 32] }
+        FileState {
+            kind: Kind::File,
+            size,
+            mtime_ns: mtime,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            target: None,
+            hash: [hash; 32],
+        }
     }
     fn dir(mtime: i64) -> FileState {
-        FileState { kind: Kind::Dir, size: 0, mtime_ns: mtime, mode: 0o755, uid: 0, gid: 0, target: None, hash: [0; 32] }
+        FileState {
+            kind: Kind::Dir,
+            size: 0,
+            mtime_ns: mtime,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            target: None,
+            hash: [0; 32],
+        }
     }
     fn del() -> FileState {
         FileState::deleted(99)
     }
     fn sides(auto: AutoPolicy) -> Sides {
-        Sides { auto, local_is_left: true, local_initiated: true, local_slave: false, remote_slave: false, local_force: false, remote_force: false }
+        Sides {
+            auto,
+            local_is_left: true,
+            local_initiated: true,
+            local_slave: false,
+            remote_slave: false,
+            local_force: false,
+            remote_force: false,
+        }
     }
     use Decision::*;
 
@@ -279,7 +344,11 @@ mod tests {
         let s = sides(AutoPolicy::None);
         let base = file(1, 1, 1);
         let (l, r) = (file(2, 10, 2), file(2, 20, 2));
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Pull, "newer metadata wins");
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), s),
+            Pull,
+            "newer metadata wins"
+        );
         assert_eq!(decide(Some(&r), Some(&l), Some(&base), s), Push);
         // directories never conflict
         assert_eq!(decide(Some(&dir(5)), Some(&dir(6)), Some(&dir(1)), s), Pull);
@@ -290,15 +359,43 @@ mod tests {
     fn conflicts_and_auto_policies() {
         let base = file(1, 1, 1);
         let (l, r) = (file(2, 10, 5), file(3, 20, 3));
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::None)), Conflict);
-        assert_eq!(decide(Some(&l), Some(&r), None, sides(AutoPolicy::None)), Conflict, "both new, different");
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Younger)), Pull);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Older)), Push);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Bigger)), Push);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Smaller)), Pull);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Left)), Push);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Right)), Pull);
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::First)), Push);
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::None)),
+            Conflict
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), None, sides(AutoPolicy::None)),
+            Conflict,
+            "both new, different"
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Younger)),
+            Pull
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Older)),
+            Push
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Bigger)),
+            Push
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Smaller)),
+            Pull
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Left)),
+            Push
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::Right)),
+            Pull
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), sides(AutoPolicy::First)),
+            Push
+        );
         let mut s = sides(AutoPolicy::First);
         s.local_initiated = false;
         assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Pull);
@@ -307,17 +404,50 @@ mod tests {
         assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Pull);
         // ties stay conflicts
         let r2 = file(3, 10, 5);
-        assert_eq!(decide(Some(&l), Some(&r2), Some(&base), sides(AutoPolicy::Younger)), Conflict);
-        assert_eq!(decide(Some(&l), Some(&r2), Some(&base), sides(AutoPolicy::Bigger)), Conflict);
+        assert_eq!(
+            decide(Some(&l), Some(&r2), Some(&base), sides(AutoPolicy::Younger)),
+            Conflict
+        );
+        assert_eq!(
+            decide(Some(&l), Some(&r2), Some(&base), sides(AutoPolicy::Bigger)),
+            Conflict
+        );
         // a deletion against a change: the existing file wins for younger/older/bigger/smaller
-        for p in [AutoPolicy::Younger, AutoPolicy::Older, AutoPolicy::Bigger, AutoPolicy::Smaller] {
-            assert_eq!(decide(Some(&del()), Some(&r), Some(&base), sides(p)), Pull, "{p:?}");
-            assert_eq!(decide(Some(&l), Some(&del()), Some(&base), sides(p)), Push, "{p:?}");
+        for p in [
+            AutoPolicy::Younger,
+            AutoPolicy::Older,
+            AutoPolicy::Bigger,
+            AutoPolicy::Smaller,
+        ] {
+            assert_eq!(
+                decide(Some(&del()), Some(&r), Some(&base), sides(p)),
+                Pull,
+                "{p:?}"
+            );
+            assert_eq!(
+                decide(Some(&l), Some(&del()), Some(&base), sides(p)),
+                Push,
+                "{p:?}"
+            );
         }
-        assert_eq!(decide(Some(&del()), Some(&r), Some(&base), sides(AutoPolicy::None)), Conflict);
-        assert_eq!(decide(Some(&del()), Some(&r), Some(&base), sides(AutoPolicy::Left)), Push);
+        assert_eq!(
+            decide(Some(&del()), Some(&r), Some(&base), sides(AutoPolicy::None)),
+            Conflict
+        );
+        assert_eq!(
+            decide(Some(&del()), Some(&r), Some(&base), sides(AutoPolicy::Left)),
+            Push
+        );
         // type change against content change
-        assert_eq!(decide(Some(&dir(3)), Some(&r), Some(&base), sides(AutoPolicy::None)), Conflict);
+        assert_eq!(
+            decide(
+                Some(&dir(3)),
+                Some(&r),
+                Some(&base),
+                sides(AutoPolicy::None)
+            ),
+            Conflict
+        );
     }
 
     #[test]
@@ -328,11 +458,23 @@ mod tests {
         s.local_force = true;
         assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Push);
         s.remote_force = true;
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Conflict, "force on both sides cancels");
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), s),
+            Conflict,
+            "force on both sides cancels"
+        );
         let mut s = sides(AutoPolicy::Right);
         s.remote_slave = true;
-        assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Push, "master beats slave");
-        assert_eq!(decide(Some(&base), Some(&r), Some(&base), s), Hold, "a slave's own change is held");
+        assert_eq!(
+            decide(Some(&l), Some(&r), Some(&base), s),
+            Push,
+            "master beats slave"
+        );
+        assert_eq!(
+            decide(Some(&base), Some(&r), Some(&base), s),
+            Hold,
+            "a slave's own change is held"
+        );
         let mut s = sides(AutoPolicy::None);
         s.local_slave = true;
         assert_eq!(decide(Some(&l), Some(&base), Some(&base), s), Hold);
@@ -355,9 +497,24 @@ mod tests {
         assert_eq!(transfer_for(None, Some(&a)), Transfer::Delete);
         assert_eq!(transfer_for(Some(&del()), Some(&a)), Transfer::Delete);
         let items = vec![
-            Outgoing { path: "/old", winner: None, receiver: Some(&a), transfer: Transfer::Delete },
-            Outgoing { path: "/other", winner: Some(&b), receiver: None, transfer: Transfer::Full },
-            Outgoing { path: "/new", winner: Some(&a), receiver: None, transfer: Transfer::Full },
+            Outgoing {
+                path: "/old",
+                winner: None,
+                receiver: Some(&a),
+                transfer: Transfer::Delete,
+            },
+            Outgoing {
+                path: "/other",
+                winner: Some(&b),
+                receiver: None,
+                transfer: Transfer::Full,
+            },
+            Outgoing {
+                path: "/new",
+                winner: Some(&a),
+                receiver: None,
+                transfer: Transfer::Full,
+            },
         ];
         assert_eq!(pair_renames(&items), vec![(0, 2)]);
     }
@@ -367,7 +524,16 @@ mod tests {
     }
     fn arb_sides() -> impl Strategy<Value = Sides> {
         (0usize..8, any::<[bool; 6]>()).prop_map(|(a, b)| Sides {
-            auto: [AutoPolicy::None, AutoPolicy::First, AutoPolicy::Younger, AutoPolicy::Older, AutoPolicy::Bigger, AutoPolicy::Smaller, AutoPolicy::Left, AutoPolicy::Right][a],
+            auto: [
+                AutoPolicy::None,
+                AutoPolicy::First,
+                AutoPolicy::Younger,
+                AutoPolicy::Older,
+                AutoPolicy::Bigger,
+                AutoPolicy::Smaller,
+                AutoPolicy::Left,
+                AutoPolicy::Right,
+            ][a],
             local_is_left: b[0],
             local_initiated: b[1],
             local_slave: b[2],

@@ -16,7 +16,9 @@
 //! No round trip per file: each step is one stream of messages. For `filed compare` the initiator
 //! sends `List` instead of entries and the listener answers with an `Entry` per path, then `End`.
 
-use crate::codec::{DecodeError, Reader, put_bytes, put_opt_str, put_str, put_u8, put_u32, put_u64};
+use crate::codec::{
+    DecodeError, Reader, put_bytes, put_opt_str, put_str, put_u8, put_u32, put_u64,
+};
 use crate::entry::FileState;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -47,17 +49,51 @@ pub enum WireTransfer {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    Hello { version: u32, group: String, from: String },
-    HelloOk { name: String },
-    Error { message: String },
-    Entry { path: String, state: Option<FileState>, base: Option<FileState>, force: u8 },
-    Decision { path: String, decision: WireDecision, transfer: WireTransfer, remote: Option<FileState>, winner: Option<FileState> },
-    Signature { path: String, bytes: Vec<u8> },
-    FileStart { path: String, len: u64 },
-    Data { bytes: Vec<u8> },
-    DeltaChunk { bytes: Vec<u8> },
-    FileEnd { hash: [u8; 32] },
-    Outcome { path: String, error: Option<String> },
+    Hello {
+        version: u32,
+        group: String,
+        from: String,
+    },
+    HelloOk {
+        name: String,
+    },
+    Error {
+        message: String,
+    },
+    Entry {
+        path: String,
+        state: Option<FileState>,
+        base: Option<FileState>,
+        force: u8,
+    },
+    Decision {
+        path: String,
+        decision: WireDecision,
+        transfer: WireTransfer,
+        remote: Option<FileState>,
+        winner: Option<FileState>,
+    },
+    Signature {
+        path: String,
+        bytes: Vec<u8>,
+    },
+    FileStart {
+        path: String,
+        len: u64,
+    },
+    Data {
+        bytes: Vec<u8>,
+    },
+    DeltaChunk {
+        bytes: Vec<u8>,
+    },
+    FileEnd {
+        hash: [u8; 32],
+    },
+    Outcome {
+        path: String,
+        error: Option<String>,
+    },
     End,
     /// Instead of entries: ask for the listener's whole (freshly scanned) file list (`filed compare`).
     List,
@@ -77,7 +113,10 @@ fn opt_state(r: &mut Reader<'_>) -> Result<Option<FileState>, DecodeError> {
     match r.u8()? {
         0 => Ok(None),
         1 => Ok(Some(FileState::decode(r)?)),
-        v => Err(DecodeError::Invalid { what: "state tag", value: v.into() }),
+        v => Err(DecodeError::Invalid {
+            what: "state tag",
+            value: v.into(),
+        }),
     }
 }
 
@@ -85,7 +124,11 @@ impl Message {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64);
         match self {
-            Message::Hello { version, group, from } => {
+            Message::Hello {
+                version,
+                group,
+                from,
+            } => {
                 put_u8(&mut b, 1);
                 put_u32(&mut b, *version);
                 put_str(&mut b, group);
@@ -99,14 +142,25 @@ impl Message {
                 put_u8(&mut b, 3);
                 put_str(&mut b, message);
             }
-            Message::Entry { path, state, base, force } => {
+            Message::Entry {
+                path,
+                state,
+                base,
+                force,
+            } => {
                 put_u8(&mut b, 4);
                 put_str(&mut b, path);
                 put_opt_state(&mut b, state);
                 put_opt_state(&mut b, base);
                 put_u8(&mut b, *force);
             }
-            Message::Decision { path, decision, transfer, remote, winner } => {
+            Message::Decision {
+                path,
+                decision,
+                transfer,
+                remote,
+                winner,
+            } => {
                 put_u8(&mut b, 5);
                 put_str(&mut b, path);
                 put_u8(
@@ -169,10 +223,23 @@ impl Message {
     pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         let mut r = Reader::new(buf);
         let m = match r.u8()? {
-            1 => Message::Hello { version: r.u32()?, group: r.string("group")?, from: r.string("host")? },
-            2 => Message::HelloOk { name: r.string("host")? },
-            3 => Message::Error { message: r.string("error")? },
-            4 => Message::Entry { path: r.string("path")?, state: opt_state(&mut r)?, base: opt_state(&mut r)?, force: r.u8()? },
+            1 => Message::Hello {
+                version: r.u32()?,
+                group: r.string("group")?,
+                from: r.string("host")?,
+            },
+            2 => Message::HelloOk {
+                name: r.string("host")?,
+            },
+            3 => Message::Error {
+                message: r.string("error")?,
+            },
+            4 => Message::Entry {
+                path: r.string("path")?,
+                state: opt_state(&mut r)?,
+                base: opt_state(&mut r)?,
+                force: r.u8()?,
+            },
             5 => {
                 let path = r.string("path")?;
                 let decision = match r.u8()? {
@@ -181,7 +248,12 @@ impl Message {
                     2 => WireDecision::Pull,
                     3 => WireDecision::Conflict,
                     4 => WireDecision::Hold,
-                    v => return Err(DecodeError::Invalid { what: "decision", value: v.into() }),
+                    v => {
+                        return Err(DecodeError::Invalid {
+                            what: "decision",
+                            value: v.into(),
+                        });
+                    }
                 };
                 let code = r.u8()?;
                 let from = r.opt_string("rename source")?;
@@ -193,19 +265,48 @@ impl Message {
                     (4, None) => WireTransfer::MetaOnly,
                     (5, None) => WireTransfer::Delete,
                     (6, Some(from)) => WireTransfer::Rename { from },
-                    (v, _) => return Err(DecodeError::Invalid { what: "transfer", value: v.into() }),
+                    (v, _) => {
+                        return Err(DecodeError::Invalid {
+                            what: "transfer",
+                            value: v.into(),
+                        });
+                    }
                 };
-                Message::Decision { path, decision, transfer, remote: opt_state(&mut r)?, winner: opt_state(&mut r)? }
+                Message::Decision {
+                    path,
+                    decision,
+                    transfer,
+                    remote: opt_state(&mut r)?,
+                    winner: opt_state(&mut r)?,
+                }
             }
-            6 => Message::Signature { path: r.string("path")?, bytes: r.bytes()?.to_vec() },
-            7 => Message::FileStart { path: r.string("path")?, len: r.u64()? },
-            8 => Message::Data { bytes: r.bytes()?.to_vec() },
-            9 => Message::DeltaChunk { bytes: r.bytes()?.to_vec() },
+            6 => Message::Signature {
+                path: r.string("path")?,
+                bytes: r.bytes()?.to_vec(),
+            },
+            7 => Message::FileStart {
+                path: r.string("path")?,
+                len: r.u64()?,
+            },
+            8 => Message::Data {
+                bytes: r.bytes()?.to_vec(),
+            },
+            9 => Message::DeltaChunk {
+                bytes: r.bytes()?.to_vec(),
+            },
             10 => Message::FileEnd { hash: r.array32()? },
-            11 => Message::Outcome { path: r.string("path")?, error: r.opt_string("error")? },
+            11 => Message::Outcome {
+                path: r.string("path")?,
+                error: r.opt_string("error")?,
+            },
             12 => Message::End,
             13 => Message::List,
-            v => return Err(DecodeError::Invalid { what: "message tag", value: v.into() }),
+            v => {
+                return Err(DecodeError::Invalid {
+                    what: "message tag",
+                    value: v.into(),
+                });
+            }
         };
         r.finish()?;
         Ok(m)
@@ -250,20 +351,37 @@ mod tests {
 
     fn arb_message() -> impl Strategy<Value = Message> {
         let s = "[a-z/%.]{0,16}";
-        let st = proptest::option::of(arb_state());
+        let st = || proptest::option::of(arb_state());
         let bytes = proptest::collection::vec(any::<u8>(), 0..64);
         prop_oneof![
-            (any::<u32>(), s, s).prop_map(|(version, group, from)| Message::Hello { version, group, from }),
+            (any::<u32>(), s, s).prop_map(|(version, group, from)| Message::Hello {
+                version,
+                group,
+                from
+            }),
             s.prop_map(|name| Message::HelloOk { name }),
             s.prop_map(|message| Message::Error { message }),
-            (s, st.clone(), st.clone(), any::<u8>()).prop_map(|(path, state, base, force)| Message::Entry { path, state, base, force }),
-            (s, 0u8..5, arb_transfer(), st.clone(), st).prop_map(|(path, d, transfer, remote, winner)| Message::Decision {
+            (s, st(), st(), any::<u8>()).prop_map(|(path, state, base, force)| Message::Entry {
                 path,
-                decision: [WireDecision::InSync, WireDecision::Push, WireDecision::Pull, WireDecision::Conflict, WireDecision::Hold][d as usize],
-                transfer,
-                remote,
-                winner
+                state,
+                base,
+                force
             }),
+            (s, 0u8..5, arb_transfer(), st(), st()).prop_map(
+                |(path, d, transfer, remote, winner)| Message::Decision {
+                    path,
+                    decision: [
+                        WireDecision::InSync,
+                        WireDecision::Push,
+                        WireDecision::Pull,
+                        WireDecision::Conflict,
+                        WireDecision::Hold
+                    ][d as usize],
+                    transfer,
+                    remote,
+                    winner
+                }
+            ),
             (s, bytes.clone()).prop_map(|(path, bytes)| Message::Signature { path, bytes }),
             (s, any::<u64>()).prop_map(|(path, len)| Message::FileStart { path, len }),
             bytes.clone().prop_map(|bytes| Message::Data { bytes }),

@@ -55,7 +55,11 @@ pub fn scan_group(
     only: Option<&[String]>,
     opts: ScanOptions,
 ) -> Result<ScanReport, ScanError> {
-    let recorded: HashMap<String, FileState> = store.files(&group.name).map_err(ScanError::Store)?.into_iter().collect();
+    let recorded: HashMap<String, FileState> = store
+        .files(&group.name)
+        .map_err(ScanError::Store)?
+        .into_iter()
+        .collect();
     let mut report = ScanReport::default();
     let mut seen: BTreeMap<String, FileState> = BTreeMap::new();
     let config_roots = group.filter.roots();
@@ -66,15 +70,23 @@ pub fn scan_group(
     let mut scanned_roots = Vec::new();
     for root in &roots {
         if !config_roots.iter().any(|r| is_under(root, r)) {
-            report.errors.push(format!("{root}: not inside the includes of group {}", group.name));
+            report.errors.push(format!(
+                "{root}: not inside the includes of group {}",
+                group.name
+            ));
             continue;
         }
-        let phys = host.physical(root).ok_or_else(|| ScanError::NoPrefix(root.clone()))?;
+        let phys = host
+            .physical(root)
+            .ok_or_else(|| ScanError::NoPrefix(root.clone()))?;
         match std::fs::symlink_metadata(&phys) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
                 // A missing include root is probably an unmounted filesystem: never turn it into
                 // a mass deletion.
-                report.errors.push(format!("{root}: include root {} is missing; not scanned", phys.display()));
+                report.errors.push(format!(
+                    "{root}: include root {} is missing; not scanned",
+                    phys.display()
+                ));
                 continue;
             }
             _ => {}
@@ -87,7 +99,12 @@ pub fn scan_group(
     let now = now_ns();
     let mark = |batch: &mut Batch, path: &str| {
         for p in peers {
-            batch.push(Op::MarkDirty { group: group.name.clone(), peer: p.clone(), path: path.to_string(), force: crate::store::Force::None });
+            batch.push(Op::MarkDirty {
+                group: group.name.clone(),
+                peer: p.clone(),
+                path: path.to_string(),
+                force: crate::store::Force::None,
+            });
         }
     };
     for (path, st) in &seen {
@@ -99,23 +116,37 @@ pub fn scan_group(
                 } else {
                     report.changed.push(path.clone());
                 }
-                batch.push(Op::SetFile { group: group.name.clone(), path: path.clone(), state: st.clone() });
+                batch.push(Op::SetFile {
+                    group: group.name.clone(),
+                    path: path.clone(),
+                    state: st.clone(),
+                });
                 mark(&mut batch, path);
             }
         }
     }
     let mut gone: Vec<&String> = recorded
         .iter()
-        .filter(|(p, st)| st.exists() && !seen.contains_key(*p) && scanned_roots.iter().any(|r| is_under(p, r)))
+        .filter(|(p, st)| {
+            st.exists() && !seen.contains_key(*p) && scanned_roots.iter().any(|r| is_under(p, r))
+        })
         .map(|(p, _)| p)
         .collect();
     gone.sort();
     for path in gone {
-        if report.errors.iter().any(|e| e.starts_with(&format!("{path}:"))) {
+        if report
+            .errors
+            .iter()
+            .any(|e| e.starts_with(&format!("{path}:")))
+        {
             continue; // unreadable, not deleted
         }
         report.deleted.push(path.clone());
-        batch.push(Op::SetFile { group: group.name.clone(), path: path.clone(), state: FileState::deleted(now) });
+        batch.push(Op::SetFile {
+            group: group.name.clone(),
+            path: path.clone(),
+            state: FileState::deleted(now),
+        });
         mark(&mut batch, path);
     }
     // Renames: a deleted file and a new file with the same content.
@@ -159,7 +190,12 @@ fn walk(
         };
         if st.kind == Kind::File {
             match recorded.get(logical) {
-                Some(old) if !opts.rehash && old.kind == Kind::File && old.size == st.size && old.mtime_ns == st.mtime_ns => {
+                Some(old)
+                    if !opts.rehash
+                        && old.kind == Kind::File
+                        && old.size == st.size
+                        && old.mtime_ns == st.mtime_ns =>
+                {
                     st.hash = old.hash;
                 }
                 _ => match hash_stable(phys, &st) {
@@ -168,7 +204,9 @@ fn walk(
                         report.hashed += 1;
                     }
                     Ok(None) => {
-                        report.errors.push(format!("{logical}: changed while being read; will retry next check"));
+                        report.errors.push(format!(
+                            "{logical}: changed while being read; will retry next check"
+                        ));
                         return;
                     }
                     Err(e) => {
@@ -185,11 +223,12 @@ fn walk(
         }
     } else {
         // Excluded: only descend when a later include rule may re-include something below.
-        let reincluded = group
-            .filter
-            .rules()
-            .iter()
-            .any(|r| r.include && is_path_pattern(&r.pattern) && is_under(&r.pattern, logical) && r.pattern != logical);
+        let reincluded = group.filter.rules().iter().any(|r| {
+            r.include
+                && is_path_pattern(&r.pattern)
+                && is_under(&r.pattern, logical)
+                && r.pattern != logical
+        });
         if !reincluded || !phys.is_dir() {
             return;
         }
@@ -205,17 +244,46 @@ fn walk(
     for e in entries {
         match e {
             Ok(e) => match e.file_name().into_string() {
-                Ok(n) if n.starts_with(crate::apply::TEMP_PREFIX) => {}
+                Ok(n) if n.starts_with(crate::apply::TEMP_PREFIX) => {
+                    remove_stale_temp(&phys.join(&n), &n)
+                }
                 Ok(n) => names.push(n),
-                Err(n) => report.errors.push(format!("{logical}/{}: name is not UTF-8; skipped", n.to_string_lossy())),
+                Err(n) => report.errors.push(format!(
+                    "{logical}/{}: name is not UTF-8; skipped",
+                    n.to_string_lossy()
+                )),
             },
             Err(e) => report.errors.push(format!("{logical}: {e}")),
         }
     }
     names.sort();
     for n in names {
-        let child = if logical == "/" { format!("/{n}") } else { format!("{logical}/{n}") };
+        let child = if logical == "/" {
+            format!("/{n}")
+        } else {
+            format!("{logical}/{n}")
+        };
         walk(group, &child, &phys.join(&n), recorded, seen, report, opts);
+    }
+}
+
+/// Removes a temp file left by a filed process that no longer runs (killed during an apply).
+fn remove_stale_temp(path: &Path, name: &str) {
+    let pid = name[crate::apply::TEMP_PREFIX.len()..]
+        .split('.')
+        .next()
+        .and_then(|p| p.parse::<u32>().ok());
+    if let Some(pid) = pid {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a temp file left by a killed filed")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temp file")
+                }
+            }
+        }
     }
 }
 
@@ -224,7 +292,9 @@ fn hash_stable(phys: &Path, before: &FileState) -> std::io::Result<Option<[u8; 3
     for _ in 0..3 {
         let h = crate::entry::hash_file(phys)?;
         match read_state(phys, false)? {
-            Some(after) if after.size == before.size && after.mtime_ns == before.mtime_ns => return Ok(Some(h)),
+            Some(after) if after.size == before.size && after.mtime_ns == before.mtime_ns => {
+                return Ok(Some(h));
+            }
             _ => std::thread::sleep(std::time::Duration::from_millis(10)),
         }
     }
@@ -250,7 +320,15 @@ mod tests {
     }
 
     fn run(c: &Config, s: &RedbStore) -> ScanReport {
-        scan_group(s, &c.hosts["a"], &c.groups["g"], &["b".to_string()], None, ScanOptions::default()).unwrap()
+        scan_group(
+            s,
+            &c.hosts["a"],
+            &c.groups["g"],
+            &["b".to_string()],
+            None,
+            ScanOptions::default(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -264,7 +342,10 @@ mod tests {
         std::fs::write(a.join("x~"), b"ignored").unwrap();
         std::os::unix::fs::symlink("sub/f", a.join("l")).unwrap();
         let r = run(&c, &s);
-        assert_eq!(r.new, vec!["%d%", "%d%/big", "%d%/l", "%d%/sub", "%d%/sub/f"]);
+        assert_eq!(
+            r.new,
+            vec!["%d%", "%d%/big", "%d%/l", "%d%/sub", "%d%/sub/f"]
+        );
         assert_eq!(s.dirty("g", "b").unwrap().len(), 5);
         let r = run(&c, &s);
         assert_eq!(r.changes(), 0);
@@ -272,13 +353,28 @@ mod tests {
         std::fs::write(a.join("sub/f"), b"two!").unwrap();
         std::fs::rename(a.join("big"), a.join("big2")).unwrap();
         let r = run(&c, &s);
-        assert_eq!(r.changed.iter().filter(|p| p.as_str() == "%d%/sub/f").count(), 1);
+        assert_eq!(
+            r.changed
+                .iter()
+                .filter(|p| p.as_str() == "%d%/sub/f")
+                .count(),
+            1
+        );
         assert_eq!(r.deleted, vec!["%d%/big"]);
-        assert_eq!(r.renamed, vec![("%d%/big".to_string(), "%d%/big2".to_string())]);
+        assert_eq!(
+            r.renamed,
+            vec![("%d%/big".to_string(), "%d%/big2".to_string())]
+        );
         assert_eq!(s.file("g", "%d%/big").unwrap().unwrap().kind, Kind::Deleted);
         std::fs::remove_dir_all(a.join("sub")).unwrap();
         let r = run(&c, &s);
-        assert_eq!(r.deleted, vec!["%d%/l", "%d%/sub", "%d%/sub/f"].into_iter().filter(|p| *p != "%d%/l").collect::<Vec<_>>());
+        assert_eq!(
+            r.deleted,
+            vec!["%d%/l", "%d%/sub", "%d%/sub/f"]
+                .into_iter()
+                .filter(|p| *p != "%d%/l")
+                .collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -299,10 +395,26 @@ mod tests {
         let (c, s) = setup(d.path());
         std::fs::write(d.path().join("a/f"), b"x").unwrap();
         std::fs::write(d.path().join("a/g"), b"y").unwrap();
-        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &[], Some(&["%d%/f".to_string()]), ScanOptions::default()).unwrap();
+        let r = scan_group(
+            &s,
+            &c.hosts["a"],
+            &c.groups["g"],
+            &[],
+            Some(&["%d%/f".to_string()]),
+            ScanOptions::default(),
+        )
+        .unwrap();
         assert_eq!(r.new, vec!["%d%/f"]);
         std::fs::remove_file(d.path().join("a/f")).unwrap();
-        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &[], Some(&["%d%/f".to_string()]), ScanOptions::default()).unwrap();
+        let r = scan_group(
+            &s,
+            &c.hosts["a"],
+            &c.groups["g"],
+            &[],
+            Some(&["%d%/f".to_string()]),
+            ScanOptions::default(),
+        )
+        .unwrap();
         assert_eq!(r.deleted, vec!["%d%/f"]);
     }
 }

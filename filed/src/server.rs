@@ -52,9 +52,17 @@ pub async fn serve(
     for g in node.my_groups() {
         match node.group_key(g) {
             Ok(key) => {
-                access.insert(g.name.clone(), GroupAccess { key, hosts: g.members().map(str::to_owned).collect() });
+                access.insert(
+                    g.name.clone(),
+                    GroupAccess {
+                        key,
+                        hosts: g.members().map(str::to_owned).collect(),
+                    },
+                );
             }
-            Err(e) => tracing::error!(group = %g.name, error = %error_chain(&e), "group unavailable: no key"),
+            Err(e) => {
+                tracing::error!(group = %g.name, error = %error_chain(&e), "group unavailable: no key")
+            }
         }
     }
     let access = Arc::new(access);
@@ -117,7 +125,10 @@ async fn accept_control(control: &Option<UnixListener>) -> std::io::Result<UnixS
 async fn handle_control(node: &Node, stream: UnixStream) -> Result<(), ServeError> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await.map_err(ServeError::ControlIo)?;
+    BufReader::new(r)
+        .read_line(&mut line)
+        .await
+        .map_err(ServeError::ControlIo)?;
     let cmd: Command = serde_json::from_str(&line).map_err(ServeError::ControlJson)?;
     let out = commands::run(node, &cmd).await;
     let mut reply = serde_json::to_vec(&out).map_err(ServeError::ControlJson)?;
@@ -131,16 +142,27 @@ pub fn bind_control(path: &Path) -> Result<UnixListener, ServeError> {
     if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| ServeError::Control { path: path.into(), source })
+    UnixListener::bind(path).map_err(|source| ServeError::Control {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Sends a command to the running `filed serve` of this host.
 pub async fn forward(path: &Path, cmd: &Command) -> Result<Outcome, ServeError> {
-    let mut s = UnixStream::connect(path).await.map_err(|source| ServeError::Control { path: path.into(), source })?;
+    let mut s = UnixStream::connect(path)
+        .await
+        .map_err(|source| ServeError::Control {
+            path: path.into(),
+            source,
+        })?;
     let mut req = serde_json::to_vec(cmd).map_err(ServeError::ControlJson)?;
     req.push(b'\n');
     s.write_all(&req).await.map_err(ServeError::ControlIo)?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).await.map_err(ServeError::ControlIo)?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .await
+        .map_err(ServeError::ControlIo)?;
     serde_json::from_str(&line).map_err(ServeError::ControlJson)
 }

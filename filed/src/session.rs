@@ -38,7 +38,11 @@ pub enum SessionError {
         source: crate::codec::DecodeError,
     },
     #[error("unexpected {got} from {peer} (expected {expected})")]
-    Unexpected { peer: String, got: &'static str, expected: &'static str },
+    Unexpected {
+        peer: String,
+        got: &'static str,
+        expected: &'static str,
+    },
     #[error("{peer} refused: {message}")]
     Refused { peer: String, message: String },
     #[error("state database error")]
@@ -104,15 +108,20 @@ fn has_data(t: &WireTransfer) -> bool {
 
 /// Order in which the receiver applies items: renames, deletions (deepest first), then creations
 /// and updates (parents first), then everything without a transfer.
-fn apply_rank(it: &Item) -> (u8, String) {
-    match (&it.decision, &it.transfer) {
-        (WireDecision::Push | WireDecision::Pull, WireTransfer::Rename { .. }) => (0, it.path.clone()),
-        (WireDecision::Push | WireDecision::Pull, WireTransfer::Delete) => {
-            // Reverse path order: children before their parent.
-            (1, it.path.bytes().map(|b| (255 - b) as char).collect())
+fn apply_order(a: &Item, b: &Item) -> std::cmp::Ordering {
+    fn rank(it: &Item) -> u8 {
+        match (&it.decision, &it.transfer) {
+            (WireDecision::Push | WireDecision::Pull, WireTransfer::Rename { .. }) => 0,
+            (WireDecision::Push | WireDecision::Pull, WireTransfer::Delete) => 1,
+            (WireDecision::Push | WireDecision::Pull, _) => 2,
+            _ => 3,
         }
-        (WireDecision::Push | WireDecision::Pull, _) => (2, it.path.clone()),
-        _ => (3, it.path.clone()),
+    }
+    let (ra, rb) = (rank(a), rank(b));
+    match ra.cmp(&rb) {
+        std::cmp::Ordering::Equal if ra == 1 => b.path.cmp(&a.path),
+        std::cmp::Ordering::Equal => a.path.cmp(&b.path),
+        o => o,
     }
 }
 
@@ -124,10 +133,22 @@ struct Link<'a> {
 
 impl Link<'_> {
     async fn feed(&mut self, m: &Message) -> Result<(), SessionError> {
-        self.conn.feed(&m.encode()).await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })
+        self.conn
+            .feed(&m.encode())
+            .await
+            .map_err(|source| SessionError::Transport {
+                peer: self.peer.clone(),
+                source,
+            })
     }
     async fn flush(&mut self) -> Result<(), SessionError> {
-        self.conn.flush().await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })
+        self.conn
+            .flush()
+            .await
+            .map_err(|source| SessionError::Transport {
+                peer: self.peer.clone(),
+                source,
+            })
     }
     async fn send(&mut self, m: &Message) -> Result<(), SessionError> {
         self.feed(m).await?;
@@ -135,22 +156,45 @@ impl Link<'_> {
     }
     async fn recv(&mut self) -> Result<Message, SessionError> {
         let frame: Option<Bytes> =
-            self.conn.recv().await.map_err(|source| SessionError::Transport { peer: self.peer.clone(), source })?;
-        let frame = frame.ok_or_else(|| SessionError::Closed { peer: self.peer.clone() })?;
-        let m = Message::decode(&frame).map_err(|source| SessionError::Decode { peer: self.peer.clone(), source })?;
+            self.conn
+                .recv()
+                .await
+                .map_err(|source| SessionError::Transport {
+                    peer: self.peer.clone(),
+                    source,
+                })?;
+        let frame = frame.ok_or_else(|| SessionError::Closed {
+            peer: self.peer.clone(),
+        })?;
+        let m = Message::decode(&frame).map_err(|source| SessionError::Decode {
+            peer: self.peer.clone(),
+            source,
+        })?;
         if let Message::Error { message } = m {
-            return Err(SessionError::Refused { peer: self.peer.clone(), message });
+            return Err(SessionError::Refused {
+                peer: self.peer.clone(),
+                message,
+            });
         }
         Ok(m)
     }
     fn unexpected(&self, got: &Message, expected: &'static str) -> SessionError {
-        SessionError::Unexpected { peer: self.peer.clone(), got: got.name(), expected }
+        SessionError::Unexpected {
+            peer: self.peer.clone(),
+            got: got.name(),
+            expected,
+        }
     }
 }
 
 /// Sends the winner's content of `it` (this side is the sender). Failures to read the local file
 /// are sent as an `Outcome` with the error in place of the data.
-async fn send_data(link: &mut Link<'_>, applier: &Applier, it: &Item, signature: Option<Vec<u8>>) -> Result<(), SessionError> {
+async fn send_data(
+    link: &mut Link<'_>,
+    applier: &Applier,
+    it: &Item,
+    signature: Option<Vec<u8>>,
+) -> Result<(), SessionError> {
     let res = match it.transfer {
         WireTransfer::Full => send_full(link, applier, &it.path).await,
         WireTransfer::Delta => match signature {
@@ -160,19 +204,31 @@ async fn send_data(link: &mut Link<'_>, applier: &Applier, it: &Item, signature:
         _ => return Ok(()),
     }?;
     if let Err(error) = res {
-        link.feed(&Message::Outcome { path: it.path.clone(), error: Some(error) }).await?;
+        link.feed(&Message::Outcome {
+            path: it.path.clone(),
+            error: Some(error),
+        })
+        .await?;
     }
     Ok(())
 }
 
-async fn send_full(link: &mut Link<'_>, applier: &Applier, path: &str) -> Result<Result<(), String>, SessionError> {
+async fn send_full(
+    link: &mut Link<'_>,
+    applier: &Applier,
+    path: &str,
+) -> Result<Result<(), String>, SessionError> {
     let mut f = match applier.open_current(path) {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(Err(format!("{path}: vanished on the sender"))),
         Err(e) => return Ok(Err(format!("{path}: {}", error_chain(&e)))),
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    link.feed(&Message::FileStart { path: path.to_string(), len }).await?;
+    link.feed(&Message::FileStart {
+        path: path.to_string(),
+        len,
+    })
+    .await?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; DATA_CHUNK.min(len.max(1) as usize).max(1)];
     loop {
@@ -188,13 +244,24 @@ async fn send_full(link: &mut Link<'_>, applier: &Applier, path: &str) -> Result
             break;
         }
         hasher.update(&buf[..n]);
-        link.feed(&Message::Data { bytes: buf[..n].to_vec() }).await?;
+        link.feed(&Message::Data {
+            bytes: buf[..n].to_vec(),
+        })
+        .await?;
     }
-    link.feed(&Message::FileEnd { hash: *hasher.finalize().as_bytes() }).await?;
+    link.feed(&Message::FileEnd {
+        hash: *hasher.finalize().as_bytes(),
+    })
+    .await?;
     Ok(Ok(()))
 }
 
-async fn send_delta(link: &mut Link<'_>, applier: &Applier, path: &str, sig: Vec<u8>) -> Result<Result<(), String>, SessionError> {
+async fn send_delta(
+    link: &mut Link<'_>,
+    applier: &Applier,
+    path: &str,
+    sig: Vec<u8>,
+) -> Result<Result<(), String>, SessionError> {
     let f = match applier.open_current(path) {
         Ok(Some(f)) => f,
         Ok(None) => return Ok(Err(format!("{path}: vanished on the sender"))),
@@ -205,7 +272,12 @@ async fn send_delta(link: &mut Link<'_>, applier: &Applier, path: &str, sig: Vec
         Err(e) => return Ok(Err(format!("{path}: {}", error_chain(&e)))),
     };
     let index = sig.index();
-    let mut enc = DeltaEncoder::new(&sig, &index, std::io::BufReader::with_capacity(1 << 16, f), DeltaOptions::default());
+    let mut enc = DeltaEncoder::new(
+        &sig,
+        &index,
+        std::io::BufReader::with_capacity(1 << 16, f),
+        DeltaOptions::default(),
+    );
     let mut first = true;
     loop {
         match enc.next_chunk() {
@@ -224,13 +296,22 @@ async fn send_delta(link: &mut Link<'_>, applier: &Applier, path: &str, sig: Vec
         }
     }
     let sum = enc.finish();
-    link.feed(&Message::FileEnd { hash: *sum.hash.as_bytes() }).await?;
+    link.feed(&Message::FileEnd {
+        hash: *sum.hash.as_bytes(),
+    })
+    .await?;
     Ok(Ok(()))
 }
 
 /// Receives and applies one item (this side is the receiver). Always consumes the item's
 /// messages, so a failed item does not desynchronise the stream.
-async fn receive_item(link: &mut Link<'_>, applier: &Applier, it: &Item, mine: Option<&FileState>, dirs: &mut Vec<(String, FileState)>) -> Result<Result<(), String>, SessionError> {
+async fn receive_item(
+    link: &mut Link<'_>,
+    applier: &Applier,
+    it: &Item,
+    mine: Option<&FileState>,
+    dirs: &mut Vec<(String, FileState)>,
+) -> Result<Result<(), String>, SessionError> {
     let winner = it.winner.clone();
     let path = it.path.as_str();
     let local = |r: Result<(), ApplyError>| r.map_err(|e| error_chain(&e));
@@ -238,27 +319,43 @@ async fn receive_item(link: &mut Link<'_>, applier: &Applier, it: &Item, mine: O
         WireTransfer::None => Ok(Ok(())),
         WireTransfer::Delete => Ok(local(applier.delete(path))),
         WireTransfer::Rename { from } => {
-            let Some(w) = winner else { return Ok(Err("rename without a state".into())) };
-            let Some(src) = mine else { return Ok(Err(format!("{from}: rename source unknown here"))) };
+            let Some(w) = winner else {
+                return Ok(Err("rename without a state".into()));
+            };
+            let Some(src) = mine else {
+                return Ok(Err(format!("{from}: rename source unknown here")));
+            };
             Ok(local(applier.rename(from, path, src, &w)))
         }
         WireTransfer::Meta | WireTransfer::MetaOnly => {
-            let Some(w) = winner else { return Ok(Err("no state".into())) };
+            let Some(w) = winner else {
+                return Ok(Err("no state".into()));
+            };
             Ok(local(match (w.kind, &it.transfer) {
-                (Kind::Dir, _) => applier.make_dir(path, &w).map(|_| dirs.push((path.to_string(), w.clone()))),
+                (Kind::Dir, _) => applier
+                    .make_dir(path, &w)
+                    .map(|_| dirs.push((path.to_string(), w.clone()))),
                 (Kind::Symlink, _) => applier.make_symlink(path, &w),
                 (_, WireTransfer::MetaOnly) => applier.set_meta(path, &w),
                 _ => Err(ApplyError::Rejected(crate::filter::PathRejected::Empty)),
             }))
         }
         WireTransfer::Full | WireTransfer::Delta => {
-            let Some(w) = winner else { return Ok(Err("no state".into())) };
+            let Some(w) = winner else {
+                return Ok(Err("no state".into()));
+            };
             receive_content(link, applier, path, &w, it.transfer == WireTransfer::Delta).await
         }
     }
 }
 
-async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: &FileState, delta: bool) -> Result<Result<(), String>, SessionError> {
+async fn receive_content(
+    link: &mut Link<'_>,
+    applier: &Applier,
+    path: &str,
+    w: &FileState,
+    delta: bool,
+) -> Result<Result<(), String>, SessionError> {
     // Prepare the target; on failure keep consuming the stream.
     let mut failure: Option<String> = None;
     let mut pending = match applier.begin_file(path) {
@@ -275,7 +372,9 @@ async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: 
         match applier.open_current(path) {
             Ok(Some(base)) => {
                 let out = pending.as_ref().and_then(|p| p.file.try_clone().ok());
-                match out.map(|o| DeltaApplier::new(base, BufWriter::with_capacity(1 << 16, o), w.size)) {
+                match out
+                    .map(|o| DeltaApplier::new(base, BufWriter::with_capacity(1 << 16, o), w.size))
+                {
                     Some(Ok(a)) => applier_state = Some(a),
                     Some(Err(e)) => failure = Some(error_chain(&e)),
                     None => failure = Some("cannot clone the temp file handle".into()),
@@ -296,10 +395,16 @@ async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: 
             Message::FileStart { path: p, len } if !delta && !started => {
                 started = true;
                 if p != path {
-                    return Err(SessionError::BadPath { peer: link.peer.clone(), path: p });
+                    return Err(SessionError::BadPath {
+                        peer: link.peer.clone(),
+                        path: p,
+                    });
                 }
                 if len != w.size && failure.is_none() {
-                    failure = Some(format!("sender's file has {len} bytes, expected {}", w.size));
+                    failure = Some(format!(
+                        "sender's file has {len} bytes, expected {}",
+                        w.size
+                    ));
                 }
             }
             Message::Data { bytes } if started && !delta => {
@@ -330,14 +435,21 @@ async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: 
                     return Ok(Err("the sender's file changed since its scan (hash differs); retried next sync".into()));
                 }
                 if delta {
-                    let a = applier_state.take().expect("delta applier present without failure");
-                    if let Err(e) = a.finish(&blake3::Hash::from(hash)).and_then(|mut out| out.flush().map_err(DeltaError::Write)) {
+                    let a = applier_state
+                        .take()
+                        .expect("delta applier present without failure");
+                    if let Err(e) = a
+                        .finish(&blake3::Hash::from(hash))
+                        .and_then(|mut out| out.flush().map_err(DeltaError::Write))
+                    {
                         return Ok(Err(error_chain(&e)));
                     }
                 } else if written != w.size || *hasher.finalize().as_bytes() != hash {
                     return Ok(Err("received data does not match the sender's hash".into()));
                 }
-                let p = pending.take().expect("pending file present without failure");
+                let p = pending
+                    .take()
+                    .expect("pending file present without failure");
                 return Ok(applier.commit_file(p, w).map_err(|e| error_chain(&e)));
             }
             other => return Err(link.unexpected(&other, "file data")),
@@ -348,7 +460,14 @@ async fn receive_content(link: &mut Link<'_>, applier: &Applier, path: &str, w: 
 /// Sets the mtimes of directories whose contents were just written, deepest first: directories
 /// received in this batch get the sender's metadata; other parents of received paths get back the
 /// mtime recorded for them, so this side's own writes do not show up as local changes.
-fn finish_dirs(node: &Node, group: &Group, applier: &Applier, received: &[&Item], dirs: &mut Vec<(String, FileState)>, errors: &mut HashMap<String, String>) {
+fn finish_dirs(
+    node: &Node,
+    group: &Group,
+    applier: &Applier,
+    received: &[&Item],
+    dirs: &mut Vec<(String, FileState)>,
+    errors: &mut HashMap<String, String>,
+) {
     let explicit: std::collections::HashSet<String> = dirs.iter().map(|(p, _)| p.clone()).collect();
     for it in received {
         let mut parents = vec![it.path.as_str()];
@@ -356,7 +475,9 @@ fn finish_dirs(node: &Node, group: &Group, applier: &Applier, received: &[&Item]
             parents.push(from.as_str());
         }
         for p in parents {
-            let Some(i) = p.rfind('/').filter(|&i| i > 0) else { continue };
+            let Some(i) = p.rfind('/').filter(|&i| i > 0) else {
+                continue;
+            };
             let parent = &p[..i];
             if explicit.contains(parent) || dirs.iter().any(|(d, _)| d == parent) {
                 continue;
@@ -394,19 +515,49 @@ fn record(
     let mut b = Batch::new();
     let g = group.name.clone();
     let now = now_ns();
-    let others: Vec<String> = group.peers_of(&node.me.name).into_iter().filter(|p| p != peer).collect();
+    let others: Vec<String> = group
+        .peers_of(&node.me.name)
+        .into_iter()
+        .filter(|p| p != peer)
+        .collect();
     for it in items {
-        let (mine, theirs) = if i_am_client { (&it.client, &it.server) } else { (&it.server, &it.client) };
+        let (mine, theirs) = if i_am_client {
+            (&it.client, &it.server)
+        } else {
+            (&it.server, &it.client)
+        };
         // From this side's view: do I send (push) or receive (pull)?
-        let my_decision = if i_am_client { it.decision } else { mirror(it.decision) };
+        let my_decision = if i_am_client {
+            it.decision
+        } else {
+            mirror(it.decision)
+        };
         let path = it.path.clone();
         let clear = |b: &mut Batch| {
-            b.push(Op::ClearDirty { group: g.clone(), peer: peer.into(), path: path.clone() });
-            b.push(Op::ClearConflict { group: g.clone(), peer: peer.into(), path: path.clone() });
+            b.push(Op::ClearDirty {
+                group: g.clone(),
+                peer: peer.into(),
+                path: path.clone(),
+            });
+            b.push(Op::ClearConflict {
+                group: g.clone(),
+                peer: peer.into(),
+                path: path.clone(),
+            });
         };
-        let agree = |b: &mut Batch, st: &Option<FileState>| match st.as_ref().filter(|s| s.exists()) {
-            Some(s) => b.push(Op::SetAgreed { group: g.clone(), peer: peer.into(), path: path.clone(), state: s.clone() }),
-            None => b.push(Op::RemoveAgreed { group: g.clone(), peer: peer.into(), path: path.clone() }),
+        let agree = |b: &mut Batch, st: &Option<FileState>| match st.as_ref().filter(|s| s.exists())
+        {
+            Some(s) => b.push(Op::SetAgreed {
+                group: g.clone(),
+                peer: peer.into(),
+                path: path.clone(),
+                state: s.clone(),
+            }),
+            None => b.push(Op::RemoveAgreed {
+                group: g.clone(),
+                peer: peer.into(),
+                path: path.clone(),
+            }),
         };
         match my_decision {
             WireDecision::InSync => {
@@ -434,7 +585,9 @@ fn record(
                 agree(&mut b, &it.winner);
                 clear(&mut b);
                 match &it.transfer {
-                    WireTransfer::Rename { from } => report.renamed.push((from.clone(), path.clone())),
+                    WireTransfer::Rename { from } => {
+                        report.renamed.push((from.clone(), path.clone()))
+                    }
                     _ => report.pushed.push(path.clone()),
                 }
             }
@@ -456,9 +609,18 @@ fn record(
                         _ => w.clone(),
                     },
                 };
-                b.push(Op::SetFile { group: g.clone(), path: path.clone(), state: local });
+                b.push(Op::SetFile {
+                    group: g.clone(),
+                    path: path.clone(),
+                    state: local,
+                });
                 for o in &others {
-                    b.push(Op::MarkDirty { group: g.clone(), peer: o.clone(), path: path.clone(), force: Force::None });
+                    b.push(Op::MarkDirty {
+                        group: g.clone(),
+                        peer: o.clone(),
+                        path: path.clone(),
+                        force: Force::None,
+                    });
                 }
                 report.pulled.push(path.clone());
             }
@@ -491,28 +653,64 @@ pub fn record_failure(node: &Node, group: &str, peer: &str, error: &str) {
     b.push(Op::SetPeerStatus {
         group: group.into(),
         peer: peer.into(),
-        status: PeerStatus { last_ok_ns: old.last_ok_ns, last_attempt_ns: now_ns(), last_error: error.into() },
+        status: PeerStatus {
+            last_ok_ns: old.last_ok_ns,
+            last_attempt_ns: now_ns(),
+            last_error: error.into(),
+        },
     });
     let _ = node.store.commit(b);
 }
 
 /// The initiator's side of a session with `peer` for `group` (the local scan is done by the caller).
-pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Result<SessionReport, SessionError> {
+pub async fn run_client(
+    node: &Node,
+    group: &Group,
+    conn: &mut Connection,
+) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
-    let applier = Applier::new(&node.me, group).map_err(|source| SessionError::Apply { group: group.name.clone(), source })?;
-    let mut link = Link { conn, peer: peer.clone() };
-    let mut report = SessionReport { group: group.name.clone(), peer: peer.clone(), ..Default::default() };
-    link.send(&Message::Hello { version: PROTOCOL_VERSION, group: group.name.clone(), from: node.me.name.clone() }).await?;
+    let applier = Applier::new(&node.me, group).map_err(|source| SessionError::Apply {
+        group: group.name.clone(),
+        source,
+    })?;
+    let mut link = Link {
+        conn,
+        peer: peer.clone(),
+    };
+    let mut report = SessionReport {
+        group: group.name.clone(),
+        peer: peer.clone(),
+        ..Default::default()
+    };
+    link.send(&Message::Hello {
+        version: PROTOCOL_VERSION,
+        group: group.name.clone(),
+        from: node.me.name.clone(),
+    })
+    .await?;
     match link.recv().await? {
         Message::HelloOk { .. } => {}
         other => return Err(link.unexpected(&other, "HelloOk")),
     }
     // Step 2: our dirty entries for this peer.
     let store = &node.store;
-    for d in store.dirty(&group.name, &peer).map_err(SessionError::Store)? {
-        let state = store.file(&group.name, &d.path).map_err(SessionError::Store)?;
-        let base = store.agreed(&group.name, &peer, &d.path).map_err(SessionError::Store)?;
-        link.feed(&Message::Entry { path: d.path, state, base, force: d.force.code() }).await?;
+    for d in store
+        .dirty(&group.name, &peer)
+        .map_err(SessionError::Store)?
+    {
+        let state = store
+            .file(&group.name, &d.path)
+            .map_err(SessionError::Store)?;
+        let base = store
+            .agreed(&group.name, &peer, &d.path)
+            .map_err(SessionError::Store)?;
+        link.feed(&Message::Entry {
+            path: d.path,
+            state,
+            base,
+            force: d.force.code(),
+        })
+        .await?;
     }
     link.send(&Message::End).await?;
 
@@ -521,17 +719,35 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
         match link.recv().await? {
-            Message::Decision { path, decision, transfer, remote, winner } => {
+            Message::Decision {
+                path,
+                decision,
+                transfer,
+                remote,
+                winner,
+            } => {
                 if group.filter.check(&path).is_err() {
                     return Err(SessionError::BadPath { peer, path });
                 }
                 if let WireTransfer::Rename { from } = &transfer {
                     if group.filter.check(from).is_err() {
-                        return Err(SessionError::BadPath { peer, path: from.clone() });
+                        return Err(SessionError::BadPath {
+                            peer,
+                            path: from.clone(),
+                        });
                     }
                 }
-                let client = store.file(&group.name, &path).map_err(SessionError::Store)?;
-                items.push(Item { path, decision, transfer, client, server: remote, winner });
+                let client = store
+                    .file(&group.name, &path)
+                    .map_err(SessionError::Store)?;
+                items.push(Item {
+                    path,
+                    decision,
+                    transfer,
+                    client,
+                    server: remote,
+                    winner,
+                });
             }
             Message::Signature { path, bytes } => {
                 sigs.insert(path, bytes);
@@ -541,18 +757,30 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
         }
     }
     // Step 4: our push data, then signatures for delta pulls.
-    for it in items.iter().filter(|i| i.decision == WireDecision::Push && has_data(&i.transfer)) {
+    for it in items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Push && has_data(&i.transfer))
+    {
         send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
     }
-    for it in items.iter().filter(|i| i.decision == WireDecision::Pull && i.transfer == WireTransfer::Delta) {
+    for it in items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Pull && i.transfer == WireTransfer::Delta)
+    {
         let sig = match applier.open_current(&it.path) {
             Ok(Some(f)) => {
                 let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len).map(|s| s.as_bytes().to_vec()).unwrap_or_default()
+                BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len)
+                    .map(|s| s.as_bytes().to_vec())
+                    .unwrap_or_default()
             }
             _ => Vec::new(),
         };
-        link.feed(&Message::Signature { path: it.path.clone(), bytes: sig }).await?;
+        link.feed(&Message::Signature {
+            path: it.path.clone(),
+            bytes: sig,
+        })
+        .await?;
     }
     link.send(&Message::End).await?;
 
@@ -560,7 +788,10 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
     let mut peer_errors = HashMap::new();
     for _ in items.iter().filter(|i| i.decision == WireDecision::Push) {
         match link.recv().await? {
-            Message::Outcome { path, error: Some(e) } => {
+            Message::Outcome {
+                path,
+                error: Some(e),
+            } => {
                 peer_errors.insert(path, e);
             }
             Message::Outcome { .. } => {}
@@ -571,14 +802,19 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
     let mut dirs = Vec::new();
     for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
         let src = match &it.transfer {
-            WireTransfer::Rename { from } => store.file(&group.name, from).map_err(SessionError::Store)?,
+            WireTransfer::Rename { from } => {
+                store.file(&group.name, from).map_err(SessionError::Store)?
+            }
             _ => None,
         };
         if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
             my_errors.insert(it.path.clone(), e);
         }
     }
-    let received: Vec<&Item> = items.iter().filter(|i| i.decision == WireDecision::Pull).collect();
+    let received: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Pull)
+        .collect();
     finish_dirs(node, group, &applier, &received, &mut dirs, &mut my_errors);
     match link.recv().await? {
         Message::End => {}
@@ -586,10 +822,24 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
     }
     // Step 6: our outcomes.
     for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
-        link.feed(&Message::Outcome { path: it.path.clone(), error: my_errors.get(&it.path).cloned() }).await?;
+        link.feed(&Message::Outcome {
+            path: it.path.clone(),
+            error: my_errors.get(&it.path).cloned(),
+        })
+        .await?;
     }
     link.send(&Message::End).await?;
-    record(node, group, &peer, &items, true, &my_errors, &peer_errors, &applier, &mut report)?;
+    record(
+        node,
+        group,
+        &peer,
+        &items,
+        true,
+        &my_errors,
+        &peer_errors,
+        &applier,
+        &mut report,
+    )?;
     crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
@@ -599,10 +849,22 @@ pub async fn run_client(node: &Node, group: &Group, conn: &mut Connection) -> Re
 
 /// The peer's view of a group for `filed compare`: every existing path with its state and the
 /// state it last agreed on with us.
-pub async fn fetch_listing(node: &Node, group: &Group, conn: &mut Connection) -> Result<Vec<(String, FileState, Option<FileState>)>, SessionError> {
+pub async fn fetch_listing(
+    node: &Node,
+    group: &Group,
+    conn: &mut Connection,
+) -> Result<Vec<(String, FileState, Option<FileState>)>, SessionError> {
     let peer = conn.peer_name().to_string();
-    let mut link = Link { conn, peer: peer.clone() };
-    link.send(&Message::Hello { version: PROTOCOL_VERSION, group: group.name.clone(), from: node.me.name.clone() }).await?;
+    let mut link = Link {
+        conn,
+        peer: peer.clone(),
+    };
+    link.send(&Message::Hello {
+        version: PROTOCOL_VERSION,
+        group: group.name.clone(),
+        from: node.me.name.clone(),
+    })
+    .await?;
     match link.recv().await? {
         Message::HelloOk { .. } => {}
         other => return Err(link.unexpected(&other, "HelloOk")),
@@ -611,7 +873,12 @@ pub async fn fetch_listing(node: &Node, group: &Group, conn: &mut Connection) ->
     let mut out = Vec::new();
     loop {
         match link.recv().await? {
-            Message::Entry { path, state: Some(st), base, .. } => out.push((path, st, base)),
+            Message::Entry {
+                path,
+                state: Some(st),
+                base,
+                ..
+            } => out.push((path, st, base)),
             Message::End => return Ok(out),
             other => return Err(link.unexpected(&other, "Entry")),
         }
@@ -635,14 +902,27 @@ impl Default for ServeOptions {
 }
 
 /// The listener's side of a session on an authenticated connection.
-pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) -> Result<SessionReport, SessionError> {
+pub async fn run_server(
+    node: &Node,
+    conn: &mut Connection,
+    opts: ServeOptions,
+) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
     let group_name = conn.group().to_string();
-    let mut link = Link { conn, peer: peer.clone() };
+    let mut link = Link {
+        conn,
+        peer: peer.clone(),
+    };
     let group = match link.recv().await? {
-        Message::Hello { version, group, from } => {
+        Message::Hello {
+            version,
+            group,
+            from,
+        } => {
             let refuse = if version != PROTOCOL_VERSION {
-                Some(format!("protocol version {version} not supported (this is {PROTOCOL_VERSION})"))
+                Some(format!(
+                    "protocol version {version} not supported (this is {PROTOCOL_VERSION})"
+                ))
             } else if group != group_name || from != peer {
                 Some("hello does not match the authenticated group/host".to_string())
             } else {
@@ -655,7 +935,11 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
                         Err(e) => e.to_string(),
                         Ok(_) => format!("{peer} is not a member of group {group}"),
                     });
-                    let _ = link.send(&Message::Error { message: message.clone() }).await;
+                    let _ = link
+                        .send(&Message::Error {
+                            message: message.clone(),
+                        })
+                        .await;
                     return Err(SessionError::Refused { peer, message });
                 }
             }
@@ -666,18 +950,47 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
     let _guard = match tokio::time::timeout(BUSY_WAIT, lock.lock()).await {
         Ok(g) => g,
         Err(_) => {
-            let message = format!("busy: group {} is being synced on {}; retry", group.name, node.me.name);
-            let _ = link.send(&Message::Error { message: message.clone() }).await;
+            let message = format!(
+                "busy: group {} is being synced on {}; retry",
+                group.name, node.me.name
+            );
+            let _ = link
+                .send(&Message::Error {
+                    message: message.clone(),
+                })
+                .await;
             return Err(SessionError::Refused { peer, message });
         }
     };
-    let applier = Applier::new(&node.me, &group).map_err(|source| SessionError::Apply { group: group.name.clone(), source })?;
+    let applier = Applier::new(&node.me, &group).map_err(|source| SessionError::Apply {
+        group: group.name.clone(),
+        source,
+    })?;
     if opts.scan_first {
-        let peers = if group.is_slave(&node.me.name) { Vec::new() } else { group.peers_of(&node.me.name) };
-        scan_group(node.store.as_ref(), &node.me, &group, &peers, None, ScanOptions::default()).map_err(SessionError::Scan)?;
+        let peers = if group.is_slave(&node.me.name) {
+            Vec::new()
+        } else {
+            group.peers_of(&node.me.name)
+        };
+        scan_group(
+            node.store.as_ref(),
+            &node.me,
+            &group,
+            &peers,
+            None,
+            ScanOptions::default(),
+        )
+        .map_err(SessionError::Scan)?;
     }
-    link.send(&Message::HelloOk { name: node.me.name.clone() }).await?;
-    let mut report = SessionReport { group: group.name.clone(), peer: peer.clone(), ..Default::default() };
+    link.send(&Message::HelloOk {
+        name: node.me.name.clone(),
+    })
+    .await?;
+    let mut report = SessionReport {
+        group: group.name.clone(),
+        peer: peer.clone(),
+        ..Default::default()
+    };
 
     // Step 2: the initiator's entries.
     let store = &node.store;
@@ -687,18 +1000,35 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             Message::List if entries.is_empty() => {
                 for (path, st) in store.files(&group.name).map_err(SessionError::Store)? {
                     if st.exists() {
-                        let base = store.agreed(&group.name, &peer, &path).map_err(SessionError::Store)?;
-                        link.feed(&Message::Entry { path, state: Some(st), base, force: 0 }).await?;
+                        let base = store
+                            .agreed(&group.name, &peer, &path)
+                            .map_err(SessionError::Store)?;
+                        link.feed(&Message::Entry {
+                            path,
+                            state: Some(st),
+                            base,
+                            force: 0,
+                        })
+                        .await?;
                     }
                 }
                 link.send(&Message::End).await?;
                 return Ok(report);
             }
-            Message::Entry { path, state, base: _, force } => {
+            Message::Entry {
+                path,
+                state,
+                base: _,
+                force,
+            } => {
                 if let Err(e) = group.filter.check(&path) {
                     tracing::warn!(%peer, %path, error = %e, "refused path from peer");
                     let message = format!("path refused: {e}");
-                    let _ = link.send(&Message::Error { message: message.clone() }).await;
+                    let _ = link
+                        .send(&Message::Error {
+                            message: message.clone(),
+                        })
+                        .await;
                     return Err(SessionError::BadPath { peer, path });
                 }
                 entries.insert(path, (state, Force::from_code(force)));
@@ -707,8 +1037,12 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             other => return Err(link.unexpected(&other, "Entry")),
         }
     }
-    let my_dirty: HashMap<String, Force> =
-        store.dirty(&group.name, &peer).map_err(SessionError::Store)?.into_iter().map(|d| (d.path, d.force)).collect();
+    let my_dirty: HashMap<String, Force> = store
+        .dirty(&group.name, &peer)
+        .map_err(SessionError::Store)?
+        .into_iter()
+        .map(|d| (d.path, d.force))
+        .collect();
     let mut paths: Vec<String> = entries.keys().chain(my_dirty.keys()).cloned().collect();
     paths.sort();
     paths.dedup();
@@ -718,8 +1052,12 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
     let peer_pos = group.position(&peer).unwrap_or(0);
     let mut items = Vec::with_capacity(paths.len());
     for path in paths {
-        let mine = store.file(&group.name, &path).map_err(SessionError::Store)?;
-        let base = store.agreed(&group.name, &peer, &path).map_err(SessionError::Store)?;
+        let mine = store
+            .file(&group.name, &path)
+            .map_err(SessionError::Store)?;
+        let base = store
+            .agreed(&group.name, &peer, &path)
+            .map_err(SessionError::Store)?;
         let (theirs, their_force) = match entries.remove(&path) {
             Some((st, f)) => (st, f),
             None => (base.clone(), Force::None),
@@ -744,25 +1082,45 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             Decision::Pull => (WireDecision::Push, theirs.clone(), mine.clone()),
         };
         let transfer = match decision {
-            WireDecision::Push | WireDecision::Pull => wire_transfer(&plan::transfer_for(winner.as_ref(), receiver.as_ref())),
+            WireDecision::Push | WireDecision::Pull => {
+                wire_transfer(&plan::transfer_for(winner.as_ref(), receiver.as_ref()))
+            }
             _ => WireTransfer::None,
         };
-        items.push(Item { path, decision, transfer, client: theirs, server: mine, winner });
+        items.push(Item {
+            path,
+            decision,
+            transfer,
+            client: theirs,
+            server: mine,
+            winner,
+        });
     }
     // Renames, per direction.
     for dir in [WireDecision::Push, WireDecision::Pull] {
-        let idx: Vec<usize> = (0..items.len()).filter(|&i| items[i].decision == dir).collect();
+        let idx: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].decision == dir)
+            .collect();
         let outgoing: Vec<Outgoing<'_>> = idx
             .iter()
             .map(|&i| {
                 let it = &items[i];
-                let receiver = if dir == WireDecision::Push { it.server.as_ref() } else { it.client.as_ref() };
+                let receiver = if dir == WireDecision::Push {
+                    it.server.as_ref()
+                } else {
+                    it.client.as_ref()
+                };
                 let transfer = match &it.transfer {
                     WireTransfer::Full => Transfer::Full,
                     WireTransfer::Delete => Transfer::Delete,
                     _ => Transfer::Meta,
                 };
-                Outgoing { path: &it.path, winner: it.winner.as_ref(), receiver, transfer }
+                Outgoing {
+                    path: &it.path,
+                    winner: it.winner.as_ref(),
+                    receiver,
+                    transfer,
+                }
             })
             .collect();
         let pairs = plan::pair_renames(&outgoing);
@@ -772,7 +1130,7 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             items[idx[send]].transfer = WireTransfer::Rename { from };
         }
     }
-    items.sort_by_key(apply_rank);
+    items.sort_by(apply_order);
 
     // Step 3: decisions (+ our signatures for the initiator's delta pushes).
     for it in &items {
@@ -788,11 +1146,17 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             let sig = match applier.open_current(&it.path) {
                 Ok(Some(f)) => {
                     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len).map(|s| s.as_bytes().to_vec()).unwrap_or_default()
+                    BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len)
+                        .map(|s| s.as_bytes().to_vec())
+                        .unwrap_or_default()
                 }
                 _ => Vec::new(),
             };
-            link.feed(&Message::Signature { path: it.path.clone(), bytes: sig }).await?;
+            link.feed(&Message::Signature {
+                path: it.path.clone(),
+                bytes: sig,
+            })
+            .await?;
         }
     }
     link.send(&Message::End).await?;
@@ -802,7 +1166,9 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
     let mut dirs = Vec::new();
     for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
         let src = match &it.transfer {
-            WireTransfer::Rename { from } => store.file(&group.name, from).map_err(SessionError::Store)?,
+            WireTransfer::Rename { from } => {
+                store.file(&group.name, from).map_err(SessionError::Store)?
+            }
             _ => None,
         };
         if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
@@ -810,7 +1176,10 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             my_errors.insert(it.path.clone(), e);
         }
     }
-    let received: Vec<&Item> = items.iter().filter(|i| i.decision == WireDecision::Push).collect();
+    let received: Vec<&Item> = items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Push)
+        .collect();
     finish_dirs(node, &group, &applier, &received, &mut dirs, &mut my_errors);
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
@@ -824,9 +1193,16 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
     }
     // Step 5: outcomes of the pushes, then our data for the initiator's pulls.
     for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
-        link.feed(&Message::Outcome { path: it.path.clone(), error: my_errors.get(&it.path).cloned() }).await?;
+        link.feed(&Message::Outcome {
+            path: it.path.clone(),
+            error: my_errors.get(&it.path).cloned(),
+        })
+        .await?;
     }
-    for it in items.iter().filter(|i| i.decision == WireDecision::Pull && has_data(&i.transfer)) {
+    for it in items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Pull && has_data(&i.transfer))
+    {
         send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
     }
     link.send(&Message::End).await?;
@@ -834,7 +1210,10 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
     let mut peer_errors = HashMap::new();
     loop {
         match link.recv().await? {
-            Message::Outcome { path, error: Some(e) } => {
+            Message::Outcome {
+                path,
+                error: Some(e),
+            } => {
                 peer_errors.insert(path, e);
             }
             Message::Outcome { .. } => {}
@@ -842,7 +1221,17 @@ pub async fn run_server(node: &Node, conn: &mut Connection, opts: ServeOptions) 
             other => return Err(link.unexpected(&other, "Outcome")),
         }
     }
-    record(node, &group, &peer, &items, false, &my_errors, &peer_errors, &applier, &mut report)?;
+    record(
+        node,
+        &group,
+        &peer,
+        &items,
+        false,
+        &my_errors,
+        &peer_errors,
+        &applier,
+        &mut report,
+    )?;
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();
@@ -860,4 +1249,42 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(path: &str, decision: WireDecision, transfer: WireTransfer) -> Item {
+        Item {
+            path: path.into(),
+            decision,
+            transfer,
+            client: None,
+            server: None,
+            winner: None,
+        }
+    }
+
+    #[test]
+    fn apply_order_renames_deletions_deepest_first_then_parents_first() {
+        let mut items = vec![
+            item("/d", WireDecision::Push, WireTransfer::Meta),
+            item("/d/f", WireDecision::Push, WireTransfer::Full),
+            item("/x", WireDecision::Conflict, WireTransfer::None),
+            item("/old", WireDecision::Pull, WireTransfer::Delete),
+            item("/old/child", WireDecision::Push, WireTransfer::Delete),
+            item(
+                "/new",
+                WireDecision::Push,
+                WireTransfer::Rename { from: "/a".into() },
+            ),
+        ];
+        items.sort_by(apply_order);
+        let order: Vec<&str> = items.iter().map(|i| i.path.as_str()).collect();
+        assert_eq!(
+            order,
+            vec!["/new", "/old/child", "/old", "/d", "/d/f", "/x"]
+        );
+    }
 }

@@ -109,16 +109,49 @@ pub struct PeerStatus {
 /// One change; a [`Batch`] of them is committed atomically.
 #[derive(Debug, Clone)]
 pub enum Op {
-    SetFile { group: String, path: String, state: FileState },
-    RemoveFile { group: String, path: String },
-    SetAgreed { group: String, peer: String, path: String, state: FileState },
-    RemoveAgreed { group: String, peer: String, path: String },
+    SetFile {
+        group: String,
+        path: String,
+        state: FileState,
+    },
+    RemoveFile {
+        group: String,
+        path: String,
+    },
+    SetAgreed {
+        group: String,
+        peer: String,
+        path: String,
+        state: FileState,
+    },
+    RemoveAgreed {
+        group: String,
+        peer: String,
+        path: String,
+    },
     /// `force` other than `Force::None` replaces the mark; `None` keeps an existing one.
-    MarkDirty { group: String, peer: String, path: String, force: Force },
-    ClearDirty { group: String, peer: String, path: String },
+    MarkDirty {
+        group: String,
+        peer: String,
+        path: String,
+        force: Force,
+    },
+    ClearDirty {
+        group: String,
+        peer: String,
+        path: String,
+    },
     SetConflict(Conflict),
-    ClearConflict { group: String, peer: String, path: String },
-    SetPeerStatus { group: String, peer: String, status: PeerStatus },
+    ClearConflict {
+        group: String,
+        peer: String,
+        path: String,
+    },
+    SetPeerStatus {
+        group: String,
+        peer: String,
+        status: PeerStatus,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -171,23 +204,37 @@ impl RedbStore {
     /// Opens (or creates) the database; waits up to `lock_timeout` while another process has it open.
     pub fn open(path: &Path, lock_timeout: Duration) -> Result<RedbStore, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: path.into(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: path.into(),
+                source,
+            })?;
         }
         let start = Instant::now();
         loop {
             match Database::create(path) {
                 Ok(db) => {
-                    let store = RedbStore { db, path: path.into() };
+                    let store = RedbStore {
+                        db,
+                        path: path.into(),
+                    };
                     store.init()?;
                     return Ok(store);
                 }
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                     if start.elapsed() >= lock_timeout {
-                        return Err(StoreError::Busy { path: path.into(), waited: start.elapsed() });
+                        return Err(StoreError::Busy {
+                            path: path.into(),
+                            waited: start.elapsed(),
+                        });
                     }
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(source) => return Err(StoreError::Open { path: path.into(), source }),
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.into(),
+                        source,
+                    });
+                }
             }
         }
     }
@@ -217,26 +264,45 @@ impl RedbStore {
         tx.commit().map_err(StoreError::Commit)
     }
 
-    fn get_state(&self, table: TableDefinition<&str, &[u8]>, name: &'static str, key: &str) -> Result<Option<FileState>, StoreError> {
+    fn get_state(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+        key: &str,
+    ) -> Result<Option<FileState>, StoreError> {
         let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
         let t = tx.open_table(table).map_err(StoreError::Table)?;
         match t.get(key).map_err(StoreError::Storage)? {
             None => Ok(None),
             Some(v) => FileState::from_bytes(v.value())
                 .map(Some)
-                .map_err(|source| StoreError::Corrupt { table: name, key: key.replace('\0', "/"), source }),
+                .map_err(|source| StoreError::Corrupt {
+                    table: name,
+                    key: key.replace('\0', "/"),
+                    source,
+                }),
         }
     }
 
-    fn scan_states(&self, table: TableDefinition<&str, &[u8]>, name: &'static str, prefix: &str) -> Result<Vec<(String, FileState)>, StoreError> {
+    fn scan_states(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+        prefix: &str,
+    ) -> Result<Vec<(String, FileState)>, StoreError> {
         let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
         let t = tx.open_table(table).map_err(StoreError::Table)?;
         let mut out = Vec::new();
         for item in t.range(prefix..).map_err(StoreError::Storage)? {
             let (k, v) = item.map_err(StoreError::Storage)?;
-            let Some(rest) = k.value().strip_prefix(prefix) else { break };
-            let st = FileState::from_bytes(v.value())
-                .map_err(|source| StoreError::Corrupt { table: name, key: k.value().replace('\0', "/"), source })?;
+            let Some(rest) = k.value().strip_prefix(prefix) else {
+                break;
+            };
+            let st = FileState::from_bytes(v.value()).map_err(|source| StoreError::Corrupt {
+                table: name,
+                key: k.value().replace('\0', "/"),
+                source,
+            })?;
             out.push((rest.to_string(), st));
         }
         Ok(out)
@@ -266,7 +332,14 @@ fn decode_conflict(group: &str, peer: &str, path: &str, v: &[u8]) -> Result<Conf
     let remote = FileState::decode(&mut r)?;
     let seen_ns = r.i64()?;
     r.finish()?;
-    Ok(Conflict { group: group.into(), peer: peer.into(), path: path.into(), local, remote, seen_ns })
+    Ok(Conflict {
+        group: group.into(),
+        peer: peer.into(),
+        path: path.into(),
+        local,
+        remote,
+        seen_ns,
+    })
 }
 
 fn encode_status(s: &PeerStatus) -> Vec<u8> {
@@ -279,7 +352,11 @@ fn encode_status(s: &PeerStatus) -> Vec<u8> {
 
 fn decode_status(v: &[u8]) -> Result<PeerStatus, DecodeError> {
     let mut r = Reader::new(v);
-    let s = PeerStatus { last_ok_ns: r.i64()?, last_attempt_ns: r.i64()?, last_error: r.string("error")? };
+    let s = PeerStatus {
+        last_ok_ns: r.i64()?,
+        last_attempt_ns: r.i64()?,
+        last_error: r.string("error")?,
+    };
     r.finish()?;
     Ok(s)
 }
@@ -308,8 +385,13 @@ impl StateStore for RedbStore {
         let mut out = Vec::new();
         for item in t.range(prefix.as_str()..).map_err(StoreError::Storage)? {
             let (k, v) = item.map_err(StoreError::Storage)?;
-            let Some(rest) = k.value().strip_prefix(prefix.as_str()) else { break };
-            out.push(Dirty { path: rest.to_string(), force: Force::from_code(v.value()) });
+            let Some(rest) = k.value().strip_prefix(prefix.as_str()) else {
+                break;
+            };
+            out.push(Dirty {
+                path: rest.to_string(),
+                force: Force::from_code(v.value()),
+            });
         }
         Ok(out)
     }
@@ -326,9 +408,17 @@ impl StateStore for RedbStore {
                 break;
             }
             let mut parts = key.splitn(3, '\0');
-            let (g, p, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let c = decode_conflict(g, p, path, v.value())
-                .map_err(|source| StoreError::Corrupt { table: "conflicts", key: key.replace('\0', "/"), source })?;
+            let (g, p, path) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            let c =
+                decode_conflict(g, p, path, v.value()).map_err(|source| StoreError::Corrupt {
+                    table: "conflicts",
+                    key: key.replace('\0', "/"),
+                    source,
+                })?;
             out.push(c);
         }
         Ok(out)
@@ -340,8 +430,11 @@ impl StateStore for RedbStore {
         let t = tx.open_table(PEERS).map_err(StoreError::Table)?;
         match t.get(key.as_str()).map_err(StoreError::Storage)? {
             None => Ok(PeerStatus::default()),
-            Some(v) => decode_status(v.value())
-                .map_err(|source| StoreError::Corrupt { table: "peers", key: key.replace('\0', "/"), source }),
+            Some(v) => decode_status(v.value()).map_err(|source| StoreError::Corrupt {
+                table: "peers",
+                key: key.replace('\0', "/"),
+                source,
+            }),
         }
     }
 
@@ -360,38 +453,82 @@ impl StateStore for RedbStore {
                 match op {
                     Op::SetFile { group, path, state } => {
                         check_names(&[group, path])?;
-                        files.insert(key2(group, path).as_str(), state.to_bytes().as_slice()).map_err(StoreError::Storage)?;
+                        files
+                            .insert(key2(group, path).as_str(), state.to_bytes().as_slice())
+                            .map_err(StoreError::Storage)?;
                     }
                     Op::RemoveFile { group, path } => {
-                        files.remove(key2(group, path).as_str()).map_err(StoreError::Storage)?;
+                        files
+                            .remove(key2(group, path).as_str())
+                            .map_err(StoreError::Storage)?;
                     }
-                    Op::SetAgreed { group, peer, path, state } => {
+                    Op::SetAgreed {
+                        group,
+                        peer,
+                        path,
+                        state,
+                    } => {
                         check_names(&[group, peer, path])?;
-                        agreed.insert(key3(group, peer, path).as_str(), state.to_bytes().as_slice()).map_err(StoreError::Storage)?;
+                        agreed
+                            .insert(
+                                key3(group, peer, path).as_str(),
+                                state.to_bytes().as_slice(),
+                            )
+                            .map_err(StoreError::Storage)?;
                     }
                     Op::RemoveAgreed { group, peer, path } => {
-                        agreed.remove(key3(group, peer, path).as_str()).map_err(StoreError::Storage)?;
+                        agreed
+                            .remove(key3(group, peer, path).as_str())
+                            .map_err(StoreError::Storage)?;
                     }
-                    Op::MarkDirty { group, peer, path, force } => {
+                    Op::MarkDirty {
+                        group,
+                        peer,
+                        path,
+                        force,
+                    } => {
                         check_names(&[group, peer, path])?;
                         let k = key3(group, peer, path);
-                        let old = dirty.get(k.as_str()).map_err(StoreError::Storage)?.map(|v| v.value()).unwrap_or(0);
-                        let new = if *force == Force::None { old } else { force.code() };
+                        let old = dirty
+                            .get(k.as_str())
+                            .map_err(StoreError::Storage)?
+                            .map(|v| v.value())
+                            .unwrap_or(0);
+                        let new = if *force == Force::None {
+                            old
+                        } else {
+                            force.code()
+                        };
                         dirty.insert(k.as_str(), new).map_err(StoreError::Storage)?;
                     }
                     Op::ClearDirty { group, peer, path } => {
-                        dirty.remove(key3(group, peer, path).as_str()).map_err(StoreError::Storage)?;
+                        dirty
+                            .remove(key3(group, peer, path).as_str())
+                            .map_err(StoreError::Storage)?;
                     }
                     Op::SetConflict(c) => {
                         check_names(&[&c.group, &c.peer, &c.path])?;
-                        conflicts.insert(key3(&c.group, &c.peer, &c.path).as_str(), encode_conflict(c).as_slice()).map_err(StoreError::Storage)?;
+                        conflicts
+                            .insert(
+                                key3(&c.group, &c.peer, &c.path).as_str(),
+                                encode_conflict(c).as_slice(),
+                            )
+                            .map_err(StoreError::Storage)?;
                     }
                     Op::ClearConflict { group, peer, path } => {
-                        conflicts.remove(key3(group, peer, path).as_str()).map_err(StoreError::Storage)?;
+                        conflicts
+                            .remove(key3(group, peer, path).as_str())
+                            .map_err(StoreError::Storage)?;
                     }
-                    Op::SetPeerStatus { group, peer, status } => {
+                    Op::SetPeerStatus {
+                        group,
+                        peer,
+                        status,
+                    } => {
                         check_names(&[group, peer])?;
-                        peers.insert(key2(group, peer).as_str(), encode_status(status).as_slice()).map_err(StoreError::Storage)?;
+                        peers
+                            .insert(key2(group, peer).as_str(), encode_status(status).as_slice())
+                            .map_err(StoreError::Storage)?;
                     }
                 }
             }
@@ -406,7 +543,16 @@ mod tests {
     use crate::entry::Kind;
 
     fn st(n: u8) -> FileState {
-        FileState { kind: Kind::File, size: n.into(), mtime_ns: n.into(), mode: 0o644, uid: 1, gid: 2, target: None, hash: [n; 32] }
+        FileState {
+            kind: Kind::File,
+            size: n.into(),
+            mtime_ns: n.into(),
+            mode: 0o644,
+            uid: 1,
+            gid: 2,
+            target: None,
+            hash: [n; 32],
+        }
     }
 
     #[test]
@@ -416,15 +562,62 @@ mod tests {
         {
             let s = RedbStore::open(&p, Duration::ZERO).unwrap();
             let mut b = Batch::new();
-            b.push(Op::SetFile { group: "g".into(), path: "/a".into(), state: st(1) });
-            b.push(Op::SetFile { group: "g".into(), path: "/b".into(), state: FileState::deleted(5) });
-            b.push(Op::SetFile { group: "g2".into(), path: "/a".into(), state: st(9) });
-            b.push(Op::SetAgreed { group: "g".into(), peer: "p".into(), path: "/a".into(), state: st(1) });
-            b.push(Op::MarkDirty { group: "g".into(), peer: "p".into(), path: "/a".into(), force: Force::None });
-            b.push(Op::MarkDirty { group: "g".into(), peer: "q".into(), path: "/b".into(), force: Force::Win });
-            b.push(Op::MarkDirty { group: "g".into(), peer: "q".into(), path: "/b".into(), force: Force::None });
-            b.push(Op::SetConflict(Conflict { group: "g".into(), peer: "p".into(), path: "/c".into(), local: st(3), remote: st(4), seen_ns: 7 }));
-            b.push(Op::SetPeerStatus { group: "g".into(), peer: "p".into(), status: PeerStatus { last_ok_ns: 1, last_attempt_ns: 2, last_error: "x".into() } });
+            b.push(Op::SetFile {
+                group: "g".into(),
+                path: "/a".into(),
+                state: st(1),
+            });
+            b.push(Op::SetFile {
+                group: "g".into(),
+                path: "/b".into(),
+                state: FileState::deleted(5),
+            });
+            b.push(Op::SetFile {
+                group: "g2".into(),
+                path: "/a".into(),
+                state: st(9),
+            });
+            b.push(Op::SetAgreed {
+                group: "g".into(),
+                peer: "p".into(),
+                path: "/a".into(),
+                state: st(1),
+            });
+            b.push(Op::MarkDirty {
+                group: "g".into(),
+                peer: "p".into(),
+                path: "/a".into(),
+                force: Force::None,
+            });
+            b.push(Op::MarkDirty {
+                group: "g".into(),
+                peer: "q".into(),
+                path: "/b".into(),
+                force: Force::Win,
+            });
+            b.push(Op::MarkDirty {
+                group: "g".into(),
+                peer: "q".into(),
+                path: "/b".into(),
+                force: Force::None,
+            });
+            b.push(Op::SetConflict(Conflict {
+                group: "g".into(),
+                peer: "p".into(),
+                path: "/c".into(),
+                local: st(3),
+                remote: st(4),
+                seen_ns: 7,
+            }));
+            b.push(Op::SetPeerStatus {
+                group: "g".into(),
+                peer: "p".into(),
+                status: PeerStatus {
+                    last_ok_ns: 1,
+                    last_attempt_ns: 2,
+                    last_error: "x".into(),
+                },
+            });
             s.commit(b).unwrap();
             // a second open while the first is held is refused quickly
             assert!(RedbStore::try_open(&p).unwrap().is_none());
@@ -435,16 +628,40 @@ mod tests {
         assert_eq!(s.files("g2").unwrap(), vec![("/a".to_string(), st(9))]);
         assert_eq!(s.agreed("g", "p", "/a").unwrap(), Some(st(1)));
         assert_eq!(s.agreed_all("g", "p").unwrap().len(), 1);
-        assert_eq!(s.dirty("g", "p").unwrap(), vec![Dirty { path: "/a".into(), force: Force::None }]);
-        assert_eq!(s.dirty("g", "q").unwrap(), vec![Dirty { path: "/b".into(), force: Force::Win }], "force is sticky");
+        assert_eq!(
+            s.dirty("g", "p").unwrap(),
+            vec![Dirty {
+                path: "/a".into(),
+                force: Force::None
+            }]
+        );
+        assert_eq!(
+            s.dirty("g", "q").unwrap(),
+            vec![Dirty {
+                path: "/b".into(),
+                force: Force::Win
+            }],
+            "force is sticky"
+        );
         assert_eq!(s.conflicts(Some("g")).unwrap()[0].remote, st(4));
         assert_eq!(s.conflicts(None).unwrap().len(), 1);
         assert!(s.conflicts(Some("g2")).unwrap().is_empty());
         assert_eq!(s.peer_status("g", "p").unwrap().last_error, "x");
         let mut b = Batch::new();
-        b.push(Op::ClearDirty { group: "g".into(), peer: "p".into(), path: "/a".into() });
-        b.push(Op::ClearConflict { group: "g".into(), peer: "p".into(), path: "/c".into() });
-        b.push(Op::RemoveFile { group: "g".into(), path: "/a".into() });
+        b.push(Op::ClearDirty {
+            group: "g".into(),
+            peer: "p".into(),
+            path: "/a".into(),
+        });
+        b.push(Op::ClearConflict {
+            group: "g".into(),
+            peer: "p".into(),
+            path: "/c".into(),
+        });
+        b.push(Op::RemoveFile {
+            group: "g".into(),
+            path: "/a".into(),
+        });
         s.commit(b).unwrap();
         assert!(s.dirty("g", "p").unwrap().is_empty());
         assert!(s.conflicts(None).unwrap().is_empty());
@@ -456,7 +673,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = RedbStore::open(&d.path().join("s.redb"), Duration::ZERO).unwrap();
         let mut b = Batch::new();
-        b.push(Op::SetFile { group: "g".into(), path: "/a\0b".into(), state: st(1) });
+        b.push(Op::SetFile {
+            group: "g".into(),
+            path: "/a\0b".into(),
+            state: st(1),
+        });
         assert!(matches!(s.commit(b), Err(StoreError::BadName(_))));
     }
 }

@@ -43,5 +43,7 @@ fuzz_target!(|data: &[u8]| {
         });
         let _ = negotiate(server, &config).await;
         feeder.abort();
+        // Let the runtime release the task before returning (no leak between inputs).
+        let _ = feeder.await;
     });
 });

@@ -35,10 +35,13 @@ fuzz_target!(|data: &[u8]| {
         } else {
             break;
         };
-        let _ = proto::decode_option(header.option, match payload {
-            Payload::Data(p) => p,
-            Payload::TooBig(_) => &[],
-        });
+        let _ = proto::decode_option(
+            header.option,
+            match payload {
+                Payload::Data(p) => p,
+                Payload::TooBig(_) => &[],
+            },
+        );
         let _ = negotiation.handle(header.option, payload);
     }
 });

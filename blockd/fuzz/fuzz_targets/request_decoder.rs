@@ -2,7 +2,7 @@
 #![no_main]
 
 use blockd::nbd::handshake::Session;
-use blockd::nbd::proto::{Reply, Request, REQUEST_LEN};
+use blockd::nbd::proto::{REQUEST_LEN, Reply, Request};
 use blockd::nbd::transmission::{errno, validate};
 use libfuzzer_sys::fuzz_target;
 

@@ -15,7 +15,11 @@ use blockd::nbd::tls::TlsSettings;
 use blockd::store::{BlockStore, EngineKind, OpenOptions};
 
 #[derive(Parser)]
-#[command(name = "blockd", version, about = "A userspace replicated block device served over NBD")]
+#[command(
+    name = "blockd",
+    version,
+    about = "A userspace replicated block device served over NBD"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,9 +76,22 @@ fn parse_size(text: &str) -> Result<u64, common::size::SizeError> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     common::telemetry::init("info");
+    tune_allocator();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match cli.command {
         Command::Standalone(args) => runtime.block_on(standalone(args)),
+    }
+}
+
+/// Keeps large I/O buffers (up to 32 MiB) on the malloc heap instead of fresh `mmap`s, and
+/// stops glibc from handing freed heap memory back right away: otherwise every 1 MiB request
+/// buffer costs 256 page faults.
+fn tune_allocator() {
+    // SAFETY: mallopt only changes glibc allocator parameters; it is called before the runtime
+    // starts any thread, and a failure (return 0) just leaves the defaults in place.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }
 

@@ -28,6 +28,9 @@ use crate::repl::split_brain::{After0Pri, After1Pri, After2Pri, SplitBrainPolicy
 use crate::repl::state::Protocol;
 use section::Section;
 
+/// Default control socket of a node (`{node}` is replaced by the node name).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blockd/{node}.sock";
+
 /// Default resync rate limit (bytes per second).
 pub const DEFAULT_RESYNC_RATE: u64 = 100 << 20;
 
@@ -87,6 +90,19 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files of node `node`: `{node}` in a path is replaced by the node name (lets several
+    /// nodes share one config on one machine, and keeps per-node files apart in general).
+    pub fn for_node(&self, node: &str) -> TlsFiles {
+        let sub = |p: &Path| PathBuf::from(p.to_string_lossy().replace("{node}", node));
+        TlsFiles {
+            ca: sub(&self.ca),
+            cert: sub(&self.cert),
+            key: sub(&self.key),
+        }
+    }
 }
 
 /// Where a node keeps its metadata.
@@ -193,6 +209,9 @@ pub struct LocalResource<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
     pub file: PathBuf,
+    /// Control socket path template (`[global] control-socket`); `{node}` is replaced by the
+    /// node name. Default [`DEFAULT_CONTROL_SOCKET`].
+    pub control_socket: String,
     /// Sorted by name.
     pub resources: Vec<Resource>,
 }
@@ -569,10 +588,17 @@ impl ClusterConfig {
             }
         })?;
         let mut root = Section::root(file, table);
+        let mut control_socket = DEFAULT_CONTROL_SOCKET.to_string();
         let global = match root.table("global")? {
             None => Settings::default(),
             Some(mut g) => {
                 let s = Settings::read(&mut g)?;
+                if let Some(p) = g.string("control-socket")? {
+                    if p.is_empty() {
+                        return Err(g.error("control-socket", "empty path"));
+                    }
+                    control_socket = g.resolve(&p).to_string_lossy().into_owned();
+                }
                 g.finish()?;
                 s
             }
@@ -588,8 +614,14 @@ impl ClusterConfig {
         check_across_resources(&resources, file)?;
         Ok(ClusterConfig {
             file: file.to_path_buf(),
+            control_socket,
             resources,
         })
+    }
+
+    /// The control socket of node `node`.
+    pub fn control_socket_of(&self, node: &str) -> PathBuf {
+        PathBuf::from(self.control_socket.replace("{node}", node))
     }
 
     pub fn resource(&self, name: &str) -> Option<&Resource> {

@@ -156,6 +156,43 @@ impl Bitmap {
         DirtyExtents { map: self, next: 0 }
     }
 
+    /// The first run of dirty blocks at or after byte `offset` (rounded down to its block),
+    /// at most `max_len` bytes long: `(offset, len)`. The resync walk uses it on the live map.
+    pub fn dirty_extent_from(&self, offset: u64, max_len: u64) -> Option<(u64, u64)> {
+        let start = self.next_set(offset / self.block_size)?;
+        let max_bits = (max_len / self.block_size).max(1);
+        let end = self.next_clear(start).min(start + max_bits);
+        let from = start * self.block_size;
+        let to = (end * self.block_size).min(self.data_size);
+        Some((from, to - from))
+    }
+
+    /// The raw 64-bit words (bit i of the map is bit i%64 of word i/64), for the wire.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// ORs raw words received from a peer into this map (same geometry: same word count).
+    pub fn or_words(&mut self, words: &[u64]) -> Result<(), MetaError> {
+        if words.len() != self.words.len() {
+            return Err(MetaError::BitmapGeometry(format!(
+                "{} words received, this bitmap has {}",
+                words.len(),
+                self.words.len()
+            )));
+        }
+        for (a, b) in self.words.iter_mut().zip(words) {
+            *a |= *b;
+        }
+        // Bits past the end of the data never count.
+        if self.bits % 64 != 0
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << (self.bits % 64)) - 1;
+        }
+        Ok(())
+    }
+
     /// Finds the first dirty block at or after `bit`.
     fn next_set(&self, from: u64) -> Option<u64> {
         let mut bit = from;
@@ -327,6 +364,17 @@ impl Iterator for DirtyExtents<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn dirty_extent_from_walks_in_bounded_runs() {
+        let mut b = Bitmap::new(100 * 4096, 4096);
+        b.set_range(10 * 4096, 20 * 4096);
+        b.set_range(90 * 4096, 4096);
+        assert_eq!(b.dirty_extent_from(0, 8 * 4096), Some((10 * 4096, 8 * 4096)));
+        assert_eq!(b.dirty_extent_from(18 * 4096, 1 << 20), Some((18 * 4096, 12 * 4096)));
+        assert_eq!(b.dirty_extent_from(30 * 4096, 1 << 20), Some((90 * 4096, 4096)));
+        assert_eq!(b.dirty_extent_from(91 * 4096, 1 << 20), None);
+    }
 
     #[test]
     fn set_clear_count_iterate() {

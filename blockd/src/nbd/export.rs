@@ -100,10 +100,16 @@ mod tests {
             assert_ne!(rw & flag, 0, "flag {flag:#x}");
         }
         assert_eq!(rw & FLAG_READ_ONLY, 0);
-        assert_eq!(info(false, false).transmission_flags(false) & (FLAG_SEND_TRIM | FLAG_SEND_DF), 0);
+        assert_eq!(
+            info(false, false).transmission_flags(false) & (FLAG_SEND_TRIM | FLAG_SEND_DF),
+            0
+        );
         let ro = info(true, true).transmission_flags(false);
         assert_ne!(ro & FLAG_READ_ONLY, 0);
-        assert_eq!(ro & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FUA), 0);
+        assert_eq!(
+            ro & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FUA),
+            0
+        );
     }
 
     #[test]

@@ -123,7 +123,10 @@ impl<'a> Negotiation<'a> {
             if option == proto::OPT_EXPORT_NAME {
                 return Step::Disconnect("NBD_OPT_EXPORT_NAME before the required TLS upgrade");
             }
-            return error(REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+            return error(
+                REP_ERR_TLS_REQD,
+                "TLS is required: send NBD_OPT_STARTTLS first",
+            );
         }
         let data = match payload {
             Payload::Data(data) => data,
@@ -296,7 +299,10 @@ pub enum Negotiated<S> {
 }
 
 /// Runs the whole handshake on `stream` within `config.timeout`.
-pub async fn negotiate<S>(stream: S, config: &HandshakeConfig) -> Result<Negotiated<S>, HandshakeError>
+pub async fn negotiate<S>(
+    stream: S,
+    config: &HandshakeConfig,
+) -> Result<Negotiated<S>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -315,7 +321,9 @@ where
 {
     let mut stream = MaybeTls::Plain(stream);
     stream
-        .write_all(&proto::encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
+        .write_all(&proto::encode_greeting(
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES,
+        ))
         .await
         .map_err(HandshakeError::Greeting)?;
     let mut flags = [0u8; 4];
@@ -384,7 +392,11 @@ where
                 let (MaybeTls::Plain(plain), Some(tls)) = (stream, config.tls.as_ref()) else {
                     unreachable!("STARTTLS is only accepted on a plain stream with TLS configured");
                 };
-                let upgraded = tls.acceptor.accept(plain).await.map_err(HandshakeError::Tls)?;
+                let upgraded = tls
+                    .acceptor
+                    .accept(plain)
+                    .await
+                    .map_err(HandshakeError::Tls)?;
                 stream = MaybeTls::Tls(Box::new(upgraded));
                 negotiation.tls_started();
             }
@@ -419,7 +431,9 @@ async fn discard<S: AsyncRead + Unpin>(stream: &mut S, len: u64) -> Result<(), H
         .await
         .map_err(HandshakeError::ReadOption)?;
     if copied < len {
-        return Err(HandshakeError::ReadOption(io::ErrorKind::UnexpectedEof.into()));
+        return Err(HandshakeError::ReadOption(
+            io::ErrorKind::UnexpectedEof.into(),
+        ));
     }
     Ok(())
 }
@@ -504,18 +518,32 @@ pub(crate) mod tests {
     fn unknown_export_and_option_are_errors() {
         let e = export();
         let mut n = Negotiation::new(&e, TlsMode::Off);
-        let step = n.handle(OPT_INFO, Payload::Data(&option(OPT_INFO, &{
-            let OptionRequest::Go(r) = go("nope") else { unreachable!() };
-            OptionRequest::Info(r)
-        })));
+        let step = n.handle(
+            OPT_INFO,
+            Payload::Data(&option(OPT_INFO, &{
+                let OptionRequest::Go(r) = go("nope") else {
+                    unreachable!()
+                };
+                OptionRequest::Info(r)
+            })),
+        );
         assert_eq!(err_kind(&step), REP_ERR_UNKNOWN);
-        assert_eq!(err_kind(&n.handle(99, Payload::Data(b"xyz"))), REP_ERR_UNSUP);
-        assert_eq!(err_kind(&n.handle(OPT_LIST, Payload::Data(b"x"))), REP_ERR_INVALID);
+        assert_eq!(
+            err_kind(&n.handle(99, Payload::Data(b"xyz"))),
+            REP_ERR_UNSUP
+        );
+        assert_eq!(
+            err_kind(&n.handle(OPT_LIST, Payload::Data(b"x"))),
+            REP_ERR_INVALID
+        );
         assert_eq!(
             err_kind(&n.handle(OPT_GO, Payload::TooBig(1 << 20))),
             REP_ERR_TOO_BIG
         );
-        assert_eq!(err_kind(&n.handle(OPT_STARTTLS, Payload::Data(&[]))), REP_ERR_POLICY);
+        assert_eq!(
+            err_kind(&n.handle(OPT_STARTTLS, Payload::Data(&[]))),
+            REP_ERR_POLICY
+        );
         assert!(matches!(
             n.handle(OPT_EXPORT_NAME, Payload::Data(b"nope")),
             Step::Disconnect(_)
@@ -530,21 +558,36 @@ pub(crate) mod tests {
     fn meta_contexts_need_structured_replies() {
         let e = export();
         let mut n = Negotiation::new(&e, TlsMode::Off);
-        let set = option(OPT_SET_META_CONTEXT, &OptionRequest::SetMetaContext(meta(&[BASE_ALLOCATION])));
-        assert_eq!(err_kind(&n.handle(OPT_SET_META_CONTEXT, Payload::Data(&set))), REP_ERR_INVALID);
+        let set = option(
+            OPT_SET_META_CONTEXT,
+            &OptionRequest::SetMetaContext(meta(&[BASE_ALLOCATION])),
+        );
+        assert_eq!(
+            err_kind(&n.handle(OPT_SET_META_CONTEXT, Payload::Data(&set))),
+            REP_ERR_INVALID
+        );
         assert_eq!(
             n.handle(OPT_STRUCTURED_REPLY, Payload::Data(&[])),
             Step::Reply(vec![OptionReply::Ack])
         );
-        let list = option(OPT_LIST_META_CONTEXT, &OptionRequest::ListMetaContext(meta(&["base:"])));
+        let list = option(
+            OPT_LIST_META_CONTEXT,
+            &OptionRequest::ListMetaContext(meta(&["base:"])),
+        );
         assert_eq!(
             n.handle(OPT_LIST_META_CONTEXT, Payload::Data(&list)),
             Step::Reply(vec![
-                OptionReply::MetaContext { id: 0, name: BASE_ALLOCATION.into() },
+                OptionReply::MetaContext {
+                    id: 0,
+                    name: BASE_ALLOCATION.into()
+                },
                 OptionReply::Ack
             ])
         );
-        let other = option(OPT_LIST_META_CONTEXT, &OptionRequest::ListMetaContext(meta(&["qemu:dirty-bitmap:x"])));
+        let other = option(
+            OPT_LIST_META_CONTEXT,
+            &OptionRequest::ListMetaContext(meta(&["qemu:dirty-bitmap:x"])),
+        );
         assert_eq!(
             n.handle(OPT_LIST_META_CONTEXT, Payload::Data(&other)),
             Step::Reply(vec![OptionReply::Ack])
@@ -552,19 +595,29 @@ pub(crate) mod tests {
         assert_eq!(
             n.handle(OPT_SET_META_CONTEXT, Payload::Data(&set)),
             Step::Reply(vec![
-                OptionReply::MetaContext { id: BASE_ALLOCATION_ID, name: BASE_ALLOCATION.into() },
+                OptionReply::MetaContext {
+                    id: BASE_ALLOCATION_ID,
+                    name: BASE_ALLOCATION.into()
+                },
                 OptionReply::Ack
             ])
         );
-        let Step::Go { session, .. } = n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go("")))) else {
+        let Step::Go { session, .. } = n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go(""))))
+        else {
             panic!()
         };
         assert!(session.structured);
         assert_eq!(session.base_allocation, Some(BASE_ALLOCATION_ID));
         assert_ne!(session.flags & FLAG_SEND_DF, 0);
         // Setting an empty list deselects.
-        let none = option(OPT_SET_META_CONTEXT, &OptionRequest::SetMetaContext(meta(&[])));
-        assert_eq!(n.handle(OPT_SET_META_CONTEXT, Payload::Data(&none)), Step::Reply(vec![OptionReply::Ack]));
+        let none = option(
+            OPT_SET_META_CONTEXT,
+            &OptionRequest::SetMetaContext(meta(&[])),
+        );
+        assert_eq!(
+            n.handle(OPT_SET_META_CONTEXT, Payload::Data(&none)),
+            Step::Reply(vec![OptionReply::Ack])
+        );
         assert_eq!(n.session().base_allocation, None);
     }
 
@@ -572,16 +625,39 @@ pub(crate) mod tests {
     fn tls_required_refuses_everything_but_starttls_and_abort() {
         let e = export();
         let mut n = Negotiation::new(&e, TlsMode::Required);
-        assert_eq!(err_kind(&n.handle(OPT_LIST, Payload::Data(&[]))), REP_ERR_TLS_REQD);
-        assert_eq!(err_kind(&n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go("disk"))))), REP_ERR_TLS_REQD);
-        assert_eq!(err_kind(&n.handle(77, Payload::Data(&[]))), REP_ERR_TLS_REQD);
-        assert!(matches!(n.handle(OPT_EXPORT_NAME, Payload::Data(b"disk")), Step::Disconnect(_)));
-        assert_eq!(n.handle(OPT_STRUCTURED_REPLY, Payload::Data(&[])), Step::Reply(vec![OptionReply::Error {
-            kind: REP_ERR_TLS_REQD, message: "TLS is required: send NBD_OPT_STARTTLS first".into() }]));
+        assert_eq!(
+            err_kind(&n.handle(OPT_LIST, Payload::Data(&[]))),
+            REP_ERR_TLS_REQD
+        );
+        assert_eq!(
+            err_kind(&n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go("disk"))))),
+            REP_ERR_TLS_REQD
+        );
+        assert_eq!(
+            err_kind(&n.handle(77, Payload::Data(&[]))),
+            REP_ERR_TLS_REQD
+        );
+        assert!(matches!(
+            n.handle(OPT_EXPORT_NAME, Payload::Data(b"disk")),
+            Step::Disconnect(_)
+        ));
+        assert_eq!(
+            n.handle(OPT_STRUCTURED_REPLY, Payload::Data(&[])),
+            Step::Reply(vec![OptionReply::Error {
+                kind: REP_ERR_TLS_REQD,
+                message: "TLS is required: send NBD_OPT_STARTTLS first".into()
+            }])
+        );
         assert_eq!(n.handle(OPT_STARTTLS, Payload::Data(&[])), Step::StartTls);
         n.tls_started();
-        assert_eq!(err_kind(&n.handle(OPT_STARTTLS, Payload::Data(&[]))), REP_ERR_INVALID);
-        assert!(matches!(n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go("disk")))), Step::Go { .. }));
+        assert_eq!(
+            err_kind(&n.handle(OPT_STARTTLS, Payload::Data(&[]))),
+            REP_ERR_INVALID
+        );
+        assert!(matches!(
+            n.handle(OPT_GO, Payload::Data(&option(OPT_GO, &go("disk")))),
+            Step::Go { .. }
+        ));
         let mut n = Negotiation::new(&e, TlsMode::Required);
         assert_eq!(n.handle(OPT_ABORT, Payload::Data(&[])), Step::Abort);
     }
@@ -613,7 +689,9 @@ pub(crate) mod tests {
         let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
         let mut all = head.to_vec();
         all.resize(OPTION_REPLY_HEADER_LEN + len, 0);
-        c.read_exact(&mut all[OPTION_REPLY_HEADER_LEN..]).await.unwrap();
+        c.read_exact(&mut all[OPTION_REPLY_HEADER_LEN..])
+            .await
+            .unwrap();
         let (opt, reply, used) = OptionReply::decode(&all).unwrap();
         assert_eq!(used, all.len());
         (opt, reply)
@@ -622,7 +700,10 @@ pub(crate) mod tests {
     pub(crate) async fn client_start(c: &mut DuplexStream, flags: u32) {
         let mut greet = [0u8; SERVER_GREETING_LEN];
         c.read_exact(&mut greet).await.unwrap();
-        assert_eq!(decode_greeting(&greet), Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES));
+        assert_eq!(
+            decode_greeting(&greet),
+            Ok(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
+        );
         c.write_all(&flags.to_be_bytes()).await.unwrap();
     }
 
@@ -641,19 +722,58 @@ pub(crate) mod tests {
         send_option(&mut client, &OptionRequest::List).await;
         assert_eq!(
             read_reply(&mut client).await,
-            (OPT_LIST, OptionReply::Server { name: "disk".into(), details: "test disk".into() })
+            (
+                OPT_LIST,
+                OptionReply::Server {
+                    name: "disk".into(),
+                    details: "test disk".into()
+                }
+            )
         );
         assert_eq!(read_reply(&mut client).await, (OPT_LIST, OptionReply::Ack));
         // An unknown option with data is skipped and refused.
-        client.write_all(&OptionHeader { option: 1234, length: 3 }.encode()).await.unwrap();
+        client
+            .write_all(
+                &OptionHeader {
+                    option: 1234,
+                    length: 3,
+                }
+                .encode(),
+            )
+            .await
+            .unwrap();
         client.write_all(b"abc").await.unwrap();
         let (_, r) = read_reply(&mut client).await;
-        assert!(matches!(r, OptionReply::Error { kind: REP_ERR_UNSUP, .. }));
+        assert!(matches!(
+            r,
+            OptionReply::Error {
+                kind: REP_ERR_UNSUP,
+                ..
+            }
+        ));
         // An oversized option is discarded and refused; the connection stays in sync.
-        client.write_all(&OptionHeader { option: OPT_LIST, length: MAX_OPTION_LEN + 10 }.encode()).await.unwrap();
-        client.write_all(&vec![0u8; MAX_OPTION_LEN as usize + 10]).await.unwrap();
+        client
+            .write_all(
+                &OptionHeader {
+                    option: OPT_LIST,
+                    length: MAX_OPTION_LEN + 10,
+                }
+                .encode(),
+            )
+            .await
+            .unwrap();
+        client
+            .write_all(&vec![0u8; MAX_OPTION_LEN as usize + 10])
+            .await
+            .unwrap();
         let (_, r) = read_reply(&mut client).await;
-        assert!(matches!(r, OptionReply::Error { kind: REP_ERR_TOO_BIG, .. }));
+        assert!(matches!(
+            r,
+            OptionReply::Error {
+                kind: REP_ERR_TOO_BIG,
+                ..
+            }
+        ));
         send_option(&mut client, &OptionRequest::StructuredReply).await;
         assert_eq!(read_reply(&mut client).await.1, OptionReply::Ack);
         send_option(&mut client, &go("disk")).await;
@@ -674,7 +794,10 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn export_name_sends_padding_unless_no_zeroes() {
-        for (flags, expect) in [(FLAG_C_FIXED_NEWSTYLE, 10 + 124), (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10)] {
+        for (flags, expect) in [
+            (FLAG_C_FIXED_NEWSTYLE, 10 + 124),
+            (FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES, 10),
+        ] {
             let (mut client, server) = tokio::io::duplex(1 << 16);
             let cfg = config(Duration::from_secs(5));
             let server = tokio::spawn(async move { negotiate(server, &cfg).await.map(|_| ()) });
@@ -695,16 +818,25 @@ pub(crate) mod tests {
         let cfg = config(Duration::from_secs(5));
         let task = tokio::spawn(async move { negotiate(server, &cfg).await.map(|_| ()) });
         client_start(&mut client, FLAG_C_FIXED_NEWSTYLE).await;
-        client.write_all(&IHAVEOPT.to_be_bytes()[..5]).await.unwrap();
+        client
+            .write_all(&IHAVEOPT.to_be_bytes()[..5])
+            .await
+            .unwrap();
         drop(client);
-        assert!(matches!(task.await.unwrap(), Err(HandshakeError::ReadOption(_))));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(HandshakeError::ReadOption(_))
+        ));
 
         // Unknown client flags.
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let cfg = config(Duration::from_secs(5));
         let task = tokio::spawn(async move { negotiate(server, &cfg).await.map(|_| ()) });
         client_start(&mut client, 0x80).await;
-        assert!(matches!(task.await.unwrap(), Err(HandshakeError::UnknownClientFlags(0x80))));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(HandshakeError::UnknownClientFlags(0x80))
+        ));
 
         // Bad option magic.
         let (mut client, server) = tokio::io::duplex(1 << 16);
@@ -712,7 +844,10 @@ pub(crate) mod tests {
         let task = tokio::spawn(async move { negotiate(server, &cfg).await.map(|_| ()) });
         client_start(&mut client, FLAG_C_FIXED_NEWSTYLE).await;
         client.write_all(&[0u8; 16]).await.unwrap();
-        assert!(matches!(task.await.unwrap(), Err(HandshakeError::BadOptionMagic(0))));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(HandshakeError::BadOptionMagic(0))
+        ));
     }
 
     #[tokio::test]
@@ -723,7 +858,10 @@ pub(crate) mod tests {
         client_start(&mut client, FLAG_C_FIXED_NEWSTYLE).await;
         // Send half an option and stall.
         client.write_all(&IHAVEOPT.to_be_bytes()).await.unwrap();
-        assert!(matches!(task.await.unwrap(), Err(HandshakeError::TimedOut(_))));
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(HandshakeError::TimedOut(_))
+        ));
         drop(client);
     }
 
@@ -744,7 +882,10 @@ pub(crate) mod tests {
         let ca = common::tls::generate_ca("test ca").unwrap();
         let server = common::tls::issue_cert(&ca, &["localhost".to_string()]).unwrap();
         server
-            .write(&dir.path().join("server-cert.pem"), &dir.path().join("server-key.pem"))
+            .write(
+                &dir.path().join("server-cert.pem"),
+                &dir.path().join("server-key.pem"),
+            )
             .unwrap();
         std::fs::write(dir.path().join("client-ca.pem"), &ca.cert_pem).unwrap();
         dir
@@ -766,9 +907,18 @@ pub(crate) mod tests {
         client_start(&mut client, FLAG_C_FIXED_NEWSTYLE).await;
         send_option(&mut client, &go("disk")).await;
         let (_, r) = read_reply(&mut client).await;
-        assert!(matches!(r, OptionReply::Error { kind: REP_ERR_TLS_REQD, .. }));
+        assert!(matches!(
+            r,
+            OptionReply::Error {
+                kind: REP_ERR_TLS_REQD,
+                ..
+            }
+        ));
         send_option(&mut client, &OptionRequest::StartTls).await;
-        assert_eq!(read_reply(&mut client).await, (OPT_STARTTLS, OptionReply::Ack));
+        assert_eq!(
+            read_reply(&mut client).await,
+            (OPT_STARTTLS, OptionReply::Ack)
+        );
 
         let client_config =
             common::tls::client_config(&dir.path().join("client-ca.pem"), None).unwrap();
@@ -797,7 +947,13 @@ pub(crate) mod tests {
         }
         assert!(matches!(
             replies[0],
-            (OPT_STARTTLS, OptionReply::Error { kind: REP_ERR_INVALID, .. })
+            (
+                OPT_STARTTLS,
+                OptionReply::Error {
+                    kind: REP_ERR_INVALID,
+                    ..
+                }
+            )
         ));
         assert_eq!(replies[1], (OPT_STRUCTURED_REPLY, OptionReply::Ack));
         let (is_tls, session) = task.await.unwrap().unwrap();
@@ -814,8 +970,14 @@ pub(crate) mod tests {
         let task = tokio::spawn(async move { negotiate(server, &cfg).await.map(|_| ()) });
         client_start(&mut client, FLAG_C_FIXED_NEWSTYLE).await;
         send_option(&mut client, &OptionRequest::StartTls).await;
-        assert_eq!(read_reply(&mut client).await, (OPT_STARTTLS, OptionReply::Ack));
-        client.write_all(b"this is not a TLS client hello").await.unwrap();
+        assert_eq!(
+            read_reply(&mut client).await,
+            (OPT_STARTTLS, OptionReply::Ack)
+        );
+        client
+            .write_all(b"this is not a TLS client hello")
+            .await
+            .unwrap();
         assert!(matches!(task.await.unwrap(), Err(HandshakeError::Tls(_))));
     }
 }

@@ -7,6 +7,6 @@
 pub mod export;
 pub mod handshake;
 pub mod proto;
+pub mod server;
 pub mod tls;
 pub mod transmission;
-pub mod server;

@@ -478,21 +478,37 @@ impl OptionRequest {
 /// One `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Info {
-    Export { size: u64, flags: u16 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
     Name(String),
     Description(String),
-    BlockSize { minimum: u32, preferred: u32, maximum: u32 },
+    BlockSize {
+        minimum: u32,
+        preferred: u32,
+        maximum: u32,
+    },
 }
 
 /// One option reply (the server may send several for one option).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OptionReply {
     Ack,
-    Server { name: String, details: String },
+    Server {
+        name: String,
+        details: String,
+    },
     Info(Info),
-    MetaContext { id: u32, name: String },
+    MetaContext {
+        id: u32,
+        name: String,
+    },
     /// An error reply type (bit 31 set) with a human-readable message.
-    Error { kind: u32, message: String },
+    Error {
+        kind: u32,
+        message: String,
+    },
 }
 
 /// Why an option reply could not be decoded (client side).
@@ -841,10 +857,22 @@ pub enum Reply {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk {
     None,
-    Data { offset: u64, data: Bytes },
-    Hole { offset: u64, length: u32 },
-    BlockStatus { context_id: u32, descriptors: Vec<BlockDescriptor> },
-    Error { error: u32, message: String },
+    Data {
+        offset: u64,
+        data: Bytes,
+    },
+    Hole {
+        offset: u64,
+        length: u32,
+    },
+    BlockStatus {
+        context_id: u32,
+        descriptors: Vec<BlockDescriptor>,
+    },
+    Error {
+        error: u32,
+        message: String,
+    },
     Other(Bytes),
 }
 

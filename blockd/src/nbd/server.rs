@@ -178,11 +178,18 @@ pub async fn run_with(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    tracing::info!(connections = connections.len(), "shutting down: no longer accepting");
+    tracing::info!(
+        connections = connections.len(),
+        "shutting down: no longer accepting"
+    );
     acceptors.shutdown().await;
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
-    export.store.flush().await.map_err(ServerError::FinalFlush)?;
+    export
+        .store
+        .flush()
+        .await
+        .map_err(ServerError::FinalFlush)?;
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -265,7 +272,16 @@ pub async fn serve_stream<S: Transport>(
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    match transmission::serve(reader, writer, export.store.clone(), session, limits, shutdown).await {
+    match transmission::serve(
+        reader,
+        writer,
+        export.store.clone(),
+        session,
+        limits,
+        shutdown,
+    )
+    .await
+    {
         Ok(end) => tracing::debug!(?end, "connection closed"),
         Err(e) => tracing::info!(error = %e, "connection ended"),
     }
@@ -345,8 +361,20 @@ mod tests {
         c.read_exact(&mut reply).await.unwrap();
         assert_eq!(u64::from_be_bytes(reply[..8].try_into().unwrap()), 1 << 20);
         // Pipeline a write and a read, then shut the server down before reading replies.
-        let write = Request { flags: CMD_FLAG_FUA, kind: CMD_WRITE, cookie: 1, offset: 4096, length: 4096 };
-        let read = Request { flags: 0, kind: CMD_READ, cookie: 2, offset: 0, length: 512 };
+        let write = Request {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 1,
+            offset: 4096,
+            length: 4096,
+        };
+        let read = Request {
+            flags: 0,
+            kind: CMD_READ,
+            cookie: 2,
+            offset: 0,
+            length: 512,
+        };
         c.write_all(&write.encode()).await.unwrap();
         c.write_all(&[0x5a; 4096]).await.unwrap();
         c.write_all(&read.encode()).await.unwrap();
@@ -360,18 +388,34 @@ mod tests {
         let mut rest = Vec::new();
         c.read_to_end(&mut rest).await.unwrap();
         // A read reply's 512 data bytes follow its header.
-        let mut at = if matches!(first, Reply::Simple { cookie: 2, error: 0 }) { 512 } else { 0 };
+        let mut at = if matches!(
+            first,
+            Reply::Simple {
+                cookie: 2,
+                error: 0
+            }
+        ) {
+            512
+        } else {
+            0
+        };
         while at < rest.len() {
             let (r, used) = Reply::decode(&rest[at..]).unwrap();
             at += used;
-            if let Reply::Simple { cookie: 2, error: 0 } = r {
+            if let Reply::Simple {
+                cookie: 2,
+                error: 0,
+            } = r
+            {
                 at += 512;
             }
             replies.push(r);
         }
         assert_eq!(at, rest.len());
         for r in replies {
-            let Reply::Simple { cookie, error } = r else { panic!("{r:?}") };
+            let Reply::Simple { cookie, error } = r else {
+                panic!("{r:?}")
+            };
             assert_eq!(error, 0);
             cookies.push(cookie);
         }
@@ -382,6 +426,9 @@ mod tests {
             .expect("server stops")
             .unwrap()
             .unwrap();
-        assert_eq!(&store.read(4096, 4096).await.unwrap()[..], &[0x5a; 4096][..]);
+        assert_eq!(
+            &store.read(4096, 4096).await.unwrap()[..],
+            &[0x5a; 4096][..]
+        );
     }
 }

@@ -36,12 +36,13 @@ impl TlsSettings {
     /// exists, clients must present a certificate issued by that CA.
     pub fn from_dir(dir: &Path, required: bool) -> Result<TlsSettings, TlsSettingsError> {
         let verify_clients = dir.join("ca-cert.pem").exists();
-        let config = common::tls::nbd_server_config_from_dir(dir, verify_clients).map_err(
-            |source| TlsSettingsError::Load {
-                dir: dir.display().to_string(),
-                source,
-            },
-        )?;
+        let config =
+            common::tls::nbd_server_config_from_dir(dir, verify_clients).map_err(|source| {
+                TlsSettingsError::Load {
+                    dir: dir.display().to_string(),
+                    source,
+                }
+            })?;
         Ok(TlsSettings {
             acceptor: TlsAcceptor::from(config),
             required,

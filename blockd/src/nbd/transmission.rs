@@ -115,11 +115,26 @@ pub fn errno(error: &RequestError) -> u32 {
 /// A validated request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    Read { offset: u64, len: u32, df: bool },
-    Write { offset: u64, len: u32, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+        df: bool,
+    },
+    Write {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    Cache { offset: u64, len: u32 },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    Cache {
+        offset: u64,
+        len: u32,
+    },
     WriteZeroes {
         offset: u64,
         len: u32,
@@ -180,7 +195,10 @@ pub fn validate(
     if len == 0 {
         return Err(RequestError::ZeroLength);
     }
-    if offset.checked_add(u64::from(len)).is_none_or(|end| end > size) {
+    if offset
+        .checked_add(u64::from(len))
+        .is_none_or(|end| end > size)
+    {
         return Err(RequestError::OutOfRange {
             offset,
             length: len,
@@ -238,7 +256,10 @@ pub fn descriptors(extents: &[Extent], len: u32, req_one: bool) -> Vec<BlockDesc
         }
     }
     if out.is_empty() {
-        out.push(BlockDescriptor { length: len, status: 0 });
+        out.push(BlockDescriptor {
+            length: len,
+            status: 0,
+        });
     }
     if req_one {
         out.truncate(1);
@@ -338,7 +359,13 @@ impl Ctx {
         }
     }
 
-    fn done(&self, cookie: u64, command: u16, result: Result<(), RequestError>, permit: OwnedSemaphorePermit) {
+    fn done(
+        &self,
+        cookie: u64,
+        command: u16,
+        result: Result<(), RequestError>,
+        permit: OwnedSemaphorePermit,
+    ) {
         match result {
             Ok(()) => self.ok(cookie, Some(permit)),
             Err(e) => self.fail(cookie, command, &e),
@@ -392,7 +419,14 @@ async fn read_range(
     Ok(pieces)
 }
 
-async fn serve_read(ctx: Ctx, cookie: u64, offset: u64, len: u32, df: bool, permit: OwnedSemaphorePermit) {
+async fn serve_read(
+    ctx: Ctx,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    df: bool,
+    permit: OwnedSemaphorePermit,
+) {
     let result = if ctx.session.structured {
         structured_read(&ctx, cookie, offset, len, df).await
     } else {
@@ -422,7 +456,10 @@ async fn structured_read(
     let chunk = ctx.limits.chunk;
     let extents = if !df && len >= ctx.limits.hole_detect_min {
         // Hole detection is an optimisation: if it fails, the read itself reports errors.
-        ctx.store.block_status(offset, u64::from(len)).await.unwrap_or_default()
+        ctx.store
+            .block_status(offset, u64::from(len))
+            .await
+            .unwrap_or_default()
     } else {
         Vec::new()
     };
@@ -538,7 +575,15 @@ async fn run_op(ctx: &Ctx, op: Op) -> Result<(), RequestError> {
     }
 }
 
-async fn serve_block_status(ctx: Ctx, cookie: u64, offset: u64, len: u32, req_one: bool, context: u32, permit: OwnedSemaphorePermit) {
+async fn serve_block_status(
+    ctx: Ctx,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+    context: u32,
+    permit: OwnedSemaphorePermit,
+) {
     match ctx.store.block_status(offset, u64::from(len)).await {
         Ok(extents) => {
             let descs = descriptors(&extents, len, req_one);
@@ -572,7 +617,9 @@ impl WriteJoin {
             let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
             match error {
                 None => self.ctx.ok(self.cookie, None),
-                Some(e) => self.ctx.fail(self.cookie, CMD_WRITE, &RequestError::Store(e)),
+                Some(e) => self
+                    .ctx
+                    .fail(self.cookie, CMD_WRITE, &RequestError::Store(e)),
             }
         }
     }
@@ -632,7 +679,9 @@ where
         replies: tx,
         span: Span::current(),
     };
-    let budget = Arc::new(Semaphore::new(limits.budget.max(limits.max_payload as usize)));
+    let budget = Arc::new(Semaphore::new(
+        limits.budget.max(limits.max_payload as usize),
+    ));
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     let read_result = read_loop(&mut reader, &ctx, &budget, shutdown).await;
     drop(ctx);
@@ -689,7 +738,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 context,
             }) => {
                 let permit = charge(budget, 0).await;
-                tokio::spawn(serve_block_status(ctx.clone(), cookie, offset, len, req_one, context, permit));
+                tokio::spawn(serve_block_status(
+                    ctx.clone(),
+                    cookie,
+                    offset,
+                    len,
+                    req_one,
+                    context,
+                    permit,
+                ));
             }
             Ok(op) => {
                 let permit = charge(budget, 0).await;
@@ -717,7 +774,10 @@ async fn charge(budget: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
 async fn read_request<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
 ) -> Result<Option<Request>, TransmissionError> {
-    let available = reader.fill_buf().await.map_err(TransmissionError::ReadRequest)?;
+    let available = reader
+        .fill_buf()
+        .await
+        .map_err(TransmissionError::ReadRequest)?;
     if available.is_empty() {
         return Ok(None);
     }
@@ -796,7 +856,9 @@ async fn read_payload<R: AsyncRead + Unpin>(
             .await
             .map_err(TransmissionError::ReadPayload)?;
         if n == 0 {
-            return Err(TransmissionError::ReadPayload(io::ErrorKind::UnexpectedEof.into()));
+            return Err(TransmissionError::ReadPayload(
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
         }
     }
     Ok(buf.freeze())
@@ -814,7 +876,9 @@ async fn discard<R: AsyncRead + Unpin>(
         .await
         .map_err(TransmissionError::ReadPayload)?;
     if copied < len {
-        return Err(TransmissionError::ReadPayload(io::ErrorKind::UnexpectedEof.into()));
+        return Err(TransmissionError::ReadPayload(
+            io::ErrorKind::UnexpectedEof.into(),
+        ));
     }
     Ok(())
 }
@@ -830,6 +894,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(first) = rx.recv().await {
         let mut bytes = first.len();
         batch.push(first);
+        if rx.is_empty() {
+            // Let request tasks that are ready right now finish first, so their replies share
+            // this write; costs no syscall and little latency.
+            tokio::task::yield_now().await;
+        }
         while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
                 Ok(next) => {

@@ -10,3 +10,13 @@ pub mod quorum;
 pub mod split_brain;
 pub mod state;
 pub mod sync_decision;
+pub mod link;
+pub mod wire;
+pub mod device;
+pub mod peer;
+pub mod ranges;
+pub mod resource;
+pub mod resync;
+#[cfg(test)]
+mod tests;
+pub mod node;

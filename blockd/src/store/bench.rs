@@ -33,8 +33,22 @@ impl Job {
     }
 }
 
-/// Runs one job for `secs` with `depth` concurrent tasks; returns operations per second.
-async fn run_job(store: &BlockStore, job: Job, secs: f64) -> f64 {
+/// CPU time (user + system) consumed by this process so far, in microseconds; includes the
+/// engine threads and the kernel's io_uring workers (they are threads of this process).
+fn cpu_micros() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we pass; it has no other side effects.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Runs one job for `secs` with `depth` concurrent tasks; returns (operations per second,
+/// CPU microseconds per operation).
+async fn run_job(store: &BlockStore, job: Job, secs: f64) -> (f64, f64) {
     let (bs, depth, write, random) = job.shape();
     let blocks = store.size() / bs as u64;
     let seq = Arc::new(AtomicU64::new(0));
@@ -69,11 +83,13 @@ async fn run_job(store: &BlockStore, job: Job, secs: f64) -> f64 {
         });
     }
     let start = Instant::now();
+    let cpu = cpu_micros();
     let mut total = 0;
     while let Some(r) = tasks.join_next().await {
         total += r.unwrap();
     }
-    total as f64 / start.elapsed().as_secs_f64()
+    let cpu_per_op = (cpu_micros() - cpu) / total.max(1) as f64;
+    (total as f64 / start.elapsed().as_secs_f64(), cpu_per_op)
 }
 
 fn configs() -> Vec<(String, EngineKind, EngineConfig)> {
@@ -162,8 +178,12 @@ fn bench_dir(dir: &Path) {
         dir.display()
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>12}",
-        "engine", "4k rw IOPS", "4k rr IOPS", "1M sw MiB/s", "1M sr MiB/s"
+        "{:<22} {:>18} {:>18} {:>18} {:>18}",
+        "engine (rate, CPU/op)",
+        "4k randwrite IOPS",
+        "4k randread IOPS",
+        "1M write MiB/s",
+        "1M read MiB/s"
     );
     for (name, kind, config) in configs() {
         let o = OpenOptions {
@@ -179,11 +199,8 @@ fn bench_dir(dir: &Path) {
             Job::SeqWrite1m,
             Job::SeqRead1m,
         ] {
-            let ops = rt.block_on(run_job(&store, job, secs));
-            cols.push(match job {
-                Job::RandWrite4k | Job::RandRead4k => format!("{ops:12.0}"),
-                _ => format!("{ops:12.0}"),
-            });
+            let (ops, cpu) = rt.block_on(run_job(&store, job, secs));
+            cols.push(format!("{ops:>9.0} {cpu:>6.1}us"));
         }
         println!("{name:<22} {}", cols.join(" "));
     }

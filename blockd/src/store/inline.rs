@@ -6,6 +6,10 @@
 //! kernel cannot do without blocking (`EAGAIN`, a short transfer) goes to the engine for the
 //! remainder, as does every FUA write. Filesystems without `RWF_NOWAIT` support disable the
 //! path on the first `EOPNOTSUPP`.
+//!
+//! Memory-backed files (tmpfs, ramfs) never wait for a device, but tmpfs rejects `RWF_NOWAIT`:
+//! for them plain (and FUA: `RWF_DSYNC` is free there) reads and writes run inline, bounded by
+//! the memcpy of at most `max` bytes.
 
 use std::fs::File;
 use std::io;
@@ -18,14 +22,17 @@ use super::os;
 pub(crate) struct InlinePath {
     /// Largest request tried inline (0 disables the path).
     max: usize,
+    /// tmpfs/ramfs: blocking calls are memcpys, run them inline without `RWF_NOWAIT`.
+    memory_backed: bool,
     reads: AtomicBool,
     writes: AtomicBool,
 }
 
 impl InlinePath {
-    pub(crate) fn new(max: usize) -> InlinePath {
+    pub(crate) fn new(max: usize, memory_backed: bool) -> InlinePath {
         InlinePath {
             max,
+            memory_backed,
             reads: AtomicBool::new(max > 0),
             writes: AtomicBool::new(max > 0),
         }
@@ -59,13 +66,19 @@ impl InlinePath {
     }
 
     /// Writes what can be written without blocking; returns the number of bytes written.
-    pub(crate) fn write(&self, file: &File, offset: u64, data: &[u8]) -> usize {
+    /// `fua` writes are only done inline on memory-backed files.
+    pub(crate) fn write(&self, file: &File, offset: u64, data: &[u8], fua: bool) -> usize {
         if data.len() > self.max || !self.writes.load(Ordering::Relaxed) {
             return 0;
         }
+        let flags = match (fua, self.memory_backed) {
+            (false, _) => self.nowait(),
+            (true, true) => libc::RWF_DSYNC,
+            (true, false) => return 0,
+        };
         let mut done = 0;
         while done < data.len() {
-            match os::pwrite_once(file, &data[done..], offset + done as u64, libc::RWF_NOWAIT) {
+            match os::pwrite_once(file, &data[done..], offset + done as u64, flags) {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) => {
@@ -75,6 +88,14 @@ impl InlinePath {
             }
         }
         done
+    }
+
+    fn nowait(&self) -> libc::c_int {
+        if self.memory_backed {
+            0
+        } else {
+            libc::RWF_NOWAIT
+        }
     }
 
     /// `EOPNOTSUPP` means this file never supports `RWF_NOWAIT`: stop trying. Any other error

@@ -11,6 +11,12 @@
 //! `RWF_DSYNC` writes (FUA) and `fdatasync` (flush). Block devices are the exception for
 //! discard/zeroing ioctls, which need logical-block alignment; unaligned edges of a zeroing
 //! request are written as zero buffers.
+//!
+//! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] first try `RWF_NOWAIT` on the calling
+//! thread ([`inline`]); whatever the page cache cannot serve without blocking goes to the engine.
+//! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread.
+//! All clones share one file, so `flush` (fdatasync) covers every write completed through any
+//! connection (what NBD `CAN_MULTI_CONN` promises).
 
 mod inline;
 mod os;
@@ -398,6 +404,7 @@ impl BlockStore {
         config: EngineConfig,
     ) -> Result<BlockStore, StoreError> {
         let (file, size, backing) = open_backing(path, opts)?;
+        let memory_backed = os::is_memory_backed(&file);
         let file = Arc::new(file);
         let (punch, zero_range, discard) = probe_zeroing(&file, backing, opts.read_only);
         let engine = match opts.engine {
@@ -420,7 +427,7 @@ impl BlockStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
                 file,
-                inline: inline::InlinePath::new(config.inline_max),
+                inline: inline::InlinePath::new(config.inline_max, memory_backed),
                 size,
                 read_only: opts.read_only,
                 backing,
@@ -515,11 +522,10 @@ impl BlockStore {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         let len = data.len() as u64;
         self.check_write(offset, len)?;
-        let done = if fua {
-            0
-        } else {
-            self.inner.inline.write(&self.inner.file, offset, &data)
-        };
+        let done = self
+            .inner
+            .inline
+            .write(&self.inner.file, offset, &data, fua);
         if done == data.len() {
             return Ok(());
         }

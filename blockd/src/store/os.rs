@@ -143,6 +143,19 @@ pub fn fadvise_willneed(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// The file lives in memory (tmpfs or ramfs): reads and writes never wait for a device.
+pub fn is_memory_backed(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    // SAFETY: `statfs` is plain old data; zeroed is a valid value, and fstatfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one `statfs` through the pointer, which points at a live local.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    matches!(st.f_type as i64, TMPFS_MAGIC | RAMFS_MAGIC)
+}
+
 /// Size in bytes of a block device (`BLKGETSIZE64`).
 pub fn block_device_size(file: &File) -> io::Result<u64> {
     let mut size: u64 = 0;

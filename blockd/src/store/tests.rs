@@ -919,3 +919,12 @@ fn errors_carry_errno() {
     assert!(std::error::Error::source(&e).is_some());
     assert_eq!(StoreError::ReadOnly.raw_os_error(), None);
 }
+
+#[test]
+fn memory_backed_detection() {
+    for (fs, expected) in [(Fs::Tmpfs, true), (Fs::Disk, false)] {
+        let dir = tempdir(fs);
+        let f = std::fs::File::create(dir.path().join("f")).unwrap();
+        assert_eq!(os::is_memory_backed(&f), expected, "{fs:?}");
+    }
+}

@@ -16,7 +16,11 @@ use filed::session::ServeOptions;
 use filed::store::RedbStore;
 
 #[derive(Parser)]
-#[command(name = "filed", version, about = "csync2-style group file synchronisation")]
+#[command(
+    name = "filed",
+    version,
+    about = "csync2-style group file synchronisation"
+)]
 struct Cli {
     /// Configuration file (the same on every host).
     #[arg(long, global = true, default_value = DEFAULT_CONFIG)]
@@ -107,20 +111,29 @@ fn absolute(p: &str) -> String {
     if p.starts_with('/') || p.starts_with('%') {
         p.to_string()
     } else {
-        std::env::current_dir().map(|d| d.join(p).display().to_string()).unwrap_or_else(|_| p.to_string())
+        std::env::current_dir()
+            .map(|d| d.join(p).display().to_string())
+            .unwrap_or_else(|_| p.to_string())
     }
 }
 
 fn run() -> Result<i32> {
     let cli = Cli::parse();
-    if let Cmd::Keygen { file: Some(file), .. } = &cli.cmd {
+    if let Cmd::Keygen {
+        file: Some(file), ..
+    } = &cli.cmd
+    {
         filed::keygen::write_group_key(file)?;
         println!("wrote group key {}", file.display());
         return Ok(0);
     }
     let config = Arc::new(Config::load(&cli.config)?);
     if let Cmd::Keygen { file: None, hosts } = &cli.cmd {
-        let only = if hosts.is_empty() { None } else { Some(hosts.as_slice()) };
+        let only = if hosts.is_empty() {
+            None
+        } else {
+            Some(hosts.as_slice())
+        };
         for p in filed::keygen::generate_missing(&config, only)? {
             println!("created {}", p.display());
         }
@@ -134,16 +147,27 @@ fn run() -> Result<i32> {
             let node = Arc::new(Node::new(config.clone(), me.clone(), Arc::new(store)));
             let addr = listen.unwrap_or_else(|| me.address.clone());
             return rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
                 let control = server::bind_control(&control_path(&me.state))?;
                 let shutdown = async {
-                    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .expect("signal handler");
                     tokio::select! {
                         _ = term.recv() => {},
                         _ = tokio::signal::ctrl_c() => {},
                     }
                 };
-                server::serve(node, listener, Some(control), ServeOptions::default(), shutdown).await?;
+                server::serve(
+                    node,
+                    listener,
+                    Some(control),
+                    ServeOptions::default(),
+                    shutdown,
+                )
+                .await?;
                 let _ = std::fs::remove_file(control_path(&me.state));
                 Ok(0)
             });
@@ -160,7 +184,9 @@ fn run() -> Result<i32> {
                 KeepArg::Remote => Keep::Remote,
             },
         },
-        Cmd::Force { path } => Command::Force { path: absolute(&path) },
+        Cmd::Force { path } => Command::Force {
+            path: absolute(&path),
+        },
         Cmd::Status { json } => Command::Status { json },
         Cmd::LsConflicts { json } => Command::LsConflicts { json },
     };
@@ -173,9 +199,13 @@ fn run() -> Result<i32> {
             None => {
                 // `filed serve` holds the database: let it run the command.
                 let sock = control_path(&me.state);
-                server::forward(&sock, &command)
-                    .await
-                    .with_context(|| format!("state database {} is busy and no filed serve answers on {}", me.state.display(), sock.display()))
+                server::forward(&sock, &command).await.with_context(|| {
+                    format!(
+                        "state database {} is busy and no filed serve answers on {}",
+                        me.state.display(),
+                        sock.display()
+                    )
+                })
             }
         }
     })?;

@@ -116,7 +116,10 @@ impl Harness {
         let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
         let mut all = head.to_vec();
         all.resize(CHUNK_HEADER_LEN + len, 0);
-        self.client.read_exact(&mut all[CHUNK_HEADER_LEN..]).await.unwrap();
+        self.client
+            .read_exact(&mut all[CHUNK_HEADER_LEN..])
+            .await
+            .unwrap();
         Reply::decode(&all).unwrap().0
     }
 
@@ -160,7 +163,9 @@ impl Harness {
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,14 +173,21 @@ async fn pipelined_requests_are_answered_by_cookie_and_disc_drains() {
     let mut h = start(false, false, Limits::default());
     // Pipeline 32 writes without reading replies, then DISC.
     for i in 0..32u64 {
-        h.send(req(CMD_WRITE, 0, 100 + i, i * 4096, 4096), &pattern(4096, i as u8)).await;
+        h.send(
+            req(CMD_WRITE, 0, 100 + i, i * 4096, 4096),
+            &pattern(4096, i as u8),
+        )
+        .await;
     }
     h.send(req(CMD_FLUSH, 0, 999, 0, 0), &[]).await;
     let mut seen = HashMap::new();
     for _ in 0..33 {
         let (cookie, error, _) = h.simple(|_| 0).await;
         assert_eq!(error, 0);
-        assert!(seen.insert(cookie, ()).is_none(), "duplicate reply for {cookie}");
+        assert!(
+            seen.insert(cookie, ()).is_none(),
+            "duplicate reply for {cookie}"
+        );
     }
     assert_eq!(seen.len(), 33);
     // Reads, pipelined; each answered with its own data.
@@ -189,7 +201,11 @@ async fn pipelined_requests_are_answered_by_cookie_and_disc_drains() {
     }
     // Writes followed immediately by DISC: all are replied to, then the stream ends.
     for i in 0..8u64 {
-        h.send(req(CMD_WRITE, CMD_FLAG_FUA, 300 + i, (64 + i) * 4096, 4096), &pattern(4096, 7)).await;
+        h.send(
+            req(CMD_WRITE, CMD_FLAG_FUA, 300 + i, (64 + i) * 4096, 4096),
+            &pattern(4096, 7),
+        )
+        .await;
     }
     h.send(req(CMD_DISC, 0, 400, 0, 0), &[]).await;
     for _ in 0..8 {
@@ -212,7 +228,11 @@ async fn errors_keep_the_connection_usable() {
     };
     let mut h = start(false, false, limits);
     // Too large: the payload is read and discarded.
-    h.send(req(CMD_WRITE, 0, 1, 0, (64 << 10) + 1), &vec![0xaa; (64 << 10) + 1]).await;
+    h.send(
+        req(CMD_WRITE, 0, 1, 0, (64 << 10) + 1),
+        &vec![0xaa; (64 << 10) + 1],
+    )
+    .await;
     assert_eq!(h.simple(|_| 0).await, (1, EOVERFLOW, vec![]));
     h.send(req(CMD_READ, 0, 2, 0, (64 << 10) + 1), &[]).await;
     assert_eq!(h.simple(|_| 0).await, (2, EOVERFLOW, vec![]));
@@ -226,7 +246,8 @@ async fn errors_keep_the_connection_usable() {
     // Unknown command, bad flags, zero length, DF without structured replies, FLUSH with a range.
     h.send(req(42, 0, 6, 0, 0), &[]).await;
     assert_eq!(h.simple(|_| 0).await, (6, EINVAL, vec![]));
-    h.send(req(CMD_WRITE, CMD_FLAG_NO_HOLE, 7, 0, 4), &[1, 2, 3, 4]).await;
+    h.send(req(CMD_WRITE, CMD_FLAG_NO_HOLE, 7, 0, 4), &[1, 2, 3, 4])
+        .await;
     assert_eq!(h.simple(|_| 0).await, (7, EINVAL, vec![]));
     h.send(req(CMD_READ, 0, 8, 0, 0), &[]).await;
     assert_eq!(h.simple(|_| 0).await, (8, EINVAL, vec![]));
@@ -243,7 +264,10 @@ async fn errors_keep_the_connection_usable() {
     assert_eq!(h.simple(|_| 5).await, (13, 0, b"\0xyz\0".to_vec()));
     // A bad magic ends the connection.
     h.client.write_all(&[0u8; REQUEST_LEN]).await.unwrap();
-    assert!(matches!(h.finish().await, Err(TransmissionError::BadMagic(0))));
+    assert!(matches!(
+        h.finish().await,
+        Err(TransmissionError::BadMagic(0))
+    ));
 }
 
 #[tokio::test]
@@ -261,7 +285,11 @@ async fn read_only_export_refuses_writes() {
     assert_eq!(h.simple(|_| 0).await.1, 0);
     drop(h.client);
     assert_eq!(
-        tokio::time::timeout(Duration::from_secs(5), h.server).await.unwrap().unwrap().unwrap(),
+        tokio::time::timeout(Duration::from_secs(5), h.server)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
         End::Eof
     );
 }
@@ -275,9 +303,11 @@ async fn large_writes_are_streamed_in_chunks() {
     };
     let mut h = start(false, false, limits);
     let data = pattern(3 << 20, 3);
-    h.send(req(CMD_WRITE, 0, 1, 4096, data.len() as u32), &data).await;
+    h.send(req(CMD_WRITE, 0, 1, 4096, data.len() as u32), &data)
+        .await;
     assert_eq!(h.simple(|_| 0).await, (1, 0, vec![]));
-    h.send(req(CMD_READ, 0, 2, 4096, data.len() as u32), &[]).await;
+    h.send(req(CMD_READ, 0, 2, 4096, data.len() as u32), &[])
+        .await;
     let (cookie, error, back) = h.simple(|_| 3 << 20).await;
     assert_eq!((cookie, error), (2, 0));
     assert!(back == data);
@@ -288,8 +318,15 @@ async fn structured_reads_send_holes_and_block_status() {
     let mut h = start(true, false, Limits::default());
     // Data in the middle of a 1 MiB region; the rest is a hole of the sparse file.
     let data = pattern(64 << 10, 9);
-    h.send(req(CMD_WRITE, 0, 1, 512 << 10, data.len() as u32), &data).await;
-    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 1 }));
+    h.send(req(CMD_WRITE, 0, 1, 512 << 10, data.len() as u32), &data)
+        .await;
+    assert!(matches!(
+        h.message().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 1
+        }
+    ));
     h.send(req(CMD_READ, 0, 2, 0, 1 << 20), &[]).await;
     let (cookie, error, back, kinds) = h.structured_read(0, 1 << 20).await;
     assert_eq!((cookie, error), (2, 0));
@@ -316,8 +353,17 @@ async fn structured_reads_send_holes_and_block_status() {
     assert_eq!((error, kinds), (EINVAL, vec![REPLY_TYPE_ERROR]));
     // Block status with and without REQ_ONE.
     for (cookie, flags) in [(6u64, 0u16), (7, CMD_FLAG_REQ_ONE)] {
-        h.send(req(CMD_BLOCK_STATUS, flags, cookie, 0, 1 << 20), &[]).await;
-        let Reply::Chunk { header, payload: Chunk::BlockStatus { context_id, descriptors } } = h.message().await else {
+        h.send(req(CMD_BLOCK_STATUS, flags, cookie, 0, 1 << 20), &[])
+            .await;
+        let Reply::Chunk {
+            header,
+            payload:
+                Chunk::BlockStatus {
+                    context_id,
+                    descriptors,
+                },
+        } = h.message().await
+        else {
             panic!("not a block status chunk")
         };
         assert_eq!(header.cookie, cookie);
@@ -330,12 +376,29 @@ async fn structured_reads_send_holes_and_block_status() {
         }
     }
     // Write zeroes (punching) then the range reads as zeroes.
-    h.send(req(CMD_WRITE_ZEROES, 0, 8, 512 << 10, 4096), &[]).await;
-    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 8 }));
-    h.send(req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 520 << 10, 4096), &[]).await;
+    h.send(req(CMD_WRITE_ZEROES, 0, 8, 512 << 10, 4096), &[])
+        .await;
+    assert!(matches!(
+        h.message().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 8
+        }
+    ));
+    h.send(
+        req(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 520 << 10, 4096),
+        &[],
+    )
+    .await;
     match h.message().await {
-        Reply::Simple { error: 0, cookie: 9 } => assert!(h.store.supports_fast_zero()),
-        Reply::Chunk { payload: Chunk::Error { error, .. }, header } => {
+        Reply::Simple {
+            error: 0,
+            cookie: 9,
+        } => assert!(h.store.supports_fast_zero()),
+        Reply::Chunk {
+            payload: Chunk::Error { error, .. },
+            header,
+        } => {
             assert_eq!((header.cookie, error), (9, ENOTSUP));
         }
         other => panic!("{other:?}"),
@@ -344,9 +407,21 @@ async fn structured_reads_send_holes_and_block_status() {
     let (_, _, back, _) = h.structured_read(512 << 10, 4096).await;
     assert_eq!(back, vec![0u8; 4096]);
     h.send(req(CMD_CACHE, 0, 11, 0, 4096), &[]).await;
-    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 11 }));
+    assert!(matches!(
+        h.message().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 11
+        }
+    ));
     h.send(req(CMD_TRIM, CMD_FLAG_FUA, 12, 0, 4096), &[]).await;
-    assert!(matches!(h.message().await, Reply::Simple { error: 0, cookie: 12 }));
+    assert!(matches!(
+        h.message().await,
+        Reply::Simple {
+            error: 0,
+            cookie: 12
+        }
+    ));
     h.send(req(CMD_DISC, 0, 13, 0, 0), &[]).await;
     assert_eq!(h.finish().await.unwrap(), End::Disconnect);
 }
@@ -372,15 +447,27 @@ fn descriptors_merge_clip_and_limit() {
     assert_eq!(
         d,
         vec![
-            BlockDescriptor { length: 150, status: 0 },
+            BlockDescriptor {
+                length: 150,
+                status: 0
+            },
             BlockDescriptor {
                 length: 250,
                 status: STATE_HOLE | STATE_ZERO
             }
         ]
     );
-    assert_eq!(descriptors(&[e(100, false), e(50, true)], 400, true).len(), 1);
-    assert_eq!(descriptors(&[], 7, false), vec![BlockDescriptor { length: 7, status: 0 }]);
+    assert_eq!(
+        descriptors(&[e(100, false), e(50, true)], 400, true).len(),
+        1
+    );
+    assert_eq!(
+        descriptors(&[], 7, false),
+        vec![BlockDescriptor {
+            length: 7,
+            status: 0
+        }]
+    );
 }
 
 #[test]
@@ -396,9 +483,23 @@ fn validation_picks_the_right_error() {
     assert_eq!(v(req(CMD_WRITE_ZEROES, 0, 1, 995, 10), false), Err(ENOSPC));
     assert_eq!(v(req(CMD_READ, 0, 1, 995, 10), false), Err(EINVAL));
     assert_eq!(v(req(CMD_READ, 0, 1, 0, 65), false), Err(EOVERFLOW));
-    assert_eq!(v(req(CMD_TRIM, 0, 1, 0, 1000), false), Ok(Op::Trim { offset: 0, len: 1000, fua: false }));
+    assert_eq!(
+        v(req(CMD_TRIM, 0, 1, 0, 1000), false),
+        Ok(Op::Trim {
+            offset: 0,
+            len: 1000,
+            fua: false
+        })
+    );
     assert_eq!(v(req(CMD_BLOCK_STATUS, 0, 1, 0, 10), false), Err(EINVAL));
-    assert_eq!(v(req(CMD_READ, CMD_FLAG_DF, 1, 0, 10), false), Ok(Op::Read { offset: 0, len: 10, df: true }));
+    assert_eq!(
+        v(req(CMD_READ, CMD_FLAG_DF, 1, 0, 10), false),
+        Ok(Op::Read {
+            offset: 0,
+            len: 10,
+            df: true
+        })
+    );
     assert_eq!(v(req(CMD_READ, 1 << 9, 1, 0, 10), false), Err(EINVAL));
     assert_eq!(v(req(CMD_DISC, 0xffff, 1, 5, 5), false), Ok(Op::Disconnect));
     assert_eq!(

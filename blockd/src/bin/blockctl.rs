@@ -1,0 +1,339 @@
+//! blockctl: administer blockd resources — status, events, roles, connections, metadata,
+//! certificates — over blockd's control socket (metadata and certificates work offline).
+//!
+//! Exit codes: 0 ok; 1 failed (I/O, metadata, unexpected); 2 usage; 3 refused by the state
+//! (e.g. promotion rules); 4 unknown resource or peer; 5 blockd not reachable; 6 wait-sync
+//! timed out.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Parser, Subcommand};
+
+use blockd::config::ClusterConfig;
+use blockd::control::client::{Client, ClientError};
+use blockd::control::proto::{ErrorCode, Request, Response};
+use blockd::repl::resource::Status;
+
+#[derive(Parser)]
+#[command(name = "blockctl", version, about = "Administer blockd replicated resources")]
+struct Cli {
+    /// Cluster configuration file.
+    #[arg(long, global = true, default_value = "/etc/blockd/cluster.toml")]
+    config: PathBuf,
+    /// This node's name (default: matched by host name).
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// Control socket (default: from the config).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Role, disk state and per-peer replication state.
+    Status {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live stream of state changes, one line each.
+    Events {
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Become Primary (needs UpToDate data and no other Primary, or --force).
+    Promote {
+        resource: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Flush, stop the NBD export and become Secondary.
+    Demote { resource: String },
+    /// (Re)connect to peers (all, or --peer).
+    Connect {
+        resource: String,
+        #[arg(long)]
+        peer: Option<String>,
+        /// This node is the split-brain victim: discard its changes.
+        #[arg(long)]
+        discard_my_data: bool,
+    },
+    /// Drop the link(s) and stay StandAlone.
+    Disconnect {
+        resource: String,
+        #[arg(long)]
+        peer: Option<String>,
+    },
+    /// Initialise this node's metadata for a resource (refuses existing metadata without --force).
+    CreateMd {
+        resource: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Wait (with a progress bar) until no resync is running and every peer is connected.
+    WaitSync {
+        resource: String,
+        /// Give up after this many seconds (exit code 6).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Make a cluster CA (if missing in DIR) and a certificate for every node of the config:
+    /// DIR/ca.pem, DIR/ca.key, DIR/NODE.pem, DIR/NODE.key.
+    Certs {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Write a new random shared secret to FILE (mode 0600).
+    GenSecret { file: PathBuf },
+}
+
+/// A failure with its exit code.
+struct Failure(u8, anyhow::Error);
+
+fn fail(code: u8, e: impl Into<anyhow::Error>) -> Failure {
+    Failure(code, e.into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blockctl: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, e)) => {
+            eprintln!("blockctl: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn load(cli: &Cli) -> Result<(ClusterConfig, String), Failure> {
+    let config = ClusterConfig::load(&cli.config).map_err(|e| fail(1, e))?;
+    let host = blockd::config::hostname().map_err(|e| fail(1, e))?;
+    let node = config
+        .local_node_name(cli.node.as_deref(), &host)
+        .map_err(|e| fail(1, e))?;
+    Ok((config, node))
+}
+
+fn socket(cli: &Cli) -> Result<PathBuf, Failure> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    let (config, node) = load(cli)?;
+    Ok(config.control_socket_of(&node))
+}
+
+async fn call(path: &Path, req: &Request) -> Result<Response, Failure> {
+    let mut c = Client::connect(path).await.map_err(client_failure)?;
+    let resp = c.call(req).await.map_err(client_failure)?;
+    check(resp)
+}
+
+fn client_failure(e: ClientError) -> Failure {
+    match e {
+        ClientError::Connect { .. } => fail(5, e),
+        other => fail(1, other),
+    }
+}
+
+fn check(resp: Response) -> Result<Response, Failure> {
+    if resp.ok == Some(false) {
+        let code = match resp.code {
+            Some(ErrorCode::Refused) => 3,
+            Some(ErrorCode::Unknown) => 4,
+            Some(ErrorCode::BadRequest) => 2,
+            _ => 1,
+        };
+        return Err(fail(code, anyhow!(resp.error.unwrap_or_default())));
+    }
+    Ok(resp)
+}
+
+fn print_status(s: &Status) {
+    println!("{} role:{} disk:{} size:{}", s.resource, s.role, s.disk, s.size);
+    for p in &s.peers {
+        print!(
+            "  {} (id {}, protocol {}) connection:{} replication:{} role:{} disk:{} out-of-sync:{} in-flight:{}",
+            p.node, p.id, p.protocol, p.connection, p.replication, p.role, p.disk,
+            p.out_of_sync_bytes, p.in_flight
+        );
+        if let Some(r) = &p.resync {
+            print!(" resync:{}% ({}/{} bytes, {} B/s)", r.percent, r.done_bytes, r.total_bytes, r.rate);
+        }
+        if let Some(e) = &p.last_error
+            && p.connection != "connected"
+        {
+            print!(" last-error:{e:?}");
+        }
+        println!();
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match &cli.command {
+        Cmd::Status { resource, json } => {
+            let resp = call(&socket(&cli)?, &Request::new("status", resource.as_deref())).await?;
+            let all = resp.status.unwrap_or_default();
+            if *json {
+                let text = if resource.is_some() && all.len() == 1 {
+                    serde_json::to_string_pretty(&all[0])
+                } else {
+                    serde_json::to_string_pretty(&all)
+                };
+                println!("{}", text.map_err(|e| fail(1, e))?);
+            } else {
+                all.iter().for_each(print_status);
+            }
+            Ok(())
+        }
+        Cmd::Events { resource, json } => {
+            let path = socket(&cli)?;
+            let mut c = Client::connect(&path).await.map_err(client_failure)?;
+            check(c.call(&Request::new("events", resource.as_deref())).await.map_err(client_failure)?)?;
+            loop {
+                let r = match c.next().await {
+                    Ok(r) => r,
+                    Err(ClientError::Closed) => return Ok(()),
+                    Err(e) => return Err(client_failure(e)),
+                };
+                if let Some(ev) = r.event {
+                    if *json {
+                        println!("{}", serde_json::to_string(&ev).map_err(|e| fail(1, e))?);
+                    } else {
+                        println!("{}", ev.line());
+                    }
+                }
+            }
+        }
+        Cmd::Promote { resource, force } => {
+            let mut req = Request::new("promote", Some(resource));
+            req.force = *force;
+            call(&socket(&cli)?, &req).await.map(drop)
+        }
+        Cmd::Demote { resource } => call(&socket(&cli)?, &Request::new("demote", Some(resource)))
+            .await
+            .map(drop),
+        Cmd::Connect {
+            resource,
+            peer,
+            discard_my_data,
+        } => {
+            let mut req = Request::new("connect", Some(resource));
+            req.peer = peer.clone();
+            req.discard_my_data = *discard_my_data;
+            call(&socket(&cli)?, &req).await.map(drop)
+        }
+        Cmd::Disconnect { resource, peer } => {
+            let mut req = Request::new("disconnect", Some(resource));
+            req.peer = peer.clone();
+            call(&socket(&cli)?, &req).await.map(drop)
+        }
+        Cmd::CreateMd { resource, force } => {
+            let (config, node) = load(&cli)?;
+            let local = config
+                .resources_of(&node)
+                .into_iter()
+                .find(|l| l.resource.name == *resource)
+                .ok_or_else(|| fail(4, anyhow!("node {node} has no resource {resource:?}")))?;
+            blockd::repl::resource::create_md(&local, *force).map_err(|e| fail(1, e))?;
+            println!("{resource}: metadata created on node {node}");
+            Ok(())
+        }
+        Cmd::WaitSync { resource, timeout } => {
+            let path = socket(&cli)?;
+            let start = Instant::now();
+            loop {
+                let resp = call(&path, &Request::new("status", Some(resource))).await?;
+                let s = resp.status.and_then(|mut v| v.pop()).ok_or_else(|| fail(1, anyhow!("no status")))?;
+                let syncing: Vec<_> = s.peers.iter().filter_map(|p| p.resync.as_ref().map(|r| (p, r))).collect();
+                let settled = syncing.is_empty()
+                    && s.peers.iter().all(|p| p.connection == "connected" && p.replication == "established");
+                if let Some((p, r)) = syncing.first() {
+                    let width = 30usize;
+                    let filled = ((r.percent / 100.0) * width as f64) as usize;
+                    eprint!("\r{} {} [{}{}] {:5.1}% {} MiB/s   ", s.resource, p.node,
+                        "#".repeat(filled.min(width)), " ".repeat(width - filled.min(width)),
+                        r.percent, r.rate >> 20);
+                }
+                if settled {
+                    eprintln!("\r{}: in sync{}", s.resource, " ".repeat(50));
+                    return Ok(());
+                }
+                if let Some(t) = timeout
+                    && start.elapsed() > Duration::from_secs(*t)
+                {
+                    eprintln!();
+                    return Err(fail(6, anyhow!("not in sync after {t} s")));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Cmd::Certs { dir } => {
+            let config = ClusterConfig::load(&cli.config).map_err(|e| fail(1, e))?;
+            certs(&config, dir).map_err(|e| fail(1, e))
+        }
+        Cmd::GenSecret { file } => {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(file)
+                .with_context(|| format!("cannot create {}", file.display()))
+                .map_err(|e| fail(1, e))?;
+            writeln!(f, "{}", common::auth::SharedKey::generate_secret())
+                .with_context(|| format!("cannot write {}", file.display()))
+                .map_err(|e| fail(1, e))
+        }
+    }
+}
+
+fn certs(config: &ClusterConfig, dir: &Path) -> Result<()> {
+    use common::tls::{PemPair, generate_ca, issue_cert};
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let ca = if ca_cert.exists() {
+        PemPair::read(&ca_cert, &ca_key)?
+    } else {
+        let ca = generate_ca("blockd cluster CA")?;
+        ca.write(&ca_cert, &ca_key)?;
+        println!("created {}", ca_cert.display());
+        ca
+    };
+    let mut done = std::collections::HashSet::new();
+    for r in &config.resources {
+        for n in &r.nodes {
+            if !done.insert(n.name.clone()) {
+                continue;
+            }
+            let link = blockd::repl::link::LinkNode {
+                name: n.name.clone(),
+                id: n.id,
+                address: n.address,
+            };
+            let mut names = vec![blockd::repl::link::certificate_name(&link)];
+            let ip = n.address.ip().to_string();
+            if !names.contains(&ip) {
+                names.push(ip);
+            }
+            let pair = issue_cert(&ca, &names)?;
+            let (c, k) = (dir.join(format!("{}.pem", n.name)), dir.join(format!("{}.key", n.name)));
+            pair.write(&c, &k)?;
+            println!("issued {} for {}", c.display(), names.join(", "));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! The control socket server: one task per client connection.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::proto::{ErrorCode, Request, Response, VERSION};
+use crate::repl::resource::{Resource, ResourceError, error_chain};
+
+/// Serves `listener` for `resources` until `shutdown` completes.
+pub async fn serve(
+    listener: UnixListener,
+    resources: Vec<Arc<Resource>>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let resources = Arc::new(resources);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            a = listener.accept() => match a {
+                Ok((s, _)) => {
+                    let r = resources.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client(s, r).await {
+                            tracing::debug!("control client: {e}");
+                        }
+                    });
+                }
+                Err(e) => tracing::warn!("control socket accept failed: {e}"),
+            }
+        }
+    }
+}
+
+async fn send(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(r).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+fn pick<'a>(
+    resources: &'a [Arc<Resource>],
+    name: Option<&str>,
+) -> Result<Vec<&'a Arc<Resource>>, Response> {
+    match name {
+        None => Ok(resources.iter().collect()),
+        Some(n) => match resources.iter().find(|r| r.name() == n) {
+            Some(r) => Ok(vec![r]),
+            None => Err(Response::error(
+                ErrorCode::Unknown,
+                format!("no resource {n:?} on this node"),
+            )),
+        },
+    }
+}
+
+fn failure(e: ResourceError) -> Response {
+    let code = match e {
+        ResourceError::PromoteRefused(_) | ResourceError::Diskless => ErrorCode::Refused,
+        ResourceError::UnknownPeer(_) => ErrorCode::Unknown,
+        _ => ErrorCode::Failed,
+    };
+    Response::error(code, error_chain(&e))
+}
+
+async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::Result<()> {
+    let (r, mut w) = s.into_split();
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let req: Request = match serde_json::from_str(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                send(&mut w, &Response::error(ErrorCode::BadRequest, format!("malformed request: {e}"))).await?;
+                continue;
+            }
+        };
+        if req.v != VERSION {
+            send(&mut w, &Response::error(ErrorCode::BadRequest,
+                format!("protocol version {} not supported (this blockd speaks {VERSION})", req.v))).await?;
+            continue;
+        }
+        let picked = match pick(&resources, req.resource.as_deref()) {
+            Ok(p) => p,
+            Err(resp) => {
+                send(&mut w, &resp).await?;
+                continue;
+            }
+        };
+        let one = || -> Result<&Arc<Resource>, Response> {
+            match (req.resource.as_deref(), picked.as_slice()) {
+                (Some(_), [r]) => Ok(r),
+                _ => Err(Response::error(ErrorCode::BadRequest, "this command needs a resource name")),
+            }
+        };
+        let resp = match req.cmd.as_str() {
+            "status" => Response {
+                status: Some(picked.iter().map(|r| r.status()).collect()),
+                ..Response::ok()
+            },
+            "promote" => match one() {
+                Ok(r) => r.promote(req.force).await.map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "demote" => match one() {
+                Ok(r) => r.demote().await.map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "connect" => match one() {
+                Ok(r) => r
+                    .connect(req.peer.as_deref(), req.discard_my_data)
+                    .map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "disconnect" => match one() {
+                Ok(r) => r.disconnect(req.peer.as_deref()).map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "events" => {
+                let mut subs: Vec<_> = picked.iter().map(|r| r.subscribe()).collect();
+                send(&mut w, &Response::ok()).await?;
+                let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+                for mut s in subs.drain(..) {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        loop {
+                            match s.recv().await {
+                                Ok(ev) => {
+                                    if tx.send(ev).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                }
+                drop(tx);
+                while let Some(ev) = rx.recv().await {
+                    send(&mut w, &Response { event: Some(ev), ..Response { ok: None, ..Response::ok() } }).await?;
+                }
+                return Ok(());
+            }
+            other => Response::error(ErrorCode::BadRequest, format!("unknown command {other:?}")),
+        };
+        send(&mut w, &resp).await?;
+    }
+    Ok(())
+}

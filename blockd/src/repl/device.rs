@@ -1,0 +1,424 @@
+//! The replicated write path of the Primary (same async method set as `BlockStore`), and
+//! [`Device`]: what an NBD export serves — a plain local store or a replicated resource.
+//!
+//! One write: hold its byte range (overlapping requests wait) → activity log (persist a
+//! transaction first when the extent is cold) → in one ordered step, a `Barrier` if a request
+//! completed since the last one, then `Data` queued to every connected peer (disconnected peers
+//! get the range set in their bitmap instead) → local write → wait for the protocol's ack
+//! point of every connected peer (A: queued; B: received; C: written). A peer lost before
+//! acking gets the range in its bitmap (by the session's loss handler) and the request still
+//! completes: degraded mode.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::meta::activity_log::AlBusy;
+use crate::repl::peer::PendingWrite;
+use crate::repl::resource::Resource;
+use crate::repl::state::{PeerAck, Protocol, Role};
+use crate::repl::wire::{FLAG_FUA, Message};
+use crate::store::{BlockStore, Extent, StoreError};
+
+fn meta_failure(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Write {
+        offset,
+        len,
+        source: std::io::Error::other(format!("replication metadata: {e}")),
+    }
+}
+
+impl Resource {
+    fn check_primary_write(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if self.role() != Role::Primary {
+            return Err(StoreError::ReadOnly);
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= self.store.size() => Ok(()),
+            _ => Err(StoreError::OutOfRange {
+                offset,
+                len,
+                size: self.store.size(),
+            }),
+        }
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> (u32, u32) {
+        let es = u64::from(self.meta.lock().expect("meta").sb.geometry.al_extent_size);
+        let last = offset + len.max(1) - 1;
+        ((offset / es) as u32, (last / es) as u32)
+    }
+
+    /// Registers a write in the activity log, persisting a transaction (and the bitmap pages of
+    /// evicted extents) before it may start.
+    async fn al_begin(&self, offset: u64, len: u64) -> Result<(u32, u32), StoreError> {
+        let (first, last) = self.extents(offset, len);
+        let _gate = self.al_gate.lock().await;
+        loop {
+            let freed = self.al_freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let r = self.meta.lock().expect("meta").al.begin(first, last);
+            match r {
+                Ok(p) if p.is_empty() => return Ok((first, last)),
+                Ok(pending) => {
+                    self.meta_io(move |m| {
+                        let es = u64::from(m.sb.geometry.al_extent_size);
+                        for t in &pending {
+                            for &e in &t.evicted {
+                                for slot in 0..m.bitmaps.len() {
+                                    let b = &m.bitmaps[slot];
+                                    m.file.write_bitmap_pages(
+                                        slot as u32,
+                                        b,
+                                        b.pages_for_range(u64::from(e) * es, es),
+                                    )?;
+                                }
+                            }
+                            if !t.evicted.is_empty() {
+                                m.file.sync()?;
+                            }
+                            m.file.write_al_transaction(t)?;
+                        }
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| meta_failure(offset, len, e))?;
+                    return Ok((first, last));
+                }
+                Err(AlBusy::Full) => freed.await,
+                Err(e @ AlBusy::TooLarge(_)) => return Err(meta_failure(offset, len, e)),
+            }
+        }
+    }
+
+    fn al_complete(&self, (first, last): (u32, u32)) {
+        self.meta.lock().expect("meta").al.complete(first, last);
+        self.al_freed.notify_waiters();
+    }
+
+    /// Queues one replicated request to every connected peer (after a barrier when a request
+    /// completed since the last one) and returns the acks to wait for. Disconnected peers get
+    /// the range in their bitmap.
+    fn replicate(
+        &self,
+        offset: u64,
+        len: u64,
+        make: impl Fn(u64) -> Message,
+    ) -> Vec<oneshot::Receiver<()>> {
+        let mut waits = Vec::new();
+        let mut untracked = Vec::new();
+        {
+            let mut order = self.order.lock().expect("order");
+            let seq = order.seq;
+            order.seq += 1;
+            let barrier = std::mem::take(&mut order.completed).then(|| {
+                order.epoch += 1;
+                order.epoch
+            });
+            for p in &self.peers {
+                let conn = p.conn.lock().expect("conn").clone();
+                let Some(c) = conn else {
+                    untracked.push(p.slot);
+                    continue;
+                };
+                let ack = p.protocol.peer_ack();
+                let (tx, rx) = oneshot::channel();
+                let waiter = if ack == PeerAck::None {
+                    None
+                } else {
+                    waits.push(rx);
+                    Some(tx)
+                };
+                let accepted = c.track(
+                    seq,
+                    PendingWrite {
+                        offset,
+                        len,
+                        ack,
+                        waiter,
+                    },
+                    barrier.map(|epoch| Message::Barrier { epoch }),
+                    make(seq),
+                );
+                if !accepted {
+                    untracked.push(p.slot);
+                }
+            }
+        }
+        if !untracked.is_empty() {
+            let mut m = self.meta.lock().expect("meta");
+            for s in untracked {
+                m.bitmaps[s].set_range(offset, len);
+            }
+        }
+        waits
+    }
+
+    fn completed(&self) {
+        self.order.lock().expect("order").completed = true;
+    }
+
+    /// Runs one modifying request through the replicated path.
+    async fn replicated(
+        &self,
+        offset: u64,
+        len: u64,
+        make: impl Fn(u64) -> Message,
+        local: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        let _role = self.role_gate.read().await;
+        self.check_primary_write(offset, len)?;
+        if len == 0 {
+            return local.await;
+        }
+        let _range = self.ranges.lock(offset, len).await;
+        let extents = self.al_begin(offset, len).await?;
+        let waits = self.replicate(offset, len, make);
+        let result = local.await;
+        for w in waits {
+            // An error means the link dropped: the range is in that peer's bitmap now.
+            let _ = w.await;
+        }
+        self.al_complete(extents);
+        self.completed();
+        result
+    }
+
+    /// Replicated write; `fua` makes it durable locally and on every peer that acks it.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        let flags = if fua { FLAG_FUA } else { 0 };
+        let payload = data.clone();
+        self.replicated(
+            offset,
+            len,
+            |seq| Message::Data {
+                seq,
+                offset,
+                flags,
+                payload: payload.clone(),
+            },
+            self.store.write(offset, data, fua),
+        )
+        .await
+    }
+
+    /// Local flush and, under protocol C, every connected peer's flush (`Flush`/`FlushAck`).
+    /// A flush also closes the write epoch on every peer.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let _role = self.role_gate.read().await;
+        if self.role() != Role::Primary {
+            return self.store.flush().await;
+        }
+        self.flush_inner().await
+    }
+
+    async fn flush_inner(&self) -> Result<(), StoreError> {
+        let mut waits = Vec::new();
+        {
+            let mut order = self.order.lock().expect("order");
+            let seq = order.seq;
+            order.seq += 1;
+            order.completed = false;
+            order.epoch += 1;
+            for p in &self.peers {
+                if let Some(c) = p.conn.lock().expect("conn").as_ref()
+                    && let Some(rx) = c.track_flush(seq, p.protocol == Protocol::C)
+                {
+                    waits.push(rx);
+                }
+            }
+        }
+        let local = self.store.flush().await;
+        for w in waits {
+            let _ = w.await;
+        }
+        local
+    }
+
+    /// Flush used by demotion (no role check: the role is already changing).
+    pub(crate) async fn flush_everywhere(&self) -> Result<(), StoreError> {
+        self.flush_inner().await
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.store.read(offset, len).await
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.replicated(
+            offset,
+            len,
+            |seq| Message::Zero {
+                seq,
+                offset,
+                len,
+                trim: true,
+                fua: false,
+            },
+            self.store.trim(offset, len),
+        )
+        .await
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.replicated(
+            offset,
+            len,
+            |seq| Message::Zero {
+                seq,
+                offset,
+                len,
+                trim: may_punch,
+                fua,
+            },
+            self.store.write_zeroes(offset, len, may_punch, fua),
+        )
+        .await
+    }
+
+    /// Zeroes fast locally (or fails with `NotFast` before anything is replicated); peers zero
+    /// the range however they can.
+    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if !self.store.supports_fast_zero() {
+            return Err(StoreError::NotFast);
+        }
+        self.replicated(
+            offset,
+            len,
+            |seq| Message::Zero {
+                seq,
+                offset,
+                len,
+                trim: false,
+                fua: false,
+            },
+            self.store.fast_zero(offset, len),
+        )
+        .await
+    }
+
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.store.cache(offset, len).await
+    }
+
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
+        self.store.block_status(offset, len).await
+    }
+}
+
+/// What an NBD export serves: the local store (standalone, unchanged fast path) or a
+/// replicated resource (writes refused unless Primary).
+#[derive(Clone)]
+pub enum Device {
+    Local(BlockStore),
+    Replicated(Arc<Resource>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Local(s) => s.fmt(f),
+            Device::Replicated(r) => write!(f, "Replicated({})", r.name()),
+        }
+    }
+}
+
+impl From<BlockStore> for Device {
+    fn from(s: BlockStore) -> Device {
+        Device::Local(s)
+    }
+}
+
+impl Device {
+    fn store(&self) -> &BlockStore {
+        match self {
+            Device::Local(s) => s,
+            Device::Replicated(r) => r.store(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.store().size()
+    }
+
+    pub fn read_only(&self) -> bool {
+        match self {
+            Device::Local(s) => s.read_only(),
+            Device::Replicated(r) => r.role() != Role::Primary,
+        }
+    }
+
+    pub fn engine_name(&self) -> &'static str {
+        self.store().engine_name()
+    }
+
+    pub fn supports_trim(&self) -> bool {
+        self.store().supports_trim()
+    }
+
+    pub fn supports_fast_zero(&self) -> bool {
+        self.store().supports_fast_zero()
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.store().read(offset, len).await
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        match self {
+            Device::Local(s) => s.write(offset, data, fua).await,
+            Device::Replicated(r) => r.write(offset, data, fua).await,
+        }
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Device::Local(s) => s.flush().await,
+            Device::Replicated(r) => r.flush().await,
+        }
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match self {
+            Device::Local(s) => s.trim(offset, len).await,
+            Device::Replicated(r) => r.trim(offset, len).await,
+        }
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        match self {
+            Device::Local(s) => s.write_zeroes(offset, len, may_punch, fua).await,
+            Device::Replicated(r) => r.write_zeroes(offset, len, may_punch, fua).await,
+        }
+    }
+
+    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match self {
+            Device::Local(s) => s.fast_zero(offset, len).await,
+            Device::Replicated(r) => r.fast_zero(offset, len).await,
+        }
+    }
+
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.store().cache(offset, len).await
+    }
+
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
+        self.store().block_status(offset, len).await
+    }
+}

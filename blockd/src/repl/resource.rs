@@ -1,0 +1,1018 @@
+//! One replicated resource on this node: its metadata (superblock, per-peer bitmaps, activity
+//! log), its role and disk state, one connection manager per peer (dial or accept, backoff,
+//! sessions), roles (promote/demote), status and the event stream. The write path is in
+//! [`super::device`], the per-link protocol in [`super::peer`], the resync worker in
+//! [`super::resync`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+
+use crate::config::{LocalResource, Node};
+use crate::meta::MetaError;
+use crate::meta::activity_log::ActivityLog;
+use crate::meta::bitmap::Bitmap;
+use crate::meta::file::{MetaFile, OnDamagedPage};
+use crate::meta::generation::Uuid;
+use crate::meta::superblock::{Superblock, flags};
+use crate::repl::handshake::HandshakeSide;
+use crate::repl::link::{self, Link, LinkError, LinkNode, LinkSettings};
+use crate::repl::peer::{self, Conn, SessionEnd};
+use crate::repl::promote::{self, DataPath, LocalView, PeerView, PromoteDecision, PromoteRefusal};
+use crate::repl::ranges::Ranges;
+use crate::repl::split_brain::SplitBrainPolicy;
+use crate::repl::state::{ConnState, DiskState, Protocol, ReplState, Role};
+use crate::repl::sync_decision::SideView;
+use crate::repl::wire::{Message, StateReport};
+use crate::store::{BlockStore, EngineKind, OpenOptions, StoreError};
+
+/// Why a resource could not start or an administrative request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResourceError {
+    #[error("resource {resource}: cannot open the metadata")]
+    Meta {
+        resource: String,
+        #[source]
+        source: MetaError,
+    },
+    #[error("resource {resource}: cannot open the backing device")]
+    Store {
+        resource: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("resource {resource}: {problem}")]
+    Config { resource: String, problem: String },
+    #[error("resource {resource}: cannot set up replication links")]
+    Link {
+        resource: String,
+        #[source]
+        source: LinkError,
+    },
+    #[error("resource {resource}: cannot listen on {addr}")]
+    Listen {
+        resource: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("promotion refused: {0}")]
+    PromoteRefused(#[source] PromoteRefusal),
+    #[error("promotion through a peer's disk (diskless primary) is not supported")]
+    Diskless,
+    #[error("cannot update the metadata")]
+    MetaUpdate(#[source] MetaError),
+    #[error("flush before demotion failed")]
+    DemoteFlush(#[source] StoreError),
+    #[error("resource has no peer named {0:?}")]
+    UnknownPeer(String),
+}
+
+/// The metadata of a resource, in memory and on disk.
+pub(crate) struct MetaState {
+    pub file: MetaFile,
+    /// The superblock as it should be; [`MetaState::save_sb`] persists it.
+    pub sb: Superblock,
+    /// Per bitmap slot.
+    pub bitmaps: Vec<Bitmap>,
+    pub al: ActivityLog,
+}
+
+impl MetaState {
+    pub fn save_sb(&mut self) -> Result<(), MetaError> {
+        let sb = self.sb.clone();
+        self.file.write_superblock(&sb)?;
+        self.sb = self.file.superblock().clone();
+        Ok(())
+    }
+
+    /// Writes every page of a bitmap slot and syncs.
+    pub fn save_bitmap(&self, slot: usize) -> Result<(), MetaError> {
+        let b = &self.bitmaps[slot];
+        self.file.write_bitmap_pages(slot as u32, b, 0..b.pages())?;
+        self.file.sync()
+    }
+
+    /// Writes the pages of a slot covering a byte range and syncs.
+    pub fn save_bitmap_range(&self, slot: usize, offset: u64, len: u64) -> Result<(), MetaError> {
+        let b = &self.bitmaps[slot];
+        self.file
+            .write_bitmap_pages(slot as u32, b, b.pages_for_range(offset, len))?;
+        self.file.sync()
+    }
+}
+
+/// What this node knows about one peer (status and decisions).
+#[derive(Clone, Debug)]
+pub(crate) struct PeerState {
+    pub conn: ConnState,
+    pub repl: ReplState,
+    pub role: Role,
+    pub disk: DiskState,
+    pub last_error: Option<String>,
+    pub resync_total: u64,
+    pub resync_done: u64,
+    pub resync_started: Option<Instant>,
+    pub discard_my_data: bool,
+}
+
+pub(crate) struct State {
+    pub role: Role,
+    pub disk: DiskState,
+    pub crashed_primary: bool,
+    pub peers: Vec<PeerState>,
+}
+
+/// Runtime of one peer.
+pub(crate) struct PeerRt {
+    pub node: Node,
+    pub protocol: Protocol,
+    pub slot: usize,
+    pub conn: Mutex<Option<Arc<Conn>>>,
+    pub admin_down: AtomicBool,
+    /// Wakes the connection manager (connect request) or ends the session (disconnect).
+    pub wake: Notify,
+    pub kill: Notify,
+    accepted_tx: mpsc::Sender<Link>,
+    accepted_rx: tokio::sync::Mutex<mpsc::Receiver<Link>>,
+}
+
+/// Write ordering state of the Primary.
+#[derive(Default)]
+pub(crate) struct Order {
+    pub seq: u64,
+    pub epoch: u64,
+    /// A request completed since the last barrier: the next write starts a new epoch.
+    pub completed: bool,
+}
+
+/// A state change, for `blockctl events`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Event {
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    pub resource: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// `role`, `disk`, `connection`, `replication`, `peer-role`, `peer-disk`, `resync-done`,
+    /// `split-brain`, `error`.
+    pub what: String,
+    pub value: String,
+}
+
+impl Event {
+    /// One human-readable line.
+    pub fn line(&self) -> String {
+        match &self.peer {
+            Some(p) => format!("{} peer:{} {}:{}", self.resource, p, self.what, self.value),
+            None => format!("{} {}:{}", self.resource, self.what, self.value),
+        }
+    }
+}
+
+/// Resync progress of one peer.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ResyncStatus {
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    pub percent: f64,
+    /// Bytes per second since the resync started.
+    pub rate: u64,
+}
+
+/// Status of one peer.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerStatus {
+    pub node: String,
+    pub id: u8,
+    pub protocol: String,
+    pub connection: String,
+    pub replication: String,
+    pub role: String,
+    pub disk: String,
+    pub out_of_sync_bytes: u64,
+    pub in_flight: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resync: Option<ResyncStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Status of the resource.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub resource: String,
+    pub node: String,
+    pub id: u8,
+    pub role: String,
+    pub disk: String,
+    pub size: u64,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// Static settings of a resource on this node.
+#[derive(Clone)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub me: Node,
+    pub peers: Vec<(Node, Protocol)>,
+    pub resync_rate: u64,
+    pub split_brain: SplitBrainPolicy,
+    pub link: LinkSettings,
+    pub engine: EngineKind,
+}
+
+impl ResourceSpec {
+    /// The settings of `local` (loads TLS files and the secret).
+    pub fn from_config(local: &LocalResource<'_>) -> Result<ResourceSpec, ResourceError> {
+        let r = local.resource;
+        let cfg_err = |problem: &str| ResourceError::Config {
+            resource: r.name.clone(),
+            problem: problem.to_string(),
+        };
+        let lnode = |n: &Node| LinkNode {
+            name: n.name.clone(),
+            id: n.id,
+            address: n.address,
+        };
+        let tls = r
+            .tls
+            .as_ref()
+            .ok_or_else(|| cfg_err("replication needs [tls] (ca, cert, key)"))?
+            .for_node(&local.me.name);
+        let secret = r
+            .secret_file
+            .as_ref()
+            .ok_or_else(|| cfg_err("replication needs secret-file"))?;
+        let link = LinkSettings::load(
+            &r.name,
+            lnode(local.me),
+            local.peers.iter().map(|p| lnode(p)).collect(),
+            &tls.ca,
+            &tls.cert,
+            &tls.key,
+            secret,
+        )
+        .map_err(|source| ResourceError::Link {
+            resource: r.name.clone(),
+            source,
+        })?;
+        Ok(ResourceSpec {
+            name: r.name.clone(),
+            me: local.me.clone(),
+            peers: local
+                .peers
+                .iter()
+                .map(|p| ((*p).clone(), r.protocol_between(&local.me.name, &p.name)))
+                .collect(),
+            resync_rate: r.resync_rate,
+            split_brain: r.split_brain,
+            link,
+            engine: EngineKind::Auto,
+        })
+    }
+}
+
+/// One replicated resource on this node.
+pub struct Resource {
+    pub(crate) spec: ResourceSpec,
+    pub(crate) store: BlockStore,
+    pub(crate) meta: Arc<Mutex<MetaState>>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) peers: Vec<PeerRt>,
+    pub(crate) order: Mutex<Order>,
+    pub(crate) ranges: Ranges,
+    /// Serialises activity-log transactions (a write to an extent whose transaction is being
+    /// persisted must wait for it).
+    pub(crate) al_gate: tokio::sync::Mutex<()>,
+    pub(crate) al_freed: Notify,
+    /// Held shared by every request of the Primary; demotion takes it exclusively.
+    pub(crate) role_gate: tokio::sync::RwLock<()>,
+    events: broadcast::Sender<Event>,
+    role_tx: watch::Sender<Role>,
+    stop: watch::Sender<bool>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A random generation identifier (never zero or JUST_CREATED).
+pub(crate) fn fresh_uuid() -> u64 {
+    loop {
+        let mut b = [0u8; 8];
+        // getrandom(2) never fails for 8 bytes once the pool is initialised; fall back to time.
+        // SAFETY: `b` is a valid, writable 8-byte buffer for the duration of the call.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
+        let v = if n == 8 {
+            u64::from_le_bytes(b)
+        } else {
+            now_ms().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        };
+        let u = Uuid(v);
+        if !u.is_zero() && !u.same(Uuid::JUST_CREATED) {
+            return v;
+        }
+    }
+}
+
+impl Resource {
+    /// Attaches the local disk: opens the metadata (refusing foreign or corrupt metadata),
+    /// recovers from an unclean shutdown (activity-log extents marked out of sync for every
+    /// peer), opens the data area, and marks the metadata attached. Nodes start Secondary.
+    pub fn attach(spec: ResourceSpec) -> Result<Arc<Resource>, ResourceError> {
+        let rname = spec.name.clone();
+        let meta_err = |source| ResourceError::Meta {
+            resource: rname.clone(),
+            source,
+        };
+        let loc = spec.me.meta_location();
+        let opened = MetaFile::open(&loc, Some(spec.me.id)).map_err(meta_err)?;
+        if let Some(w) = &opened.warning {
+            tracing::warn!(resource = %spec.name, "metadata: {w} (using the other superblock copy)");
+        }
+        let file = opened.meta;
+        let mut sb = file.superblock().clone();
+        let unclean = sb.has(flags::ATTACHED);
+        let crashed_primary = sb.has(flags::PRIMARY);
+        let g = sb.geometry;
+        let on_damage = if unclean {
+            OnDamagedPage::MarkDirty
+        } else {
+            OnDamagedPage::Refuse
+        };
+        let mut bitmaps = Vec::new();
+        for slot in 0..g.peer_slots {
+            let (b, damaged) = file.read_bitmap(slot, on_damage).map_err(meta_err)?;
+            if !damaged.is_empty() {
+                tracing::warn!(resource = %spec.name, slot, ?damaged,
+                    "torn bitmap pages after an unclean shutdown: marked all-dirty");
+            }
+            bitmaps.push(b);
+        }
+        let replayed = file.read_activity_log().map_err(meta_err)?;
+        let active = replayed.active_extents();
+        let al = ActivityLog::new(replayed, g.al_slots);
+        let mut peers = Vec::new();
+        for (node, protocol) in &spec.peers {
+            let slot = sb
+                .bitmap_slot_for(node.id)
+                .ok_or_else(|| ResourceError::Config {
+                    resource: spec.name.clone(),
+                    problem: format!(
+                        "no free bitmap slot for peer {} (metadata has {} slots; re-run create-md)",
+                        node.name, g.peer_slots
+                    ),
+                })? as usize;
+            let (accepted_tx, accepted_rx) = mpsc::channel(1);
+            peers.push(PeerRt {
+                node: node.clone(),
+                protocol: *protocol,
+                slot,
+                conn: Mutex::new(None),
+                admin_down: AtomicBool::new(false),
+                wake: Notify::new(),
+                kill: Notify::new(),
+                accepted_tx,
+                accepted_rx: tokio::sync::Mutex::new(accepted_rx),
+            });
+        }
+        let mut meta = MetaState {
+            file,
+            sb: sb.clone(),
+            bitmaps,
+            al,
+        };
+        if unclean {
+            let ext = u64::from(g.al_extent_size);
+            tracing::warn!(resource = %spec.name, extents = active.len(), crashed_primary,
+                "unclean shutdown: activity-log extents marked out of sync for every peer");
+            for e in &active {
+                for b in &mut meta.bitmaps {
+                    b.set_range(u64::from(*e) * ext, ext);
+                }
+            }
+            for slot in 0..meta.bitmaps.len() {
+                meta.save_bitmap(slot).map_err(meta_err)?;
+            }
+        }
+        meta.sb.flags |= flags::ATTACHED;
+        meta.save_sb().map_err(meta_err)?;
+        sb = meta.sb.clone();
+        let disk = if !sb.has(flags::CONSISTENT) {
+            DiskState::Inconsistent
+        } else if sb.has(flags::WAS_UP_TO_DATE) {
+            DiskState::Consistent
+        } else {
+            DiskState::Outdated
+        };
+        let store = BlockStore::open(
+            &spec.me.backing,
+            &OpenOptions {
+                size: Some(g.data_size),
+                read_only: false,
+                engine: spec.engine,
+            },
+        )
+        .map_err(|source| ResourceError::Store {
+            resource: spec.name.clone(),
+            source,
+        })?;
+        let peer_states = spec
+            .peers
+            .iter()
+            .map(|_| PeerState {
+                conn: ConnState::Connecting,
+                repl: ReplState::Off,
+                role: Role::Unknown,
+                disk: DiskState::Unknown,
+                last_error: None,
+                resync_total: 0,
+                resync_done: 0,
+                resync_started: None,
+                discard_my_data: false,
+            })
+            .collect();
+        tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
+            disk = %disk, current = %sb.generations.current, "attached");
+        Ok(Arc::new(Resource {
+            store,
+            meta: Arc::new(Mutex::new(meta)),
+            state: Mutex::new(State {
+                role: Role::Secondary,
+                disk,
+                crashed_primary,
+                peers: peer_states,
+            }),
+            peers,
+            order: Mutex::new(Order::default()),
+            ranges: Ranges::default(),
+            al_gate: tokio::sync::Mutex::new(()),
+            al_freed: Notify::new(),
+            role_gate: tokio::sync::RwLock::new(()),
+            events: broadcast::channel(1024).0,
+            role_tx: watch::channel(Role::Secondary).0,
+            stop: watch::channel(false).0,
+            spec,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    /// The NBD listen address of this node for the resource.
+    pub fn nbd_address(&self) -> SocketAddr {
+        self.spec.me.nbd
+    }
+
+    /// Usable data bytes.
+    pub fn size(&self) -> u64 {
+        self.store.size()
+    }
+
+    pub fn store(&self) -> &BlockStore {
+        &self.store
+    }
+
+    pub fn role(&self) -> Role {
+        self.state.lock().expect("state").role
+    }
+
+    /// Follows the role (the NBD export runs while Primary).
+    pub fn watch_role(&self) -> watch::Receiver<Role> {
+        self.role_tx.subscribe()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub(crate) fn emit(&self, peer: Option<usize>, what: &str, value: impl Into<String>) {
+        let ev = Event {
+            time_ms: now_ms(),
+            resource: self.spec.name.clone(),
+            peer: peer.map(|i| self.peers[i].node.name.clone()),
+            what: what.to_string(),
+            value: value.into(),
+        };
+        tracing::info!(target: "blockd::events", "{}", ev.line());
+        let _ = self.events.send(ev);
+    }
+
+    /// Runs blocking metadata I/O off the async workers.
+    pub(crate) async fn meta_io<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut MetaState) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, MetaError> {
+        let m = self.meta.clone();
+        tokio::task::spawn_blocking(move || f(&mut m.lock().expect("meta")))
+            .await
+            .expect("metadata task panicked")
+    }
+
+    pub(crate) fn set_disk(&self, disk: DiskState) {
+        let changed = {
+            let mut st = self.state.lock().expect("state");
+            std::mem::replace(&mut st.disk, disk) != disk
+        };
+        if changed {
+            self.emit(None, "disk", disk.as_str());
+            self.broadcast_state();
+        }
+    }
+
+    pub(crate) fn update_peer(&self, i: usize, f: impl FnOnce(&mut PeerState)) {
+        let (before, after) = {
+            let mut st = self.state.lock().expect("state");
+            let before = st.peers[i].clone();
+            f(&mut st.peers[i]);
+            (before, st.peers[i].clone())
+        };
+        if before.conn != after.conn {
+            self.emit(Some(i), "connection", after.conn.as_str());
+        }
+        if before.repl != after.repl {
+            self.emit(Some(i), "replication", after.repl.as_str());
+        }
+        if before.role != after.role {
+            self.emit(Some(i), "peer-role", after.role.as_str());
+        }
+        if before.disk != after.disk {
+            self.emit(Some(i), "peer-disk", after.disk.as_str());
+        }
+    }
+
+    /// Resync progress of a sync target (bytes received from whichever peer is the source).
+    pub(crate) fn note_resync_received(&self, len: u64) {
+        let mut st = self.state.lock().expect("state");
+        for p in st.peers.iter_mut() {
+            if p.repl == ReplState::SyncTarget {
+                p.resync_done += len;
+            }
+        }
+    }
+
+    /// Tells every connected peer our role and disk state.
+    pub(crate) fn broadcast_state(&self) {
+        let (role, disk) = {
+            let st = self.state.lock().expect("state");
+            (st.role, st.disk)
+        };
+        for p in &self.peers {
+            if let Some(c) = p.conn.lock().expect("conn").as_ref() {
+                c.send(Message::PeerState { role, disk });
+            }
+        }
+    }
+
+    /// Our handshake report for peer `i`.
+    pub(crate) fn state_report(&self, i: usize) -> StateReport {
+        let (role, disk, crashed, discard) = {
+            let st = self.state.lock().expect("state");
+            (
+                st.role,
+                st.disk,
+                st.crashed_primary,
+                st.peers[i].discard_my_data,
+            )
+        };
+        let m = self.meta.lock().expect("meta");
+        StateReport {
+            side: HandshakeSide {
+                view: SideView {
+                    node_id: self.spec.me.id,
+                    ids: m.sb.generations.clone(),
+                    crashed_primary: crashed,
+                    disk,
+                    role,
+                },
+                dirty_bits: m.bitmaps[self.peers[i].slot].count_bits(),
+                discard_my_data: discard,
+                quorum: None,
+            },
+            size: self.store.size(),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> Status {
+        let st = self.state.lock().expect("state");
+        let m = self.meta.lock().expect("meta");
+        let peers = self
+            .peers
+            .iter()
+            .zip(&st.peers)
+            .map(|(p, ps)| {
+                let in_flight = p
+                    .conn
+                    .lock()
+                    .expect("conn")
+                    .as_ref()
+                    .map_or(0, |c| c.in_flight());
+                let resync = ps.repl.is_resync().then(|| {
+                    let secs = ps
+                        .resync_started
+                        .map_or(0.0, |t| t.elapsed().as_secs_f64())
+                        .max(0.001);
+                    ResyncStatus {
+                        total_bytes: ps.resync_total,
+                        done_bytes: ps.resync_done.min(ps.resync_total),
+                        percent: if ps.resync_total == 0 {
+                            100.0
+                        } else {
+                            (ps.resync_done.min(ps.resync_total) as f64 * 100.0
+                                / ps.resync_total as f64 * 10.0)
+                                .round()
+                                / 10.0
+                        },
+                        rate: (ps.resync_done as f64 / secs) as u64,
+                    }
+                });
+                PeerStatus {
+                    node: p.node.name.clone(),
+                    id: p.node.id,
+                    protocol: p.protocol.as_str().to_string(),
+                    connection: ps.conn.as_str().to_string(),
+                    replication: ps.repl.as_str().to_string(),
+                    role: ps.role.as_str().to_string(),
+                    disk: ps.disk.as_str().to_string(),
+                    out_of_sync_bytes: m.bitmaps[p.slot].count_dirty_bytes(),
+                    in_flight,
+                    resync,
+                    last_error: ps.last_error.clone(),
+                }
+            })
+            .collect();
+        Status {
+            resource: self.spec.name.clone(),
+            node: self.spec.me.name.clone(),
+            id: self.spec.me.id,
+            role: st.role.as_str().to_string(),
+            disk: st.disk.as_str().to_string(),
+            size: self.store.size(),
+            peers,
+        }
+    }
+
+    /// `blockctl promote`: becomes Primary when the rules allow (see [`promote::decide`]).
+    pub async fn promote(&self, force: bool) -> Result<(), ResourceError> {
+        let _gate = self.role_gate.write().await;
+        let (local, views) = {
+            let st = self.state.lock().expect("state");
+            let views: Vec<PeerView> = self
+                .peers
+                .iter()
+                .zip(&st.peers)
+                .map(|(p, s)| PeerView {
+                    node_id: p.node.id,
+                    conn: s.conn,
+                    role: s.role,
+                    disk: s.disk,
+                })
+                .collect();
+            (
+                LocalView {
+                    role: st.role,
+                    disk: st.disk,
+                    has_quorum: true,
+                },
+                views,
+            )
+        };
+        let forced = match promote::decide(&local, &views, force)
+            .map_err(ResourceError::PromoteRefused)?
+        {
+            PromoteDecision::AlreadyPrimary => return Ok(()),
+            PromoteDecision::Promote {
+                data: DataPath::Peer(_),
+                ..
+            } => return Err(ResourceError::Diskless),
+            PromoteDecision::Promote { forced, .. } => forced,
+        };
+        // Peers that do not get this generation's writes track them in their bitmaps. A forced
+        // promotion resyncs every connected peer that is not up to date: drop and reconnect them.
+        let mut reconnect = Vec::new();
+        let mut in_sync = Vec::new();
+        let mut out_of_sync = Vec::new();
+        for (i, v) in views.iter().enumerate() {
+            let established = {
+                let st = self.state.lock().expect("state");
+                st.peers[i].repl == ReplState::Established
+            };
+            if v.conn == ConnState::Connected && established && !(forced && v.disk != DiskState::UpToDate) {
+                in_sync.push(i);
+            } else {
+                out_of_sync.push(v.node_id);
+                if v.conn == ConnState::Connected {
+                    reconnect.push(i);
+                }
+            }
+        }
+        let fresh = fresh_uuid();
+        let current = self
+            .meta_io(move |m| {
+                m.sb.generations.new_current(fresh, true, &out_of_sync);
+                m.sb.flags |= flags::PRIMARY | flags::CONSISTENT | flags::WAS_UP_TO_DATE;
+                m.save_sb()?;
+                Ok(m.sb.generations.current)
+            })
+            .await
+            .map_err(ResourceError::MetaUpdate)?;
+        {
+            let mut st = self.state.lock().expect("state");
+            st.role = Role::Primary;
+            st.disk = DiskState::UpToDate;
+        }
+        *self.order.lock().expect("order") = Order::default();
+        for &i in &in_sync {
+            if let Some(c) = self.peers[i].conn.lock().expect("conn").as_ref() {
+                c.send(Message::NewUuid(current));
+            }
+        }
+        for &i in &reconnect {
+            self.peers[i].kill.notify_one();
+        }
+        tracing::info!(resource = %self.spec.name, forced, %current, "promoted to Primary");
+        self.emit(None, "role", Role::Primary.as_str());
+        self.emit(None, "disk", DiskState::UpToDate.as_str());
+        self.broadcast_state();
+        let _ = self.role_tx.send(Role::Primary);
+        Ok(())
+    }
+
+    /// `blockctl demote`: stops accepting writes, waits for those in flight, flushes locally and
+    /// on every peer, and becomes Secondary.
+    pub async fn demote(&self) -> Result<(), ResourceError> {
+        if self.role() != Role::Primary {
+            return Ok(());
+        }
+        let _ = self.role_tx.send(Role::Secondary);
+        let gate = self.role_gate.write().await;
+        {
+            let mut st = self.state.lock().expect("state");
+            st.role = Role::Secondary;
+        }
+        drop(gate);
+        let flushed = self.flush_everywhere().await;
+        self.meta_io(|m| {
+            m.sb.flags &= !flags::PRIMARY;
+            m.sb.generations.set_primary(false);
+            m.save_sb()
+        })
+        .await
+        .map_err(ResourceError::MetaUpdate)?;
+        self.state.lock().expect("state").crashed_primary = false;
+        tracing::info!(resource = %self.spec.name, "demoted to Secondary");
+        self.emit(None, "role", Role::Secondary.as_str());
+        self.broadcast_state();
+        flushed.map_err(ResourceError::DemoteFlush)
+    }
+
+    fn peer_index(&self, name: &str) -> Result<usize, ResourceError> {
+        self.peers
+            .iter()
+            .position(|p| p.node.name == name)
+            .ok_or_else(|| ResourceError::UnknownPeer(name.to_string()))
+    }
+
+    /// `blockctl disconnect`: drops the link(s) and stays StandAlone.
+    pub fn disconnect(&self, peer: Option<&str>) -> Result<(), ResourceError> {
+        let which: Vec<usize> = match peer {
+            Some(n) => vec![self.peer_index(n)?],
+            None => (0..self.peers.len()).collect(),
+        };
+        for i in which {
+            self.peers[i].admin_down.store(true, Ordering::SeqCst);
+            self.peers[i].kill.notify_one();
+            self.peers[i].wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// `blockctl connect`: (re)enables connecting; `discard_my_data` marks this node the victim
+    /// of a split brain.
+    pub fn connect(&self, peer: Option<&str>, discard_my_data: bool) -> Result<(), ResourceError> {
+        let which: Vec<usize> = match peer {
+            Some(n) => vec![self.peer_index(n)?],
+            None => (0..self.peers.len()).collect(),
+        };
+        for i in which {
+            self.update_peer(i, |p| p.discard_my_data = discard_my_data);
+            self.peers[i].admin_down.store(false, Ordering::SeqCst);
+            self.peers[i].wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Stops every task of the resource and marks the metadata cleanly detached (unless
+    /// Primary: a Primary stopping without demotion is treated like a crashed one).
+    pub async fn shutdown(&self) {
+        let _ = self.stop.send(true);
+        for p in &self.peers {
+            p.kill.notify_one();
+        }
+        let _ = self.store.flush().await;
+        let primary = self.role() == Role::Primary;
+        let r = self
+            .meta_io(move |m| {
+                for slot in 0..m.bitmaps.len() {
+                    m.save_bitmap(slot)?;
+                }
+                if !primary {
+                    m.sb.flags &= !flags::ATTACHED;
+                }
+                m.save_sb()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(resource = %self.spec.name, "cannot mark metadata detached: {e}");
+        }
+    }
+
+    /// Binds the replication listener and starts every connection manager. Returns when the
+    /// resource is shut down.
+    pub async fn run(self: &Arc<Self>) -> Result<(), ResourceError> {
+        let addr = self.spec.me.address;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ResourceError::Listen {
+                resource: self.spec.name.clone(),
+                addr,
+                source,
+            })?;
+        self.run_with_listener(listener).await;
+        Ok(())
+    }
+
+    /// Like [`Resource::run`] with a bound listener.
+    pub async fn run_with_listener(self: &Arc<Self>, listener: TcpListener) {
+        let mut tasks = tokio::task::JoinSet::new();
+        let me = self.clone();
+        tasks.spawn(async move { me.accept_loop(listener).await });
+        for i in 0..self.peers.len() {
+            let me = self.clone();
+            tasks.spawn(async move { me.peer_loop(i).await });
+        }
+        let mut stop = self.stop.subscribe();
+        let _ = stop.wait_for(|s| *s).await;
+        tasks.shutdown().await;
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, from) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(resource = %self.spec.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                match link::accept(&me.spec.link, tcp).await {
+                    Ok(link) => {
+                        let Some(i) = me.peers.iter().position(|p| p.node.name == link.peer.name)
+                        else {
+                            return;
+                        };
+                        if me.spec.me.id < me.peers[i].node.id {
+                            tracing::warn!(resource = %me.spec.name, peer = %link.peer.name,
+                                "refusing a link from a peer that should accept (we dial it)");
+                            return;
+                        }
+                        if me.peers[i].admin_down.load(Ordering::SeqCst) {
+                            tracing::info!(resource = %me.spec.name, peer = %link.peer.name,
+                                "refusing a link: administratively disconnected");
+                            return;
+                        }
+                        let _ = me.peers[i].accepted_tx.try_send(link);
+                    }
+                    Err(e) => {
+                        tracing::warn!(resource = %me.spec.name, %from,
+                            "replication link refused: {}", error_chain(&e));
+                    }
+                }
+            });
+        }
+    }
+
+    async fn peer_loop(self: Arc<Self>, i: usize) {
+        let p = &self.peers[i];
+        let dial = self.spec.me.id < p.node.id;
+        let lnode = LinkNode {
+            name: p.node.name.clone(),
+            id: p.node.id,
+            address: p.node.address,
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut accepted = p.accepted_rx.lock().await;
+        loop {
+            if p.admin_down.load(Ordering::SeqCst) {
+                self.update_peer(i, |s| s.conn = ConnState::StandAlone);
+                p.wake.notified().await;
+                continue;
+            }
+            self.update_peer(i, |s| s.conn = ConnState::Connecting);
+            let link = if dial {
+                tokio::select! {
+                    r = link::connect(&self.spec.link, &lnode) => r.map_err(|e| error_chain(&e)),
+                    _ = p.wake.notified() => continue,
+                }
+            } else {
+                tokio::select! {
+                    l = accepted.recv() => match l {
+                        Some(l) => Ok(l),
+                        None => return,
+                    },
+                    _ = p.wake.notified() => continue,
+                }
+            };
+            match link {
+                Ok(link) => {
+                    backoff = Duration::from_millis(100);
+                    let end = peer::run_session(&self, i, link).await;
+                    match end {
+                        SessionEnd::StandAlone(why) => {
+                            tracing::warn!(resource = %self.spec.name, peer = %p.node.name,
+                                "standalone: {why}");
+                            self.update_peer(i, |s| s.last_error = Some(why.clone()));
+                            p.admin_down.store(true, Ordering::SeqCst);
+                        }
+                        SessionEnd::Lost(why) => {
+                            tracing::warn!(resource = %self.spec.name, peer = %p.node.name,
+                                "connection lost: {why}");
+                            self.update_peer(i, |s| s.last_error = Some(why));
+                        }
+                        SessionEnd::Killed => {}
+                    }
+                }
+                Err(why) => {
+                    tracing::debug!(resource = %self.spec.name, peer = %p.node.name,
+                        "cannot connect: {why}");
+                    self.update_peer(i, |s| s.last_error = Some(why));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = p.wake.notified() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    }
+}
+
+/// An error and its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// `blockctl create-md`: initialises the metadata of this node for `local` (refusing existing
+/// metadata unless `force`). Internal metadata takes the end of the backing device; external
+/// metadata covers the whole backing device.
+pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceError> {
+    let r = local.resource;
+    let data_size = match &local.me.meta {
+        crate::config::MetaPlacement::Internal => None,
+        crate::config::MetaPlacement::External(_) => {
+            let len = std::fs::metadata(&local.me.backing)
+                .map(|m| m.len())
+                .map_err(|source| ResourceError::Store {
+                    resource: r.name.clone(),
+                    source: StoreError::Open {
+                        path: local.me.backing.clone(),
+                        source,
+                    },
+                })?;
+            Some(len)
+        }
+    };
+    let opts = crate::meta::file::CreateOptions {
+        node_id: local.me.id,
+        peer_slots: (local.peers.len() as u32).max(1),
+        bitmap_block_size: r.bitmap_block_size,
+        al_extent_size: r.al_extent_size,
+        al_extents: r.al_extents,
+        data_size,
+        force,
+    };
+    MetaFile::create(&local.me.meta_location(), &opts).map_err(|source| ResourceError::Meta {
+        resource: r.name.clone(),
+        source,
+    })?;
+    Ok(())
+}

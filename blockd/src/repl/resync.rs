@@ -1,0 +1,136 @@
+//! The resync source: walks the live bitmap for a peer in bounded chunks, rate-limited, with a
+//! window of unacknowledged bytes; each chunk is read while its range is held (so an
+//! application write in flight finishes first and a later one waits until the chunk is
+//! queued, behind a barrier: no stale block ever overwrites a newer write). Acknowledged
+//! chunks are cleared from the bitmap, which is persisted as the walk advances, so a crash of
+//! either side resumes from where it was rather than restarting.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::repl::peer::{Conn, RESYNC_WINDOW};
+use crate::repl::resource::Resource;
+use crate::repl::state::{DiskState, ReplState};
+use crate::repl::wire::Message;
+
+/// Largest resync message payload.
+pub const CHUNK: u64 = 1 << 20;
+/// Bitmap progress is persisted at least every this many bytes of walk.
+const PERSIST_EVERY: u64 = 16 << 20;
+
+/// Runs the resync towards peer `i` until every dirty block is acknowledged, then ends it.
+pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
+    let slot = res.peers[i].slot;
+    let peer_id = res.peers[i].node.id;
+    let total = res.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
+    res.update_peer(i, |s| {
+        s.resync_total = total;
+        s.resync_done = 0;
+        s.resync_started = Some(Instant::now());
+    });
+    tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = total,
+        "resync started (source)");
+    let rate = res.spec.resync_rate.max(1) as f64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let closed = conn.closed.subscribe();
+    loop {
+        let mut pos = 0;
+        let mut persisted_to = 0;
+        loop {
+            if *closed.borrow() {
+                return;
+            }
+            let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
+            let Some((off, len)) = next else { break };
+            let allowed = rate * start.elapsed().as_secs_f64() + CHUNK as f64;
+            if sent as f64 > allowed {
+                tokio::time::sleep(Duration::from_secs_f64((sent as f64 - allowed) / rate)).await;
+            }
+            let Ok(permits) = conn.resync_window.acquire_many(len as u32).await else {
+                return;
+            };
+            permits.forget();
+            let range = res.ranges.lock(off, len).await;
+            let zero = matches!(res.store.block_status(off, len).await.as_deref(),
+                Ok([e, ..]) if e.zero && e.length >= len);
+            let payload = if zero {
+                Bytes::new()
+            } else {
+                match res.store.read(off, len as usize).await {
+                    Ok(b) => b.freeze(),
+                    Err(e) => {
+                        tracing::error!(resource = %res.name(), "resync read failed: {e}");
+                        return;
+                    }
+                }
+            };
+            {
+                let mut order = res.order.lock().expect("order");
+                conn.send(Message::ResyncData {
+                    offset: off,
+                    len: len as u32,
+                    zero,
+                    payload,
+                });
+                order.completed = true;
+            }
+            drop(range);
+            sent += len;
+            pos = off + len;
+            if pos - persisted_to >= PERSIST_EVERY {
+                let from = persisted_to;
+                let _ = res
+                    .meta_io(move |m| m.save_bitmap_range(slot, from, pos - from))
+                    .await;
+                persisted_to = pos;
+            }
+        }
+        // Wait for every chunk in flight to be acknowledged, then look again (bits that were
+        // in flight, or set behind the walk).
+        let Ok(all) = conn.resync_window.acquire_many(RESYNC_WINDOW as u32).await else {
+            return;
+        };
+        drop(all);
+        if *closed.borrow() {
+            return;
+        }
+        if res.meta.lock().expect("meta").bitmaps[slot]
+            .dirty_extent_from(0, 1)
+            .is_none()
+        {
+            break;
+        }
+    }
+    conn.send(Message::ResyncDone);
+    let r = res
+        .meta_io(move |m| {
+            m.sb.generations.clear_bitmap(peer_id);
+            m.save_bitmap(slot)?;
+            m.save_sb()
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::error!(resource = %res.name(), "cannot persist the resync end: {e}");
+        return;
+    }
+    res.state.lock().expect("state").crashed_primary = false;
+    res.update_peer(i, |s| {
+        s.repl = ReplState::Established;
+        s.disk = DiskState::UpToDate;
+        s.resync_done = s.resync_total;
+    });
+    tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = sent,
+        secs = start.elapsed().as_secs_f64(), "resync finished (source)");
+    res.emit(Some(i), "resync-done", "source");
+}
+
+/// The target wrote a chunk: clear its bits, return its window space, count progress.
+pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32) {
+    let slot = res.peers[i].slot;
+    res.meta.lock().expect("meta").bitmaps[slot].clear_range(offset, u64::from(len));
+    conn.resync_window.add_permits(len as usize);
+    res.state.lock().expect("state").peers[i].resync_done += u64::from(len);
+}

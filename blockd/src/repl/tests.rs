@@ -1,0 +1,277 @@
+//! In-process runtime tests: two or three resources over loopback links, driven through the
+//! library (promote, replicated writes, disconnect, resync), comparing the backing files.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+
+use crate::config::ClusterConfig;
+use crate::repl::resource::{Resource, ResourceSpec, create_md};
+use crate::repl::state::Role;
+
+const SIZE: u64 = 64 << 20;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    config: ClusterConfig,
+    names: Vec<String>,
+    listeners: Vec<Option<TcpListener>>,
+}
+
+async fn cluster(nodes: usize, protocol: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::generate_ca("test").unwrap();
+    ca.write(&dir.path().join("ca.pem"), &dir.path().join("ca.key"))
+        .unwrap();
+    std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+    let names: Vec<String> = ["alpha", "beta", "gamma"][..nodes]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut text = format!(
+        "[global]\nprotocol = \"{protocol}\"\nsecret-file = \"secret\"\nresync-rate = \"1G\"\n\
+         al-extents = 64\n[global.tls]\nca = \"ca.pem\"\ncert = \"{{node}}.pem\"\nkey = \"{{node}}.key\"\n"
+    );
+    let mut listeners = Vec::new();
+    for (id, n) in names.iter().enumerate() {
+        common::tls::issue_cert(&ca, &[n.clone()])
+            .unwrap()
+            .write(
+                &dir.path().join(format!("{n}.pem")),
+                &dir.path().join(format!("{n}.key")),
+            )
+            .unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        listeners.push(Some(l));
+        let img = dir.path().join(format!("{n}.img"));
+        std::fs::File::create(&img).unwrap().set_len(SIZE).unwrap();
+        text.push_str(&format!(
+            "[resource.r0.node.{n}]\nid = {id}\naddress = \"127.0.0.1:{port}\"\n\
+             nbd = \"127.0.0.1:{}\"\nbacking = \"{n}.img\"\n",
+            20000 + id
+        ));
+    }
+    let file = dir.path().join("cluster.toml");
+    std::fs::write(&file, &text).unwrap();
+    let config = ClusterConfig::load(&file).unwrap();
+    for n in &names {
+        let local = config.resources_of(n).remove(0);
+        create_md(&local, false).unwrap();
+        assert!(create_md(&local, false).is_err(), "existing metadata is refused");
+    }
+    Cluster {
+        dir,
+        config,
+        names,
+        listeners,
+    }
+}
+
+impl Cluster {
+    fn start(&mut self, i: usize) -> Arc<Resource> {
+        let local = self.config.resources_of(&self.names[i]).remove(0);
+        let res = Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+        let l = match self.listeners[i].take() {
+            Some(l) => l,
+            None => {
+                let std = std::net::TcpListener::bind(local.me.address).unwrap();
+                std.set_nonblocking(true).unwrap();
+                TcpListener::from_std(std).unwrap()
+            }
+        };
+        let r = res.clone();
+        tokio::spawn(async move { r.run_with_listener(l).await });
+        res
+    }
+
+    fn image(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.img", self.names[i]))
+    }
+}
+
+fn data_of(path: &Path, len: u64) -> Vec<u8> {
+    let mut v = std::fs::read(path).unwrap();
+    v.truncate(len as usize);
+    v
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn all_established(r: &Resource) -> bool {
+    let s = r.status();
+    s.peers
+        .iter()
+        .all(|p| p.replication == "established" && p.disk == "up-to-date")
+}
+
+fn pattern(seed: u64, len: usize) -> Bytes {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+async fn write_some(r: &Resource, seed: u64, count: u64) {
+    let mut tasks = Vec::new();
+    for k in 0..count {
+        let off = ((seed * 7919 + k * 104_729) % (SIZE / 4096 - 16)) * 4096;
+        let len = 4096 * (1 + (k % 4) as usize);
+        tasks.push(r.write(off, pattern(seed * 1000 + k, len), k % 5 == 0));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+async fn replicate_and_resync(protocol: &str) {
+    let mut c = cluster(2, protocol).await;
+    let a = c.start(0);
+    let b = c.start(1);
+    wait_for("link", || {
+        a.status().peers[0].connection == "connected" && b.status().peers[0].connection == "connected"
+    })
+    .await;
+    // A secondary refuses writes.
+    assert!(a.write(0, Bytes::from_static(&[1; 512]), false).await.is_err());
+    assert!(a.promote(false).await.is_err(), "inconsistent data needs --force");
+    a.promote(true).await.unwrap();
+    assert!(b.promote(false).await.is_err(), "one primary");
+    wait_for("initial sync", || all_established(&a) && all_established(&b)).await;
+    write_some(&a, 1, 200).await;
+    a.flush().await.unwrap();
+    b.store().flush().await.unwrap();
+    let size = a.size();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
+
+    // Degraded mode: writes while disconnected go into the bitmap, then resync.
+    a.disconnect(Some("beta")).unwrap();
+    wait_for("disconnect", || a.status().peers[0].connection == "standalone").await;
+    write_some(&a, 2, 100).await;
+    let dirty = a.status().peers[0].out_of_sync_bytes;
+    assert!(dirty > 0 && dirty <= 100 * 4 * 4096, "dirty {dirty}");
+    a.connect(Some("beta"), false).unwrap();
+    wait_for("resync", || all_established(&a) && all_established(&b)).await;
+    assert_eq!(a.status().peers[0].out_of_sync_bytes, 0);
+    a.flush().await.unwrap();
+    b.store().flush().await.unwrap();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
+
+    // Failover: demote, promote the other side, write there, back again.
+    a.demote().await.unwrap();
+    wait_for("demotion seen", || b.status().peers[0].role == "secondary").await;
+    b.promote(false).await.unwrap();
+    write_some(&b, 3, 50).await;
+    b.flush().await.unwrap();
+    a.store().flush().await.unwrap();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_c_replicates_and_resyncs() {
+    replicate_and_resync("C").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_socket_status_promote_and_errors() {
+    use crate::control::client::Client;
+    use crate::control::proto::{ErrorCode, Request};
+    let mut c = cluster(2, "C").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    let path = c.dir.path().join("alpha.sock");
+    let l = tokio::net::UnixListener::bind(&path).unwrap();
+    tokio::spawn(crate::control::server::serve(l, vec![a.clone()], std::future::pending()));
+    let mut cl = Client::connect(&path).await.unwrap();
+    let r = cl.call(&Request::new("promote", Some("r0"))).await.unwrap();
+    assert_eq!(r.code, Some(ErrorCode::Refused), "{r:?}");
+    let r = cl.call(&Request::new("status", Some("nope"))).await.unwrap();
+    assert_eq!(r.code, Some(ErrorCode::Unknown));
+    let mut bad = Request::new("status", None);
+    bad.v = 9;
+    assert_eq!(cl.call(&bad).await.unwrap().code, Some(ErrorCode::BadRequest));
+    let mut ev = Client::connect(&path).await.unwrap();
+    assert_eq!(ev.call(&Request::new("events", None)).await.unwrap().ok, Some(true));
+    let mut force = Request::new("promote", Some("r0"));
+    force.force = true;
+    assert_eq!(cl.call(&force).await.unwrap().ok, Some(true));
+    let first = ev.next().await.unwrap().event.unwrap();
+    assert_eq!(first.resource, "r0");
+    wait_for("sync", || all_established(&a) && all_established(&b)).await;
+    let st = cl.call(&Request::new("status", Some("r0"))).await.unwrap().status.unwrap();
+    assert_eq!(st[0].role, "primary");
+    assert_eq!(st[0].peers[0].replication, "established");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_b_replicates_and_resyncs() {
+    replicate_and_resync("B").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_a_replicates_and_resyncs() {
+    replicate_and_resync("A").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_and_restart_resume() {
+    let mut c = cluster(3, "C").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    let g = c.start(2);
+    wait_for("links", || {
+        [&a, &b, &g]
+            .iter()
+            .all(|r| r.status().peers.iter().all(|p| p.connection == "connected"))
+    })
+    .await;
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || all_established(&a)).await;
+    write_some(&a, 5, 300).await;
+    a.flush().await.unwrap();
+    for r in [&b, &g] {
+        r.store().flush().await.unwrap();
+    }
+    let size = a.size();
+    let want = data_of(&c.image(0), size);
+    assert_eq!(want, data_of(&c.image(1), size));
+    assert_eq!(want, data_of(&c.image(2), size));
+
+    // gamma goes away (clean shutdown), alpha keeps writing; gamma comes back and resyncs.
+    g.shutdown().await;
+    drop(g);
+    wait_for("gamma gone", || a.status().peers[1].connection != "connected").await;
+    write_some(&a, 6, 100).await;
+    assert!(a.status().peers[1].out_of_sync_bytes > 0);
+    assert_eq!(a.role(), Role::Primary);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let g = c.start(2);
+    wait_for("gamma resynced", || all_established(&a) && all_established(&g)).await;
+    a.flush().await.unwrap();
+    g.store().flush().await.unwrap();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(2), size));
+    for r in [&a, &b, &g] {
+        r.shutdown().await;
+    }
+}

@@ -1,0 +1,721 @@
+//! The replication message codec: one [`Message`] per `common::frame` payload (the frame adds
+//! the length and the CRC-32 over header and payload). Pure functions over bytes; integers are
+//! big-endian; the first byte is the message tag.
+//!
+//! A link starts with TLS, then the shared-secret challenge-response (`common::auth`), then
+//! [`Message::Hello`] both ways, then [`Message::State`] both ways (the handshake report), then
+//! whatever the handshake decided (bitmap exchange, sync UUID), then the replication stream:
+//! `Data`/`Zero` in order, `Barrier`s between write epochs, `Flush`, acknowledgements back.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::meta::generation::{GenerationIds, HISTORY_LEN, MAX_NODES, Uuid};
+use crate::repl::handshake::HandshakeSide;
+use crate::repl::state::{DiskState, Role};
+use crate::repl::sync_decision::SideView;
+
+/// Version of this message set, exchanged in `Hello`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Largest frame accepted on a replication link (a 64 MiB write plus headers).
+pub const MAX_FRAME: u32 = (64 << 20) + 4096;
+
+/// `Data` flag: the write must be durable on the peer before it acknowledges it.
+pub const FLAG_FUA: u8 = 1;
+
+/// Why bytes are not a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown message tag {0}")]
+    UnknownTag(u8),
+    #[error("message {tag} is truncated")]
+    Truncated { tag: &'static str },
+    #[error("message {tag} has {extra} trailing bytes")]
+    Trailing { tag: &'static str, extra: usize },
+    #[error("message {tag}: invalid {field} {value}")]
+    Invalid {
+        tag: &'static str,
+        field: &'static str,
+        value: u64,
+    },
+    #[error("message {tag}: text is not UTF-8")]
+    Utf8 { tag: &'static str },
+}
+
+/// The handshake report of one side ([`HandshakeSide`] plus the data size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateReport {
+    pub side: HandshakeSide,
+    /// Usable data bytes of the sender.
+    pub size: u64,
+}
+
+/// One replication message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// First message after authentication.
+    Hello {
+        version: u16,
+        resource: String,
+        node_id: u8,
+    },
+    /// The sender's handshake report.
+    State(StateReport),
+    /// Part of the sender's bitmap for the receiver: 64-bit words from `start_word`.
+    BitmapChunk { start_word: u64, words: Vec<u64> },
+    /// End of the bitmap; `bits` set in total (a cross-check).
+    BitmapDone { bits: u64 },
+    /// Resync source to target: adopt this generation.
+    SyncUuid(Uuid),
+    /// A replicated write.
+    Data {
+        seq: u64,
+        offset: u64,
+        flags: u8,
+        payload: Bytes,
+    },
+    /// A replicated zeroing: `trim` punches holes (reads back as zeroes either way).
+    Zero {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        trim: bool,
+        fua: bool,
+    },
+    /// Ends write epoch `epoch`: writes after it are applied only after every write before it.
+    Barrier { epoch: u64 },
+    /// A barrier that also flushes the peer's disk; answered by `FlushAck`.
+    Flush { seq: u64 },
+    /// Protocol B: the peer received write `seq`.
+    RecvAck { seq: u64 },
+    /// The peer wrote write `seq` (sent under every protocol; A and B do not wait for it).
+    WriteAck { seq: u64 },
+    /// The peer completed every earlier write and flushed.
+    FlushAck { seq: u64 },
+    /// Resync block(s): `zero` means the range reads as zeroes (no payload is sent).
+    ResyncData {
+        offset: u64,
+        len: u32,
+        zero: bool,
+        payload: Bytes,
+    },
+    /// The target wrote a resync range.
+    ResyncAck { offset: u64, len: u32 },
+    /// The source sent every dirty block.
+    ResyncDone,
+    /// The Primary started a new generation; peers in sync adopt it.
+    NewUuid(Uuid),
+    /// The sender's role or disk state changed.
+    PeerState { role: Role, disk: DiskState },
+    Ping,
+    PingAck,
+}
+
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const STATE: u8 = 2;
+    pub const BITMAP_CHUNK: u8 = 3;
+    pub const BITMAP_DONE: u8 = 4;
+    pub const SYNC_UUID: u8 = 5;
+    pub const DATA: u8 = 6;
+    pub const ZERO: u8 = 7;
+    pub const BARRIER: u8 = 8;
+    pub const FLUSH: u8 = 9;
+    pub const RECV_ACK: u8 = 10;
+    pub const WRITE_ACK: u8 = 11;
+    pub const FLUSH_ACK: u8 = 12;
+    pub const RESYNC_DATA: u8 = 13;
+    pub const RESYNC_ACK: u8 = 14;
+    pub const RESYNC_DONE: u8 = 15;
+    pub const NEW_UUID: u8 = 16;
+    pub const PEER_STATE: u8 = 17;
+    pub const PING: u8 = 18;
+    pub const PING_ACK: u8 = 19;
+}
+
+impl Message {
+    /// The message name (logs and errors).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::State(_) => "state",
+            Message::BitmapChunk { .. } => "bitmap-chunk",
+            Message::BitmapDone { .. } => "bitmap-done",
+            Message::SyncUuid(_) => "sync-uuid",
+            Message::Data { .. } => "data",
+            Message::Zero { .. } => "zero",
+            Message::Barrier { .. } => "barrier",
+            Message::Flush { .. } => "flush",
+            Message::RecvAck { .. } => "recv-ack",
+            Message::WriteAck { .. } => "write-ack",
+            Message::FlushAck { .. } => "flush-ack",
+            Message::ResyncData { .. } => "resync-data",
+            Message::ResyncAck { .. } => "resync-ack",
+            Message::ResyncDone => "resync-done",
+            Message::NewUuid(_) => "new-uuid",
+            Message::PeerState { .. } => "peer-state",
+            Message::Ping => "ping",
+            Message::PingAck => "ping-ack",
+        }
+    }
+
+    /// Appends the encoded message (a frame payload) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        match self {
+            Message::Hello {
+                version,
+                resource,
+                node_id,
+            } => {
+                dst.put_u8(tag::HELLO);
+                dst.put_u16(*version);
+                dst.put_u8(*node_id);
+                dst.put_u16(resource.len() as u16);
+                dst.put_slice(resource.as_bytes());
+            }
+            Message::State(r) => {
+                dst.put_u8(tag::STATE);
+                let v = &r.side.view;
+                dst.put_u8(v.node_id);
+                dst.put_u64(r.size);
+                dst.put_u64(v.ids.current.0);
+                for u in &v.ids.bitmap {
+                    dst.put_u64(u.0);
+                }
+                for u in &v.ids.history {
+                    dst.put_u64(u.0);
+                }
+                dst.put_u8(u8::from(v.crashed_primary));
+                dst.put_u8(index_of(DiskState::ALL, v.disk));
+                dst.put_u8(index_of(Role::ALL, v.role));
+                dst.put_u64(r.side.dirty_bits);
+                dst.put_u8(u8::from(r.side.discard_my_data));
+                dst.put_u8(match r.side.quorum {
+                    None => 0,
+                    Some(false) => 1,
+                    Some(true) => 2,
+                });
+            }
+            Message::BitmapChunk { start_word, words } => {
+                dst.put_u8(tag::BITMAP_CHUNK);
+                dst.put_u64(*start_word);
+                dst.put_u32(words.len() as u32);
+                for w in words {
+                    dst.put_u64(*w);
+                }
+            }
+            Message::BitmapDone { bits } => {
+                dst.put_u8(tag::BITMAP_DONE);
+                dst.put_u64(*bits);
+            }
+            Message::SyncUuid(u) => {
+                dst.put_u8(tag::SYNC_UUID);
+                dst.put_u64(u.0);
+            }
+            Message::Data {
+                seq,
+                offset,
+                flags,
+                payload,
+            } => {
+                dst.reserve(18 + payload.len());
+                dst.put_u8(tag::DATA);
+                dst.put_u64(*seq);
+                dst.put_u64(*offset);
+                dst.put_u8(*flags);
+                dst.put_slice(payload);
+            }
+            Message::Zero {
+                seq,
+                offset,
+                len,
+                trim,
+                fua,
+            } => {
+                dst.put_u8(tag::ZERO);
+                dst.put_u64(*seq);
+                dst.put_u64(*offset);
+                dst.put_u64(*len);
+                dst.put_u8(u8::from(*trim) | u8::from(*fua) << 1);
+            }
+            Message::Barrier { epoch } => {
+                dst.put_u8(tag::BARRIER);
+                dst.put_u64(*epoch);
+            }
+            Message::Flush { seq } => put_seq(dst, tag::FLUSH, *seq),
+            Message::RecvAck { seq } => put_seq(dst, tag::RECV_ACK, *seq),
+            Message::WriteAck { seq } => put_seq(dst, tag::WRITE_ACK, *seq),
+            Message::FlushAck { seq } => put_seq(dst, tag::FLUSH_ACK, *seq),
+            Message::ResyncData {
+                offset,
+                len,
+                zero,
+                payload,
+            } => {
+                dst.reserve(14 + payload.len());
+                dst.put_u8(tag::RESYNC_DATA);
+                dst.put_u64(*offset);
+                dst.put_u32(*len);
+                dst.put_u8(u8::from(*zero));
+                dst.put_slice(payload);
+            }
+            Message::ResyncAck { offset, len } => {
+                dst.put_u8(tag::RESYNC_ACK);
+                dst.put_u64(*offset);
+                dst.put_u32(*len);
+            }
+            Message::ResyncDone => dst.put_u8(tag::RESYNC_DONE),
+            Message::NewUuid(u) => {
+                dst.put_u8(tag::NEW_UUID);
+                dst.put_u64(u.0);
+            }
+            Message::PeerState { role, disk } => {
+                dst.put_u8(tag::PEER_STATE);
+                dst.put_u8(index_of(Role::ALL, *role));
+                dst.put_u8(index_of(DiskState::ALL, *disk));
+            }
+            Message::Ping => dst.put_u8(tag::PING),
+            Message::PingAck => dst.put_u8(tag::PING_ACK),
+        }
+    }
+
+    /// The encoded message as one buffer.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        self.encode(&mut b);
+        b.freeze()
+    }
+
+    /// Decodes one frame payload. Payloads of `Data`/`ResyncData` share `frame`'s memory.
+    pub fn decode(frame: Bytes) -> Result<Message, WireError> {
+        let mut c = Cursor { buf: frame, tag: "" };
+        let t = c.u8().map_err(|_| WireError::Empty)?;
+        let msg = match t {
+            tag::HELLO => {
+                c.tag = "hello";
+                let version = c.u16()?;
+                let node_id = c.node_id()?;
+                let n = c.u16()? as usize;
+                let raw = c.bytes(n)?;
+                let resource = String::from_utf8(raw.to_vec())
+                    .map_err(|_| WireError::Utf8 { tag: "hello" })?;
+                Message::Hello {
+                    version,
+                    resource,
+                    node_id,
+                }
+            }
+            tag::STATE => {
+                c.tag = "state";
+                let node_id = c.node_id()?;
+                let size = c.u64()?;
+                let mut ids = GenerationIds::just_created();
+                ids.current = Uuid(c.u64()?);
+                for i in 0..MAX_NODES {
+                    ids.bitmap[i] = Uuid(c.u64()?);
+                }
+                for i in 0..HISTORY_LEN {
+                    ids.history[i] = Uuid(c.u64()?);
+                }
+                let crashed_primary = c.flag("crashed_primary")?;
+                let disk = c.named(DiskState::ALL, "disk state")?;
+                let role = c.named(Role::ALL, "role")?;
+                let dirty_bits = c.u64()?;
+                let discard_my_data = c.flag("discard_my_data")?;
+                let quorum = match c.u8()? {
+                    0 => None,
+                    1 => Some(false),
+                    2 => Some(true),
+                    v => return Err(c.invalid("quorum", u64::from(v))),
+                };
+                Message::State(StateReport {
+                    side: HandshakeSide {
+                        view: SideView {
+                            node_id,
+                            ids,
+                            crashed_primary,
+                            disk,
+                            role,
+                        },
+                        dirty_bits,
+                        discard_my_data,
+                        quorum,
+                    },
+                    size,
+                })
+            }
+            tag::BITMAP_CHUNK => {
+                c.tag = "bitmap-chunk";
+                let start_word = c.u64()?;
+                let n = c.u32()? as usize;
+                if n.saturating_mul(8) > c.buf.remaining() {
+                    return Err(WireError::Truncated { tag: c.tag });
+                }
+                let mut words = Vec::with_capacity(n);
+                for _ in 0..n {
+                    words.push(c.u64()?);
+                }
+                Message::BitmapChunk { start_word, words }
+            }
+            tag::BITMAP_DONE => {
+                c.tag = "bitmap-done";
+                Message::BitmapDone { bits: c.u64()? }
+            }
+            tag::SYNC_UUID => {
+                c.tag = "sync-uuid";
+                Message::SyncUuid(Uuid(c.u64()?))
+            }
+            tag::DATA => {
+                c.tag = "data";
+                let seq = c.u64()?;
+                let offset = c.u64()?;
+                let flags = c.u8()?;
+                if flags & !FLAG_FUA != 0 {
+                    return Err(c.invalid("flags", u64::from(flags)));
+                }
+                let payload = c.rest();
+                Message::Data {
+                    seq,
+                    offset,
+                    flags,
+                    payload,
+                }
+            }
+            tag::ZERO => {
+                c.tag = "zero";
+                let seq = c.u64()?;
+                let offset = c.u64()?;
+                let len = c.u64()?;
+                let f = c.u8()?;
+                if f & !3 != 0 {
+                    return Err(c.invalid("flags", u64::from(f)));
+                }
+                Message::Zero {
+                    seq,
+                    offset,
+                    len,
+                    trim: f & 1 != 0,
+                    fua: f & 2 != 0,
+                }
+            }
+            tag::BARRIER => {
+                c.tag = "barrier";
+                Message::Barrier { epoch: c.u64()? }
+            }
+            tag::FLUSH => {
+                c.tag = "flush";
+                Message::Flush { seq: c.u64()? }
+            }
+            tag::RECV_ACK => {
+                c.tag = "recv-ack";
+                Message::RecvAck { seq: c.u64()? }
+            }
+            tag::WRITE_ACK => {
+                c.tag = "write-ack";
+                Message::WriteAck { seq: c.u64()? }
+            }
+            tag::FLUSH_ACK => {
+                c.tag = "flush-ack";
+                Message::FlushAck { seq: c.u64()? }
+            }
+            tag::RESYNC_DATA => {
+                c.tag = "resync-data";
+                let offset = c.u64()?;
+                let len = c.u32()?;
+                let zero = c.flag("zero")?;
+                let payload = c.rest();
+                let expected = if zero { 0 } else { len as usize };
+                if payload.len() != expected {
+                    return Err(c.invalid("payload length", payload.len() as u64));
+                }
+                Message::ResyncData {
+                    offset,
+                    len,
+                    zero,
+                    payload,
+                }
+            }
+            tag::RESYNC_ACK => {
+                c.tag = "resync-ack";
+                Message::ResyncAck {
+                    offset: c.u64()?,
+                    len: c.u32()?,
+                }
+            }
+            tag::RESYNC_DONE => Message::ResyncDone,
+            tag::NEW_UUID => {
+                c.tag = "new-uuid";
+                Message::NewUuid(Uuid(c.u64()?))
+            }
+            tag::PEER_STATE => {
+                c.tag = "peer-state";
+                let role = c.named(Role::ALL, "role")?;
+                let disk = c.named(DiskState::ALL, "disk state")?;
+                Message::PeerState { role, disk }
+            }
+            tag::PING => Message::Ping,
+            tag::PING_ACK => Message::PingAck,
+            other => return Err(WireError::UnknownTag(other)),
+        };
+        if c.buf.has_remaining() {
+            return Err(WireError::Trailing {
+                tag: msg.name(),
+                extra: c.buf.remaining(),
+            });
+        }
+        Ok(msg)
+    }
+}
+
+fn put_seq(dst: &mut BytesMut, t: u8, seq: u64) {
+    dst.put_u8(t);
+    dst.put_u64(seq);
+}
+
+fn index_of<T: PartialEq>(all: &[T], v: T) -> u8 {
+    all.iter().position(|x| *x == v).expect("variant is in ALL") as u8
+}
+
+struct Cursor {
+    buf: Bytes,
+    tag: &'static str,
+}
+
+impl Cursor {
+    fn need(&self, n: usize) -> Result<(), WireError> {
+        if self.buf.remaining() < n {
+            Err(WireError::Truncated { tag: self.tag })
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn bytes(&mut self, n: usize) -> Result<Bytes, WireError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn rest(&mut self) -> Bytes {
+        std::mem::take(&mut self.buf)
+    }
+    fn invalid(&self, field: &'static str, value: u64) -> WireError {
+        WireError::Invalid {
+            tag: self.tag,
+            field,
+            value,
+        }
+    }
+    fn flag(&mut self, field: &'static str) -> Result<bool, WireError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(self.invalid(field, u64::from(v))),
+        }
+    }
+    fn node_id(&mut self) -> Result<u8, WireError> {
+        let id = self.u8()?;
+        if id as usize >= MAX_NODES {
+            return Err(self.invalid("node id", u64::from(id)));
+        }
+        Ok(id)
+    }
+    fn named<T: Copy>(&mut self, all: &[T], field: &'static str) -> Result<T, WireError> {
+        let i = self.u8()?;
+        all.get(i as usize)
+            .copied()
+            .ok_or_else(|| self.invalid(field, u64::from(i)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_ids() -> impl Strategy<Value = GenerationIds> {
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u64>(), MAX_NODES),
+            proptest::collection::vec(any::<u64>(), HISTORY_LEN),
+        )
+            .prop_map(|(c, b, h)| {
+                let mut ids = GenerationIds::just_created();
+                ids.current = Uuid(c);
+                for (i, v) in b.into_iter().enumerate() {
+                    ids.bitmap[i] = Uuid(v);
+                }
+                for (i, v) in h.into_iter().enumerate() {
+                    ids.history[i] = Uuid(v);
+                }
+                ids
+            })
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let bytes = || proptest::collection::vec(any::<u8>(), 0..600).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u16>(), "[a-z0-9._-]{0,40}", 0u8..32).prop_map(|(version, resource, node_id)| {
+                Message::Hello {
+                    version,
+                    resource,
+                    node_id,
+                }
+            }),
+            (
+                0u8..32,
+                any::<u64>(),
+                arb_ids(),
+                any::<bool>(),
+                0..DiskState::ALL.len(),
+                0..Role::ALL.len(),
+                any::<u64>(),
+                any::<bool>(),
+                proptest::option::of(any::<bool>())
+            )
+                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q)| {
+                    Message::State(StateReport {
+                        side: HandshakeSide {
+                            view: SideView {
+                                node_id,
+                                ids,
+                                crashed_primary: cp,
+                                disk: DiskState::ALL[d],
+                                role: Role::ALL[r],
+                            },
+                            dirty_bits: dirty,
+                            discard_my_data: dmd,
+                            quorum: q,
+                        },
+                        size,
+                    })
+                }),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
+                .prop_map(|(start_word, words)| Message::BitmapChunk { start_word, words }),
+            any::<u64>().prop_map(|bits| Message::BitmapDone { bits }),
+            any::<u64>().prop_map(|u| Message::SyncUuid(Uuid(u))),
+            (any::<u64>(), any::<u64>(), 0u8..2, bytes()).prop_map(
+                |(seq, offset, flags, payload)| Message::Data {
+                    seq,
+                    offset,
+                    flags,
+                    payload
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(seq, offset, len, trim, fua)| Message::Zero {
+                    seq,
+                    offset,
+                    len,
+                    trim,
+                    fua
+                }),
+            any::<u64>().prop_map(|epoch| Message::Barrier { epoch }),
+            any::<u64>().prop_map(|seq| Message::Flush { seq }),
+            any::<u64>().prop_map(|seq| Message::RecvAck { seq }),
+            any::<u64>().prop_map(|seq| Message::WriteAck { seq }),
+            any::<u64>().prop_map(|seq| Message::FlushAck { seq }),
+            (any::<u64>(), bytes()).prop_map(|(offset, payload)| Message::ResyncData {
+                offset,
+                len: payload.len() as u32,
+                zero: false,
+                payload
+            }),
+            (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Message::ResyncData {
+                offset,
+                len,
+                zero: true,
+                payload: Bytes::new()
+            }),
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(offset, len)| Message::ResyncAck { offset, len }),
+            Just(Message::ResyncDone),
+            any::<u64>().prop_map(|u| Message::NewUuid(Uuid(u))),
+            (0..Role::ALL.len(), 0..DiskState::ALL.len()).prop_map(|(r, d)| {
+                Message::PeerState {
+                    role: Role::ALL[r],
+                    disk: DiskState::ALL[d],
+                }
+            }),
+            Just(Message::Ping),
+            Just(Message::PingAck),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(msg in arb_message()) {
+            let bytes = msg.to_bytes();
+            prop_assert_eq!(Message::decode(bytes.clone()), Ok(msg.clone()));
+            // Every strict prefix is refused, never accepted as something else or a panic
+            // (except where the tail is a free-length payload).
+            for cut in 0..bytes.len() {
+                let r = Message::decode(bytes.slice(..cut));
+                if let Ok(m) = r {
+                    prop_assert!(matches!(m, Message::Data { .. } | Message::Hello { .. }), "{:?}", m);
+                }
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Message::decode(Bytes::from(raw));
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_named() {
+        assert_eq!(Message::decode(Bytes::new()), Err(WireError::Empty));
+        assert_eq!(
+            Message::decode(Bytes::from_static(&[200])),
+            Err(WireError::UnknownTag(200))
+        );
+        assert_eq!(
+            Message::decode(Bytes::from_static(&[tag::PING, 0])),
+            Err(WireError::Trailing {
+                tag: "ping",
+                extra: 1
+            })
+        );
+        let mut b = BytesMut::new();
+        Message::ResyncData {
+            offset: 0,
+            len: 8,
+            zero: false,
+            payload: Bytes::from_static(&[1; 8]),
+        }
+        .encode(&mut b);
+        b.truncate(b.len() - 1);
+        assert!(matches!(
+            Message::decode(b.freeze()),
+            Err(WireError::Invalid {
+                field: "payload length",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Message::decode(Bytes::from_static(&[tag::PEER_STATE, 9, 0])),
+            Err(WireError::Invalid { field: "role", .. })
+        ));
+    }
+}
