@@ -66,11 +66,19 @@ table inet $NFT_TABLE {
 EOF
 }
 
-# Bytes counted so far for a tool (both directions).
+# Bytes counted so far for a tool (both directions); "NA" if the table vanished (another process
+# flushed the ruleset), in which case it is put back and the current figure is lost.
 wire_bytes() {
-    nft list table inet "$NFT_TABLE" | awk -v tool="\"$1\"" '
+    local listing
+    if ! listing=$(nft list table inet "$NFT_TABLE" 2>/dev/null); then
+        log "  warning: nftables table $NFT_TABLE vanished (ruleset flushed?); recreating it"
+        nft_setup
+        echo NA
+        return
+    fi
+    awk -v tool="\"$1\"" '
         $0 ~ tool { for (i = 1; i < NF; i++) if ($i == "bytes") sum += $(i + 1) }
-        END { print sum + 0 }'
+        END { print sum + 0 }' <<<"$listing"
 }
 
 # measure TOOL CASE COMMAND...: runs the command, appends "case tool seconds bytes" to RESULTS.
@@ -84,10 +92,11 @@ measure() {
     t1=$EPOCHREALTIME
     sleep 0.2 # let closing segments (FIN/ACK) pass the counter
     b1=$(wire_bytes "$tool")
-    local secs
+    local secs wire=NA
     secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
-    printf '%s\t%s\t%s\t%s\n' "$case" "$tool" "$secs" "$((b1 - b0))" >>"$RESULTS"
-    log "  $tool $case: ${secs}s, $((b1 - b0)) wire bytes"
+    [[ $b0 == NA || $b1 == NA ]] || wire=$((b1 - b0))
+    printf '%s\t%s\t%s\t%s\n' "$case" "$tool" "$secs" "$wire" >>"$RESULTS"
+    log "  $tool $case: ${secs}s, $wire wire bytes"
 }
 
 # The peer tree must equal the source tree (content, and the set of names).
@@ -308,7 +317,8 @@ import sys
 rows = {}
 for line in open(sys.argv[1]):
     case, tool, secs, wire = line.split("\t")
-    rows.setdefault(case, {})[tool] = (float(secs), int(wire))
+    wire = wire.strip()
+    rows.setdefault(case, {})[tool] = (float(secs), int(wire) if wire != "NA" else None)
 order = ["push10k", "full64m", "delta64m", "rename16m", "check100k"]
 what = {
     "push10k": "push 10,000 small files",
@@ -327,9 +337,9 @@ for case in order:
         continue
     c = r.get("csync2"); f = r.get("filed")
     cs = f"{c[0]:.3f}" if c else "-"; fs = f"{f[0]:.3f}" if f else "-"
-    cb = fmt_b(c[1]) if c else "-"; fb = fmt_b(f[1]) if f else "-"
+    cb = fmt_b(c[1]) if c and c[1] is not None else "-"; fb = fmt_b(f[1]) if f and f[1] is not None else "-"
     sp = f"{c[0] / f[0]:.1f}x" if c and f and f[0] > 0 else "-"
-    wr = f"{f[1] / c[1]:.3f}" if c and f and c[1] > 0 else "-"
+    wr = f"{f[1] / c[1]:.4f}" if c and f and c[1] and f[1] is not None else "-"
     print(f"| {what[case]} | {cs} | {fs} | {sp} | {cb} | {fb} | {wr} |")
 EOF
 }

@@ -365,6 +365,57 @@ impl Applier {
         Ok(())
     }
 
+    /// Finishes many received files with two filesystem flushes instead of two per file: metadata
+    /// on every temp file, one `syncfs` (all contents durable), then backups and renames; the
+    /// caller ends the batch with [`Applier::sync`] before recording it as agreed.
+    pub fn commit_files(&self, batch: Vec<(PendingFile, FileState)>) -> Vec<(String, Result<(), ApplyError>)> {
+        let mut ready = Vec::with_capacity(batch.len());
+        let mut out = Vec::with_capacity(batch.len());
+        for (p, st) in batch {
+            let logical = p.target.logical.clone();
+            match set_file_meta(&p.file, &st) {
+                Ok(()) => ready.push(p),
+                Err(e) => out.push((logical.clone(), Err(io_err(&logical, "set metadata")(e)))),
+            }
+        }
+        if let Some(first) = ready.first() {
+            // SAFETY: valid descriptor.
+            if let Err(e) = cvt(unsafe { libc::syncfs(first.file.as_raw_fd()) }) {
+                for p in ready.drain(..) {
+                    out.push((p.target.logical.clone(), Err(io_err(&p.target.logical, "syncfs")(io::Error::new(e.kind(), e.to_string())))));
+                }
+            }
+        }
+        for mut p in ready {
+            let logical = p.target.logical.clone();
+            let res = self.clear_for(&p.target, false).and_then(|_| {
+                // SAFETY: valid descriptors and NUL-terminated names.
+                cvt(unsafe { libc::renameat(p.target.dir.as_raw_fd(), p.tmp.as_ptr(), p.target.dir.as_raw_fd(), p.target.name.as_ptr()) })
+                    .map(|_| ())
+                    .map_err(io_err(&logical, "rename into place"))
+            });
+            if res.is_ok() {
+                p.done = true;
+            }
+            out.push((logical, res));
+        }
+        out
+    }
+
+    /// Makes every change so far durable (renames, deletions, directory entries): one `syncfs` per
+    /// filesystem holding an include root.
+    pub fn sync(&self) -> Result<(), ApplyError> {
+        for (root, phys) in &self.roots {
+            match open_dir_path(phys) {
+                // SAFETY: valid descriptor.
+                Ok(fd) => cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(|_| ()).map_err(io_err(root, "syncfs"))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(root, "open include root")(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the target free for a new non-directory entry: backs up and removes an old file or
     /// symlink (kept when `keep_file`), removes an empty directory.
     fn clear_for(&self, t: &Target, remove_file: bool) -> Result<(), ApplyError> {
@@ -505,8 +556,7 @@ impl Applier {
             // SAFETY: valid descriptor and NUL-terminated name.
             unsafe { libc::unlinkat(t.dir.as_raw_fd(), tmp.as_ptr(), 0) };
         }
-        res?;
-        fsync_dir(&t.dir).map_err(io_err(logical, "fsync directory"))
+        res
     }
 
     /// Sets mode, owner and mtime of an existing path (directories after their contents; files
@@ -546,8 +596,7 @@ impl Applier {
         let Some(t) = self.target(logical, false)? else {
             return Ok(());
         };
-        self.clear_for(&t, true)?;
-        fsync_dir(&t.dir).map_err(io_err(logical, "fsync directory"))
+        self.clear_for(&t, true)
     }
 
     /// Renames `from` (which must still be the regular file described by `expect`) to `to`, then
@@ -587,9 +636,7 @@ impl Applier {
             )
         })
         .map_err(io_err(to, "rename"))?;
-        self.set_meta(to, state)?;
-        fsync_dir(&dst.dir).map_err(io_err(to, "fsync directory"))?;
-        fsync_dir(&src.dir).map_err(io_err(from, "fsync directory"))
+        self.set_meta(to, state)
     }
 
     /// The current state of a path (not hashed), reached safely.

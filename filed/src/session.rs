@@ -10,7 +10,7 @@ use std::io::{BufWriter, Read, Write};
 
 use bytes::Bytes;
 
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, PendingFile};
 use crate::config::Group;
 use crate::delta::{BaseSignature, DeltaApplier, DeltaEncoder, DeltaError, DeltaOptions};
 use crate::entry::{FileState, Kind, now_ns};
@@ -311,6 +311,7 @@ async fn receive_item(
     it: &Item,
     mine: Option<&FileState>,
     dirs: &mut Vec<(String, FileState)>,
+    queue: &mut Vec<(PendingFile, FileState)>,
 ) -> Result<Result<(), String>, SessionError> {
     let winner = it.winner.clone();
     let path = it.path.as_str();
@@ -344,7 +345,7 @@ async fn receive_item(
             let Some(w) = winner else {
                 return Ok(Err("no state".into()));
             };
-            receive_content(link, applier, path, &w, it.transfer == WireTransfer::Delta).await
+            receive_content(link, applier, path, &w, it.transfer == WireTransfer::Delta, queue).await
         }
     }
 }
@@ -355,6 +356,7 @@ async fn receive_content(
     path: &str,
     w: &FileState,
     delta: bool,
+    queue: &mut Vec<(PendingFile, FileState)>,
 ) -> Result<Result<(), String>, SessionError> {
     // Prepare the target; on failure keep consuming the stream.
     let mut failure: Option<String> = None;
@@ -450,9 +452,39 @@ async fn receive_content(
                 let p = pending
                     .take()
                     .expect("pending file present without failure");
-                return Ok(applier.commit_file(p, w).map_err(|e| error_chain(&e)));
+                queue.push((p, w.clone()));
+                return Ok(Ok(()));
             }
             other => return Err(link.unexpected(&other, "file data")),
+        }
+    }
+}
+
+/// Received files are committed in batches of this many (or [`COMMIT_BYTES`]).
+const COMMIT_FILES: usize = 256;
+const COMMIT_BYTES: u64 = 256 << 20;
+
+/// Commits queued received files when the batch is full (or always with `force`).
+fn flush_queue(applier: &Applier, queue: &mut Vec<(PendingFile, FileState)>, errors: &mut HashMap<String, String>, force: bool) {
+    let bytes: u64 = queue.iter().map(|(_, s)| s.size).sum();
+    if queue.is_empty() || (!force && queue.len() < COMMIT_FILES && bytes < COMMIT_BYTES) {
+        return;
+    }
+    for (path, res) in applier.commit_files(std::mem::take(queue)) {
+        if let Err(e) = res {
+            errors.insert(path, error_chain(&e));
+        }
+    }
+}
+
+/// Ends a receive phase: commits what is queued, fixes directory metadata, makes it all durable.
+fn finish_receive(node: &Node, group: &Group, applier: &Applier, received: &[&Item], dirs: &mut Vec<(String, FileState)>, queue: &mut Vec<(PendingFile, FileState)>, errors: &mut HashMap<String, String>) {
+    flush_queue(applier, queue, errors, true);
+    finish_dirs(node, group, applier, received, dirs, errors);
+    if let Err(e) = applier.sync() {
+        // Nothing received is recorded as agreed when it may not be durable.
+        for it in received {
+            errors.entry(it.path.clone()).or_insert_with(|| error_chain(&e));
         }
     }
 }
@@ -800,6 +832,7 @@ pub async fn run_client(
     }
     let mut my_errors = HashMap::new();
     let mut dirs = Vec::new();
+    let mut queue = Vec::new();
     for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
         let src = match &it.transfer {
             WireTransfer::Rename { from } => {
@@ -807,15 +840,16 @@ pub async fn run_client(
             }
             _ => None,
         };
-        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
+        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await? {
             my_errors.insert(it.path.clone(), e);
         }
+        flush_queue(&applier, &mut queue, &mut my_errors, false);
     }
     let received: Vec<&Item> = items
         .iter()
         .filter(|i| i.decision == WireDecision::Pull)
         .collect();
-    finish_dirs(node, group, &applier, &received, &mut dirs, &mut my_errors);
+    finish_receive(node, group, &applier, &received, &mut dirs, &mut queue, &mut my_errors);
     match link.recv().await? {
         Message::End => {}
         other => return Err(link.unexpected(&other, "End")),
@@ -1164,6 +1198,7 @@ pub async fn run_server(
     // Step 4: apply the initiator's pushes as they stream in, then collect its signatures.
     let mut my_errors = HashMap::new();
     let mut dirs = Vec::new();
+    let mut queue = Vec::new();
     for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
         let src = match &it.transfer {
             WireTransfer::Rename { from } => {
@@ -1171,16 +1206,17 @@ pub async fn run_server(
             }
             _ => None,
         };
-        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs).await? {
+        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await? {
             tracing::warn!(%peer, path = %it.path, error = %e, "applying a pushed change failed");
             my_errors.insert(it.path.clone(), e);
         }
+        flush_queue(&applier, &mut queue, &mut my_errors, false);
     }
     let received: Vec<&Item> = items
         .iter()
         .filter(|i| i.decision == WireDecision::Push)
         .collect();
-    finish_dirs(node, &group, &applier, &received, &mut dirs, &mut my_errors);
+    finish_receive(node, &group, &applier, &received, &mut dirs, &mut queue, &mut my_errors);
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
         match link.recv().await? {

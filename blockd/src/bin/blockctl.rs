@@ -18,7 +18,11 @@ use blockd::control::proto::{ErrorCode, Request, Response};
 use blockd::repl::resource::Status;
 
 #[derive(Parser)]
-#[command(name = "blockctl", version, about = "Administer blockd replicated resources")]
+#[command(
+    name = "blockctl",
+    version,
+    about = "Administer blockd replicated resources"
+)]
 struct Cli {
     /// Cluster configuration file.
     #[arg(long, global = true, default_value = "/etc/blockd/cluster.toml")]
@@ -102,7 +106,10 @@ fn fail(code: u8, e: impl Into<anyhow::Error>) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("blockctl: cannot start the runtime: {e}");
@@ -162,15 +169,28 @@ fn check(resp: Response) -> Result<Response, Failure> {
 }
 
 fn print_status(s: &Status) {
-    println!("{} role:{} disk:{} size:{}", s.resource, s.role, s.disk, s.size);
+    println!(
+        "{} role:{} disk:{} size:{}",
+        s.resource, s.role, s.disk, s.size
+    );
     for p in &s.peers {
         print!(
             "  {} (id {}, protocol {}) connection:{} replication:{} role:{} disk:{} out-of-sync:{} in-flight:{}",
-            p.node, p.id, p.protocol, p.connection, p.replication, p.role, p.disk,
-            p.out_of_sync_bytes, p.in_flight
+            p.node,
+            p.id,
+            p.protocol,
+            p.connection,
+            p.replication,
+            p.role,
+            p.disk,
+            p.out_of_sync_bytes,
+            p.in_flight
         );
         if let Some(r) = &p.resync {
-            print!(" resync:{}% ({}/{} bytes, {} B/s)", r.percent, r.done_bytes, r.total_bytes, r.rate);
+            print!(
+                " resync:{}% ({}/{} bytes, {} B/s)",
+                r.percent, r.done_bytes, r.total_bytes, r.rate
+            );
         }
         if let Some(e) = &p.last_error
             && p.connection != "connected"
@@ -201,7 +221,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Events { resource, json } => {
             let path = socket(&cli)?;
             let mut c = Client::connect(&path).await.map_err(client_failure)?;
-            check(c.call(&Request::new("events", resource.as_deref())).await.map_err(client_failure)?)?;
+            check(
+                c.call(&Request::new("events", resource.as_deref()))
+                    .await
+                    .map_err(client_failure)?,
+            )?;
             loop {
                 let r = match c.next().await {
                     Ok(r) => r,
@@ -256,16 +280,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let start = Instant::now();
             loop {
                 let resp = call(&path, &Request::new("status", Some(resource))).await?;
-                let s = resp.status.and_then(|mut v| v.pop()).ok_or_else(|| fail(1, anyhow!("no status")))?;
-                let syncing: Vec<_> = s.peers.iter().filter_map(|p| p.resync.as_ref().map(|r| (p, r))).collect();
+                let s = resp
+                    .status
+                    .and_then(|mut v| v.pop())
+                    .ok_or_else(|| fail(1, anyhow!("no status")))?;
+                let syncing: Vec<_> = s
+                    .peers
+                    .iter()
+                    .filter_map(|p| p.resync.as_ref().map(|r| (p, r)))
+                    .collect();
                 let settled = syncing.is_empty()
-                    && s.peers.iter().all(|p| p.connection == "connected" && p.replication == "established");
+                    && s.peers
+                        .iter()
+                        .all(|p| p.connection == "connected" && p.replication == "established");
                 if let Some((p, r)) = syncing.first() {
                     let width = 30usize;
                     let filled = ((r.percent / 100.0) * width as f64) as usize;
-                    eprint!("\r{} {} [{}{}] {:5.1}% {} MiB/s   ", s.resource, p.node,
-                        "#".repeat(filled.min(width)), " ".repeat(width - filled.min(width)),
-                        r.percent, r.rate >> 20);
+                    eprint!(
+                        "\r{} {} [{}{}] {:5.1}% {} MiB/s   ",
+                        s.resource,
+                        p.node,
+                        "#".repeat(filled.min(width)),
+                        " ".repeat(width - filled.min(width)),
+                        r.percent,
+                        r.rate >> 20
+                    );
                 }
                 if settled {
                     eprintln!("\r{}: in sync{}", s.resource, " ".repeat(50));
@@ -330,7 +369,10 @@ fn certs(config: &ClusterConfig, dir: &Path) -> Result<()> {
                 names.push(ip);
             }
             let pair = issue_cert(&ca, &names)?;
-            let (c, k) = (dir.join(format!("{}.pem", n.name)), dir.join(format!("{}.key", n.name)));
+            let (c, k) = (
+                dir.join(format!("{}.pem", n.name)),
+                dir.join(format!("{}.key", n.name)),
+            );
             pair.write(&c, &k)?;
             println!("issued {} for {}", c.display(), names.join(", "));
         }

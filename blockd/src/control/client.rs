@@ -48,7 +48,8 @@ impl Client {
 
     /// Sends a request and reads one response line.
     pub async fn call(&mut self, req: &Request) -> Result<Response, ClientError> {
-        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Malformed(e.to_string()))?;
+        let mut line =
+            serde_json::to_vec(req).map_err(|e| ClientError::Malformed(e.to_string()))?;
         line.push(b'\n');
         self.w.write_all(&line).await.map_err(ClientError::Io)?;
         self.next().await

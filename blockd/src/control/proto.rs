@@ -105,8 +105,12 @@ mod tests {
     fn request_round_trip_and_defaults() {
         let r = Request::new("status", Some("r0"));
         let line = serde_json::to_string(&r).unwrap();
-        assert_eq!(line, r#"{"v":1,"cmd":"status","resource":"r0","force":false,"discard_my_data":false}"#);
-        let back: Request = serde_json::from_str(r#"{"v":1,"cmd":"demote","resource":"r0"}"#).unwrap();
+        assert_eq!(
+            line,
+            r#"{"v":1,"cmd":"status","resource":"r0","force":false,"discard_my_data":false}"#
+        );
+        let back: Request =
+            serde_json::from_str(r#"{"v":1,"cmd":"demote","resource":"r0"}"#).unwrap();
         assert_eq!(back.cmd, "demote");
         assert!(!back.force);
         let e = Response::error(ErrorCode::Refused, "no");

@@ -73,13 +73,26 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
-                send(&mut w, &Response::error(ErrorCode::BadRequest, format!("malformed request: {e}"))).await?;
+                send(
+                    &mut w,
+                    &Response::error(ErrorCode::BadRequest, format!("malformed request: {e}")),
+                )
+                .await?;
                 continue;
             }
         };
         if req.v != VERSION {
-            send(&mut w, &Response::error(ErrorCode::BadRequest,
-                format!("protocol version {} not supported (this blockd speaks {VERSION})", req.v))).await?;
+            send(
+                &mut w,
+                &Response::error(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "protocol version {} not supported (this blockd speaks {VERSION})",
+                        req.v
+                    ),
+                ),
+            )
+            .await?;
             continue;
         }
         let picked = match pick(&resources, req.resource.as_deref()) {
@@ -92,7 +105,10 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
         let one = || -> Result<&Arc<Resource>, Response> {
             match (req.resource.as_deref(), picked.as_slice()) {
                 (Some(_), [r]) => Ok(r),
-                _ => Err(Response::error(ErrorCode::BadRequest, "this command needs a resource name")),
+                _ => Err(Response::error(
+                    ErrorCode::BadRequest,
+                    "this command needs a resource name",
+                )),
             }
         };
         let resp = match req.cmd.as_str() {
@@ -101,7 +117,10 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                 ..Response::ok()
             },
             "promote" => match one() {
-                Ok(r) => r.promote(req.force).await.map_or_else(failure, |()| Response::ok()),
+                Ok(r) => r
+                    .promote(req.force)
+                    .await
+                    .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
             "demote" => match one() {
@@ -115,7 +134,9 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                 Err(e) => e,
             },
             "disconnect" => match one() {
-                Ok(r) => r.disconnect(req.peer.as_deref()).map_or_else(failure, |()| Response::ok()),
+                Ok(r) => r
+                    .disconnect(req.peer.as_deref())
+                    .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
             "events" => {
@@ -132,7 +153,9 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                                         return;
                                     }
                                 }
-                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                                    continue;
+                                }
                                 Err(_) => return,
                             }
                         }
@@ -140,7 +163,17 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                 }
                 drop(tx);
                 while let Some(ev) = rx.recv().await {
-                    send(&mut w, &Response { event: Some(ev), ..Response { ok: None, ..Response::ok() } }).await?;
+                    send(
+                        &mut w,
+                        &Response {
+                            event: Some(ev),
+                            ..Response {
+                                ok: None,
+                                ..Response::ok()
+                            }
+                        },
+                    )
+                    .await?;
                 }
                 return Ok(());
             }

@@ -358,7 +358,22 @@ where
             Err(HeaderError::BadMagic(m)) => return Err(HandshakeError::BadOptionMagic(m)),
             Err(HeaderError::Incomplete) => unreachable!("header buffer has the full length"),
         };
-        let step = if header.length > MAX_OPTION_LEN {
+        let step = if header.length > MAX_OPTION_DISCARD {
+            // Skipping gigabytes would let one client pin a task for the whole handshake timeout:
+            // refuse the option without reading its data, then hang up (the spec allows a hard
+            // disconnect for denial-of-service protection).
+            if let Step::Reply(replies) =
+                negotiation.handle(header.option, Payload::TooBig(header.length))
+            {
+                out.clear();
+                for r in &replies {
+                    r.encode(header.option, &mut out);
+                }
+                let _ = send(&mut stream, &out).await;
+            }
+            let _ = stream.shutdown().await;
+            return Err(HandshakeError::Rejected("option data too long to skip"));
+        } else if header.length > MAX_OPTION_LEN {
             discard(&mut stream, u64::from(header.length)).await?;
             negotiation.handle(header.option, Payload::TooBig(header.length))
         } else {
@@ -424,6 +439,10 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(),
         .map_err(HandshakeError::WriteReply)?;
     stream.flush().await.map_err(HandshakeError::WriteReply)
 }
+
+/// Longest option payload that is read and skipped to keep the session in sync; longer ones
+/// are refused and the connection closed.
+const MAX_OPTION_DISCARD: u32 = 1024 * 1024;
 
 /// Reads and drops `len` bytes without buffering them.
 async fn discard<S: AsyncRead + Unpin>(stream: &mut S, len: u64) -> Result<(), HandshakeError> {

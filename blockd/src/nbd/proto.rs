@@ -929,7 +929,7 @@ impl Reply {
                         offset: p.get_u64(),
                         length: p.get_u32(),
                     },
-                    REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4) % 8 == 0 => {
+                    REPLY_TYPE_BLOCK_STATUS if len >= 12 && (len - 4).is_multiple_of(8) => {
                         let context_id = p.get_u32();
                         let descriptors = (0..(len - 4) / 8)
                             .map(|_| BlockDescriptor {

@@ -131,7 +131,8 @@ impl LinkSettings {
 /// The name a node's certificate must carry: its node name when that is a valid DNS name,
 /// else the IP address of its replication address.
 pub fn certificate_name(node: &LinkNode) -> String {
-    if common::tls::server_name(&node.name).is_ok() && node.name.parse::<std::net::IpAddr>().is_err()
+    if common::tls::server_name(&node.name).is_ok()
+        && node.name.parse::<std::net::IpAddr>().is_err()
     {
         node.name.clone()
     } else {

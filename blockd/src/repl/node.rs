@@ -96,9 +96,13 @@ where
         tasks.spawn(while_primary(r.clone(), s));
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    tasks.spawn(crate::control::server::serve(control, resources.clone(), async move {
-        let _ = stop_rx.await;
-    }));
+    tasks.spawn(crate::control::server::serve(
+        control,
+        resources.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     tracing::info!(node, control = %path.display(), resources = resources.len(), "node running");
     shutdown.await;
     let _ = stop_tx.send(());

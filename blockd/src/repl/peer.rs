@@ -175,7 +175,11 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     conn.send(Message::State(report.clone()));
     *res.peers[i].conn.lock().expect("conn") = Some(conn.clone());
     let writer_conn = conn.clone();
-    let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(writer.into_inner(), rx, writer_conn)));
+    let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(
+        writer.into_inner(),
+        rx,
+        writer_conn,
+    )));
     tracing::info!(resource = %res.name(), peer = %peer.name, "link up");
 
     let mut session = Session {
@@ -336,7 +340,11 @@ impl Session {
         }
     }
 
-    async fn run(&mut self, reader: &mut Reader, mine: crate::repl::wire::StateReport) -> SessionEnd {
+    async fn run(
+        &mut self,
+        reader: &mut Reader,
+        mine: crate::repl::wire::StateReport,
+    ) -> SessionEnd {
         match self.handshake(reader, mine).await {
             Ok(None) => {}
             Ok(Some(end)) => return end,
@@ -441,7 +449,8 @@ impl Session {
                         }
                         DisconnectReason::UnrelatedData => {
                             res.emit(Some(i), "error", "unrelated-data");
-                            "unrelated data: no common generation (another cluster or a wiped node)".to_string()
+                            "unrelated data: no common generation (another cluster or a wiped node)"
+                                .to_string()
                         }
                     };
                     return Ok(Some(SessionEnd::StandAlone(why)));
@@ -497,7 +506,9 @@ impl Session {
 
     async fn exchange_bitmaps(&mut self, reader: &mut Reader) -> Result<(), String> {
         let slot = self.res.peers[self.i].slot;
-        let words = self.res.meta.lock().expect("meta").bitmaps[slot].words().to_vec();
+        let words = self.res.meta.lock().expect("meta").bitmaps[slot]
+            .words()
+            .to_vec();
         let bits: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
         for (n, chunk) in words.chunks(8192).enumerate() {
             self.conn.send(Message::BitmapChunk {
@@ -546,7 +557,8 @@ impl Session {
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
                     self.conn.send(Message::RecvAck { seq });
                 }
-                self.applier.write(offset, payload, flags & FLAG_FUA != 0, seq);
+                self.applier
+                    .write(offset, payload, flags & FLAG_FUA != 0, seq);
             }
             Message::Zero {
                 seq,
@@ -650,7 +662,11 @@ impl Applier {
 
     fn spawn_write<F>(&mut self, f: F)
     where
-        F: FnOnce(Arc<Resource>, Arc<Conn>) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
+        F: FnOnce(
+                Arc<Resource>,
+                Arc<Conn>,
+            )
+                -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
             + Send
             + 'static,
     {
@@ -774,4 +790,3 @@ impl Applier {
         while self.tasks.try_join_next().is_some() {}
     }
 }
-

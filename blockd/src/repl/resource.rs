@@ -628,7 +628,8 @@ impl Resource {
                             100.0
                         } else {
                             (ps.resync_done.min(ps.resync_total) as f64 * 100.0
-                                / ps.resync_total as f64 * 10.0)
+                                / ps.resync_total as f64
+                                * 10.0)
                                 .round()
                                 / 10.0
                         },
@@ -686,16 +687,15 @@ impl Resource {
                 views,
             )
         };
-        let forced = match promote::decide(&local, &views, force)
-            .map_err(ResourceError::PromoteRefused)?
-        {
-            PromoteDecision::AlreadyPrimary => return Ok(()),
-            PromoteDecision::Promote {
-                data: DataPath::Peer(_),
-                ..
-            } => return Err(ResourceError::Diskless),
-            PromoteDecision::Promote { forced, .. } => forced,
-        };
+        let forced =
+            match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
+                PromoteDecision::AlreadyPrimary => return Ok(()),
+                PromoteDecision::Promote {
+                    data: DataPath::Peer(_),
+                    ..
+                } => return Err(ResourceError::Diskless),
+                PromoteDecision::Promote { forced, .. } => forced,
+            };
         // Peers that do not get this generation's writes track them in their bitmaps. A forced
         // promotion resyncs every connected peer that is not up to date: drop and reconnect them.
         let mut reconnect = Vec::new();
@@ -706,7 +706,10 @@ impl Resource {
                 let st = self.state.lock().expect("state");
                 st.peers[i].repl == ReplState::Established
             };
-            if v.conn == ConnState::Connected && established && !(forced && v.disk != DiskState::UpToDate) {
+            if v.conn == ConnState::Connected
+                && established
+                && !(forced && v.disk != DiskState::UpToDate)
+            {
                 in_sync.push(i);
             } else {
                 out_of_sync.push(v.node_id);

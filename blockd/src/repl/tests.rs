@@ -61,7 +61,10 @@ async fn cluster(nodes: usize, protocol: &str) -> Cluster {
     for n in &names {
         let local = config.resources_of(n).remove(0);
         create_md(&local, false).unwrap();
-        assert!(create_md(&local, false).is_err(), "existing metadata is refused");
+        assert!(
+            create_md(&local, false).is_err(),
+            "existing metadata is refused"
+        );
     }
     Cluster {
         dir,
@@ -146,15 +149,26 @@ async fn replicate_and_resync(protocol: &str) {
     let a = c.start(0);
     let b = c.start(1);
     wait_for("link", || {
-        a.status().peers[0].connection == "connected" && b.status().peers[0].connection == "connected"
+        a.status().peers[0].connection == "connected"
+            && b.status().peers[0].connection == "connected"
     })
     .await;
     // A secondary refuses writes.
-    assert!(a.write(0, Bytes::from_static(&[1; 512]), false).await.is_err());
-    assert!(a.promote(false).await.is_err(), "inconsistent data needs --force");
+    assert!(
+        a.write(0, Bytes::from_static(&[1; 512]), false)
+            .await
+            .is_err()
+    );
+    assert!(
+        a.promote(false).await.is_err(),
+        "inconsistent data needs --force"
+    );
     a.promote(true).await.unwrap();
     assert!(b.promote(false).await.is_err(), "one primary");
-    wait_for("initial sync", || all_established(&a) && all_established(&b)).await;
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
     write_some(&a, 1, 200).await;
     a.flush().await.unwrap();
     b.store().flush().await.unwrap();
@@ -163,7 +177,10 @@ async fn replicate_and_resync(protocol: &str) {
 
     // Degraded mode: writes while disconnected go into the bitmap, then resync.
     a.disconnect(Some("beta")).unwrap();
-    wait_for("disconnect", || a.status().peers[0].connection == "standalone").await;
+    wait_for("disconnect", || {
+        a.status().peers[0].connection == "standalone"
+    })
+    .await;
     write_some(&a, 2, 100).await;
     let dirty = a.status().peers[0].out_of_sync_bytes;
     assert!(dirty > 0 && dirty <= 100 * 4 * 4096, "dirty {dirty}");
@@ -200,24 +217,42 @@ async fn control_socket_status_promote_and_errors() {
     let b = c.start(1);
     let path = c.dir.path().join("alpha.sock");
     let l = tokio::net::UnixListener::bind(&path).unwrap();
-    tokio::spawn(crate::control::server::serve(l, vec![a.clone()], std::future::pending()));
+    tokio::spawn(crate::control::server::serve(
+        l,
+        vec![a.clone()],
+        std::future::pending(),
+    ));
     let mut cl = Client::connect(&path).await.unwrap();
     let r = cl.call(&Request::new("promote", Some("r0"))).await.unwrap();
     assert_eq!(r.code, Some(ErrorCode::Refused), "{r:?}");
-    let r = cl.call(&Request::new("status", Some("nope"))).await.unwrap();
+    let r = cl
+        .call(&Request::new("status", Some("nope")))
+        .await
+        .unwrap();
     assert_eq!(r.code, Some(ErrorCode::Unknown));
     let mut bad = Request::new("status", None);
     bad.v = 9;
-    assert_eq!(cl.call(&bad).await.unwrap().code, Some(ErrorCode::BadRequest));
+    assert_eq!(
+        cl.call(&bad).await.unwrap().code,
+        Some(ErrorCode::BadRequest)
+    );
     let mut ev = Client::connect(&path).await.unwrap();
-    assert_eq!(ev.call(&Request::new("events", None)).await.unwrap().ok, Some(true));
+    assert_eq!(
+        ev.call(&Request::new("events", None)).await.unwrap().ok,
+        Some(true)
+    );
     let mut force = Request::new("promote", Some("r0"));
     force.force = true;
     assert_eq!(cl.call(&force).await.unwrap().ok, Some(true));
     let first = ev.next().await.unwrap().event.unwrap();
     assert_eq!(first.resource, "r0");
     wait_for("sync", || all_established(&a) && all_established(&b)).await;
-    let st = cl.call(&Request::new("status", Some("r0"))).await.unwrap().status.unwrap();
+    let st = cl
+        .call(&Request::new("status", Some("r0")))
+        .await
+        .unwrap()
+        .status
+        .unwrap();
     assert_eq!(st[0].role, "primary");
     assert_eq!(st[0].peers[0].replication, "established");
     a.shutdown().await;
@@ -261,13 +296,19 @@ async fn three_nodes_and_restart_resume() {
     // gamma goes away (clean shutdown), alpha keeps writing; gamma comes back and resyncs.
     g.shutdown().await;
     drop(g);
-    wait_for("gamma gone", || a.status().peers[1].connection != "connected").await;
+    wait_for("gamma gone", || {
+        a.status().peers[1].connection != "connected"
+    })
+    .await;
     write_some(&a, 6, 100).await;
     assert!(a.status().peers[1].out_of_sync_bytes > 0);
     assert_eq!(a.role(), Role::Primary);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let g = c.start(2);
-    wait_for("gamma resynced", || all_established(&a) && all_established(&g)).await;
+    wait_for("gamma resynced", || {
+        all_established(&a) && all_established(&g)
+    })
+    .await;
     a.flush().await.unwrap();
     g.store().flush().await.unwrap();
     assert_eq!(data_of(&c.image(0), size), data_of(&c.image(2), size));

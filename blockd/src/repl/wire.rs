@@ -63,9 +63,14 @@ pub enum Message {
     /// The sender's handshake report.
     State(StateReport),
     /// Part of the sender's bitmap for the receiver: 64-bit words from `start_word`.
-    BitmapChunk { start_word: u64, words: Vec<u64> },
+    BitmapChunk {
+        start_word: u64,
+        words: Vec<u64>,
+    },
     /// End of the bitmap; `bits` set in total (a cross-check).
-    BitmapDone { bits: u64 },
+    BitmapDone {
+        bits: u64,
+    },
     /// Resync source to target: adopt this generation.
     SyncUuid(Uuid),
     /// A replicated write.
@@ -84,15 +89,25 @@ pub enum Message {
         fua: bool,
     },
     /// Ends write epoch `epoch`: writes after it are applied only after every write before it.
-    Barrier { epoch: u64 },
+    Barrier {
+        epoch: u64,
+    },
     /// A barrier that also flushes the peer's disk; answered by `FlushAck`.
-    Flush { seq: u64 },
+    Flush {
+        seq: u64,
+    },
     /// Protocol B: the peer received write `seq`.
-    RecvAck { seq: u64 },
+    RecvAck {
+        seq: u64,
+    },
     /// The peer wrote write `seq` (sent under every protocol; A and B do not wait for it).
-    WriteAck { seq: u64 },
+    WriteAck {
+        seq: u64,
+    },
     /// The peer completed every earlier write and flushed.
-    FlushAck { seq: u64 },
+    FlushAck {
+        seq: u64,
+    },
     /// Resync block(s): `zero` means the range reads as zeroes (no payload is sent).
     ResyncData {
         offset: u64,
@@ -101,13 +116,19 @@ pub enum Message {
         payload: Bytes,
     },
     /// The target wrote a resync range.
-    ResyncAck { offset: u64, len: u32 },
+    ResyncAck {
+        offset: u64,
+        len: u32,
+    },
     /// The source sent every dirty block.
     ResyncDone,
     /// The Primary started a new generation; peers in sync adopt it.
     NewUuid(Uuid),
     /// The sender's role or disk state changed.
-    PeerState { role: Role, disk: DiskState },
+    PeerState {
+        role: Role,
+        disk: DiskState,
+    },
     Ping,
     PingAck,
 }
@@ -289,7 +310,10 @@ impl Message {
 
     /// Decodes one frame payload. Payloads of `Data`/`ResyncData` share `frame`'s memory.
     pub fn decode(frame: Bytes) -> Result<Message, WireError> {
-        let mut c = Cursor { buf: frame, tag: "" };
+        let mut c = Cursor {
+            buf: frame,
+            tag: "",
+        };
         let t = c.u8().map_err(|_| WireError::Empty)?;
         let msg = match t {
             tag::HELLO => {
@@ -569,13 +593,15 @@ mod tests {
     fn arb_message() -> impl Strategy<Value = Message> {
         let bytes = || proptest::collection::vec(any::<u8>(), 0..600).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u16>(), "[a-z0-9._-]{0,40}", 0u8..32).prop_map(|(version, resource, node_id)| {
-                Message::Hello {
-                    version,
-                    resource,
-                    node_id,
+            (any::<u16>(), "[a-z0-9._-]{0,40}", 0u8..32).prop_map(
+                |(version, resource, node_id)| {
+                    Message::Hello {
+                        version,
+                        resource,
+                        node_id,
+                    }
                 }
-            }),
+            ),
             (
                 0u8..32,
                 any::<u64>(),
