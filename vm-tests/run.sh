@@ -57,7 +57,7 @@ done
 ((shell == 0 || console == 1)) || vmt_die "--shell needs --console"
 [[ $(id -u) == 0 ]] || vmt_die "run as root (apt downloads, device nodes in the initramfs)"
 
-exec 3<&0 # the terminal, for qemu in --console mode
+((console == 0)) || exec 3<&0 # the terminal, for qemu in --console mode
 vmt_ensure_qemu
 image=$("$VMT_DIR/build-image.sh")
 if [[ -n ${VMTESTS_BLOCKD:-} ]]; then
@@ -149,6 +149,7 @@ run_scenario() {
         fi
         wait "$QEMU_PID" || rc=$?
         QEMU_PID=""
+        rm -f "$RUNDIR/initrd" # the cached image plus config.cpio.gz rebuild it
         local took=$((SECONDS - started))
         printf '%s\n' "$took" >"$RUNDIR/guest-seconds"
 

@@ -368,7 +368,10 @@ impl Applier {
     /// Finishes many received files with two filesystem flushes instead of two per file: metadata
     /// on every temp file, one `syncfs` (all contents durable), then backups and renames; the
     /// caller ends the batch with [`Applier::sync`] before recording it as agreed.
-    pub fn commit_files(&self, batch: Vec<(PendingFile, FileState)>) -> Vec<(String, Result<(), ApplyError>)> {
+    pub fn commit_files(
+        &self,
+        batch: Vec<(PendingFile, FileState)>,
+    ) -> Vec<(String, Result<(), ApplyError>)> {
         let mut ready = Vec::with_capacity(batch.len());
         let mut out = Vec::with_capacity(batch.len());
         for (p, st) in batch {
@@ -382,7 +385,13 @@ impl Applier {
             // SAFETY: valid descriptor.
             if let Err(e) = cvt(unsafe { libc::syncfs(first.file.as_raw_fd()) }) {
                 for p in ready.drain(..) {
-                    out.push((p.target.logical.clone(), Err(io_err(&p.target.logical, "syncfs")(io::Error::new(e.kind(), e.to_string())))));
+                    out.push((
+                        p.target.logical.clone(),
+                        Err(io_err(&p.target.logical, "syncfs")(io::Error::new(
+                            e.kind(),
+                            e.to_string(),
+                        ))),
+                    ));
                 }
             }
         }
@@ -390,9 +399,16 @@ impl Applier {
             let logical = p.target.logical.clone();
             let res = self.clear_for(&p.target, false).and_then(|_| {
                 // SAFETY: valid descriptors and NUL-terminated names.
-                cvt(unsafe { libc::renameat(p.target.dir.as_raw_fd(), p.tmp.as_ptr(), p.target.dir.as_raw_fd(), p.target.name.as_ptr()) })
-                    .map(|_| ())
-                    .map_err(io_err(&logical, "rename into place"))
+                cvt(unsafe {
+                    libc::renameat(
+                        p.target.dir.as_raw_fd(),
+                        p.tmp.as_ptr(),
+                        p.target.dir.as_raw_fd(),
+                        p.target.name.as_ptr(),
+                    )
+                })
+                .map(|_| ())
+                .map_err(io_err(&logical, "rename into place"))
             });
             if res.is_ok() {
                 p.done = true;
@@ -408,7 +424,9 @@ impl Applier {
         for (root, phys) in &self.roots {
             match open_dir_path(phys) {
                 // SAFETY: valid descriptor.
-                Ok(fd) => cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(|_| ()).map_err(io_err(root, "syncfs"))?,
+                Ok(fd) => cvt(unsafe { libc::syncfs(fd.as_raw_fd()) })
+                    .map(|_| ())
+                    .map_err(io_err(root, "syncfs"))?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_err(root, "open include root")(e)),
             }

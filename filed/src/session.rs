@@ -345,7 +345,15 @@ async fn receive_item(
             let Some(w) = winner else {
                 return Ok(Err("no state".into()));
             };
-            receive_content(link, applier, path, &w, it.transfer == WireTransfer::Delta, queue).await
+            receive_content(
+                link,
+                applier,
+                path,
+                &w,
+                it.transfer == WireTransfer::Delta,
+                queue,
+            )
+            .await
         }
     }
 }
@@ -465,7 +473,12 @@ const COMMIT_FILES: usize = 256;
 const COMMIT_BYTES: u64 = 256 << 20;
 
 /// Commits queued received files when the batch is full (or always with `force`).
-fn flush_queue(applier: &Applier, queue: &mut Vec<(PendingFile, FileState)>, errors: &mut HashMap<String, String>, force: bool) {
+fn flush_queue(
+    applier: &Applier,
+    queue: &mut Vec<(PendingFile, FileState)>,
+    errors: &mut HashMap<String, String>,
+    force: bool,
+) {
     let bytes: u64 = queue.iter().map(|(_, s)| s.size).sum();
     if queue.is_empty() || (!force && queue.len() < COMMIT_FILES && bytes < COMMIT_BYTES) {
         return;
@@ -478,13 +491,23 @@ fn flush_queue(applier: &Applier, queue: &mut Vec<(PendingFile, FileState)>, err
 }
 
 /// Ends a receive phase: commits what is queued, fixes directory metadata, makes it all durable.
-fn finish_receive(node: &Node, group: &Group, applier: &Applier, received: &[&Item], dirs: &mut Vec<(String, FileState)>, queue: &mut Vec<(PendingFile, FileState)>, errors: &mut HashMap<String, String>) {
+fn finish_receive(
+    node: &Node,
+    group: &Group,
+    applier: &Applier,
+    received: &[&Item],
+    dirs: &mut Vec<(String, FileState)>,
+    queue: &mut Vec<(PendingFile, FileState)>,
+    errors: &mut HashMap<String, String>,
+) {
     flush_queue(applier, queue, errors, true);
     finish_dirs(node, group, applier, received, dirs, errors);
     if let Err(e) = applier.sync() {
         // Nothing received is recorded as agreed when it may not be durable.
         for it in received {
-            errors.entry(it.path.clone()).or_insert_with(|| error_chain(&e));
+            errors
+                .entry(it.path.clone())
+                .or_insert_with(|| error_chain(&e));
         }
     }
 }
@@ -840,7 +863,9 @@ pub async fn run_client(
             }
             _ => None,
         };
-        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await? {
+        if let Err(e) =
+            receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await?
+        {
             my_errors.insert(it.path.clone(), e);
         }
         flush_queue(&applier, &mut queue, &mut my_errors, false);
@@ -849,7 +874,15 @@ pub async fn run_client(
         .iter()
         .filter(|i| i.decision == WireDecision::Pull)
         .collect();
-    finish_receive(node, group, &applier, &received, &mut dirs, &mut queue, &mut my_errors);
+    finish_receive(
+        node,
+        group,
+        &applier,
+        &received,
+        &mut dirs,
+        &mut queue,
+        &mut my_errors,
+    );
     match link.recv().await? {
         Message::End => {}
         other => return Err(link.unexpected(&other, "End")),
@@ -1206,7 +1239,9 @@ pub async fn run_server(
             }
             _ => None,
         };
-        if let Err(e) = receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await? {
+        if let Err(e) =
+            receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await?
+        {
             tracing::warn!(%peer, path = %it.path, error = %e, "applying a pushed change failed");
             my_errors.insert(it.path.clone(), e);
         }
@@ -1216,7 +1251,15 @@ pub async fn run_server(
         .iter()
         .filter(|i| i.decision == WireDecision::Push)
         .collect();
-    finish_receive(node, &group, &applier, &received, &mut dirs, &mut queue, &mut my_errors);
+    finish_receive(
+        node,
+        &group,
+        &applier,
+        &received,
+        &mut dirs,
+        &mut queue,
+        &mut my_errors,
+    );
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
         match link.recv().await? {

@@ -73,6 +73,7 @@ vmt_ensure_qemu() {
         vmt_apt "${o[@]}" install -y --no-install-recommends --no-remove -t "$codename-backports" \
             qemu-system-x86 >"$b/install.log" 2>&1 ||
             vmt_die "installing qemu-system-x86 from backports failed: see $b/install.log"
+        rm -rf "$b/lists" "$b/archives"
     else
         vmt_apt install -y --no-install-recommends --no-remove qemu-system-x86 >/dev/null ||
             vmt_die "apt-get install qemu-system-x86 failed"

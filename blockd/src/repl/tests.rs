@@ -132,6 +132,14 @@ fn pattern(seed: u64, len: usize) -> Bytes {
         .into()
 }
 
+/// Under protocols A and B a flush does not wait for the peers: wait for their write acks.
+async fn settle(primary: &Resource) {
+    wait_for("peers to ack every write", || {
+        primary.status().peers.iter().all(|p| p.in_flight == 0)
+    })
+    .await;
+}
+
 async fn write_some(r: &Resource, seed: u64, count: u64) {
     let mut tasks = Vec::new();
     for k in 0..count {
@@ -171,6 +179,7 @@ async fn replicate_and_resync(protocol: &str) {
     .await;
     write_some(&a, 1, 200).await;
     a.flush().await.unwrap();
+    settle(&a).await;
     b.store().flush().await.unwrap();
     let size = a.size();
     assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
@@ -188,6 +197,7 @@ async fn replicate_and_resync(protocol: &str) {
     wait_for("resync", || all_established(&a) && all_established(&b)).await;
     assert_eq!(a.status().peers[0].out_of_sync_bytes, 0);
     a.flush().await.unwrap();
+    settle(&a).await;
     b.store().flush().await.unwrap();
     assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
 
@@ -197,6 +207,7 @@ async fn replicate_and_resync(protocol: &str) {
     b.promote(false).await.unwrap();
     write_some(&b, 3, 50).await;
     b.flush().await.unwrap();
+    settle(&b).await;
     a.store().flush().await.unwrap();
     assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
     a.shutdown().await;
