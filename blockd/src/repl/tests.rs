@@ -103,7 +103,7 @@ fn data_of(path: &Path, len: u64) -> Vec<u8> {
 }
 
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..600 {
+    for _ in 0..1500 {
         if f() {
             return;
         }
@@ -257,7 +257,18 @@ async fn control_socket_status_promote_and_errors() {
     assert_eq!(cl.call(&force).await.unwrap().ok, Some(true));
     let first = ev.next().await.unwrap().event.unwrap();
     assert_eq!(first.resource, "r0");
-    wait_for("sync", || all_established(&a) && all_established(&b)).await;
+    for _ in 0..1500 {
+        if all_established(&a) && all_established(&b) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        all_established(&a) && all_established(&b),
+        "{:#?} {:#?}",
+        a.status(),
+        b.status()
+    );
     let st = cl
         .call(&Request::new("status", Some("r0")))
         .await
