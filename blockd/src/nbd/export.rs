@@ -5,7 +5,7 @@ use crate::nbd::proto::{
     FLAG_CAN_MULTI_CONN, FLAG_HAS_FLAGS, FLAG_READ_ONLY, FLAG_SEND_CACHE, FLAG_SEND_DF,
     FLAG_SEND_FAST_ZERO, FLAG_SEND_FLUSH, FLAG_SEND_FUA, FLAG_SEND_TRIM, FLAG_SEND_WRITE_ZEROES,
 };
-use crate::store::BlockStore;
+use crate::repl::device::Device;
 
 /// Smallest request granularity advertised in `NBD_INFO_BLOCK_SIZE` (any alignment works).
 pub const MIN_BLOCK_SIZE: u32 = 1;
@@ -18,7 +18,8 @@ pub const MAX_PAYLOAD: u32 = 64 * 1024 * 1024;
 pub struct Export {
     pub name: String,
     pub description: Option<String>,
-    pub store: BlockStore,
+    /// What is served: a local store (standalone) or a replicated resource.
+    pub store: Device,
 }
 
 impl Export {

@@ -317,7 +317,7 @@ mod tests {
         let export = Arc::new(Export {
             name: "disk".into(),
             description: None,
-            store: store.clone(),
+            store: store.clone().into(),
         });
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let tcp_addr = tcp.local_addr().unwrap();

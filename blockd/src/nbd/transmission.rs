@@ -24,7 +24,8 @@ use crate::nbd::proto::{
     CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
     CMD_WRITE_ZEROES, HeaderError, REQUEST_LEN, Request, STATE_HOLE, STATE_ZERO,
 };
-use crate::store::{BlockStore, Extent, StoreError};
+use crate::repl::device::Device;
+use crate::store::{Extent, StoreError};
 
 /// Tunables of the transmission phase.
 #[derive(Debug, Clone, Copy)]
@@ -308,7 +309,7 @@ impl Outgoing {
 /// Per-request context handed to request tasks.
 #[derive(Clone)]
 struct Ctx {
-    store: BlockStore,
+    store: Device,
     session: Session,
     limits: Limits,
     replies: mpsc::UnboundedSender<Outgoing>,
@@ -394,7 +395,7 @@ impl std::fmt::Display for ErrorChain<'_> {
 
 /// Reads `len` bytes at `offset` as pieces of at most `chunk` bytes, reading pieces concurrently.
 async fn read_range(
-    store: &BlockStore,
+    store: &Device,
     offset: u64,
     len: u64,
     chunk: usize,
@@ -661,7 +662,7 @@ pub enum End {
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
-    store: BlockStore,
+    store: Device,
     session: Session,
     limits: Limits,
     shutdown: impl Future<Output = ()>,

@@ -60,7 +60,7 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
         flags: 0,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(r, w, store.clone(), session, limits, async move {
+    let server = tokio::spawn(serve(r, w, store.clone().into(), session, limits, async move {
         if stopped.await.is_err() {
             std::future::pending::<()>().await;
         }
