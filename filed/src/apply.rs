@@ -10,7 +10,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Group, Host};
@@ -129,6 +131,32 @@ fn fstatat(dir: &OwnedFd, name: &CStr) -> io::Result<Option<libc::stat>> {
 fn is_dir(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFDIR
 }
+fn is_link(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFLNK
+}
+
+/// The state of a non-symlink from its `stat` (no hash), as [`FileState::from_metadata`] builds it.
+fn state_from_stat(st: &libc::stat) -> FileState {
+    let kind = if is_dir(st) { Kind::Dir } else { Kind::File };
+    FileState {
+        kind,
+        size: if kind == Kind::File {
+            st.st_size as u64
+        } else {
+            0
+        },
+        mtime_ns: st
+            .st_mtime
+            .saturating_mul(1_000_000_000)
+            .saturating_add(st.st_mtime_nsec),
+        mode: st.st_mode & 0o7777,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        target: None,
+        hash: crate::entry::NO_HASH,
+    }
+}
+
 fn is_reg(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
@@ -151,7 +179,7 @@ fn timespec(ns: i64) -> libc::timespec {
 /// The parent directory of a target, opened safely, and the target's name in it.
 pub struct Target {
     pub logical: String,
-    dir: OwnedFd,
+    dir: Arc<OwnedFd>,
     name: CString,
 }
 
@@ -161,6 +189,13 @@ pub struct PendingFile {
     target: Target,
     tmp: CString,
     done: bool,
+}
+
+impl PendingFile {
+    /// The logical path this file will replace.
+    pub fn logical(&self) -> &str {
+        &self.target.logical
+    }
 }
 
 impl Drop for PendingFile {
@@ -178,7 +213,13 @@ pub struct Applier {
     roots: Vec<(String, PathBuf)>,
     backup: Option<PathBuf>,
     generations: u32,
+    /// Parent directories already walked safely (logical path → descriptor), so a batch of files
+    /// in one directory costs one walk. Cleared whenever this applier removes a directory.
+    dir_cache: Mutex<HashMap<String, Arc<OwnedFd>>>,
 }
+
+/// Entries kept in [`Applier::dir_cache`] before it is emptied.
+const DIR_CACHE_MAX: usize = 4096;
 
 impl Applier {
     pub fn new(host: &Host, group: &Group) -> Result<Applier, ApplyError> {
@@ -203,6 +244,7 @@ impl Applier {
             roots,
             backup,
             generations: group.backup_generations,
+            dir_cache: Mutex::new(HashMap::new()),
         })
     }
 
@@ -236,20 +278,29 @@ impl Applier {
                 .unwrap_or_else(|| cstr("."));
             return Ok(Some(Target {
                 logical: logical.into(),
-                dir,
+                dir: Arc::new(dir),
                 name,
             }));
         }
-        if create {
-            std::fs::create_dir_all(phys).map_err(io_err(logical, "create include root"))?;
+        let comps: Vec<&str> = rel.split('/').collect();
+        let (last, parents) = comps.split_last().expect("non-empty");
+        let parent_key = &logical[..logical.len() - last.len()];
+        if let Some(dir) = self.cache().get(parent_key) {
+            return Ok(Some(Target {
+                logical: logical.into(),
+                dir: dir.clone(),
+                name: cstr(last),
+            }));
         }
         let mut dir = match open_dir_path(phys) {
             Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                std::fs::create_dir_all(phys).map_err(io_err(logical, "create include root"))?;
+                open_dir_path(phys).map_err(io_err(logical, "open include root"))?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(logical, "open include root")(e)),
         };
-        let comps: Vec<&str> = rel.split('/').collect();
-        let (last, parents) = comps.split_last().expect("non-empty");
         for c in parents {
             let name = cstr(c);
             let flags = libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY;
@@ -280,11 +331,21 @@ impl Applier {
                 Err(e) => return Err(io_err(logical, "open parent directory")(e)),
             };
         }
+        let dir = Arc::new(dir);
+        let mut cache = self.cache();
+        if cache.len() >= DIR_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(parent_key.to_string(), dir.clone());
         Ok(Some(Target {
             logical: logical.into(),
             dir,
             name: cstr(last),
         }))
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OwnedFd>>> {
+        self.dir_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn need_target(&self, logical: &str) -> Result<Target, ApplyError> {
@@ -441,6 +502,8 @@ impl Applier {
             return Ok(());
         };
         if is_dir(&st) {
+            // Cached descriptors may point into the directory being removed.
+            self.cache().clear();
             // SAFETY: valid descriptor and NUL-terminated name.
             let rc =
                 unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), libc::AT_REMOVEDIR) };
@@ -665,12 +728,31 @@ impl Applier {
         let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(logical, "stat"))? else {
             return Ok(None);
         };
-        let _ = st;
-        // Build the state through std for one code path with the scanner.
+        if !is_link(&st) {
+            return Ok(Some(state_from_stat(&st)));
+        }
+        // Symlinks (their target is needed) through std, like the scanner.
         let path = PathBuf::from(format!("/proc/self/fd/{}", t.dir.as_raw_fd()))
             .join(t.name.to_str().unwrap_or(""));
         crate::entry::read_state(&path, false).map_err(io_err(logical, "stat"))
     }
+}
+
+/// Raises this process's soft open-file limit to its hard limit (batches of received files keep
+/// their temp files open until the batch is committed). Returns the new soft limit.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid pointer to an rlimit.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: valid pointer to an rlimit.
+        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    }
+    Ok(lim.rlim_cur as u64)
 }
 
 fn mkdirat(t: &Target, mode: u32) -> Result<(), ApplyError> {

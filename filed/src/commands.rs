@@ -111,7 +111,8 @@ fn dirty_peers(node: &Node, g: &Group) -> Vec<String> {
 }
 
 fn scan_one(node: &Node, g: &Group, rehash: bool) -> Result<ScanReport, String> {
-    scan_group(
+    let t0 = std::time::Instant::now();
+    let r = scan_group(
         node.store.as_ref(),
         &node.me,
         g,
@@ -119,7 +120,10 @@ fn scan_one(node: &Node, g: &Group, rehash: bool) -> Result<ScanReport, String> 
         None,
         ScanOptions { rehash },
     )
-    .map_err(|e| error_chain(&e))
+    .map_err(|e| error_chain(&e));
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::debug!(group = %g.name, ms = format!("{ms:.1}"), "scan");
+    r
 }
 
 fn print_scan(out: &mut String, g: &Group, r: &ScanReport) {

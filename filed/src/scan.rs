@@ -4,7 +4,7 @@
 //! differ (or when a full check is asked for).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Group, Host};
 use crate::entry::{FileState, Kind, now_ns, read_state};
@@ -68,6 +68,7 @@ pub fn scan_group(
         None => (config_roots.clone(), false),
     };
     let mut scanned_roots = Vec::new();
+    let mut to_hash = Vec::new();
     for root in &roots {
         if !config_roots.iter().any(|r| is_under(root, r)) {
             report.errors.push(format!(
@@ -92,7 +93,31 @@ pub fn scan_group(
             _ => {}
         }
         scanned_roots.push(root.clone());
-        walk(group, root, &phys, &recorded, &mut seen, &mut report, opts);
+        walk(
+            group,
+            root,
+            &phys,
+            &recorded,
+            &mut seen,
+            &mut report,
+            &mut to_hash,
+            opts,
+        );
+    }
+    for (pending, res) in hash_all(&to_hash) {
+        let mut st = pending.state.clone();
+        match res {
+            Ok(Some(h)) => {
+                st.hash = h;
+                report.hashed += 1;
+                seen.insert(pending.logical.clone(), st);
+            }
+            Ok(None) => report.errors.push(format!(
+                "{}: changed while being read; will retry next check",
+                pending.logical
+            )),
+            Err(e) => report.errors.push(format!("{}: {e}", pending.logical)),
+        }
     }
 
     let mut batch = Batch::new();
@@ -169,6 +194,48 @@ pub fn scan_group(
     Ok(report)
 }
 
+/// A regular file whose content must be hashed (new, or size/mtime changed).
+struct ToHash {
+    logical: String,
+    phys: PathBuf,
+    state: FileState,
+}
+
+/// Hashes the files on a few threads (many small files are bound by per-file system calls).
+fn hash_all(files: &[ToHash]) -> Vec<(&ToHash, std::io::Result<Option<[u8; 32]>>)> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(4);
+    if threads < 2 || files.len() < 64 {
+        return files
+            .iter()
+            .map(|f| (f, hash_stable(&f.phys, &f.state)))
+            .collect();
+    }
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|f| (f, hash_stable(&f.phys, &f.state)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| match w.join() {
+                Ok(v) => v,
+                Err(p) => std::panic::resume_unwind(p),
+            })
+            .collect()
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn walk(
     group: &Group,
     logical: &str,
@@ -176,6 +243,7 @@ fn walk(
     recorded: &HashMap<String, FileState>,
     seen: &mut BTreeMap<String, FileState>,
     report: &mut ScanReport,
+    to_hash: &mut Vec<ToHash>,
     opts: ScanOptions,
 ) {
     let included = group.filter.included(logical);
@@ -198,22 +266,14 @@ fn walk(
                 {
                     st.hash = old.hash;
                 }
-                _ => match hash_stable(phys, &st) {
-                    Ok(Some(h)) => {
-                        st.hash = h;
-                        report.hashed += 1;
-                    }
-                    Ok(None) => {
-                        report.errors.push(format!(
-                            "{logical}: changed while being read; will retry next check"
-                        ));
-                        return;
-                    }
-                    Err(e) => {
-                        report.errors.push(format!("{logical}: {e}"));
-                        return;
-                    }
-                },
+                _ => {
+                    to_hash.push(ToHash {
+                        logical: logical.to_string(),
+                        phys: phys.to_path_buf(),
+                        state: st,
+                    });
+                    return;
+                }
             }
         }
         let is_dir = st.kind == Kind::Dir;
@@ -263,7 +323,16 @@ fn walk(
         } else {
             format!("{logical}/{n}")
         };
-        walk(group, &child, &phys.join(&n), recorded, seen, report, opts);
+        walk(
+            group,
+            &child,
+            &phys.join(&n),
+            recorded,
+            seen,
+            report,
+            to_hash,
+            opts,
+        );
     }
 }
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufWriter, Read, Write};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -122,6 +123,28 @@ fn apply_order(a: &Item, b: &Item) -> std::cmp::Ordering {
         std::cmp::Ordering::Equal if ra == 1 => b.path.cmp(&a.path),
         std::cmp::Ordering::Equal => a.path.cmp(&b.path),
         o => o,
+    }
+}
+
+/// Logs (at debug level) how long each phase of a session took.
+struct PhaseTimer {
+    side: &'static str,
+    peer: String,
+    last: std::time::Instant,
+}
+
+impl PhaseTimer {
+    fn new(side: &'static str, peer: &str) -> PhaseTimer {
+        PhaseTimer {
+            side,
+            peer: peer.to_string(),
+            last: std::time::Instant::now(),
+        }
+    }
+    fn mark(&mut self, phase: &str) {
+        let now = std::time::Instant::now();
+        let ms = now.duration_since(std::mem::replace(&mut self.last, now)).as_secs_f64() * 1e3;
+        tracing::debug!(side = self.side, peer = %self.peer, phase, ms = format!("{ms:.1}"), "session phase");
     }
 }
 
@@ -469,38 +492,85 @@ async fn receive_content(
 }
 
 /// Received files are committed in batches of this many (or [`COMMIT_BYTES`]).
-const COMMIT_FILES: usize = 256;
-const COMMIT_BYTES: u64 = 256 << 20;
+const COMMIT_FILES: usize = 512;
+const COMMIT_BYTES: u64 = 64 << 20;
 
-/// Commits queued received files when the batch is full (or always with `force`).
-fn flush_queue(
-    applier: &Applier,
-    queue: &mut Vec<(PendingFile, FileState)>,
-    errors: &mut HashMap<String, String>,
-    force: bool,
-) {
-    let bytes: u64 = queue.iter().map(|(_, s)| s.size).sum();
-    if queue.is_empty() || (!force && queue.len() < COMMIT_FILES && bytes < COMMIT_BYTES) {
-        return;
-    }
-    for (path, res) in applier.commit_files(std::mem::take(queue)) {
-        if let Err(e) = res {
-            errors.insert(path, error_chain(&e));
+/// Commits received files in batches ([`Applier::commit_files`]: one filesystem flush per batch)
+/// on a blocking thread, while the next batch is received. At most one batch is in flight;
+/// batches are committed in order.
+struct Committer {
+    applier: Arc<Applier>,
+    /// Files received and verified, waiting for the next batch.
+    queue: Vec<(PendingFile, FileState)>,
+    inflight: Option<(Vec<String>, tokio::task::JoinHandle<CommitResults>)>,
+}
+
+type CommitResults = Vec<(String, Result<(), ApplyError>)>;
+
+impl Committer {
+    fn new(applier: Arc<Applier>) -> Committer {
+        Committer {
+            applier,
+            queue: Vec::new(),
+            inflight: None,
         }
+    }
+
+    /// Starts committing the queue when the batch is full (or always with `force`).
+    async fn flush(&mut self, errors: &mut HashMap<String, String>, force: bool) {
+        let bytes: u64 = self.queue.iter().map(|(_, s)| s.size).sum();
+        if self.queue.is_empty()
+            || (!force && self.queue.len() < COMMIT_FILES && bytes < COMMIT_BYTES)
+        {
+            return;
+        }
+        self.wait(errors).await;
+        let batch = std::mem::take(&mut self.queue);
+        let paths = batch.iter().map(|(p, _)| p.logical().to_string()).collect();
+        let applier = self.applier.clone();
+        let handle = tokio::task::spawn_blocking(move || applier.commit_files(batch));
+        self.inflight = Some((paths, handle));
+    }
+
+    /// Waits for the batch in flight and records its failures.
+    async fn wait(&mut self, errors: &mut HashMap<String, String>) {
+        let Some((paths, handle)) = self.inflight.take() else {
+            return;
+        };
+        match handle.await {
+            Ok(results) => {
+                for (path, res) in results {
+                    if let Err(e) = res {
+                        errors.insert(path, error_chain(&e));
+                    }
+                }
+            }
+            Err(e) => {
+                for path in paths {
+                    errors.insert(path, format!("commit failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Commits everything queued and waits for it.
+    async fn finish(&mut self, errors: &mut HashMap<String, String>) {
+        self.flush(errors, true).await;
+        self.wait(errors).await;
     }
 }
 
 /// Ends a receive phase: commits what is queued, fixes directory metadata, makes it all durable.
-fn finish_receive(
+async fn finish_receive(
     node: &Node,
     group: &Group,
     applier: &Applier,
     received: &[&Item],
     dirs: &mut Vec<(String, FileState)>,
-    queue: &mut Vec<(PendingFile, FileState)>,
+    committer: &mut Committer,
     errors: &mut HashMap<String, String>,
 ) {
-    flush_queue(applier, queue, errors, true);
+    committer.finish(errors).await;
     finish_dirs(node, group, applier, received, dirs, errors);
     if let Err(e) = applier.sync() {
         // Nothing received is recorded as agreed when it may not be durable.
@@ -724,7 +794,7 @@ pub async fn run_client(
     conn: &mut Connection,
 ) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
-    let applier = Applier::new(&node.me, group).map_err(|source| SessionError::Apply {
+    let applier = Applier::new(&node.me, group).map(Arc::new).map_err(|source| SessionError::Apply {
         group: group.name.clone(),
         source,
     })?;
@@ -747,18 +817,20 @@ pub async fn run_client(
         Message::HelloOk { .. } => {}
         other => return Err(link.unexpected(&other, "HelloOk")),
     }
+    let mut timer = PhaseTimer::new("client", &peer);
+    timer.mark("hello");
     // Step 2: our dirty entries for this peer.
     let store = &node.store;
-    for d in store
+    let dirty = store
         .dirty(&group.name, &peer)
-        .map_err(SessionError::Store)?
-    {
-        let state = store
-            .file(&group.name, &d.path)
-            .map_err(SessionError::Store)?;
-        let base = store
-            .agreed(&group.name, &peer, &d.path)
-            .map_err(SessionError::Store)?;
+        .map_err(SessionError::Store)?;
+    let looked_up = {
+        let refs: Vec<&str> = dirty.iter().map(|d| d.path.as_str()).collect();
+        store
+            .lookup(&group.name, Some(&peer), &refs)
+            .map_err(SessionError::Store)?
+    };
+    for (d, (state, base)) in dirty.into_iter().zip(looked_up) {
         link.feed(&Message::Entry {
             path: d.path,
             state,
@@ -769,6 +841,7 @@ pub async fn run_client(
     }
     link.send(&Message::End).await?;
 
+    timer.mark("send entries");
     // Step 3: decisions and signatures for our delta pushes.
     let mut items = Vec::new();
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
@@ -792,14 +865,11 @@ pub async fn run_client(
                         });
                     }
                 }
-                let client = store
-                    .file(&group.name, &path)
-                    .map_err(SessionError::Store)?;
                 items.push(Item {
                     path,
                     decision,
                     transfer,
-                    client,
+                    client: None,
                     server: remote,
                     winner,
                 });
@@ -811,6 +881,16 @@ pub async fn run_client(
             other => return Err(link.unexpected(&other, "Decision")),
         }
     }
+    let looked_up = {
+        let refs: Vec<&str> = items.iter().map(|i| i.path.as_str()).collect();
+        store
+            .lookup(&group.name, None, &refs)
+            .map_err(SessionError::Store)?
+    };
+    for (it, (client, _)) in items.iter_mut().zip(looked_up) {
+        it.client = client;
+    }
+    timer.mark("receive decisions");
     // Step 4: our push data, then signatures for delta pulls.
     for it in items
         .iter()
@@ -839,6 +919,7 @@ pub async fn run_client(
     }
     link.send(&Message::End).await?;
 
+    timer.mark("send data");
     // Step 5: outcomes of our pushes, then pulled data.
     let mut peer_errors = HashMap::new();
     for _ in items.iter().filter(|i| i.decision == WireDecision::Push) {
@@ -855,7 +936,7 @@ pub async fn run_client(
     }
     let mut my_errors = HashMap::new();
     let mut dirs = Vec::new();
-    let mut queue = Vec::new();
+    let mut committer = Committer::new(applier.clone());
     for it in items.iter().filter(|i| i.decision == WireDecision::Pull) {
         let src = match &it.transfer {
             WireTransfer::Rename { from } => {
@@ -864,11 +945,19 @@ pub async fn run_client(
             _ => None,
         };
         if let Err(e) =
-            receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await?
+            receive_item(
+            &mut link,
+            &applier,
+            it,
+            src.as_ref(),
+            &mut dirs,
+            &mut committer.queue,
+        )
+        .await?
         {
             my_errors.insert(it.path.clone(), e);
         }
-        flush_queue(&applier, &mut queue, &mut my_errors, false);
+        committer.flush(&mut my_errors, false).await;
     }
     let received: Vec<&Item> = items
         .iter()
@@ -880,9 +969,10 @@ pub async fn run_client(
         &applier,
         &received,
         &mut dirs,
-        &mut queue,
+        &mut committer,
         &mut my_errors,
-    );
+    )
+    .await;
     match link.recv().await? {
         Message::End => {}
         other => return Err(link.unexpected(&other, "End")),
@@ -896,6 +986,7 @@ pub async fn run_client(
         .await?;
     }
     link.send(&Message::End).await?;
+    timer.mark("outcomes+pulls");
     record(
         node,
         group,
@@ -907,6 +998,7 @@ pub async fn run_client(
         &applier,
         &mut report,
     )?;
+    timer.mark("record");
     crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
@@ -1029,7 +1121,7 @@ pub async fn run_server(
             return Err(SessionError::Refused { peer, message });
         }
     };
-    let applier = Applier::new(&node.me, &group).map_err(|source| SessionError::Apply {
+    let applier = Applier::new(&node.me, &group).map(Arc::new).map_err(|source| SessionError::Apply {
         group: group.name.clone(),
         source,
     })?;
@@ -1059,6 +1151,8 @@ pub async fn run_server(
         ..Default::default()
     };
 
+    let mut timer = PhaseTimer::new("server", &peer);
+    timer.mark("hello+scan");
     // Step 2: the initiator's entries.
     let store = &node.store;
     let mut entries: HashMap<String, (Option<FileState>, Force)> = HashMap::new();
@@ -1118,13 +1212,13 @@ pub async fn run_server(
     let my_pos = group.position(&node.me.name).unwrap_or(0);
     let peer_pos = group.position(&peer).unwrap_or(0);
     let mut items = Vec::with_capacity(paths.len());
-    for path in paths {
-        let mine = store
-            .file(&group.name, &path)
-            .map_err(SessionError::Store)?;
-        let base = store
-            .agreed(&group.name, &peer, &path)
-            .map_err(SessionError::Store)?;
+    let looked_up = {
+        let refs: Vec<&str> = paths.iter().map(String::as_str).collect();
+        store
+            .lookup(&group.name, Some(&peer), &refs)
+            .map_err(SessionError::Store)?
+    };
+    for (path, (mine, base)) in paths.into_iter().zip(looked_up) {
         let (theirs, their_force) = match entries.remove(&path) {
             Some((st, f)) => (st, f),
             None => (base.clone(), Force::None),
@@ -1198,6 +1292,7 @@ pub async fn run_server(
         }
     }
     items.sort_by(apply_order);
+    timer.mark("entries+decide");
 
     // Step 3: decisions (+ our signatures for the initiator's delta pushes).
     for it in &items {
@@ -1227,11 +1322,12 @@ pub async fn run_server(
         }
     }
     link.send(&Message::End).await?;
+    timer.mark("send decisions");
 
     // Step 4: apply the initiator's pushes as they stream in, then collect its signatures.
     let mut my_errors = HashMap::new();
     let mut dirs = Vec::new();
-    let mut queue = Vec::new();
+    let mut committer = Committer::new(applier.clone());
     for it in items.iter().filter(|i| i.decision == WireDecision::Push) {
         let src = match &it.transfer {
             WireTransfer::Rename { from } => {
@@ -1240,13 +1336,22 @@ pub async fn run_server(
             _ => None,
         };
         if let Err(e) =
-            receive_item(&mut link, &applier, it, src.as_ref(), &mut dirs, &mut queue).await?
+            receive_item(
+            &mut link,
+            &applier,
+            it,
+            src.as_ref(),
+            &mut dirs,
+            &mut committer.queue,
+        )
+        .await?
         {
             tracing::warn!(%peer, path = %it.path, error = %e, "applying a pushed change failed");
             my_errors.insert(it.path.clone(), e);
         }
-        flush_queue(&applier, &mut queue, &mut my_errors, false);
+        committer.flush(&mut my_errors, false).await;
     }
+    timer.mark("receive pushes");
     let received: Vec<&Item> = items
         .iter()
         .filter(|i| i.decision == WireDecision::Push)
@@ -1257,9 +1362,11 @@ pub async fn run_server(
         &applier,
         &received,
         &mut dirs,
-        &mut queue,
+        &mut committer,
         &mut my_errors,
-    );
+    )
+    .await;
+    timer.mark("finish receive");
     let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
     loop {
         match link.recv().await? {
@@ -1300,6 +1407,7 @@ pub async fn run_server(
             other => return Err(link.unexpected(&other, "Outcome")),
         }
     }
+    timer.mark("send pulls+outcomes");
     record(
         node,
         &group,
@@ -1311,6 +1419,7 @@ pub async fn run_server(
         &applier,
         &mut report,
     )?;
+    timer.mark("record");
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();

@@ -181,6 +181,14 @@ pub trait StateStore: Send + Sync {
     fn files(&self, group: &str) -> Result<Vec<(String, FileState)>, StoreError>;
     fn agreed(&self, group: &str, peer: &str, path: &str) -> Result<Option<FileState>, StoreError>;
     fn agreed_all(&self, group: &str, peer: &str) -> Result<Vec<(String, FileState)>, StoreError>;
+    /// For each path, in order: its recorded state and (with `peer`) the state last agreed with
+    /// that peer — all read in one transaction (a session looks up thousands of paths).
+    fn lookup(
+        &self,
+        group: &str,
+        peer: Option<&str>,
+        paths: &[&str],
+    ) -> Result<Vec<(Option<FileState>, Option<FileState>)>, StoreError>;
     fn dirty(&self, group: &str, peer: &str) -> Result<Vec<Dirty>, StoreError>;
     fn conflicts(&self, group: Option<&str>) -> Result<Vec<Conflict>, StoreError>;
     fn peer_status(&self, group: &str, peer: &str) -> Result<PeerStatus, StoreError>;
@@ -284,6 +292,23 @@ impl RedbStore {
         }
     }
 
+    fn decode_state(
+        name: &'static str,
+        key: &str,
+        v: Option<redb::AccessGuard<'_, &[u8]>>,
+    ) -> Result<Option<FileState>, StoreError> {
+        match v {
+            None => Ok(None),
+            Some(v) => FileState::from_bytes(v.value())
+                .map(Some)
+                .map_err(|source| StoreError::Corrupt {
+                    table: name,
+                    key: key.replace('\0', "/"),
+                    source,
+                }),
+        }
+    }
+
     fn scan_states(
         &self,
         table: TableDefinition<&str, &[u8]>,
@@ -376,6 +401,38 @@ impl StateStore for RedbStore {
 
     fn agreed_all(&self, group: &str, peer: &str) -> Result<Vec<(String, FileState)>, StoreError> {
         self.scan_states(AGREED, "agreed", &format!("{group}\0{peer}\0"))
+    }
+
+    fn lookup(
+        &self,
+        group: &str,
+        peer: Option<&str>,
+        paths: &[&str],
+    ) -> Result<Vec<(Option<FileState>, Option<FileState>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
+        let files = tx.open_table(FILES).map_err(StoreError::Table)?;
+        let agreed = match peer {
+            Some(_) => Some(tx.open_table(AGREED).map_err(StoreError::Table)?),
+            None => None,
+        };
+        let mut out = Vec::with_capacity(paths.len());
+        for path in paths {
+            let k = key2(group, path);
+            let file = Self::decode_state(
+                "files",
+                &k,
+                files.get(k.as_str()).map_err(StoreError::Storage)?,
+            )?;
+            let base = match (&agreed, peer) {
+                (Some(t), Some(peer)) => {
+                    let k = key3(group, peer, path);
+                    Self::decode_state("agreed", &k, t.get(k.as_str()).map_err(StoreError::Storage)?)?
+                }
+                _ => None,
+            };
+            out.push((file, base));
+        }
+        Ok(out)
     }
 
     fn dirty(&self, group: &str, peer: &str) -> Result<Vec<Dirty>, StoreError> {

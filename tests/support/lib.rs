@@ -772,3 +772,4 @@ mod tests {
         assert!((0..1000).all(|_| a.below(10) < 10));
     }
 }
+pub mod repl;

@@ -1,4 +1,5 @@
-//! The blockd command line: `blockd standalone` serves one local export over NBD.
+//! The blockd command line: `blockd standalone` serves one local export over NBD;
+//! `blockd --config FILE [--node NAME]` runs every replicated resource of this node.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 
+use blockd::config::ClusterConfig;
 use blockd::nbd::export::Export;
 use blockd::nbd::server::{self, Listener, ServerOptions};
 use blockd::nbd::tls::TlsSettings;
@@ -18,11 +20,19 @@ use blockd::store::{BlockStore, EngineKind, OpenOptions};
 #[command(
     name = "blockd",
     version,
-    about = "A userspace replicated block device served over NBD"
+    about = "A userspace replicated block device served over NBD",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Cluster configuration file: run every replicated resource of this node (serving NBD on
+    /// the node's `nbd` address while Primary).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This node's name in the config (default: matched by host name).
+    #[arg(long, value_name = "NAME", requires = "config")]
+    node: Option<String>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand)]
@@ -78,8 +88,10 @@ fn main() -> Result<()> {
     common::telemetry::init("info");
     tune_allocator();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    match cli.command {
-        Command::Standalone(args) => runtime.block_on(standalone(args)),
+    match (cli.command, cli.config) {
+        (Some(Command::Standalone(args)), _) => runtime.block_on(standalone(args)),
+        (None, Some(config)) => runtime.block_on(replicated(&config, cli.node.as_deref())),
+        (None, None) => bail!("nothing to run: give `--config FILE` or `standalone` (see --help)"),
     }
 }
 
@@ -133,10 +145,9 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     let export = Arc::new(Export {
         name: args.export.clone(),
         description: args.description.clone(),
-        store,
+        store: store.into(),
     });
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let shutdown = termination()?;
     eprintln!(
         "blockd: serving export {:?} ({} bytes, engine {}{}{}) on {}",
         export.name,
@@ -150,12 +161,6 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
         },
         addresses.join(", ")
     );
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    };
     let options = ServerOptions {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
         ..ServerOptions::default()
@@ -165,6 +170,46 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     result.context("NBD server failed")
+}
+
+/// Runs every resource of this node until SIGTERM or SIGINT; each is served over NBD while
+/// Primary. Resources are detached cleanly at exit.
+async fn replicated(config: &Path, node: Option<&str>) -> Result<()> {
+    let config = ClusterConfig::load(config)?;
+    let host = blockd::config::hostname()?;
+    let node = config.local_node_name(node, &host)?;
+    let names: Vec<&str> = config
+        .resources_of(&node)
+        .iter()
+        .map(|l| l.resource.name.as_str())
+        .collect();
+    let control = config.control_socket_of(&node);
+    let shutdown = termination()?;
+    eprintln!(
+        "blockd: node {node} running resources [{}], control socket {}",
+        names.join(", "),
+        control.display()
+    );
+    blockd::repl::node::run(
+        &config,
+        &node,
+        blockd::repl::export::serve_while_primary,
+        shutdown,
+    )
+    .await
+    .with_context(|| format!("node {node} failed"))
+}
+
+/// Completes on the first SIGTERM or SIGINT.
+fn termination() -> Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
 
 /// Removes a leftover socket file from an earlier run; refuses to remove anything else.

@@ -730,7 +730,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Ok(Op::Read { offset, len, df }) => {
                 let permit = charge(budget, len as usize).await;
-                tokio::spawn(serve_read(ctx.clone(), cookie, offset, len, df, permit));
+                run_or_spawn(serve_read(ctx.clone(), cookie, offset, len, df, permit));
             }
             Ok(Op::BlockStatus {
                 offset,
@@ -758,6 +758,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 });
             }
         }
+    }
+}
+
+/// Runs a request future right here if it completes without waiting (the store's inline path:
+/// tmpfs, page-cache hits), and only otherwise hands it to a task of its own. On the common path
+/// this saves a task spawn and a cross-thread wake-up per request.
+fn run_or_spawn<F: Future<Output = ()> + Send + 'static>(future: F) {
+    let mut future = Box::pin(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    // A future that is pending registered this no-op waker at most; the task polls it again with
+    // its own waker, which every tokio resource honours (wakers are replaced on each poll).
+    if future.as_mut().poll(&mut cx).is_pending() {
+        tokio::spawn(future);
     }
 }
 
@@ -810,7 +823,7 @@ async fn receive_write<R: AsyncRead + Unpin>(
         let permit = charge(budget, len).await;
         let data = read_payload(reader, len).await?;
         let ctx = ctx.clone();
-        tokio::spawn(async move {
+        run_or_spawn(async move {
             let result = ctx.store.write(offset, data, fua).await;
             drop(permit);
             match result {

@@ -20,3 +20,4 @@ pub mod resync;
 #[cfg(test)]
 mod tests;
 pub mod node;
+pub mod export;

@@ -38,8 +38,8 @@ impl InlinePath {
         }
     }
 
-    /// Reads what the page cache can give without blocking: a buffer of at most `len` bytes
-    /// (possibly empty), the rest to be read by the engine.
+    /// Reads what the page cache can give without blocking (on memory-backed files: plainly):
+    /// a buffer of at most `len` bytes (possibly empty), the rest to be read by the engine.
     pub(crate) fn read(&self, file: &File, offset: u64, len: usize) -> BytesMut {
         let mut buf = BytesMut::new();
         if len > self.max || !self.reads.load(Ordering::Relaxed) {
@@ -47,13 +47,8 @@ impl InlinePath {
         }
         while buf.len() < len {
             let done = buf.len();
-            match os::pread_append(
-                file,
-                &mut buf,
-                len - done,
-                offset + done as u64,
-                libc::RWF_NOWAIT,
-            ) {
+            let at = offset + done as u64;
+            match os::pread_append(file, &mut buf, len - done, at, self.nowait()) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) => {

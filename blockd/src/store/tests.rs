@@ -443,14 +443,16 @@ async fn read_past_shrunk_eof(engine: Setup) {
 async fn engine_gone(engine: Setup) {
     let dir = tempdir(Fs::Tmpfs);
     let store = engine
-        .open(&dir.path().join("disk"), &opts(1 << 20, engine))
+        .open(&dir.path().join("disk"), &opts(4 << 20, engine))
         .unwrap();
     store
         .write(0, Bytes::from_static(b"x"), false)
         .await
         .unwrap();
     store.kill_engine_for_test();
-    let r = tokio::time::timeout(Duration::from_secs(5), store.read(0, 1))
+    // Larger than the inline limit, so it must go through the (dead) engine.
+    let big = DEFAULT_INLINE_MAX + 1;
+    let r = tokio::time::timeout(Duration::from_secs(5), store.read(0, big))
         .await
         .expect("a dead engine must not hang");
     assert!(matches!(r, Err(StoreError::EngineGone)), "got {r:?}");
@@ -926,5 +928,33 @@ fn memory_backed_detection() {
         let dir = tempdir(fs);
         let f = std::fs::File::create(dir.path().join("f")).unwrap();
         assert_eq!(os::is_memory_backed(&f), expected, "{fs:?}");
+    }
+}
+
+#[test]
+fn inline_path_serves_cached_and_memory_backed_io() {
+    for fs in [Fs::Tmpfs, Fs::Disk] {
+        let dir = tempdir(fs);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("f"))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+        let path = inline::InlinePath::new(1 << 20, os::is_memory_backed(&f));
+        let data = pattern(11, 10_000);
+        let written = path.write(&f, 123, &data, false);
+        match fs {
+            // tmpfs: plain inline write; ext4 rejects RWF_NOWAIT writes (0 bytes, path off).
+            Fs::Tmpfs => assert_eq!(written, data.len()),
+            Fs::Disk => os::pwrite_full(&f, &data[written..], 123 + written as u64, 0).unwrap(),
+        }
+        // Cached (or memory-backed) data is read inline in full.
+        let got = path.read(&f, 123, data.len());
+        assert!(got[..] == data[..], "{fs:?}");
+        // Larger than the limit: nothing inline.
+        assert!(path.read(&f, 0, (1 << 20) + 1).is_empty());
     }
 }

@@ -98,6 +98,9 @@ enum Cmd {
 
 fn main() -> ExitCode {
     common::telemetry::init("warn");
+    if let Err(e) = filed::apply::raise_open_file_limit() {
+        tracing::debug!(error = %e, "cannot raise the open file limit");
+    }
     match run() {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use super::*;
 use crate::nbd::handshake::BASE_ALLOCATION_ID;
 use crate::nbd::proto::*;
-use crate::store::{EngineKind, OpenOptions};
+use crate::store::{BlockStore, EngineKind, OpenOptions};
 
 const SIZE: u64 = 8 << 20;
 
@@ -60,11 +60,18 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
         flags: 0,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(serve(r, w, store.clone().into(), session, limits, async move {
-        if stopped.await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }));
+    let server = tokio::spawn(serve(
+        r,
+        w,
+        store.clone().into(),
+        session,
+        limits,
+        async move {
+            if stopped.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        },
+    ));
     Harness {
         client,
         server,

@@ -1,0 +1,549 @@
+//! Helpers for the replication tests: a cluster of real `blockd --config` processes on 127.0.0.1
+//! (one generated config, certificates from `blockctl certs`, a secret from `blockctl
+//! gen-secret`, metadata from `blockctl create-md`), `blockctl` calls, waiting for sync, data
+//! checksums of the backing files, a counting TCP proxy, and the failover writer script.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{blockd_bin, run_timeout};
+
+/// The resource every test cluster runs.
+pub const RESOURCE: &str = "r0";
+
+/// `blockctl`, built beside `blockd`.
+pub fn blockctl_bin() -> PathBuf {
+    let bin = blockd_bin().with_file_name("blockctl");
+    assert!(bin.is_file(), "{} is missing", bin.display());
+    bin
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Cluster shape.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// "A", "B" or "C".
+    pub protocol: String,
+    /// Backing file size (metadata is internal, at the end).
+    pub size: u64,
+    pub resync_rate: String,
+}
+
+impl ClusterOptions {
+    pub fn new(nodes: usize, protocol: &str) -> ClusterOptions {
+        ClusterOptions {
+            nodes,
+            protocol: protocol.to_string(),
+            size: 64 << 20,
+            resync_rate: "1G".to_string(),
+        }
+    }
+}
+
+/// One node's addresses and files.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Replication address as written in the config.
+    pub repl_port: u16,
+    pub nbd_port: u16,
+    pub backing: PathBuf,
+}
+
+/// A test cluster. Dropping it stops every running node (SIGTERM, then SIGKILL after 10 s).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub nodes: Vec<NodeInfo>,
+    procs: Vec<Option<Child>>,
+    data_size: Option<u64>,
+}
+
+impl Cluster {
+    /// Writes the config (TLS, secret, metadata ready) without starting anything.
+    pub fn create(opts: &ClusterOptions) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("blockd-repl-test.")
+            .tempdir()
+            .expect("temp dir");
+        let nodes: Vec<NodeInfo> = (0..opts.nodes)
+            .map(|i| NodeInfo {
+                name: format!("n{i}"),
+                repl_port: free_port(),
+                nbd_port: free_port(),
+                backing: dir.path().join(format!("n{i}.img")),
+            })
+            .collect();
+        let config = dir.path().join("cluster.toml");
+        let mut text = format!(
+            "[global]\nprotocol = \"{}\"\nsecret-file = \"secret\"\nresync-rate = \"{}\"\n\
+             control-socket = \"{}/{{node}}.sock\"\n\n[global.tls]\nca = \"certs/ca.pem\"\n\
+             cert = \"certs/{{node}}.pem\"\nkey = \"certs/{{node}}.key\"\n",
+            opts.protocol,
+            opts.resync_rate,
+            dir.path().display()
+        );
+        for (i, n) in nodes.iter().enumerate() {
+            text.push_str(&format!(
+                "\n[resource.{RESOURCE}.node.{}]\nid = {i}\naddress = \"127.0.0.1:{}\"\n\
+                 nbd = \"127.0.0.1:{}\"\nbacking = \"{}\"\nmeta = \"internal\"\n",
+                n.name,
+                n.repl_port,
+                n.nbd_port,
+                n.backing.display()
+            ));
+        }
+        std::fs::write(&config, text).expect("write config");
+        let mut c = Cluster {
+            procs: nodes.iter().map(|_| None).collect(),
+            dir,
+            config,
+            nodes,
+            data_size: None,
+        };
+        c.blockctl_ok(
+            None,
+            &[
+                "certs",
+                "--dir",
+                &c.dir.path().join("certs").to_string_lossy(),
+            ],
+        );
+        c.blockctl_ok(
+            None,
+            &["gen-secret", &c.dir.path().join("secret").to_string_lossy()],
+        );
+        for i in 0..c.nodes.len() {
+            let f = std::fs::File::create(&c.nodes[i].backing).expect("create backing");
+            f.set_len(opts.size).expect("size backing");
+            c.blockctl_ok(Some(i), &["create-md", RESOURCE]);
+        }
+        c.data_size = None;
+        c
+    }
+
+    /// Creates the cluster and starts every node.
+    pub fn start(opts: &ClusterOptions) -> Cluster {
+        let mut c = Cluster::create(opts);
+        for i in 0..c.nodes.len() {
+            c.start_node(i);
+        }
+        c
+    }
+
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.nodes[i].name))
+    }
+
+    /// Everything node `i` logged (all its runs).
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Starts node `i` with `config` (default: the cluster config) and waits until its control
+    /// socket answers.
+    pub fn start_node_with(&mut self, i: usize, config: &Path) {
+        assert!(self.procs[i].is_none(), "node {i} already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(i))
+            .expect("open log");
+        let child = Command::new(blockd_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["--node", &self.nodes[i].name])
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn blockd");
+        self.procs[i] = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = self.procs[i]
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("node {i} exited with {st}:\n{}", self.log(i));
+            }
+            if self
+                .blockctl(Some(i), &["status", RESOURCE])
+                .status
+                .success()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} not up:\n{}",
+                self.log(i)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if self.data_size.is_none() {
+            self.data_size = Some(self.status(i)["size"].as_u64().expect("size"));
+        }
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        let config = self.config.clone();
+        self.start_node_with(i, &config);
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.procs[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; asserts a clean exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(c) = self.procs[i].take() {
+            let st = terminate(c);
+            assert!(st.success(), "node {i} exited with {st}:\n{}", self.log(i));
+        }
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.procs[i].is_some()
+    }
+
+    /// Runs `blockctl --config C [--node N] ARGS` (60 s timeout).
+    pub fn blockctl(&self, node: Option<usize>, args: &[&str]) -> Output {
+        let mut cmd = Command::new(blockctl_bin());
+        cmd.arg("--config").arg(&self.config);
+        if let Some(i) = node {
+            cmd.args(["--node", &self.nodes[i].name]);
+        }
+        cmd.args(args);
+        run_timeout(&mut cmd, Duration::from_secs(60))
+    }
+
+    pub fn blockctl_ok(&self, node: Option<usize>, args: &[&str]) -> String {
+        let out = self.blockctl(node, args);
+        assert!(
+            out.status.success(),
+            "blockctl {args:?} on {node:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `blockctl status r0 --json` of node `i`.
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let text = self.blockctl_ok(Some(i), &["status", RESOURCE, "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("status json {e}: {text}"))
+    }
+
+    /// Promotes node `i` and waits until its NBD export accepts connections.
+    pub fn promote(&self, i: usize, force: bool) {
+        let mut args = vec!["promote", RESOURCE];
+        if force {
+            args.push("--force");
+        }
+        self.blockctl_ok(Some(i), &args);
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.nodes[i].nbd_port)
+            .parse()
+            .expect("addr");
+        crate::wait_for(
+            Duration::from_secs(10),
+            || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
+            "the NBD export of the new Primary",
+        );
+    }
+
+    pub fn nbd_uri(&self, i: usize) -> String {
+        format!("nbd://127.0.0.1:{}/{RESOURCE}", self.nodes[i].nbd_port)
+    }
+
+    /// Waits until node `i` (the Primary) sees every running peer connected, established, with
+    /// nothing out of sync and no request in flight.
+    pub fn wait_synced(&self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status(i);
+            let peers = st["peers"].as_array().expect("peers");
+            let running: Vec<&serde_json::Value> = peers
+                .iter()
+                .filter(|p| {
+                    let name = p["node"].as_str().unwrap_or_default();
+                    self.nodes
+                        .iter()
+                        .position(|n| n.name == name)
+                        .is_some_and(|j| self.is_running(j))
+                })
+                .collect();
+            let done = running.iter().all(|p| {
+                p["connection"] == "connected"
+                    && p["replication"] == "established"
+                    && p["out_of_sync_bytes"] == 0
+                    && p["in_flight"] == 0
+                    && p["disk"] == "up-to-date"
+            });
+            if done {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not in sync after {timeout:?}: {st:#}\nlogs:\n{}",
+                (0..self.nodes.len())
+                    .map(|j| format!("--- {}\n{}", self.nodes[j].name, tail(&self.log(j), 30)))
+                    .collect::<String>()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Bytes of the data area (backing size minus internal metadata).
+    pub fn data_size(&self) -> u64 {
+        self.data_size.expect("a node has run")
+    }
+
+    /// BLAKE3 of node `i`'s data area, read from its backing file.
+    pub fn data_checksum(&self, i: usize) -> String {
+        let mut f = std::fs::File::open(&self.nodes[i].backing).expect("open backing");
+        let mut left = self.data_size();
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            f.read_exact(&mut buf[..n]).expect("read backing");
+            h.update(&buf[..n]);
+            left -= n as u64;
+        }
+        h.finalize().to_hex().to_string()
+    }
+
+    /// Asserts every running node's data area equals node `primary`'s.
+    pub fn assert_identical(&self, primary: usize) {
+        let want = self.data_checksum(primary);
+        for j in 0..self.nodes.len() {
+            if j != primary && self.is_running(j) {
+                assert_eq!(
+                    self.data_checksum(j),
+                    want,
+                    "data of {} differs from the primary {}",
+                    self.nodes[j].name,
+                    self.nodes[primary].name
+                );
+            }
+        }
+    }
+
+    /// Writes `len` bytes of random data at `offset` through NBD on node `i` with qemu-io
+    /// (then a flush).
+    pub fn write_random(&self, i: usize, offset: u64, len: u64, seed: u64) {
+        let file = self.dir.path().join(format!("random-{seed}-{offset}.bin"));
+        crate::write_random_file(&file, len, seed);
+        let qemu_io = crate::require_tool("qemu-io", "qemu-utils");
+        crate::run_ok(
+            Command::new(qemu_io).args([
+                "-f",
+                "raw",
+                &self.nbd_uri(i),
+                "-c",
+                &format!("write -s {} {offset} {len}", file.display()),
+                "-c",
+                "flush",
+            ]),
+            Duration::from_secs(120),
+        );
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.procs.iter_mut().filter_map(Option::take) {
+            terminate(c);
+        }
+    }
+}
+
+fn terminate(mut c: Child) -> std::process::ExitStatus {
+    // SAFETY: kill(2) on the pid of a child we own and have not reaped yet.
+    unsafe {
+        libc::kill(c.id() as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            return c.wait().expect("wait");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n") + "\n"
+}
+
+/// A TCP proxy that counts the bytes it forwards in both directions (the "wire" between two
+/// nodes). Stops accepting and cuts every connection when dropped.
+pub struct CountingProxy {
+    pub port: u16,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountingProxy {
+    /// Listens on `listen_port` (127.0.0.1) and forwards every connection to `target`.
+    pub fn start(listen_port: u16, target: SocketAddr) -> CountingProxy {
+        let listener = TcpListener::bind(("127.0.0.1", listen_port)).expect("bind proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, s) = (bytes.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let _ = client.set_nonblocking(false);
+                        let Ok(server) = TcpStream::connect(target) else {
+                            continue;
+                        };
+                        for (from, to) in [
+                            (client.try_clone(), server.try_clone()),
+                            (server.try_clone(), client.try_clone()),
+                        ] {
+                            let (Ok(from), Ok(to)) = (from, to) else {
+                                continue;
+                            };
+                            let (b, s) = (b.clone(), s.clone());
+                            std::thread::spawn(move || pump(from, to, &b, &s));
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        CountingProxy {
+            port: listen_port,
+            bytes,
+            stop,
+        }
+    }
+
+    /// Bytes forwarded so far (both directions).
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    pub fn reset(&self) {
+        self.bytes.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, bytes: &AtomicU64, stop: &AtomicBool) {
+    let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Ordering::SeqCst);
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+/// The failover writer (python3-libnbd). `write URI ITER SEED BLOCKS LOG`: writes 4 KiB blocks
+/// at distinct shuffled block indexes, 16 in flight, and appends `INDEX SEQ` to LOG for every
+/// write the server acknowledged; each block says what it is (magic, iteration, index, seq).
+/// It stops when the connection drops. `verify URI ITER LOG`: reads every logged block and
+/// prints `verified N`, or exits 1 naming the first block that differs.
+pub const WRITER_PY: &str = r#"
+import nbd, random, struct, sys
+BS = 4096
+MAGIC = 0x424c4f434b445752
+def block(it, idx, seq):
+    return struct.pack('<QQQQ', MAGIC, it, idx, seq) * (BS // 32)
+mode, uri, it = sys.argv[1], sys.argv[2], int(sys.argv[3])
+h = nbd.NBD()
+h.connect_uri(uri)
+if mode == 'write':
+    seed, blocks, logpath = int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+    order = list(range(blocks))
+    random.Random(seed).shuffle(order)
+    log = open(logpath, 'w', buffering=1)
+    inflight = {}
+    pos = seq = 0
+    try:
+        while True:
+            while len(inflight) < 16 and pos < len(order):
+                idx = order[pos]; pos += 1
+                buf = nbd.Buffer.from_bytearray(bytearray(block(it, idx, seq)))
+                c = h.aio_pwrite(buf, idx * BS)
+                inflight[c] = (idx, seq, buf); seq += 1
+            if not inflight:
+                break
+            h.poll(-1)
+            for c in list(inflight):
+                if h.aio_command_completed(c):
+                    idx, s, _ = inflight.pop(c)
+                    log.write('%d %d\n' % (idx, s))
+    except Exception as e:
+        print('writer stopped: %s' % e, file=sys.stderr)
+    print('acked %d' % (seq - len(inflight)))
+else:
+    logpath = sys.argv[4]
+    n = 0
+    for line in open(logpath):
+        parts = line.split()
+        if len(parts) != 2:
+            continue  # a torn last line
+        idx, s = int(parts[0]), int(parts[1])
+        got = h.pread(BS, idx * BS)
+        if got != block(it, idx, s):
+            head = struct.unpack('<QQQQ', got[:32])
+            print('block %d: want iteration %d seq %d, got %r' % (idx, it, s, head))
+            sys.exit(1)
+        n += 1
+    print('verified %d' % n)
+"#;
