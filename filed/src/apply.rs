@@ -5,12 +5,12 @@
 //! renamed over the target; the old version first goes to the backup directory (N generations).
 //! A crash at any point leaves the old or the new file, never a partial one.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -752,7 +752,7 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
         // SAFETY: valid pointer to an rlimit.
         cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 fn mkdirat(t: &Target, mode: u32) -> Result<(), ApplyError> {

@@ -437,12 +437,11 @@ impl Config {
         if let Some(h) = self.hosts.get(&name) {
             return Ok(h);
         }
-        if node.is_none() {
-            if let Some(short) = name.split('.').next() {
-                if let Some(h) = self.hosts.get(short) {
-                    return Ok(h);
-                }
-            }
+        if node.is_none()
+            && let Some(short) = name.split('.').next()
+            && let Some(h) = self.hosts.get(short)
+        {
+            return Ok(h);
         }
         Err(ConfigError::UnknownSelf {
             path: self.file.clone(),

@@ -118,15 +118,15 @@ fn resolve_both_changed(
     remote: Option<&FileState>,
     sides: Sides,
 ) -> Decision {
-    if let (Some(l), Some(r)) = (local, remote) {
-        if l.same_content(r) {
-            // Identical change (or a directory on both sides): only metadata differs.
-            return if meta_key(l) >= meta_key(r) {
-                Decision::Push
-            } else {
-                Decision::Pull
-            };
-        }
+    if let (Some(l), Some(r)) = (local, remote)
+        && l.same_content(r)
+    {
+        // Identical change (or a directory on both sides): only metadata differs.
+        return if meta_key(l) >= meta_key(r) {
+            Decision::Push
+        } else {
+            Decision::Pull
+        };
     }
     if sides.local_force != sides.remote_force {
         return if sides.local_force {
@@ -249,22 +249,21 @@ pub fn pair_renames(items: &[Outgoing<'_>]) -> Vec<(usize, usize)> {
     use std::collections::HashMap;
     let mut sources: HashMap<[u8; 32], Vec<usize>> = HashMap::new();
     for (i, it) in items.iter().enumerate() {
-        if it.transfer == Transfer::Delete {
-            if let Some(r) = present(it.receiver).filter(|r| r.kind == Kind::File) {
-                sources.entry(r.hash).or_default().push(i);
-            }
+        if it.transfer == Transfer::Delete
+            && let Some(r) = present(it.receiver).filter(|r| r.kind == Kind::File)
+        {
+            sources.entry(r.hash).or_default().push(i);
         }
     }
     let mut pairs = Vec::new();
     for (j, it) in items.iter().enumerate() {
-        if matches!(it.transfer, Transfer::Full) && present(it.receiver).is_none() {
-            if let Some(w) = present(it.winner).filter(|w| w.kind == Kind::File && w.size > 0) {
-                if let Some(list) = sources.get_mut(&w.hash) {
-                    if let Some(i) = list.pop() {
-                        pairs.push((i, j));
-                    }
-                }
-            }
+        if matches!(it.transfer, Transfer::Full)
+            && present(it.receiver).is_none()
+            && let Some(w) = present(it.winner).filter(|w| w.kind == Kind::File && w.size > 0)
+            && let Some(list) = sources.get_mut(&w.hash)
+            && let Some(i) = list.pop()
+        {
+            pairs.push((i, j));
         }
     }
     pairs

@@ -183,10 +183,10 @@ pub fn scan_group(
     }
     let mut renamed = Vec::new();
     for n in &report.new {
-        if let Some(st) = seen.get(n).filter(|s| s.kind == Kind::File) {
-            if let Some(from) = by_hash.remove(&st.hash) {
-                renamed.push((from.clone(), n.clone()));
-            }
+        if let Some(st) = seen.get(n).filter(|s| s.kind == Kind::File)
+            && let Some(from) = by_hash.remove(&st.hash)
+        {
+            renamed.push((from.clone(), n.clone()));
         }
     }
     report.renamed = renamed;
@@ -342,15 +342,15 @@ fn remove_stale_temp(path: &Path, name: &str) {
         .split('.')
         .next()
         .and_then(|p| p.parse::<u32>().ok());
-    if let Some(pid) = pid {
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            match std::fs::remove_file(path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed a temp file left by a killed filed")
-                }
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temp file")
-                }
+    if let Some(pid) = pid
+        && !Path::new(&format!("/proc/{pid}")).exists()
+    {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a temp file left by a killed filed")
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temp file")
             }
         }
     }

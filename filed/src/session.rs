@@ -143,7 +143,10 @@ impl PhaseTimer {
     }
     fn mark(&mut self, phase: &str) {
         let now = std::time::Instant::now();
-        let ms = now.duration_since(std::mem::replace(&mut self.last, now)).as_secs_f64() * 1e3;
+        let ms = now
+            .duration_since(std::mem::replace(&mut self.last, now))
+            .as_secs_f64()
+            * 1e3;
         tracing::debug!(side = self.side, peer = %self.peer, phase, ms = format!("{ms:.1}"), "session phase");
     }
 }
@@ -441,23 +444,22 @@ async fn receive_content(
                 }
             }
             Message::Data { bytes } if started && !delta => {
-                if failure.is_none() {
-                    if let Some(p) = pending.as_mut() {
-                        written += bytes.len() as u64;
-                        hasher.update(&bytes);
-                        if let Err(e) = p.file.write_all(&bytes) {
-                            failure = Some(format!("write failed: {e}"));
-                        }
+                if failure.is_none()
+                    && let Some(p) = pending.as_mut()
+                {
+                    written += bytes.len() as u64;
+                    hasher.update(&bytes);
+                    if let Err(e) = p.file.write_all(&bytes) {
+                        failure = Some(format!("write failed: {e}"));
                     }
                 }
             }
             Message::DeltaChunk { bytes } if delta => {
-                if failure.is_none() {
-                    if let Some(a) = applier_state.as_mut() {
-                        if let Err(e) = a.apply_chunk(&bytes) {
-                            failure = Some(error_chain(&e));
-                        }
-                    }
+                if failure.is_none()
+                    && let Some(a) = applier_state.as_mut()
+                    && let Err(e) = a.apply_chunk(&bytes)
+                {
+                    failure = Some(error_chain(&e));
                 }
             }
             Message::FileEnd { hash } if started => {
@@ -607,19 +609,19 @@ fn finish_dirs(
             if explicit.contains(parent) || dirs.iter().any(|(d, _)| d == parent) {
                 continue;
             }
-            if let Ok(Some(st)) = node.store.file(&group.name, parent) {
-                if st.kind == Kind::Dir {
-                    dirs.push((parent.to_string(), st));
-                }
+            if let Ok(Some(st)) = node.store.file(&group.name, parent)
+                && st.kind == Kind::Dir
+            {
+                dirs.push((parent.to_string(), st));
             }
         }
     }
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
     for (p, st) in dirs.drain(..) {
-        if let Err(e) = applier.set_meta(&p, &st) {
-            if explicit.contains(&p) {
-                errors.insert(p, error_chain(&e));
-            }
+        if let Err(e) = applier.set_meta(&p, &st)
+            && explicit.contains(&p)
+        {
+            errors.insert(p, error_chain(&e));
         }
     }
 }
@@ -636,7 +638,7 @@ fn record(
     peer_errors: &HashMap<String, String>,
     applier: &Applier,
     report: &mut SessionReport,
-) -> Result<(), SessionError> {
+) -> Result<(), StoreError> {
     let mut b = Batch::new();
     let g = group.name.clone();
     let now = now_ns();
@@ -760,7 +762,7 @@ fn record(
             last_error: report.errors.first().cloned().unwrap_or_default(),
         },
     });
-    node.store.commit(b).map_err(SessionError::Store)
+    node.store.commit(b)
 }
 
 fn mirror(d: WireDecision) -> WireDecision {
@@ -794,10 +796,12 @@ pub async fn run_client(
     conn: &mut Connection,
 ) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
-    let applier = Applier::new(&node.me, group).map(Arc::new).map_err(|source| SessionError::Apply {
-        group: group.name.clone(),
-        source,
-    })?;
+    let applier = Applier::new(&node.me, group)
+        .map(Arc::new)
+        .map_err(|source| SessionError::Apply {
+            group: group.name.clone(),
+            source,
+        })?;
     let mut link = Link {
         conn,
         peer: peer.clone(),
@@ -857,13 +861,13 @@ pub async fn run_client(
                 if group.filter.check(&path).is_err() {
                     return Err(SessionError::BadPath { peer, path });
                 }
-                if let WireTransfer::Rename { from } = &transfer {
-                    if group.filter.check(from).is_err() {
-                        return Err(SessionError::BadPath {
-                            peer,
-                            path: from.clone(),
-                        });
-                    }
+                if let WireTransfer::Rename { from } = &transfer
+                    && group.filter.check(from).is_err()
+                {
+                    return Err(SessionError::BadPath {
+                        peer,
+                        path: from.clone(),
+                    });
                 }
                 items.push(Item {
                     path,
@@ -944,8 +948,7 @@ pub async fn run_client(
             }
             _ => None,
         };
-        if let Err(e) =
-            receive_item(
+        if let Err(e) = receive_item(
             &mut link,
             &applier,
             it,
@@ -997,7 +1000,8 @@ pub async fn run_client(
         &peer_errors,
         &applier,
         &mut report,
-    )?;
+    )
+    .map_err(SessionError::Store)?;
     timer.mark("record");
     crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     let c = link.conn.counters();
@@ -1121,10 +1125,12 @@ pub async fn run_server(
             return Err(SessionError::Refused { peer, message });
         }
     };
-    let applier = Applier::new(&node.me, &group).map(Arc::new).map_err(|source| SessionError::Apply {
-        group: group.name.clone(),
-        source,
-    })?;
+    let applier = Applier::new(&node.me, &group)
+        .map(Arc::new)
+        .map_err(|source| SessionError::Apply {
+            group: group.name.clone(),
+            source,
+        })?;
     if opts.scan_first {
         let peers = if group.is_slave(&node.me.name) {
             Vec::new()
@@ -1335,8 +1341,7 @@ pub async fn run_server(
             }
             _ => None,
         };
-        if let Err(e) =
-            receive_item(
+        if let Err(e) = receive_item(
             &mut link,
             &applier,
             it,
@@ -1418,7 +1423,8 @@ pub async fn run_server(
         &peer_errors,
         &applier,
         &mut report,
-    )?;
+    )
+    .map_err(SessionError::Store)?;
     timer.mark("record");
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
@@ -1456,7 +1462,7 @@ mod tests {
 
     #[test]
     fn apply_order_renames_deletions_deepest_first_then_parents_first() {
-        let mut items = vec![
+        let mut items = [
             item("/d", WireDecision::Push, WireTransfer::Meta),
             item("/d/f", WireDecision::Push, WireTransfer::Full),
             item("/x", WireDecision::Conflict, WireTransfer::None),

@@ -174,6 +174,9 @@ impl Batch {
     }
 }
 
+/// One path's recorded state and the state last agreed with a peer ([`StateStore::lookup`]).
+pub type Lookup = (Option<FileState>, Option<FileState>);
+
 /// The state database as the rest of filed sees it.
 pub trait StateStore: Send + Sync {
     fn file(&self, group: &str, path: &str) -> Result<Option<FileState>, StoreError>;
@@ -188,7 +191,7 @@ pub trait StateStore: Send + Sync {
         group: &str,
         peer: Option<&str>,
         paths: &[&str],
-    ) -> Result<Vec<(Option<FileState>, Option<FileState>)>, StoreError>;
+    ) -> Result<Vec<Lookup>, StoreError>;
     fn dirty(&self, group: &str, peer: &str) -> Result<Vec<Dirty>, StoreError>;
     fn conflicts(&self, group: Option<&str>) -> Result<Vec<Conflict>, StoreError>;
     fn peer_status(&self, group: &str, peer: &str) -> Result<PeerStatus, StoreError>;
@@ -408,7 +411,7 @@ impl StateStore for RedbStore {
         group: &str,
         peer: Option<&str>,
         paths: &[&str],
-    ) -> Result<Vec<(Option<FileState>, Option<FileState>)>, StoreError> {
+    ) -> Result<Vec<Lookup>, StoreError> {
         let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
         let files = tx.open_table(FILES).map_err(StoreError::Table)?;
         let agreed = match peer {
@@ -426,7 +429,11 @@ impl StateStore for RedbStore {
             let base = match (&agreed, peer) {
                 (Some(t), Some(peer)) => {
                     let k = key3(group, peer, path);
-                    Self::decode_state("agreed", &k, t.get(k.as_str()).map_err(StoreError::Storage)?)?
+                    Self::decode_state(
+                        "agreed",
+                        &k,
+                        t.get(k.as_str()).map_err(StoreError::Storage)?,
+                    )?
                 }
                 _ => None,
             };

@@ -41,6 +41,8 @@ pub struct ClusterOptions {
     /// Backing file size (metadata is internal, at the end).
     pub size: u64,
     pub resync_rate: String,
+    /// Extra `[global]` lines (e.g. `al-extents = 7`).
+    pub extra_global: String,
 }
 
 impl ClusterOptions {
@@ -50,6 +52,7 @@ impl ClusterOptions {
             protocol: protocol.to_string(),
             size: 64 << 20,
             resync_rate: "1G".to_string(),
+            extra_global: String::new(),
         }
     }
 }
@@ -91,11 +94,12 @@ impl Cluster {
         let config = dir.path().join("cluster.toml");
         let mut text = format!(
             "[global]\nprotocol = \"{}\"\nsecret-file = \"secret\"\nresync-rate = \"{}\"\n\
-             control-socket = \"{}/{{node}}.sock\"\n\n[global.tls]\nca = \"certs/ca.pem\"\n\
+             control-socket = \"{}/{{node}}.sock\"\n{}\n[global.tls]\nca = \"certs/ca.pem\"\n\
              cert = \"certs/{{node}}.pem\"\nkey = \"certs/{{node}}.key\"\n",
             opts.protocol,
             opts.resync_rate,
-            dir.path().display()
+            dir.path().display(),
+            opts.extra_global
         );
         for (i, n) in nodes.iter().enumerate() {
             text.push_str(&format!(

@@ -171,9 +171,13 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     let (tx, rx) = mpsc::unbounded_channel();
     let conn = Arc::new(Conn::new(tx));
     // The state report must be the first message: queue it before the write path sees `conn`.
+    // A promotion between the report and publishing `conn` makes the report stale: the
+    // session then ends at once and the link is set up again (see `Resource::promote`).
+    let role_epoch = res.role_epoch.load(std::sync::atomic::Ordering::SeqCst);
     let report = res.state_report(i);
     conn.send(Message::State(report.clone()));
     *res.peers[i].conn.lock().expect("conn") = Some(conn.clone());
+    let stale = res.role_epoch.load(std::sync::atomic::Ordering::SeqCst) != role_epoch;
     let writer_conn = conn.clone();
     let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(
         writer.into_inner(),
@@ -187,10 +191,14 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         i,
         conn: conn.clone(),
         stash: VecDeque::new(),
-        applier: Applier::new(res.clone(), conn.clone()),
+        applier: Applier::new(res.clone(), conn.clone(), res.peers[i].slot),
         resync: None,
     };
     let end = tokio::select! {
+        biased;
+        _ = std::future::ready(()), if stale => {
+            SessionEnd::Lost("promoted during link setup: redoing the handshake".into())
+        }
         end = session.run(&mut reader, report) => end,
         _ = res.peers[i].kill.notified() => SessionEnd::Killed,
         w = &mut writer_task.0 => SessionEnd::Lost(match w {
@@ -631,6 +639,8 @@ enum Finish {
 struct Applier {
     res: Arc<Resource>,
     conn: Arc<Conn>,
+    /// This node's bitmap slot for the peer (resync writes clear it: the copies agree there).
+    slot: usize,
     /// Becomes true when every earlier epoch is on disk.
     prev: watch::Receiver<bool>,
     current: Vec<tokio::task::JoinHandle<bool>>,
@@ -640,11 +650,12 @@ struct Applier {
 }
 
 impl Applier {
-    fn new(res: Arc<Resource>, conn: Arc<Conn>) -> Applier {
+    fn new(res: Arc<Resource>, conn: Arc<Conn>, slot: usize) -> Applier {
         let (fail_tx, failed) = mpsc::unbounded_channel();
         Applier {
             res,
             conn,
+            slot,
             prev: watch::channel(true).1,
             current: Vec::new(),
             tasks: tokio::task::JoinSet::new(),
@@ -713,6 +724,7 @@ impl Applier {
     }
 
     fn resync(&mut self, offset: u64, len: u32, zero: bool, payload: Bytes) {
+        let slot = self.slot;
         self.spawn_write(move |res, conn| {
             Box::pin(async move {
                 let r = if zero {
@@ -723,6 +735,9 @@ impl Applier {
                     res.store.write(offset, payload, false).await
                 };
                 r.map_err(|e| format!("resync write failed: {}", error_chain(&e)))?;
+                // Both copies now agree on this range: a later handshake must not bring it
+                // back through the bitmap exchange (that would restart, not resume, a resync).
+                res.meta.lock().expect("meta").bitmaps[slot].clear_range(offset, u64::from(len));
                 conn.send(Message::ResyncAck { offset, len });
                 res.note_resync_received(u64::from(len));
                 Ok(())

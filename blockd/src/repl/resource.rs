@@ -294,6 +294,9 @@ pub struct Resource {
     pub(crate) role_gate: tokio::sync::RwLock<()>,
     events: broadcast::Sender<Event>,
     role_tx: watch::Sender<Role>,
+    /// Bumped by every promotion after the new generation is in place: a link whose state
+    /// report predates it re-runs its handshake.
+    pub(crate) role_epoch: std::sync::atomic::AtomicU64,
     stop: watch::Sender<bool>,
 }
 
@@ -458,6 +461,7 @@ impl Resource {
             role_gate: tokio::sync::RwLock::new(()),
             events: broadcast::channel(1024).0,
             role_tx: watch::channel(Role::Secondary).0,
+            role_epoch: std::sync::atomic::AtomicU64::new(0),
             stop: watch::channel(false).0,
             spec,
         }))
@@ -698,6 +702,8 @@ impl Resource {
             };
         // Peers that do not get this generation's writes track them in their bitmaps. A forced
         // promotion resyncs every connected peer that is not up to date: drop and reconnect them.
+        // A link still in its handshake (state report sent before this promotion) is
+        // reconnected too, so the peer learns the new generation.
         let mut reconnect = Vec::new();
         let mut in_sync = Vec::new();
         let mut out_of_sync = Vec::new();
@@ -713,9 +719,7 @@ impl Resource {
                 in_sync.push(i);
             } else {
                 out_of_sync.push(v.node_id);
-                if v.conn == ConnState::Connected {
-                    reconnect.push(i);
-                }
+                reconnect.push(i);
             }
         }
         let fresh = fresh_uuid();
@@ -739,8 +743,11 @@ impl Resource {
                 c.send(Message::NewUuid(current));
             }
         }
+        self.role_epoch.fetch_add(1, Ordering::SeqCst);
         for &i in &reconnect {
-            self.peers[i].kill.notify_one();
+            if self.peers[i].conn.lock().expect("conn").is_some() {
+                self.peers[i].kill.notify_one();
+            }
         }
         tracing::info!(resource = %self.spec.name, forced, %current, "promoted to Primary");
         self.emit(None, "role", Role::Primary.as_str());

@@ -116,7 +116,21 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
         tracing::error!(resource = %res.name(), "cannot persist the resync end: {e}");
         return;
     }
-    res.state.lock().expect("state").crashed_primary = false;
+    // The source's data is what the peer now holds: a Consistent source (e.g. a restarted
+    // crashed primary) is UpToDate from here on.
+    let now_up_to_date = {
+        let mut st = res.state.lock().expect("state");
+        st.crashed_primary = false;
+        let was = st.disk == DiskState::Consistent;
+        if was {
+            st.disk = DiskState::UpToDate;
+        }
+        was
+    };
+    if now_up_to_date {
+        res.emit(None, "disk", DiskState::UpToDate.as_str());
+        res.broadcast_state();
+    }
     res.update_peer(i, |s| {
         s.repl = ReplState::Established;
         s.disk = DiskState::UpToDate;
