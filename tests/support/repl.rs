@@ -26,10 +26,18 @@ pub fn blockctl_bin() -> PathBuf {
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
+    // Ports come from below the kernel's ephemeral range (32768 and up), in a window per test
+    // process: a port probed free here cannot be taken by some outgoing connection's source port
+    // before the daemon binds it, which port 0 probing cannot promise.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let base = 20_000 + (std::process::id() % 12) * 1_000;
+    for _ in 0..1_000 {
+        let port = base + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 1_000;
+        if TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {base}..{}", base + 1_000)
 }
 
 /// Cluster shape.
