@@ -22,6 +22,8 @@ stage() {
   fi
 }
 
+stage "the main job: a primary + secondary demo, data checked on both" \
+  env PROFILE=debug BASE_PORT=17900 bash scripts/demo.sh --check
 stage "vm-tests: the real kernel nbd-client in QEMU" \
   bash vm-tests/run.sh 1 3 crash
 stage "blockd integration tests with the sync engine" \

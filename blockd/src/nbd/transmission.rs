@@ -730,7 +730,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             Ok(Op::Read { offset, len, df }) => {
                 let permit = charge(budget, len as usize).await;
-                run_or_spawn(serve_read(ctx.clone(), cookie, offset, len, df, permit));
+                let read = serve_read(ctx.clone(), cookie, offset, len, df, permit);
+                if len <= INLINE_MAX {
+                    run_or_spawn(read);
+                } else {
+                    tokio::spawn(read);
+                }
             }
             Ok(Op::BlockStatus {
                 offset,
@@ -760,6 +765,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
 }
+
+/// Largest READ/WRITE tried inline in the reader task: small requests gain from skipping a task
+/// hop, large ones gain more from copying on another core while the reader takes the next.
+const INLINE_MAX: u32 = 128 << 10;
 
 /// Runs a request future right here if it completes without waiting (the store's inline path:
 /// tmpfs, page-cache hits), and only otherwise hands it to a task of its own. On the common path
@@ -823,14 +832,19 @@ async fn receive_write<R: AsyncRead + Unpin>(
         let permit = charge(budget, len).await;
         let data = read_payload(reader, len).await?;
         let ctx = ctx.clone();
-        run_or_spawn(async move {
+        let write = async move {
             let result = ctx.store.write(offset, data, fua).await;
             drop(permit);
             match result {
                 Ok(()) => ctx.ok(cookie, None),
                 Err(e) => ctx.fail(cookie, CMD_WRITE, &RequestError::Store(e)),
             }
-        });
+        };
+        if len <= INLINE_MAX as usize {
+            run_or_spawn(write);
+        } else {
+            tokio::spawn(write);
+        }
         return Ok(());
     }
     let join = Arc::new(WriteJoin {
