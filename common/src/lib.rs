@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod frame;
+pub mod host;
 pub mod size;
 pub mod telemetry;
 pub mod tls;

@@ -555,17 +555,7 @@ fn normalize_address(a: &str) -> Result<String, String> {
 }
 
 /// The kernel's hostname.
-pub fn hostname() -> std::io::Result<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is valid for writes of buf.len() bytes; gethostname NUL-terminates on success
-    // when the name fits, and we bound the search for the terminator by the buffer length.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
-}
+pub use common::host::hostname;
 
 #[cfg(test)]
 mod tests {

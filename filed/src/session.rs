@@ -103,6 +103,20 @@ fn wire_transfer(t: &Transfer) -> WireTransfer {
     }
 }
 
+/// The rsync signature of our current version of `path`, for the peer to send a delta against;
+/// empty (the peer then sends the file whole) when there is no readable current version.
+fn base_signature(applier: &Applier, path: &str) -> Vec<u8> {
+    match applier.open_current(path) {
+        Ok(Some(f)) => {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len)
+                .map(|s| s.as_bytes().to_vec())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
+}
+
 fn has_data(t: &WireTransfer) -> bool {
     matches!(t, WireTransfer::Full | WireTransfer::Delta)
 }
@@ -906,18 +920,9 @@ pub async fn run_client(
         .iter()
         .filter(|i| i.decision == WireDecision::Pull && i.transfer == WireTransfer::Delta)
     {
-        let sig = match applier.open_current(&it.path) {
-            Ok(Some(f)) => {
-                let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len)
-                    .map(|s| s.as_bytes().to_vec())
-                    .unwrap_or_default()
-            }
-            _ => Vec::new(),
-        };
         link.feed(&Message::Signature {
             path: it.path.clone(),
-            bytes: sig,
+            bytes: base_signature(&applier, &it.path),
         })
         .await?;
     }
@@ -1311,18 +1316,9 @@ pub async fn run_server(
         })
         .await?;
         if it.decision == WireDecision::Push && it.transfer == WireTransfer::Delta {
-            let sig = match applier.open_current(&it.path) {
-                Ok(Some(f)) => {
-                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    BaseSignature::compute(std::io::BufReader::with_capacity(1 << 16, f), len)
-                        .map(|s| s.as_bytes().to_vec())
-                        .unwrap_or_default()
-                }
-                _ => Vec::new(),
-            };
             link.feed(&Message::Signature {
                 path: it.path.clone(),
-                bytes: sig,
+                bytes: base_signature(&applier, &it.path),
             })
             .await?;
         }

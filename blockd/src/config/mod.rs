@@ -685,9 +685,7 @@ impl ClusterConfig {
 
 /// This machine's host name (from the kernel).
 pub fn hostname() -> Result<String, ConfigError> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .map_err(ConfigError::Hostname)
+    common::host::hostname().map_err(ConfigError::Hostname)
 }
 
 fn with_file(e: ConfigError, file: &Path) -> ConfigError {
