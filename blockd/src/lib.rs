@@ -6,3 +6,4 @@ pub mod config;
 pub mod meta;
 pub mod repl;
 pub mod control;
+pub mod snapshot;
