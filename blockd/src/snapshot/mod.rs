@@ -11,3 +11,4 @@
 pub mod area;
 pub mod cow_index;
 pub mod cow_record;
+pub mod set;

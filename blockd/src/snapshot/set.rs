@@ -1,0 +1,580 @@
+//! The open snapshots of one replica: creating and dropping them, preserving frozen blocks
+//! before any write changes them, serving reads of the frozen image, invalidating a snapshot
+//! whose area fills or fails (replication goes on), and closing or reloading areas across
+//! restarts.
+//!
+//! The caller opens a snapshot only at a write-ordering boundary (no replicated write in
+//! flight, all writes of earlier epochs applied), and calls [`Snapshots::before_write`] before
+//! every change of the replica (data, trim, zeroes, resync), with overlapping changes never in
+//! flight at the same time.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::BytesMut;
+
+use super::area::{AreaError, CowArea};
+use super::cow_record::{AreaHeader, AreaState, MAX_NAME_LEN, record_len};
+use crate::store::{BlockStore, StoreError};
+
+/// Granularity of copy-on-write (bytes per preserved block).
+pub const COW_BLOCK_SIZE: u32 = 4096;
+/// File-name suffix of an area: `<resource>.<name>.snap`.
+const AREA_SUFFIX: &str = ".snap";
+
+/// Why a snapshot could not be opened, dropped or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(
+        "snapshot name {name:?} is invalid: use 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ . - (not starting with '.')"
+    )]
+    BadName { name: String },
+    #[error("a snapshot named {name:?} is already open")]
+    Exists { name: String },
+    #[error("no snapshot named {name:?}")]
+    Unknown { name: String },
+    #[error(
+        "snapshot {name:?} needs a copy-on-write area of at least one {COW_BLOCK_SIZE}-byte block"
+    )]
+    TooSmall { name: String },
+    #[error("cannot open snapshot {name:?}")]
+    Area {
+        name: String,
+        #[source]
+        source: AreaError,
+    },
+    #[error("cannot remove the area of snapshot {name:?} at {path}")]
+    Remove {
+        name: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("snapshot {name:?} is no longer valid: {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("snapshot {name:?}: cannot read the replica")]
+    ReadLive {
+        name: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("snapshot {name:?}: cannot read its copy-on-write area")]
+    ReadArea {
+        name: String,
+        #[source]
+        source: AreaError,
+    },
+}
+
+/// What `status` shows of one snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotStatus {
+    pub name: String,
+    pub created_unix_ms: u64,
+    /// Data generation of the replica at the freeze.
+    pub generation: u64,
+    pub cow_used_bytes: u64,
+    pub cow_capacity_bytes: u64,
+    /// `None` while valid; the reason once invalidated.
+    pub invalid: Option<String>,
+}
+
+struct Frozen {
+    area: Option<CowArea>,
+    invalid: Option<String>,
+}
+
+/// One open snapshot: a frozen image of the replica.
+pub struct Snapshot {
+    name: String,
+    header: AreaHeader,
+    path: PathBuf,
+    frozen: tokio::sync::Mutex<Frozen>,
+    /// Copy of the area's usage, for status without taking the lock.
+    used_bytes: std::sync::atomic::AtomicU64,
+    invalid: Mutex<Option<String>>,
+}
+
+impl Snapshot {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn status(&self) -> SnapshotStatus {
+        SnapshotStatus {
+            name: self.name.clone(),
+            created_unix_ms: self.header.created_unix_ms,
+            generation: self.header.generation,
+            cow_used_bytes: self.used_bytes.load(Ordering::Relaxed),
+            cow_capacity_bytes: self.header.capacity_blocks
+                * record_len(self.header.block_size) as u64,
+            invalid: self.invalid.lock().expect("not poisoned").clone(),
+        }
+    }
+
+    fn invalid_reason(&self) -> Option<String> {
+        self.invalid.lock().expect("not poisoned").clone()
+    }
+
+    /// Reads `len` bytes at `offset` of the frozen image: the live replica overlaid with every
+    /// block preserved since the freeze (including blocks preserved while the live read ran).
+    pub async fn read(
+        &self,
+        store: &BlockStore,
+        offset: u64,
+        len: usize,
+    ) -> Result<BytesMut, SnapshotError> {
+        self.check_valid()?;
+        let mut buf = store
+            .read(offset, len)
+            .await
+            .map_err(|source| SnapshotError::ReadLive {
+                name: self.name.clone(),
+                source,
+            })?;
+        let frozen = self.frozen.lock().await;
+        let Some(area) = frozen.area.as_ref() else {
+            return Err(self.invalid_error(frozen.invalid.clone()));
+        };
+        for o in area.index().overlays(offset, len as u64) {
+            let block = area
+                .read_block(o.slot)
+                .map_err(|source| SnapshotError::ReadArea {
+                    name: self.name.clone(),
+                    source,
+                })?;
+            buf[o.at..o.at + o.len].copy_from_slice(&block[o.within..o.within + o.len]);
+        }
+        drop(frozen);
+        // A snapshot invalidated during the read may have missed a preserve: never return it.
+        self.check_valid()?;
+        Ok(buf)
+    }
+
+    fn check_valid(&self) -> Result<(), SnapshotError> {
+        match self.invalid_reason() {
+            None => Ok(()),
+            reason => Err(self.invalid_error(reason)),
+        }
+    }
+
+    fn invalid_error(&self, reason: Option<String>) -> SnapshotError {
+        SnapshotError::Invalid {
+            name: self.name.clone(),
+            reason: reason.unwrap_or_else(|| "dropped".into()),
+        }
+    }
+
+    /// Preserves the blocks a change of `offset..offset+len` would alter. On failure the
+    /// snapshot is invalidated (and its area removed) and the reason returned.
+    async fn preserve(&self, store: &BlockStore, offset: u64, len: u64) -> Option<String> {
+        let mut frozen = self.frozen.lock().await;
+        let area = frozen.area.as_mut()?;
+        let result = preserve_blocks(area, store, offset, len).await;
+        self.used_bytes.store(area.used_bytes(), Ordering::Relaxed);
+        let reason = result.err()?;
+        frozen.area = None;
+        frozen.invalid = Some(reason.clone());
+        *self.invalid.lock().expect("not poisoned") = Some(reason.clone());
+        let _ = std::fs::remove_file(&self.path);
+        Some(reason)
+    }
+}
+
+async fn preserve_blocks(
+    area: &mut CowArea,
+    store: &BlockStore,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let blocks = area.to_preserve(offset, len).map_err(|e| e.to_string())?;
+    let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+        return Ok(());
+    };
+    let bs = area.index().block_size();
+    let start = first * bs;
+    let end = last * bs + area.index().block_len(last);
+    let old = store
+        .read(start, (end - start) as usize)
+        .await
+        .map_err(|e| format!("cannot read the blocks to preserve: {}", chain(&e)))?;
+    for block in blocks {
+        let at = (block * bs - start) as usize;
+        let n = area.index().block_len(block) as usize;
+        area.preserve(block, &old[at..at + n])
+            .map_err(|e| chain(&e))?;
+    }
+    Ok(())
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A snapshot that [`Snapshots::before_write`] had to invalidate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidated {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The snapshots of one replica.
+pub struct Snapshots {
+    dir: PathBuf,
+    resource: String,
+    device_size: u64,
+    open: Mutex<Vec<Arc<Snapshot>>>,
+    count: AtomicUsize,
+}
+
+impl Snapshots {
+    /// The snapshots of `resource` whose areas live in `dir`, reloading every area a clean
+    /// shutdown left; an area that cannot be trusted is removed, with the reason returned.
+    pub fn load(dir: &Path, resource: &str, device_size: u64) -> (Snapshots, Vec<String>) {
+        let set = Snapshots {
+            dir: dir.to_owned(),
+            resource: resource.to_owned(),
+            device_size,
+            open: Mutex::new(Vec::new()),
+            count: AtomicUsize::new(0),
+        };
+        let mut dropped = Vec::new();
+        let prefix = format!("{resource}.");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter_map(|f| {
+                f.strip_prefix(&prefix)?
+                    .strip_suffix(AREA_SUFFIX)
+                    .map(str::to_owned)
+            })
+            .filter(|n| valid_name(n))
+            .collect();
+        names.sort();
+        for name in names {
+            let path = set.area_path(&name);
+            match CowArea::reopen(&path, device_size) {
+                Ok(area) => set.insert(name, path, area),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    dropped.push(format!("snapshot {name:?} dropped: {}", chain(&e)));
+                }
+            }
+        }
+        (set, dropped)
+    }
+
+    fn area_path(&self, name: &str) -> PathBuf {
+        self.dir
+            .join(format!("{}.{name}{AREA_SUFFIX}", self.resource))
+    }
+
+    fn insert(&self, name: String, path: PathBuf, area: CowArea) {
+        let snap = Arc::new(Snapshot {
+            name,
+            header: area.header().clone(),
+            path,
+            used_bytes: std::sync::atomic::AtomicU64::new(area.used_bytes()),
+            frozen: tokio::sync::Mutex::new(Frozen {
+                area: Some(area),
+                invalid: None,
+            }),
+            invalid: Mutex::new(None),
+        });
+        let mut open = self.open.lock().expect("not poisoned");
+        open.push(snap);
+        self.count.store(open.len(), Ordering::Release);
+    }
+
+    /// Opens snapshot `name` with an area of at most `capacity_bytes`. Call only at a
+    /// write-ordering boundary: the image frozen is the replica as it is now.
+    pub fn open(
+        &self,
+        name: &str,
+        capacity_bytes: u64,
+        generation: u64,
+    ) -> Result<Arc<Snapshot>, SnapshotError> {
+        if !valid_name(name) {
+            return Err(SnapshotError::BadName {
+                name: name.to_owned(),
+            });
+        }
+        if self.get(name).is_some() {
+            return Err(SnapshotError::Exists {
+                name: name.to_owned(),
+            });
+        }
+        let capacity_blocks = capacity_bytes / record_len(COW_BLOCK_SIZE) as u64;
+        if capacity_blocks == 0 {
+            return Err(SnapshotError::TooSmall {
+                name: name.to_owned(),
+            });
+        }
+        let path = self.area_path(name);
+        let header = AreaHeader {
+            state: AreaState::Open,
+            block_size: COW_BLOCK_SIZE,
+            device_size: self.device_size,
+            capacity_blocks,
+            created_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            generation,
+            preserved_blocks: 0,
+            name: name.to_owned(),
+        };
+        let area = CowArea::create(&path, header).map_err(|source| SnapshotError::Area {
+            name: name.to_owned(),
+            source,
+        })?;
+        self.insert(name.to_owned(), path, area);
+        Ok(self.get(name).expect("just inserted"))
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Snapshot>> {
+        self.open
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
+    }
+
+    /// True when no snapshot is open (the write path's fast check).
+    pub fn is_empty(&self) -> bool {
+        self.count.load(Ordering::Acquire) == 0
+    }
+
+    /// Ends snapshot `name`: its readers get errors from now on and its area is removed.
+    pub async fn drop_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
+        let snap = {
+            let mut open = self.open.lock().expect("not poisoned");
+            let Some(i) = open.iter().position(|s| s.name == name) else {
+                return Err(SnapshotError::Unknown {
+                    name: name.to_owned(),
+                });
+            };
+            let snap = open.remove(i);
+            self.count.store(open.len(), Ordering::Release);
+            snap
+        };
+        let mut frozen = snap.frozen.lock().await;
+        frozen.area = None;
+        *snap.invalid.lock().expect("not poisoned") = Some("dropped".into());
+        match std::fs::remove_file(&snap.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(SnapshotError::Remove {
+                name: name.to_owned(),
+                path: snap.path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Preserves, in every open snapshot, the frozen contents of the blocks a change of
+    /// `len` bytes at `offset` is about to alter. Never fails the change: a snapshot that
+    /// cannot preserve (area full, I/O error) is invalidated and returned.
+    pub async fn before_write(
+        &self,
+        store: &BlockStore,
+        offset: u64,
+        len: u64,
+    ) -> Vec<Invalidated> {
+        if self.is_empty() || len == 0 {
+            return Vec::new();
+        }
+        let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").clone();
+        let mut out = Vec::new();
+        for snap in snaps {
+            if let Some(reason) = snap.preserve(store, offset, len).await {
+                out.push(Invalidated {
+                    name: snap.name.clone(),
+                    reason,
+                });
+            }
+        }
+        out
+    }
+
+    /// Closes every area cleanly (on shutdown), so the snapshots survive a restart.
+    pub async fn close_all(&self) -> Vec<String> {
+        let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").drain(..).collect();
+        self.count.store(0, Ordering::Release);
+        let mut errors = Vec::new();
+        for snap in snaps {
+            let mut frozen = snap.frozen.lock().await;
+            if let Some(area) = frozen.area.take()
+                && let Err(e) = area.close()
+            {
+                errors.push(format!("snapshot {:?}: {}", snap.name, chain(&e)));
+            }
+        }
+        errors
+    }
+
+    pub fn status(&self) -> Vec<SnapshotStatus> {
+        self.open
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .map(|s| s.status())
+            .collect()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::OpenOptions;
+    use bytes::Bytes;
+
+    fn setup(name: &str, size: u64) -> (PathBuf, BlockStore) {
+        let dir =
+            std::env::temp_dir().join(format!("blockd-snapset-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let opts = OpenOptions {
+            size: Some(size),
+            ..OpenOptions::default()
+        };
+        let store = BlockStore::open(&dir.join("data"), &opts).unwrap();
+        (dir, store)
+    }
+
+    async fn fill(store: &BlockStore, byte: u8, size: u64) {
+        store
+            .write(0, Bytes::from(vec![byte; size as usize]), false)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_keeps_its_image_while_the_replica_changes() {
+        let size = 64 * 1024 + 100;
+        let (dir, store) = setup("image", size);
+        fill(&store, 1, size).await;
+        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(dropped.is_empty());
+        assert!(set.is_empty());
+        let snap = set.open("s1", 1 << 20, 7).unwrap();
+        for (off, len, byte) in [
+            (10u64, 5000usize, 2u8),
+            (4096, 1, 3),
+            (size - 50, 50, 4),
+            (0, size as usize, 5),
+        ] {
+            assert!(set.before_write(&store, off, len as u64).await.is_empty());
+            store
+                .write(off, Bytes::from(vec![byte; len]), false)
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            &snap.read(&store, 0, size as usize).await.unwrap()[..],
+            &vec![1u8; size as usize][..]
+        );
+        assert_eq!(&store.read(0, 10).await.unwrap()[..], &[5u8; 10]);
+        let st = &set.status()[0];
+        assert_eq!(
+            st.cow_used_bytes,
+            17 * (4096 + 64),
+            "17 blocks preserved once each"
+        );
+        assert_eq!(st.generation, 7);
+        // A second snapshot sees the image as of its own freeze.
+        let snap2 = set.open("s2", 1 << 20, 8).unwrap();
+        set.before_write(&store, 0, 3).await;
+        store
+            .write(0, Bytes::from_static(b"zzz"), false)
+            .await
+            .unwrap();
+        assert_eq!(&snap2.read(&store, 0, 4).await.unwrap()[..], &[5u8; 4]);
+        assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
+        assert!(matches!(
+            set.open("s2", 1 << 20, 8),
+            Err(SnapshotError::Exists { .. })
+        ));
+        assert!(matches!(
+            set.open("../x", 1 << 20, 8),
+            Err(SnapshotError::BadName { .. })
+        ));
+        set.drop_snapshot("s2").await.unwrap();
+        assert!(matches!(
+            snap2.read(&store, 0, 4).await,
+            Err(SnapshotError::Invalid { .. })
+        ));
+        assert!(matches!(
+            set.drop_snapshot("s2").await,
+            Err(SnapshotError::Unknown { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_full_area_invalidates_the_snapshot_not_the_write() {
+        let size = 1 << 20;
+        let (dir, store) = setup("full", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let snap = set.open("small", 2 * (4096 + 64), 1).unwrap();
+        assert!(set.before_write(&store, 0, 8192).await.is_empty());
+        let inv = set.before_write(&store, 8192, 1).await;
+        assert_eq!(inv.len(), 1);
+        assert!(inv[0].reason.contains("full"), "{}", inv[0].reason);
+        let e = snap.read(&store, 0, 1).await.unwrap_err();
+        assert!(e.to_string().contains("no longer valid"), "{e}");
+        assert_eq!(
+            set.status()[0].invalid.as_deref(),
+            Some(inv[0].reason.as_str())
+        );
+        assert!(set.before_write(&store, 8192, 1).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn clean_shutdown_keeps_snapshots_and_a_crash_drops_them() {
+        let size = 1 << 20;
+        let (dir, store) = setup("restart", size);
+        fill(&store, 1, size).await;
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        set.open("kept", 1 << 20, 1).unwrap();
+        set.before_write(&store, 0, 4096).await;
+        store
+            .write(0, Bytes::from(vec![2u8; 4096]), false)
+            .await
+            .unwrap();
+        assert!(set.close_all().await.is_empty());
+        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        let snap = set.get("kept").unwrap();
+        assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
+        // Now "crash": no close_all.
+        drop(snap);
+        drop(set);
+        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(set.is_empty());
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].contains("not closed cleanly"), "{}", dropped[0]);
+        let (_, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(dropped.is_empty(), "the untrusted area was removed");
+    }
+}
