@@ -8,7 +8,8 @@
 #   --shell            with --console: a guest shell after the scenario (exit it to end the VM)
 #   --timeout SECONDS  per-scenario limit for the VM (default 420)
 #   --blockd-arg ARG   extra argument for every blockd the host starts (repeatable): the hook
-#                      for running a scenario against a deliberately broken server
+#                      for running a scenario against a deliberately broken server, e.g.
+#                      `--blockd-arg --debug-drop-flush 2` (replicated scenarios only) must FAIL
 #   --no-build         do not run `cargo build -p blockd --bins` (use the existing binary)
 #   --strict           a SKIP counts as a failure
 # Environment: VMTESTS_BLOCKD (blockd binary), VMTESTS_CACHE (cache dir, default vm-tests/.cache).
@@ -21,6 +22,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/host.sh"
 source "$VMT_DIR/lib/scenario.sh"
+source "$VMT_DIR/lib/cluster.sh"
 
 console=0 shell=0 timeout_s=420 build=1 strict=0
 BLOCKD_EXTRA_ARGS=()
