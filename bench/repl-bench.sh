@@ -2,7 +2,8 @@
 # Replication benchmark (not a test): fio --ioengine=nbd through the Primary's NBD export for
 # protocols A, B and C with one and two secondaries (every node a separate blockd process on
 # 127.0.0.1, all backing files in the same directory, i.e. on one disk), beside `blockd
-# standalone` on the same kind of file. Prints IOPS, MiB/s and the ratio to standalone.
+# standalone` on the same kind of file. Prints IOPS, MiB/s, the ratio to standalone, and the CPU
+# time each blockd process spent per request (utime+stime from /proc, a load-independent cost).
 #
 # Usage: bench/repl-bench.sh [options]
 #   --dir DIR          backing directory (default /var/tmp)
@@ -10,6 +11,8 @@
 #   --runtime S        seconds per fio job (default 10)
 #   --configs "..."    any of: standalone A1 B1 C1 A2 B2 C2 (default: all)
 #   --jobs "..."       any of: randwrite seqwrite (default: both)
+#   --repeat N         run the whole set N times, interleaved; the table shows medians (default 1)
+#   --perf DIR         also `perf record -g` every blockd process during each job into DIR
 #   --no-build         use the existing target/release binaries
 #   --quick            --runtime 4
 set -euo pipefail
@@ -19,6 +22,8 @@ SIZE=1G
 RUNTIME=10
 CONFIGS="standalone A1 B1 C1 A2 B2 C2"
 JOBS="randwrite seqwrite"
+REPEAT=1
+PERF_DIR=
 BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -27,9 +32,11 @@ while [ $# -gt 0 ]; do
         --runtime) RUNTIME=$2; shift 2 ;;
         --configs) CONFIGS=$2; shift 2 ;;
         --jobs) JOBS=$2; shift 2 ;;
+        --repeat) REPEAT=$2; shift 2 ;;
+        --perf) PERF_DIR=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --quick) RUNTIME=4; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
 done
@@ -40,6 +47,8 @@ if [ "$BUILD" = 1 ]; then (cd "$ROOT" && cargo build -p blockd --release --bins 
 TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
 BLOCKD=$TARGET_DIR/release/blockd
 BLOCKCTL=$TARGET_DIR/release/blockctl
+TCK=$(getconf CLK_TCK)
+if [ -n "$PERF_DIR" ]; then mkdir -p "$PERF_DIR"; fi
 
 WORK=$(mktemp -d "$DIR/repl-bench.XXXXXX")
 PIDS=()
@@ -59,7 +68,10 @@ wait_nbd() {
     echo "no NBD server at $1" >&2; exit 1
 }
 
-# setup CONFIG -> starts the servers, sets URI.
+# CPU ticks (user + system, all threads) of a process.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# setup CONFIG -> starts the servers (PIDS[0] is the one serving NBD), sets URI.
 setup() {
     local cfg=$1 d=$WORK/$1
     rm -rf "$d"; mkdir -p "$d"
@@ -119,32 +131,73 @@ job_args() {
     esac
 }
 
-declare -A IOPS MIBS
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -r) $(nproc) CPUs; dir=$DIR size=$SIZE runtime=${RUNTIME}s"
-for cfg in $CONFIGS; do
-    setup "$cfg"
-    for job in $JOBS; do
-        out=$WORK/fio.json
-        # shellcheck disable=SC2046
-        fio --name="$job" --ioengine=nbd --uri="$URI" --size="$SIZE" --time_based \
-            --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$out" \
-            $(job_args "$job") >/dev/null
-        IOPS[$cfg,$job]=$(jq -r '.jobs[0].write.iops' "$out")
-        MIBS[$cfg,$job]=$(jq -r '.jobs[0].write.bw_bytes / 1048576' "$out")
-        printf '  %-10s %-9s %10.0f IOPS %8.1f MiB/s\n' "$cfg" "$job" "${IOPS[$cfg,$job]}" "${MIBS[$cfg,$job]}"
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2}'; }
+
+# Per (config, job): space-separated values, one per repetition.
+declare -A IOPS MIBS RATIO CPU SA
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -r) $(nproc) CPUs; dir=$DIR size=$SIZE runtime=${RUNTIME}s repeat=$REPEAT"
+echo "# cpu/req: CPU microseconds per request of each blockd process (n0 = Primary), from /proc utime+stime"
+for rep in $(seq "$REPEAT"); do
+    for cfg in $CONFIGS; do
+        setup "$cfg"
+        for job in $JOBS; do
+            out=$WORK/fio.json
+            # Warm up (ramp) outside the measured window so CPU counters cover only it.
+            # shellcheck disable=SC2046
+            fio --name="$job" --ioengine=nbd --uri="$URI" --size="$SIZE" --time_based \
+                --runtime=1 --output-format=json --output="$out" $(job_args "$job") >/dev/null
+            declare -a before=()
+            for p in "${PIDS[@]}"; do before+=("$(ticks "$p")"); done
+            perf_pids=()
+            if [ -n "$PERF_DIR" ]; then
+                for k in "${!PIDS[@]}"; do
+                    perf record -g -o "$PERF_DIR/$cfg-$job-n$k.data" -p "${PIDS[$k]}" \
+                        >/dev/null 2>&1 &
+                    perf_pids+=($!)
+                done
+            fi
+            # shellcheck disable=SC2046
+            fio --name="$job" --ioengine=nbd --uri="$URI" --size="$SIZE" --time_based \
+                --runtime="$RUNTIME" --output-format=json --output="$out" \
+                $(job_args "$job") >/dev/null
+            for p in "${perf_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+            ios=$(jq -r '.jobs[0].write.total_ios' "$out")
+            iops=$(jq -r '.jobs[0].write.iops' "$out")
+            mibs=$(jq -r '.jobs[0].write.bw_bytes / 1048576' "$out")
+            cpu=""
+            for k in "${!PIDS[@]}"; do
+                t=$(( $(ticks "${PIDS[$k]}") - ${before[$k]} ))
+                cpu+="${cpu:+/}$(awk -v t="$t" -v n="$ios" -v h="$TCK" 'BEGIN {printf "%.1f", t / h * 1e6 / (n > 0 ? n : 1)}')"
+            done
+            IOPS[$cfg,$job]+=" $iops"
+            MIBS[$cfg,$job]+=" $mibs"
+            CPU[$cfg,$job]+=" $cpu"
+            if [ "$cfg" = standalone ]; then SA[$job]=$iops; fi
+            if [ -n "${SA[$job]:-}" ]; then
+                RATIO[$cfg,$job]+=" $(awk -v a="$iops" -v b="${SA[$job]}" 'BEGIN {printf "%.3f", a / b}')"
+            fi
+            printf '  run %d %-10s %-9s %8.0f IOPS %8.1f MiB/s  cpu/req(us) %s\n' \
+                "$rep" "$cfg" "$job" "$iops" "$mibs" "$cpu"
+        done
+        stop_all
+        rm -rf "${WORK:?}/$cfg"
     done
-    stop_all
-    rm -rf "${WORK:?}/$cfg"
 done
 
 echo
-printf '| config | job | IOPS | MiB/s | vs standalone |\n|---|---|---:|---:|---:|\n'
+printf '| config | job | IOPS | MiB/s | vs standalone | CPU us/req per node (n0/n1/..) |\n|---|---|---:|---:|---:|---|\n'
 for cfg in $CONFIGS; do
     for job in $JOBS; do
-        ratio=-
-        if [ -n "${IOPS[standalone,$job]:-}" ]; then
-            ratio=$(jq -n "${IOPS[$cfg,$job]} / ${IOPS[standalone,$job]} * 100 | round / 100")
-        fi
-        printf '| %s | %s | %.0f | %.1f | %s |\n' "$cfg" "$job" "${IOPS[$cfg,$job]}" "${MIBS[$cfg,$job]}" "$ratio"
+        iops=$(echo "${IOPS[$cfg,$job]}" | median)
+        mibs=$(echo "${MIBS[$cfg,$job]}" | median)
+        ratio=$(echo "${RATIO[$cfg,$job]:-}" | median)
+        # Median per node over the repetitions.
+        nodes=$(echo "${CPU[$cfg,$job]}" | awk '{print split($1, a, "/")}')
+        cpu=""
+        for k in $(seq "$nodes"); do
+            v=$(echo "${CPU[$cfg,$job]}" | tr ' ' '\n' | grep -v '^$' | cut -d/ -f"$k" | tr '\n' ' ' | median)
+            cpu+="${cpu:+/}$v"
+        done
+        printf '| %s | %s | %.0f | %.1f | %s | %s |\n' "$cfg" "$job" "$iops" "$mibs" "$ratio" "$cpu"
     done
 done

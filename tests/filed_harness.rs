@@ -1,6 +1,7 @@
 //! Shared by the filed integration tests (included with `#[path]`): a cluster of real `filed serve`
 //! processes on 127.0.0.2/.3/.4 with a generated configuration, CA, certificates and group key,
-//! helpers to run the CLI against a node and to compare directory trees.
+//! helpers to run the CLI against a node and to compare directory trees; `filed daemon` nodes with
+//! their metrics endpoint, status, CPU time and thread counts.
 
 #![allow(dead_code)]
 
@@ -66,6 +67,8 @@ pub struct Cluster {
     pub nodes: Vec<String>,
     pub port: u16,
     servers: HashMap<String, Child>,
+    /// Metrics endpoint of each daemon started with [`Cluster::start_daemon`].
+    pub metrics: HashMap<String, SocketAddr>,
 }
 
 pub struct Run {
@@ -124,6 +127,7 @@ impl Cluster {
             nodes,
             port,
             servers: HashMap::new(),
+            metrics: HashMap::new(),
         };
         let r = c.run_raw(None, &["keygen"]);
         assert_eq!(r.code, 0, "keygen: {r:?}");
@@ -193,6 +197,111 @@ impl Cluster {
         }
     }
 
+    /// Starts `filed daemon` on a node (with a metrics endpoint on 127.0.0.1) and waits until it
+    /// accepts connections (its watches are in place by then).
+    pub fn start_daemon(&mut self, node: &str, extra: &[&str]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{node}.log")))
+            .unwrap();
+        let maddr: SocketAddr = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let child = Command::new(filed_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--node")
+            .arg(node)
+            .arg("daemon")
+            .arg("--metrics-listen")
+            .arg(maddr.to_string())
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.servers.insert(node.to_string(), child);
+        self.metrics.insert(node.to_string(), maddr);
+        let addr = self.addr(node);
+        let start = Instant::now();
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{node} did not start listening:\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start_all_daemons(&mut self, extra: &[&str]) {
+        for n in self.nodes.clone() {
+            self.start_daemon(&n, extra);
+        }
+    }
+
+    /// The process id of a running server or daemon.
+    pub fn pid(&self, node: &str) -> u32 {
+        self.servers[node].id()
+    }
+
+    /// SIGTERM, wait, and return the exit code.
+    pub fn stop_status(&mut self, node: &str) -> Option<i32> {
+        let mut c = self.servers.remove(node)?;
+        // SAFETY: kill(2) on a child pid we own.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("{node} did not exit within 60 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `filed status --json` of a node.
+    pub fn status_json(&self, node: &str) -> serde_json::Value {
+        let r = self.filed(node, &["status", "--json"]);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("status --json: {e}: {r:?}"))
+    }
+
+    /// Scrapes a daemon's metrics endpoint: the raw text.
+    pub fn scrape(&self, node: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s =
+            TcpStream::connect_timeout(&self.metrics[node], Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out.split_once("\r\n\r\n").unwrap().1.to_string()
+    }
+
+    /// Sum of the samples of metric `name` whose labels include all of `labels`.
+    pub fn metric(&self, node: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let samples = parse_metrics(&self.scrape(node));
+        samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
     pub fn start_all(&mut self) {
         for n in self.nodes.clone() {
             self.start(&n);
@@ -227,6 +336,89 @@ impl Drop for Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Parses the Prometheus text format: (name, labels, value) per sample; panics on a bad line.
+pub fn parse_metrics(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (head, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad sample {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let (name, labels) = match head.split_once('{') {
+            Some((n, rest)) => {
+                let rest = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels {line:?}"));
+                let mut m = BTreeMap::new();
+                for kv in rest.split("\",").filter(|s| !s.is_empty()) {
+                    let (k, v) = kv
+                        .split_once("=\"")
+                        .unwrap_or_else(|| panic!("bad label {kv:?}"));
+                    m.insert(k.to_string(), v.trim_end_matches('"').to_string());
+                }
+                (n.to_string(), m)
+            }
+            None => (head.to_string(), BTreeMap::new()),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name {name:?}"
+        );
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// CPU time (user + system, clock ticks) a process has used.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // fields after the name: state(0) ... utime(11) stime(12)
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Threads of a process.
+pub fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Polls `f` until it returns true or `limit` passes; returns whether it did.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether two trees hold the same files (kind, content, mode, mtime), without panicking.
+pub fn same_tree(a: &Path, b: &Path) -> bool {
+    let snap = |p: &Path| std::panic::catch_unwind(|| snapshot(p)).ok();
+    match (snap(a), snap(b)) {
+        (Some(x), Some(y)) => x == y,
+        _ => false,
     }
 }
 

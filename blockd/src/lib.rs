@@ -6,4 +6,5 @@ pub mod config;
 pub mod meta;
 pub mod repl;
 pub mod control;
+pub mod metrics;
 pub mod snapshot;

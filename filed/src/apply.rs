@@ -18,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Group, Host};
 use crate::entry::{FileState, Kind};
 use crate::filter::{PathRejected, is_under};
+use crate::written::FileId;
 
 /// Prefix of temp files; scans skip these names.
 pub const TEMP_PREFIX: &str = ".filed.tmp.";
@@ -216,6 +217,26 @@ pub struct Applier {
     /// Parent directories already walked safely (logical path → descriptor), so a batch of files
     /// in one directory costs one walk. Cleared whenever this applier removes a directory.
     dir_cache: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    /// What this applier wrote: logical path, its state as written (files and directories; from
+    /// the written inode itself, before any rename) and its identity on disk.
+    written: Mutex<Vec<Written>>,
+}
+
+/// One path written by an [`Applier`].
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub logical: String,
+    /// Kind, size, mtime, mode and owner as written (no hash); `None` for symlinks.
+    pub state: Option<FileState>,
+    pub id: FileId,
+}
+
+fn fstat(f: &impl AsRawFd) -> io::Result<libc::stat> {
+    // SAFETY: an all-zero stat is a valid value for fstat to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid descriptor and pointer to a stat.
+    cvt(unsafe { libc::fstat(f.as_raw_fd(), &mut st) })?;
+    Ok(st)
 }
 
 /// Entries kept in [`Applier::dir_cache`] before it is emptied.
@@ -245,7 +266,32 @@ impl Applier {
             backup,
             generations: group.backup_generations,
             dir_cache: Mutex::new(HashMap::new()),
+            written: Mutex::new(Vec::new()),
         })
+    }
+
+    fn note(&self, logical: &str, st: &libc::stat, with_state: bool) {
+        self.written.lock().expect("lock poisoned").push(Written {
+            logical: logical.to_string(),
+            state: with_state.then(|| state_from_stat(st)),
+            id: FileId::from_stat(st),
+        });
+    }
+
+    /// Everything written so far (and forgets it).
+    pub fn take_written(&self) -> Vec<Written> {
+        std::mem::take(&mut *self.written.lock().expect("lock poisoned"))
+    }
+
+    /// The state of `logical` as this applier last wrote it (no hash), if it did.
+    pub fn written_state(&self, logical: &str) -> Option<FileState> {
+        self.written
+            .lock()
+            .expect("lock poisoned")
+            .iter()
+            .rev()
+            .find(|w| w.logical == logical)
+            .and_then(|w| w.state.clone())
     }
 
     /// Checks a logical path and opens its parent directory (creating missing parents when
@@ -410,6 +456,7 @@ impl Applier {
         let logical = p.target.logical.clone();
         set_file_meta(&p.file, state).map_err(io_err(&logical, "set metadata"))?;
         p.file.sync_all().map_err(io_err(&logical, "fsync"))?;
+        let st = fstat(&p.file).map_err(io_err(&logical, "stat"))?;
         self.clear_for(&p.target, false)?;
         // SAFETY: valid descriptors and NUL-terminated names.
         cvt(unsafe {
@@ -422,6 +469,7 @@ impl Applier {
         })
         .map_err(io_err(&logical, "rename into place"))?;
         p.done = true;
+        self.note(&logical, &st, true);
         fsync_dir(&p.target.dir).map_err(io_err(&logical, "fsync directory"))?;
         Ok(())
     }
@@ -437,15 +485,15 @@ impl Applier {
         let mut out = Vec::with_capacity(batch.len());
         for (p, st) in batch {
             let logical = p.target.logical.clone();
-            match set_file_meta(&p.file, &st) {
-                Ok(()) => ready.push(p),
+            match set_file_meta(&p.file, &st).and_then(|_| fstat(&p.file)) {
+                Ok(written) => ready.push((p, written)),
                 Err(e) => out.push((logical.clone(), Err(io_err(&logical, "set metadata")(e)))),
             }
         }
-        if let Some(first) = ready.first() {
+        if let Some((first, _)) = ready.first() {
             // SAFETY: valid descriptor.
             if let Err(e) = cvt(unsafe { libc::syncfs(first.file.as_raw_fd()) }) {
-                for p in ready.drain(..) {
+                for (p, _) in ready.drain(..) {
                     out.push((
                         p.target.logical.clone(),
                         Err(io_err(&p.target.logical, "syncfs")(io::Error::new(
@@ -456,7 +504,7 @@ impl Applier {
                 }
             }
         }
-        for mut p in ready {
+        for (mut p, written) in ready {
             let logical = p.target.logical.clone();
             let res = self.clear_for(&p.target, false).and_then(|_| {
                 // SAFETY: valid descriptors and NUL-terminated names.
@@ -473,6 +521,7 @@ impl Applier {
             });
             if res.is_ok() {
                 p.done = true;
+                self.note(&logical, &written, true);
             }
             out.push((logical, res));
         }
@@ -616,8 +665,11 @@ impl Applier {
         // SAFETY: valid descriptor and NUL-terminated strings.
         cvt(unsafe { libc::symlinkat(target.as_ptr(), t.dir.as_raw_fd(), tmp.as_ptr()) })
             .map_err(io_err(logical, "create symlink"))?;
-        let meta = lchown_times(&t.dir, &tmp, state);
+        let meta = lchown_times(&t.dir, &tmp, state)
+            .and_then(|_| fstatat(&t.dir, &tmp)?.ok_or_else(|| io::ErrorKind::NotFound.into()));
+        let written = meta.as_ref().ok().copied();
         let res = meta
+            .map(|_| ())
             .map_err(io_err(logical, "set symlink metadata"))
             .and_then(|_| self.clear_for(&t, false))
             .and_then(|_| {
@@ -633,9 +685,13 @@ impl Applier {
                 .map(|_| ())
                 .map_err(io_err(logical, "rename symlink into place"))
             });
-        if res.is_err() {
-            // SAFETY: valid descriptor and NUL-terminated name.
-            unsafe { libc::unlinkat(t.dir.as_raw_fd(), tmp.as_ptr(), 0) };
+        match (&res, written) {
+            (Ok(()), Some(st)) => self.note(logical, &st, false),
+            (Ok(()), None) => {}
+            (Err(_), _) => {
+                // SAFETY: valid descriptor and NUL-terminated name.
+                unsafe { libc::unlinkat(t.dir.as_raw_fd(), tmp.as_ptr(), 0) };
+            }
         }
         res
     }
@@ -646,7 +702,11 @@ impl Applier {
         let t = self.need_target(logical)?;
         match state.kind {
             Kind::Symlink => {
-                lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata"))
+                lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata"))?;
+                if let Ok(Some(st)) = fstatat(&t.dir, &t.name) {
+                    self.note(logical, &st, false);
+                }
+                Ok(())
             }
             Kind::Deleted => Ok(()),
             Kind::File | Kind::Dir => {
@@ -662,7 +722,11 @@ impl Applier {
                     0,
                 )
                 .map_err(io_err(logical, "open"))?;
-                set_file_meta(&File::from(fd), state).map_err(io_err(logical, "set metadata"))
+                let f = File::from(fd);
+                set_file_meta(&f, state).map_err(io_err(logical, "set metadata"))?;
+                let st = fstat(&f).map_err(io_err(logical, "stat"))?;
+                self.note(logical, &st, true);
+                Ok(())
             }
         }
     }

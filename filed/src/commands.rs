@@ -178,7 +178,8 @@ async fn check(node: &Node, group: Option<&str>, rehash: bool) -> Outcome {
     Outcome { code, output: out }
 }
 
-async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionReport, String> {
+/// One session with `peer` for `g` (retrying a few times while the peer answers "busy").
+pub async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionReport, String> {
     let settings = node.client_settings().map_err(|e| error_chain(&e))?;
     let key = node.group_key(g).map_err(|e| error_chain(&e))?;
     let host = node
@@ -623,13 +624,37 @@ fn status(node: &Node, json: bool) -> Outcome {
                     format!(", last error: {}", st.last_error)
                 }
             );
+            let c = node.stats.peer_counters(&g.name, &peer);
+            if node.is_daemon() {
+                let _ = writeln!(
+                    out,
+                    "    {} syncs, {} failed; {} sent, {} received; {} bytes out, {} in; {} path errors",
+                    c.sync_runs,
+                    c.sync_failures,
+                    c.transfers_sent,
+                    c.transfers_received,
+                    c.bytes_sent,
+                    c.bytes_received,
+                    c.path_errors
+                );
+            }
             peers_json.push(serde_json::json!({
                 "peer": peer, "queued": dirty, "conflicts": pc,
                 "last_sync_ns": st.last_ok_ns, "last_attempt_ns": st.last_attempt_ns, "last_error": st.last_error,
+                "counters": c,
             }));
+        }
+        let wc = node.stats.group_counters(&g.name);
+        if node.is_daemon() {
+            let _ = writeln!(
+                out,
+                "  watch: {} batches, {} events, {} own writes suppressed, {} changes, {} rescans, {} full checks",
+                wc.batches, wc.events, wc.suppressed, wc.changes, wc.rescans, wc.full_checks
+            );
         }
         groups_json.push(serde_json::json!({
             "group": g.name, "paths": files, "conflicts": conflicts.len(), "slave": g.is_slave(&node.me.name), "peers": peers_json,
+            "watch": wc,
         }));
     }
     let any_conflicts = node
@@ -639,7 +664,7 @@ fn status(node: &Node, json: bool) -> Outcome {
         .unwrap_or(false);
     if json {
         out = serde_json::to_string_pretty(
-            &serde_json::json!({ "host": node.me.name, "groups": groups_json }),
+            &serde_json::json!({ "host": node.me.name, "daemon": node.is_daemon(), "groups": groups_json }),
         )
         .unwrap_or_default();
         out.push('\n');

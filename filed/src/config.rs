@@ -76,6 +76,43 @@ struct RawConfig {
     hosts: BTreeMap<String, RawHost>,
     #[serde(default)]
     groups: BTreeMap<String, RawGroup>,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDaemon {
+    batch_delay_ms: Option<u64>,
+    full_check_interval_secs: Option<u64>,
+    retry_max_secs: Option<u64>,
+    #[serde(alias = "metrics_listen")]
+    metrics_listen: Option<String>,
+}
+
+/// `filed daemon` settings (`[daemon]`; the same for every host, each may be overridden on the
+/// command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DaemonConfig {
+    /// Events are gathered this long after the first one into one batch per group.
+    pub batch_delay: std::time::Duration,
+    /// A full check of every group this often (the safety net behind the watches).
+    pub full_check_interval: std::time::Duration,
+    /// Longest wait between attempts to reach an unreachable peer (backoff from 1 s).
+    pub retry_max: std::time::Duration,
+    /// Prometheus metrics endpoint (`host:port`), off when `None`.
+    pub metrics_listen: Option<String>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            batch_delay: std::time::Duration::from_millis(200),
+            full_check_interval: std::time::Duration::from_secs(3600),
+            retry_max: std::time::Duration::from_secs(30),
+            metrics_listen: None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -207,6 +244,7 @@ pub struct Config {
     pub ca_key: Option<PathBuf>,
     pub hosts: BTreeMap<String, Host>,
     pub groups: BTreeMap<String, Group>,
+    pub daemon: DaemonConfig,
 }
 
 impl Config {
@@ -288,6 +326,45 @@ impl Config {
             hosts.insert(name, host);
         }
 
+        let daemon = {
+            let d = &raw.daemon;
+            let def = DaemonConfig::default();
+            let ms = d
+                .batch_delay_ms
+                .unwrap_or(def.batch_delay.as_millis() as u64);
+            if ms > 60_000 {
+                return Err(invalid(
+                    "daemon.batch-delay-ms".into(),
+                    format!("{ms} ms is more than a minute"),
+                ));
+            }
+            let full = d
+                .full_check_interval_secs
+                .unwrap_or(def.full_check_interval.as_secs());
+            if full == 0 {
+                return Err(invalid(
+                    "daemon.full-check-interval-secs".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            let retry = d.retry_max_secs.unwrap_or(def.retry_max.as_secs());
+            if retry == 0 {
+                return Err(invalid(
+                    "daemon.retry-max-secs".into(),
+                    "must be at least 1".into(),
+                ));
+            }
+            if let Some(a) = &d.metrics_listen {
+                a.parse::<std::net::SocketAddr>()
+                    .map_err(|e| invalid("daemon.metrics-listen".into(), format!("{a:?}: {e}")))?;
+            }
+            DaemonConfig {
+                batch_delay: std::time::Duration::from_millis(ms),
+                full_check_interval: std::time::Duration::from_secs(full),
+                retry_max: std::time::Duration::from_secs(retry),
+                metrics_listen: d.metrics_listen.clone(),
+            }
+        };
         let mut groups = BTreeMap::new();
         for (name, g) in raw.groups {
             let key = |k: &str| format!("groups.{name}.{k}");
@@ -425,6 +502,7 @@ impl Config {
             ca_key: raw.ca_key.as_deref().map(abs),
             hosts,
             groups,
+            daemon,
         })
     }
 

@@ -1,15 +1,19 @@
 //! One host's view of the cluster at run time: the configuration, its own host entry, the state
 //! store, per-group locks (one sync per group at a time on this host) and the TLS settings. Shared
-//! by the CLI commands, the listener and (later) the watcher.
+//! by the CLI commands, the listener and the daemon (which adds the log of filed's own writes,
+//! a hook called after every session, and counters).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use common::auth::SharedKey;
 
 use crate::config::{Config, Group, Host};
+use crate::session::SessionReport;
+use crate::stats::Stats;
 use crate::store::StateStore;
 use crate::transport::{ClientSettings, ServerSettings, TransportError};
+use crate::written::WrittenLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -36,7 +40,17 @@ pub struct Node {
     pub me: Host,
     pub store: Arc<dyn StateStore>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// filed's own writes, kept only while a watcher consumes them (`filed daemon`).
+    pub written: Mutex<Option<WrittenLog>>,
+    pub stats: Stats,
+    session_hook: OnceLock<SessionHook>,
 }
+
+/// Called after every completed session, initiator or listener side.
+pub type SessionHook = Box<dyn Fn(&SessionReport) + Send + Sync>;
+
+/// Entries of the written-files log before it is emptied (see [`WrittenLog::new`]).
+const WRITTEN_CAP: usize = 1 << 20;
 
 impl Node {
     pub fn new(config: Arc<Config>, me: Host, store: Arc<dyn StateStore>) -> Node {
@@ -45,6 +59,36 @@ impl Node {
             me,
             store,
             locks: Mutex::new(HashMap::new()),
+            written: Mutex::new(None),
+            stats: Stats::default(),
+            session_hook: OnceLock::new(),
+        }
+    }
+
+    /// Starts keeping the log of filed's own writes and calls `hook` after every session.
+    pub fn enable_daemon(&self, hook: SessionHook) {
+        *self.written.lock().expect("lock poisoned") = Some(WrittenLog::new(WRITTEN_CAP));
+        let _ = self.session_hook.set(hook);
+    }
+
+    pub fn is_daemon(&self) -> bool {
+        self.session_hook.get().is_some()
+    }
+
+    /// Records what an applier wrote for `group` (when a watcher is running).
+    pub fn note_written(&self, group: &str, written: &[crate::apply::Written]) {
+        if let Some(log) = self.written.lock().expect("lock poisoned").as_mut() {
+            for w in written {
+                log.record(group, &w.logical, w.id);
+            }
+        }
+    }
+
+    /// Counts a finished session and tells the daemon.
+    pub fn session_done(&self, r: &SessionReport) {
+        self.stats.session(r);
+        if let Some(h) = self.session_hook.get() {
+            h(r);
         }
     }
 

@@ -45,6 +45,42 @@ impl ScanReport {
     }
 }
 
+/// One path of a partial scan (what a watcher saw change).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPath {
+    pub logical: String,
+    /// Walk everything below it too (a directory created or moved in); otherwise only the path.
+    pub deep: bool,
+    /// Hash it even when size and mtime look unchanged.
+    pub rehash: bool,
+}
+
+/// Drops paths already covered by a deep path above them (or the same path), merging flags.
+pub fn reduce_paths(mut paths: Vec<ScanPath>) -> Vec<ScanPath> {
+    paths.sort_by(|a, b| a.logical.cmp(&b.logical).then(b.deep.cmp(&a.deep)));
+    let mut out: Vec<ScanPath> = Vec::with_capacity(paths.len());
+    let mut deep_roots: Vec<String> = Vec::new();
+    for p in paths {
+        while deep_roots.last().is_some_and(|r| !is_under(&p.logical, r)) {
+            deep_roots.pop();
+        }
+        if let Some(last) = out.last_mut()
+            && last.logical == p.logical
+        {
+            last.rehash |= p.rehash;
+            continue;
+        }
+        if !deep_roots.is_empty() {
+            continue;
+        }
+        if p.deep {
+            deep_roots.push(p.logical.clone());
+        }
+        out.push(p);
+    }
+    out
+}
+
 /// Scans the whole group (`only` = None) or just the given logical paths and what lies below them.
 /// Changes are marked dirty for each of `peers`.
 pub fn scan_group(
@@ -55,21 +91,97 @@ pub fn scan_group(
     only: Option<&[String]>,
     opts: ScanOptions,
 ) -> Result<ScanReport, ScanError> {
-    let recorded: HashMap<String, FileState> = store
-        .files(&group.name)
-        .map_err(ScanError::Store)?
-        .into_iter()
-        .collect();
+    match only {
+        None => {
+            let roots = group
+                .filter
+                .roots()
+                .into_iter()
+                .map(|logical| ScanPath {
+                    logical,
+                    deep: true,
+                    rehash: opts.rehash,
+                })
+                .collect();
+            scan_impl(store, host, group, peers, roots, false)
+        }
+        Some(paths) => {
+            let roots = paths
+                .iter()
+                .map(|p| ScanPath {
+                    logical: p.clone(),
+                    deep: true,
+                    rehash: opts.rehash,
+                })
+                .collect();
+            scan_impl(store, host, group, peers, roots, true)
+        }
+    }
+}
+
+/// Scans just `paths` (deep ones with everything below them): what a watcher reports. Only the
+/// records of these paths are read from the state database, so a few changes in a large tree
+/// cost a few lookups.
+pub fn scan_paths(
+    store: &dyn StateStore,
+    host: &Host,
+    group: &Group,
+    peers: &[String],
+    paths: Vec<ScanPath>,
+) -> Result<ScanReport, ScanError> {
+    scan_impl(store, host, group, peers, reduce_paths(paths), true)
+}
+
+fn scan_impl(
+    store: &dyn StateStore,
+    host: &Host,
+    group: &Group,
+    peers: &[String],
+    roots: Vec<ScanPath>,
+    explicit: bool,
+) -> Result<ScanReport, ScanError> {
+    let recorded: HashMap<String, FileState> = if explicit {
+        let mut m = HashMap::new();
+        let shallow: Vec<&str> = roots
+            .iter()
+            .filter(|r| !r.deep)
+            .map(|r| r.logical.as_str())
+            .collect();
+        for (p, (st, _)) in shallow.iter().zip(
+            store
+                .lookup(&group.name, None, &shallow)
+                .map_err(ScanError::Store)?,
+        ) {
+            if let Some(st) = st {
+                m.insert(p.to_string(), st);
+            }
+        }
+        for r in roots.iter().filter(|r| r.deep) {
+            m.extend(
+                store
+                    .files_under(&group.name, &r.logical)
+                    .map_err(ScanError::Store)?,
+            );
+        }
+        m
+    } else {
+        store
+            .files(&group.name)
+            .map_err(ScanError::Store)?
+            .into_iter()
+            .collect()
+    };
     let mut report = ScanReport::default();
     let mut seen: BTreeMap<String, FileState> = BTreeMap::new();
     let config_roots = group.filter.roots();
-    let (roots, explicit) = match only {
-        Some(paths) => (paths.to_vec(), true),
-        None => (config_roots.clone(), false),
-    };
-    let mut scanned_roots = Vec::new();
+    let mut scanned_roots: Vec<(String, bool)> = Vec::new();
     let mut to_hash = Vec::new();
     for root in &roots {
+        let ScanPath {
+            logical: root,
+            deep,
+            rehash,
+        } = root;
         if !config_roots.iter().any(|r| is_under(root, r)) {
             report.errors.push(format!(
                 "{root}: not inside the includes of group {}",
@@ -92,7 +204,7 @@ pub fn scan_group(
             }
             _ => {}
         }
-        scanned_roots.push(root.clone());
+        scanned_roots.push((root.clone(), *deep));
         walk(
             group,
             root,
@@ -101,7 +213,8 @@ pub fn scan_group(
             &mut seen,
             &mut report,
             &mut to_hash,
-            opts,
+            *rehash,
+            *deep,
         );
     }
     for (pending, res) in hash_all(&to_hash) {
@@ -153,7 +266,11 @@ pub fn scan_group(
     let mut gone: Vec<&String> = recorded
         .iter()
         .filter(|(p, st)| {
-            st.exists() && !seen.contains_key(*p) && scanned_roots.iter().any(|r| is_under(p, r))
+            st.exists()
+                && !seen.contains_key(*p)
+                && scanned_roots
+                    .iter()
+                    .any(|(r, deep)| if *deep { is_under(p, r) } else { *p == r })
         })
         .map(|(p, _)| p)
         .collect();
@@ -244,7 +361,8 @@ fn walk(
     seen: &mut BTreeMap<String, FileState>,
     report: &mut ScanReport,
     to_hash: &mut Vec<ToHash>,
-    opts: ScanOptions,
+    rehash: bool,
+    descend: bool,
 ) {
     let included = group.filter.included(logical);
     if included {
@@ -259,7 +377,7 @@ fn walk(
         if st.kind == Kind::File {
             match recorded.get(logical) {
                 Some(old)
-                    if !opts.rehash
+                    if !rehash
                         && old.kind == Kind::File
                         && old.size == st.size
                         && old.mtime_ns == st.mtime_ns =>
@@ -278,7 +396,7 @@ fn walk(
         }
         let is_dir = st.kind == Kind::Dir;
         seen.insert(logical.to_string(), st);
-        if !is_dir {
+        if !is_dir || !descend {
             return;
         }
     } else {
@@ -289,7 +407,7 @@ fn walk(
                 && is_under(&r.pattern, logical)
                 && r.pattern != logical
         });
-        if !reincluded || !phys.is_dir() {
+        if !reincluded || !descend || !phys.is_dir() {
             return;
         }
     }
@@ -331,7 +449,8 @@ fn walk(
             seen,
             report,
             to_hash,
-            opts,
+            rehash,
+            true,
         );
     }
 }
@@ -485,5 +604,46 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r.deleted, vec!["%d%/f"]);
+    }
+
+    fn sp(p: &str, deep: bool) -> ScanPath {
+        ScanPath {
+            logical: p.into(),
+            deep,
+            rehash: false,
+        }
+    }
+
+    #[test]
+    fn reduce_drops_paths_below_deep_ones() {
+        let mut r = sp("%d%/x", false);
+        r.rehash = true;
+        let out = reduce_paths(vec![
+            sp("%d%/a/b", false),
+            sp("%d%/a", true),
+            sp("%d%/ab", false),
+            r.clone(),
+            sp("%d%/x", false),
+            sp("%d%/a/c/d", true),
+        ]);
+        assert_eq!(out, vec![sp("%d%/a", true), sp("%d%/ab", false), r]);
+    }
+
+    #[test]
+    fn shallow_paths_do_not_descend_or_delete_children() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        std::fs::create_dir(d.path().join("a/sub")).unwrap();
+        std::fs::write(d.path().join("a/sub/f"), b"x").unwrap();
+        run(&c, &s);
+        std::fs::write(d.path().join("a/sub/new"), b"y").unwrap();
+        std::fs::remove_file(d.path().join("a/sub/f")).unwrap();
+        let scan = |paths| scan_paths(&s, &c.hosts["a"], &c.groups["g"], &[], paths).unwrap();
+        let r = scan(vec![sp("%d%/sub", false)]);
+        assert_eq!(r.changed, vec!["%d%/sub"], "directory mtime changed");
+        assert!(r.new.is_empty() && r.deleted.is_empty(), "{r:?}");
+        let r = scan(vec![sp("%d%/sub", true)]);
+        assert_eq!(r.new, vec!["%d%/sub/new"]);
+        assert_eq!(r.deleted, vec!["%d%/sub/f"]);
     }
 }

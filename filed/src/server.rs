@@ -68,15 +68,18 @@ pub async fn serve(
     let access = Arc::new(access);
     tracing::info!(me = %node.me.name, addr = ?listener.local_addr().ok(), groups = access.len(), "listening");
     tokio::pin!(shutdown);
+    // Sessions in flight finish before `serve` returns.
+    let mut sessions = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((tcp, addr)) => {
                     let node = node.clone();
                     let settings = settings.clone();
                     let access = access.clone();
-                    tokio::spawn(async move {
+                    sessions.spawn(async move {
                         let conn = transport::accept(tcp, &settings, |g| access.get(g).cloned()).await;
                         let mut conn = match conn {
                             Ok(c) => c,
@@ -110,6 +113,17 @@ pub async fn serve(
                 }
             }
         }
+    }
+    drop(listener);
+    if !sessions.is_empty() {
+        tracing::info!(
+            sessions = sessions.len(),
+            "shutting down after the sessions in flight"
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
     }
     tracing::info!("shutting down");
     Ok(())

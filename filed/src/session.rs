@@ -77,6 +77,8 @@ pub struct SessionReport {
     pub errors: Vec<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// This side started the session.
+    pub initiator: bool,
 }
 
 /// One path of a session, seen from the initiator (`local` = initiator's state).
@@ -345,17 +347,61 @@ async fn send_delta(
 
 /// Receives and applies one item (this side is the receiver). Always consumes the item's
 /// messages, so a failed item does not desynchronise the stream.
+/// Whether the path on disk is still what the decision assumed this side has (`expected`, the
+/// recorded state). A local change the scanner has not recorded yet (a watcher's batch still
+/// gathering) must not be overwritten: the item is refused, stays queued on the sender, and the
+/// next session sees both changes (a conflict, or the local one wins).
+pub fn unchanged_since_decision(expected: Option<&FileState>, now: Option<&FileState>) -> bool {
+    match (expected.filter(|s| s.exists()), now) {
+        (None, None) => true,
+        (None, Some(n)) => n.kind == Kind::Dir,
+        (Some(_), None) => false,
+        (Some(e), Some(n)) => match (e.kind, n.kind) {
+            (Kind::Dir, Kind::Dir) => true,
+            (Kind::File, Kind::File) => e.size == n.size && e.mtime_ns == n.mtime_ns,
+            (Kind::Symlink, Kind::Symlink) => e.target == n.target,
+            _ => false,
+        },
+    }
+}
+
+fn changed_here(applier: &Applier, path: &str, expected: Option<&FileState>) -> Option<String> {
+    match applier.current(path) {
+        Ok(now) if unchanged_since_decision(expected, now.as_ref()) => None,
+        Ok(_) => Some(format!(
+            "{path} changed here since the decision; kept, will be decided again"
+        )),
+        Err(e) => Some(error_chain(&e)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn receive_item(
     link: &mut Link<'_>,
     applier: &Applier,
     it: &Item,
     mine: Option<&FileState>,
+    expected: Option<&FileState>,
     dirs: &mut Vec<(String, FileState)>,
     queue: &mut Vec<(PendingFile, FileState)>,
 ) -> Result<Result<(), String>, SessionError> {
     let winner = it.winner.clone();
     let path = it.path.as_str();
     let local = |r: Result<(), ApplyError>| r.map_err(|e| error_chain(&e));
+    let refuse = match &it.transfer {
+        WireTransfer::None => None,
+        // Deleting what is already gone is fine; otherwise it must be what was decided on.
+        WireTransfer::Delete => match applier.current(path) {
+            Ok(None) => None,
+            _ => changed_here(applier, path, expected),
+        },
+        _ => changed_here(applier, path, expected),
+    };
+    if let Some(why) = &refuse
+        && !has_data(&it.transfer)
+    {
+        return Ok(Err(why.clone()));
+    }
     match &it.transfer {
         WireTransfer::None => Ok(Ok(())),
         WireTransfer::Delete => Ok(local(applier.delete(path))),
@@ -392,6 +438,7 @@ async fn receive_item(
                 &w,
                 it.transfer == WireTransfer::Delta,
                 queue,
+                refuse,
             )
             .await
         }
@@ -405,15 +452,19 @@ async fn receive_content(
     w: &FileState,
     delta: bool,
     queue: &mut Vec<(PendingFile, FileState)>,
+    refuse: Option<String>,
 ) -> Result<Result<(), String>, SessionError> {
     // Prepare the target; on failure keep consuming the stream.
-    let mut failure: Option<String> = None;
-    let mut pending = match applier.begin_file(path) {
-        Ok(p) => Some(p),
-        Err(e) => {
-            failure = Some(error_chain(&e));
-            None
-        }
+    let mut failure: Option<String> = refuse;
+    let mut pending = match failure {
+        Some(_) => None,
+        None => match applier.begin_file(path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                failure = Some(error_chain(&e));
+                None
+            }
+        },
     };
     let mut hasher = blake3::Hasher::new();
     let mut written: u64 = 0;
@@ -740,11 +791,22 @@ fn record(
                 agree(&mut b, &it.winner);
                 clear(&mut b);
                 // Record what is on disk now (owner may differ when not root) with the winner's hash.
+                // What was written (captured from the written inode itself, so a user edit
+                // right after the rename is not mistaken for it), with the winner's hash.
                 let local = match it.winner.as_ref().filter(|w| w.exists()) {
                     None => FileState::deleted(now),
-                    Some(w) => match applier.current(&path) {
-                        Ok(Some(mut st)) => {
+                    Some(w) => match applier
+                        .written_state(&path)
+                        .filter(|st| st.kind == w.kind)
+                        .map(Ok)
+                        .unwrap_or_else(|| {
+                            applier
+                                .current(&path)
+                                .map(|c| c.unwrap_or_else(|| w.clone()))
+                        }) {
+                        Ok(mut st) => {
                             st.hash = w.hash;
+                            st.target = w.target.clone();
                             st
                         }
                         _ => w.clone(),
@@ -776,7 +838,9 @@ fn record(
             last_error: report.errors.first().cloned().unwrap_or_default(),
         },
     });
-    node.store.commit(b)
+    node.store.commit(b)?;
+    node.note_written(&g, &applier.take_written());
+    Ok(())
 }
 
 fn mirror(d: WireDecision) -> WireDecision {
@@ -823,6 +887,7 @@ pub async fn run_client(
     let mut report = SessionReport {
         group: group.name.clone(),
         peer: peer.clone(),
+        initiator: true,
         ..Default::default()
     };
     link.send(&Message::Hello {
@@ -958,6 +1023,7 @@ pub async fn run_client(
             &applier,
             it,
             src.as_ref(),
+            it.client.as_ref(),
             &mut dirs,
             &mut committer.queue,
         )
@@ -1008,10 +1074,11 @@ pub async fn run_client(
     )
     .map_err(SessionError::Store)?;
     timer.mark("record");
-    crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();
+    node.session_done(&report);
+    crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     Ok(report)
 }
 
@@ -1059,13 +1126,22 @@ pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Options of the listener side.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeOptions {
-    /// Scan the group before deciding (off when a watcher keeps the store current).
+    /// Scan the whole group before deciding (off when a watcher keeps the store current).
     pub scan_first: bool,
+    /// Without `scan_first`: scan the paths a session is about before deciding (a watcher's
+    /// batch may still be gathering a change to one of them).
+    pub scan_entries: bool,
+    /// How long to wait for the group while another sync of it runs here, before "busy".
+    pub busy_wait: std::time::Duration,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        ServeOptions { scan_first: true }
+        ServeOptions {
+            scan_first: true,
+            scan_entries: false,
+            busy_wait: BUSY_WAIT,
+        }
     }
 }
 
@@ -1115,7 +1191,7 @@ pub async fn run_server(
         other => return Err(link.unexpected(&other, "Hello")),
     };
     let lock = node.group_lock(&group.name);
-    let _guard = match tokio::time::timeout(BUSY_WAIT, lock.lock()).await {
+    let _guard = match tokio::time::timeout(opts.busy_wait, lock.lock()).await {
         Ok(g) => g,
         Err(_) => {
             let message = format!(
@@ -1208,6 +1284,23 @@ pub async fn run_server(
             Message::End => break,
             other => return Err(link.unexpected(&other, "Entry")),
         }
+    }
+    if opts.scan_entries && !opts.scan_first {
+        let peers = if group.is_slave(&node.me.name) {
+            Vec::new()
+        } else {
+            group.peers_of(&node.me.name)
+        };
+        let paths = entries
+            .keys()
+            .map(|p| crate::scan::ScanPath {
+                logical: p.clone(),
+                deep: false,
+                rehash: false,
+            })
+            .collect();
+        crate::scan::scan_paths(node.store.as_ref(), &node.me, &group, &peers, paths)
+            .map_err(SessionError::Scan)?;
     }
     let my_dirty: HashMap<String, Force> = store
         .dirty(&group.name, &peer)
@@ -1342,6 +1435,7 @@ pub async fn run_server(
             &applier,
             it,
             src.as_ref(),
+            it.server.as_ref(),
             &mut dirs,
             &mut committer.queue,
         )
@@ -1425,6 +1519,7 @@ pub async fn run_server(
     let c = link.conn.counters();
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();
+    node.session_done(&report);
     crate::actions::run_for(&node.me, &group, &report.pulled, &report.pushed);
     Ok(report)
 }

@@ -182,6 +182,18 @@ pub trait StateStore: Send + Sync {
     fn file(&self, group: &str, path: &str) -> Result<Option<FileState>, StoreError>;
     /// All recorded paths of a group (including tombstones), sorted.
     fn files(&self, group: &str) -> Result<Vec<(String, FileState)>, StoreError>;
+    /// The recorded paths of a group at or below `root` (including tombstones), sorted.
+    fn files_under(&self, group: &str, root: &str) -> Result<Vec<(String, FileState)>, StoreError> {
+        Ok(self
+            .files(group)?
+            .into_iter()
+            .filter(|(p, _)| crate::filter::is_under(p, root))
+            .collect())
+    }
+    /// How many paths are queued for `peer` (without listing them).
+    fn dirty_len(&self, group: &str, peer: &str) -> Result<usize, StoreError> {
+        Ok(self.dirty(group, peer)?.len())
+    }
     fn agreed(&self, group: &str, peer: &str, path: &str) -> Result<Option<FileState>, StoreError>;
     fn agreed_all(&self, group: &str, peer: &str) -> Result<Vec<(String, FileState)>, StoreError>;
     /// For each path, in order: its recorded state and (with `peer`) the state last agreed with
@@ -317,12 +329,18 @@ impl RedbStore {
         table: TableDefinition<&str, &[u8]>,
         name: &'static str,
         prefix: &str,
+        start: Option<&str>,
     ) -> Result<Vec<(String, FileState)>, StoreError> {
         let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
         let t = tx.open_table(table).map_err(StoreError::Table)?;
         let mut out = Vec::new();
-        for item in t.range(prefix..).map_err(StoreError::Storage)? {
+        // Keys from `prefix + start` on, while they still start with it.
+        let from = format!("{prefix}{}", start.unwrap_or(""));
+        for item in t.range(from.as_str()..).map_err(StoreError::Storage)? {
             let (k, v) = item.map_err(StoreError::Storage)?;
+            if !k.value().starts_with(from.as_str()) {
+                break;
+            }
             let Some(rest) = k.value().strip_prefix(prefix) else {
                 break;
             };
@@ -395,7 +413,31 @@ impl StateStore for RedbStore {
     }
 
     fn files(&self, group: &str) -> Result<Vec<(String, FileState)>, StoreError> {
-        self.scan_states(FILES, "files", &format!("{group}\0"))
+        self.scan_states(FILES, "files", &format!("{group}\0"), None)
+    }
+
+    fn files_under(&self, group: &str, root: &str) -> Result<Vec<(String, FileState)>, StoreError> {
+        // Keys sort as "group\0path": every path under `root` starts with "group\0root".
+        Ok(self
+            .scan_states(FILES, "files", &format!("{group}\0"), Some(root))?
+            .into_iter()
+            .filter(|(p, _)| crate::filter::is_under(p, root))
+            .collect())
+    }
+
+    fn dirty_len(&self, group: &str, peer: &str) -> Result<usize, StoreError> {
+        let prefix = format!("{group}\0{peer}\0");
+        let tx = self.db.begin_read().map_err(StoreError::Transaction)?;
+        let t = tx.open_table(DIRTY).map_err(StoreError::Table)?;
+        let mut n = 0;
+        for item in t.range(prefix.as_str()..).map_err(StoreError::Storage)? {
+            let (k, _) = item.map_err(StoreError::Storage)?;
+            if !k.value().starts_with(prefix.as_str()) {
+                break;
+            }
+            n += 1;
+        }
+        Ok(n)
     }
 
     fn agreed(&self, group: &str, peer: &str, path: &str) -> Result<Option<FileState>, StoreError> {
@@ -403,7 +445,7 @@ impl StateStore for RedbStore {
     }
 
     fn agreed_all(&self, group: &str, peer: &str) -> Result<Vec<(String, FileState)>, StoreError> {
-        self.scan_states(AGREED, "agreed", &format!("{group}\0{peer}\0"))
+        self.scan_states(AGREED, "agreed", &format!("{group}\0{peer}\0"), None)
     }
 
     fn lookup(

@@ -21,7 +21,12 @@ use blockd::repl::resource::Status;
 #[command(
     name = "blockctl",
     version,
-    about = "Administer blockd replicated resources"
+    about = "Administer blockd replicated resources",
+    long_about = "Administer blockd replicated resources over blockd's control socket \
+(metadata and certificates work offline).\n\nExit codes: 0 ok; 1 failed; 2 usage or bad \
+request; 3 refused by the state (e.g. promotion rules); 4 unknown resource or peer; 5 blockd \
+not reachable; 6 wait-sync timed out.",
+    help_expected = true
 )]
 struct Cli {
     /// Cluster configuration file.
@@ -30,7 +35,8 @@ struct Cli {
     /// This node's name (default: matched by host name).
     #[arg(long, global = true)]
     node: Option<String>,
-    /// Control socket (default: from the config).
+    /// Control socket (default: from the config: the per-resource socket of `blockd
+    /// --resource` when it exists, else the node's).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     #[command(subcommand)]
@@ -41,27 +47,38 @@ struct Cli {
 enum Cmd {
     /// Role, disk state and per-peer replication state.
     Status {
+        /// Resource name (default: every resource of this node).
         resource: Option<String>,
+        /// Print JSON (a stable interface: docs/interfaces.md).
         #[arg(long)]
         json: bool,
     },
     /// Live stream of state changes, one line each.
     Events {
+        /// Resource name (default: every resource of this node).
         resource: Option<String>,
+        /// One JSON object per line (a stable interface: docs/interfaces.md).
         #[arg(long)]
         json: bool,
     },
     /// Become Primary (needs UpToDate data and no other Primary, or --force).
     Promote {
+        /// Resource name.
         resource: String,
+        /// Promote Inconsistent or Outdated data (a new cluster's first Primary).
         #[arg(long)]
         force: bool,
     },
     /// Flush, stop the NBD export and become Secondary.
-    Demote { resource: String },
+    Demote {
+        /// Resource name.
+        resource: String,
+    },
     /// (Re)connect to peers (all, or --peer).
     Connect {
+        /// Resource name.
         resource: String,
+        /// Only this peer node.
         #[arg(long)]
         peer: Option<String>,
         /// This node is the split-brain victim: discard its changes.
@@ -70,18 +87,23 @@ enum Cmd {
     },
     /// Drop the link(s) and stay StandAlone.
     Disconnect {
+        /// Resource name.
         resource: String,
+        /// Only this peer node.
         #[arg(long)]
         peer: Option<String>,
     },
     /// Initialise this node's metadata for a resource (refuses existing metadata without --force).
     CreateMd {
+        /// Resource name.
         resource: String,
+        /// Overwrite existing (valid or damaged) metadata: all tracking of changes is lost.
         #[arg(long)]
         force: bool,
     },
     /// Wait (with a progress bar) until no resync is running and every peer is connected.
     WaitSync {
+        /// Resource name.
         resource: String,
         /// Give up after this many seconds (exit code 6).
         #[arg(long)]
@@ -90,11 +112,21 @@ enum Cmd {
     /// Make a cluster CA (if missing in DIR) and a certificate for every node of the config:
     /// DIR/ca.pem, DIR/ca.key, DIR/NODE.pem, DIR/NODE.key.
     Certs {
+        /// Directory for the CA and the node certificates (created when missing).
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Check the config file offline: it parses, this node is found, and (when given) it
+    /// runs RESOURCE. Prints the node and its resources.
+    CheckConfig {
+        /// A resource this node must run.
+        resource: Option<String>,
+    },
     /// Write a new random shared secret to FILE (mode 0600).
-    GenSecret { file: PathBuf },
+    GenSecret {
+        /// Where to write the secret (must not exist).
+        file: PathBuf,
+    },
 }
 
 /// A failure with its exit code.
@@ -134,12 +166,49 @@ fn load(cli: &Cli) -> Result<(ClusterConfig, String), Failure> {
     Ok((config, node))
 }
 
-fn socket(cli: &Cli) -> Result<PathBuf, Failure> {
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// The control socket serving `resource`: `--socket`, else the per-resource socket of a
+/// `blockd --resource` process when one exists, else the node's socket.
+fn socket(cli: &Cli, resource: &str) -> Result<PathBuf, Failure> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
     let (config, node) = load(cli)?;
-    Ok(config.control_socket_of(&node))
+    let own = config.control_socket_of_resource(&node, resource);
+    Ok(if is_socket(&own) {
+        own
+    } else {
+        config.control_socket_of(&node)
+    })
+}
+
+/// Every control socket of this node: the node's (whole-node blockd) and the per-resource
+/// ones (`blockd --resource`) that exist; the node's when none exists.
+fn sockets(cli: &Cli, resource: Option<&str>) -> Result<Vec<PathBuf>, Failure> {
+    if let Some(r) = resource {
+        return Ok(vec![socket(cli, r)?]);
+    }
+    if let Some(s) = &cli.socket {
+        return Ok(vec![s.clone()]);
+    }
+    let (config, node) = load(cli)?;
+    let mut all: Vec<PathBuf> = std::iter::once(config.control_socket_of(&node))
+        .chain(
+            config
+                .resources_of(&node)
+                .iter()
+                .map(|l| config.control_socket_of_resource(&node, &l.resource.name)),
+        )
+        .filter(|p| is_socket(p))
+        .collect();
+    if all.is_empty() {
+        all.push(config.control_socket_of(&node));
+    }
+    Ok(all)
 }
 
 async fn call(path: &Path, req: &Request) -> Result<Response, Failure> {
@@ -204,8 +273,11 @@ fn print_status(s: &Status) {
 async fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.command {
         Cmd::Status { resource, json } => {
-            let resp = call(&socket(&cli)?, &Request::new("status", resource.as_deref())).await?;
-            let all = resp.status.unwrap_or_default();
+            let mut all = Vec::new();
+            for path in sockets(&cli, resource.as_deref())? {
+                let resp = call(&path, &Request::new("status", resource.as_deref())).await?;
+                all.extend(resp.status.unwrap_or_default());
+            }
             if *json {
                 let text = if resource.is_some() && all.len() == 1 {
                     serde_json::to_string_pretty(&all[0])
@@ -219,18 +291,31 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Events { resource, json } => {
-            let path = socket(&cli)?;
-            let mut c = Client::connect(&path).await.map_err(client_failure)?;
-            check(
-                c.call(&Request::new("events", resource.as_deref()))
-                    .await
-                    .map_err(client_failure)?,
-            )?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+            for path in sockets(&cli, resource.as_deref())? {
+                let mut c = Client::connect(&path).await.map_err(client_failure)?;
+                check(
+                    c.call(&Request::new("events", resource.as_deref()))
+                        .await
+                        .map_err(client_failure)?,
+                )?;
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let r = c.next().await;
+                        let end = r.is_err();
+                        if tx.send(r).await.is_err() || end {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
             loop {
-                let r = match c.next().await {
-                    Ok(r) => r,
-                    Err(ClientError::Closed) => return Ok(()),
-                    Err(e) => return Err(client_failure(e)),
+                let r = match rx.recv().await {
+                    Some(Ok(r)) => r,
+                    None | Some(Err(ClientError::Closed)) => return Ok(()),
+                    Some(Err(e)) => return Err(client_failure(e)),
                 };
                 if let Some(ev) = r.event {
                     if *json {
@@ -244,11 +329,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Promote { resource, force } => {
             let mut req = Request::new("promote", Some(resource));
             req.force = *force;
-            call(&socket(&cli)?, &req).await.map(drop)
+            call(&socket(&cli, resource)?, &req).await.map(drop)
         }
-        Cmd::Demote { resource } => call(&socket(&cli)?, &Request::new("demote", Some(resource)))
-            .await
-            .map(drop),
+        Cmd::Demote { resource } => call(
+            &socket(&cli, resource)?,
+            &Request::new("demote", Some(resource)),
+        )
+        .await
+        .map(drop),
         Cmd::Connect {
             resource,
             peer,
@@ -257,12 +345,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut req = Request::new("connect", Some(resource));
             req.peer = peer.clone();
             req.discard_my_data = *discard_my_data;
-            call(&socket(&cli)?, &req).await.map(drop)
+            call(&socket(&cli, resource)?, &req).await.map(drop)
         }
         Cmd::Disconnect { resource, peer } => {
             let mut req = Request::new("disconnect", Some(resource));
             req.peer = peer.clone();
-            call(&socket(&cli)?, &req).await.map(drop)
+            call(&socket(&cli, resource)?, &req).await.map(drop)
         }
         Cmd::CreateMd { resource, force } => {
             let (config, node) = load(&cli)?;
@@ -276,7 +364,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::WaitSync { resource, timeout } => {
-            let path = socket(&cli)?;
+            let path = socket(&cli, resource)?;
             let start = Instant::now();
             loop {
                 let resp = call(&path, &Request::new("status", Some(resource))).await?;
@@ -318,6 +406,32 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+        }
+        Cmd::CheckConfig { resource } => {
+            let (config, node) = load(&cli)?;
+            let mine: Vec<String> = config
+                .resources_of(&node)
+                .iter()
+                .map(|l| l.resource.name.clone())
+                .collect();
+            if let Some(r) = resource
+                && !mine.contains(r)
+            {
+                return Err(fail(
+                    4,
+                    anyhow!(
+                        "{}: node {node} has no resource {r:?} (its resources: {})",
+                        config.file.display(),
+                        mine.join(", ")
+                    ),
+                ));
+            }
+            println!(
+                "{}: ok; node {node} runs [{}]",
+                config.file.display(),
+                mine.join(", ")
+            );
+            Ok(())
         }
         Cmd::Certs { dir } => {
             let config = ClusterConfig::load(&cli.config).map_err(|e| fail(1, e))?;
@@ -378,4 +492,16 @@ fn certs(config: &ClusterConfig, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand has help text (`help_expected`), and the
+    /// definitions are consistent.
+    #[test]
+    fn cli_is_complete() {
+        super::Cli::command().debug_assert();
+    }
 }

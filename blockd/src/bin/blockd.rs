@@ -1,6 +1,8 @@
 //! The blockd command line: `blockd standalone` serves one local export over NBD;
-//! `blockd --config FILE [--node NAME]` runs every replicated resource of this node.
+//! `blockd --config FILE [--node NAME] [--resource NAME] [--metrics-listen ADDR]` runs every
+//! replicated resource of this node (or just one), optionally with a Prometheus endpoint.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,8 @@ use blockd::store::{BlockStore, EngineKind, OpenOptions};
     name = "blockd",
     version,
     about = "A userspace replicated block device served over NBD",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    help_expected = true
 )]
 struct Cli {
     /// Cluster configuration file: run every replicated resource of this node (serving NBD on
@@ -31,6 +34,19 @@ struct Cli {
     /// This node's name in the config (default: matched by host name).
     #[arg(long, value_name = "NAME", requires = "config")]
     node: Option<String>,
+    /// Run only this resource (one process per resource, e.g. `blockd@r0.service`); its
+    /// control socket is the node's with `-NAME` before `.sock` (blockctl finds it).
+    #[arg(long, value_name = "NAME", requires = "config")]
+    resource: Option<String>,
+    /// Serve Prometheus metrics for every resource run here on ADDR (`GET /metrics`),
+    /// overriding the config's `metrics-listen` keys.
+    #[arg(long, value_name = "ADDR:PORT", requires = "config")]
+    metrics_listen: Option<SocketAddr>,
+    /// TEST ONLY, hidden: a deliberately broken export that acknowledges FLUSH/FUA without
+    /// syncing or waiting for peers and replicates writes seconds late (vm-tests shows that
+    /// its failover scenario fails against it). See `repl::device::debug_drop_flush`.
+    #[arg(long, hide = true, requires = "config")]
+    debug_drop_flush: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -90,7 +106,20 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     match (cli.command, cli.config) {
         (Some(Command::Standalone(args)), _) => runtime.block_on(standalone(args)),
-        (None, Some(config)) => runtime.block_on(replicated(&config, cli.node.as_deref())),
+        (None, Some(config)) => {
+            if cli.debug_drop_flush {
+                blockd::repl::device::debug_drop_flush::enable();
+                eprintln!(
+                    "blockd: TEST ONLY --debug-drop-flush: FLUSH/FUA dropped, replication delayed"
+                );
+            }
+            runtime.block_on(replicated(
+                &config,
+                cli.node.as_deref(),
+                cli.resource.as_deref(),
+                cli.metrics_listen,
+            ))
+        }
         (None, None) => bail!("nothing to run: give `--config FILE` or `standalone` (see --help)"),
     }
 }
@@ -172,32 +201,91 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     result.context("NBD server failed")
 }
 
-/// Runs every resource of this node until SIGTERM or SIGINT; each is served over NBD while
-/// Primary. Resources are detached cleanly at exit.
-async fn replicated(config: &Path, node: Option<&str>) -> Result<()> {
-    let config = ClusterConfig::load(config)?;
+/// Runs every resource of this node (or only `resource`) until SIGTERM or SIGINT; each is
+/// served over NBD while Primary. Resources are detached cleanly at exit.
+async fn replicated(
+    config: &Path,
+    node: Option<&str>,
+    resource: Option<&str>,
+    metrics_listen: Option<SocketAddr>,
+) -> Result<()> {
+    let mut config = ClusterConfig::load(config)?;
     let host = blockd::config::hostname()?;
     let node = config.local_node_name(node, &host)?;
-    let names: Vec<&str> = config
+    if let Some(r) = resource {
+        config = config.only_resource(r)?;
+        if config.resources_of(&node).is_empty() {
+            bail!(
+                "{}: node {node} has no resource {r:?}",
+                config.file.display()
+            );
+        }
+    }
+    let names: Vec<String> = config
         .resources_of(&node)
         .iter()
-        .map(|l| l.resource.name.as_str())
+        .map(|l| l.resource.name.clone())
         .collect();
     let control = config.control_socket_of(&node);
+    // Metrics endpoints: bound before anything runs, so a taken port fails the start.
+    let mut endpoints: Vec<(SocketAddr, Vec<String>)> = Vec::new();
+    match metrics_listen {
+        Some(addr) => endpoints.push((addr, names.clone())),
+        None => {
+            for l in config.resources_of(&node) {
+                if let Some(addr) = config.metrics_listen_of(&l) {
+                    match endpoints.iter_mut().find(|(a, _)| *a == addr) {
+                        Some((_, rs)) => rs.push(l.resource.name.clone()),
+                        None => endpoints.push((addr, vec![l.resource.name.clone()])),
+                    }
+                }
+            }
+        }
+    }
+    let (stop_metrics, metrics_stopped) = tokio::sync::watch::channel(false);
+    let mut metric_tasks = Vec::new();
+    for (addr, only) in endpoints {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        eprintln!("blockd: metrics on http://{addr}/metrics");
+        let control = control.clone();
+        let render = move || {
+            let (control, only) = (control.clone(), only.clone());
+            async move {
+                let status = blockd::metrics::source::status(&control).await;
+                let nbd = blockd::metrics::source::nbd_stats();
+                blockd::metrics::render(&blockd::metrics::source::select(status, nbd, &only))
+            }
+        };
+        let mut stopped = metrics_stopped.clone();
+        metric_tasks.push(tokio::spawn(blockd::metrics::http::serve(
+            listener,
+            render,
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        )));
+    }
     let shutdown = termination()?;
     eprintln!(
         "blockd: node {node} running resources [{}], control socket {}",
         names.join(", "),
         control.display()
     );
-    blockd::repl::node::run(
+    let result = blockd::repl::node::run(
         &config,
         &node,
         blockd::repl::export::serve_while_primary,
         shutdown,
     )
     .await
-    .with_context(|| format!("node {node} failed"))
+    .with_context(|| format!("node {node} failed"));
+    let _ = stop_metrics.send(true);
+    for t in metric_tasks {
+        let _ = t.await;
+    }
+    result
 }
 
 /// Completes on the first SIGTERM or SIGINT.
@@ -220,5 +308,17 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
             .with_context(|| format!("cannot remove the stale socket {}", path.display())),
         Ok(_) => bail!("{} exists and is not a socket", path.display()),
         Err(_) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand has help text (`help_expected`), and the
+    /// definitions are consistent.
+    #[test]
+    fn cli_is_complete() {
+        super::Cli::command().debug_assert();
     }
 }

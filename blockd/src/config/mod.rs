@@ -70,6 +70,12 @@ pub enum ConfigError {
         hostname: String,
         known: String,
     },
+    #[error("{file}: no resource is named {name:?} (known resources: {known})")]
+    UnknownResource {
+        file: PathBuf,
+        name: String,
+        known: String,
+    },
     #[error("cannot determine the host name")]
     Hostname(#[source] std::io::Error),
 }
@@ -129,6 +135,9 @@ pub struct Node {
     pub meta: MetaPlacement,
     /// Host name to match instead of the node name.
     pub hostname: Option<String>,
+    /// Prometheus endpoint of this node for this resource (`metrics-listen`; default: the
+    /// `[global]` one; none: no endpoint).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Node {
@@ -212,6 +221,8 @@ pub struct ClusterConfig {
     /// Control socket path template (`[global] control-socket`); `{node}` is replaced by the
     /// node name. Default [`DEFAULT_CONTROL_SOCKET`].
     pub control_socket: String,
+    /// Prometheus endpoint (`[global] metrics-listen`) for nodes that name none themselves.
+    pub metrics_listen: Option<SocketAddr>,
     /// Sorted by name.
     pub resources: Vec<Resource>,
 }
@@ -375,6 +386,19 @@ fn socket_addr(sec: &mut Section<'_>, key: &str) -> Result<SocketAddr, ConfigErr
         .map_err(|_| sec.error(key, format!("{text:?} is not an IP:port address")))
 }
 
+fn optional_socket_addr(
+    sec: &mut Section<'_>,
+    key: &str,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match sec.string(key)? {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| sec.error(key, format!("{text:?} is not an IP:port address"))),
+    }
+}
+
 fn read_node(name: String, mut sec: Section<'_>) -> Result<Node, ConfigError> {
     if !valid_name(&name) {
         return Err(sec.error_here("node names use letters, digits, '-', '_' and '.'"));
@@ -398,6 +422,7 @@ fn read_node(name: String, mut sec: Section<'_>) -> Result<Node, ConfigError> {
         return Err(sec.error("meta", "is the backing device; use \"internal\""));
     }
     let hostname = sec.string("hostname")?;
+    let metrics_listen = optional_socket_addr(&mut sec, "metrics-listen")?;
     sec.finish()?;
     Ok(Node {
         name,
@@ -407,6 +432,7 @@ fn read_node(name: String, mut sec: Section<'_>) -> Result<Node, ConfigError> {
         backing,
         meta,
         hostname,
+        metrics_listen,
     })
 }
 
@@ -589,10 +615,12 @@ impl ClusterConfig {
         })?;
         let mut root = Section::root(file, table);
         let mut control_socket = DEFAULT_CONTROL_SOCKET.to_string();
+        let mut metrics_listen = None;
         let global = match root.table("global")? {
             None => Settings::default(),
             Some(mut g) => {
                 let s = Settings::read(&mut g)?;
+                metrics_listen = optional_socket_addr(&mut g, "metrics-listen")?;
                 if let Some(p) = g.string("control-socket")? {
                     if p.is_empty() {
                         return Err(g.error("control-socket", "empty path"));
@@ -615,6 +643,7 @@ impl ClusterConfig {
         Ok(ClusterConfig {
             file: file.to_path_buf(),
             control_socket,
+            metrics_listen,
             resources,
         })
     }
@@ -622,6 +651,45 @@ impl ClusterConfig {
     /// The control socket of node `node`.
     pub fn control_socket_of(&self, node: &str) -> PathBuf {
         PathBuf::from(self.control_socket.replace("{node}", node))
+    }
+
+    /// The control socket of a blockd that runs only `resource` of node `node`
+    /// (`blockd --resource`): the node's socket with `-RESOURCE` before `.sock`
+    /// (`/run/blockd/alpha.sock` -> `/run/blockd/alpha-r0.sock`).
+    pub fn control_socket_of_resource(&self, node: &str, resource: &str) -> PathBuf {
+        PathBuf::from(
+            resource_socket_template(&self.control_socket, resource).replace("{node}", node),
+        )
+    }
+
+    /// The config reduced to the one resource `name` (for `blockd --resource NAME`, one
+    /// process per resource): its control socket becomes the per-resource one (see
+    /// [`ClusterConfig::control_socket_of_resource`]).
+    pub fn only_resource(&self, name: &str) -> Result<ClusterConfig, ConfigError> {
+        let Some(r) = self.resource(name) else {
+            return Err(ConfigError::UnknownResource {
+                file: self.file.clone(),
+                name: name.to_string(),
+                known: self
+                    .resources
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        Ok(ClusterConfig {
+            file: self.file.clone(),
+            control_socket: resource_socket_template(&self.control_socket, name),
+            metrics_listen: self.metrics_listen,
+            resources: vec![r.clone()],
+        })
+    }
+
+    /// The Prometheus endpoint of `local` on its node: the node's `metrics-listen`, else the
+    /// `[global]` one.
+    pub fn metrics_listen_of(&self, local: &LocalResource<'_>) -> Option<SocketAddr> {
+        local.me.metrics_listen.or(self.metrics_listen)
     }
 
     pub fn resource(&self, name: &str) -> Option<&Resource> {
@@ -680,6 +748,14 @@ impl ClusterConfig {
                 })
             })
             .collect()
+    }
+}
+
+/// `template` with `-RESOURCE` inserted before a trailing `.sock` (appended otherwise).
+fn resource_socket_template(template: &str, resource: &str) -> String {
+    match template.strip_suffix(".sock") {
+        Some(stem) => format!("{stem}-{resource}.sock"),
+        None => format!("{template}-{resource}"),
     }
 }
 

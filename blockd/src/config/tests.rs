@@ -476,3 +476,65 @@ fn too_many_nodes() {
     }
     invalid(&text, "resource.big.node", "at most 32");
 }
+
+#[test]
+fn metrics_listen_global_and_per_node() {
+    let text = two_nodes("", "metrics-listen = \"127.0.0.2:9943\"").replacen(
+        "[global]\n",
+        "[global]\nmetrics-listen = \"127.0.0.1:9942\"\n",
+        1,
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9942".parse().unwrap()));
+    let alpha = &cfg.resources_of("alpha")[0];
+    let beta = &cfg.resources_of("beta")[0];
+    assert_eq!(
+        cfg.metrics_listen_of(alpha),
+        Some("127.0.0.1:9942".parse().unwrap())
+    );
+    assert_eq!(
+        cfg.metrics_listen_of(beta),
+        Some("127.0.0.2:9943".parse().unwrap())
+    );
+    let none = parse(&two_nodes("", "")).unwrap();
+    assert_eq!(none.metrics_listen_of(&none.resources_of("alpha")[0]), None);
+    invalid(
+        &two_nodes("", "metrics-listen = \"localhost\""),
+        "resource.r0.node.beta.metrics-listen",
+        "is not an IP:port address",
+    );
+    invalid(
+        &two_nodes("", "").replacen("[global]\n", "[global]\nmetrics-listen = 9942\n", 1),
+        "global.metrics-listen",
+        "expected a string",
+    );
+}
+
+#[test]
+fn one_resource_per_process() {
+    let text = format!(
+        "{}\n{}",
+        two_nodes("", ""),
+        resource("r1", 7100, "/data/alpha-r1.img")
+    );
+    let cfg = parse(&text).unwrap();
+    assert_eq!(
+        cfg.control_socket_of_resource("alpha", "r1"),
+        Path::new("/run/blockd/alpha-r1.sock")
+    );
+    let only = cfg.only_resource("r1").unwrap();
+    assert_eq!(only.resources.len(), 1);
+    assert_eq!(only.resources[0].name, "r1");
+    assert_eq!(
+        only.control_socket_of("alpha"),
+        cfg.control_socket_of_resource("alpha", "r1")
+    );
+    let e = cfg.only_resource("r9").unwrap_err();
+    assert!(matches!(e, ConfigError::UnknownResource { .. }), "{e}");
+    assert!(e.to_string().contains("known resources: r0, r1"), "{e}");
+    // A template without `.sock` gets the suffix appended.
+    assert_eq!(
+        resource_socket_template("/run/b/{node}", "r0"),
+        "/run/b/{node}-r0"
+    );
+}

@@ -278,6 +278,7 @@ pub async fn serve_stream<S: Transport>(
         export.store.clone(),
         session,
         limits,
+        crate::nbd::metrics::register(&export.name),
         shutdown,
     )
     .await

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -19,6 +20,7 @@ use tracing::Span;
 
 use crate::nbd::export::MAX_PAYLOAD;
 use crate::nbd::handshake::Session;
+use crate::nbd::metrics::{Command, NbdMetrics};
 use crate::nbd::proto::{
     self, BlockDescriptor, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO,
     CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
@@ -313,26 +315,54 @@ struct Ctx {
     session: Session,
     limits: Limits,
     replies: mpsc::UnboundedSender<Outgoing>,
+    metrics: Arc<NbdMetrics>,
     span: Span,
 }
 
+/// What [`NbdMetrics`] records about a request once its reply is handed to the writer.
+#[derive(Clone, Copy)]
+struct Track {
+    command: Option<Command>,
+    bytes: u64,
+    start: Instant,
+}
+
+impl Track {
+    fn new(request: &Request) -> Track {
+        Track {
+            command: Command::from_wire(request.kind),
+            bytes: u64::from(request.length),
+            start: Instant::now(),
+        }
+    }
+}
+
 impl Ctx {
-    fn send(&self, reply: Outgoing) {
+    /// Hands a reply to the writer and records the request in the export's metrics.
+    fn send(&self, track: Track, ok: bool, reply: Outgoing) {
+        if let Some(command) = track.command {
+            self.metrics
+                .record(command, track.bytes, track.start.elapsed(), ok);
+        }
         // The writer only goes away when the connection is broken; the reply is moot then.
         let _ = self.replies.send(reply);
     }
 
     /// Success without data (simple reply, valid in both modes).
-    fn ok(&self, cookie: u64, permit: Option<OwnedSemaphorePermit>) {
-        self.send(Outgoing {
-            head: Head::new(&proto::encode_simple_reply(0, cookie)),
-            body: Vec::new(),
-            _permit: permit,
-        });
+    fn ok(&self, track: Track, cookie: u64, permit: Option<OwnedSemaphorePermit>) {
+        self.send(
+            track,
+            true,
+            Outgoing {
+                head: Head::new(&proto::encode_simple_reply(0, cookie)),
+                body: Vec::new(),
+                _permit: permit,
+            },
+        );
     }
 
     /// An error reply: an error chunk with a message when structured replies are on.
-    fn fail(&self, cookie: u64, command: u16, error: &RequestError) {
+    fn fail(&self, track: Track, cookie: u64, command: u16, error: &RequestError) {
         let code = errno(error);
         if matches!(error, RequestError::Store(_)) {
             self.span.in_scope(|| {
@@ -346,30 +376,39 @@ impl Ctx {
         if self.session.structured {
             let mut buf = BytesMut::with_capacity(64);
             proto::encode_error_chunk(cookie, code, &error.to_string(), &mut buf);
-            self.send(Outgoing {
-                head: Head::default(),
-                body: vec![buf.freeze()],
-                _permit: None,
-            });
+            self.send(
+                track,
+                false,
+                Outgoing {
+                    head: Head::default(),
+                    body: vec![buf.freeze()],
+                    _permit: None,
+                },
+            );
         } else {
-            self.send(Outgoing {
-                head: Head::new(&proto::encode_simple_reply(code, cookie)),
-                body: Vec::new(),
-                _permit: None,
-            });
+            self.send(
+                track,
+                false,
+                Outgoing {
+                    head: Head::new(&proto::encode_simple_reply(code, cookie)),
+                    body: Vec::new(),
+                    _permit: None,
+                },
+            );
         }
     }
 
     fn done(
         &self,
+        track: Track,
         cookie: u64,
         command: u16,
         result: Result<(), RequestError>,
         permit: OwnedSemaphorePermit,
     ) {
         match result {
-            Ok(()) => self.ok(cookie, Some(permit)),
-            Err(e) => self.fail(cookie, command, &e),
+            Ok(()) => self.ok(track, cookie, Some(permit)),
+            Err(e) => self.fail(track, cookie, command, &e),
         }
     }
 }
@@ -422,6 +461,7 @@ async fn read_range(
 
 async fn serve_read(
     ctx: Ctx,
+    track: Track,
     cookie: u64,
     offset: u64,
     len: u32,
@@ -436,12 +476,16 @@ async fn serve_read(
             .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
     };
     match result {
-        Ok((head, body)) => ctx.send(Outgoing {
-            head,
-            body,
-            _permit: Some(permit),
-        }),
-        Err(e) => ctx.fail(cookie, CMD_READ, &RequestError::Store(e)),
+        Ok((head, body)) => ctx.send(
+            track,
+            true,
+            Outgoing {
+                head,
+                body,
+                _permit: Some(permit),
+            },
+        ),
+        Err(e) => ctx.fail(track, cookie, CMD_READ, &RequestError::Store(e)),
     }
 }
 
@@ -578,6 +622,7 @@ async fn run_op(ctx: &Ctx, op: Op) -> Result<(), RequestError> {
 
 async fn serve_block_status(
     ctx: Ctx,
+    track: Track,
     cookie: u64,
     offset: u64,
     len: u32,
@@ -590,19 +635,24 @@ async fn serve_block_status(
             let descs = descriptors(&extents, len, req_one);
             let mut buf = BytesMut::with_capacity(proto::CHUNK_HEADER_LEN + 4 + 8 * descs.len());
             proto::encode_block_status_chunk(cookie, context, &descs, &mut buf);
-            ctx.send(Outgoing {
-                head: Head::default(),
-                body: vec![buf.freeze()],
-                _permit: Some(permit),
-            });
+            ctx.send(
+                track,
+                true,
+                Outgoing {
+                    head: Head::default(),
+                    body: vec![buf.freeze()],
+                    _permit: Some(permit),
+                },
+            );
         }
-        Err(e) => ctx.fail(cookie, CMD_BLOCK_STATUS, &RequestError::Store(e)),
+        Err(e) => ctx.fail(track, cookie, CMD_BLOCK_STATUS, &RequestError::Store(e)),
     }
 }
 
 /// Completion state of a WRITE moved in several chunks: the last chunk to finish replies.
 struct WriteJoin {
     ctx: Ctx,
+    track: Track,
     cookie: u64,
     remaining: AtomicUsize,
     error: Mutex<Option<StoreError>>,
@@ -617,10 +667,11 @@ impl WriteJoin {
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
             match error {
-                None => self.ctx.ok(self.cookie, None),
-                Some(e) => self
-                    .ctx
-                    .fail(self.cookie, CMD_WRITE, &RequestError::Store(e)),
+                None => self.ctx.ok(self.track, self.cookie, None),
+                Some(e) => {
+                    self.ctx
+                        .fail(self.track, self.cookie, CMD_WRITE, &RequestError::Store(e))
+                }
             }
         }
     }
@@ -665,6 +716,7 @@ pub async fn serve<R, W>(
     store: Device,
     session: Session,
     limits: Limits,
+    metrics: Arc<NbdMetrics>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<End, TransmissionError>
 where
@@ -678,6 +730,7 @@ where
         session,
         limits,
         replies: tx,
+        metrics,
         span: Span::current(),
     };
     let budget = Arc::new(Semaphore::new(
@@ -718,19 +771,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
             ctx.limits.max_payload,
         );
         let cookie = request.cookie;
+        let track = Track::new(&request);
         match op {
             Err(e) => {
                 // Keep the stream in sync: a refused WRITE's payload is still on the wire.
                 discard(reader, u64::from(request.payload_len())).await?;
-                ctx.fail(cookie, request.kind, &e);
+                ctx.fail(track, cookie, request.kind, &e);
             }
             Ok(Op::Disconnect) => return Ok(End::Disconnect),
             Ok(Op::Write { offset, len, fua }) => {
-                receive_write(reader, ctx, budget, cookie, offset, len, fua).await?;
+                receive_write(reader, ctx, budget, track, cookie, offset, len, fua).await?;
             }
             Ok(Op::Read { offset, len, df }) => {
                 let permit = charge(budget, len as usize).await;
-                let read = serve_read(ctx.clone(), cookie, offset, len, df, permit);
+                let read = serve_read(ctx.clone(), track, cookie, offset, len, df, permit);
                 if len <= INLINE_MAX {
                     run_or_spawn(read);
                 } else {
@@ -746,6 +800,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let permit = charge(budget, 0).await;
                 tokio::spawn(serve_block_status(
                     ctx.clone(),
+                    track,
                     cookie,
                     offset,
                     len,
@@ -759,7 +814,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
                     let result = run_op(&ctx, op).await;
-                    ctx.done(cookie, request.kind, result, permit);
+                    ctx.done(track, cookie, request.kind, result, permit);
                 });
             }
         }
@@ -821,6 +876,7 @@ async fn receive_write<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
     budget: &Arc<Semaphore>,
+    track: Track,
     cookie: u64,
     offset: u64,
     len: u32,
@@ -836,8 +892,8 @@ async fn receive_write<R: AsyncRead + Unpin>(
             let result = ctx.store.write(offset, data, fua).await;
             drop(permit);
             match result {
-                Ok(()) => ctx.ok(cookie, None),
-                Err(e) => ctx.fail(cookie, CMD_WRITE, &RequestError::Store(e)),
+                Ok(()) => ctx.ok(track, cookie, None),
+                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
             }
         };
         if len <= INLINE_MAX as usize {
@@ -849,6 +905,7 @@ async fn receive_write<R: AsyncRead + Unpin>(
     }
     let join = Arc::new(WriteJoin {
         ctx: ctx.clone(),
+        track,
         cookie,
         remaining: AtomicUsize::new(len.div_ceil(chunk)),
         error: Mutex::new(None),
@@ -870,19 +927,27 @@ async fn receive_write<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill).
+/// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill): first what the
+/// header read already buffered, then straight from the socket into the payload buffer (no
+/// second copy through the read buffer), except for short tails, which go through the buffer
+/// so one receive also picks up the requests behind them.
 async fn read_payload<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     len: usize,
 ) -> Result<Bytes, TransmissionError> {
     let mut buf = BytesMut::with_capacity(len);
+    let buffered = reader.buffer();
+    let n = buffered.len().min(len);
+    buf.extend_from_slice(&buffered[..n]);
+    reader.consume(n);
     while buf.len() < len {
-        let want = (len - buf.len()) as u64;
-        let n = (&mut *reader)
-            .take(want)
-            .read_buf(&mut buf)
-            .await
-            .map_err(TransmissionError::ReadPayload)?;
+        let want = len - buf.len();
+        let n = if want >= DIRECT_READ_MIN {
+            reader.get_mut().take(want as u64).read_buf(&mut buf).await
+        } else {
+            (&mut *reader).take(want as u64).read_buf(&mut buf).await
+        }
+        .map_err(TransmissionError::ReadPayload)?;
         if n == 0 {
             return Err(TransmissionError::ReadPayload(
                 io::ErrorKind::UnexpectedEof.into(),
@@ -891,6 +956,9 @@ async fn read_payload<R: AsyncRead + Unpin>(
     }
     Ok(buf.freeze())
 }
+
+/// Payload remainders at least this long are read from the socket directly into the payload.
+const DIRECT_READ_MIN: usize = 64 << 10;
 
 /// Reads and drops `len` bytes.
 async fn discard<R: AsyncRead + Unpin>(

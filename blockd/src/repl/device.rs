@@ -376,6 +376,9 @@ impl Device {
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.write(offset, data, fua).await,
+            Device::Replicated(r) if debug_drop_flush::enabled() => {
+                debug_drop_flush::write(r, offset, data).await
+            }
             Device::Replicated(r) => r.write(offset, data, fua).await,
         }
     }
@@ -383,6 +386,7 @@ impl Device {
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.flush().await,
+            Device::Replicated(_) if debug_drop_flush::enabled() => Ok(()),
             Device::Replicated(r) => r.flush().await,
         }
     }
@@ -390,6 +394,9 @@ impl Device {
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.trim(offset, len).await,
+            Device::Replicated(r) if debug_drop_flush::enabled() => {
+                debug_drop_flush::zero(r, offset, len, true, false).await
+            }
             Device::Replicated(r) => r.trim(offset, len).await,
         }
     }
@@ -403,6 +410,9 @@ impl Device {
     ) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.write_zeroes(offset, len, may_punch, fua).await,
+            Device::Replicated(r) if debug_drop_flush::enabled() => {
+                debug_drop_flush::zero(r, offset, len, false, may_punch).await
+            }
             Device::Replicated(r) => r.write_zeroes(offset, len, may_punch, fua).await,
         }
     }
@@ -420,5 +430,110 @@ impl Device {
 
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
         self.store().block_status(offset, len).await
+    }
+}
+
+/// TEST ONLY (`blockd --config FILE --debug-drop-flush`, hidden from `--help`): a deliberately
+/// broken replicated export, for vm-tests to show that their failover scenario catches a server
+/// that loses flushed data. FLUSH and FUA are acknowledged without syncing anything or waiting
+/// for any peer; writes, trims and zeroes are acknowledged once they are local, and reach the
+/// peers only [`REPLICATION_DELAY`] later (in order, acks not awaited). Under protocol C a
+/// Secondary promoted after a crash of this Primary therefore lacks the data of the last
+/// seconds, though the client was told it was flushed. Never use it for anything else.
+pub mod debug_drop_flush {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, OnceLock};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    use crate::repl::resource::Resource;
+    use crate::repl::wire::Message;
+    use crate::store::StoreError;
+
+    /// How long replication of each request is held back.
+    pub const REPLICATION_DELAY: Duration = Duration::from_secs(1);
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+
+    type MakeMessage = Box<dyn Fn(u64) -> Message + Send>;
+    /// A request done locally: when it was queued, its resource, offset, length, message.
+    type Delayed = (Instant, Arc<Resource>, u64, u64, MakeMessage);
+    static DELAYED: OnceLock<mpsc::UnboundedSender<Delayed>> = OnceLock::new();
+
+    /// Turns the broken mode on for every replicated export of this process.
+    pub fn enable() {
+        ENABLED.store(true, Ordering::SeqCst);
+    }
+
+    pub fn enabled() -> bool {
+        ENABLED.load(Ordering::Relaxed)
+    }
+
+    /// Queues replication of a request that is already done locally; one task sends them in
+    /// order, each `REPLICATION_DELAY` after it was queued.
+    fn replicate_later(r: &Arc<Resource>, offset: u64, len: u64, make: MakeMessage) {
+        let tx = DELAYED.get_or_init(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<Delayed>();
+            tokio::spawn(async move {
+                while let Some((at, r, offset, len, make)) = rx.recv().await {
+                    tokio::time::sleep_until(at + REPLICATION_DELAY).await;
+                    drop(r.replicate(offset, len, make));
+                    r.completed();
+                }
+            });
+            tx
+        });
+        let _ = tx.send((Instant::now(), r.clone(), offset, len, make));
+    }
+
+    pub async fn write(r: &Arc<Resource>, offset: u64, data: Bytes) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        r.check_primary_write(offset, len)?;
+        r.store.write(offset, data.clone(), false).await?;
+        replicate_later(
+            r,
+            offset,
+            len,
+            Box::new(move |seq| Message::Data {
+                seq,
+                offset,
+                flags: 0,
+                payload: data.clone(),
+            }),
+        );
+        Ok(())
+    }
+
+    /// NBD TRIM (`discard`) or WRITE_ZEROES.
+    pub async fn zero(
+        r: &Arc<Resource>,
+        offset: u64,
+        len: u64,
+        discard: bool,
+        may_punch: bool,
+    ) -> Result<(), StoreError> {
+        r.check_primary_write(offset, len)?;
+        if discard {
+            r.store.trim(offset, len).await?;
+        } else {
+            r.store.write_zeroes(offset, len, may_punch, false).await?;
+        }
+        let trim = discard || may_punch;
+        replicate_later(
+            r,
+            offset,
+            len,
+            Box::new(move |seq| Message::Zero {
+                seq,
+                offset,
+                len,
+                trim,
+                fua: false,
+            }),
+        );
+        Ok(())
     }
 }

@@ -107,8 +107,10 @@ impl Conn {
         })
     }
 
-    pub(crate) fn in_flight(&self) -> usize {
-        self.pending.lock().expect("pending").writes.len()
+    /// Requests and bytes sent to the peer and not yet acknowledged (replication lag).
+    pub(crate) fn in_flight_with_bytes(&self) -> (usize, u64) {
+        let p = self.pending.lock().expect("pending");
+        (p.writes.len(), p.writes.values().map(|w| w.len).sum())
     }
 
     fn ack(&self, seq: u64, kind: PeerAck) {

@@ -196,6 +196,9 @@ pub struct PeerStatus {
     pub disk: String,
     pub out_of_sync_bytes: u64,
     pub in_flight: usize,
+    /// Bytes of the in-flight writes (sent, not yet acknowledged by the peer).
+    #[serde(default)]
+    pub in_flight_bytes: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resync: Option<ResyncStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -614,12 +617,12 @@ impl Resource {
             .iter()
             .zip(&st.peers)
             .map(|(p, ps)| {
-                let in_flight = p
+                let (in_flight, in_flight_bytes) = p
                     .conn
                     .lock()
                     .expect("conn")
                     .as_ref()
-                    .map_or(0, |c| c.in_flight());
+                    .map_or((0, 0), |c| c.in_flight_with_bytes());
                 let resync = ps.repl.is_resync().then(|| {
                     let secs = ps
                         .resync_started
@@ -650,6 +653,7 @@ impl Resource {
                     disk: ps.disk.as_str().to_string(),
                     out_of_sync_bytes: m.bitmaps[p.slot].count_dirty_bytes(),
                     in_flight,
+                    in_flight_bytes,
                     resync,
                     last_error: ps.last_error.clone(),
                 }

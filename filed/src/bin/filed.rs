@@ -88,6 +88,22 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Listen for peers and sync automatically: watch the local trees, send changes as they
+    /// happen (the csync2 + incron setup, without loops).
+    Daemon {
+        /// Listen address (default: this host's `address`).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Prometheus metrics endpoint, e.g. 127.0.0.1:9465 (default: `[daemon] metrics-listen`).
+        #[arg(long)]
+        metrics_listen: Option<String>,
+        /// Event aggregation window in ms (default: `[daemon] batch-delay-ms`, 200).
+        #[arg(long)]
+        batch_delay_ms: Option<u64>,
+        /// Full check interval in seconds (default: `[daemon] full-check-interval-secs`, 3600).
+        #[arg(long)]
+        full_check_secs: Option<u64>,
+    },
     /// Listen for peers (csync2 -ii).
     Serve {
         /// Listen address (default: this host's `address`).
@@ -97,7 +113,11 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    common::telemetry::init("warn");
+    // The daemon reports what it does; one-shot commands only warnings.
+    let daemon = std::env::args()
+        .nth(1)
+        .is_some_and(|_| std::env::args().any(|a| a == "daemon"));
+    common::telemetry::init(if daemon { "info" } else { "warn" });
     if let Err(e) = filed::apply::raise_open_file_limit() {
         tracing::debug!(error = %e, "cannot raise the open file limit");
     }
@@ -171,6 +191,51 @@ fn run() -> Result<i32> {
                     shutdown,
                 )
                 .await?;
+                let _ = std::fs::remove_file(control_path(&me.state));
+                Ok(0)
+            });
+        }
+        Cmd::Daemon {
+            listen,
+            metrics_listen,
+            batch_delay_ms,
+            full_check_secs,
+        } => {
+            let store = RedbStore::open(&me.state, Duration::from_secs(10))?;
+            let node = Arc::new(Node::new(config.clone(), me.clone(), Arc::new(store)));
+            let addr = listen.unwrap_or_else(|| me.address.clone());
+            let mut opts = filed::daemon::DaemonOptions::from(&config.daemon);
+            if let Some(ms) = batch_delay_ms {
+                opts.batch_delay = Duration::from_millis(ms);
+            }
+            if let Some(s) = full_check_secs {
+                anyhow::ensure!(s > 0, "--full-check-secs must be at least 1");
+                opts.full_check_interval = Duration::from_secs(s);
+            }
+            let metrics_addr = metrics_listen.or_else(|| config.daemon.metrics_listen.clone());
+            return rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let metrics = match &metrics_addr {
+                    Some(a) => Some(
+                        tokio::net::TcpListener::bind(a)
+                            .await
+                            .with_context(|| format!("binding the metrics endpoint {a}"))?,
+                    ),
+                    None => None,
+                };
+                let control = server::bind_control(&control_path(&me.state))?;
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .context("installing the SIGTERM handler")?;
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = tokio::signal::ctrl_c() => {},
+                    }
+                };
+                filed::daemon::run(node, listener, Some(control), metrics, opts, shutdown).await?;
                 let _ = std::fs::remove_file(control_path(&me.state));
                 Ok(0)
             });

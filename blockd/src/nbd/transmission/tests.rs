@@ -18,6 +18,7 @@ struct Harness {
     client: DuplexStream,
     server: JoinHandle<Result<End, TransmissionError>>,
     store: BlockStore,
+    metrics: Arc<NbdMetrics>,
     _dir: tempfile::TempDir,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -60,12 +61,14 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
         flags: 0,
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics = Arc::new(NbdMetrics::new());
     let server = tokio::spawn(serve(
         r,
         w,
         store.clone().into(),
         session,
         limits,
+        metrics.clone(),
         async move {
             if stopped.await.is_err() {
                 std::future::pending::<()>().await;
@@ -76,6 +79,7 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
         client,
         server,
         store,
+        metrics,
         _dir: dir,
         stop: Some(stop),
     }
@@ -221,6 +225,13 @@ async fn pipelined_requests_are_answered_by_cookie_and_disc_drains() {
     let mut rest = Vec::new();
     h.client.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
+    let m = h.metrics.snapshot();
+    let w = m.command(Command::Write);
+    assert_eq!((w.requests, w.errors, w.bytes), (40, 0, 40 * 4096));
+    assert_eq!(w.latency.count, 40);
+    let r = m.command(Command::Read);
+    assert_eq!((r.requests, r.errors, r.bytes), (32, 0, 32 * 4096));
+    assert_eq!(m.command(Command::Flush).requests, 1);
     let store = h.store.clone();
     assert_eq!(h.finish().await.unwrap(), End::Disconnect);
     let data = store.read(70 * 4096, 4096).await.unwrap();
@@ -269,6 +280,18 @@ async fn errors_keep_the_connection_usable() {
     assert_eq!(h.simple(|_| 0).await, (12, 0, vec![]));
     h.send(req(CMD_READ, 0, 13, 12344, 5), &[]).await;
     assert_eq!(h.simple(|_| 5).await, (13, 0, b"\0xyz\0".to_vec()));
+    // Every answered request of a known command is counted; refusals count as errors.
+    let m = h.metrics.snapshot();
+    let w = m.command(Command::Write);
+    assert_eq!((w.requests, w.errors), (4, 3));
+    assert_eq!(w.bytes, (64 << 10) + 1 + 16 + 4 + 3);
+    let r = m.command(Command::Read);
+    assert_eq!((r.requests, r.errors), (5, 4));
+    assert_eq!(m.command(Command::Trim).errors, 1);
+    assert_eq!(m.command(Command::Flush).errors, 1);
+    assert_eq!(m.command(Command::BlockStatus).errors, 1);
+    let total: u64 = m.commands.iter().map(|c| c.requests).sum();
+    assert_eq!(total, 12, "the unknown command is not counted");
     // A bad magic ends the connection.
     h.client.write_all(&[0u8; REQUEST_LEN]).await.unwrap();
     assert!(matches!(
