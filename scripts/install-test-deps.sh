@@ -17,6 +17,9 @@ PACKAGES=(
   nftables        # wire-byte counters in tests and benchmarks
   csync2          # comparison peer for filed
   iproute2
+  resource-agents # ocf-tester for the Pacemaker agents
+  libxml2-utils   # xmllint (ocf-tester)
+  curl            # the user guide's commands (metrics scrape)
 )
 
 missing=()

@@ -25,7 +25,7 @@ stage() {
 stage "the main job: a primary + secondary demo, data checked on both" \
   env PROFILE=debug BASE_PORT=17900 bash scripts/demo.sh --check
 stage "vm-tests: the real kernel nbd-client in QEMU" \
-  bash vm-tests/run.sh 1 3 crash
+  bash vm-tests/run.sh --strict 1 2 3 4 crash
 stage "blockd integration tests with the sync engine" \
   env BLOCKD_TEST_IO_ENGINE=sync cargo test -p integration-tests --no-fail-fast \
   --test nbd_clients --test nbd_tls --test nbd_malformed --test nbd_fs

@@ -104,7 +104,9 @@ fn propagate_and_go_quiet(n: usize) {
     wait_converged(&c, "edit, rename and delete");
     assert!(
         !c.data(&nodes[0]).join("dir-1").exists(),
-        "deleted directory came back:\n{}\n{}",
+        "deleted directory came back:\n{:#?}\n{:#?}\n{}\n{}",
+        snapshot(&c.data(&nodes[0])),
+        snapshot(&c.data(&nodes[n - 1])),
         c.log(&nodes[0]),
         c.log(&nodes[n - 1])
     );

@@ -241,14 +241,20 @@ fn out_of_sync_bytes_fall_to_zero_during_resync() {
         (24u64 << 20) as f64,
         "dirty bytes of the disconnected peer"
     );
-    // NBD request statistics of the export (when the NBD server keeps them).
-    if let Some(w) = value(
-        &s,
-        "blockd_nbd_requests_total",
-        &[("export", RESOURCE), ("command", "write")],
-    ) {
-        assert!(w > 0.0);
-    }
+    // NBD request statistics of the export: qemu-io wrote 24 MiB and flushed.
+    let w = [("export", RESOURCE), ("command", "write")];
+    assert!(value(&s, "blockd_nbd_requests_total", &w).unwrap() > 0.0);
+    assert!(value(&s, "blockd_nbd_bytes_total", &w).unwrap() >= (24u64 << 20) as f64);
+    assert_eq!(value(&s, "blockd_nbd_request_errors_total", &w), Some(0.0));
+    assert!(
+        value(
+            &s,
+            "blockd_nbd_request_duration_seconds_count",
+            &[("export", RESOURCE), ("command", "flush")]
+        )
+        .unwrap()
+            >= 1.0
+    );
 
     // Reconnect and scrape through the resync.
     c.blockctl_ok(Some(1), &["connect", RESOURCE]);

@@ -699,7 +699,11 @@ impl Applier {
     /// Sets mode, owner and mtime of an existing path (directories after their contents; files
     /// whose content did not change).
     pub fn set_meta(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
-        let t = self.need_target(logical)?;
+        // Never creates parents: the path exists (or the call fails), e.g. a parent whose mtime
+        // is restored after its children were deleted with it.
+        let t = self
+            .target(logical, false)?
+            .ok_or_else(|| io_err(logical, "open parent")(io::ErrorKind::NotFound.into()))?;
         match state.kind {
             Kind::Symlink => {
                 lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata"))?;

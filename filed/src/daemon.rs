@@ -53,13 +53,20 @@ impl From<&crate::config::DaemonConfig> for DaemonOptions {
     }
 }
 
-/// Wakes the runner of each (group, peer).
-type Runners = Arc<HashMap<(String, String), Arc<Notify>>>;
+/// The handle of one runner: wake it; is its peer unreachable?
+#[derive(Default)]
+struct RunnerHandle {
+    wake: Notify,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+/// The runner of each (group, peer).
+type Runners = Arc<HashMap<(String, String), Arc<RunnerHandle>>>;
 
 fn wake_group(runners: &Runners, group: &str, except: Option<&str>) {
-    for ((g, p), n) in runners.iter() {
+    for ((g, p), h) in runners.iter() {
         if g == group && Some(p.as_str()) != except {
-            n.notify_one();
+            h.wake.notify_one();
         }
     }
 }
@@ -80,7 +87,7 @@ pub async fn run(
             continue;
         }
         for p in g.peers_of(&node.me.name) {
-            map.insert((g.name.clone(), p), Arc::new(Notify::new()));
+            map.insert((g.name.clone(), p), Arc::new(RunnerHandle::default()));
         }
     }
     let runners: Runners = Arc::new(map);
@@ -91,11 +98,13 @@ pub async fn run(
             if !r.pulled.is_empty() || !r.renamed.is_empty() {
                 wake_group(&runners, &r.group, Some(&r.peer));
             }
-            // The peer started a session: it is up; send it what waits for it.
+            // An unreachable peer started a session: it is back; send it what waits for it now
+            // (only then: a conflict stays queued and must not make two runners ping-pong).
             if !r.initiator
-                && let Some(n) = runners.get(&(r.group.clone(), r.peer.clone()))
+                && let Some(h) = runners.get(&(r.group.clone(), r.peer.clone()))
+                && h.failing.load(std::sync::atomic::Ordering::Relaxed)
             {
-                n.notify_one();
+                h.wake.notify_one();
             }
         }));
     }
@@ -111,12 +120,12 @@ pub async fn run(
 
     let mut tasks = tokio::task::JoinSet::new();
     for (g, p) in runners.keys() {
-        let notify = runners[&(g.clone(), p.clone())].clone();
+        let handle = runners[&(g.clone(), p.clone())].clone();
         tasks.spawn(runner(
             node.clone(),
             g.clone(),
             p.clone(),
-            notify,
+            handle,
             opts.retry_max,
             stop_rx.clone(),
         ));
@@ -168,7 +177,7 @@ async fn runner(
     node: Arc<Node>,
     group: String,
     peer: String,
-    notify: Arc<Notify>,
+    handle: Arc<RunnerHandle>,
     retry_max: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -180,7 +189,7 @@ async fn runner(
     loop {
         let wait = retry.unwrap_or(Duration::from_secs(3600 * 24 * 365));
         tokio::select! {
-            _ = notify.notified() => {}
+            _ = handle.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
@@ -205,6 +214,9 @@ async fn runner(
                     tracing::info!(%group, %peer, "peer reachable again");
                 }
                 failing = false;
+                handle
+                    .failing
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(%group, %peer, sent = r.pushed.len() + r.renamed.len(), received = r.pulled.len(),
                     conflicts = r.conflicts.len(), errors = r.errors.len(), bytes_out = r.bytes_sent, "synced");
                 for e in &r.errors {
@@ -212,7 +224,12 @@ async fn runner(
                 }
                 // Paths that failed stay queued: try again soon (a local change that raced the
                 // session is decided again once the watcher recorded it).
-                retry = (!r.errors.is_empty()).then_some(Duration::from_secs(1));
+                // Persistent failures back off like an unreachable peer.
+                retry = (!r.errors.is_empty()).then(|| {
+                    retry
+                        .map(|d| (d * 2).min(retry_max))
+                        .unwrap_or(Duration::from_secs(1))
+                });
             }
             Err(e) => {
                 node.stats.failure(&group, &peer);
@@ -226,6 +243,9 @@ async fn runner(
                     tracing::warn!(%group, %peer, error = %e, retry_in = ?next, "peer unreachable; changes stay queued");
                 }
                 failing = true;
+                handle
+                    .failing
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 retry = Some(next);
             }
         }
@@ -265,9 +285,9 @@ async fn watch_loop(
             ev = rx.recv(), if open => match ev {
                 Some(ev) => {
                     let now = std::time::Instant::now();
-                    add_event(&mut batchers, now, ev);
+                    add_event(&node, &mut batchers, now, ev);
                     while let Ok(ev) = rx.try_recv() {
-                        add_event(&mut batchers, now, ev);
+                        add_event(&node, &mut batchers, now, ev);
                     }
                 }
                 None => open = false,
@@ -296,7 +316,12 @@ async fn watch_loop(
     }
 }
 
-fn add_event(batchers: &mut HashMap<String, Batcher>, now: std::time::Instant, ev: WatchEvent) {
+fn add_event(
+    node: &Node,
+    batchers: &mut HashMap<String, Batcher>,
+    now: std::time::Instant,
+    ev: WatchEvent,
+) {
     match ev {
         WatchEvent::Changed {
             group,
@@ -309,9 +334,13 @@ fn add_event(batchers: &mut HashMap<String, Batcher>, now: std::time::Instant, e
         }
         WatchEvent::Lost { group, reason } => {
             tracing::warn!(group = group.as_deref().unwrap_or("(all)"), %reason, "events lost; rescanning");
+            let overflow = reason.contains("overflow");
             for (g, b) in batchers.iter_mut() {
                 if group.as_ref().is_none_or(|x| x == g) {
                     b.rescan(now);
+                    if !overflow {
+                        node.stats.group(g, |c| c.watch_errors += 1);
+                    }
                 }
             }
         }

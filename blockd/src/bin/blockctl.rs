@@ -101,7 +101,8 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Wait (with a progress bar) until no resync is running and every peer is connected.
+    /// Wait (with a progress bar) until every peer is connected and in sync: no resync
+    /// running, nothing out of sync, this node and every peer UpToDate.
     WaitSync {
         /// Resource name.
         resource: String,
@@ -377,10 +378,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     .iter()
                     .filter_map(|p| p.resync.as_ref().map(|r| (p, r)))
                     .collect();
+                // In sync: no resync running, every peer connected and established, nothing
+                // out of sync, and both sides UpToDate (right after a promotion the resync may
+                // not have started yet: the peer is still Inconsistent then).
                 let settled = syncing.is_empty()
-                    && s.peers
-                        .iter()
-                        .all(|p| p.connection == "connected" && p.replication == "established");
+                    && s.disk == "up-to-date"
+                    && s.peers.iter().all(|p| {
+                        p.connection == "connected"
+                            && p.replication == "established"
+                            && p.out_of_sync_bytes == 0
+                            && p.disk == "up-to-date"
+                    });
                 if let Some((p, r)) = syncing.first() {
                     let width = 30usize;
                     let filled = ((r.percent / 100.0) * width as f64) as usize;

@@ -392,6 +392,16 @@ impl ActivityLog {
         Ok(pending)
     }
 
+    /// Registers a write whose extents are all hot already (no transaction needed); returns
+    /// `false`, changing nothing, when one of them is cold.
+    pub fn begin_hot(&mut self, first: u32, last: u32) -> bool {
+        if !(first..=last).all(|e| self.index.contains_key(&e)) {
+            return false;
+        }
+        self.touch(first, last);
+        true
+    }
+
     /// Counts a write in flight in every extent of `first..=last` (all hot).
     fn touch(&mut self, first: u32, last: u32) {
         self.tick += 1;

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{NbdExportStats, Snapshot};
+use super::{Histogram, NbdCommandStats, NbdExportStats, Snapshot};
 use crate::control::client::Client;
 use crate::control::proto::Request;
 use crate::repl::resource::Status;
@@ -40,8 +40,84 @@ pub fn select(status: Option<Vec<Status>>, nbd: Vec<NbdExportStats>, only: &[Str
     }
 }
 
-/// The NBD request statistics of every export served by this process.
+/// The NBD request statistics of every export served by this process
+/// (`crate::nbd::metrics::registry()`).
 pub fn nbd_stats() -> Vec<NbdExportStats> {
-    // Wired to `crate::nbd::metrics::registry()` once the NBD server keeps statistics.
-    Vec::new()
+    crate::nbd::metrics::registry()
+        .into_iter()
+        .map(|(export, m)| NbdExportStats {
+            export,
+            commands: m
+                .snapshot()
+                .commands
+                .into_iter()
+                .map(|c| NbdCommandStats {
+                    command: c.command.name().to_string(),
+                    requests: c.requests,
+                    errors: c.errors,
+                    bytes: c.bytes,
+                    latency: per_bucket(&c.latency),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// The NBD server's cumulative buckets as per-bucket counts (what the encoder sums up).
+fn per_bucket(h: &crate::nbd::metrics::HistogramSnapshot) -> Histogram {
+    let mut before = 0;
+    Histogram {
+        buckets: h
+            .buckets
+            .iter()
+            .map(|&(bound, cumulative)| {
+                let n = cumulative.saturating_sub(before);
+                before = cumulative.max(before);
+                (bound, n)
+            })
+            .collect(),
+        sum_seconds: h.sum_seconds,
+        count: h.count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_statistics_are_rendered_cumulative_again() {
+        let name = "metrics-source-test-export";
+        let m = crate::nbd::metrics::register(name);
+        m.record(
+            crate::nbd::metrics::Command::Write,
+            4096,
+            Duration::from_micros(50),
+            true,
+        );
+        m.record(
+            crate::nbd::metrics::Command::Write,
+            4096,
+            Duration::from_secs(100),
+            false,
+        );
+        let stats = nbd_stats();
+        let x = stats.iter().find(|x| x.export == name).expect("registered");
+        let w = x.commands.iter().find(|c| c.command == "write").unwrap();
+        assert_eq!((w.requests, w.errors, w.bytes), (2, 1, 8192));
+        assert_eq!(w.latency.buckets.iter().map(|b| b.1).sum::<u64>(), 2);
+        let text = super::super::render(&Snapshot {
+            status: None,
+            nbd: vec![x.clone()],
+        });
+        let inf = format!(
+            "blockd_nbd_request_duration_seconds_bucket{{export=\"{name}\",command=\"write\",le=\"+Inf\"}} 2"
+        );
+        assert!(text.contains(&inf), "{text}");
+        assert_eq!(
+            text.matches("le=\"+Inf\"").count(),
+            7,
+            "one +Inf per command: {text}"
+        );
+    }
 }

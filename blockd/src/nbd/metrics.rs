@@ -3,8 +3,9 @@
 //! a few uncontended atomic adds and no lock; plus the process-wide registry of exports that a
 //! metrics endpoint renders (Prometheus-style: cumulative buckets, `+Inf`, sum and count).
 //!
-//! Latency is measured from the moment a request header has been decoded to the moment its reply
-//! is handed to the connection's writer (a WRITE's latency includes receiving its payload).
+//! Latency is measured from the receive that brought a request's header to the moment its reply
+//! is written to the socket (a WRITE's latency includes receiving its payload); the connection
+//! shares clock reads between requests received together and replies written together.
 //! Bytes are the request length: data moved for READ/WRITE, range covered for TRIM,
 //! WRITE_ZEROES, CACHE and BLOCK_STATUS, 0 for FLUSH.
 

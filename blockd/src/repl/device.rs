@@ -2,12 +2,12 @@
 //! [`Device`]: what an NBD export serves — a plain local store or a replicated resource.
 //!
 //! One write: hold its byte range (overlapping requests wait) → activity log (persist a
-//! transaction first when the extent is cold) → in one ordered step, a `Barrier` if a request
-//! completed since the last one, then `Data` queued to every connected peer (disconnected peers
-//! get the range set in their bitmap instead) → local write → wait for the protocol's ack
-//! point of every connected peer (A: queued; B: received; C: written). A peer lost before
-//! acking gets the range in its bitmap (by the session's loss handler) and the request still
-//! completes: degraded mode.
+//! transaction first when the extent is cold) → in one ordered step, number it (`seq`, and
+//! `after`: past every request completed so far, see `repl::wire`) and queue `Data` to every
+//! connected peer (disconnected peers get the range set in their bitmap instead) → local write
+//! → wait for the protocol's ack point of every connected peer (A: queued; B: received; C:
+//! written). A peer lost before acking gets the range in its bitmap (by the session's loss
+//! handler) and the request still completes: degraded mode.
 
 use std::sync::Arc;
 
@@ -45,7 +45,7 @@ impl Resource {
     }
 
     fn extents(&self, offset: u64, len: u64) -> (u32, u32) {
-        let es = u64::from(self.meta.lock().expect("meta").sb.geometry.al_extent_size);
+        let es = u64::from(self.al_extent_size);
         let last = offset + len.max(1) - 1;
         ((offset / es) as u32, (last / es) as u32)
     }
@@ -54,16 +54,31 @@ impl Resource {
     /// evicted extents) before it may start.
     async fn al_begin(&self, offset: u64, len: u64) -> Result<(u32, u32), StoreError> {
         let (first, last) = self.extents(offset, len);
+        {
+            // Fast path: every extent is hot and no transaction is being persisted (a write to
+            // an extent whose transaction is not on disk yet must wait for it, below).
+            let mut m = self.meta.lock().expect("meta");
+            if m.al_persisting == 0 && m.al.begin_hot(first, last) {
+                return Ok((first, last));
+            }
+        }
         let _gate = self.al_gate.lock().await;
         loop {
             let freed = self.al_freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let r = self.meta.lock().expect("meta").al.begin(first, last);
+            let r = {
+                let mut m = self.meta.lock().expect("meta");
+                let r = m.al.begin(first, last);
+                if matches!(&r, Ok(p) if !p.is_empty()) {
+                    m.al_persisting += 1;
+                }
+                r
+            };
             match r {
                 Ok(p) if p.is_empty() => return Ok((first, last)),
                 Ok(pending) => {
-                    self.meta_io(move |m| {
+                    let r = self.meta_io(move |m| {
                         let es = u64::from(m.sb.geometry.al_extent_size);
                         for t in &pending {
                             for &e in &t.evicted {
@@ -83,8 +98,9 @@ impl Resource {
                         }
                         Ok(())
                     })
-                    .await
-                    .map_err(|e| meta_failure(offset, len, e))?;
+                    .await;
+                    self.meta.lock().expect("meta").al_persisting -= 1;
+                    r.map_err(|e| meta_failure(offset, len, e))?;
                     return Ok((first, last));
                 }
                 Err(AlBusy::Full) => freed.await,
@@ -98,25 +114,21 @@ impl Resource {
         self.al_freed.notify_waiters();
     }
 
-    /// Queues one replicated request to every connected peer (after a barrier when a request
-    /// completed since the last one) and returns the acks to wait for. Disconnected peers get
-    /// the range in their bitmap.
-    fn replicate(
+    /// Numbers one replicated request and queues it to every connected peer; returns its
+    /// sequence number and the acks to wait for. Disconnected peers get the range in their
+    /// bitmap.
+    pub(crate) fn replicate(
         &self,
         offset: u64,
         len: u64,
-        make: impl Fn(u64) -> Message,
-    ) -> Vec<oneshot::Receiver<()>> {
+        make: impl Fn(u64, u64) -> Message,
+    ) -> (u64, Vec<oneshot::Receiver<()>>) {
         let mut waits = Vec::new();
         let mut untracked = Vec::new();
-        {
+        let seq = {
             let mut order = self.order.lock().expect("order");
-            let seq = order.seq;
-            order.seq += 1;
-            let barrier = std::mem::take(&mut order.completed).then(|| {
-                order.epoch += 1;
-                order.epoch
-            });
+            let (seq, after) = order.issue();
+            let msg = make(seq, after);
             for p in &self.peers {
                 let conn = p.conn.lock().expect("conn").clone();
                 let Some(c) = conn else {
@@ -124,40 +136,37 @@ impl Resource {
                     continue;
                 };
                 let ack = p.protocol.peer_ack();
-                let (tx, rx) = oneshot::channel();
                 let waiter = if ack == PeerAck::None {
                     None
                 } else {
+                    let (tx, rx) = oneshot::channel();
                     waits.push(rx);
                     Some(tx)
                 };
-                let accepted = c.track(
-                    seq,
-                    PendingWrite {
-                        offset,
-                        len,
-                        ack,
-                        waiter,
-                    },
-                    barrier.map(|epoch| Message::Barrier { epoch }),
-                    make(seq),
-                );
-                if !accepted {
+                let write = PendingWrite {
+                    offset,
+                    len,
+                    ack,
+                    waiter,
+                };
+                if !c.track(seq, write, &msg) {
                     untracked.push(p.slot);
                 }
             }
-        }
+            seq
+        };
         if !untracked.is_empty() {
             let mut m = self.meta.lock().expect("meta");
             for s in untracked {
                 m.bitmaps[s].set_range(offset, len);
             }
         }
-        waits
+        (seq, waits)
     }
 
-    fn completed(&self) {
-        self.order.lock().expect("order").completed = true;
+    /// Request `seq` completed: later requests are applied after it on every peer.
+    pub(crate) fn completed(&self, seq: u64) {
+        self.order.lock().expect("order").completed(seq);
     }
 
     /// Runs one modifying request through the replicated path.
@@ -165,7 +174,7 @@ impl Resource {
         &self,
         offset: u64,
         len: u64,
-        make: impl Fn(u64) -> Message,
+        make: impl Fn(u64, u64) -> Message,
         local: impl std::future::Future<Output = Result<(), StoreError>>,
     ) -> Result<(), StoreError> {
         let _role = self.role_gate.read().await;
@@ -175,14 +184,14 @@ impl Resource {
         }
         let _range = self.ranges.lock(offset, len).await;
         let extents = self.al_begin(offset, len).await?;
-        let waits = self.replicate(offset, len, make);
+        let (seq, waits) = self.replicate(offset, len, make);
         let result = local.await;
         for w in waits {
             // An error means the link dropped: the range is in that peer's bitmap now.
             let _ = w.await;
         }
         self.al_complete(extents);
-        self.completed();
+        self.completed(seq);
         result
     }
 
@@ -194,8 +203,9 @@ impl Resource {
         self.replicated(
             offset,
             len,
-            |seq| Message::Data {
+            |seq, after| Message::Data {
                 seq,
+                after,
                 offset,
                 flags,
                 payload: payload.clone(),
@@ -217,12 +227,9 @@ impl Resource {
 
     async fn flush_inner(&self) -> Result<(), StoreError> {
         let mut waits = Vec::new();
-        {
+        let seq = {
             let mut order = self.order.lock().expect("order");
-            let seq = order.seq;
-            order.seq += 1;
-            order.completed = false;
-            order.epoch += 1;
+            let (seq, _) = order.issue();
             for p in &self.peers {
                 if let Some(c) = p.conn.lock().expect("conn").as_ref()
                     && let Some(rx) = c.track_flush(seq, p.protocol == Protocol::C)
@@ -230,11 +237,13 @@ impl Resource {
                     waits.push(rx);
                 }
             }
-        }
+            seq
+        };
         let local = self.store.flush().await;
         for w in waits {
             let _ = w.await;
         }
+        self.completed(seq);
         local
     }
 
@@ -251,8 +260,9 @@ impl Resource {
         self.replicated(
             offset,
             len,
-            |seq| Message::Zero {
+            |seq, after| Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim: true,
@@ -273,8 +283,9 @@ impl Resource {
         self.replicated(
             offset,
             len,
-            |seq| Message::Zero {
+            |seq, after| Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim: may_punch,
@@ -294,8 +305,9 @@ impl Resource {
         self.replicated(
             offset,
             len,
-            |seq| Message::Zero {
+            |seq, after| Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim: false,
@@ -458,7 +470,7 @@ pub mod debug_drop_flush {
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
 
-    type MakeMessage = Box<dyn Fn(u64) -> Message + Send>;
+    type MakeMessage = Box<dyn Fn(u64, u64) -> Message + Send>;
     /// A request done locally: when it was queued, its resource, offset, length, message.
     type Delayed = (Instant, Arc<Resource>, u64, u64, MakeMessage);
     static DELAYED: OnceLock<mpsc::UnboundedSender<Delayed>> = OnceLock::new();
@@ -480,8 +492,8 @@ pub mod debug_drop_flush {
             tokio::spawn(async move {
                 while let Some((at, r, offset, len, make)) = rx.recv().await {
                     tokio::time::sleep_until(at + REPLICATION_DELAY).await;
-                    drop(r.replicate(offset, len, make));
-                    r.completed();
+                    let (seq, _) = r.replicate(offset, len, make);
+                    r.completed(seq);
                 }
             });
             tx
@@ -497,8 +509,9 @@ pub mod debug_drop_flush {
             r,
             offset,
             len,
-            Box::new(move |seq| Message::Data {
+            Box::new(move |seq, after| Message::Data {
                 seq,
+                after,
                 offset,
                 flags: 0,
                 payload: data.clone(),
@@ -526,8 +539,9 @@ pub mod debug_drop_flush {
             r,
             offset,
             len,
-            Box::new(move |seq| Message::Zero {
+            Box::new(move |seq, after| Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim,

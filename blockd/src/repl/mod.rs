@@ -3,6 +3,7 @@
 //! and the handshake that combines them into commands. The runtime (links, resync workers)
 //! executes what these functions decide.
 
+pub mod apply_order;
 pub mod handshake;
 pub mod names;
 pub mod promote;

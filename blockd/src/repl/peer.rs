@@ -1,27 +1,32 @@
-//! One session on an established link: a writer task that batches queued messages into the
-//! TLS stream (and pings when idle), the handshake (state reports both ways, then the
-//! commands of `repl::handshake`), and the receive loop: acknowledgements for our writes, and
-//! applying the peer's replicated writes in epoch order (writes of one epoch run concurrently;
-//! an epoch starts only after the previous one is on disk). When the session ends, every write
-//! the peer had not acknowledged goes into its bitmap.
+//! One session on an established link: an outbox the write path encodes frames into and a
+//! writer task that sends whatever accumulated in one TLS write (and pings when idle), the
+//! handshake (state reports both ways, then the commands of `repl::handshake`), and the receive
+//! loop: acknowledgements for our writes, and applying the peer's replicated requests in the
+//! order `repl::apply_order` allows (concurrently where it may; on the receive task itself
+//! when the store completes at once), with the acknowledgements of a batch sent together. When
+//! the session ends, every write the peer had not acknowledged goes into its bitmap.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use common::frame::{self, FrameReader};
-use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use bytes::{BufMut, Bytes, BytesMut};
+use common::frame::{self, HEADER_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 
 use crate::meta::superblock::flags;
+use crate::repl::apply_order::{ApplyOrder, Ordered};
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
 use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
-use crate::repl::wire::{FLAG_FUA, Message};
+use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
 
 /// Idle time after which the writer sends a `Ping`.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -29,6 +34,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Resync bytes sent but not yet acknowledged, at most.
 pub const RESYNC_WINDOW: usize = 8 << 20;
+/// Acknowledgements are sent at the latest after this many received requests, even when more
+/// frames are already waiting to be read.
+const ACK_BATCH: usize = 64;
 
 /// A write queued to a peer and not yet acknowledged by it.
 pub struct PendingWrite {
@@ -46,9 +54,58 @@ struct Pending {
     flushes: HashMap<u64, oneshot::Sender<()>>,
 }
 
+/// Frames waiting for the link's writer, encoded in place (length, CRC-32, message). The
+/// writer takes everything that accumulated while it was busy and sends it in one TLS write:
+/// batching without any timer.
+struct Outbox {
+    buf: Mutex<BytesMut>,
+    wake: Notify,
+}
+
+impl Outbox {
+    fn new() -> Outbox {
+        Outbox {
+            buf: Mutex::new(BytesMut::with_capacity(256 << 10)),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Appends frames (written by `f` through [`push_frame`]) and wakes the writer.
+    fn push(&self, f: impl FnOnce(&mut BytesMut)) {
+        let was_empty = {
+            let mut b = self.buf.lock().expect("outbox");
+            let was_empty = b.is_empty();
+            f(&mut b);
+            was_empty
+        };
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Swaps the queued frames with `spare` (empty); returns whether there were any.
+    fn take(&self, spare: &mut BytesMut) -> bool {
+        let mut b = self.buf.lock().expect("outbox");
+        if b.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut *b, spare);
+        true
+    }
+}
+
+/// Appends `msg` as one frame (header, then the message encoded straight behind it).
+fn push_frame(dst: &mut BytesMut, msg: &Message) {
+    let start = dst.len();
+    dst.put_bytes(0, HEADER_LEN);
+    msg.encode(dst);
+    let header = frame::encode_header(&dst[start + HEADER_LEN..]);
+    dst[start..start + HEADER_LEN].copy_from_slice(&header);
+}
+
 /// The sending side of a live session, shared with the write path.
 pub struct Conn {
-    tx: mpsc::UnboundedSender<Message>,
+    out: Outbox,
     pending: Mutex<Pending>,
     /// Resync window in bytes (see [`RESYNC_WINDOW`]).
     pub(crate) resync_window: Arc<Semaphore>,
@@ -58,9 +115,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new(tx: mpsc::UnboundedSender<Message>) -> Conn {
+    fn new() -> Conn {
         Conn {
-            tx,
+            out: Outbox::new(),
             pending: Mutex::new(Pending::default()),
             resync_window: Arc::new(Semaphore::new(RESYNC_WINDOW)),
             closed: watch::channel(false).0,
@@ -70,27 +127,19 @@ impl Conn {
 
     /// Queues a message (dropped silently when the session is gone: its loss handler runs).
     pub(crate) fn send(&self, msg: Message) {
-        let _ = self.tx.send(msg);
+        self.out.push(|b| push_frame(b, &msg));
     }
 
-    /// Queues a write (after `barrier`) and remembers it until acknowledged. `false` when the
-    /// session is closing (the caller marks the range out of sync instead).
-    pub(crate) fn track(
-        &self,
-        seq: u64,
-        write: PendingWrite,
-        barrier: Option<Message>,
-        msg: Message,
-    ) -> bool {
+    /// Queues a write and remembers it until acknowledged. `false` when the session is closing
+    /// (the caller marks the range out of sync instead).
+    pub(crate) fn track(&self, seq: u64, write: PendingWrite, msg: &Message) -> bool {
         let mut p = self.pending.lock().expect("pending");
         if p.closed {
             return false;
         }
-        if let Some(b) = barrier {
-            let _ = self.tx.send(b);
-        }
         p.writes.insert(seq, write);
-        self.tx.send(msg).is_ok()
+        self.out.push(|b| push_frame(b, msg));
+        true
     }
 
     /// Queues a flush; returns the ack to wait for when `wait`.
@@ -99,7 +148,7 @@ impl Conn {
         if p.closed {
             return None;
         }
-        let _ = self.tx.send(Message::Flush { seq });
+        self.out.push(|b| push_frame(b, &Message::Flush { seq }));
         wait.then(|| {
             let (tx, rx) = oneshot::channel();
             p.flushes.insert(seq, tx);
@@ -113,22 +162,26 @@ impl Conn {
         (p.writes.len(), p.writes.values().map(|w| w.len).sum())
     }
 
-    fn ack(&self, seq: u64, kind: PeerAck) {
+    /// The peer acknowledged writes `seq .. seq + count` (sequence numbers we never sent it,
+    /// or already acknowledged, are ignored).
+    fn ack(&self, seq: u64, count: u32, kind: PeerAck) {
         let mut p = self.pending.lock().expect("pending");
-        match kind {
-            PeerAck::Received => {
-                if let Some(w) = p.writes.get_mut(&seq)
-                    && w.ack == PeerAck::Received
-                    && let Some(tx) = w.waiter.take()
-                {
-                    let _ = tx.send(());
+        for s in seq..seq.saturating_add(u64::from(count)) {
+            match kind {
+                PeerAck::Received => {
+                    if let Some(w) = p.writes.get_mut(&s)
+                        && w.ack == PeerAck::Received
+                        && let Some(tx) = w.waiter.take()
+                    {
+                        let _ = tx.send(());
+                    }
                 }
-            }
-            _ => {
-                if let Some(mut w) = p.writes.remove(&seq)
-                    && let Some(tx) = w.waiter.take()
-                {
-                    let _ = tx.send(());
+                _ => {
+                    if let Some(mut w) = p.writes.remove(&s)
+                        && let Some(tx) = w.waiter.take()
+                    {
+                        let _ = tx.send(());
+                    }
                 }
             }
         }
@@ -161,17 +214,75 @@ pub enum SessionEnd {
     Killed,
 }
 
-type Reader = FrameReader<tokio::io::ReadHalf<tokio_rustls::TlsStream<tokio::net::TcpStream>>>;
+type ReadHalf = tokio::io::ReadHalf<crate::repl::link::Stream>;
+
+/// The receive side of a session: the link's read half and the bytes read but not yet decoded.
+struct Rx {
+    io: ReadHalf,
+    buf: BytesMut,
+    /// When bytes last arrived (keepalive).
+    last: Instant,
+}
+
+impl Rx {
+    /// The next complete frame already received, if any.
+    fn frame(&mut self) -> Result<Option<Bytes>, String> {
+        frame::decode(&mut self.buf, MAX_FRAME).map_err(|e| format!("receive: {}", error_chain(&e)))
+    }
+
+    /// Reads more bytes (whatever the stream has, into spare room of the buffer).
+    async fn fill(&mut self) -> Result<(), String> {
+        if self.buf.capacity() - self.buf.len() < (64 << 10) {
+            self.buf.reserve(256 << 10);
+        }
+        let n = self
+            .io
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| format!("receive: {}", error_chain(&frame::FrameError::Read(e))))?;
+        if n == 0 {
+            return Err(if self.buf.is_empty() {
+                "peer closed the link".into()
+            } else {
+                format!("receive: {}", frame::FrameError::Truncated)
+            });
+        }
+        self.last = Instant::now();
+        Ok(())
+    }
+
+    /// The next message, waiting at most [`KEEPALIVE_TIMEOUT`] for bytes (handshake).
+    async fn next_msg(&mut self) -> Result<Message, String> {
+        loop {
+            if let Some(f) = self.frame()? {
+                return decode(f);
+            }
+            tokio::time::timeout(KEEPALIVE_TIMEOUT, self.fill())
+                .await
+                .map_err(|_| keepalive_expired())??;
+        }
+    }
+}
+
+fn decode(frame: Bytes) -> Result<Message, String> {
+    Message::decode(frame).map_err(|e| format!("malformed message: {e}"))
+}
+
+fn keepalive_expired() -> String {
+    format!(
+        "no traffic for {}s (keepalive timeout)",
+        KEEPALIVE_TIMEOUT.as_secs()
+    )
+}
 
 /// Runs one session with peer `i` until it ends, then does the loss bookkeeping.
 pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEnd {
     let Link {
         peer,
-        mut reader,
+        reader,
         writer,
     } = link;
-    let (tx, rx) = mpsc::unbounded_channel();
-    let conn = Arc::new(Conn::new(tx));
+    let conn = Arc::new(Conn::new());
     // The state report must be the first message: queue it before the write path sees `conn`.
     // A promotion between the report and publishing `conn` makes the report stale: the
     // session then ends at once and the link is set up again (see `Resource::promote`).
@@ -180,20 +291,28 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     conn.send(Message::State(report.clone()));
     *res.peers[i].conn.lock().expect("conn") = Some(conn.clone());
     let stale = res.role_epoch.load(std::sync::atomic::Ordering::SeqCst) != role_epoch;
-    let writer_conn = conn.clone();
     let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(
         writer.into_inner(),
-        rx,
-        writer_conn,
+        conn.clone(),
     )));
     tracing::info!(resource = %res.name(), peer = %peer.name, "link up");
 
+    let (io, buf) = reader.into_parts();
+    let mut rx = Rx {
+        io,
+        buf,
+        last: Instant::now(),
+    };
     let mut session = Session {
         res: res.clone(),
         i,
         conn: conn.clone(),
         stash: VecDeque::new(),
-        applier: Applier::new(res.clone(), conn.clone(), res.peers[i].slot),
+        order: ApplyOrder::default(),
+        ops: tokio::task::JoinSet::new(),
+        recv_acks: Vec::new(),
+        write_acks: Vec::new(),
+        other_acks: Vec::new(),
         resync: None,
     };
     let end = tokio::select! {
@@ -201,7 +320,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         _ = std::future::ready(()), if stale => {
             SessionEnd::Lost("promoted during link setup: redoing the handshake".into())
         }
-        end = session.run(&mut reader, report) => end,
+        end = session.run(&mut rx, report) => end,
         _ = res.peers[i].kill.notified() => SessionEnd::Killed,
         w = &mut writer_task.0 => SessionEnd::Lost(match w {
             Ok(Ok(())) => "writer stopped".into(),
@@ -211,7 +330,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     };
     drop(writer_task);
     drop(session.resync.take());
-    session.applier.abort();
+    session.ops.abort_all();
     // Loss bookkeeping: unacknowledged writes go into the peer's bitmap.
     *res.peers[i].conn.lock().expect("conn") = None;
     let lost = conn.close();
@@ -262,36 +381,137 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     end
 }
 
-/// Writes queued messages as frames, batching whatever is queued into one TLS write.
+/// Sends whatever frames accumulated in the outbox, one TLS write per batch; pings after
+/// [`PING_INTERVAL`] without sending anything.
 async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut w: W,
-    mut rx: mpsc::UnboundedReceiver<Message>,
     conn: Arc<Conn>,
 ) -> Result<(), String> {
-    let mut buf = BytesMut::with_capacity(256 << 10);
-    let mut msg_buf = BytesMut::new();
+    let mut spare = BytesMut::with_capacity(256 << 10);
+    let mut tick = tokio::time::interval(PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
+    let mut sent_since_tick = false;
     loop {
-        let first = match tokio::time::timeout(PING_INTERVAL, rx.recv()).await {
-            Ok(Some(m)) => m,
-            Ok(None) => return Ok(()),
-            Err(_) => Message::Ping,
-        };
-        let mut next = Some(first);
-        while let Some(m) = next {
-            msg_buf.clear();
-            m.encode(&mut msg_buf);
-            frame::encode(&msg_buf, &mut buf);
-            next = if buf.len() < (1 << 20) {
-                rx.try_recv().ok()
-            } else {
-                None
-            };
+        if conn.out.take(&mut spare) {
+            conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
+            w.write_all(&spare).await.map_err(|e| format!("send: {e}"))?;
+            w.flush().await.map_err(|e| format!("send: {e}"))?;
+            spare.clear();
+            if spare.capacity() > (4 << 20) {
+                spare = BytesMut::with_capacity(256 << 10);
+            }
+            sent_since_tick = true;
+            continue;
         }
-        conn.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        w.write_all(&buf).await.map_err(|e| format!("send: {e}"))?;
-        w.flush().await.map_err(|e| format!("send: {e}"))?;
-        buf.clear();
+        tokio::select! {
+            _ = conn.out.wake.notified() => {}
+            _ = tick.tick() => {
+                if !std::mem::take(&mut sent_since_tick) {
+                    conn.send(Message::Ping);
+                }
+            }
+        }
     }
+}
+
+/// A replicated request of the peer, to be applied here.
+enum Op {
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        trim: bool,
+        fua: bool,
+    },
+    Flush,
+    Resync {
+        offset: u64,
+        len: u32,
+        zero: bool,
+        payload: Bytes,
+    },
+    ResyncDone,
+}
+
+/// What an applied request leaves to do on the session (acknowledgements, state).
+enum Done {
+    Written,
+    Flushed,
+    Resynced { offset: u64, len: u32 },
+    ResyncFinished,
+}
+
+type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
+
+/// The I/O of one request on this node's disk.
+fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
+    Box::pin(async move {
+        match op {
+            Op::Write { offset, data, fua } => {
+                res.store
+                    .write(offset, data, fua)
+                    .await
+                    .map_err(|e| format!("local write failed: {}", error_chain(&e)))?;
+                Ok(Done::Written)
+            }
+            Op::Zero {
+                offset,
+                len,
+                trim,
+                fua,
+            } => {
+                res.store
+                    .write_zeroes(offset, len, trim, fua)
+                    .await
+                    .map_err(|e| format!("local zeroing failed: {}", error_chain(&e)))?;
+                Ok(Done::Written)
+            }
+            Op::Flush => {
+                res.store
+                    .flush()
+                    .await
+                    .map_err(|e| format!("flush failed: {}", error_chain(&e)))?;
+                Ok(Done::Flushed)
+            }
+            Op::Resync {
+                offset,
+                len,
+                zero,
+                payload,
+            } => {
+                let r = if zero {
+                    res.store
+                        .write_zeroes(offset, u64::from(len), true, false)
+                        .await
+                } else {
+                    res.store.write(offset, payload, false).await
+                };
+                r.map_err(|e| format!("resync write failed: {}", error_chain(&e)))?;
+                Ok(Done::Resynced { offset, len })
+            }
+            Op::ResyncDone => {
+                res.store
+                    .flush()
+                    .await
+                    .map_err(|e| format!("flush failed: {}", error_chain(&e)))?;
+                let slot = res.peers[i].slot;
+                res.meta_io(move |m| {
+                    m.bitmaps[slot].clear_all();
+                    m.save_bitmap(slot)?;
+                    m.sb.flags |= flags::CONSISTENT | flags::WAS_UP_TO_DATE;
+                    m.save_sb()
+                })
+                .await
+                .map_err(|e| format!("cannot persist resync end: {e}"))?;
+                Ok(Done::ResyncFinished)
+            }
+        }
+    })
 }
 
 struct Session {
@@ -300,7 +520,14 @@ struct Session {
     conn: Arc<Conn>,
     /// Replication messages that arrived during the handshake (applied after it).
     stash: VecDeque<Message>,
-    applier: Applier,
+    /// The peer's requests: which may start, which wait.
+    order: ApplyOrder<Op>,
+    /// Requests the store did not complete at once: `(seq, outcome)`.
+    ops: tokio::task::JoinSet<(u64, Result<Done, String>)>,
+    /// Acknowledgements not sent yet (sent per batch of received frames).
+    recv_acks: Vec<u64>,
+    write_acks: Vec<u64>,
+    other_acks: Vec<Message>,
     resync: Option<AbortOnDrop<()>>,
 }
 
@@ -313,33 +540,37 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-impl Drop for Applier {
-    fn drop(&mut self) {
-        self.abort();
-    }
-}
-
-async fn read_msg<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>) -> Result<Message, String> {
-    match tokio::time::timeout(KEEPALIVE_TIMEOUT, reader.read_frame()).await {
-        Err(_) => Err(format!(
-            "no traffic for {}s (keepalive timeout)",
-            KEEPALIVE_TIMEOUT.as_secs()
-        )),
-        Ok(Err(e)) => Err(format!("receive: {}", error_chain(&e))),
-        Ok(Ok(None)) => Err("peer closed the link".into()),
-        Ok(Ok(Some(f))) => Message::decode(f).map_err(|e| format!("malformed message: {e}")),
+/// Appends `RecvAck`/`WriteAck` frames covering `seqs` (sorted here), one per run.
+fn push_ack_runs(dst: &mut BytesMut, seqs: &mut [u64], written: bool) {
+    seqs.sort_unstable();
+    let mut k = 0;
+    while k < seqs.len() {
+        let first = seqs[k];
+        let mut count = 1u32;
+        while k + (count as usize) < seqs.len()
+            && seqs[k + count as usize] == first + u64::from(count)
+            && count < u32::MAX
+        {
+            count += 1;
+        }
+        k += count as usize;
+        let msg = if written {
+            Message::WriteAck { seq: first, count }
+        } else {
+            Message::RecvAck { seq: first, count }
+        };
+        push_frame(dst, &msg);
     }
 }
 
 impl Session {
     /// Reads the next handshake message, stashing replication traffic for later.
-    async fn next_handshake(&mut self, reader: &mut Reader) -> Result<Message, String> {
+    async fn next_handshake(&mut self, reader: &mut Rx) -> Result<Message, String> {
         loop {
-            let m = read_msg(reader).await?;
+            let m = reader.next_msg().await?;
             match m {
                 Message::Data { .. }
                 | Message::Zero { .. }
-                | Message::Barrier { .. }
                 | Message::Flush { .. }
                 | Message::NewUuid(_)
                 | Message::PeerState { .. } => self.stash.push_back(m),
@@ -352,7 +583,7 @@ impl Session {
 
     async fn run(
         &mut self,
-        reader: &mut Reader,
+        reader: &mut Rx,
         mine: crate::repl::wire::StateReport,
     ) -> SessionEnd {
         match self.handshake(reader, mine).await {
@@ -365,25 +596,153 @@ impl Session {
                 return SessionEnd::Lost(e);
             }
         }
+        match self.receive(reader).await {
+            Ok(never) => match never {},
+            Err(e) => SessionEnd::Lost(e),
+        }
+    }
+
+    /// The receive loop: handles every frame already received, takes more bytes while they
+    /// are there without waiting, and sends the batch's acknowledgements before it waits for
+    /// more bytes, for a request the store did not complete at once, or for the keepalive.
+    async fn receive(&mut self, rx: &mut Rx) -> Result<std::convert::Infallible, String> {
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handled = 0usize;
         loop {
-            let m = tokio::select! {
-                m = read_msg(reader) => m,
-                f = self.applier.failed.recv() => Err(f.unwrap_or_else(|| "apply failed".into())),
+            while let Some(f) = rx.frame()? {
+                self.handle(decode(f)?).await?;
+                handled += 1;
+                if handled >= ACK_BATCH {
+                    self.send_acks();
+                    handled = 0;
+                }
+            }
+            let more = {
+                let fill = rx.fill();
+                tokio::pin!(fill);
+                std::future::poll_fn(|cx| Poll::Ready(fill.as_mut().poll(cx))).await
             };
-            match m {
-                Ok(m) => {
-                    if let Err(e) = self.handle(m).await {
-                        return SessionEnd::Lost(e);
+            if let Poll::Ready(r) = more {
+                r?;
+                continue;
+            }
+            self.send_acks();
+            handled = 0;
+            tokio::select! {
+                r = rx.fill() => r?,
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => {
+                    self.op_done(done).await?;
+                    while let Some(done) = self.ops.try_join_next() {
+                        self.op_done(done).await?;
                     }
                 }
-                Err(e) => return SessionEnd::Lost(e),
+                _ = tick.tick() => {
+                    if rx.last.elapsed() >= KEEPALIVE_TIMEOUT {
+                        return Err(keepalive_expired());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the acknowledgements gathered so far (one outbox append for all).
+    fn send_acks(&mut self) {
+        if self.recv_acks.is_empty() && self.write_acks.is_empty() && self.other_acks.is_empty() {
+            return;
+        }
+        let (recv, write, other) = (
+            &mut self.recv_acks,
+            &mut self.write_acks,
+            &mut self.other_acks,
+        );
+        self.conn.out.push(|b| {
+            push_ack_runs(b, recv, false);
+            push_ack_runs(b, write, true);
+            for m in other.iter() {
+                push_frame(b, m);
+            }
+        });
+        recv.clear();
+        write.clear();
+        other.clear();
+    }
+
+    /// A request of the peer arrived: start it if its order allows.
+    async fn arrive(&mut self, seq: u64, after: u64, op: Op) -> Result<(), String> {
+        match self
+            .order
+            .arrive(Ordered { seq, after, op })
+            .map_err(|e| e.to_string())?
+        {
+            Some(r) => self.start(r).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Starts requests: each runs on this task when the store completes it at once (the usual
+    /// case for cached writes), else on its own task; completing one may release others.
+    async fn start(&mut self, first: Ordered<Op>) -> Result<(), String> {
+        let mut todo = vec![first];
+        while let Some(r) = todo.pop() {
+            let seq = r.seq;
+            let mut fut = execute(self.res.clone(), self.i, r.op);
+            match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
+                Poll::Ready(done) => {
+                    self.complete(seq, done?);
+                    self.order.done(seq, &mut todo);
+                }
+                Poll::Pending => {
+                    self.ops.spawn(async move { (seq, fut.await) });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn op_done(
+        &mut self,
+        joined: Result<(u64, Result<Done, String>), tokio::task::JoinError>,
+    ) -> Result<(), String> {
+        let (seq, done) = joined.map_err(|e| format!("apply task failed: {e}"))?;
+        self.complete(seq, done?);
+        let mut released = Vec::new();
+        self.order.done(seq, &mut released);
+        for r in released {
+            self.start(r).await?;
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping of an applied request (acknowledgements are gathered for the batch).
+    fn complete(&mut self, seq: u64, done: Done) {
+        let res = &self.res;
+        let i = self.i;
+        match done {
+            Done::Written => self.write_acks.push(seq),
+            Done::Flushed => self.other_acks.push(Message::FlushAck { seq }),
+            Done::Resynced { offset, len } => {
+                // Both copies now agree on this range: a later handshake must not bring it
+                // back through the bitmap exchange (that would restart, not resume, a resync).
+                let slot = res.peers[i].slot;
+                res.meta.lock().expect("meta").bitmaps[slot].clear_range(offset, u64::from(len));
+                self.other_acks.push(Message::ResyncAck { offset, len });
+                res.note_resync_received(u64::from(len));
+            }
+            Done::ResyncFinished => {
+                res.set_disk(DiskState::UpToDate);
+                res.update_peer(i, |s| {
+                    s.repl = ReplState::Established;
+                    s.resync_done = s.resync_total;
+                });
+                res.emit(Some(i), "resync-done", "target");
             }
         }
     }
 
     async fn handshake(
         &mut self,
-        reader: &mut Reader,
+        reader: &mut Rx,
         mine: crate::repl::wire::StateReport,
     ) -> Result<Option<SessionEnd>, String> {
         let res = self.res.clone();
@@ -514,7 +873,7 @@ impl Session {
         Ok(None)
     }
 
-    async fn exchange_bitmaps(&mut self, reader: &mut Reader) -> Result<(), String> {
+    async fn exchange_bitmaps(&mut self, reader: &mut Rx) -> Result<(), String> {
         let slot = self.res.peers[self.i].slot;
         let words = self.res.meta.lock().expect("meta").bitmaps[slot]
             .words()
@@ -559,19 +918,25 @@ impl Session {
         match m {
             Message::Data {
                 seq,
+                after,
                 offset,
                 flags,
                 payload,
             } => {
                 self.check_receiving()?;
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
-                    self.conn.send(Message::RecvAck { seq });
+                    self.recv_acks.push(seq);
                 }
-                self.applier
-                    .write(offset, payload, flags & FLAG_FUA != 0, seq);
+                let op = Op::Write {
+                    offset,
+                    data: payload,
+                    fua: flags & FLAG_FUA != 0,
+                };
+                self.arrive(seq, after, op).await?;
             }
             Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim,
@@ -579,21 +944,36 @@ impl Session {
             } => {
                 self.check_receiving()?;
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
-                    self.conn.send(Message::RecvAck { seq });
+                    self.recv_acks.push(seq);
                 }
-                self.applier.zero(offset, len, trim, fua, seq);
+                let op = Op::Zero {
+                    offset,
+                    len,
+                    trim,
+                    fua,
+                };
+                self.arrive(seq, after, op).await?;
             }
-            Message::Barrier { .. } => self.applier.close_epoch(None),
-            Message::Flush { seq } => self.applier.close_epoch(Some(Finish::Flush(seq))),
+            Message::Flush { seq } => self.arrive(seq, seq, Op::Flush).await?,
             Message::ResyncData {
+                seq,
+                after,
                 offset,
                 len,
                 zero,
                 payload,
-            } => self.applier.resync(offset, len, zero, payload),
-            Message::ResyncDone => self.applier.close_epoch(Some(Finish::ResyncDone(i))),
-            Message::RecvAck { seq } => self.conn.ack(seq, PeerAck::Received),
-            Message::WriteAck { seq } => self.conn.ack(seq, PeerAck::Written),
+            } => {
+                let op = Op::Resync {
+                    offset,
+                    len,
+                    zero,
+                    payload,
+                };
+                self.arrive(seq, after, op).await?;
+            }
+            Message::ResyncDone { seq } => self.arrive(seq, seq, Op::ResyncDone).await?,
+            Message::RecvAck { seq, count } => self.conn.ack(seq, count, PeerAck::Received),
+            Message::WriteAck { seq, count } => self.conn.ack(seq, count, PeerAck::Written),
             Message::FlushAck { seq } => self.conn.flush_ack(seq),
             Message::ResyncAck { offset, len } => {
                 resync::acked(res, i, &self.conn, offset, len);
@@ -626,184 +1006,5 @@ impl Session {
             return Err("peer sent writes while we are Primary (two primaries)".into());
         }
         Ok(())
-    }
-}
-
-/// What to do when an epoch is complete.
-enum Finish {
-    /// Flush the disk, then `FlushAck`.
-    Flush(u64),
-    /// Resync from peer `.0` complete: flush, become UpToDate.
-    ResyncDone(usize),
-}
-
-/// Applies the peer's writes: concurrently within an epoch, epochs in order.
-struct Applier {
-    res: Arc<Resource>,
-    conn: Arc<Conn>,
-    /// This node's bitmap slot for the peer (resync writes clear it: the copies agree there).
-    slot: usize,
-    /// Becomes true when every earlier epoch is on disk.
-    prev: watch::Receiver<bool>,
-    current: Vec<tokio::task::JoinHandle<bool>>,
-    tasks: tokio::task::JoinSet<()>,
-    fail_tx: mpsc::UnboundedSender<String>,
-    failed: mpsc::UnboundedReceiver<String>,
-}
-
-impl Applier {
-    fn new(res: Arc<Resource>, conn: Arc<Conn>, slot: usize) -> Applier {
-        let (fail_tx, failed) = mpsc::unbounded_channel();
-        Applier {
-            res,
-            conn,
-            slot,
-            prev: watch::channel(true).1,
-            current: Vec::new(),
-            tasks: tokio::task::JoinSet::new(),
-            fail_tx,
-            failed,
-        }
-    }
-
-    fn abort(&mut self) {
-        for h in self.current.drain(..) {
-            h.abort();
-        }
-        self.tasks.abort_all();
-    }
-
-    fn spawn_write<F>(&mut self, f: F)
-    where
-        F: FnOnce(
-                Arc<Resource>,
-                Arc<Conn>,
-            )
-                -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>>
-            + Send
-            + 'static,
-    {
-        let mut prev = self.prev.clone();
-        let (res, conn, fail) = (self.res.clone(), self.conn.clone(), self.fail_tx.clone());
-        self.current.push(tokio::spawn(async move {
-            if !*prev.borrow() && prev.wait_for(|d| *d).await.is_err() {
-                return false;
-            }
-            match f(res, conn).await {
-                Ok(()) => true,
-                Err(e) => {
-                    let _ = fail.send(e);
-                    false
-                }
-            }
-        }));
-    }
-
-    fn write(&mut self, offset: u64, data: Bytes, fua: bool, seq: u64) {
-        self.spawn_write(move |res, conn| {
-            Box::pin(async move {
-                res.store
-                    .write(offset, data, fua)
-                    .await
-                    .map_err(|e| format!("local write failed: {}", error_chain(&e)))?;
-                conn.send(Message::WriteAck { seq });
-                Ok(())
-            })
-        });
-    }
-
-    fn zero(&mut self, offset: u64, len: u64, trim: bool, fua: bool, seq: u64) {
-        self.spawn_write(move |res, conn| {
-            Box::pin(async move {
-                res.store
-                    .write_zeroes(offset, len, trim, fua)
-                    .await
-                    .map_err(|e| format!("local zeroing failed: {}", error_chain(&e)))?;
-                conn.send(Message::WriteAck { seq });
-                Ok(())
-            })
-        });
-    }
-
-    fn resync(&mut self, offset: u64, len: u32, zero: bool, payload: Bytes) {
-        let slot = self.slot;
-        self.spawn_write(move |res, conn| {
-            Box::pin(async move {
-                let r = if zero {
-                    res.store
-                        .write_zeroes(offset, u64::from(len), true, false)
-                        .await
-                } else {
-                    res.store.write(offset, payload, false).await
-                };
-                r.map_err(|e| format!("resync write failed: {}", error_chain(&e)))?;
-                // Both copies now agree on this range: a later handshake must not bring it
-                // back through the bitmap exchange (that would restart, not resume, a resync).
-                res.meta.lock().expect("meta").bitmaps[slot].clear_range(offset, u64::from(len));
-                conn.send(Message::ResyncAck { offset, len });
-                res.note_resync_received(u64::from(len));
-                Ok(())
-            })
-        });
-    }
-
-    /// Ends the current epoch: the next one waits for it; `finish` runs once it is on disk.
-    fn close_epoch(&mut self, finish: Option<Finish>) {
-        if self.current.is_empty() && finish.is_none() {
-            return;
-        }
-        let handles = std::mem::take(&mut self.current);
-        let mut prev = self.prev.clone();
-        let (done_tx, done_rx) = watch::channel(false);
-        self.prev = done_rx;
-        let (res, conn, fail) = (self.res.clone(), self.conn.clone(), self.fail_tx.clone());
-        self.tasks.spawn(async move {
-            if prev.wait_for(|d| *d).await.is_err() {
-                return;
-            }
-            for h in handles {
-                if !matches!(h.await, Ok(true)) {
-                    return;
-                }
-            }
-            match finish {
-                None => {}
-                Some(Finish::Flush(seq)) => match res.store.flush().await {
-                    Ok(()) => conn.send(Message::FlushAck { seq }),
-                    Err(e) => {
-                        let _ = fail.send(format!("flush failed: {}", error_chain(&e)));
-                        return;
-                    }
-                },
-                Some(Finish::ResyncDone(i)) => {
-                    if let Err(e) = res.store.flush().await {
-                        let _ = fail.send(format!("flush failed: {}", error_chain(&e)));
-                        return;
-                    }
-                    let slot = res.peers[i].slot;
-                    let r = res
-                        .meta_io(move |m| {
-                            m.bitmaps[slot].clear_all();
-                            m.save_bitmap(slot)?;
-                            m.sb.flags |= flags::CONSISTENT | flags::WAS_UP_TO_DATE;
-                            m.save_sb()
-                        })
-                        .await;
-                    if let Err(e) = r {
-                        let _ = fail.send(format!("cannot persist resync end: {e}"));
-                        return;
-                    }
-                    res.set_disk(DiskState::UpToDate);
-                    res.update_peer(i, |s| {
-                        s.repl = ReplState::Established;
-                        s.resync_done = s.resync_total;
-                    });
-                    res.emit(Some(i), "resync-done", "target");
-                }
-            }
-            let _ = done_tx.send(true);
-        });
-        // Reap finished closers now and then.
-        while self.tasks.try_join_next().is_some() {}
     }
 }

@@ -80,6 +80,8 @@ pub(crate) struct MetaState {
     /// Per bitmap slot.
     pub bitmaps: Vec<Bitmap>,
     pub al: ActivityLog,
+    /// Activity-log transactions being persisted (writes then take the slow path).
+    pub al_persisting: usize,
 }
 
 impl MetaState {
@@ -141,13 +143,28 @@ pub(crate) struct PeerRt {
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<Link>>,
 }
 
-/// Write ordering state of the Primary.
+/// Ordering of the requests this node replicates (see `repl::wire`): sequence numbers, and
+/// the `after` every new request carries.
 #[derive(Default)]
 pub(crate) struct Order {
+    /// The next sequence number (never reset: a peer's session sees them increase).
     pub seq: u64,
-    pub epoch: u64,
-    /// A request completed since the last barrier: the next write starts a new epoch.
-    pub completed: bool,
+    /// One past the highest sequence number of a completed request (0: none yet).
+    pub after: u64,
+}
+
+impl Order {
+    /// Numbers a new request: `(seq, after)`.
+    pub fn issue(&mut self) -> (u64, u64) {
+        let seq = self.seq;
+        self.seq += 1;
+        (seq, self.after)
+    }
+
+    /// Request `seq` completed: requests issued from now on are applied after it.
+    pub fn completed(&mut self, seq: u64) {
+        self.after = self.after.max(seq + 1);
+    }
 }
 
 /// A state change, for `blockctl events`.
@@ -293,6 +310,8 @@ pub struct Resource {
     /// persisted must wait for it).
     pub(crate) al_gate: tokio::sync::Mutex<()>,
     pub(crate) al_freed: Notify,
+    /// Bytes per activity-log extent (fixed by the metadata).
+    pub(crate) al_extent_size: u32,
     /// Held shared by every request of the Primary; demotion takes it exclusively.
     pub(crate) role_gate: tokio::sync::RwLock<()>,
     events: broadcast::Sender<Event>,
@@ -394,6 +413,7 @@ impl Resource {
             sb: sb.clone(),
             bitmaps,
             al,
+            al_persisting: 0,
         };
         if unclean {
             let ext = u64::from(g.al_extent_size);
@@ -461,6 +481,7 @@ impl Resource {
             ranges: Ranges::default(),
             al_gate: tokio::sync::Mutex::new(()),
             al_freed: Notify::new(),
+            al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
             events: broadcast::channel(1024).0,
             role_tx: watch::channel(Role::Secondary).0,
@@ -741,7 +762,6 @@ impl Resource {
             st.role = Role::Primary;
             st.disk = DiskState::UpToDate;
         }
-        *self.order.lock().expect("order") = Order::default();
         for &i in &in_sync {
             if let Some(c) = self.peers[i].conn.lock().expect("conn").as_ref() {
                 c.send(Message::NewUuid(current));

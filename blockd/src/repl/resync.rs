@@ -68,14 +68,19 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
                 }
             };
             {
+                // Numbered like a write that completes now: application writes issued later
+                // are applied after this chunk on the target.
                 let mut order = res.order.lock().expect("order");
+                let (seq, after) = order.issue();
                 conn.send(Message::ResyncData {
+                    seq,
+                    after,
                     offset: off,
                     len: len as u32,
                     zero,
                     payload,
                 });
-                order.completed = true;
+                order.completed(seq);
             }
             drop(range);
             sent += len;
@@ -104,7 +109,11 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             break;
         }
     }
-    conn.send(Message::ResyncDone);
+    {
+        let mut order = res.order.lock().expect("order");
+        let (seq, _) = order.issue();
+        conn.send(Message::ResyncDone { seq });
+    }
     let r = res
         .meta_io(move |m| {
             m.sb.generations.clear_bitmap(peer_id);

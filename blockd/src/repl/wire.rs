@@ -4,8 +4,15 @@
 //!
 //! A link starts with TLS, then the shared-secret challenge-response (`common::auth`), then
 //! [`Message::Hello`] both ways, then [`Message::State`] both ways (the handshake report), then
-//! whatever the handshake decided (bitmap exchange, sync UUID), then the replication stream:
-//! `Data`/`Zero` in order, `Barrier`s between write epochs, `Flush`, acknowledgements back.
+//! whatever the handshake decided (bitmap exchange, sync UUID), then the replication stream.
+//!
+//! Ordering: every replicated request (`Data`, `Zero`, `Flush`, `ResyncData`, `ResyncDone`) has
+//! a sequence number, increasing on the stream, and `after`: the receiver applies it only once
+//! every earlier request with a smaller sequence number than `after` is done (on its disk). The
+//! sender sets `after` past the last request that completed before this one was issued, so a
+//! peer's disk only ever goes through states the sender's disk went through, while requests
+//! that were in flight together are applied concurrently. Acknowledgements cover runs of
+//! sequence numbers (`RecvAck`/`WriteAck` with a count), one frame for a batch.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -15,7 +22,7 @@ use crate::repl::state::{DiskState, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -76,6 +83,8 @@ pub enum Message {
     /// A replicated write.
     Data {
         seq: u64,
+        /// Apply after every earlier request with a sequence number below this one is done.
+        after: u64,
         offset: u64,
         flags: u8,
         payload: Bytes,
@@ -83,26 +92,26 @@ pub enum Message {
     /// A replicated zeroing: `trim` punches holes (reads back as zeroes either way).
     Zero {
         seq: u64,
+        after: u64,
         offset: u64,
         len: u64,
         trim: bool,
         fua: bool,
     },
-    /// Ends write epoch `epoch`: writes after it are applied only after every write before it.
-    Barrier {
-        epoch: u64,
-    },
-    /// A barrier that also flushes the peer's disk; answered by `FlushAck`.
+    /// Flush the peer's disk once every earlier request is done; answered by `FlushAck`.
     Flush {
         seq: u64,
     },
-    /// Protocol B: the peer received write `seq`.
+    /// Protocol B: the peer received writes `seq .. seq + count`.
     RecvAck {
         seq: u64,
+        count: u32,
     },
-    /// The peer wrote write `seq` (sent under every protocol; A and B do not wait for it).
+    /// The peer wrote writes `seq .. seq + count` (sent under every protocol; A and B do not
+    /// wait for it).
     WriteAck {
         seq: u64,
+        count: u32,
     },
     /// The peer completed every earlier write and flushed.
     FlushAck {
@@ -110,6 +119,8 @@ pub enum Message {
     },
     /// Resync block(s): `zero` means the range reads as zeroes (no payload is sent).
     ResyncData {
+        seq: u64,
+        after: u64,
         offset: u64,
         len: u32,
         zero: bool,
@@ -120,8 +131,10 @@ pub enum Message {
         offset: u64,
         len: u32,
     },
-    /// The source sent every dirty block.
-    ResyncDone,
+    /// The source sent every dirty block (applied after every earlier request).
+    ResyncDone {
+        seq: u64,
+    },
     /// The Primary started a new generation; peers in sync adopt it.
     NewUuid(Uuid),
     /// The sender's role or disk state changed.
@@ -141,7 +154,6 @@ mod tag {
     pub const SYNC_UUID: u8 = 5;
     pub const DATA: u8 = 6;
     pub const ZERO: u8 = 7;
-    pub const BARRIER: u8 = 8;
     pub const FLUSH: u8 = 9;
     pub const RECV_ACK: u8 = 10;
     pub const WRITE_ACK: u8 = 11;
@@ -166,14 +178,13 @@ impl Message {
             Message::SyncUuid(_) => "sync-uuid",
             Message::Data { .. } => "data",
             Message::Zero { .. } => "zero",
-            Message::Barrier { .. } => "barrier",
             Message::Flush { .. } => "flush",
             Message::RecvAck { .. } => "recv-ack",
             Message::WriteAck { .. } => "write-ack",
             Message::FlushAck { .. } => "flush-ack",
             Message::ResyncData { .. } => "resync-data",
             Message::ResyncAck { .. } => "resync-ack",
-            Message::ResyncDone => "resync-done",
+            Message::ResyncDone { .. } => "resync-done",
             Message::NewUuid(_) => "new-uuid",
             Message::PeerState { .. } => "peer-state",
             Message::Ping => "ping",
@@ -236,19 +247,18 @@ impl Message {
             }
             Message::Data {
                 seq,
+                after,
                 offset,
                 flags,
                 payload,
             } => {
-                dst.reserve(18 + payload.len());
-                dst.put_u8(tag::DATA);
-                dst.put_u64(*seq);
-                dst.put_u64(*offset);
-                dst.put_u8(*flags);
+                dst.reserve(DATA_HEADER + payload.len());
+                encode_data_header(dst, *seq, *after, *offset, *flags);
                 dst.put_slice(payload);
             }
             Message::Zero {
                 seq,
+                after,
                 offset,
                 len,
                 trim,
@@ -256,26 +266,33 @@ impl Message {
             } => {
                 dst.put_u8(tag::ZERO);
                 dst.put_u64(*seq);
+                dst.put_u64(*after);
                 dst.put_u64(*offset);
                 dst.put_u64(*len);
                 dst.put_u8(u8::from(*trim) | u8::from(*fua) << 1);
             }
-            Message::Barrier { epoch } => {
-                dst.put_u8(tag::BARRIER);
-                dst.put_u64(*epoch);
-            }
             Message::Flush { seq } => put_seq(dst, tag::FLUSH, *seq),
-            Message::RecvAck { seq } => put_seq(dst, tag::RECV_ACK, *seq),
-            Message::WriteAck { seq } => put_seq(dst, tag::WRITE_ACK, *seq),
+            Message::RecvAck { seq, count } => {
+                put_seq(dst, tag::RECV_ACK, *seq);
+                dst.put_u32(*count);
+            }
+            Message::WriteAck { seq, count } => {
+                put_seq(dst, tag::WRITE_ACK, *seq);
+                dst.put_u32(*count);
+            }
             Message::FlushAck { seq } => put_seq(dst, tag::FLUSH_ACK, *seq),
             Message::ResyncData {
+                seq,
+                after,
                 offset,
                 len,
                 zero,
                 payload,
             } => {
-                dst.reserve(14 + payload.len());
+                dst.reserve(30 + payload.len());
                 dst.put_u8(tag::RESYNC_DATA);
+                dst.put_u64(*seq);
+                dst.put_u64(*after);
                 dst.put_u64(*offset);
                 dst.put_u32(*len);
                 dst.put_u8(u8::from(*zero));
@@ -286,7 +303,7 @@ impl Message {
                 dst.put_u64(*offset);
                 dst.put_u32(*len);
             }
-            Message::ResyncDone => dst.put_u8(tag::RESYNC_DONE),
+            Message::ResyncDone { seq } => put_seq(dst, tag::RESYNC_DONE, *seq),
             Message::NewUuid(u) => {
                 dst.put_u8(tag::NEW_UUID);
                 dst.put_u64(u.0);
@@ -393,6 +410,7 @@ impl Message {
             tag::DATA => {
                 c.tag = "data";
                 let seq = c.u64()?;
+                let after = c.u64()?;
                 let offset = c.u64()?;
                 let flags = c.u8()?;
                 if flags & !FLAG_FUA != 0 {
@@ -401,6 +419,7 @@ impl Message {
                 let payload = c.rest();
                 Message::Data {
                     seq,
+                    after,
                     offset,
                     flags,
                     payload,
@@ -409,6 +428,7 @@ impl Message {
             tag::ZERO => {
                 c.tag = "zero";
                 let seq = c.u64()?;
+                let after = c.u64()?;
                 let offset = c.u64()?;
                 let len = c.u64()?;
                 let f = c.u8()?;
@@ -417,15 +437,12 @@ impl Message {
                 }
                 Message::Zero {
                     seq,
+                    after,
                     offset,
                     len,
                     trim: f & 1 != 0,
                     fua: f & 2 != 0,
                 }
-            }
-            tag::BARRIER => {
-                c.tag = "barrier";
-                Message::Barrier { epoch: c.u64()? }
             }
             tag::FLUSH => {
                 c.tag = "flush";
@@ -433,11 +450,17 @@ impl Message {
             }
             tag::RECV_ACK => {
                 c.tag = "recv-ack";
-                Message::RecvAck { seq: c.u64()? }
+                Message::RecvAck {
+                    seq: c.u64()?,
+                    count: c.u32()?,
+                }
             }
             tag::WRITE_ACK => {
                 c.tag = "write-ack";
-                Message::WriteAck { seq: c.u64()? }
+                Message::WriteAck {
+                    seq: c.u64()?,
+                    count: c.u32()?,
+                }
             }
             tag::FLUSH_ACK => {
                 c.tag = "flush-ack";
@@ -445,6 +468,8 @@ impl Message {
             }
             tag::RESYNC_DATA => {
                 c.tag = "resync-data";
+                let seq = c.u64()?;
+                let after = c.u64()?;
                 let offset = c.u64()?;
                 let len = c.u32()?;
                 let zero = c.flag("zero")?;
@@ -454,6 +479,8 @@ impl Message {
                     return Err(c.invalid("payload length", payload.len() as u64));
                 }
                 Message::ResyncData {
+                    seq,
+                    after,
                     offset,
                     len,
                     zero,
@@ -467,7 +494,10 @@ impl Message {
                     len: c.u32()?,
                 }
             }
-            tag::RESYNC_DONE => Message::ResyncDone,
+            tag::RESYNC_DONE => {
+                c.tag = "resync-done";
+                Message::ResyncDone { seq: c.u64()? }
+            }
             tag::NEW_UUID => {
                 c.tag = "new-uuid";
                 Message::NewUuid(Uuid(c.u64()?))
@@ -490,6 +520,19 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+/// Bytes of a `Data` message before its payload.
+pub const DATA_HEADER: usize = 26;
+
+/// Encodes a `Data` message's header (everything before the payload) into `dst`: the write
+/// path appends the payload itself, so the payload is copied once, straight into the frame.
+pub fn encode_data_header(dst: &mut BytesMut, seq: u64, after: u64, offset: u64, flags: u8) {
+    dst.put_u8(tag::DATA);
+    dst.put_u64(seq);
+    dst.put_u64(after);
+    dst.put_u64(offset);
+    dst.put_u8(flags);
 }
 
 fn put_seq(dst: &mut BytesMut, t: u8, seq: u64) {
@@ -634,9 +677,10 @@ mod tests {
                 .prop_map(|(start_word, words)| Message::BitmapChunk { start_word, words }),
             any::<u64>().prop_map(|bits| Message::BitmapDone { bits }),
             any::<u64>().prop_map(|u| Message::SyncUuid(Uuid(u))),
-            (any::<u64>(), any::<u64>(), 0u8..2, bytes()).prop_map(
-                |(seq, offset, flags, payload)| Message::Data {
+            (any::<u64>(), any::<u64>(), any::<u64>(), 0u8..2, bytes()).prop_map(
+                |(seq, after, offset, flags, payload)| Message::Data {
                     seq,
+                    after,
                     offset,
                     flags,
                     payload
@@ -646,28 +690,33 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 any::<u64>(),
+                any::<u64>(),
                 any::<bool>(),
                 any::<bool>()
             )
-                .prop_map(|(seq, offset, len, trim, fua)| Message::Zero {
+                .prop_map(|(seq, after, offset, len, trim, fua)| Message::Zero {
                     seq,
+                    after,
                     offset,
                     len,
                     trim,
                     fua
                 }),
-            any::<u64>().prop_map(|epoch| Message::Barrier { epoch }),
             any::<u64>().prop_map(|seq| Message::Flush { seq }),
-            any::<u64>().prop_map(|seq| Message::RecvAck { seq }),
-            any::<u64>().prop_map(|seq| Message::WriteAck { seq }),
+            (any::<u64>(), any::<u32>()).prop_map(|(seq, count)| Message::RecvAck { seq, count }),
+            (any::<u64>(), any::<u32>()).prop_map(|(seq, count)| Message::WriteAck { seq, count }),
             any::<u64>().prop_map(|seq| Message::FlushAck { seq }),
             (any::<u64>(), bytes()).prop_map(|(offset, payload)| Message::ResyncData {
+                seq: offset ^ 0x55,
+                after: offset / 3,
                 offset,
                 len: payload.len() as u32,
                 zero: false,
                 payload
             }),
             (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Message::ResyncData {
+                seq: offset.rotate_left(7),
+                after: 0,
                 offset,
                 len,
                 zero: true,
@@ -675,7 +724,7 @@ mod tests {
             }),
             (any::<u64>(), any::<u32>())
                 .prop_map(|(offset, len)| Message::ResyncAck { offset, len }),
-            Just(Message::ResyncDone),
+            any::<u64>().prop_map(|seq| Message::ResyncDone { seq }),
             any::<u64>().prop_map(|u| Message::NewUuid(Uuid(u))),
             (0..Role::ALL.len(), 0..DiskState::ALL.len()).prop_map(|(r, d)| {
                 Message::PeerState {
@@ -710,6 +759,23 @@ mod tests {
     }
 
     #[test]
+    fn data_header_matches_the_message_encoding() {
+        let payload = Bytes::from_static(b"some bytes");
+        let mut a = BytesMut::new();
+        encode_data_header(&mut a, 7, 3, 4096, FLAG_FUA);
+        assert_eq!(a.len(), DATA_HEADER);
+        a.extend_from_slice(&payload);
+        let msg = Message::Data {
+            seq: 7,
+            after: 3,
+            offset: 4096,
+            flags: FLAG_FUA,
+            payload,
+        };
+        assert_eq!(a.freeze(), msg.to_bytes());
+    }
+
+    #[test]
     fn malformed_messages_are_named() {
         assert_eq!(Message::decode(Bytes::new()), Err(WireError::Empty));
         assert_eq!(
@@ -725,6 +791,8 @@ mod tests {
         );
         let mut b = BytesMut::new();
         Message::ResyncData {
+            seq: 1,
+            after: 0,
             offset: 0,
             len: 8,
             zero: false,

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
+pub use os::Pipe;
 pub use sync::{SyncConfig, SyncEngine};
 pub use uring::{UringConfig, UringEngine};
 
@@ -370,6 +371,10 @@ struct Inner {
     zero_range: AtomicBool,
     /// Block devices: discard is supported.
     discard: bool,
+    /// tmpfs/ramfs: page-cache operations never wait for a device.
+    memory_backed: bool,
+    /// `splice` from the backing works (cleared on the first `EINVAL`).
+    splice: AtomicBool,
 }
 
 /// The block store. Cheap to clone; all clones share one file and one engine.
@@ -436,6 +441,8 @@ impl BlockStore {
                 punch: AtomicBool::new(punch),
                 zero_range: AtomicBool::new(zero_range),
                 discard,
+                memory_backed,
+                splice: AtomicBool::new(true),
             }),
         })
     }
@@ -516,6 +523,52 @@ impl BlockStore {
         } else {
             buf.extend_from_slice(&rest);
             Ok(buf)
+        }
+    }
+
+    /// Puts `[offset, offset+len)` into `pipe` as references to page-cache pages (no copy), to
+    /// be spliced into a socket. `Ok(Some(pipe))` when all `len` bytes are in the pipe;
+    /// `Ok(None)` when this path cannot serve the range (splice unsupported, the pipe too
+    /// small, end of file, any I/O error): the pipe is dropped with whatever it held and the
+    /// caller uses [`BlockStore::read`], which serves or reports the error. The pages are read
+    /// when the socket sends them: a write completing before then may show in the data, as it
+    /// may for any read that overlaps a write in flight.
+    pub async fn splice_read(
+        &self,
+        offset: u64,
+        len: usize,
+        pipe: Pipe,
+    ) -> Result<Option<Pipe>, StoreError> {
+        self.check_range(offset, len as u64)?;
+        if len == 0 || len > pipe.capacity() || !self.inner.splice.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let fill = move |file: &File| -> io::Result<Option<Pipe>> {
+            let mut done = 0;
+            while done < len {
+                match pipe.fill_from(file, offset + done as u64, len - done) {
+                    Ok(0) => return Ok(None),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Some(pipe))
+        };
+        let result = if self.inner.memory_backed {
+            fill(&self.inner.file).map_err(EngineError::Io)
+        } else {
+            self.inner.engine.blocking(fill).await
+        };
+        match result {
+            Ok(filled) => Ok(filled),
+            Err(EngineError::Io(e)) => {
+                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                    self.inner.splice.store(false, Ordering::Relaxed);
+                }
+                Ok(None)
+            }
+            Err(EngineError::Gone) => Err(StoreError::EngineGone),
         }
     }
 

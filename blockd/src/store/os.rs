@@ -205,3 +205,108 @@ pub fn eventfd_signal(fd: &impl AsRawFd) -> io::Result<()> {
         other => other.map(drop),
     }
 }
+
+/// A kernel pipe used to move file pages to a socket without copying them through user space:
+/// `splice` from the file references page-cache pages in the pipe, `splice` to a TCP or Unix
+/// socket passes those references on. Both ends are non-blocking.
+#[derive(Debug)]
+pub struct Pipe {
+    read: std::os::fd::OwnedFd,
+    write: std::os::fd::OwnedFd,
+    capacity: usize,
+}
+
+impl Pipe {
+    /// A pipe of at least `capacity` bytes (`F_SETPIPE_SZ`; fails above the system limit).
+    pub fn with_capacity(capacity: usize) -> io::Result<Pipe> {
+        use std::os::fd::FromRawFd;
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 writes two fds into the live local array.
+        check(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) }
+                as libc::c_long,
+        )?;
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (read, write) = unsafe {
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        let want = libc::c_int::try_from(capacity)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain fcntl on an fd we own; no memory is passed.
+        let got = check(
+            unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, want) } as libc::c_long,
+        )? as usize;
+        Ok(Pipe {
+            read,
+            write,
+            capacity: got,
+        })
+    }
+
+    /// Bytes the pipe holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Splices up to `len` bytes of `file` at `offset` into the pipe; returns the bytes moved
+    /// (0 at end of file). `EAGAIN` when the pipe is full.
+    pub fn fill_from(&self, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+        let mut off = to_off(offset)?;
+        loop {
+            // SAFETY: splice between two fds we own; `off` is a live local the kernel reads
+            // and updates; no other memory is passed.
+            let ret = unsafe {
+                libc::splice(
+                    file.as_raw_fd(),
+                    &mut off,
+                    self.write.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match check(ret as libc::c_long) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|n| n as usize),
+            }
+        }
+    }
+
+    /// Splices up to `len` bytes from the pipe into `out` (a non-blocking socket); `more` tells
+    /// the socket more data follows. `WouldBlock` when the socket is full.
+    pub fn drain_to(&self, out: &impl AsRawFd, len: usize, more: bool) -> io::Result<usize> {
+        let flags = libc::SPLICE_F_NONBLOCK | if more { libc::SPLICE_F_MORE } else { 0 };
+        loop {
+            // SAFETY: splice between two fds we own or borrow for the call; no memory passed.
+            let ret = unsafe {
+                libc::splice(
+                    self.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    out.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    flags,
+                )
+            };
+            match check(ret as libc::c_long) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|n| n as usize),
+            }
+        }
+    }
+}
+
+impl Pipe {
+    /// Copies `data` into the pipe (a reply header ahead of spliced pages); it must fit.
+    pub fn push(&self, data: &[u8]) -> io::Result<()> {
+        // SAFETY: write(2) reads `data.len()` bytes from the live slice into a pipe we own.
+        let ret = unsafe { libc::write(self.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+        match check(ret as libc::c_long)? as usize {
+            n if n == data.len() => Ok(()),
+            _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+        }
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 
 use super::*;
@@ -14,8 +14,12 @@ use crate::store::{BlockStore, EngineKind, OpenOptions};
 
 const SIZE: u64 = 8 << 20;
 
+/// The client end of a test connection (in-memory duplex or TCP).
+trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
+
 struct Harness {
-    client: DuplexStream,
+    client: Box<dyn ClientStream>,
     server: JoinHandle<Result<End, TransmissionError>>,
     store: BlockStore,
     metrics: Arc<NbdMetrics>,
@@ -52,9 +56,35 @@ fn open_store(read_only: bool) -> (BlockStore, tempfile::TempDir) {
 }
 
 fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
-    let (store, dir) = open_store(read_only);
     let (client, server_end) = tokio::io::duplex(1 << 20);
     let (r, w) = tokio::io::split(server_end);
+    start_on(Box::new(client), r, w, structured, read_only, limits)
+}
+
+/// Like [`start`] over a loopback TCP connection, where large READ replies are spliced.
+async fn start_tcp(structured: bool, limits: Limits) -> Harness {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server_end, _) = listener.accept().await.unwrap();
+    let (r, w) = server_end.into_split();
+    start_on(Box::new(client), r, w, structured, false, limits)
+}
+
+fn start_on<R, W>(
+    client: Box<dyn ClientStream>,
+    r: R,
+    w: W,
+    structured: bool,
+    read_only: bool,
+    limits: Limits,
+) -> Harness
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: ReplySink,
+{
+    let (store, dir) = open_store(read_only);
     let session = Session {
         structured,
         base_allocation: structured.then_some(BASE_ALLOCATION_ID),
@@ -542,4 +572,72 @@ fn validation_picks_the_right_error() {
     );
     assert_eq!(errno(&RequestError::Store(StoreError::NotFast)), ENOTSUP);
     assert_eq!(errno(&RequestError::Store(StoreError::EngineGone)), EIO);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_reads_over_a_socket_are_spliced_and_exact() {
+    for structured in [false, true] {
+        let mut h = start_tcp(structured, Limits::default()).await;
+        let data = pattern(4 << 20, 3);
+        for (i, piece) in data.chunks(1 << 20).enumerate() {
+            let at = (i << 20) as u64;
+            h.send(req(CMD_WRITE, 0, i as u64, at, piece.len() as u32), piece)
+                .await;
+            assert_eq!(h.simple(|_| 0).await.1, 0);
+        }
+        // Aligned and unaligned, below, at and above the splice limits; several in flight.
+        let reads: [(u64, usize); 7] = [
+            (0, 1 << 20),
+            (4096 * 3 + 100, (1 << 20) - 300),
+            (12345, 200 << 10),
+            ((1 << 20) - 1, (1 << 20) + 2),
+            (5, 2 << 20),
+            (777, 64 << 10),
+            ((4 << 20) - (256 << 10), 256 << 10),
+        ];
+        for (cookie, &(offset, len)) in reads.iter().enumerate() {
+            h.send(req(CMD_READ, 0, cookie as u64, offset, len as u32), &[])
+                .await;
+        }
+        let mut seen = 0;
+        for _ in reads {
+            let (cookie, error, got) = if structured {
+                // Replies come in any order: the reply names its cookie; read by its size.
+                let reply = h.message().await;
+                let Reply::Chunk { header, payload } = reply else {
+                    panic!("simple reply to a structured read")
+                };
+                assert_ne!(header.flags & REPLY_FLAG_DONE, 0, "one chunk per read");
+                let Chunk::Data { offset, data } = payload else {
+                    panic!("unexpected chunk {payload:?}")
+                };
+                assert_eq!(offset, reads[header.cookie as usize].0);
+                (header.cookie, 0, data.to_vec())
+            } else {
+                h.simple(|cookie| reads[cookie as usize].1).await
+            };
+            let (offset, len) = reads[cookie as usize];
+            assert_eq!(error, 0);
+            assert_eq!(got.len(), len);
+            assert!(
+                got == data[offset as usize..offset as usize + len],
+                "read {cookie} (structured: {structured}) returned wrong data"
+            );
+            seen |= 1 << cookie;
+        }
+        assert_eq!(seen, (1 << reads.len()) - 1);
+        // A write after a spliced read is seen by the next read.
+        h.send(req(CMD_WRITE, 0, 50, 0, 4096), &[9; 4096]).await;
+        assert_eq!(h.simple(|_| 0).await.1, 0);
+        h.send(req(CMD_READ, 0, 51, 0, 1 << 20), &[]).await;
+        let got = if structured {
+            h.structured_read(0, 1 << 20).await.2
+        } else {
+            h.simple(|_| 1 << 20).await.2
+        };
+        assert_eq!(&got[..4096], &[9; 4096][..]);
+        assert!(got[4096..] == data[4096..1 << 20]);
+        h.send(req(CMD_DISC, 0, 52, 0, 0), &[]).await;
+        assert_eq!(h.finish().await.unwrap(), End::Disconnect);
+    }
 }
