@@ -14,6 +14,7 @@
 #   --repeat N         run the whole set N times, interleaved; the table shows medians (default 1)
 #   --perf DIR         also `perf record -g` every blockd process during each job into DIR
 #   --no-build         use the existing target/release binaries
+#   --bin-dir DIR      use blockd and blockctl from DIR (implies --no-build; A/B comparisons)
 #   --quick            --runtime 4
 set -euo pipefail
 
@@ -25,6 +26,7 @@ JOBS="randwrite seqwrite"
 REPEAT=1
 PERF_DIR=
 BUILD=1
+BIN_DIR=
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) DIR=$2; shift 2 ;;
@@ -35,8 +37,9 @@ while [ $# -gt 0 ]; do
         --repeat) REPEAT=$2; shift 2 ;;
         --perf) PERF_DIR=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
+        --bin-dir) BIN_DIR=$2; BUILD=0; shift 2 ;;
         --quick) RUNTIME=4; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
 done
@@ -44,9 +47,11 @@ done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 for t in fio jq nbdinfo; do command -v $t >/dev/null || { echo "missing tool: $t" >&2; exit 1; }; done
 if [ "$BUILD" = 1 ]; then (cd "$ROOT" && cargo build -p blockd --release --bins --quiet); fi
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-BLOCKD=$TARGET_DIR/release/blockd
-BLOCKCTL=$TARGET_DIR/release/blockctl
+if [ -z "$BIN_DIR" ]; then
+    BIN_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)/release
+fi
+BLOCKD=$BIN_DIR/blockd
+BLOCKCTL=$BIN_DIR/blockctl
 TCK=$(getconf CLK_TCK)
 if [ -n "$PERF_DIR" ]; then mkdir -p "$PERF_DIR"; fi
 

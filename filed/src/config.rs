@@ -642,6 +642,31 @@ mod tests {
     const EXAMPLE: &str = include_str!("../examples/two-nodes.toml");
 
     #[test]
+    fn daemon_section_defaults_and_errors() {
+        let base = "[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\n";
+        let c = Config::parse(base, Path::new("/f.toml")).unwrap();
+        assert_eq!(c.daemon, DaemonConfig::default());
+        assert_eq!(c.daemon.batch_delay, std::time::Duration::from_millis(200));
+        let c = Config::parse(
+            &format!("{base}[daemon]\nbatch-delay-ms = 50\nfull-check-interval-secs = 60\nmetrics_listen = \"127.0.0.1:9465\"\n"),
+            Path::new("/f.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.daemon.batch_delay, std::time::Duration::from_millis(50));
+        assert_eq!(c.daemon.full_check_interval.as_secs(), 60);
+        assert_eq!(c.daemon.metrics_listen.as_deref(), Some("127.0.0.1:9465"));
+        for bad in [
+            "batch-delay-ms = 60001",
+            "full-check-interval-secs = 0",
+            "metrics-listen = \"nowhere\"",
+            "bogus = 1",
+        ] {
+            let e = Config::parse(&format!("{base}[daemon]\n{bad}\n"), Path::new("/f.toml"));
+            assert!(e.is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
     fn example_parses() {
         let c = Config::parse(EXAMPLE, Path::new("/x/two-nodes.toml")).unwrap();
         let a = &c.hosts["alpha"];

@@ -773,3 +773,4 @@ mod tests {
     }
 }
 pub mod repl;
+pub mod repl_proxy;

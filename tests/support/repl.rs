@@ -559,3 +559,184 @@ else:
         n += 1
     print('verified %d' % n)
 "#;
+
+/// `blockctl events r0 --json` of one node, written to a file while it runs (killed on drop).
+pub struct EventLog {
+    pub path: PathBuf,
+    _child: crate::ChildGuard,
+}
+
+impl EventLog {
+    /// Subscribes to node `i`'s events; returns once the subscription is live.
+    pub fn start(c: &Cluster, i: usize, name: &str) -> EventLog {
+        let path = c.dir.path().join(format!("events-{name}.jsonl"));
+        let out = std::fs::File::create(&path).expect("create events file");
+        let child = Command::new(blockctl_bin())
+            .arg("--config")
+            .arg(&c.config)
+            .args(["--node", &c.nodes[i].name, "events", RESOURCE, "--json"])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn blockctl events");
+        // The server answers the subscription before streaming; give it a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        EventLog {
+            path,
+            _child: crate::ChildGuard(child),
+        }
+    }
+
+    /// The events received so far.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until an event with `what` (and a value containing `value`) arrived.
+    pub fn wait_for(&self, what: &str, value: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.events().into_iter().find(|e| {
+                e["what"] == what && e["value"].as_str().is_some_and(|v| v.contains(value))
+            }) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no event {what}:{value} after {timeout:?}; got {:?}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Cluster {
+    /// `len` bytes at `offset` of node `i`'s data area, read from its backing file.
+    pub fn read_backing(&self, i: usize, offset: u64, len: u64) -> Vec<u8> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.nodes[i].backing).expect("open backing");
+        f.seek(SeekFrom::Start(offset)).expect("seek");
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact(&mut buf).expect("read backing");
+        buf
+    }
+
+    /// Waits until node `i`'s status of peer `peer` satisfies `cond`.
+    pub fn wait_peer(
+        &self,
+        i: usize,
+        peer: usize,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status(i);
+            let p = st["peers"]
+                .as_array()
+                .expect("peers")
+                .iter()
+                .find(|p| p["node"] == self.nodes[peer].name.as_str())
+                .cloned()
+                .expect("peer in status");
+            if cond(&p) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {what} not reached after {timeout:?}: {st:#}\n{}",
+                self.nodes[i].name,
+                tail(&self.log(i), 30)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The byte count of the last "resync started (source)" line in node `i`'s log.
+    pub fn last_resync_source_bytes(&self, i: usize) -> Option<u64> {
+        self.log(i)
+            .lines()
+            .filter(|l| l.contains("resync started (source)"))
+            .next_back()
+            .and_then(|l| l.split("bytes=").nth(1))
+            .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+    }
+}
+
+/// A dedicated nftables table that drops TCP traffic to and from chosen ports (a network
+/// partition on loopback). The table is deleted when dropped.
+pub struct Partition {
+    table: String,
+}
+
+impl Partition {
+    /// Creates an empty table `name` (any leftover of that name is replaced).
+    pub fn new(name: &str) -> Partition {
+        let table = format!("blockd_test_{name}_{}", std::process::id());
+        let _ = nft(&["delete", "table", "inet", &table]);
+        nft(&["add", "table", "inet", &table]).expect("nft add table");
+        for (chain, hook) in [("out", "output"), ("in", "input")] {
+            nft(&[
+                "add",
+                "chain",
+                "inet",
+                &table,
+                chain,
+                &format!("{{ type filter hook {hook} priority 0; policy accept; }}"),
+            ])
+            .expect("nft add chain");
+        }
+        Partition { table }
+    }
+
+    /// Drops every TCP segment from or to `port` on loopback.
+    pub fn cut_port(&self, port: u16) {
+        for chain in ["out", "in"] {
+            for dir in ["dport", "sport"] {
+                nft(&[
+                    "add",
+                    "rule",
+                    "inet",
+                    &self.table,
+                    chain,
+                    "tcp",
+                    dir,
+                    &port.to_string(),
+                    "drop",
+                ])
+                .expect("nft add rule");
+            }
+        }
+    }
+
+    /// Removes every rule (heals the partition; the table stays).
+    pub fn heal(&self) {
+        for chain in ["out", "in"] {
+            nft(&["flush", "chain", "inet", &self.table, chain]).expect("nft flush chain");
+        }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = nft(&["delete", "table", "inet", &self.table]);
+    }
+}
+
+/// Runs `nft ARGS`; `Err` with its stderr on failure.
+pub fn nft(args: &[&str]) -> Result<(), String> {
+    let out = crate::run_timeout(Command::new("nft").args(args), Duration::from_secs(10));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}

@@ -87,7 +87,7 @@ impl fmt::Display for Peer {
     }
 }
 
-type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxRead = Box<dyn transmission::RequestSource>;
 type BoxWrite = Box<dyn transmission::ReplySink>;
 
 /// A byte stream that can be split into independently owned read and write halves.

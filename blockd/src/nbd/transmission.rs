@@ -316,7 +316,7 @@ impl Outgoing {
 /// The tail of a reply held in pipes, sent in order: a copied header, then file pages by
 /// reference. Each entry is a pipe and the bytes it holds.
 struct Spliced {
-    pipes: Vec<(Pipe, usize)>,
+    pipes: Vec<(PooledPipe, usize)>,
 }
 
 impl Spliced {
@@ -363,6 +363,78 @@ impl ReplySink for Box<dyn ReplySink> {
     }
 }
 
+/// The read half of a connection. Plain sockets can also move a WRITE payload into a pipe
+/// (`splice`), from which a memory-backed file copies it: one copy instead of two.
+pub trait RequestSource: AsyncRead + Unpin + Send + 'static {
+    /// Whether [`RequestSource::poll_splice`] works on this source.
+    fn can_splice(&self) -> bool {
+        false
+    }
+
+    /// Moves up to `len` bytes from the socket into `pipe`, which must be empty (so that
+    /// "would block" can only mean the socket has no data); 0 at end of stream.
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &Pipe,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        let _ = (cx, pipe, len);
+        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+/// Streams that are not plain sockets (TLS, in-memory) read copies only.
+impl<T: AsyncRead + AsyncWrite + Send + 'static> RequestSource for tokio::io::ReadHalf<T> {}
+
+impl RequestSource for Box<dyn RequestSource> {
+    fn can_splice(&self) -> bool {
+        (**self).can_splice()
+    }
+
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        pipe: &Pipe,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_splice(cx, pipe, len)
+    }
+}
+
+/// Splices out of a tokio socket: waits for readability, then tries; `WouldBlock` (the pipe
+/// is empty, so the socket is drained) clears the readiness and waits again.
+macro_rules! socket_source {
+    ($half:ty) => {
+        impl RequestSource for $half {
+            fn can_splice(&self) -> bool {
+                true
+            }
+
+            fn poll_splice(
+                &mut self,
+                cx: &mut Context<'_>,
+                pipe: &Pipe,
+                len: usize,
+            ) -> Poll<io::Result<usize>> {
+                let socket = self.as_ref();
+                loop {
+                    std::task::ready!(socket.poll_read_ready(cx))?;
+                    match socket.try_io(tokio::io::Interest::READABLE, || {
+                        pipe.fill_from_socket(socket, len)
+                    }) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        other => return Poll::Ready(other),
+                    }
+                }
+            }
+        }
+    };
+}
+
+socket_source!(tokio::net::tcp::OwnedReadHalf);
+socket_source!(tokio::net::unix::OwnedReadHalf);
+
 /// Splices into a tokio socket: waits for writability, then tries; `WouldBlock` clears the
 /// readiness and waits again.
 macro_rules! socket_sink {
@@ -396,16 +468,39 @@ macro_rules! socket_sink {
 socket_sink!(tokio::net::tcp::OwnedWriteHalf);
 socket_sink!(tokio::net::unix::OwnedWriteHalf);
 
-/// Pipes of one connection, reused across READ replies (each in-flight spliced reply holds one).
+/// Pipes of one connection, reused across READ replies (an in-flight spliced reply holds one
+/// or more). At most [`MAX_LIVE_PIPES`] exist at once, so a connection's file descriptors stay
+/// bounded; beyond that replies are copied.
 struct PipePool {
     capacity: usize,
-    free: Mutex<Vec<Pipe>>,
+    free: Mutex<Vec<PooledPipe>>,
+    live: Arc<AtomicUsize>,
+}
+
+/// A pipe counted against its pool's limit until dropped.
+struct PooledPipe {
+    pipe: Pipe,
+    live: Arc<AtomicUsize>,
+}
+
+impl AsRef<Pipe> for PooledPipe {
+    fn as_ref(&self) -> &Pipe {
+        &self.pipe
+    }
+}
+
+impl Drop for PooledPipe {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Pipe size asked for: the default `pipe-max-size` (larger needs `CAP_SYS_RESOURCE`).
 const PIPE_BYTES: usize = 1 << 20;
 /// Most idle pipes a connection keeps.
 const MAX_FREE_PIPES: usize = 32;
+/// Most pipes a connection has at once (two file descriptors each).
+const MAX_LIVE_PIPES: usize = 64;
 const PAGE: usize = 4096;
 
 impl PipePool {
@@ -415,19 +510,38 @@ impl PipePool {
         let pipe = Pipe::with_capacity(PIPE_BYTES)
             .or_else(|_| Pipe::with_capacity(PAGE * 16))
             .ok()?;
+        let live = Arc::new(AtomicUsize::new(1));
         Some(PipePool {
             capacity: pipe.capacity(),
-            free: Mutex::new(vec![pipe]),
+            free: Mutex::new(vec![PooledPipe {
+                pipe,
+                live: live.clone(),
+            }]),
+            live,
         })
     }
 
-    fn take(&self) -> Option<Pipe> {
+    fn take(&self) -> Option<PooledPipe> {
         let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        reused.or_else(|| Pipe::with_capacity(self.capacity).ok())
+        if reused.is_some() {
+            return reused;
+        }
+        if self.live.fetch_add(1, Ordering::Relaxed) >= MAX_LIVE_PIPES {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let live = self.live.clone();
+        match Pipe::with_capacity(self.capacity) {
+            Ok(pipe) => Some(PooledPipe { pipe, live }),
+            Err(_) => {
+                live.fetch_sub(1, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// Returns an empty pipe for reuse.
-    fn give(&self, pipe: Pipe) {
+    fn give(&self, pipe: PooledPipe) {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         if free.len() < MAX_FREE_PIPES {
             free.push(pipe);
@@ -759,7 +873,7 @@ async fn splice_read(
         let mut room = slots;
         let mut held = 0;
         if pos == 0 {
-            if pipe.push(header).is_err() {
+            if pipe.pipe.push(header).is_err() {
                 return Ok(None);
             }
             room -= 1;
@@ -933,7 +1047,7 @@ pub async fn serve<R, W>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<End, TransmissionError>
 where
-    R: AsyncRead + Unpin,
+    R: RequestSource,
     W: ReplySink,
 {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -964,7 +1078,7 @@ where
     Ok(end)
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(
+async fn read_loop<R: RequestSource>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
     budget: &Arc<Semaphore>,
@@ -1073,7 +1187,7 @@ async fn charge(budget: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
 }
 
 /// Reads the next request header; `None` on a clean end of stream between requests.
-async fn read_request<R: AsyncRead + Unpin>(
+async fn read_request<R: RequestSource>(
     reader: &mut BufReader<R>,
 ) -> Result<Option<Request>, TransmissionError> {
     let available = reader
@@ -1096,7 +1210,7 @@ async fn read_request<R: AsyncRead + Unpin>(
 }
 
 /// Reads a WRITE payload chunk by chunk, handing each chunk to the store as it arrives.
-async fn receive_write<R: AsyncRead + Unpin>(
+async fn receive_write<R: RequestSource>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
     budget: &Arc<Semaphore>,
@@ -1108,6 +1222,25 @@ async fn receive_write<R: AsyncRead + Unpin>(
 ) -> Result<(), TransmissionError> {
     let chunk = ctx.limits.chunk;
     let len = len as usize;
+    if len > SPLICE_MIN as usize && len <= MAX_SPLICE && !fua && reader.get_ref().can_splice() {
+        if let (Some(pool), Device::Local(store)) = (&ctx.pipes, &ctx.store) {
+            if store.writes_from_pipe() {
+                let permit = charge(budget, len).await;
+                if let Some(pipe) = pool.take() {
+                    let result = splice_write(reader, store, &pipe.pipe, offset, len).await?;
+                    drop(permit);
+                    match result {
+                        Ok(()) => {
+                            pool.give(pipe);
+                            ctx.ok(track, cookie, None);
+                        }
+                        Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
     if len <= chunk {
         let permit = charge(budget, len).await;
         let data = read_payload(reader, len).await?;
@@ -1151,11 +1284,55 @@ async fn receive_write<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Receives a WRITE payload through `pipe` into a memory-backed store: what the header read
+/// already buffered is copied into the pipe, the rest is spliced from the socket; after each
+/// splice the file copies the pipe's pages and the pipe is empty again. The whole payload is
+/// always consumed, so a store failure (the inner result) leaves the connection usable; the
+/// pipe is then not empty and must be dropped. The outer error is a failed connection.
+async fn splice_write<R: RequestSource>(
+    reader: &mut BufReader<R>,
+    store: &BlockStore,
+    pipe: &Pipe,
+    offset: u64,
+    len: usize,
+) -> Result<Result<(), StoreError>, TransmissionError> {
+    let buffered = reader.buffer();
+    let n = buffered.len().min(len);
+    let mut result = Ok(());
+    if n > 0 {
+        result = pipe
+            .push(&buffered[..n])
+            .map_err(|source| StoreError::Write {
+                offset,
+                len: len as u64,
+                source,
+            })
+            .and_then(|()| store.write_from_pipe(offset, n, pipe));
+        reader.consume(n);
+    }
+    let mut pos = n;
+    while pos < len && result.is_ok() {
+        let want = len - pos;
+        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, pipe, want))
+            .await
+            .map_err(TransmissionError::ReadPayload)?;
+        if n == 0 {
+            return Err(TransmissionError::ReadPayload(
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        result = store.write_from_pipe(offset + pos as u64, n, pipe);
+        pos += n;
+    }
+    discard(reader, (len - pos) as u64).await?;
+    Ok(result)
+}
+
 /// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill): first what the
 /// header read already buffered, then straight from the socket into the payload buffer (no
 /// second copy through the read buffer), except for short tails, which go through the buffer
 /// so one receive also picks up the requests behind them.
-async fn read_payload<R: AsyncRead + Unpin>(
+async fn read_payload<R: RequestSource>(
     reader: &mut BufReader<R>,
     len: usize,
 ) -> Result<Bytes, TransmissionError> {
@@ -1185,7 +1362,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
 const DIRECT_READ_MIN: usize = 64 << 10;
 
 /// Reads and drops `len` bytes.
-async fn discard<R: AsyncRead + Unpin>(
+async fn discard<R: RequestSource>(
     reader: &mut BufReader<R>,
     len: u64,
 ) -> Result<(), TransmissionError> {
@@ -1274,7 +1451,8 @@ async fn write_batch<W: ReplySink>(writer: &mut W, batch: &[Outgoing]) -> io::Re
             for (pipe, len) in &spliced.pipes {
                 let mut left = *len;
                 while left > 0 {
-                    let n = std::future::poll_fn(|cx| writer.poll_splice(cx, pipe, left)).await?;
+                    let n =
+                        std::future::poll_fn(|cx| writer.poll_splice(cx, &pipe.pipe, left)).await?;
                     if n == 0 {
                         return Err(io::ErrorKind::WriteZero.into());
                     }

@@ -533,20 +533,24 @@ impl BlockStore {
     /// caller uses [`BlockStore::read`], which serves or reports the error. The pages are read
     /// when the socket sends them: a write completing before then may show in the data, as it
     /// may for any read that overlaps a write in flight.
-    pub async fn splice_read(
+    pub async fn splice_read<P: AsRef<Pipe> + Send + 'static>(
         &self,
         offset: u64,
         len: usize,
-        pipe: Pipe,
-    ) -> Result<Option<Pipe>, StoreError> {
+        pipe: P,
+    ) -> Result<Option<P>, StoreError> {
         self.check_range(offset, len as u64)?;
-        if len == 0 || len > pipe.capacity() || !self.inner.splice.load(Ordering::Relaxed) {
+        if len == 0 || len > pipe.as_ref().capacity() || !self.inner.splice.load(Ordering::Relaxed)
+        {
             return Ok(None);
         }
-        let fill = move |file: &File| -> io::Result<Option<Pipe>> {
+        let fill = move |file: &File| -> io::Result<Option<P>> {
             let mut done = 0;
             while done < len {
-                match pipe.fill_from(file, offset + done as u64, len - done) {
+                match pipe
+                    .as_ref()
+                    .fill_from(file, offset + done as u64, len - done)
+                {
                     Ok(0) => return Ok(None),
                     Ok(n) => done += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -570,6 +574,45 @@ impl BlockStore {
             }
             Err(EngineError::Gone) => Err(StoreError::EngineGone),
         }
+    }
+
+    /// Whether [`BlockStore::write_from_pipe`] is available: a writable memory-backed file
+    /// (tmpfs, ramfs), where writing from a pipe is a memcpy that never waits for a device.
+    pub fn writes_from_pipe(&self) -> bool {
+        self.inner.memory_backed
+            && !self.inner.read_only
+            && matches!(self.inner.backing, Backing::File)
+            && self.inner.splice.load(Ordering::Relaxed)
+    }
+
+    /// Writes the `len` bytes `pipe` holds at `offset`, on the calling thread (only where
+    /// [`BlockStore::writes_from_pipe`]). The file copies from the pipe's pages: data received
+    /// from a socket into a pipe is copied once instead of twice. On error the pipe may still
+    /// hold part of the data; the caller drops it.
+    pub fn write_from_pipe(&self, offset: u64, len: usize, pipe: &Pipe) -> Result<(), StoreError> {
+        self.check_write(offset, len as u64)?;
+        let wrap = |source| StoreError::Write {
+            offset,
+            len: len as u64,
+            source,
+        };
+        if !self.writes_from_pipe() {
+            return Err(wrap(io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
+        }
+        let mut done = 0;
+        while done < len {
+            match pipe.drain_to_file(&self.inner.file, offset + done as u64, len - done) {
+                Ok(0) => return Err(wrap(io::Error::from_raw_os_error(libc::EIO))),
+                Ok(n) => done += n,
+                Err(e) => {
+                    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+                        self.inner.splice.store(false, Ordering::Relaxed);
+                    }
+                    return Err(wrap(e));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.

@@ -299,6 +299,12 @@ impl Pipe {
     }
 }
 
+impl AsRef<Pipe> for Pipe {
+    fn as_ref(&self) -> &Pipe {
+        self
+    }
+}
+
 impl Pipe {
     /// Copies `data` into the pipe (a reply header ahead of spliced pages); it must fit.
     pub fn push(&self, data: &[u8]) -> io::Result<()> {
@@ -307,6 +313,55 @@ impl Pipe {
         match check(ret as libc::c_long)? as usize {
             n if n == data.len() => Ok(()),
             _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
+        }
+    }
+}
+
+impl Pipe {
+    /// Splices up to `len` bytes from `input` (a non-blocking socket) into the pipe; returns
+    /// the bytes moved (0 at end of stream). `WouldBlock` when the socket has no data or the
+    /// pipe is full.
+    pub fn fill_from_socket(&self, input: &impl AsRawFd, len: usize) -> io::Result<usize> {
+        loop {
+            // SAFETY: splice between two fds we own or borrow for the call; no memory passed.
+            let ret = unsafe {
+                libc::splice(
+                    input.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    self.write.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    len,
+                    libc::SPLICE_F_NONBLOCK,
+                )
+            };
+            match check(ret as libc::c_long) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|n| n as usize),
+            }
+        }
+    }
+
+    /// Splices up to `len` bytes from the pipe into `file` at `offset`; returns the bytes
+    /// written. Blocking on the file side.
+    pub fn drain_to_file(&self, file: &File, offset: u64, len: usize) -> io::Result<usize> {
+        let mut off = to_off(offset)?;
+        loop {
+            // SAFETY: splice between two fds we own; `off` is a live local the kernel reads
+            // and updates; no other memory is passed.
+            let ret = unsafe {
+                libc::splice(
+                    self.read.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    file.as_raw_fd(),
+                    &mut off,
+                    len,
+                    0,
+                )
+            };
+            match check(ret as libc::c_long) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|n| n as usize),
+            }
         }
     }
 }

@@ -1,0 +1,321 @@
+//! Checksum runs on a live link, and the checksum resync source.
+//!
+//! [`ask_run`] reads a run while holding its range (no application write in flight on it),
+//! hashes it ([`checksum::digests`]), and sends `ChecksumRequest` numbered like a write that
+//! completes at once: the peer hashes its copy after every earlier request and before every
+//! later one, so both sides hash the same state of the data even while the application writes.
+//! The peer's `ChecksumReply` comes back through [`AnswerRoutes`] to the worker that asked.
+//!
+//! [`run_source`] is the resync source used when the bitmap is untrusted (`csums`): it walks
+//! the dirty bits like `repl::resync`, but for each run with data it asks for the peer's
+//! checksum first. Equal runs are cleared without sending data; in a differing run only the
+//! differing blocks are sent as `ResyncData`. Holes still go as zero ranges (no payload).
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use crate::repl::checksum::{
+    self, ChecksumPurpose, ChecksumTracker, Csums, PeerAnswer, RunOutcome,
+};
+use crate::repl::pacer::Pacer;
+use crate::repl::peer::{Conn, RESYNC_WINDOW};
+use crate::repl::resource::{Resource, ResourceError, error_chain};
+use crate::repl::resync::{self, CHUNK};
+use crate::repl::wire::Message;
+
+/// A peer's answer about one run.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub offset: u64,
+    pub len: u64,
+    pub answer: PeerAnswer,
+}
+
+/// Where a session delivers checksum answers: to the worker of each purpose, if one runs.
+#[derive(Default)]
+pub(crate) struct AnswerRoutes {
+    verify: Mutex<Option<mpsc::UnboundedSender<Answer>>>,
+    resync: Mutex<Option<mpsc::UnboundedSender<Answer>>>,
+}
+
+impl AnswerRoutes {
+    fn slot(&self, purpose: ChecksumPurpose) -> &Mutex<Option<mpsc::UnboundedSender<Answer>>> {
+        match purpose {
+            ChecksumPurpose::Verify => &self.verify,
+            ChecksumPurpose::Resync => &self.resync,
+        }
+    }
+
+    /// Registers the worker of `purpose`; returns its receiver.
+    pub fn open(&self, purpose: ChecksumPurpose) -> mpsc::UnboundedReceiver<Answer> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.slot(purpose).lock().expect("answer routes") = Some(tx);
+        rx
+    }
+
+    /// Delivers an answer; `false` when no worker asked (a stale or unsolicited reply).
+    pub fn deliver(&self, purpose: ChecksumPurpose, a: Answer) -> bool {
+        match self.slot(purpose).lock().expect("answer routes").as_ref() {
+            Some(tx) => tx.send(a).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Reads and hashes `[offset, offset + len)` while holding the range, remembers the per-block
+/// digests in `tracker` and asks the peer about the run (in stream order).
+pub(crate) async fn ask_run(
+    res: &Resource,
+    conn: &Conn,
+    tracker: &mut ChecksumTracker,
+    offset: u64,
+    len: u64,
+    purpose: ChecksumPurpose,
+) -> Result<(), String> {
+    let range = res.ranges.lock(offset, len).await;
+    let data = res
+        .store
+        .read(offset, len as usize)
+        .await
+        .map_err(|e| format!("checksum read at {offset}: {}", error_chain(&e)))?
+        .freeze();
+    let bs = tracker.block_size() as usize;
+    let (digest, blocks) = tokio::task::spawn_blocking(move || checksum::digests(&data, bs))
+        .await
+        .map_err(|e| format!("checksum task failed: {e}"))?;
+    tracker.asked(offset, len, blocks);
+    {
+        let mut order = res.order.lock().expect("order");
+        let (seq, after) = order.issue();
+        conn.send(Message::ChecksumRequest {
+            seq,
+            after,
+            offset,
+            len: len as u32,
+            block_size: bs as u32,
+            purpose,
+            digest,
+        });
+        order.completed(seq);
+    }
+    drop(range);
+    Ok(())
+}
+
+/// Sends `[offset, offset + len)` as resync data (read while holding the range; a hole goes as
+/// a zero range). Its `ResyncAck` clears the bits and returns the window space.
+pub(crate) async fn send_data(
+    res: &Resource,
+    conn: &Conn,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let range = res.ranges.lock(offset, len).await;
+    let zero = matches!(res.store.block_status(offset, len).await.as_deref(),
+        Ok([e, ..]) if e.zero && e.length >= len);
+    let payload = if zero {
+        Bytes::new()
+    } else {
+        res.store
+            .read(offset, len as usize)
+            .await
+            .map_err(|e| format!("resync read failed: {}", error_chain(&e)))?
+            .freeze()
+    };
+    {
+        let mut order = res.order.lock().expect("order");
+        let (seq, after) = order.issue();
+        conn.send(Message::ResyncData {
+            seq,
+            after,
+            offset,
+            len: len as u32,
+            zero,
+            payload,
+        });
+        order.completed(seq);
+    }
+    drop(range);
+    Ok(())
+}
+
+/// Whether `[offset, offset + len)` reads as zeroes on this node without reading it.
+async fn is_hole(res: &Resource, offset: u64, len: u64) -> bool {
+    matches!(res.store.block_status(offset, len).await.as_deref(),
+        Ok([e, ..]) if e.zero && e.length >= len)
+}
+
+struct Walk {
+    res: Arc<Resource>,
+    i: usize,
+    conn: Arc<Conn>,
+    tracker: ChecksumTracker,
+    /// Bytes sent as data (differing blocks and holes).
+    data_bytes: u64,
+    /// Bytes found equal (not sent).
+    equal_bytes: u64,
+}
+
+impl Walk {
+    async fn on_answer(&mut self, a: Answer) -> Result<(), String> {
+        let outcome = self
+            .tracker
+            .answered(a.offset, a.len, a.answer)
+            .map_err(|e| e.to_string())?;
+        match outcome {
+            RunOutcome::Equal { offset, len } => {
+                self.equal_bytes += len;
+                resync::acked(&self.res, self.i, &self.conn, offset, len as u32);
+            }
+            RunOutcome::Differ(cmp) => {
+                for (o, l) in cmp.equal {
+                    self.equal_bytes += l;
+                    resync::acked(&self.res, self.i, &self.conn, o, l as u32);
+                }
+                for (o, l) in cmp.differ {
+                    self.data_bytes += l;
+                    send_data(&self.res, &self.conn, o, l).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs a checksum resync towards peer `i` until every dirty block is equal or acknowledged,
+/// then ends it like `repl::resync::run_source`.
+pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
+    let slot = res.peers[i].slot;
+    let (total, bs) = {
+        let m = res.meta.lock().expect("meta");
+        (
+            m.bitmaps[slot].count_dirty_bytes(),
+            m.bitmaps[slot].block_size(),
+        )
+    };
+    res.update_peer(i, |s| {
+        s.resync_total = total;
+        s.resync_done = 0;
+        s.resync_started = Some(Instant::now());
+    });
+    tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = total,
+        "checksum resync started (source)");
+    let start = Instant::now();
+    let mut answers = conn.answers.open(ChecksumPurpose::Resync);
+    let mut closed = conn.closed.subscribe();
+    let mut pacer = Pacer::new(res.clone(), res.spec.rate);
+    let mut w = Walk {
+        res: res.clone(),
+        i,
+        conn: conn.clone(),
+        tracker: ChecksumTracker::new(total, bs),
+        data_bytes: 0,
+        equal_bytes: 0,
+    };
+    let window = conn.resync_window.clone();
+    let progress = {
+        let res = res.clone();
+        let window = window.clone();
+        move || {
+            let done = res.state.lock().expect("state").peers[i].resync_done;
+            (done, (RESYNC_WINDOW - window.available_permits()) as u64)
+        }
+    };
+    let r: Result<(), String> = async {
+        loop {
+            let mut pos = 0;
+            loop {
+                if *closed.borrow() {
+                    return Err("link closed".into());
+                }
+                while let Ok(a) = answers.try_recv() {
+                    w.on_answer(a).await?;
+                }
+                let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
+                let Some((off, len)) = next else { break };
+                pacer.admit(len, &progress).await;
+                // Window space; answers return space, so keep handling them while waiting.
+                let permits = loop {
+                    tokio::select! {
+                        p = window.clone().acquire_many_owned(len as u32) => {
+                            break p.map_err(|_| "link closed".to_string())?;
+                        }
+                        Some(a) = answers.recv() => w.on_answer(a).await?,
+                        _ = closed.changed() => return Err("link closed".into()),
+                    }
+                };
+                permits.forget();
+                if is_hole(&res, off, len).await {
+                    w.data_bytes += len;
+                    send_data(&res, &conn, off, len).await?;
+                } else {
+                    ask_run(&res, &conn, &mut w.tracker, off, len, ChecksumPurpose::Resync).await?;
+                }
+                pos = off + len;
+            }
+            // Wait until every run is answered and every block sent is acknowledged.
+            loop {
+                tokio::select! {
+                    all = window.clone().acquire_many_owned(RESYNC_WINDOW as u32) => {
+                        drop(all.map_err(|_| "link closed".to_string())?);
+                        break;
+                    }
+                    Some(a) = answers.recv() => w.on_answer(a).await?,
+                    _ = closed.changed() => return Err("link closed".into()),
+                }
+            }
+            if res.meta.lock().expect("meta").bitmaps[slot]
+                .dirty_extent_from(0, 1)
+                .is_none()
+            {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    if let Err(e) = r {
+        tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
+            "checksum resync stopped: {e}");
+        return;
+    }
+    tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
+        equal = w.equal_bytes, sent = w.data_bytes,
+        "checksum resync compared every dirty block");
+    resync::finish_source(res, i, conn, w.data_bytes, start).await;
+}
+
+impl Resource {
+    /// Whether the resync this node is about to run as the source of peer `i` compares
+    /// checksums: `csums = yes`, or `auto` with an untrusted bitmap (full sync, crashed
+    /// primary), or a pending `blockctl connect --checksum` (used once).
+    pub(crate) fn checksum_resync(&self, i: usize, untrusted: bool) -> bool {
+        let requested = std::mem::take(&mut self.state.lock().expect("state").peers[i].checksum_next);
+        match self.spec.csums {
+            Csums::Yes => true,
+            Csums::No => requested,
+            Csums::Auto => untrusted || requested,
+        }
+    }
+
+    /// `blockctl connect --checksum`: the next resync with `peer` (default: every peer)
+    /// compares checksums first (`on = false` withdraws a pending request).
+    pub fn request_checksum_resync(&self, peer: Option<&str>, on: bool) -> Result<(), ResourceError> {
+        let which: Vec<usize> = match peer {
+            Some(n) => vec![
+                self.peers
+                    .iter()
+                    .position(|p| p.node.name == n)
+                    .ok_or_else(|| ResourceError::UnknownPeer(n.to_string()))?,
+            ],
+            None => (0..self.peers.len()).collect(),
+        };
+        let mut st = self.state.lock().expect("state");
+        for i in which {
+            st.peers[i].checksum_next = on;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,301 @@
+//! Quorum at runtime, and the gate every Primary I/O passes: the quorum verdict is recomputed
+//! (with [`super::quorum::decide`]) whenever a peer's connection state changes — a peer counts
+//! once its handshake is done; without quorum a Primary suspends its I/O until quorum returns
+//! (or it stops being Primary) or fails it with EIO (`on-no-quorum`). A Primary that loses
+//! quorum while a resync target of the majority is found at reconnect steps down by itself.
+//!
+//! It also starts the Primary's new generation after a peer loss *lazily*, before the first
+//! write that follows (DRBD starts it at once): a Primary cut off from everyone that writes
+//! nothing more keeps its generation, so when the majority promotes another node, the old
+//! Primary is simply behind it (a sync target), not a split brain. Until that write, the
+//! Primary counts as a crashed one (`crashed_primary`), so writes in flight at the loss are
+//! resynced from it if nobody else took over.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::watch;
+
+use crate::meta::superblock::flags;
+use crate::repl::quorum::{self, OnNoQuorum, QuorumInput, QuorumSetting, QuorumVerdict};
+use crate::repl::resource::{Resource, fresh_uuid};
+use crate::repl::state::{ConnState, ReplState, Role};
+use crate::repl::wire::Message;
+use crate::store::StoreError;
+
+/// Quorum status of a resource (`blockctl status`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QuorumStatus {
+    /// `off`, `majority` or a node count.
+    pub setting: String,
+    pub on_no_quorum: String,
+    pub has_quorum: bool,
+    /// Voters present (this node included) and voters in total.
+    pub present: u32,
+    pub voters: u32,
+    /// This node is Primary without quorum and holds its I/O.
+    pub io_suspended: bool,
+}
+
+/// The runtime quorum state of a resource.
+pub(crate) struct QuorumState {
+    setting: QuorumSetting,
+    on_no_quorum: OnNoQuorum,
+    /// This node's id and the configured nodes (bit mask).
+    me: u8,
+    members: u32,
+    verdict: Mutex<QuorumVerdict>,
+    /// Quorum held (always true when quorum is off): the fast path of every I/O.
+    has: AtomicBool,
+    changed: watch::Sender<bool>,
+    /// A peer was lost while Primary and no write has started the new generation yet.
+    new_current_pending: AtomicBool,
+    new_current_lock: tokio::sync::Mutex<()>,
+}
+
+impl QuorumState {
+    pub(crate) fn new(setting: QuorumSetting, on_no_quorum: OnNoQuorum, me: u8, peers: &[u8]) -> Self {
+        let members = peers
+            .iter()
+            .chain(std::iter::once(&me))
+            .fold(0u32, |m, &id| m | 1u32.checked_shl(u32::from(id)).unwrap_or(0));
+        let verdict = quorum::decide(
+            setting,
+            &QuorumInput {
+                me,
+                members,
+                reachable: 0,
+                departed: 0,
+            },
+        );
+        QuorumState {
+            setting,
+            on_no_quorum,
+            me,
+            members,
+            verdict: Mutex::new(verdict),
+            has: AtomicBool::new(verdict.quorum),
+            changed: watch::channel(verdict.quorum).0,
+            new_current_pending: AtomicBool::new(false),
+            new_current_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The quorum report of a handshake (`None` when quorum is off).
+    pub(crate) fn report(&self) -> Option<bool> {
+        (self.setting != QuorumSetting::Off).then(|| self.has.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn has_quorum(&self) -> bool {
+        self.has.load(Ordering::SeqCst)
+    }
+}
+
+fn no_quorum_error(offset: u64, len: u64) -> StoreError {
+    StoreError::Write {
+        offset,
+        len,
+        source: std::io::Error::other("no quorum (on-no-quorum = io-error)"),
+    }
+}
+
+fn stepped_down_error(offset: u64, len: u64) -> StoreError {
+    StoreError::Write {
+        offset,
+        len,
+        source: std::io::Error::other("I/O was suspended without quorum and this node is no longer Primary"),
+    }
+}
+
+impl Resource {
+    /// Recomputes quorum from the peers whose handshake is done; reports a change.
+    pub(crate) fn recompute_quorum(&self) {
+        let q = &self.quorum;
+        let reachable = {
+            let st = self.state.lock().expect("state");
+            self.peers
+                .iter()
+                .zip(&st.peers)
+                .filter(|(_, s)| s.conn == ConnState::Connected)
+                .fold(0u32, |m, (p, _)| {
+                    m | 1u32.checked_shl(u32::from(p.node.id)).unwrap_or(0)
+                })
+        };
+        let v = quorum::decide(
+            q.setting,
+            &QuorumInput {
+                me: q.me,
+                members: q.members,
+                reachable,
+                departed: 0,
+            },
+        );
+        let before = std::mem::replace(&mut *q.verdict.lock().expect("quorum"), v);
+        q.has.store(v.quorum, Ordering::SeqCst);
+        if before.quorum != v.quorum {
+            let word = if v.quorum { "regained" } else { "lost" };
+            let primary = self.role() == Role::Primary;
+            tracing::warn!(resource = %self.name(), present = v.present, voters = v.voters,
+                primary, "quorum {word}");
+            self.emit(None, "quorum", format!("{word} ({}/{})", v.present, v.voters));
+            if primary && !v.quorum {
+                self.emit(None, "io", q.on_no_quorum.as_str());
+            }
+            let _ = q.changed.send(v.quorum);
+        }
+    }
+
+    /// Quorum for `blockctl status`.
+    pub(crate) fn quorum_status(&self) -> QuorumStatus {
+        let q = &self.quorum;
+        let v = *q.verdict.lock().expect("quorum");
+        QuorumStatus {
+            setting: q.setting.to_string(),
+            on_no_quorum: q.on_no_quorum.as_str().to_string(),
+            has_quorum: v.quorum,
+            present: v.present,
+            voters: v.voters,
+            io_suspended: !v.quorum
+                && q.on_no_quorum == OnNoQuorum::SuspendIo
+                && self.role() == Role::Primary,
+        }
+    }
+
+    /// The gate of every Primary request: passes at once with quorum; without it, waits for
+    /// quorum (`suspend-io`; fails when the node stops being Primary or shuts down) or fails
+    /// (`io-error`).
+    pub(crate) async fn quorum_gate(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let q = &self.quorum;
+        if q.has.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if q.on_no_quorum == OnNoQuorum::IoError {
+            return Err(no_quorum_error(offset, len));
+        }
+        let mut quorum = q.changed.subscribe();
+        let mut role = self.watch_role();
+        let mut stop = self.stop_signal();
+        loop {
+            if *quorum.borrow_and_update() {
+                return Ok(());
+            }
+            if *role.borrow_and_update() != Role::Primary || *stop.borrow_and_update() {
+                return Err(stepped_down_error(offset, len));
+            }
+            tokio::select! {
+                r = quorum.changed() => if r.is_err() { return Err(stepped_down_error(offset, len)) },
+                r = role.changed() => if r.is_err() { return Err(stepped_down_error(offset, len)) },
+                r = stop.changed() => if r.is_err() { return Err(stepped_down_error(offset, len)) },
+            }
+        }
+    }
+
+    /// The session with peer `i` is ending: it stops counting for quorum before its
+    /// unacknowledged writes are released (so none of them completes on a quorum it no longer
+    /// has).
+    pub(crate) fn peer_leaving(&self, i: usize) {
+        self.update_peer(i, |s| {
+            if s.conn == ConnState::Connected {
+                s.conn = ConnState::Connecting;
+            }
+        });
+    }
+
+    /// A Primary lost a peer: the next write starts a new generation; until then it counts as
+    /// a crashed Primary (its unacknowledged writes are only here).
+    pub(crate) fn peer_lost_while_primary(&self) {
+        self.quorum.new_current_pending.store(true, Ordering::SeqCst);
+        self.state.lock().expect("state").crashed_primary = true;
+    }
+
+    /// Before a write: starts the new generation owed since a peer loss (persisted before the
+    /// write proceeds), tells the peers in sync, and has peers in a handshake redo it.
+    pub(crate) async fn ensure_generation(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let q = &self.quorum;
+        if !q.new_current_pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let _g = q.new_current_lock.lock().await;
+        if !q.new_current_pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let (in_sync, out_of_sync, reconnect) = {
+            let st = self.state.lock().expect("state");
+            let mut in_sync = Vec::new();
+            let mut out_of_sync = Vec::new();
+            let mut reconnect = Vec::new();
+            for (i, (p, s)) in self.peers.iter().zip(&st.peers).enumerate() {
+                if s.conn == ConnState::Connected && s.repl == ReplState::Established {
+                    in_sync.push(i);
+                } else {
+                    out_of_sync.push(p.node.id);
+                    reconnect.push(i);
+                }
+            }
+            (in_sync, out_of_sync, reconnect)
+        };
+        let fresh = fresh_uuid();
+        let current = self
+            .meta_io(move |m| {
+                m.sb.generations.new_current(fresh, true, &out_of_sync);
+                m.sb.flags |= flags::PRIMARY;
+                m.save_sb()?;
+                Ok(m.sb.generations.current)
+            })
+            .await
+            .map_err(|e| StoreError::Write {
+                offset,
+                len,
+                source: std::io::Error::other(format!("replication metadata: {e}")),
+            })?;
+        q.new_current_pending.store(false, Ordering::SeqCst);
+        for &i in &in_sync {
+            if let Some(c) = self.peers[i].conn.lock().expect("conn").as_ref() {
+                c.send(Message::NewUuid(current));
+            }
+        }
+        self.role_epoch.fetch_add(1, Ordering::SeqCst);
+        for &i in &reconnect {
+            if self.peers[i].conn.lock().expect("conn").is_some() {
+                self.peers[i].kill.notify_one();
+            }
+        }
+        tracing::info!(resource = %self.name(), %current, "new generation after a peer loss");
+        Ok(())
+    }
+
+    /// A new generation was started some other way (promotion): none is owed any more.
+    pub(crate) fn generation_started(&self) {
+        self.quorum.new_current_pending.store(false, Ordering::SeqCst);
+    }
+
+    /// A Primary without quorum found at a handshake that it is behind (a sync target): the
+    /// majority went on without it. It becomes Secondary locally (its suspended I/O fails), so
+    /// the resync can overwrite its disk. No flush is sent to peers (none is in sync).
+    pub(crate) async fn step_down(&self, why: &str) {
+        if self.role() != Role::Primary {
+            return;
+        }
+        self.send_role(Role::Secondary);
+        let gate = self.role_gate.write().await;
+        self.state.lock().expect("state").role = Role::Secondary;
+        drop(gate);
+        if let Err(e) = self.store.flush().await {
+            tracing::error!(resource = %self.name(), "flush while stepping down failed: {e}");
+        }
+        let r = self
+            .meta_io(|m| {
+                m.sb.flags &= !flags::PRIMARY;
+                m.sb.generations.set_primary(false);
+                m.save_sb()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(resource = %self.name(), "cannot persist stepping down: {e}");
+        }
+        self.quorum.new_current_pending.store(false, Ordering::SeqCst);
+        tracing::warn!(resource = %self.name(), "stepped down to Secondary: {why}");
+        self.emit(None, "role", Role::Secondary.as_str());
+        self.broadcast_state();
+    }
+}
