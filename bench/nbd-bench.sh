@@ -2,7 +2,9 @@
 # NBD server benchmark (not a test): fio --ioengine=nbd against blockd, `nbdkit file` and
 # qemu-nbd on the same backing file, plus fio --ioengine=io_uring on the file itself as the
 # physical limit. Jobs: 4k randwrite/randread at iodepth 32, 1 MiB seq write/read at iodepth 8.
-# Servers run in a rotated order on every repetition; the table shows medians.
+# Servers run in a rotated order on every repetition; the table shows medians, and a second
+# table the server's CPU time per request (utime+stime from /proc over the fio run, all server
+# threads), a measure that a busy machine disturbs much less than throughput.
 #
 # Usage: bench/nbd-bench.sh [options]
 #   --dirs "D1 D2"       backing directories (default: "/dev/shm /var/tmp")
@@ -149,13 +151,22 @@ job_args() {
     esac
 }
 
-# run_fio SERVER JOB FILE LOCATION REP: one fio run, appends "loc server job rep iops MiB/s".
+# cpu_ticks PID: user+system clock ticks used so far by the process (all its threads).
+cpu_ticks() {
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# run_fio SERVER JOB FILE LOCATION REP: one fio run, appends
+# "loc server job rep iops MiB/s cpu-us-per-request" (cpu "-" for raw).
 run_fio() {
     local server=$1 job=$2 file=$3 loc=$4 rep=$5 out=$WORK/fio.json dir=read
     case "$job" in *write) dir=write ;; esac
     sync
     local common=(--name="$job" --size="$SIZE" --time_based --runtime="$RUNTIME"
         --ramp_time=1 --numjobs=1 --group_reporting --output-format=json --output="$out")
+    local t0=0
+    [ "$server" = raw ] || t0=$(cpu_ticks "$SERVER_PID")
     # shellcheck disable=SC2046
     if [ "$server" = raw ]; then
         fio "${common[@]}" --ioengine=io_uring --direct=0 --filename="$file" \
@@ -163,11 +174,19 @@ run_fio() {
     else
         fio "${common[@]}" --ioengine=nbd --uri="$URI" $(job_args "$job") >/dev/null
     fi
-    local iops mibs
+    local iops mibs cpu=-
     iops=$(jq -r ".jobs[0].$dir.iops" "$out")
     mibs=$(jq -r ".jobs[0].$dir.bw_bytes / 1048576" "$out")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs" >>"$RESULTS"
-    printf '  %-8s %-12s %-9s rep %s: %10.0f IOPS %8.1f MiB/s\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs"
+    if [ "$server" != raw ]; then
+        # CPU over ramp + run divided by the requests of both (fio counts the run only).
+        local t1 ios
+        t1=$(cpu_ticks "$SERVER_PID")
+        ios=$(jq -r "(.jobs[0].$dir.iops * ($RUNTIME + 1))" "$out")
+        cpu=$(awk -v d=$((t1 - t0)) -v n="$ios" -v hz="$CLK_TCK" \
+            'BEGIN { if (n > 0) printf "%.2f", d * 1e6 / hz / n; else print "-" }')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs" "$cpu" >>"$RESULTS"
+    printf '  %-8s %-12s %-9s rep %s: %10.0f IOPS %8.1f MiB/s %8s us CPU/req\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs" "$cpu"
 }
 
 read -r -a server_list <<<"$SERVERS"
@@ -203,10 +222,13 @@ echo
 import collections, statistics, sys
 
 runs = collections.defaultdict(list)
+cpu = collections.defaultdict(list)
 order_loc, order_srv, order_job = [], [], []
 for line in open(sys.argv[1]):
-    loc, srv, job, rep, iops, mibs = line.rstrip("\n").split("\t")
+    loc, srv, job, rep, iops, mibs, c = line.rstrip("\n").split("\t")
     runs[(loc, srv, job)].append((float(iops), float(mibs)))
+    if c != "-":
+        cpu[(loc, srv, job)].append(float(c))
     for seen, v in ((order_loc, loc), (order_srv, srv), (order_job, job)):
         if v not in seen:
             seen.append(v)
@@ -248,6 +270,22 @@ for loc in order_loc:
             if "raw" in order_srv:
                 r = med(loc, "raw", job)
                 row.append(f"{b / r:.2f}x" if b and r else "-")
+        print("| " + " | ".join(row) + " |")
+    print()
+    servers = [s for s in order_srv if s != "raw"]
+    if not servers:
+        continue
+    print(f"Server CPU per request on {loc}, microseconds (median; lower is better)\n")
+    head = ["job"] + servers + [f"{m}/best peer" for m in mine if peers]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for job in order_job:
+        med_cpu = {s: statistics.median(cpu[(loc, s, job)]) for s in servers if cpu.get((loc, s, job))}
+        row = [labels.get(job, job)] + [f"{med_cpu[s]:.1f}" if s in med_cpu else "-" for s in servers]
+        for m in mine:
+            if peers:
+                best = min((med_cpu[p] for p in peers if p in med_cpu), default=None)
+                row.append(f"{med_cpu[m] / best:.2f}x" if m in med_cpu and best else "-")
         print("| " + " | ".join(row) + " |")
     print()
 EOF

@@ -75,6 +75,8 @@ wait_nbd() {
 
 # CPU ticks (user + system, all threads) of a process.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Context switches (voluntary + involuntary, all threads) of a process.
+switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'; }
 
 # setup CONFIG -> starts the servers (PIDS[0] is the one serving NBD), sets URI.
 setup() {
@@ -151,8 +153,8 @@ for rep in $(seq "$REPEAT"); do
             # shellcheck disable=SC2046
             fio --name="$job" --ioengine=nbd --uri="$URI" --size="$SIZE" --time_based \
                 --runtime=1 --output-format=json --output="$out" $(job_args "$job") >/dev/null
-            declare -a before=()
-            for p in "${PIDS[@]}"; do before+=("$(ticks "$p")"); done
+            declare -a before=() cs_before=()
+            for p in "${PIDS[@]}"; do before+=("$(ticks "$p")"); cs_before+=("$(switches "$p")"); done
             perf_pids=()
             if [ -n "$PERF_DIR" ]; then
                 for k in "${!PIDS[@]}"; do
@@ -170,9 +172,12 @@ for rep in $(seq "$REPEAT"); do
             iops=$(jq -r '.jobs[0].write.iops' "$out")
             mibs=$(jq -r '.jobs[0].write.bw_bytes / 1048576' "$out")
             cpu=""
+            cs=""
             for k in "${!PIDS[@]}"; do
                 t=$(( $(ticks "${PIDS[$k]}") - ${before[$k]} ))
                 cpu+="${cpu:+/}$(awk -v t="$t" -v n="$ios" -v h="$TCK" 'BEGIN {printf "%.1f", t / h * 1e6 / (n > 0 ? n : 1)}')"
+                c=$(( $(switches "${PIDS[$k]}") - ${cs_before[$k]} ))
+                cs+="${cs:+/}$(awk -v c="$c" -v n="$ios" 'BEGIN {printf "%.2f", c / (n > 0 ? n : 1)}')"
             done
             IOPS[$cfg,$job]+=" $iops"
             MIBS[$cfg,$job]+=" $mibs"
@@ -181,8 +186,8 @@ for rep in $(seq "$REPEAT"); do
             if [ -n "${SA[$job]:-}" ]; then
                 RATIO[$cfg,$job]+=" $(awk -v a="$iops" -v b="${SA[$job]}" 'BEGIN {printf "%.3f", a / b}')"
             fi
-            printf '  run %d %-10s %-9s %8.0f IOPS %8.1f MiB/s  cpu/req(us) %s\n' \
-                "$rep" "$cfg" "$job" "$iops" "$mibs" "$cpu"
+            printf '  run %d %-10s %-9s %8.0f IOPS %8.1f MiB/s  cpu/req(us) %s  switches/req %s\n' \
+                "$rep" "$cfg" "$job" "$iops" "$mibs" "$cpu" "$cs"
         done
         stop_all
         rm -rf "${WORK:?}/$cfg"

@@ -8,6 +8,8 @@
 //!   writes. After healing, the old Primary steps down by itself, resyncs from the majority as
 //!   a plain sync target (no split brain anywhere) and the pending write fails; all three copies
 //!   are identical.
+//! - `suspend-io`, healed before anyone took over: the held write completes once quorum is
+//!   back, the peers resync what they missed from the old Primary, no split brain.
 //! - `io-error`: the cut-off Primary fails writes with EIO at once; a node without quorum
 //!   cannot be promoted (exit code 3, "no quorum").
 
@@ -23,14 +25,23 @@ fn cluster(on_no_quorum: &str) -> Cluster {
     let mut opts = ClusterOptions::new(3, "C");
     opts.extra_global = format!("quorum = \"majority\"\non-no-quorum = \"{on_no_quorum}\"");
     let c = Cluster::start(&opts);
+    // A node alone has no quorum: promotion waits until the links are up.
+    wait_quorum(&c, 2, true, Duration::from_secs(30));
     c.promote(2, true);
     c.wait_synced(2, Duration::from_secs(60));
     for i in 0..3 {
-        let q = &c.status(i)["quorum"];
-        assert_eq!(q["has_quorum"], true, "{q}");
-        assert_eq!(q["present"], 3, "{q}");
-        assert_eq!(q["voters"], 3, "{q}");
-        assert_eq!(q["setting"], "majority", "{q}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let q = c.status(i)["quorum"].clone();
+            if q["present"] == 3 {
+                assert_eq!(q["has_quorum"], true, "{q}");
+                assert_eq!(q["voters"], 3, "{q}");
+                assert_eq!(q["setting"], "majority", "{q}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: {q}", c.nodes[i].name);
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     c
 }
@@ -174,6 +185,7 @@ fn partitioned_primary_suspends_majority_promotes_no_split_brain() {
     c.promote(0, false);
     c.write_random(0, 16 * MIB, MIB, 12);
     c.write_random(0, 12 * MIB, 64 << 10, 13);
+    std::thread::sleep(Duration::from_secs(2));
     assert!(
         w.0.try_wait().unwrap().is_none(),
         "the write to the partitioned Primary completed"
@@ -233,4 +245,45 @@ fn io_error_without_quorum_and_promotion_needs_quorum() {
     c.promote(0, false);
     c.write_random(0, 8 * MIB, MIB, 21);
     heal_and_check(&c, &part, &events);
+}
+
+#[test]
+fn partition_heals_before_failover_suspended_write_completes() {
+    let c = cluster("suspend-io");
+    let events: Vec<EventLog> = (0..3)
+        .map(|i| EventLog::start(&c, i, &format!("n{i}")))
+        .collect();
+    let part = Partition::new("quorum_resume");
+    part.cut_port(c.nodes[2].repl_port);
+    let mut w = spawn_write(&c, 2, 20 * MIB, 0x3c);
+    wait_quorum(&c, 2, false, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(w.0.try_wait().unwrap().is_none(), "a write completed without quorum");
+    // A write issued while without quorum waits too.
+    let mut w2 = spawn_write(&c, 2, 28 * MIB, 0x3d);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(w2.0.try_wait().unwrap().is_none(), "a write completed without quorum");
+    part.heal();
+    let healed = Instant::now();
+    for w in [&mut w, &mut w2] {
+        let (ok, out) = finish(w, Duration::from_secs(30));
+        assert!(ok, "the held write failed after quorum returned: {out}");
+    }
+    println!(
+        "held writes completed {:.1} s after the partition ended",
+        healed.elapsed().as_secs_f64()
+    );
+    c.wait_synced(2, Duration::from_secs(60));
+    c.assert_identical(2);
+    assert_eq!(c.read_backing(0, 20 * MIB, 64 << 10), vec![0x3c; 64 << 10]);
+    assert_eq!(c.read_backing(1, 28 * MIB, 64 << 10), vec![0x3d; 64 << 10]);
+    assert_eq!(c.status(2)["role"], "primary");
+    for (i, ev) in events.iter().enumerate() {
+        assert!(
+            ev.events().iter().all(|e| e["what"] != "split-brain"),
+            "{}: split brain detected",
+            c.nodes[i].name
+        );
+    }
+    events[2].wait_for("quorum", "regained", Duration::from_secs(1));
 }

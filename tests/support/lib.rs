@@ -2,6 +2,7 @@
 //! on port 0 and parsing its ready line, a guard that stops it with SIGTERM and checks its exit status,
 //! running client tools with timeouts, and checking that those tools are installed (no silent skips).
 
+pub mod fs_stack;
 pub mod nbd_wire;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -93,6 +93,28 @@ enum Cmd {
         #[arg(long)]
         peer: Option<String>,
     },
+    /// On a Secondary: freeze a point-in-time image of the replica and serve it as a read-only
+    /// NBD export while replication goes on (or end one with --drop). Prints its NBD URI.
+    Snapshot {
+        /// Resource name.
+        resource: String,
+        /// Snapshot name (default: snap-UNIXTIME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Ask the Primary for a flush boundary first: everything its clients flushed is in it.
+        #[arg(long)]
+        consistent: bool,
+        /// NBD listen address ADDR:PORT (default: the node's NBD address, a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Copy-on-write area size, e.g. 512M (default: snapshot-cow-size, else a quarter of
+        /// the device). When it fills, the snapshot is invalidated, never replication slowed.
+        #[arg(long, value_parser = parse_size)]
+        cow_size: Option<u64>,
+        /// End the snapshot NAME: stop its export and remove its copy-on-write area.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["name", "consistent", "listen", "cow_size"])]
+        drop: Option<String>,
+    },
     /// Initialise this node's metadata for a resource (refuses existing metadata without --force).
     CreateMd {
         /// Resource name.
@@ -132,6 +154,11 @@ enum Cmd {
 
 /// A failure with its exit code.
 struct Failure(u8, anyhow::Error);
+
+/// `--cow-size`: a byte count with an optional K/M/G/T suffix.
+fn parse_size(text: &str) -> Result<u64, String> {
+    common::size::parse_size(text).map_err(|e| e.to_string())
+}
 
 fn fail(code: u8, e: impl Into<anyhow::Error>) -> Failure {
     Failure(code, e.into())
@@ -269,6 +296,16 @@ fn print_status(s: &Status) {
         }
         println!();
     }
+    for snap in &s.snapshots {
+        print!(
+            "  snapshot {} {} age:{}s cow:{}/{} bytes",
+            snap.name, snap.nbd, snap.age_secs, snap.cow_used_bytes, snap.cow_capacity_bytes
+        );
+        match &snap.invalid {
+            Some(why) => println!(" INVALID: {why}"),
+            None => println!(),
+        }
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -347,6 +384,37 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             req.peer = peer.clone();
             req.discard_my_data = *discard_my_data;
             call(&socket(&cli, resource)?, &req).await.map(drop)
+        }
+        Cmd::Snapshot {
+            resource,
+            name,
+            consistent,
+            listen,
+            cow_size,
+            drop: to_drop,
+        } => {
+            let path = socket(&cli, resource)?;
+            if let Some(n) = to_drop {
+                let mut req = Request::new("snapshot-drop", Some(resource));
+                req.name = Some(n.clone());
+                call(&path, &req).await?;
+                println!("{resource}: snapshot {n} dropped");
+                return Ok(());
+            }
+            let mut req = Request::new("snapshot", Some(resource));
+            req.name = name.clone();
+            req.consistent = *consistent;
+            req.listen = listen.clone();
+            req.cow_size = *cow_size;
+            let resp = call(&path, &req).await?;
+            let s = resp
+                .snapshot
+                .ok_or_else(|| fail(1, anyhow!("blockd answered without the snapshot")))?;
+            println!(
+                "{resource}: snapshot {} (generation {}, copy-on-write area {} bytes) served read-only at {}",
+                s.name, s.generation, s.cow_capacity_bytes, s.nbd
+            );
+            Ok(())
         }
         Cmd::Disconnect { resource, peer } => {
             let mut req = Request::new("disconnect", Some(resource));

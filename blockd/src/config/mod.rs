@@ -178,6 +178,9 @@ pub struct Resource {
     pub secret_file: Option<PathBuf>,
     /// Bytes per second.
     pub resync_rate: u64,
+    /// Copy-on-write area of each snapshot, bytes (`snapshot-cow-size`; default a quarter of
+    /// the device).
+    pub snapshot_cow_size: Option<u64>,
     pub quorum: QuorumSetting,
     pub on_no_quorum: OnNoQuorum,
     pub split_brain: SplitBrainPolicy,
@@ -234,6 +237,7 @@ struct Settings {
     tls: Option<TlsFiles>,
     secret_file: Option<PathBuf>,
     resync_rate: Option<u64>,
+    snapshot_cow_size: Option<u64>,
     quorum: Option<QuorumSetting>,
     on_no_quorum: Option<OnNoQuorum>,
     after_sb_0pri: Option<After0Pri>,
@@ -299,6 +303,10 @@ impl Settings {
         if resync_rate == Some(0) {
             return Err(sec.error("resync-rate", "must be more than 0"));
         }
+        let snapshot_cow_size = size(sec, "snapshot-cow-size")?;
+        if snapshot_cow_size.is_some_and(|s| s < 1 << 20) {
+            return Err(sec.error("snapshot-cow-size", "must be at least 1M"));
+        }
         let quorum = match sec.string_or_integer("quorum")? {
             None => None,
             Some(q) => Some(q.parse().map_err(|e: crate::repl::quorum::InvalidQuorum| {
@@ -340,6 +348,7 @@ impl Settings {
             tls,
             secret_file,
             resync_rate,
+            snapshot_cow_size,
             quorum,
             on_no_quorum,
             after_sb_0pri,
@@ -359,6 +368,7 @@ impl Settings {
             tls: self.tls.or_else(|| defaults.tls.clone()),
             secret_file: self.secret_file.or_else(|| defaults.secret_file.clone()),
             resync_rate: self.resync_rate.or(defaults.resync_rate),
+            snapshot_cow_size: self.snapshot_cow_size.or(defaults.snapshot_cow_size),
             quorum: self.quorum.or(defaults.quorum),
             on_no_quorum: self.on_no_quorum.or(defaults.on_no_quorum),
             after_sb_0pri: self.after_sb_0pri.or(defaults.after_sb_0pri),
@@ -577,6 +587,7 @@ fn read_resource(
         tls: settings.tls,
         secret_file: settings.secret_file,
         resync_rate: settings.resync_rate.unwrap_or(DEFAULT_RESYNC_RATE),
+        snapshot_cow_size: settings.snapshot_cow_size,
         quorum,
         on_no_quorum: settings.on_no_quorum.unwrap_or(OnNoQuorum::SuspendIo),
         split_brain: SplitBrainPolicy {

@@ -30,6 +30,18 @@ pub struct Request {
     pub force: bool,
     #[serde(default)]
     pub discard_my_data: bool,
+    /// `snapshot`/`snapshot-drop`: the snapshot's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `snapshot`: ask the Primary for a flush boundary first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub consistent: bool,
+    /// `snapshot`: NBD listen address `ADDR:PORT` (default: the node's NBD address, any port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// `snapshot`: copy-on-write area size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cow_size: Option<u64>,
 }
 
 impl Request {
@@ -41,6 +53,10 @@ impl Request {
             peer: None,
             force: false,
             discard_my_data: false,
+            name: None,
+            consistent: false,
+            listen: None,
+            cow_size: None,
         }
     }
 }
@@ -73,6 +89,9 @@ pub struct Response {
     pub status: Option<Vec<Status>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event: Option<Event>,
+    /// `snapshot`: the snapshot opened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<crate::repl::snapshot::SnapshotInfo>,
 }
 
 impl Response {
@@ -84,6 +103,7 @@ impl Response {
             error: None,
             status: None,
             event: None,
+            snapshot: None,
         }
     }
 

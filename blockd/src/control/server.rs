@@ -59,7 +59,13 @@ fn pick<'a>(
 
 fn failure(e: ResourceError) -> Response {
     let code = match e {
-        ResourceError::PromoteRefused(_) | ResourceError::Diskless => ErrorCode::Refused,
+        ResourceError::PromoteRefused(_)
+        | ResourceError::Diskless
+        | ResourceError::SnapshotRefused(_) => ErrorCode::Refused,
+        ResourceError::Snapshot {
+            source: crate::snapshot::set::SnapshotError::Unknown { .. },
+            ..
+        } => ErrorCode::Unknown,
         ResourceError::UnknownPeer(_) => ErrorCode::Unknown,
         _ => ErrorCode::Failed,
     };
@@ -132,6 +138,47 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                     .connect(req.peer.as_deref(), req.discard_my_data)
                     .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
+            },
+            "snapshot" => match one() {
+                Ok(r) => {
+                    let listen = match req.listen.as_deref().map(str::parse) {
+                        None => Ok(None),
+                        Some(Ok(a)) => Ok(Some(a)),
+                        Some(Err(e)) => Err(Response::error(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "bad listen address {:?}: {e}",
+                                req.listen.as_deref().unwrap_or("")
+                            ),
+                        )),
+                    };
+                    match listen {
+                        Ok(listen) => r
+                            .snapshot_open(crate::repl::snapshot::OpenRequest {
+                                name: req.name.clone(),
+                                consistent: req.consistent,
+                                listen,
+                                cow_size: req.cow_size,
+                            })
+                            .await
+                            .map_or_else(failure, |info| Response {
+                                snapshot: Some(info),
+                                ..Response::ok()
+                            }),
+                        Err(resp) => resp,
+                    }
+                }
+                Err(e) => e,
+            },
+            "snapshot-drop" => match (one(), req.name.as_deref()) {
+                (Ok(r), Some(name)) => r
+                    .snapshot_drop(name)
+                    .await
+                    .map_or_else(failure, |()| Response::ok()),
+                (Ok(_), None) => {
+                    Response::error(ErrorCode::BadRequest, "snapshot-drop needs a snapshot name")
+                }
+                (Err(e), _) => e,
             },
             "disconnect" => match one() {
                 Ok(r) => r

@@ -88,7 +88,7 @@ impl fmt::Display for Peer {
 }
 
 type BoxRead = Box<dyn transmission::RequestSource>;
-type BoxWrite = Box<dyn transmission::ReplySink>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// A byte stream that can be split into independently owned read and write halves.
 pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {

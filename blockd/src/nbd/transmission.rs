@@ -6,6 +6,10 @@
 //! reply is on the socket; a WRITE payload is read from the socket in chunks, each holding budget
 //! until the store has written it. Requests larger than the maximum payload get an error reply
 //! (a WRITE's payload is read and discarded first), never a dropped connection.
+//!
+//! Large WRITE payloads for a memory-backed local store on a plain socket are spliced from the
+//! socket into the file through a pipe ([`RequestSource`]): the server copies them once, not
+//! twice. Every request is recorded in the export's [`NbdMetrics`] when its reply is written.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -299,67 +303,13 @@ impl Head {
 struct Outgoing {
     head: Head,
     body: Vec<Bytes>,
-    /// Sent after `head` and `body`: a pipe holding the rest of the reply.
-    spliced: Option<Spliced>,
     /// Budget held until the reply is on the socket.
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Outgoing {
     fn len(&self) -> usize {
-        usize::from(self.head.len)
-            + self.body.iter().map(Bytes::len).sum::<usize>()
-            + self.spliced.as_ref().map_or(0, Spliced::len)
-    }
-}
-
-/// The tail of a reply held in pipes, sent in order: a copied header, then file pages by
-/// reference. Each entry is a pipe and the bytes it holds.
-struct Spliced {
-    pipes: Vec<(PooledPipe, usize)>,
-}
-
-impl Spliced {
-    fn len(&self) -> usize {
-        self.pipes.iter().map(|(_, n)| n).sum()
-    }
-}
-
-/// The write half of a connection. Plain sockets can also take file pages from a pipe
-/// (`splice`), so a large READ reply reaches the socket without being copied by the server.
-pub trait ReplySink: AsyncWrite + Unpin + Send + 'static {
-    /// Whether [`ReplySink::poll_splice`] works on this sink.
-    fn can_splice(&self) -> bool {
-        false
-    }
-
-    /// Moves up to `len` bytes from `pipe` into the socket; returns how many moved.
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        pipe: &Pipe,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        let _ = (cx, pipe, len);
-        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
-    }
-}
-
-/// Streams that are not plain sockets (TLS, in-memory) write copies only.
-impl<T: AsyncRead + AsyncWrite + Send + 'static> ReplySink for tokio::io::WriteHalf<T> {}
-
-impl ReplySink for Box<dyn ReplySink> {
-    fn can_splice(&self) -> bool {
-        (**self).can_splice()
-    }
-
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        pipe: &Pipe,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        (**self).poll_splice(cx, pipe, len)
+        usize::from(self.head.len) + self.body.iter().map(Bytes::len).sum::<usize>()
     }
 }
 
@@ -435,41 +385,7 @@ macro_rules! socket_source {
 socket_source!(tokio::net::tcp::OwnedReadHalf);
 socket_source!(tokio::net::unix::OwnedReadHalf);
 
-/// Splices into a tokio socket: waits for writability, then tries; `WouldBlock` clears the
-/// readiness and waits again.
-macro_rules! socket_sink {
-    ($half:ty) => {
-        impl ReplySink for $half {
-            fn can_splice(&self) -> bool {
-                true
-            }
-
-            fn poll_splice(
-                &mut self,
-                cx: &mut Context<'_>,
-                pipe: &Pipe,
-                len: usize,
-            ) -> Poll<io::Result<usize>> {
-                let socket = self.as_ref();
-                loop {
-                    std::task::ready!(socket.poll_write_ready(cx))?;
-                    match socket.try_io(tokio::io::Interest::WRITABLE, || {
-                        pipe.drain_to(socket, len, false)
-                    }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        other => return Poll::Ready(other),
-                    }
-                }
-            }
-        }
-    };
-}
-
-socket_sink!(tokio::net::tcp::OwnedWriteHalf);
-socket_sink!(tokio::net::unix::OwnedWriteHalf);
-
-/// Pipes of one connection, reused across READ replies (an in-flight spliced reply holds one
-/// or more). At most [`MAX_LIVE_PIPES`] exist at once, so a connection's file descriptors stay
+/// Pipes of one connection, reused across spliced WRITEs (each WRITE being received holds one). At most [`MAX_LIVE_PIPES`] exist at once, so a connection's file descriptors stay
 /// bounded; beyond that replies are copied.
 struct PipePool {
     capacity: usize,
@@ -501,15 +417,13 @@ const PIPE_BYTES: usize = 1 << 20;
 const MAX_FREE_PIPES: usize = 32;
 /// Most pipes a connection has at once (two file descriptors each).
 const MAX_LIVE_PIPES: usize = 64;
-const PAGE: usize = 4096;
 
 impl PipePool {
-    /// A pool of [`PIPE_BYTES`] pipes, or of the default size if the system refuses that;
-    /// `None` if no pipe can be made.
+    /// A pool of [`PIPE_BYTES`] pipes; `None` if the system refuses such a pipe. A pipe must
+    /// take all the read buffer may hold, with room to spare.
     fn new() -> Option<PipePool> {
-        let pipe = Pipe::with_capacity(PIPE_BYTES)
-            .or_else(|_| Pipe::with_capacity(PAGE * 16))
-            .ok()?;
+        const { assert!(PIPE_BYTES >= 2 * READ_BUFFER) };
+        let pipe = Pipe::with_capacity(PIPE_BYTES).ok()?;
         let live = Arc::new(AtomicUsize::new(1));
         Some(PipePool {
             capacity: pipe.capacity(),
@@ -556,7 +470,7 @@ struct Ctx {
     session: Session,
     limits: Limits,
     replies: mpsc::UnboundedSender<Queued>,
-    /// Set when the socket takes spliced pages (plain TCP/Unix, not TLS).
+    /// Set when WRITE payloads can be spliced from the socket (plain TCP/Unix, not TLS).
     pipes: Option<Arc<PipePool>>,
     span: Span,
 }
@@ -606,7 +520,6 @@ impl Ctx {
             Outgoing {
                 head: Head::new(&proto::encode_simple_reply(0, cookie)),
                 body: Vec::new(),
-                spliced: None,
                 _permit: permit,
             },
         );
@@ -633,7 +546,6 @@ impl Ctx {
                 Outgoing {
                     head: Head::default(),
                     body: vec![buf.freeze()],
-                    spliced: None,
                     _permit: None,
                 },
             );
@@ -644,7 +556,6 @@ impl Ctx {
                 Outgoing {
                     head: Head::new(&proto::encode_simple_reply(code, cookie)),
                     body: Vec::new(),
-                    spliced: None,
                     _permit: None,
                 },
             );
@@ -724,23 +635,17 @@ async fn serve_read(
     let result = if ctx.session.structured {
         structured_read(&ctx, cookie, offset, len, df).await
     } else {
-        let head = proto::encode_simple_reply(0, cookie);
-        match splice_read(&ctx, &head, offset, len).await {
-            Ok(Some(spliced)) => Ok((Head::default(), Vec::new(), Some(spliced))),
-            Ok(None) => read_range(&ctx.store, offset, u64::from(len), ctx.limits.chunk)
-                .await
-                .map(|body| (Head::new(&head), body, None)),
-            Err(e) => Err(e),
-        }
+        read_range(&ctx.store, offset, u64::from(len), ctx.limits.chunk)
+            .await
+            .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
     };
     match result {
-        Ok((head, body, spliced)) => ctx.send(
+        Ok((head, body)) => ctx.send(
             track,
             true,
             Outgoing {
                 head,
                 body,
-                spliced,
                 _permit: Some(permit),
             },
         ),
@@ -756,7 +661,7 @@ async fn structured_read(
     offset: u64,
     len: u32,
     df: bool,
-) -> Result<(Head, Vec<Bytes>, Option<Spliced>), StoreError> {
+) -> Result<(Head, Vec<Bytes>), StoreError> {
     let chunk = ctx.limits.chunk;
     let extents = if !df && len >= ctx.limits.hole_detect_min {
         // Hole detection is an optimisation: if it fails, the read itself reports errors.
@@ -769,19 +674,12 @@ async fn structured_read(
     };
     let has_hole = extents.iter().any(|e| e.hole && e.zero);
     if !has_hole {
-        let head = proto::encode_data_chunk_prefix(cookie, true, offset, len);
-        if let Some(spliced) = splice_read(ctx, &head, offset, len).await? {
-            return Ok((Head::default(), Vec::new(), Some(spliced)));
-        }
         let pieces = read_range(&ctx.store, offset, u64::from(len), chunk).await?;
         if pieces.len() == 1 || df {
-            return Ok((Head::new(&head), pieces, None));
+            let head = proto::encode_data_chunk_prefix(cookie, true, offset, len);
+            return Ok((Head::new(&head), pieces));
         }
-        return Ok((
-            Head::default(),
-            data_chunks(cookie, offset, pieces, true),
-            None,
-        ));
+        return Ok((Head::default(), data_chunks(cookie, offset, pieces, true)));
     }
     // Mixed data and holes: one entry per run, data read concurrently.
     enum Run {
@@ -830,68 +728,8 @@ async fn structured_read(
             }
         }
     }
-    Ok((Head::default(), body, None))
+    Ok((Head::default(), body))
 }
-
-/// Reads larger than this are spliced (when the socket allows): below it, a copy costs less
-/// than the extra pipe syscalls.
-const SPLICE_MIN: u32 = 128 << 10;
-
-/// The store behind a device (replicated devices read from their local disk).
-fn local_store(device: &Device) -> &BlockStore {
-    match device {
-        Device::Local(store) => store,
-        Device::Replicated(resource) => resource.store(),
-    }
-}
-
-/// A READ reply as pipes: `header` copied into the first, then the data as page references
-/// (the server does not copy it; the socket sends from the page cache). `None` when this
-/// connection or range cannot be spliced; the caller then reads with copies.
-async fn splice_read(
-    ctx: &Ctx,
-    header: &[u8],
-    offset: u64,
-    len: u32,
-) -> Result<Option<Spliced>, StoreError> {
-    let Some(pool) = &ctx.pipes else {
-        return Ok(None);
-    };
-    let len = len as usize;
-    // One pipe slot per page touched; the header takes one slot of the first pipe.
-    let slots = pool.capacity / PAGE;
-    if len <= SPLICE_MIN as usize || len > MAX_SPLICE || slots < 2 {
-        return Ok(None);
-    }
-    let store = local_store(&ctx.store);
-    let mut pipes = Vec::with_capacity(len.div_ceil(pool.capacity) + 1);
-    let mut pos = 0usize;
-    while pos < len {
-        let Some(pipe) = pool.take() else {
-            return Ok(None);
-        };
-        let mut room = slots;
-        let mut held = 0;
-        if pos == 0 {
-            if pipe.pipe.push(header).is_err() {
-                return Ok(None);
-            }
-            room -= 1;
-            held = header.len();
-        }
-        let at = offset + pos as u64;
-        let n = (len - pos).min(room * PAGE - (at % PAGE as u64) as usize);
-        let Some(pipe) = store.splice_read(at, n, pipe).await? else {
-            return Ok(None);
-        };
-        pipes.push((pipe, held + n));
-        pos += n;
-    }
-    Ok(Some(Spliced { pipes }))
-}
-
-/// Largest READ sent by splicing (bounds the pipes one reply holds).
-const MAX_SPLICE: usize = 4 << 20;
 
 /// OFFSET_DATA chunks for consecutive `pieces` starting at `offset`; DONE on the last if `done`.
 fn data_chunks(cookie: u64, mut offset: u64, pieces: Vec<Bytes>, done: bool) -> Vec<Bytes> {
@@ -967,7 +805,6 @@ async fn serve_block_status(
                 Outgoing {
                     head: Head::default(),
                     body: vec![buf.freeze()],
-                    spliced: None,
                     _permit: Some(permit),
                 },
             );
@@ -1048,15 +885,15 @@ pub async fn serve<R, W>(
 ) -> Result<End, TransmissionError>
 where
     R: RequestSource,
-    W: ReplySink,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let pipes = if writer.can_splice() {
+    let pipes = if reader.can_splice() {
         PipePool::new().map(Arc::new)
     } else {
         None
     };
-    let writer_task = tokio::spawn(write_replies(writer, rx, metrics, pipes.clone()));
+    let writer_task = tokio::spawn(write_replies(writer, rx, metrics));
     let ctx = Ctx {
         store,
         session,
@@ -1328,6 +1165,12 @@ async fn splice_write<R: RequestSource>(
     Ok(result)
 }
 
+/// WRITEs larger than this are spliced (when the socket and store allow): below it, the
+/// extra pipe syscalls cost more than the copy they save.
+const SPLICE_MIN: u32 = 128 << 10;
+/// Largest WRITE received by splicing (larger ones are received in chunks, with copies).
+const MAX_SPLICE: usize = 4 << 20;
+
 /// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill): first what the
 /// header read already buffered, then straight from the socket into the payload buffer (no
 /// second copy through the read buffer), except for short tails, which go through the buffer
@@ -1382,11 +1225,10 @@ async fn discard<R: RequestSource>(
 
 /// The connection's only writer: sends each reply whole, several per vectored write when
 /// replies queue up, and shuts the stream down when every sender is gone.
-async fn write_replies<W: ReplySink>(
+async fn write_replies<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Queued>,
     metrics: Arc<NbdMetrics>,
-    pipes: Option<Arc<PipePool>>,
 ) -> Result<(), TransmissionError> {
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut tracks: Vec<(Track, bool)> = Vec::with_capacity(MAX_BATCH);
@@ -1421,14 +1263,7 @@ async fn write_replies<W: ReplySink>(
             result = Err(TransmissionError::WriteReply(e));
             break;
         }
-        for reply in batch.drain(..) {
-            // Sent whole, so the pipe is empty again.
-            if let (Some(pool), Some(spliced)) = (&pipes, reply.spliced) {
-                for (pipe, _) in spliced.pipes {
-                    pool.give(pipe);
-                }
-            }
-        }
+        batch.clear();
     }
     if result.is_ok() {
         let _ = writer.shutdown().await;
@@ -1436,7 +1271,7 @@ async fn write_replies<W: ReplySink>(
     result
 }
 
-async fn write_batch<W: ReplySink>(writer: &mut W, batch: &[Outgoing]) -> io::Result<()> {
+async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Outgoing]) -> io::Result<()> {
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 3);
     for reply in batch {
         if reply.head.len > 0 {
@@ -1445,33 +1280,9 @@ async fn write_batch<W: ReplySink>(writer: &mut W, batch: &[Outgoing]) -> io::Re
         for piece in &reply.body {
             slices.push(IoSlice::new(piece));
         }
-        if let Some(spliced) = &reply.spliced {
-            write_slices(writer, &mut slices).await?;
-            slices.clear();
-            for (pipe, len) in &spliced.pipes {
-                let mut left = *len;
-                while left > 0 {
-                    let n =
-                        std::future::poll_fn(|cx| writer.poll_splice(cx, &pipe.pipe, left)).await?;
-                    if n == 0 {
-                        return Err(io::ErrorKind::WriteZero.into());
-                    }
-                    left -= n;
-                }
-            }
-        }
     }
-    write_slices(writer, &mut slices).await?;
-    writer.flush().await
-}
-
-/// Writes all of `slices` with vectored writes.
-async fn write_slices<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    slices: &mut [IoSlice<'_>],
-) -> io::Result<()> {
     // Stay below IOV_MAX (1024) per syscall.
-    let mut rest = slices;
+    let mut rest = &mut slices[..];
     while !rest.is_empty() {
         let take = rest.len().min(512);
         let n = writer.write_vectored(&rest[..take]).await?;
@@ -1480,7 +1291,7 @@ async fn write_slices<W: AsyncWrite + Unpin>(
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    writer.flush().await
 }
 
 #[cfg(test)]

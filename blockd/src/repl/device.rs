@@ -78,27 +78,28 @@ impl Resource {
             match r {
                 Ok(p) if p.is_empty() => return Ok((first, last)),
                 Ok(pending) => {
-                    let r = self.meta_io(move |m| {
-                        let es = u64::from(m.sb.geometry.al_extent_size);
-                        for t in &pending {
-                            for &e in &t.evicted {
-                                for slot in 0..m.bitmaps.len() {
-                                    let b = &m.bitmaps[slot];
-                                    m.file.write_bitmap_pages(
-                                        slot as u32,
-                                        b,
-                                        b.pages_for_range(u64::from(e) * es, es),
-                                    )?;
+                    let r = self
+                        .meta_io(move |m| {
+                            let es = u64::from(m.sb.geometry.al_extent_size);
+                            for t in &pending {
+                                for &e in &t.evicted {
+                                    for slot in 0..m.bitmaps.len() {
+                                        let b = &m.bitmaps[slot];
+                                        m.file.write_bitmap_pages(
+                                            slot as u32,
+                                            b,
+                                            b.pages_for_range(u64::from(e) * es, es),
+                                        )?;
+                                    }
                                 }
+                                if !t.evicted.is_empty() {
+                                    m.file.sync()?;
+                                }
+                                m.file.write_al_transaction(t)?;
                             }
-                            if !t.evicted.is_empty() {
-                                m.file.sync()?;
-                            }
-                            m.file.write_al_transaction(t)?;
-                        }
-                        Ok(())
-                    })
-                    .await;
+                            Ok(())
+                        })
+                        .await;
                     self.meta.lock().expect("meta").al_persisting -= 1;
                     r.map_err(|e| meta_failure(offset, len, e))?;
                     return Ok((first, last));
@@ -185,7 +186,11 @@ impl Resource {
         let _range = self.ranges.lock(offset, len).await;
         let extents = self.al_begin(offset, len).await?;
         let (seq, waits) = self.replicate(offset, len, make);
+        // Snapshots taken on this node before it was promoted keep their frozen image.
+        let change = self.snapshots.set.change(&self.store, offset, len).await;
+        self.snapshots_invalidated(&change.invalidated);
         let result = local.await;
+        drop(change);
         for w in waits {
             // An error means the link dropped: the range is in that peer's bitmap now.
             let _ = w.await;
@@ -333,6 +338,8 @@ impl Resource {
 pub enum Device {
     Local(BlockStore),
     Replicated(Arc<Resource>),
+    /// A read-only snapshot of a replica (`blockctl snapshot`).
+    Snapshot(crate::repl::snapshot::SnapshotExport),
 }
 
 impl std::fmt::Debug for Device {
@@ -340,6 +347,7 @@ impl std::fmt::Debug for Device {
         match self {
             Device::Local(s) => s.fmt(f),
             Device::Replicated(r) => write!(f, "Replicated({})", r.name()),
+            Device::Snapshot(s) => write!(f, "Snapshot({})", s.snap.name()),
         }
     }
 }
@@ -355,17 +363,22 @@ impl Device {
         match self {
             Device::Local(s) => s,
             Device::Replicated(r) => r.store(),
+            Device::Snapshot(s) => &s.store,
         }
     }
 
     pub fn size(&self) -> u64 {
-        self.store().size()
+        match self {
+            Device::Snapshot(s) => s.size(),
+            _ => self.store().size(),
+        }
     }
 
     pub fn read_only(&self) -> bool {
         match self {
             Device::Local(s) => s.read_only(),
             Device::Replicated(r) => r.role() != Role::Primary,
+            Device::Snapshot(_) => true,
         }
     }
 
@@ -382,11 +395,15 @@ impl Device {
     }
 
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
-        self.store().read(offset, len).await
+        match self {
+            Device::Snapshot(s) => s.read(offset, len).await,
+            _ => self.store().read(offset, len).await,
+        }
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         match self {
+            Device::Snapshot(_) => Err(StoreError::ReadOnly),
             Device::Local(s) => s.write(offset, data, fua).await,
             Device::Replicated(r) if debug_drop_flush::enabled() => {
                 debug_drop_flush::write(r, offset, data).await
@@ -398,6 +415,7 @@ impl Device {
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.flush().await,
+            Device::Snapshot(_) => Ok(()),
             Device::Replicated(_) if debug_drop_flush::enabled() => Ok(()),
             Device::Replicated(r) => r.flush().await,
         }
@@ -406,6 +424,7 @@ impl Device {
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.trim(offset, len).await,
+            Device::Snapshot(_) => Err(StoreError::ReadOnly),
             Device::Replicated(r) if debug_drop_flush::enabled() => {
                 debug_drop_flush::zero(r, offset, len, true, false).await
             }
@@ -422,6 +441,7 @@ impl Device {
     ) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.write_zeroes(offset, len, may_punch, fua).await,
+            Device::Snapshot(_) => Err(StoreError::ReadOnly),
             Device::Replicated(r) if debug_drop_flush::enabled() => {
                 debug_drop_flush::zero(r, offset, len, false, may_punch).await
             }
@@ -432,6 +452,7 @@ impl Device {
     pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         match self {
             Device::Local(s) => s.fast_zero(offset, len).await,
+            Device::Snapshot(_) => Err(StoreError::ReadOnly),
             Device::Replicated(r) => r.fast_zero(offset, len).await,
         }
     }
@@ -441,7 +462,15 @@ impl Device {
     }
 
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
-        self.store().block_status(offset, len).await
+        match self {
+            // The live allocation says nothing about preserved blocks: all of it is data.
+            Device::Snapshot(s) => Ok(vec![Extent {
+                length: len.min(s.size().saturating_sub(offset)),
+                hole: false,
+                zero: false,
+            }]),
+            _ => self.store().block_status(offset, len).await,
+        }
     }
 }
 

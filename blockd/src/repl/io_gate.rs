@@ -264,6 +264,30 @@ impl Resource {
         Ok(())
     }
 
+    /// Before a demotion: the generation owed since a peer loss is started only if that peer
+    /// has blocks to catch up on (writes it never acknowledged); otherwise nothing changed
+    /// since it left and no new generation is needed (so a majority that promoted meanwhile
+    /// finds this node simply behind, not split-brained).
+    pub(crate) async fn settle_generation(&self) -> Result<(), StoreError> {
+        if !self.quorum.new_current_pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let owed = {
+            let st = self.state.lock().expect("state");
+            let m = self.meta.lock().expect("meta");
+            self.peers
+                .iter()
+                .zip(&st.peers)
+                .any(|(p, s)| s.conn != ConnState::Connected && m.bitmaps[p.slot].count_bits() > 0)
+        };
+        if owed {
+            self.ensure_generation(0, 0).await
+        } else {
+            self.generation_started();
+            Ok(())
+        }
+    }
+
     /// A new generation was started some other way (promotion): none is owed any more.
     pub(crate) fn generation_started(&self) {
         self.quorum.new_current_pending.store(false, Ordering::SeqCst);

@@ -22,3 +22,4 @@ pub mod resync;
 mod tests;
 pub mod node;
 pub mod export;
+pub mod snapshot;

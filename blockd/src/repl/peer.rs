@@ -37,6 +37,9 @@ pub const RESYNC_WINDOW: usize = 8 << 20;
 /// Acknowledgements are sent at the latest after this many received requests, even when more
 /// frames are already waiting to be read.
 const ACK_BATCH: usize = 64;
+/// Plain (non-FUA) writes up to this size are applied with a blocking `pwrite` on the receive
+/// task: a page-cache copy costs less than two thread hops through the engine.
+const APPLY_INLINE_MAX: usize = 1 << 20;
 
 /// A write queued to a peer and not yet acknowledged by it.
 pub struct PendingWrite {
@@ -291,10 +294,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     conn.send(Message::State(report.clone()));
     *res.peers[i].conn.lock().expect("conn") = Some(conn.clone());
     let stale = res.role_epoch.load(std::sync::atomic::Ordering::SeqCst) != role_epoch;
-    let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(
-        writer.into_inner(),
-        conn.clone(),
-    )));
+    let mut writer_task = AbortOnDrop(tokio::spawn(writer_loop(writer.into_inner(), conn.clone())));
     tracing::info!(resource = %res.name(), peer = %peer.name, "link up");
 
     let (io, buf) = reader.into_parts();
@@ -395,7 +395,9 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     loop {
         if conn.out.take(&mut spare) {
             conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
-            w.write_all(&spare).await.map_err(|e| format!("send: {e}"))?;
+            w.write_all(&spare)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
             w.flush().await.map_err(|e| format!("send: {e}"))?;
             spare.clear();
             if spare.capacity() > (4 << 20) {
@@ -449,8 +451,25 @@ enum Done {
 type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
 
 /// The I/O of one request on this node's disk.
+/// The bytes an op changes on the replica (open snapshots preserve them first).
+fn changed_range(op: &Op) -> Option<(u64, u64)> {
+    match op {
+        Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+        Op::Zero { offset, len, .. } => Some((*offset, *len)),
+        Op::Resync { offset, len, .. } => Some((*offset, u64::from(*len))),
+        Op::Flush | Op::ResyncDone => None,
+    }
+}
+
 fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
+        let mut change = None;
+        if let Some((offset, len)) = changed_range(&op) {
+            let g = res.snapshots.set.change(&res.store, offset, len).await;
+            res.snapshots_invalidated(&g.invalidated);
+            change = Some(g);
+        }
+        let _change = change;
         match op {
             Op::Write { offset, data, fua } => {
                 res.store
@@ -581,11 +600,7 @@ impl Session {
         }
     }
 
-    async fn run(
-        &mut self,
-        reader: &mut Rx,
-        mine: crate::repl::wire::StateReport,
-    ) -> SessionEnd {
+    async fn run(&mut self, reader: &mut Rx, mine: crate::repl::wire::StateReport) -> SessionEnd {
         match self.handshake(reader, mine).await {
             Ok(None) => {}
             Ok(Some(end)) => return end,
@@ -618,6 +633,8 @@ impl Session {
                     handled = 0;
                 }
             }
+            // Let other tasks of this worker run between batches of a long stream.
+            tokio::task::consume_budget().await;
             let more = {
                 let fill = rx.fill();
                 tokio::pin!(fill);
@@ -680,12 +697,37 @@ impl Session {
         }
     }
 
+    /// Writes `data` at once on this task, unless a snapshot is open or being taken (then the
+    /// write must preserve frozen blocks first: `Ok(false)`, run it through `execute`).
+    fn apply_inline(&self, offset: u64, data: &Bytes) -> Result<bool, String> {
+        let Some(_quiet) = self.res.snapshots.set.try_change_without_snapshots() else {
+            return Ok(false);
+        };
+        self.res
+            .store
+            .write_blocking(offset, data, false)
+            .map_err(|e| format!("local write failed: {}", error_chain(&e)))?;
+        Ok(true)
+    }
+
     /// Starts requests: each runs on this task when the store completes it at once (the usual
     /// case for cached writes), else on its own task; completing one may release others.
     async fn start(&mut self, first: Ordered<Op>) -> Result<(), String> {
         let mut todo = vec![first];
         while let Some(r) = todo.pop() {
             let seq = r.seq;
+            if let Op::Write {
+                offset,
+                data,
+                fua: false,
+            } = &r.op
+                && data.len() <= APPLY_INLINE_MAX
+                && self.apply_inline(*offset, data)?
+            {
+                self.complete(seq, Done::Written);
+                self.order.done(seq, &mut todo);
+                continue;
+            }
             let mut fut = execute(self.res.clone(), self.i, r.op);
             match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
                 Poll::Ready(done) => {
@@ -720,7 +762,10 @@ impl Session {
         let i = self.i;
         match done {
             Done::Written => self.write_acks.push(seq),
-            Done::Flushed => self.other_acks.push(Message::FlushAck { seq }),
+            Done::Flushed => {
+                self.res.snapshots.boundaries.flush_applied(seq);
+                self.other_acks.push(Message::FlushAck { seq });
+            }
             Done::Resynced { offset, len } => {
                 // Both copies now agree on this range: a later handshake must not bring it
                 // back through the bitmap exchange (that would restart, not resume, a resync).
@@ -954,7 +999,25 @@ impl Session {
                 };
                 self.arrive(seq, after, op).await?;
             }
-            Message::Flush { seq } => self.arrive(seq, seq, Op::Flush).await?,
+            Message::Flush { seq } => {
+                res.snapshots.boundaries.flush_received(seq);
+                self.arrive(seq, seq, Op::Flush).await?;
+            }
+            Message::SnapshotFlush { id } => {
+                // `blockctl snapshot --consistent` on the peer: flush everywhere, then answer
+                // (after the `Flush` this causes, on the same link).
+                if res.role() == Role::Primary {
+                    let (res, conn) = (res.clone(), self.conn.clone());
+                    tokio::spawn(async move {
+                        match res.flush().await {
+                            Ok(()) => conn.send(Message::SnapshotFlushDone { id }),
+                            Err(e) => tracing::warn!(resource = %res.name(),
+                                "flush for a peer's snapshot failed: {}", error_chain(&e)),
+                        }
+                    });
+                }
+            }
+            Message::SnapshotFlushDone { id } => res.snapshots.boundaries.answered(id),
             Message::ResyncData {
                 seq,
                 after,

@@ -109,8 +109,9 @@ impl RateController {
                 throttled: false,
             },
         };
-        // The first tick's worth, so a resync starts at once.
-        c.credit = per_dt(c.cap_rate(false), TICK).max(1);
+        // One request may go at once; the budget comes with the ticks (so a busy application
+        // is not hit by a burst at the start).
+        c.credit = 1;
         c
     }
 
@@ -324,6 +325,16 @@ mod tests {
         assert!(busy_budget <= 10 * MIB + MIB, "{busy_budget}");
         assert!(busy_budget >= 8 * MIB, "never starved: {busy_budget}");
         assert!(idle_budget >= 300 * MIB, "spare bandwidth used: {idle_budget}");
+    }
+
+    #[test]
+    fn busy_application_limits_what_is_issued_not_only_the_budget() {
+        // A fast link and a high cap: while the application is busy, requests actually issued
+        // stay near c-min-rate (the start-up credit is one throttled tick at most).
+        let (rate, _, d) = simulate(dynamic(1 << 30, 4 * MIB), 10, MIB, u64::MAX, |_| MIB);
+        assert!(d.iter().all(|d| d.throttled));
+        assert!(rate <= 6.0 * MIB as f64, "{rate}");
+        assert!(rate >= 3.0 * MIB as f64, "{rate}");
     }
 
     #[test]

@@ -70,6 +70,14 @@ pub enum ResourceError {
     DemoteFlush(#[source] StoreError),
     #[error("resource has no peer named {0:?}")]
     UnknownPeer(String),
+    #[error("snapshot refused: {0}")]
+    SnapshotRefused(String),
+    #[error("resource {resource}: snapshot failed")]
+    Snapshot {
+        resource: String,
+        #[source]
+        source: crate::snapshot::set::SnapshotError,
+    },
 }
 
 /// The metadata of a resource, in memory and on disk.
@@ -232,6 +240,9 @@ pub struct Status {
     pub disk: String,
     pub size: u64,
     pub peers: Vec<PeerStatus>,
+    /// Open snapshots of this node's replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<crate::repl::snapshot::SnapshotInfo>,
 }
 
 /// Static settings of a resource on this node.
@@ -241,6 +252,8 @@ pub struct ResourceSpec {
     pub me: Node,
     pub peers: Vec<(Node, Protocol)>,
     pub resync_rate: u64,
+    /// Default copy-on-write area of a snapshot (None: a quarter of the device).
+    pub snapshot_cow_size: Option<u64>,
     pub split_brain: SplitBrainPolicy,
     pub link: LinkSettings,
     pub engine: EngineKind,
@@ -290,6 +303,7 @@ impl ResourceSpec {
                 .map(|p| ((*p).clone(), r.protocol_between(&local.me.name, &p.name)))
                 .collect(),
             resync_rate: r.resync_rate,
+            snapshot_cow_size: r.snapshot_cow_size,
             split_brain: r.split_brain,
             link,
             engine: EngineKind::Auto,
@@ -320,6 +334,8 @@ pub struct Resource {
     /// report predates it re-runs its handshake.
     pub(crate) role_epoch: std::sync::atomic::AtomicU64,
     stop: watch::Sender<bool>,
+    /// Snapshots of the replica and their NBD services.
+    pub(crate) snapshots: crate::repl::snapshot::SnapshotService,
 }
 
 fn now_ms() -> u64 {
@@ -467,6 +483,11 @@ impl Resource {
             .collect();
         tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
             disk = %disk, current = %sb.generations.current, "attached");
+        let snapshots = crate::repl::snapshot::SnapshotService::load(
+            &snapshot_dir(&loc),
+            &spec.name,
+            g.data_size,
+        );
         Ok(Arc::new(Resource {
             store,
             meta: Arc::new(Mutex::new(meta)),
@@ -487,12 +508,18 @@ impl Resource {
             role_tx: watch::channel(Role::Secondary).0,
             role_epoch: std::sync::atomic::AtomicU64::new(0),
             stop: watch::channel(false).0,
+            snapshots,
             spec,
         }))
     }
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Becomes true when the resource shuts down.
+    pub(crate) fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
     }
 
     /// The NBD listen address of this node for the resource.
@@ -688,6 +715,7 @@ impl Resource {
             disk: st.disk.as_str().to_string(),
             size: self.store.size(),
             peers,
+            snapshots: self.snapshots(),
         }
     }
 
@@ -852,6 +880,9 @@ impl Resource {
         for p in &self.peers {
             p.kill.notify_one();
         }
+        for e in self.snapshots.set.close_all().await {
+            tracing::error!(resource = %self.spec.name, "cannot keep a snapshot: {e}");
+        }
         let _ = self.store.flush().await;
         let primary = self.role() == Role::Primary;
         let r = self
@@ -887,6 +918,7 @@ impl Resource {
 
     /// Like [`Resource::run`] with a bound listener.
     pub async fn run_with_listener(self: &Arc<Self>, listener: TcpListener) {
+        self.serve_reloaded_snapshots().await;
         let mut tasks = tokio::task::JoinSet::new();
         let me = self.clone();
         tasks.spawn(async move { me.accept_loop(listener).await });
@@ -1049,4 +1081,14 @@ pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceE
         source,
     })?;
     Ok(())
+}
+
+/// Snapshot areas live beside the metadata (internal metadata: beside the backing file).
+fn snapshot_dir(loc: &crate::meta::file::MetaLocation) -> std::path::PathBuf {
+    let path = match loc {
+        crate::meta::file::MetaLocation::Internal(p) | crate::meta::file::MetaLocation::External(p) => p,
+    };
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| std::path::PathBuf::from("."), std::path::Path::to_path_buf)
 }

@@ -32,7 +32,17 @@ pub fn describe(r: &Resolution) -> String {
     let what = match r.verdict {
         Verdict::KeepMine => "keeping my data",
         Verdict::DiscardMine => "discarding my data",
-        Verdict::Disconnect => "not resolved",
+        Verdict::Disconnect => {
+            return match r.by {
+                ResolvedBy::ManualConflict => {
+                    "not resolved: both sides connected with --discard-my-data".into()
+                }
+                ResolvedBy::NeedsManual => {
+                    "not resolved: needs a manual decision (the bitmaps do not cover it)".into()
+                }
+                _ => "not resolved by the after-sb policy".into(),
+            };
+        }
     };
     format!("resolved by {}: {what}", resolved_by_name(r.by))
 }

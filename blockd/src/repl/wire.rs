@@ -144,6 +144,15 @@ pub enum Message {
     },
     Ping,
     PingAck,
+    /// Secondary to Primary (`blockctl snapshot --consistent`): flush, then answer with
+    /// `SnapshotFlushDone { id }` — sent after the `Flush` it caused.
+    SnapshotFlush {
+        id: u64,
+    },
+    /// Primary to Secondary: the flush asked for by `SnapshotFlush { id }` completed.
+    SnapshotFlushDone {
+        id: u64,
+    },
 }
 
 mod tag {
@@ -165,6 +174,8 @@ mod tag {
     pub const PEER_STATE: u8 = 17;
     pub const PING: u8 = 18;
     pub const PING_ACK: u8 = 19;
+    pub const SNAPSHOT_FLUSH: u8 = 40;
+    pub const SNAPSHOT_FLUSH_DONE: u8 = 41;
 }
 
 impl Message {
@@ -189,6 +200,8 @@ impl Message {
             Message::PeerState { .. } => "peer-state",
             Message::Ping => "ping",
             Message::PingAck => "ping-ack",
+            Message::SnapshotFlush { .. } => "snapshot-flush",
+            Message::SnapshotFlushDone { .. } => "snapshot-flush-done",
         }
     }
 
@@ -315,6 +328,8 @@ impl Message {
             }
             Message::Ping => dst.put_u8(tag::PING),
             Message::PingAck => dst.put_u8(tag::PING_ACK),
+            Message::SnapshotFlush { id } => put_seq(dst, tag::SNAPSHOT_FLUSH, *id),
+            Message::SnapshotFlushDone { id } => put_seq(dst, tag::SNAPSHOT_FLUSH_DONE, *id),
         }
     }
 
@@ -510,6 +525,14 @@ impl Message {
             }
             tag::PING => Message::Ping,
             tag::PING_ACK => Message::PingAck,
+            tag::SNAPSHOT_FLUSH => {
+                c.tag = "snapshot-flush";
+                Message::SnapshotFlush { id: c.u64()? }
+            }
+            tag::SNAPSHOT_FLUSH_DONE => {
+                c.tag = "snapshot-flush-done";
+                Message::SnapshotFlushDone { id: c.u64()? }
+            }
             other => return Err(WireError::UnknownTag(other)),
         };
         if c.buf.has_remaining() {
@@ -734,6 +757,8 @@ mod tests {
             }),
             Just(Message::Ping),
             Just(Message::PingAck),
+            any::<u64>().prop_map(|id| Message::SnapshotFlush { id }),
+            any::<u64>().prop_map(|id| Message::SnapshotFlushDone { id }),
         ]
     }
 

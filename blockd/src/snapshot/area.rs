@@ -314,6 +314,7 @@ mod tests {
             generation: 42,
             preserved_blocks: 0,
             name: "nightly".into(),
+            listen: String::new(),
         }
     }
 

@@ -5,11 +5,13 @@
 //! ```text
 //! area header (4 KiB, at offset 0):
 //!    0 magic "BLKDSNAP"       8 version u32          12 state u32 (1 open, 2 closed cleanly)
-//!   16 block_size u32        20 name_len u16         22 zero u16
+//!   16 block_size u32        20 name_len u16         22 listen_len u16
 //!   24 device_size u64       32 capacity_blocks u64  40 created_unix_ms u64
 //!   48 generation u64 (current data generation of the replica at the freeze)
 //!   56 preserved_blocks u64 (meaningful when closed)
-//!   64 name (name_len bytes of UTF-8, at most 128)   192 zero    4092 crc32 over 0..4092
+//!   64 name (name_len bytes of UTF-8, at most 128)
+//!  192 NBD listen address (listen_len bytes of UTF-8, at most 64; empty: none)
+//!  256 zero                  4092 crc32 over 0..4092
 //! block record i, at 4096 + i * (64 + block_size):
 //!    0 magic "COWBLOCK"       8 block index u64      16 slot u64 (= i)
 //!   24 data crc32 u32         28 zero                60 crc32 over 0..60
@@ -28,8 +30,11 @@ pub const HEADER_SIZE: usize = 4096;
 pub const BLOCK_HEADER_SIZE: usize = 64;
 /// Longest snapshot name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
+/// Longest listen address, in bytes.
+pub const MAX_LISTEN_LEN: usize = 64;
 
 const NAME_AT: usize = 64;
+const LISTEN_AT: usize = 192;
 const CRC_AT: usize = HEADER_SIZE - 4;
 const BLOCK_CRC_AT: usize = 60;
 
@@ -53,6 +58,8 @@ pub struct AreaHeader {
     pub generation: u64,
     pub preserved_blocks: u64,
     pub name: String,
+    /// Where the snapshot is served over NBD (`ADDR:PORT`), kept across restarts.
+    pub listen: String,
 }
 
 /// Why a record could not be decoded or trusted.
@@ -130,12 +137,14 @@ pub fn encode_header(h: &AreaHeader) -> Result<[u8; HEADER_SIZE], CowRecordError
     );
     put_u32(&mut buf, 16, h.block_size);
     buf[20..22].copy_from_slice(&(h.name.len() as u16).to_le_bytes());
+    buf[22..24].copy_from_slice(&(h.listen.len() as u16).to_le_bytes());
     put_u64(&mut buf, 24, h.device_size);
     put_u64(&mut buf, 32, h.capacity_blocks);
     put_u64(&mut buf, 40, h.created_unix_ms);
     put_u64(&mut buf, 48, h.generation);
     put_u64(&mut buf, 56, h.preserved_blocks);
     buf[NAME_AT..NAME_AT + h.name.len()].copy_from_slice(h.name.as_bytes());
+    buf[LISTEN_AT..LISTEN_AT + h.listen.len()].copy_from_slice(h.listen.as_bytes());
     let crc = crc32fast::hash(&buf[..CRC_AT]);
     put_u32(&mut buf, CRC_AT, crc);
     Ok(buf)
@@ -148,6 +157,9 @@ fn validate(h: &AreaHeader) -> Result<(), CowRecordError> {
             "name must be 1 to {MAX_NAME_LEN} bytes, not {}",
             h.name.len()
         ));
+    }
+    if h.listen.len() > MAX_LISTEN_LEN {
+        return bad(format!("listen address longer than {MAX_LISTEN_LEN} bytes"));
     }
     if !h.block_size.is_power_of_two() || !(512..=1 << 20).contains(&h.block_size) {
         return bad(format!(
@@ -205,6 +217,17 @@ pub fn decode_header(buf: &[u8]) -> Result<AreaHeader, CowRecordError> {
             reason: "name is not UTF-8".into(),
         })?
         .to_owned();
+    let listen_len = get_u16(buf, 22) as usize;
+    if listen_len > MAX_LISTEN_LEN {
+        return Err(CowRecordError::BadHeader {
+            reason: format!("listen address length {listen_len} exceeds {MAX_LISTEN_LEN}"),
+        });
+    }
+    let listen = std::str::from_utf8(&buf[LISTEN_AT..LISTEN_AT + listen_len])
+        .map_err(|_| CowRecordError::BadHeader {
+            reason: "listen address is not UTF-8".into(),
+        })?
+        .to_owned();
     let h = AreaHeader {
         state,
         block_size: get_u32(buf, 16),
@@ -214,6 +237,7 @@ pub fn decode_header(buf: &[u8]) -> Result<AreaHeader, CowRecordError> {
         generation: get_u64(buf, 48),
         preserved_blocks: get_u64(buf, 56),
         name,
+        listen,
     };
     validate(&h)?;
     Ok(h)
@@ -279,12 +303,13 @@ mod tests {
             generation: 0xdead_beef,
             preserved_blocks: 0,
             name: name.into(),
+            listen: "127.0.0.1:10900".into(),
         }
     }
 
     proptest! {
         #[test]
-        fn header_round_trips(name in "[a-zA-Z0-9_.-]{1,128}", closed: bool, bs_shift in 9u32..=20,
+        fn header_round_trips(name in "[a-zA-Z0-9_.-]{1,128}", listen in "[0-9.:]{0,64}", closed: bool, bs_shift in 9u32..=20,
                               dev: u64, cap in 0u64..1 << 40, gen_id: u64, ms: u64, used_frac in 0.0f64..=1.0) {
             let h = AreaHeader {
                 state: if closed { AreaState::Closed } else { AreaState::Open },
@@ -295,6 +320,7 @@ mod tests {
                 generation: gen_id,
                 preserved_blocks: (cap as f64 * used_frac) as u64,
                 name,
+                listen,
             };
             let buf = encode_header(&h).unwrap();
             prop_assert_eq!(decode_header(&buf).unwrap(), h);

@@ -3,10 +3,13 @@
 //! whose area fills or fails (replication goes on), and closing or reloading areas across
 //! restarts.
 //!
-//! The caller opens a snapshot only at a write-ordering boundary (no replicated write in
-//! flight, all writes of earlier epochs applied), and calls [`Snapshots::before_write`] before
-//! every change of the replica (data, trim, zeroes, resync), with overlapping changes never in
-//! flight at the same time.
+//! Every change of the replica (replicated data, trim, zeroes, resync, and the Primary's own
+//! writes) runs under a [`ChangeGuard`] from [`Snapshots::change`]: it preserves what the change
+//! will overwrite and holds the freeze gate shared until the change is done. [`Snapshots::open`]
+//! takes the gate exclusively, so a snapshot freezes the replica with no change in flight. The
+//! replica applies epochs in order, so that image is every earlier epoch plus some writes of
+//! the current one — writes the Primary had in flight together, any subset of which a power cut
+//! could leave: a state the disk may be found in after a crash, never a torn one.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,6 +76,8 @@ pub enum SnapshotError {
 pub struct SnapshotStatus {
     pub name: String,
     pub created_unix_ms: u64,
+    /// Where it is served over NBD (`ADDR:PORT`; empty: not served).
+    pub listen: String,
     /// Data generation of the replica at the freeze.
     pub generation: u64,
     pub cow_used_bytes: u64,
@@ -102,10 +107,21 @@ impl Snapshot {
         &self.name
     }
 
+    /// Where it is served over NBD (`ADDR:PORT`; empty: not served).
+    pub fn listen(&self) -> &str {
+        &self.header.listen
+    }
+
+    /// Device size of the frozen image.
+    pub fn size(&self) -> u64 {
+        self.header.device_size
+    }
+
     pub fn status(&self) -> SnapshotStatus {
         SnapshotStatus {
             name: self.name.clone(),
             created_unix_ms: self.header.created_unix_ms,
+            listen: self.header.listen.clone(),
             generation: self.header.generation,
             cow_used_bytes: self.used_bytes.load(Ordering::Relaxed),
             cow_capacity_bytes: self.header.capacity_blocks
@@ -234,6 +250,15 @@ pub struct Snapshots {
     device_size: u64,
     open: Mutex<Vec<Arc<Snapshot>>>,
     count: AtomicUsize,
+    /// Held shared by every change of the replica, exclusively by a freeze.
+    gate: tokio::sync::RwLock<()>,
+}
+
+/// Held while one change of the replica runs (see [`Snapshots::change`]).
+pub struct ChangeGuard<'a> {
+    _gate: tokio::sync::RwLockReadGuard<'a, ()>,
+    /// Snapshots this change had to invalidate (area full or failing).
+    pub invalidated: Vec<Invalidated>,
 }
 
 impl Snapshots {
@@ -246,6 +271,7 @@ impl Snapshots {
             device_size,
             open: Mutex::new(Vec::new()),
             count: AtomicUsize::new(0),
+            gate: tokio::sync::RwLock::new(()),
         };
         let mut dropped = Vec::new();
         let prefix = format!("{resource}.");
@@ -297,13 +323,49 @@ impl Snapshots {
         self.count.store(open.len(), Ordering::Release);
     }
 
-    /// Opens snapshot `name` with an area of at most `capacity_bytes`. Call only at a
-    /// write-ordering boundary: the image frozen is the replica as it is now.
+    /// Runs before a change of `len` bytes at `offset` of the replica: preserves the frozen
+    /// contents it will overwrite in every open snapshot and holds off freezes until the
+    /// returned guard is dropped (after the change is done).
+    pub async fn change(&self, store: &BlockStore, offset: u64, len: u64) -> ChangeGuard<'_> {
+        let gate = self.gate.read().await;
+        let invalidated = self.before_write(store, offset, len).await;
+        ChangeGuard {
+            _gate: gate,
+            invalidated,
+        }
+    }
+
+    /// For a change made without waiting (inline): the gate, when no snapshot is open and no
+    /// freeze is under way; `None` means use [`change`](Self::change).
+    pub fn try_change_without_snapshots(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
+        if !self.is_empty() {
+            return None;
+        }
+        let g = self.gate.try_read().ok()?;
+        self.is_empty().then_some(g)
+    }
+
+    /// Freezes the replica as it is once the changes in flight are done, as snapshot `name`
+    /// with an area of at most `capacity_bytes`; changes that arrive meanwhile wait.
+    pub async fn freeze(
+        &self,
+        name: &str,
+        capacity_bytes: u64,
+        generation: u64,
+        listen: &str,
+    ) -> Result<Arc<Snapshot>, SnapshotError> {
+        let _quiet = self.gate.write().await;
+        self.open(name, capacity_bytes, generation, listen)
+    }
+
+    /// Opens snapshot `name` with an area of at most `capacity_bytes`, freezing the replica as
+    /// it is now: call only with no change in flight (see [`freeze`](Self::freeze)).
     pub fn open(
         &self,
         name: &str,
         capacity_bytes: u64,
         generation: u64,
+        listen: &str,
     ) -> Result<Arc<Snapshot>, SnapshotError> {
         if !valid_name(name) {
             return Err(SnapshotError::BadName {
@@ -334,6 +396,7 @@ impl Snapshots {
             generation,
             preserved_blocks: 0,
             name: name.to_owned(),
+            listen: listen.to_owned(),
         };
         let area = CowArea::create(&path, header).map_err(|source| SnapshotError::Area {
             name: name.to_owned(),
@@ -386,7 +449,8 @@ impl Snapshots {
 
     /// Preserves, in every open snapshot, the frozen contents of the blocks a change of
     /// `len` bytes at `offset` is about to alter. Never fails the change: a snapshot that
-    /// cannot preserve (area full, I/O error) is invalidated and returned.
+    /// cannot preserve (area full, I/O error) is invalidated and returned. Overlapping changes
+    /// must not be in flight together (the replica's epochs ensure it).
     pub async fn before_write(
         &self,
         store: &BlockStore,
@@ -409,8 +473,11 @@ impl Snapshots {
         out
     }
 
-    /// Closes every area cleanly (on shutdown), so the snapshots survive a restart.
+    /// Closes every area cleanly (on shutdown), so the snapshots survive a restart. Waits for
+    /// the changes in flight, and holds every later change off for good: a change the areas
+    /// did not see would make a reloaded snapshot silently wrong.
     pub async fn close_all(&self) -> Vec<String> {
+        std::mem::forget(self.gate.write().await);
         let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").drain(..).collect();
         self.count.store(0, Ordering::Release);
         let mut errors = Vec::new();
@@ -478,7 +545,7 @@ mod tests {
         let (set, dropped) = Snapshots::load(&dir, "r0", size);
         assert!(dropped.is_empty());
         assert!(set.is_empty());
-        let snap = set.open("s1", 1 << 20, 7).unwrap();
+        let snap = set.open("s1", 1 << 20, 7, "").unwrap();
         for (off, len, byte) in [
             (10u64, 5000usize, 2u8),
             (4096, 1, 3),
@@ -504,7 +571,7 @@ mod tests {
         );
         assert_eq!(st.generation, 7);
         // A second snapshot sees the image as of its own freeze.
-        let snap2 = set.open("s2", 1 << 20, 8).unwrap();
+        let snap2 = set.open("s2", 1 << 20, 8, "").unwrap();
         set.before_write(&store, 0, 3).await;
         store
             .write(0, Bytes::from_static(b"zzz"), false)
@@ -513,11 +580,11 @@ mod tests {
         assert_eq!(&snap2.read(&store, 0, 4).await.unwrap()[..], &[5u8; 4]);
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
         assert!(matches!(
-            set.open("s2", 1 << 20, 8),
+            set.open("s2", 1 << 20, 8, ""),
             Err(SnapshotError::Exists { .. })
         ));
         assert!(matches!(
-            set.open("../x", 1 << 20, 8),
+            set.open("../x", 1 << 20, 8, ""),
             Err(SnapshotError::BadName { .. })
         ));
         set.drop_snapshot("s2").await.unwrap();
@@ -536,7 +603,7 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("full", size);
         let (set, _) = Snapshots::load(&dir, "r0", size);
-        let snap = set.open("small", 2 * (4096 + 64), 1).unwrap();
+        let snap = set.open("small", 2 * (4096 + 64), 1, "").unwrap();
         assert!(set.before_write(&store, 0, 8192).await.is_empty());
         let inv = set.before_write(&store, 8192, 1).await;
         assert_eq!(inv.len(), 1);
@@ -556,7 +623,7 @@ mod tests {
         let (dir, store) = setup("restart", size);
         fill(&store, 1, size).await;
         let (set, _) = Snapshots::load(&dir, "r0", size);
-        set.open("kept", 1 << 20, 1).unwrap();
+        set.open("kept", 1 << 20, 1, "").unwrap();
         set.before_write(&store, 0, 4096).await;
         store
             .write(0, Bytes::from(vec![2u8; 4096]), false)
@@ -576,5 +643,37 @@ mod tests {
         assert!(dropped[0].contains("not closed cleanly"), "{}", dropped[0]);
         let (_, dropped) = Snapshots::load(&dir, "r0", size);
         assert!(dropped.is_empty(), "the untrusted area was removed");
+    }
+
+    #[tokio::test]
+    async fn a_freeze_waits_for_changes_in_flight_and_holds_new_ones() {
+        let size = 1 << 20;
+        let (dir, store) = setup("gate", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let set = Arc::new(set);
+        let guard = set.change(&store, 0, 4096).await;
+        let s2 = set.clone();
+        let freeze = tokio::spawn(async move { s2.freeze("f", 1 << 20, 1, "").await.map(|_| ()) });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !freeze.is_finished(),
+            "the freeze waits for the change in flight"
+        );
+        store
+            .write(0, Bytes::from(vec![9u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(guard);
+        freeze.await.unwrap().unwrap();
+        let snap = set.get("f").unwrap();
+        assert_eq!(&snap.read(&store, 0, 2).await.unwrap()[..], &[9u8; 2]);
+        let g = set.change(&store, 0, 4096).await;
+        assert!(g.invalidated.is_empty());
+        store
+            .write(0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(g);
+        assert_eq!(&snap.read(&store, 0, 2).await.unwrap()[..], &[9u8; 2]);
     }
 }

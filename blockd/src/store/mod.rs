@@ -373,7 +373,7 @@ struct Inner {
     discard: bool,
     /// tmpfs/ramfs: page-cache operations never wait for a device.
     memory_backed: bool,
-    /// `splice` from the backing works (cleared on the first `EINVAL`).
+    /// `splice` into the backing works (cleared on the first `EINVAL`).
     splice: AtomicBool,
 }
 
@@ -526,56 +526,6 @@ impl BlockStore {
         }
     }
 
-    /// Puts `[offset, offset+len)` into `pipe` as references to page-cache pages (no copy), to
-    /// be spliced into a socket. `Ok(Some(pipe))` when all `len` bytes are in the pipe;
-    /// `Ok(None)` when this path cannot serve the range (splice unsupported, the pipe too
-    /// small, end of file, any I/O error): the pipe is dropped with whatever it held and the
-    /// caller uses [`BlockStore::read`], which serves or reports the error. The pages are read
-    /// when the socket sends them: a write completing before then may show in the data, as it
-    /// may for any read that overlaps a write in flight.
-    pub async fn splice_read<P: AsRef<Pipe> + Send + 'static>(
-        &self,
-        offset: u64,
-        len: usize,
-        pipe: P,
-    ) -> Result<Option<P>, StoreError> {
-        self.check_range(offset, len as u64)?;
-        if len == 0 || len > pipe.as_ref().capacity() || !self.inner.splice.load(Ordering::Relaxed)
-        {
-            return Ok(None);
-        }
-        let fill = move |file: &File| -> io::Result<Option<P>> {
-            let mut done = 0;
-            while done < len {
-                match pipe
-                    .as_ref()
-                    .fill_from(file, offset + done as u64, len - done)
-                {
-                    Ok(0) => return Ok(None),
-                    Ok(n) => done += n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(e) => return Err(e),
-                }
-            }
-            Ok(Some(pipe))
-        };
-        let result = if self.inner.memory_backed {
-            fill(&self.inner.file).map_err(EngineError::Io)
-        } else {
-            self.inner.engine.blocking(fill).await
-        };
-        match result {
-            Ok(filled) => Ok(filled),
-            Err(EngineError::Io(e)) => {
-                if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-                    self.inner.splice.store(false, Ordering::Relaxed);
-                }
-                Ok(None)
-            }
-            Err(EngineError::Gone) => Err(StoreError::EngineGone),
-        }
-    }
-
     /// Whether [`BlockStore::write_from_pipe`] is available: a writable memory-backed file
     /// (tmpfs, ramfs), where writing from a pipe is a memcpy that never waits for a device.
     pub fn writes_from_pipe(&self) -> bool {
@@ -637,6 +587,22 @@ impl BlockStore {
                     source,
                 })
             })
+    }
+
+    /// Writes `data` at `offset` with a plain `pwrite` on the calling thread, which blocks until
+    /// the page cache took it (with `fua`: until it is durable). For a caller that applies a
+    /// stream of small writes itself (a replication Secondary), where handing each one to the
+    /// engine costs more thread wake-ups than the write (ext4 has no `RWF_NOWAIT` buffered
+    /// writes, so the inline path never takes them there).
+    pub fn write_blocking(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        self.check_write(offset, len)?;
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        os::pwrite_full(&self.inner.file, data, offset, flags).map_err(|source| StoreError::Write {
+            offset,
+            len,
+            source,
+        })
     }
 
     /// Makes all completed writes durable (`fdatasync`).

@@ -206,9 +206,9 @@ pub fn eventfd_signal(fd: &impl AsRawFd) -> io::Result<()> {
     }
 }
 
-/// A kernel pipe used to move file pages to a socket without copying them through user space:
-/// `splice` from the file references page-cache pages in the pipe, `splice` to a TCP or Unix
-/// socket passes those references on. Both ends are non-blocking.
+/// A kernel pipe used to move received data from a socket to a file without copying it
+/// through user space: `splice` from the socket moves references to the received pages into
+/// the pipe, `splice` to the file copies them into the page cache. Both ends are non-blocking.
 #[derive(Debug)]
 pub struct Pipe {
     read: std::os::fd::OwnedFd,
@@ -251,62 +251,7 @@ impl Pipe {
         self.capacity
     }
 
-    /// Splices up to `len` bytes of `file` at `offset` into the pipe; returns the bytes moved
-    /// (0 at end of file). `EAGAIN` when the pipe is full.
-    pub fn fill_from(&self, file: &File, offset: u64, len: usize) -> io::Result<usize> {
-        let mut off = to_off(offset)?;
-        loop {
-            // SAFETY: splice between two fds we own; `off` is a live local the kernel reads
-            // and updates; no other memory is passed.
-            let ret = unsafe {
-                libc::splice(
-                    file.as_raw_fd(),
-                    &mut off,
-                    self.write.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    len,
-                    libc::SPLICE_F_NONBLOCK,
-                )
-            };
-            match check(ret as libc::c_long) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other.map(|n| n as usize),
-            }
-        }
-    }
-
-    /// Splices up to `len` bytes from the pipe into `out` (a non-blocking socket); `more` tells
-    /// the socket more data follows. `WouldBlock` when the socket is full.
-    pub fn drain_to(&self, out: &impl AsRawFd, len: usize, more: bool) -> io::Result<usize> {
-        let flags = libc::SPLICE_F_NONBLOCK | if more { libc::SPLICE_F_MORE } else { 0 };
-        loop {
-            // SAFETY: splice between two fds we own or borrow for the call; no memory passed.
-            let ret = unsafe {
-                libc::splice(
-                    self.read.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    out.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    len,
-                    flags,
-                )
-            };
-            match check(ret as libc::c_long) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other.map(|n| n as usize),
-            }
-        }
-    }
-}
-
-impl AsRef<Pipe> for Pipe {
-    fn as_ref(&self) -> &Pipe {
-        self
-    }
-}
-
-impl Pipe {
-    /// Copies `data` into the pipe (a reply header ahead of spliced pages); it must fit.
+    /// Copies `data` into the pipe (bytes already received into user space); it must fit.
     pub fn push(&self, data: &[u8]) -> io::Result<()> {
         // SAFETY: write(2) reads `data.len()` bytes from the live slice into a pipe we own.
         let ret = unsafe { libc::write(self.write.as_raw_fd(), data.as_ptr().cast(), data.len()) };
@@ -315,9 +260,7 @@ impl Pipe {
             _ => Err(io::Error::from_raw_os_error(libc::EAGAIN)),
         }
     }
-}
 
-impl Pipe {
     /// Splices up to `len` bytes from `input` (a non-blocking socket) into the pipe; returns
     /// the bytes moved (0 at end of stream). `WouldBlock` when the socket has no data or the
     /// pipe is full.

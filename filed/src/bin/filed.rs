@@ -19,7 +19,8 @@ use filed::store::RedbStore;
 #[command(
     name = "filed",
     version,
-    about = "csync2-style group file synchronisation"
+    about = "csync2-style group file synchronisation",
+    help_expected = true
 )]
 struct Cli {
     /// Configuration file (the same on every host).
@@ -34,7 +35,9 @@ struct Cli {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum KeepArg {
+    /// This host's version.
     Local,
+    /// The peer's version.
     Remote,
 }
 
@@ -42,6 +45,7 @@ enum KeepArg {
 enum Cmd {
     /// Check for local changes and exchange them with every reachable peer (csync2 -x).
     Sync {
+        /// Only this group (default: every group this host belongs to).
         group: Option<String>,
         /// Only these peers (csync2 -P).
         #[arg(long = "peer")]
@@ -49,30 +53,42 @@ enum Cmd {
     },
     /// Scan the included trees and record changes (csync2 -cr).
     Check {
+        /// Only this group (default: every group this host belongs to).
         group: Option<String>,
         /// Hash every file even when size and mtime are unchanged.
         #[arg(long)]
         rehash: bool,
     },
     /// List paths waiting to be sent, per peer (csync2 -M).
-    Dirty { group: Option<String> },
+    Dirty {
+        /// Only this group (default: every group this host belongs to).
+        group: Option<String>,
+    },
     /// Compare this host's tree with the peers' (csync2 -T).
     Compare {
+        /// Only this peer (default: every peer sharing a group with this host).
         peer: Option<String>,
+        /// Only this group (default: every group this host belongs to).
         #[arg(long)]
         group: Option<String>,
     },
     /// Resolve a conflict by keeping one side's version, then sync it.
     Resolve {
+        /// The conflicting file: this host's path or the logical one (`%prefix%/...`).
         path: String,
+        /// Which version wins: this host's (local) or the peer's (remote).
         #[arg(long, value_enum)]
         keep: KeepArg,
     },
     /// Make this host's version win the next sync (csync2 -f).
-    Force { path: String },
+    Force {
+        /// The file: this host's path or the logical one (`%prefix%/...`).
+        path: String,
+    },
     /// Create keys: a group key FILE (csync2 -k FILE), or without FILE every missing CA,
     /// certificate and group key named in the configuration.
     Keygen {
+        /// Write a new group key to this file (mode 0600; never overwrites).
         file: Option<PathBuf>,
         /// With no FILE: only certificates for these hosts.
         #[arg(long = "host")]
@@ -80,11 +96,13 @@ enum Cmd {
     },
     /// Show per group and peer the queue, last sync, conflicts and errors.
     Status {
+        /// Machine-readable output (stable interface, see docs/filed.md).
         #[arg(long)]
         json: bool,
     },
     /// List unresolved conflicts.
     LsConflicts {
+        /// Machine-readable output (one JSON document).
         #[arg(long)]
         json: bool,
     },
@@ -279,4 +297,16 @@ fn run() -> Result<i32> {
     })?;
     print!("{}", outcome.output);
     Ok(outcome.code)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Every argument of every subcommand has help text (`help_expected`), and the
+    /// definitions are consistent.
+    #[test]
+    fn cli_is_complete() {
+        super::Cli::command().debug_assert();
+    }
 }

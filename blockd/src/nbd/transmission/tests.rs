@@ -28,7 +28,10 @@ struct Harness {
 }
 
 fn open_store(read_only: bool) -> (BlockStore, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
+    open_store_in(read_only, tempfile::tempdir().unwrap())
+}
+
+fn open_store_in(read_only: bool, dir: tempfile::TempDir) -> (BlockStore, tempfile::TempDir) {
     let path = dir.path().join("disk.img");
     let store = BlockStore::open(
         &path,
@@ -58,33 +61,46 @@ fn open_store(read_only: bool) -> (BlockStore, tempfile::TempDir) {
 fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
     let (client, server_end) = tokio::io::duplex(1 << 20);
     let (r, w) = tokio::io::split(server_end);
-    start_on(Box::new(client), r, w, structured, read_only, limits)
+    start_on(
+        Box::new(client),
+        r,
+        w,
+        open_store(read_only),
+        structured,
+        limits,
+    )
 }
 
-/// Like [`start`] over a loopback TCP connection, where large READ replies are spliced.
+/// Like [`start`] over a loopback TCP connection to a store on tmpfs, where large WRITE
+/// payloads are spliced from the socket into the file.
 async fn start_tcp(structured: bool, limits: Limits) -> Harness {
+    let dir = tempfile::Builder::new()
+        .prefix("blockd-transmission-test")
+        .tempdir_in("/dev/shm")
+        .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
     let (server_end, _) = listener.accept().await.unwrap();
     let (r, w) = server_end.into_split();
-    start_on(Box::new(client), r, w, structured, false, limits)
+    let store = open_store_in(false, dir);
+    assert!(store.0.writes_from_pipe());
+    start_on(Box::new(client), r, w, store, structured, limits)
 }
 
 fn start_on<R, W>(
     client: Box<dyn ClientStream>,
     r: R,
     w: W,
+    (store, dir): (BlockStore, tempfile::TempDir),
     structured: bool,
-    read_only: bool,
     limits: Limits,
 ) -> Harness
 where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: ReplySink,
+    R: RequestSource,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (store, dir) = open_store(read_only);
     let session = Session {
         structured,
         base_allocation: structured.then_some(BASE_ALLOCATION_ID),
@@ -575,16 +591,49 @@ fn validation_picks_the_right_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_reads_over_a_socket_are_spliced_and_exact() {
+async fn large_requests_over_a_socket_are_exact() {
     for structured in [false, true] {
         let mut h = start_tcp(structured, Limits::default()).await;
-        let data = pattern(4 << 20, 3);
+        let mut data = pattern(4 << 20, 3);
         for (i, piece) in data.chunks(1 << 20).enumerate() {
             let at = (i << 20) as u64;
             h.send(req(CMD_WRITE, 0, i as u64, at, piece.len() as u32), piece)
                 .await;
             assert_eq!(h.simple(|_| 0).await.1, 0);
         }
+        // Large writes pipelined, unaligned, one with FUA, one past the end (its payload is
+        // still consumed), then everything compared through the store.
+        let writes: [(u64, usize, u16); 4] = [
+            (100_001, 300_000, 0),
+            ((2 << 20) + 7, (1 << 20) + 3, CMD_FLAG_FUA),
+            ((3 << 20) - 4096, 1 << 20, 0),
+            (SIZE - 4096, 200_000, 0),
+        ];
+        for (i, &(offset, len, flags)) in writes.iter().enumerate() {
+            let payload = pattern(len, 40 + i as u8);
+            h.send(
+                req(CMD_WRITE, flags, 10 + i as u64, offset, len as u32),
+                &payload,
+            )
+            .await;
+            if offset as usize + len <= data.len() {
+                data[offset as usize..offset as usize + len].copy_from_slice(&payload);
+            }
+        }
+        for _ in writes {
+            let (cookie, error) = match h.message().await {
+                Reply::Simple { cookie, error } => (cookie, error),
+                Reply::Chunk {
+                    header,
+                    payload: Chunk::Error { error, .. },
+                } => (header.cookie, error),
+                other => panic!("unexpected reply {other:?}"),
+            };
+            let expect = if cookie == 13 { ENOSPC } else { 0 };
+            assert_eq!(error, expect, "write {cookie}");
+        }
+        let stored = h.store.read(0, data.len()).await.unwrap();
+        assert!(stored[..] == data[..], "store differs after spliced writes");
         // Aligned and unaligned, below, at and above the splice limits; several in flight.
         let reads: [(u64, usize); 7] = [
             (0, 1 << 20),
@@ -626,7 +675,7 @@ async fn large_reads_over_a_socket_are_spliced_and_exact() {
             seen |= 1 << cookie;
         }
         assert_eq!(seen, (1 << reads.len()) - 1);
-        // A write after a spliced read is seen by the next read.
+        // A small write after large ones is seen by the next read.
         h.send(req(CMD_WRITE, 0, 50, 0, 4096), &[9; 4096]).await;
         assert_eq!(h.simple(|_| 0).await.1, 0);
         h.send(req(CMD_READ, 0, 51, 0, 1 << 20), &[]).await;
