@@ -473,7 +473,7 @@ for r in rows:
         print(f"| idle filed daemons over {r['secs']:.0f} s | alpha | beta |")
         print("|---|---:|---:|")
         print(f"| CPU time (utime+stime) ms | {ticks[0] * 1000 // hz} | {ticks[1] * 1000 // hz} |")
-        print(f"| transfers / sessions in the window (both) | {b['transfers'] - a['transfers']} / {b['sessions'] - a['sessions']} | |")
+        print(f"| transfers / sessions in the window (both) | {b['transfers'] - a['transfers']} / {b['sessions'] - a['sessions']:.0f} | |")
     if r["kind"] == "storm":
         s = r
     if r["kind"] == "storm-counters":
@@ -484,7 +484,7 @@ for r in rows:
         print(f"| created on alpha in | {s['created_s']:.1f} s |")
         print(f"| all on beta after (from the first create) | {s['converged_s']:.1f} s |")
         print(f"| batches on alpha / beta, sessions | {c1['batches'][0] - c0['batches'][0]} / {c1['batches'][1] - c0['batches'][1]}, {c1['sessions'] - c0['sessions']:.0f} |")
-        print(f"| transfers / sessions / CPU ms in 5 s after convergence | {c2['transfers'] - c1['transfers']} / {c2['sessions'] - c1['sessions']} / {(sum(c2['ticks']) - sum(c1['ticks'])) * 1000 // hz} |")
+        print(f"| transfers / sessions / CPU ms in 5 s after convergence | {c2['transfers'] - c1['transfers']} / {c2['sessions'] - c1['sessions']:.0f} / {(sum(c2['ticks']) - sum(c1['ticks'])) * 1000 // hz} |")
 EOF
 }
 

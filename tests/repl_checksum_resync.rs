@@ -68,9 +68,10 @@ fn full_sync_wire_bytes(change: impl FnOnce(&std::path::Path) -> u64) -> (u64, u
     let differ = change(&p.cluster.nodes[1].backing);
     p.start_node(0);
     p.start_node(1);
-    p.cluster.wait_peer(0, 1, Duration::from_secs(60), "connected", |s| {
-        s["connection"] == "connected"
-    });
+    p.cluster
+        .wait_peer(0, 1, Duration::from_secs(60), "connected", |s| {
+            s["connection"] == "connected"
+        });
     p.proxy.reset();
     let started = Instant::now();
     p.cluster.promote(0, true);
@@ -90,7 +91,9 @@ fn full_sync_wire_bytes(change: impl FnOnce(&std::path::Path) -> u64) -> (u64, u
 fn full_sync_of_identical_copies_moves_under_one_percent() {
     let (wire, _, secs) = full_sync_wire_bytes(|_| 0);
     let pct = wire as f64 * 100.0 / GIB as f64;
-    println!("identical 1 GiB copies: full sync moved {wire} bytes on the wire ({pct:.3}%) in {secs:.1} s");
+    println!(
+        "identical 1 GiB copies: full sync moved {wire} bytes on the wire ({pct:.3}%) in {secs:.1} s"
+    );
     assert!(pct < 1.0, "{wire} bytes on the wire = {pct:.3}% of 1 GiB");
 }
 

@@ -128,7 +128,10 @@ fn crash_rounds(extra: &str) {
             {
                 break;
             }
-            assert!(Instant::now() < deadline, "no resync after the restart: {st:#}");
+            assert!(
+                Instant::now() < deadline,
+                "no resync after the restart: {st:#}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         let wire = p.proxy.bytes();
@@ -138,7 +141,9 @@ fn crash_rounds(extra: &str) {
             started.elapsed().as_secs_f64()
         );
         assert!(
-            p.cluster.log(0).contains("unclean shutdown: activity-log extents marked out of sync"),
+            p.cluster
+                .log(0)
+                .contains("unclean shutdown: activity-log extents marked out of sync"),
             "the restarted primary replayed its activity log"
         );
         assert!(total > 0, "the activity-log extents were resynced");
@@ -146,12 +151,24 @@ fn crash_rounds(extra: &str) {
             total <= 16 * EXTENT,
             "{total} bytes resynced: more than the hot extents"
         );
-        assert!(wire >= differ, "{wire} bytes on the wire < {differ} bytes that differ");
-        assert!(wire < data / 10, "{wire} bytes on the wire: not a full sync");
+        assert!(
+            wire >= differ,
+            "{wire} bytes on the wire < {differ} bytes that differ"
+        );
+        assert!(
+            wire < data / 10,
+            "{wire} bytes on the wire: not a full sync"
+        );
         if !extra.is_empty() {
             // Without checksums the replayed extents cross the wire, plus protocol overhead.
-            assert!(wire >= total, "{wire} bytes on the wire < {total} bytes out of sync");
-            assert!(wire <= total + total / 5, "{wire} bytes on the wire for {total} out of sync");
+            assert!(
+                wire >= total,
+                "{wire} bytes on the wire < {total} bytes out of sync"
+            );
+            assert!(
+                wire <= total + total / 5,
+                "{wire} bytes on the wire for {total} out of sync"
+            );
         }
         p.cluster.assert_identical(0);
         p.cluster.promote(0, false);

@@ -43,14 +43,21 @@ fn fio(c: &Cluster) -> Fio {
         Duration::from_secs(FIO_SECS + 60),
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "fio failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "fio failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = &text[text.find('{').expect("fio json")..];
     let v: serde_json::Value = serde_json::from_str(json).expect("fio json");
     let w = &v["jobs"][0]["write"];
     Fio {
         iops: w["iops"].as_f64().unwrap(),
         clat_mean_us: w["clat_ns"]["mean"].as_f64().unwrap() / 1000.0,
-        clat_p99_us: w["clat_ns"]["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1000.0,
+        clat_p99_us: w["clat_ns"]["percentile"]["99.000000"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1000.0,
     }
 }
 
@@ -84,7 +91,10 @@ fn measure(extra: &str, label: &str) -> (f64, f64) {
     let mut cmd = Command::new(qemu_io);
     cmd.args(["-f", "raw", &c.nbd_uri(0)]);
     for k in 0..11u64 {
-        cmd.args(["-c", &format!("write -P {} {} 64M", 1 + k, (256 << 20) + k * (64 << 20))]);
+        cmd.args([
+            "-c",
+            &format!("write -P {} {} 64M", 1 + k, (256 << 20) + k * (64 << 20)),
+        ]);
     }
     integration_tests::run_ok(&mut cmd, Duration::from_secs(300));
     c.wait_synced(0, Duration::from_secs(120));
@@ -107,19 +117,20 @@ fn measure(extra: &str, label: &str) -> (f64, f64) {
         let d0 = resync_done_bytes(&c).unwrap_or(0);
         std::thread::sleep(Duration::from_millis(1500));
         if let Some(d1) = resync_done_bytes(&c) {
-            idle_rate = idle_rate
-                .max((d1 - d0) as f64 / t0.elapsed().as_secs_f64() / 1048576.0);
+            idle_rate = idle_rate.max((d1 - d0) as f64 / t0.elapsed().as_secs_f64() / 1048576.0);
         } else {
-            idle_rate = idle_rate.max(
-                (SIZE - d0) as f64 / t0.elapsed().as_secs_f64() / 1048576.0,
-            );
+            idle_rate = idle_rate.max((SIZE - d0) as f64 / t0.elapsed().as_secs_f64() / 1048576.0);
         }
         let ratio = during.iops / base.iops;
         println!(
             "{label} attempt {attempt}: without resync {:.0} IOPS (clat mean {:.0} us, p99 {:.0} us); \
              during resync {:.0} IOPS (clat mean {:.0} us, p99 {:.0} us) = {ratio:.2}x; resync \
              {during_rate:.1} MiB/s during fio, {idle_rate:.0} MiB/s idle",
-            base.iops, base.clat_mean_us, base.clat_p99_us, during.iops, during.clat_mean_us,
+            base.iops,
+            base.clat_mean_us,
+            base.clat_p99_us,
+            during.iops,
+            during.clat_mean_us,
             during.clat_p99_us
         );
         best = best.max(ratio);
@@ -135,8 +146,14 @@ fn measure(extra: &str, label: &str) -> (f64, f64) {
 #[test]
 fn dynamic_controller_keeps_application_iops_during_a_full_resync() {
     let (ratio, idle) = measure("", "dynamic controller");
-    assert!(ratio >= 0.5, "application kept {ratio:.2}x of its IOPS during the resync");
-    assert!(idle >= 20.0, "idle resync ran at {idle:.0} MiB/s (c-min-rate is 4 MiB/s)");
+    assert!(
+        ratio >= 0.5,
+        "application kept {ratio:.2}x of its IOPS during the resync"
+    );
+    assert!(
+        idle >= 20.0,
+        "idle resync ran at {idle:.0} MiB/s (c-min-rate is 4 MiB/s)"
+    );
 }
 
 #[test]

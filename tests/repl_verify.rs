@@ -19,6 +19,8 @@ const BS: u64 = 4096;
 fn started_pair(size: u64) -> Cluster {
     let mut opts = ClusterOptions::new(2, "C");
     opts.size = size;
+    // Verify is paced like a resync: held at c-min-rate while the application writes.
+    opts.extra_global = "c-min-rate = \"16M\"\n".to_string();
     let c = Cluster::start(&opts);
     c.promote(0, true);
     c.wait_synced(0, Duration::from_secs(120));
@@ -165,7 +167,10 @@ fn verify_under_writes_has_no_false_positives_and_finds_corrupted_blocks() {
     assert_eq!(ranges, bad.to_vec());
     let ev = events.wait_for("verify-done", "5 blocks", Duration::from_secs(10));
     assert!(
-        ev["value"].as_str().unwrap().contains(&format!("{}+{}", 5000 * BS, 3 * BS)),
+        ev["value"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{}+{}", 5000 * BS, 3 * BS)),
         "{ev}"
     );
     // Marked out of sync for the peer; a reconnect resyncs them.

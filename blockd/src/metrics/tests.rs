@@ -6,6 +6,7 @@ use crate::repl::resource::{PeerStatus, ResyncStatus};
 
 fn status() -> Status {
     Status {
+        snapshots: Vec::new(),
         resource: "r0".into(),
         node: "alpha".into(),
         id: 0,

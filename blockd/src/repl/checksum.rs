@@ -338,7 +338,10 @@ mod tests {
         b[5000] ^= 1;
         assert_ne!(run_digest(&a), run_digest(&b));
         assert_ne!(run_digest(&a[..4096]), run_digest(&a[..4097]));
-        let (da, db) = (block_digests(&a, BS as usize), block_digests(&b, BS as usize));
+        let (da, db) = (
+            block_digests(&a, BS as usize),
+            block_digests(&b, BS as usize),
+        );
         assert_eq!(da.len(), 3);
         assert_eq!(da[0], db[0]);
         assert_ne!(da[1], db[1]);
@@ -393,7 +396,9 @@ mod tests {
         let mut theirs = mine.clone();
         theirs[0] = [9; 16];
         theirs[3] = [9; 16];
-        let out = t.answered(4 * BS, 4 * BS, PeerAnswer::Blocks(theirs)).unwrap();
+        let out = t
+            .answered(4 * BS, 4 * BS, PeerAnswer::Blocks(theirs))
+            .unwrap();
         let RunOutcome::Differ(c) = out else {
             panic!("{out:?}")
         };
@@ -406,7 +411,10 @@ mod tests {
         assert_eq!(r.differing_bytes, 2 * BS);
         assert_eq!(r.ranges, vec![(4 * BS, BS), (7 * BS, BS)]);
         assert!(!r.ranges_truncated);
-        assert_eq!(r.summary(), "2 blocks (8192 bytes) differ: 16384+4096,28672+4096");
+        assert_eq!(
+            r.summary(),
+            "2 blocks (8192 bytes) differ: 16384+4096,28672+4096"
+        );
         assert_eq!(t.pending(), 0);
     }
 
@@ -415,7 +423,8 @@ mod tests {
         let mut t = ChecksumTracker::new(BS, BS);
         t.asked(0, BS, vec![[1; 16]]);
         assert_eq!(
-            t.answered(0, BS, PeerAnswer::Blocks(vec![[1; 16]])).unwrap(),
+            t.answered(0, BS, PeerAnswer::Blocks(vec![[1; 16]]))
+                .unwrap(),
             RunOutcome::Equal { offset: 0, len: BS }
         );
     }

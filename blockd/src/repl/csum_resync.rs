@@ -234,7 +234,8 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
                 while let Ok(a) = answers.try_recv() {
                     w.on_answer(a).await?;
                 }
-                let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
+                let next =
+                    res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
                 let Some((off, len)) = next else { break };
                 pacer.admit(len, &progress).await;
                 // Window space; answers return space, so keep handling them while waiting.
@@ -252,7 +253,15 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
                     w.data_bytes += len;
                     send_data(&res, &conn, off, len).await?;
                 } else {
-                    ask_run(&res, &conn, &mut w.tracker, off, len, ChecksumPurpose::Resync).await?;
+                    ask_run(
+                        &res,
+                        &conn,
+                        &mut w.tracker,
+                        off,
+                        len,
+                        ChecksumPurpose::Resync,
+                    )
+                    .await?;
                 }
                 pos = off + len;
             }
@@ -292,7 +301,8 @@ impl Resource {
     /// checksums: `csums = yes`, or `auto` with an untrusted bitmap (full sync, crashed
     /// primary), or a pending `blockctl connect --checksum` (used once).
     pub(crate) fn checksum_resync(&self, i: usize, untrusted: bool) -> bool {
-        let requested = std::mem::take(&mut self.state.lock().expect("state").peers[i].checksum_next);
+        let requested =
+            std::mem::take(&mut self.state.lock().expect("state").peers[i].checksum_next);
         match self.spec.csums {
             Csums::Yes => true,
             Csums::No => requested,
@@ -302,7 +312,11 @@ impl Resource {
 
     /// `blockctl connect --checksum`: the next resync with `peer` (default: every peer)
     /// compares checksums first (`on = false` withdraws a pending request).
-    pub fn request_checksum_resync(&self, peer: Option<&str>, on: bool) -> Result<(), ResourceError> {
+    pub fn request_checksum_resync(
+        &self,
+        peer: Option<&str>,
+        on: bool,
+    ) -> Result<(), ResourceError> {
         let which: Vec<usize> = match peer {
             Some(n) => vec![
                 self.peers

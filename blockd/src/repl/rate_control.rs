@@ -252,10 +252,7 @@ mod tests {
     fn fixed_rate_issues_the_configured_rate() {
         let (rate, _, d) = simulate(RateSettings::fixed(50 * MIB), 10, MIB, u64::MAX, |_| 0);
         let want = 50.0 * MIB as f64;
-        assert!(
-            (rate - want).abs() < 0.1 * want,
-            "{rate} vs {want}"
-        );
+        assert!((rate - want).abs() < 0.1 * want, "{rate} vs {want}");
         assert!(d.iter().all(|d| !d.throttled));
     }
 
@@ -271,8 +268,7 @@ mod tests {
     fn idle_resync_uses_the_spare_bandwidth_of_a_slow_peer_without_flooding_it() {
         // The peer completes 30 MiB/s; the cap is far above: the resync runs at the peer's
         // speed and the bytes in flight settle near the fill target instead of growing.
-        let (rate, max_in_flight, _) =
-            simulate(dynamic(1000 * MIB, MIB), 20, MIB, 30 * MIB, |_| 0);
+        let (rate, max_in_flight, _) = simulate(dynamic(1000 * MIB, MIB), 20, MIB, 30 * MIB, |_| 0);
         assert!(rate >= 0.9 * 30.0 * MIB as f64, "{rate}");
         assert!(rate <= 1.2 * 30.0 * MIB as f64, "{rate}");
         // Start-up plans the maximum over the horizon; afterwards it converges to the target.
@@ -324,7 +320,10 @@ mod tests {
         // 5 s at 2 MiB/s, 5 s close to 100 MiB/s.
         assert!(busy_budget <= 10 * MIB + MIB, "{busy_budget}");
         assert!(busy_budget >= 8 * MIB, "never starved: {busy_budget}");
-        assert!(idle_budget >= 300 * MIB, "spare bandwidth used: {idle_budget}");
+        assert!(
+            idle_budget >= 300 * MIB,
+            "spare bandwidth used: {idle_budget}"
+        );
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl Resource {
             let refuse = if ps.conn != ConnState::Connected || conn.is_none() {
                 Some(format!("{name} is not connected"))
             } else if ps.repl != ReplState::Established {
-                Some(format!("{name} is {} (verify needs established replication)", ps.repl))
+                Some(format!(
+                    "{name} is {} (verify needs established replication)",
+                    ps.repl
+                ))
             } else if !me_primary && ps.role == Role::Primary {
                 Some(format!(
                     "{name} is Primary: run verify there (its writes are ordered with the checksums)"
