@@ -22,7 +22,8 @@
 # Env:   FILED_BIN (default target/release/filed: `cargo build --release -p filed`)
 #        BENCH_DIR (default /var/tmp/filed-daemon-bench; wiped), KEEP=1 keeps it
 #        EDITS (100), POLL_MS (2), IDLE_SECS (60), STORM (100000), TOOLS ("filed-0ms filed csync2 lsyncd"),
-#        INCRON_NODES ("a b"; "a" = incron on the editing node only)
+#        INCRON_NODES ("a b"; "a" = incron on the editing node only), EDIT_TIMEOUT (5 s),
+#        BUDGET_SECS (120: a tool's edits stop after this long; the table shows how many were made)
 # Needs: csync2, incron, lsyncd, rsync, openssl, python3 (installed with apt-get when missing).
 set -euo pipefail
 
@@ -41,7 +42,7 @@ FD_A=127.0.0.34 FD_B=127.0.0.35
 RESULTS=$W/results.jsonl
 PIDS=()
 
-log() { printf '%s\n' "$*" >&2; }
+log() { printf '[%3ds] %s\n' "$SECONDS" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 stop_pid() { # stop_pid PID: SIGTERM, wait up to 10 s, then SIGKILL
@@ -97,15 +98,19 @@ sys.exit(1)
 EOF
 }
 
-# latency TOOL A B: EDITS edits on A, each timed until visible on B; one JSON line to RESULTS.
+# latency TOOL A B: EDITS edits on A, each timed until visible on B (a "missed" edit is one not
+# there after EDIT_TIMEOUT s, counted as that long); one JSON line to RESULTS; the last content
+# of every file to $W/expected-TOOL.json (for final_state).
 latency() {
-    python3 - "$1" "$2" "$3" "$EDITS" "$POLL_MS" >>"$RESULTS" <<'EOF'
+    EXPECTED=$W/expected-$1.json python3 - "$1" "$2" "$3" "$EDITS" "$POLL_MS" >>"$RESULTS" <<'EOF'
 import json, os, random, sys, time
 tool, a, b, n, poll = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]) / 1000
 rnd = random.Random()
 def content(i):  # always 200 bytes
     return (f"{tool} edit {i} ".encode() + rnd.randbytes(100).hex().encode())[:199] + b"\n"
+last = {}  # what A should finally hold: the last content written to each file
 def edit(name, data):
+    last[name] = data.decode()
     with open(os.path.join(a, name), "wb") as f:  # in place: O_TRUNC, write, close
         f.write(data)
 def arrival(name, data, timeout):  # seconds until B has exactly data, None if it never did
@@ -122,22 +127,27 @@ def arrival(name, data, timeout):  # seconds until B has exactly data, None if i
             return None
         time.sleep(poll)
 lat, missed = [], 0
+timeout = float(os.environ.get("EDIT_TIMEOUT", "5"))
+budget = time.monotonic() + float(os.environ.get("BUDGET_SECS", "120"))
 for i in range(n):
+    if time.monotonic() > budget:
+        print(f"  {tool}: time budget used up after {i} edits", file=sys.stderr)
+        break
     # 20 files, 50-100 ms between edits: a file is rewritten more than a second after its
     # previous version, so mtime-second-based quick checks (rsync) see every edit.
     name = f"f{10 + i % 20}.txt"
     data = content(i)
     edit(name, data)
-    t = arrival(name, data, 10.0)
+    t = arrival(name, data, timeout)
     if t is None:
         missed += 1
-        print(f"  {tool}: edit {i} of {name} did not arrive within 10 s", file=sys.stderr)
-        t = 10.0
+        print(f"  {tool}: edit {i} of {name} did not arrive within {timeout:.0f} s", file=sys.stderr)
+        t = timeout
     lat.append(t)
     time.sleep(0.05 + rnd.random() * 0.05)
 # A same-size rewrite within the same second as the version the peer already has (the case a
 # size + whole-second mtime check misses): delivered within 5 s or not.
-same_second, writes = None, n
+same_second, writes = None, len(lat)
 for attempt in range(5):
     while time.time() % 1 > 0.05:
         time.sleep(0.01)
@@ -145,7 +155,7 @@ for attempt in range(5):
     first = content(1000 + attempt)
     edit("f10.txt", first)
     writes += 1
-    if arrival("f10.txt", first, 10.0) is None or int(time.time()) != sec:
+    if arrival("f10.txt", first, timeout) is None or int(time.time()) != sec:
         continue
     second = content(2000 + attempt)
     edit("f10.txt", second)
@@ -155,7 +165,27 @@ for attempt in range(5):
     t = arrival("f10.txt", second, 5.0)
     same_second = "missed" if t is None else f"{t * 1000:.0f} ms"
     break
+with open(os.environ["EXPECTED"], "w") as f:
+    json.dump(last, f)
 print(json.dumps({"kind": "latency", "tool": tool, "lat": lat, "missed": missed, "same_second": same_second, "writes": writes}))
+EOF
+}
+
+# final_state TOOL A B: once the tool has settled, do A and B hold the last edit of every file?
+# (A can lose an edit when a sync echoes an older version back.)
+final_state() {
+    python3 - "$1" "$2" "$3" "$W/expected-$1.json" >>"$RESULTS" <<'EOF'
+import json, os, sys
+tool, a, b, exp = sys.argv[1], sys.argv[2], sys.argv[3], json.load(open(sys.argv[4]))
+def differs(d):
+    n = 0
+    for name, data in exp.items():
+        try:
+            n += open(os.path.join(d, name)).read() != data
+        except OSError:
+            n += 1
+    return n
+print(json.dumps({"kind": "final", "tool": tool, "a_lost": differs(a), "b_stale": differs(b)}))
 EOF
 }
 
@@ -439,6 +469,7 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 idle_secs, hz = float(sys.argv[2]), int(sys.argv[3])
 lat = {r["tool"]: r for r in rows if r["kind"] == "latency"}
 runs = {r["tool"]: r for r in rows if r["kind"] == "runs"}
+finals = {r["tool"]: r for r in rows if r["kind"] == "final"}
 what = {
     "filed-0ms": "filed daemon, --batch-delay-ms 0",
     "filed": "filed daemon, default batch delay (200 ms)",
@@ -449,8 +480,8 @@ def p99(xs):
     s = sorted(xs)
     return s[max(0, math.ceil(0.99 * len(s)) - 1)]
 med = {}
-print("| change-to-remote latency | median ms | p99 ms | max ms | edits | missed | syncs per write | same-second rewrite |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| change-to-remote latency | median ms | p99 ms | max ms | edits | missed | syncs per write | same-second rewrite | files wrong at the end A / B |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for tool in ["filed-0ms", "filed", "csync2", "lsyncd"]:
     r = lat.get(tool)
     if not r:
@@ -459,7 +490,9 @@ for tool in ["filed-0ms", "filed", "csync2", "lsyncd"]:
     med[tool] = statistics.median(xs)
     per = runs.get(tool)
     per = f"{per['count'] / r['writes']:.2f}" if per else "-"
-    print(f"| {what[tool]} | {med[tool] * 1000:.1f} | {p99(xs) * 1000:.1f} | {max(xs) * 1000:.1f} | {len(xs)} | {r['missed']} | {per} | {r['same_second'] or 'n/a'} |")
+    fin = finals.get(tool)
+    fin = f"{fin['a_lost']} / {fin['b_stale']}" if fin else "-"
+    print(f"| {what[tool]} | {med[tool] * 1000:.1f} | {p99(xs) * 1000:.1f} | {max(xs) * 1000:.1f} | {len(xs)} | {r['missed']} | {per} | {r['same_second'] or 'n/a'} | {fin} |")
 print()
 for f in ["filed", "filed-0ms"]:
     for o in ["lsyncd", "csync2"]:
@@ -519,6 +552,7 @@ if [[ " $TOOLS " == *" filed-0ms "* || " $TOOLS " == *" filed "* ]]; then
         log "== filed-0ms: latency"
         latency filed-0ms "$F/alpha/data" "$F/beta/data"
         filed_quiet
+        final_state filed-0ms "$F/alpha/data" "$F/beta/data"
         c1=$(filed_counters)
         filed_runs filed-0ms "$c0" "$c1"
         filed_stop
@@ -529,6 +563,7 @@ if [[ " $TOOLS " == *" filed-0ms "* || " $TOOLS " == *" filed "* ]]; then
         log "== filed: latency"
         latency filed "$F/alpha/data" "$F/beta/data"
         filed_quiet
+        final_state filed "$F/alpha/data" "$F/beta/data"
         c1=$(filed_counters)
         filed_runs filed "$c0" "$c1"
     fi
@@ -543,6 +578,7 @@ if [[ " $TOOLS " == *" csync2 "* ]]; then
     log "== csync2 + incron: latency"
     latency csync2 "$C/a/data" "$C/b/data"
     csync2_stop # waits for the runs in flight
+    final_state csync2 "$C/a/data" "$C/b/data"
     ra=$(wc -l <"$C/a/runs")
     rb=$(wc -l <"$C/b/runs")
     printf '{"kind": "runs", "tool": "csync2", "count": %s, "a": %s, "b": %s}\n' $((ra + rb)) "$ra" "$rb" >>"$RESULTS"
@@ -556,6 +592,8 @@ if [[ " $TOOLS " == *" lsyncd "* ]]; then
     latency lsyncd "$L/a" "$L/b"
     n=$(grep -c "Calling rsync" "$L/lsyncd.log" || true)
     printf '{"kind": "runs", "tool": "lsyncd", "count": %s}\n' "$n" >>"$RESULTS"
+    sleep 1
+    final_state lsyncd "$L/a" "$L/b"
     stop_pid "$LS_PID"
 fi
 
