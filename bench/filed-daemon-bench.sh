@@ -11,6 +11,9 @@
 #                          incrond (foreground, private incron.conf) on both nodes with
 #                          `DIR IN_CLOSE_WRITE,IN_CREATE,IN_DELETE,IN_MOVED_TO,IN_MOVED_FROM csync2 -x`
 #              lsyncd      Debian's lsyncd, default.rsync, delay = 0, target a local directory
+#              lsyncd-net  the same lsyncd, default.rsync, delay = 0, target node B's rsync daemon
+#                          (`rsync --daemon`, private rsyncd.conf, on 127.0.0.37:873, module
+#                          `bench`): rsync://127.0.0.37/bench/, as lsyncd is deployed without ssh
 #   idle     CPU time (utime+stime from /proc/PID/stat) of each converged filed daemon over
 #            IDLE_SECS (60) s, and transfers/sessions in that window (`filed status --json`);
 #            the csync2 and lsyncd runs happen during this window, in other directories.
@@ -18,27 +21,44 @@
 #            filed daemons run (default batch delay): time until all are on B, batches and sessions
 #            used, then transfers during 5 quiet seconds after convergence.
 #
-# Usage: bench/filed-daemon-bench.sh            (as root; about 3-4 minutes)
+# Usage: bench/filed-daemon-bench.sh            (as root; about 4-5 minutes)
+#        bench/filed-daemon-bench.sh --only-latency   (latency rows only: no idle window, no storm;
+#                   TOOLS defaults to "filed-0ms filed lsyncd lsyncd-net"; about 2 minutes)
 # Env:   FILED_BIN (default target/release/filed: `cargo build --release -p filed`)
 #        BENCH_DIR (default /var/tmp/filed-daemon-bench; wiped), KEEP=1 keeps it
-#        EDITS (100), POLL_MS (2), IDLE_SECS (60), STORM (100000), TOOLS ("filed-0ms filed csync2 lsyncd"),
+#        EDITS (100), POLL_MS (2), IDLE_SECS (60), STORM (100000),
+#        TOOLS ("filed-0ms filed csync2 lsyncd lsyncd-net"),
 #        INCRON_NODES ("a b"; "a" = incron on the editing node only), EDIT_TIMEOUT (5 s),
 #        BUDGET_SECS (120: a tool's edits stop after this long; the table shows how many were made)
 # Needs: csync2, incron, lsyncd, rsync, openssl, python3 (installed with apt-get when missing).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ONLY_LATENCY=""
+for arg in "$@"; do
+    case $arg in
+    --only-latency) ONLY_LATENCY=1 ;;
+    *) echo "usage: $0 [--only-latency]" >&2; exit 2 ;;
+    esac
+done
 W=${BENCH_DIR:-/var/tmp/filed-daemon-bench}
 FILED=${FILED_BIN:-$ROOT/target/release/filed}
 EDITS=${EDITS:-100}
 POLL_MS=${POLL_MS:-2}
 IDLE_SECS=${IDLE_SECS:-60}
 STORM=${STORM:-100000}
-TOOLS=${TOOLS:-"filed-0ms filed csync2 lsyncd"}
+if [[ $ONLY_LATENCY ]]; then
+    TOOLS=${TOOLS:-"filed-0ms filed lsyncd lsyncd-net"}
+    IDLE_SECS=0
+    STORM=0
+else
+    TOOLS=${TOOLS:-"filed-0ms filed csync2 lsyncd lsyncd-net"}
+fi
 INCRON_NODES=${INCRON_NODES:-"a b"} # nodes whose incrond table runs csync2 -x ("a": sender only)
 PORT=30866            # filed (csync2 always uses 30865)
 CS_A=127.0.0.32 CS_B=127.0.0.33
 FD_A=127.0.0.34 FD_B=127.0.0.35
+RS_B=127.0.0.37 # node B's rsync daemon (lsyncd-net), port 873
 RESULTS=$W/results.jsonl
 PIDS=()
 
@@ -399,23 +419,49 @@ csync2_stop() {
 L=$W/lsyncd
 LS_PID=""
 
+RS_PID=""
+
+# lsyncd_setup DIR TARGET: lsyncd (default.rsync, delay = 0) from DIR/a to TARGET.
 lsyncd_setup() {
-    mkdir -p "$L"/{a,b}
-    seed "$L/a"
-    cat >"$L/lsyncd.lua" <<EOF
-settings { nodaemon = true, logfile = "$L/lsyncd.log", statusFile = "$L/status", insist = true }
-sync { default.rsync, source = "$L/a", target = "$L/b", delay = 0 }
+    local d=$1 target=$2
+    mkdir -p "$d"/{a,b}
+    seed "$d/a"
+    cat >"$d/lsyncd.lua" <<EOF
+settings { nodaemon = true, logfile = "$d/lsyncd.log", statusFile = "$d/status", insist = true }
+sync { default.rsync, source = "$d/a", target = "$target", delay = 0 }
 EOF
-    setsid lsyncd "$L/lsyncd.lua" >"$L/stdout.log" 2>&1 &
+    setsid lsyncd "$d/lsyncd.lua" >"$d/stdout.log" 2>&1 &
     LS_PID=$!
     PIDS+=($!)
-    wait_same "$L/a" "$L/b" 30
+    wait_same "$d/a" "$d/b" 30
     local _
     for _ in $(seq 100); do
-        grep -q "Startup of .* finished" "$L/lsyncd.log" 2>/dev/null && return 0
+        grep -q "Startup of .* finished" "$d/lsyncd.log" 2>/dev/null && return 0
         sleep 0.1
     done
-    die "lsyncd did not finish its startup sync (see $L/lsyncd.log)"
+    die "lsyncd did not finish its startup sync (see $d/lsyncd.log)"
+}
+
+# rsyncd_start DIR: node B's rsync daemon on $RS_B:873 serving DIR/b as module `bench`
+# (private config, foreground, no chroot; files keep root ownership as lsyncd's -a asks).
+rsyncd_start() {
+    local d=$1
+    mkdir -p "$d/b"
+    cat >"$d/rsyncd.conf" <<EOF
+pid file = $d/rsyncd.pid
+lock file = $d/rsyncd.lock
+log file = $d/rsyncd.log
+use chroot = no
+[bench]
+    path = $d/b
+    read only = no
+    uid = root
+    gid = root
+EOF
+    setsid rsync --daemon --no-detach --config="$d/rsyncd.conf" --address=$RS_B --port=873 >"$d/rsyncd.out" 2>&1 &
+    RS_PID=$!
+    PIDS+=($!)
+    wait_listening $RS_B 873 || die "rsync daemon did not start (see $d/rsyncd.*)"
 }
 
 # ---------------------------------------------------------------- storm
@@ -475,6 +521,7 @@ what = {
     "filed": "filed daemon, default batch delay (200 ms)",
     "csync2": "csync2 -x run by incrond (" + sys.argv[4] + ")",
     "lsyncd": "lsyncd default.rsync, delay = 0 (local target)",
+    "lsyncd-net": "lsyncd default.rsync, delay = 0, to B's rsync daemon",
 }
 def p99(xs):
     s = sorted(xs)
@@ -482,7 +529,7 @@ def p99(xs):
 med = {}
 print("| change-to-remote latency | median ms | p99 ms | max ms | edits | missed | syncs per write | same-second rewrite | files wrong at the end A / B |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for tool in ["filed-0ms", "filed", "csync2", "lsyncd"]:
+for tool in ["filed-0ms", "filed", "csync2", "lsyncd", "lsyncd-net"]:
     r = lat.get(tool)
     if not r:
         continue
@@ -495,7 +542,7 @@ for tool in ["filed-0ms", "filed", "csync2", "lsyncd"]:
     print(f"| {what[tool]} | {med[tool] * 1000:.1f} | {p99(xs) * 1000:.1f} | {max(xs) * 1000:.1f} | {len(xs)} | {r['missed']} | {per} | {r['same_second'] or 'n/a'} | {fin} |")
 print()
 for f in ["filed", "filed-0ms"]:
-    for o in ["lsyncd", "csync2"]:
+    for o in ["lsyncd", "lsyncd-net", "csync2"]:
         if f in med and o in med:
             print(f"{o} median / {f} median = {med[o] / med[f]:.2f}x")
 for r in rows:
@@ -535,6 +582,7 @@ fi
 for ip in $CS_A $CS_B; do
     ! ss -Hltn "src $ip and sport = :30865" | grep -q . || die "$ip:30865 is already in use"
 done
+! ss -Hltn "src $RS_B and sport = :873" | grep -q . || die "$RS_B:873 is already in use"
 for ip in $FD_A $FD_B; do
     ! ss -Hltn "src $ip and sport = :$PORT" | grep -q . || die "$ip:$PORT is already in use"
 done
@@ -567,9 +615,13 @@ if [[ " $TOOLS " == *" filed-0ms "* || " $TOOLS " == *" filed "* ]]; then
         c1=$(filed_counters)
         filed_runs filed "$c0" "$c1"
     fi
-    log "== filed: idle window of $IDLE_SECS s starts (other tools run meanwhile)"
-    IDLE0=$(filed_counters)
-    IDLE_T0=$EPOCHREALTIME
+    if [[ $ONLY_LATENCY ]]; then
+        filed_stop
+    else
+        log "== filed: idle window of $IDLE_SECS s starts (other tools run meanwhile)"
+        IDLE0=$(filed_counters)
+        IDLE_T0=$EPOCHREALTIME
+    fi
 fi
 
 if [[ " $TOOLS " == *" csync2 "* ]]; then
@@ -587,7 +639,7 @@ fi
 
 if [[ " $TOOLS " == *" lsyncd "* ]]; then
     log "== lsyncd: setup"
-    lsyncd_setup
+    lsyncd_setup "$L" "$L/b"
     log "== lsyncd: latency"
     latency lsyncd "$L/a" "$L/b"
     n=$(grep -c "Calling rsync" "$L/lsyncd.log" || true)
@@ -595,6 +647,21 @@ if [[ " $TOOLS " == *" lsyncd "* ]]; then
     sleep 1
     final_state lsyncd "$L/a" "$L/b"
     stop_pid "$LS_PID"
+fi
+
+if [[ " $TOOLS " == *" lsyncd-net "* ]]; then
+    LN=$W/lsyncd-net
+    log "== lsyncd-net: setup (rsync daemon on $RS_B:873)"
+    rsyncd_start "$LN"
+    lsyncd_setup "$LN" "rsync://$RS_B/bench/"
+    log "== lsyncd-net: latency"
+    latency lsyncd-net "$LN/a" "$LN/b"
+    n=$(grep -c "Calling rsync" "$LN/lsyncd.log" || true)
+    printf '{"kind": "runs", "tool": "lsyncd-net", "count": %s}\n' "$n" >>"$RESULTS"
+    sleep 1
+    final_state lsyncd-net "$LN/a" "$LN/b"
+    stop_pid "$LS_PID"
+    stop_pid "$RS_PID"
 fi
 
 if [[ -n ${IDLE0:-} ]]; then

@@ -169,6 +169,7 @@ for rep in $(seq "$REPEAT"); do
                 $(job_args "$job") >/dev/null
             for p in "${perf_pids[@]}"; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
             ios=$(jq -r '.jobs[0].write.total_ios' "$out")
+            fiocpu=$(jq -r --argjson n "$ios" '(.jobs[0].usr_cpu + .jobs[0].sys_cpu) / 100 * .jobs[0].job_runtime * 1000 / ([$n, 1] | max) | . * 10 | round / 10' "$out")
             iops=$(jq -r '.jobs[0].write.iops' "$out")
             mibs=$(jq -r '.jobs[0].write.bw_bytes / 1048576' "$out")
             cpu=""
@@ -186,8 +187,8 @@ for rep in $(seq "$REPEAT"); do
             if [ -n "${SA[$job]:-}" ]; then
                 RATIO[$cfg,$job]+=" $(awk -v a="$iops" -v b="${SA[$job]}" 'BEGIN {printf "%.3f", a / b}')"
             fi
-            printf '  run %d %-10s %-9s %8.0f IOPS %8.1f MiB/s  cpu/req(us) %s  switches/req %s\n' \
-                "$rep" "$cfg" "$job" "$iops" "$mibs" "$cpu" "$cs"
+            printf '  run %d %-10s %-9s %8.0f IOPS %8.1f MiB/s  cpu/req(us) %s (fio %s)  switches/req %s\n' \
+                "$rep" "$cfg" "$job" "$iops" "$mibs" "$cpu" "$fiocpu" "$cs"
         done
         stop_all
         rm -rf "${WORK:?}/$cfg"

@@ -76,8 +76,12 @@ fn finish(w: &mut ChildGuard, timeout: Duration) -> (bool, String) {
         if let Some(st) = w.0.try_wait().expect("try_wait") {
             let mut out = String::new();
             for r in [
-                w.0.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read>),
-                w.0.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read>),
+                w.0.stdout
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read>),
+                w.0.stderr
+                    .take()
+                    .map(|s| Box::new(s) as Box<dyn std::io::Read>),
             ]
             .into_iter()
             .flatten()
@@ -88,7 +92,10 @@ fn finish(w: &mut ChildGuard, timeout: Duration) -> (bool, String) {
             let failed = !st.success() || out.contains("failed") || out.contains("error");
             return (!failed, out);
         }
-        assert!(Instant::now() < deadline, "qemu-io still running after {timeout:?}");
+        assert!(
+            Instant::now() < deadline,
+            "qemu-io still running after {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -130,7 +137,11 @@ fn heal_and_check(c: &Cluster, part: &Partition, events: &[EventLog]) {
             .into_iter()
             .filter(|e| e["what"] == "split-brain")
             .collect();
-        assert!(sb.is_empty(), "{}: split brain detected: {sb:?}", c.nodes[i].name);
+        assert!(
+            sb.is_empty(),
+            "{}: split brain detected: {sb:?}",
+            c.nodes[i].name
+        );
         assert!(
             !c.log(i).contains("split brain detected"),
             "{}: {}",
@@ -197,7 +208,10 @@ fn partitioned_primary_suspends_majority_promotes_no_split_brain() {
 
     heal_and_check(&c, &part, &events);
     let (ok, out) = finish(&mut w, Duration::from_secs(30));
-    assert!(!ok, "the suspended write succeeded after the Primary stepped down: {out}");
+    assert!(
+        !ok,
+        "the suspended write succeeded after the Primary stepped down: {out}"
+    );
     // The old Primary's never-acknowledged write is gone; n0's data is there.
     assert_ne!(c.read_backing(2, 12 * MIB, 64 << 10), vec![0x5a; 64 << 10]);
     assert_eq!(
@@ -231,7 +245,10 @@ fn io_error_without_quorum_and_promotion_needs_quorum() {
 
     // Without quorum a node cannot (re)become Primary, even with --force.
     c.blockctl_ok(Some(2), &["demote", RESOURCE]);
-    for args in [&["promote", RESOURCE][..], &["promote", RESOURCE, "--force"][..]] {
+    for args in [
+        &["promote", RESOURCE][..],
+        &["promote", RESOURCE, "--force"][..],
+    ] {
         let o = c.blockctl(Some(2), args);
         assert_eq!(o.status.code(), Some(3), "{o:?}");
         assert!(
@@ -258,11 +275,17 @@ fn partition_heals_before_failover_suspended_write_completes() {
     let mut w = spawn_write(&c, 2, 20 * MIB, 0x3c);
     wait_quorum(&c, 2, false, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
-    assert!(w.0.try_wait().unwrap().is_none(), "a write completed without quorum");
+    assert!(
+        w.0.try_wait().unwrap().is_none(),
+        "a write completed without quorum"
+    );
     // A write issued while without quorum waits too.
     let mut w2 = spawn_write(&c, 2, 28 * MIB, 0x3d);
     std::thread::sleep(Duration::from_secs(1));
-    assert!(w2.0.try_wait().unwrap().is_none(), "a write completed without quorum");
+    assert!(
+        w2.0.try_wait().unwrap().is_none(),
+        "a write completed without quorum"
+    );
     part.heal();
     let healed = Instant::now();
     for w in [&mut w, &mut w2] {

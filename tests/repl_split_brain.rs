@@ -105,7 +105,10 @@ fn check_recovered(
         .iter()
         .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
         .collect();
-    let mut want_ranges: Vec<(u64, u64)> = victim_before.iter().map(|(o, d)| (*o, d.len() as u64)).collect();
+    let mut want_ranges: Vec<(u64, u64)> = victim_before
+        .iter()
+        .map(|(o, d)| (*o, d.len() as u64))
+        .collect();
     want_ranges.sort_unstable();
     assert_eq!(ranges, want_ranges);
     let human = c.blockctl_ok(Some(victim), &["divergent", RESOURCE]);
@@ -128,7 +131,10 @@ fn check_recovered(
             ],
         );
         let got = std::fs::read(&out).unwrap();
-        assert!(got == *data, "extracted range at {off} differs from the victim's old data");
+        assert!(
+            got == *data,
+            "extracted range at {off} differs from the victim's old data"
+        );
         // ... and it is not what the survivor has there now (it really was divergent or old).
         assert!(got != c.read_backing(survivor, *off, data.len() as u64));
     }
@@ -195,7 +201,11 @@ fn detected_left_standalone_then_manual_discard_my_data() {
             "{line}"
         );
     }
-    assert_eq!((c.data_checksum(0), c.data_checksum(1)), sums, "data was touched");
+    assert_eq!(
+        (c.data_checksum(0), c.data_checksum(1)),
+        sums,
+        "data was touched"
+    );
     assert!(
         c.blockctl_ok(Some(1), &["divergent", RESOURCE, "--json"])
             .contains("\"sessions\": []"),

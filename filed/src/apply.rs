@@ -23,6 +23,10 @@ use crate::written::FileId;
 /// Prefix of temp files; scans skip these names.
 pub const TEMP_PREFIX: &str = ".filed.tmp.";
 
+/// Batches of up to this many received files are flushed file by file (`fsync`), larger ones
+/// with one `syncfs` (see [`Applier::commit_files`]).
+pub const PER_FILE_FSYNC_MAX: usize = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     #[error("refused path")]
@@ -475,8 +479,12 @@ impl Applier {
     }
 
     /// Finishes many received files with two filesystem flushes instead of two per file: metadata
-    /// on every temp file, one `syncfs` (all contents durable), then backups and renames; the
-    /// caller ends the batch with [`Applier::sync`] before recording it as agreed.
+    /// on every temp file, their contents made durable, then backups and renames; the caller ends
+    /// the batch with [`Applier::sync`] before recording it as agreed. Up to
+    /// [`PER_FILE_FSYNC_MAX`] files are flushed with one `fsync` each (a daemon's typical batch:
+    /// the file becomes visible without waiting for every other dirty file on the filesystem);
+    /// larger batches with one `syncfs`. Either way no rename happens before its content is
+    /// durable.
     pub fn commit_files(
         &self,
         batch: Vec<(PendingFile, FileState)>,
@@ -490,7 +498,19 @@ impl Applier {
                 Err(e) => out.push((logical.clone(), Err(io_err(&logical, "set metadata")(e)))),
             }
         }
-        if let Some((first, _)) = ready.first() {
+        if ready.len() <= PER_FILE_FSYNC_MAX {
+            let mut synced = Vec::with_capacity(ready.len());
+            for (p, written) in ready.drain(..) {
+                match p.file.sync_all() {
+                    Ok(()) => synced.push((p, written)),
+                    Err(e) => {
+                        let logical = p.target.logical.clone();
+                        out.push((logical.clone(), Err(io_err(&logical, "fsync")(e))));
+                    }
+                }
+            }
+            ready = synced;
+        } else if let Some((first, _)) = ready.first() {
             // SAFETY: valid descriptor.
             if let Err(e) = cvt(unsafe { libc::syncfs(first.file.as_raw_fd()) }) {
                 for (p, _) in ready.drain(..) {

@@ -651,9 +651,11 @@ impl Cluster {
             }
             assert!(
                 Instant::now() < deadline,
-                "{}: {what} not reached after {timeout:?}: {st:#}\n{}",
+                "{}: {what} not reached after {timeout:?}: {st:#}\nlogs:\n{}",
                 self.nodes[i].name,
-                tail(&self.log(i), 30)
+                (0..self.nodes.len())
+                    .map(|j| format!("--- {}\n{}", self.nodes[j].name, tail(&self.log(j), 40)))
+                    .collect::<String>()
             );
             std::thread::sleep(Duration::from_millis(50));
         }

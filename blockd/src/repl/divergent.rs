@@ -170,7 +170,9 @@ impl<'a> Cur<'a> {
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 
     fn string(&mut self) -> Result<String, DecodeError> {
@@ -870,10 +872,7 @@ mod tests {
         big.extend_from_slice(&[kind::BLOCK, 0, 0, 0]);
         big.extend_from_slice(&u32::MAX.to_le_bytes());
         assert_eq!(decode(&big), Err(DecodeError::TooLarge(u32::MAX)));
-        assert_eq!(
-            decode(b"XXXX"),
-            Err(DecodeError::BadMagic(*b"XXXX"))
-        );
+        assert_eq!(decode(b"XXXX"), Err(DecodeError::BadMagic(*b"XXXX")));
     }
 
     #[test]
@@ -890,7 +889,10 @@ mod tests {
         assert_eq!(&got[8192..], &[7u8; 4096][..]);
         assert!(got[..8192].iter().all(|&b| b == 0));
         let part = dir.path().join("part");
-        assert_eq!(extract_to(&file, &p, 0, Some((9000, 10)), &part).unwrap(), 10);
+        assert_eq!(
+            extract_to(&file, &p, 0, Some((9000, 10)), &part).unwrap(),
+            10
+        );
         assert_eq!(std::fs::read(&part).unwrap(), vec![7u8; 10]);
         assert!(matches!(
             extract_to(&file, &p, 0, Some((0, 10)), &part),
@@ -903,7 +905,10 @@ mod tests {
         let l = Listing::new(&img, &p);
         assert_eq!(l.sessions[0].ranges, vec![(8192, 4096)]);
         assert_eq!(l.sessions[0].generation, "00000000deadbeef");
-        assert_eq!(read(&dir.path().join("missing")).unwrap().1, Parsed::default());
+        assert_eq!(
+            read(&dir.path().join("missing")).unwrap().1,
+            Parsed::default()
+        );
     }
 
     #[test]

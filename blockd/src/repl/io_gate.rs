@@ -54,11 +54,18 @@ pub(crate) struct QuorumState {
 }
 
 impl QuorumState {
-    pub(crate) fn new(setting: QuorumSetting, on_no_quorum: OnNoQuorum, me: u8, peers: &[u8]) -> Self {
+    pub(crate) fn new(
+        setting: QuorumSetting,
+        on_no_quorum: OnNoQuorum,
+        me: u8,
+        peers: &[u8],
+    ) -> Self {
         let members = peers
             .iter()
             .chain(std::iter::once(&me))
-            .fold(0u32, |m, &id| m | 1u32.checked_shl(u32::from(id)).unwrap_or(0));
+            .fold(0u32, |m, &id| {
+                m | 1u32.checked_shl(u32::from(id)).unwrap_or(0)
+            });
         let verdict = quorum::decide(
             setting,
             &QuorumInput {
@@ -103,7 +110,9 @@ fn stepped_down_error(offset: u64, len: u64) -> StoreError {
     StoreError::Write {
         offset,
         len,
-        source: std::io::Error::other("I/O was suspended without quorum and this node is no longer Primary"),
+        source: std::io::Error::other(
+            "I/O was suspended without quorum and this node is no longer Primary",
+        ),
     }
 }
 
@@ -135,9 +144,18 @@ impl Resource {
         if before.quorum != v.quorum {
             let word = if v.quorum { "regained" } else { "lost" };
             let primary = self.role() == Role::Primary;
-            tracing::warn!(resource = %self.name(), present = v.present, voters = v.voters,
-                primary, "quorum {word}");
-            self.emit(None, "quorum", format!("{word} ({}/{})", v.present, v.voters));
+            if v.quorum {
+                tracing::warn!(resource = %self.name(), present = v.present, voters = v.voters,
+                    primary, "quorum regained");
+            } else {
+                tracing::warn!(resource = %self.name(), present = v.present, voters = v.voters,
+                    primary, "quorum lost");
+            }
+            self.emit(
+                None,
+                "quorum",
+                format!("{word} ({}/{})", v.present, v.voters),
+            );
             if primary && !v.quorum {
                 self.emit(None, "io", q.on_no_quorum.as_str());
             }
@@ -204,7 +222,9 @@ impl Resource {
     /// A Primary lost a peer: the next write starts a new generation; until then it counts as
     /// a crashed Primary (its unacknowledged writes are only here).
     pub(crate) fn peer_lost_while_primary(&self) {
-        self.quorum.new_current_pending.store(true, Ordering::SeqCst);
+        self.quorum
+            .new_current_pending
+            .store(true, Ordering::SeqCst);
         self.state.lock().expect("state").crashed_primary = true;
     }
 
@@ -225,11 +245,17 @@ impl Resource {
             let mut out_of_sync = Vec::new();
             let mut reconnect = Vec::new();
             for (i, (p, s)) in self.peers.iter().zip(&st.peers).enumerate() {
-                if s.conn == ConnState::Connected && s.repl == ReplState::Established {
+                // Connected peers that get every write (in sync, or our resync target, which
+                // ends up with this generation) follow it; a peer in its handshake redoes it.
+                let follows = s.conn == ConnState::Connected
+                    && matches!(s.repl, ReplState::Established | ReplState::SyncSource);
+                if follows {
                     in_sync.push(i);
                 } else {
                     out_of_sync.push(p.node.id);
-                    reconnect.push(i);
+                    if s.conn != ConnState::Connected {
+                        reconnect.push(i);
+                    }
                 }
             }
             (in_sync, out_of_sync, reconnect)
@@ -290,7 +316,9 @@ impl Resource {
 
     /// A new generation was started some other way (promotion): none is owed any more.
     pub(crate) fn generation_started(&self) {
-        self.quorum.new_current_pending.store(false, Ordering::SeqCst);
+        self.quorum
+            .new_current_pending
+            .store(false, Ordering::SeqCst);
     }
 
     /// A Primary without quorum found at a handshake that it is behind (a sync target): the
@@ -317,7 +345,9 @@ impl Resource {
         if let Err(e) = r {
             tracing::error!(resource = %self.name(), "cannot persist stepping down: {e}");
         }
-        self.quorum.new_current_pending.store(false, Ordering::SeqCst);
+        self.quorum
+            .new_current_pending
+            .store(false, Ordering::SeqCst);
         tracing::warn!(resource = %self.name(), "stepped down to Secondary: {why}");
         self.emit(None, "role", Role::Secondary.as_str());
         self.broadcast_state();

@@ -454,7 +454,6 @@ enum Done {
 
 type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
 
-/// The I/O of one request on this node's disk.
 /// The bytes an op changes on the replica (open snapshots preserve them first).
 fn changed_range(op: &Op) -> Option<(u64, u64)> {
     match op {
@@ -465,6 +464,7 @@ fn changed_range(op: &Op) -> Option<(u64, u64)> {
     }
 }
 
+/// The I/O of one request on this node's disk.
 fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
         let mut change = None;

@@ -109,9 +109,15 @@ impl RateController {
                 throttled: false,
             },
         };
-        // One request may go at once; the budget comes with the ticks (so a busy application
-        // is not hit by a burst at the start).
-        c.credit = 1;
+        // The start: the dynamic controller fills its target at once (DRBD starts from an
+        // empty pipe the same way), a fixed rate gets one tick's worth. No more, so a busy
+        // application is not hit by a burst before the first tick sees it.
+        c.credit = if s.dynamic() {
+            s.fill_target.min(per_dt(s.max_rate, TICK).max(1) as u64 * 10) as i64
+        } else {
+            per_dt(s.max_rate, TICK)
+        }
+        .max(1);
         c
     }
 

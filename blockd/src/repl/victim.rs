@@ -81,7 +81,8 @@ pub(crate) async fn save_divergent_blocks(
         .map_err(|e| fail("open", &e))?;
     let mut pos = 0;
     loop {
-        let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, MAX_BLOCK as u64);
+        let next =
+            res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, MAX_BLOCK as u64);
         let Some((off, len)) = next else { break };
         let data = res
             .store
