@@ -1127,6 +1127,41 @@ mod tests {
     }
 
     #[test]
+    fn commit_files_small_and_large_batches_replace_old_versions() {
+        // Both flush paths: one fsync per file (small batch) and one syncfs (large batch).
+        for n in [PER_FILE_FSYNC_MAX, PER_FILE_FSYNC_MAX + 4] {
+            let d = tempfile::tempdir().unwrap();
+            let (_c, a) = setup(d.path());
+            let mut batch = Vec::new();
+            for i in 0..n {
+                let path = format!("%d%/f{i}");
+                write(&a, &path, b"old", 1);
+                let data = format!("new {i}");
+                let mut p = a.begin_file(&path).unwrap();
+                p.file.write_all(data.as_bytes()).unwrap();
+                let mut st = fstate(data.as_bytes(), 2_000_000_000, 0o640);
+                st.uid = nix_uid();
+                st.gid = nix_gid();
+                batch.push((p, st));
+            }
+            let out = a.commit_files(batch);
+            assert_eq!(out.len(), n);
+            assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+            a.sync().unwrap();
+            for i in 0..n {
+                let f = d.path().join(format!("a/f{i}"));
+                assert_eq!(std::fs::read(&f).unwrap(), format!("new {i}").as_bytes());
+                assert_eq!(
+                    std::fs::read(d.path().join(format!("bak/%d%_f{i}.1"))).unwrap(),
+                    b"old"
+                );
+            }
+            // No temp file left behind.
+            assert_eq!(std::fs::read_dir(d.path().join("a")).unwrap().count(), n);
+        }
+    }
+
+    #[test]
     fn dropped_pending_file_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let (_c, a) = setup(d.path());

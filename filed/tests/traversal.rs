@@ -158,6 +158,8 @@ async fn crafted_paths_are_refused() {
         Message::decode(&conn.recv().await.unwrap().unwrap()).unwrap(),
         Message::HelloOk { .. }
     ));
+    // Closed now: a session left open would hold the listener's shutdown for its 120 s grace.
+    drop(conn);
     // Claiming to be another host than the authenticated one is refused.
     let mut conn = transport::connect(&addr, &settings, "data", &key, "beta")
         .await

@@ -84,6 +84,37 @@ enum Cmd {
         /// This node is the split-brain victim: discard its changes.
         #[arg(long)]
         discard_my_data: bool,
+        /// The resync that follows compares block checksums first and sends only the blocks
+        /// that differ (takes effect on the node that becomes the sync source).
+        #[arg(long)]
+        checksum: bool,
+    },
+    /// Online verify: compare the checksums of every block with the peer(s) while the device
+    /// is in use; differing blocks are marked out of sync (a reconnect resyncs them) and
+    /// reported in status and as a `verify-done` event.
+    Verify {
+        /// Resource name.
+        resource: String,
+        /// Only this peer node (default: every connected peer).
+        peer: Option<String>,
+        /// Wait until the verify ends and print its result.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: give up after this many seconds (exit code 6).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Discard this node's data (not on a Primary): a full resync from an UpToDate peer follows.
+    Invalidate {
+        /// Resource name.
+        resource: String,
+    },
+    /// Make the peer(s) discard their data and resync it from this node.
+    InvalidateRemote {
+        /// Resource name.
+        resource: String,
+        /// Only this peer node (default: every connected peer).
+        peer: Option<String>,
     },
     /// Drop the link(s) and stay StandAlone.
     Disconnect {
@@ -144,6 +175,29 @@ enum Cmd {
     CheckConfig {
         /// A resource this node must run.
         resource: Option<String>,
+    },
+    /// List the blocks this node saved as a split-brain victim before the resync overwrote
+    /// them (its side file, beside the metadata), or extract saved data to a file. Works
+    /// offline (reads the file named by the config).
+    Divergent {
+        /// Resource name.
+        resource: String,
+        /// Print JSON (sessions with time, peer, reason, ranges, bytes).
+        #[arg(long)]
+        json: bool,
+        /// Write saved data of --session to FILE: the bytes of --offset/--length, or without
+        /// them every saved block at its device offset (a sparse image).
+        #[arg(long, value_name = "FILE")]
+        extract: Option<PathBuf>,
+        /// The session to extract (the index the listing shows).
+        #[arg(long, default_value_t = 0)]
+        session: usize,
+        /// Device offset of the range to extract (bytes).
+        #[arg(long, requires = "length")]
+        offset: Option<u64>,
+        /// Length of the range to extract (bytes).
+        #[arg(long, requires = "offset")]
+        length: Option<u64>,
     },
     /// Write a new random shared secret to FILE (mode 0600).
     GenSecret {
@@ -266,8 +320,19 @@ fn check(resp: Response) -> Result<Response, Failure> {
 }
 
 fn print_status(s: &Status) {
+    let q = &s.quorum;
+    let quorum = match (q.setting.as_str(), q.has_quorum) {
+        ("off" | "", _) => String::new(),
+        (_, has) => format!(
+            " quorum:{}({}/{}){}",
+            if has { "yes" } else { "no" },
+            q.present,
+            q.voters,
+            if q.io_suspended { " io:suspended" } else { "" }
+        ),
+    };
     println!(
-        "{} role:{} disk:{} size:{}",
+        "{} role:{} disk:{} size:{}{quorum}",
         s.resource, s.role, s.disk, s.size
     );
     for p in &s.peers {
@@ -287,6 +352,12 @@ fn print_status(s: &Status) {
             print!(
                 " resync:{}% ({}/{} bytes, {} B/s)",
                 r.percent, r.done_bytes, r.total_bytes, r.rate
+            );
+        }
+        if let Some(v) = &p.verify {
+            print!(
+                " verify:{} {}% ({} blocks differ)",
+                v.state, v.percent, v.report.differing_blocks
             );
         }
         if let Some(e) = &p.last_error
@@ -379,10 +450,74 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             resource,
             peer,
             discard_my_data,
+            checksum,
         } => {
             let mut req = Request::new("connect", Some(resource));
             req.peer = peer.clone();
             req.discard_my_data = *discard_my_data;
+            req.checksum = *checksum;
+            call(&socket(&cli, resource)?, &req).await.map(drop)
+        }
+        Cmd::Verify {
+            resource,
+            peer,
+            wait,
+            timeout,
+        } => {
+            let path = socket(&cli, resource)?;
+            let mut req = Request::new("verify", Some(resource));
+            req.peer = peer.clone();
+            call(&path, &req).await?;
+            if !*wait {
+                return Ok(());
+            }
+            let start = Instant::now();
+            loop {
+                let resp = call(&path, &Request::new("status", Some(resource))).await?;
+                let s = resp
+                    .status
+                    .and_then(|mut v| v.pop())
+                    .ok_or_else(|| fail(1, anyhow!("no status")))?;
+                let mine: Vec<_> = s
+                    .peers
+                    .iter()
+                    .filter(|p| peer.as_ref().is_none_or(|n| *n == p.node))
+                    .filter_map(|p| p.verify.as_ref().map(|v| (p, v)))
+                    .collect();
+                if !mine.is_empty() && mine.iter().all(|(_, v)| v.state != "running") {
+                    let mut aborted = false;
+                    for (p, v) in &mine {
+                        println!(
+                            "{} peer {}: verify {}: {}",
+                            s.resource,
+                            p.node,
+                            v.state,
+                            v.report.summary()
+                        );
+                        aborted |= v.state != "done";
+                    }
+                    if aborted {
+                        return Err(fail(1, anyhow!("verify did not complete")));
+                    }
+                    return Ok(());
+                }
+                if let Some(t) = timeout
+                    && start.elapsed() > Duration::from_secs(*t)
+                {
+                    return Err(fail(6, anyhow!("verify not done after {t} s")));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Cmd::Invalidate { resource } => call(
+            &socket(&cli, resource)?,
+            &Request::new("invalidate", Some(resource)),
+        )
+        .await
+        .map(drop),
+        Cmd::InvalidateRemote { resource, peer } => {
+            let mut req = Request::new("invalidate-remote", Some(resource));
+            req.peer = peer.clone();
             call(&socket(&cli, resource)?, &req).await.map(drop)
         }
         Cmd::Snapshot {
@@ -421,6 +556,21 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             req.peer = peer.clone();
             call(&socket(&cli, resource)?, &req).await.map(drop)
         }
+        Cmd::Divergent {
+            resource,
+            json,
+            extract,
+            session,
+            offset,
+            length,
+        } => divergent(
+            &cli,
+            resource,
+            *json,
+            extract.as_deref(),
+            *session,
+            offset.zip(*length),
+        ),
         Cmd::CreateMd { resource, force } => {
             let (config, node) = load(&cli)?;
             let local = config
@@ -528,6 +678,80 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .map_err(|e| fail(1, e))
         }
     }
+}
+
+/// `blockctl divergent`: lists or extracts this node's split-brain side file.
+fn divergent(
+    cli: &Cli,
+    resource: &str,
+    json: bool,
+    extract: Option<&Path>,
+    session: usize,
+    range: Option<(u64, u64)>,
+) -> Result<(), Failure> {
+    use blockd::repl::divergent;
+    let (config, node) = load(cli)?;
+    let local = config
+        .resources_of(&node)
+        .into_iter()
+        .find(|l| l.resource.name == resource)
+        .ok_or_else(|| fail(4, anyhow!("node {node} has no resource {resource:?}")))?;
+    let path = divergent::side_file_path(resource, local.me);
+    let (bytes, parsed) = divergent::read(&path).map_err(|e| {
+        fail(
+            1,
+            anyhow::Error::new(e).context(format!("cannot read {}", path.display())),
+        )
+    })?;
+    if let Some(out) = extract {
+        let n = divergent::extract_to(&bytes, &parsed, session, range, out).map_err(|e| {
+            fail(
+                1,
+                anyhow::Error::new(e).context(format!("{}", path.display())),
+            )
+        })?;
+        println!(
+            "{n} bytes of session {session} written to {}",
+            out.display()
+        );
+        return Ok(());
+    }
+    let listing = divergent::Listing::new(&path, &parsed);
+    if json {
+        let text = serde_json::to_string_pretty(&listing).map_err(|e| fail(1, e))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!(
+        "{resource}: side file {} ({} session(s))",
+        listing.file,
+        listing.sessions.len()
+    );
+    for s in &listing.sessions {
+        println!(
+            "  session {}: {} from peer {} (id {}), reason {}, generation {}, {} bytes in {} record(s){}",
+            s.index,
+            s.time,
+            s.peer,
+            s.peer_id,
+            s.reason,
+            s.generation,
+            s.bytes,
+            s.records,
+            if s.complete {
+                ""
+            } else {
+                ", INCOMPLETE (interrupted save)"
+            }
+        );
+        for (o, l) in &s.ranges {
+            println!("    offset {o} length {l}");
+        }
+    }
+    if let Some(p) = &listing.problem {
+        println!("  unreadable from file offset {}: {}", p.offset, p.error);
+    }
+    Ok(())
 }
 
 fn certs(config: &ClusterConfig, dir: &Path) -> Result<()> {

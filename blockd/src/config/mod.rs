@@ -33,6 +33,14 @@ pub const DEFAULT_CONTROL_SOCKET: &str = "/run/blockd/{node}.sock";
 
 /// Default resync rate limit (bytes per second).
 pub const DEFAULT_RESYNC_RATE: u64 = 100 << 20;
+/// Default `c-min-rate`: the resync keeps 4 MiB/s while the application is busy.
+pub const DEFAULT_C_MIN_RATE: u64 = 4 << 20;
+/// Default `c-fill-target`: 8 MiB of resync data in flight.
+pub const DEFAULT_C_FILL_TARGET: u64 = 8 << 20;
+/// Default `c-plan-ahead`: 2 s (in tenths of a second, like DRBD).
+pub const DEFAULT_C_PLAN_AHEAD: u32 = 20;
+/// Application bytes per 100 ms below which the application counts as idle for the resync.
+pub const DEFAULT_APP_IDLE_BYTES: u64 = 64 << 10;
 
 /// Why a configuration could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -188,9 +196,33 @@ pub struct Resource {
     pub bitmap_block_size: u32,
     pub al_extents: u32,
     pub al_extent_size: u32,
+    /// Resync rate while the application is busy (`c-min-rate`), bytes per second.
+    pub c_min_rate: u64,
+    /// Resync bytes in flight the dynamic controller aims for (`c-fill-target`).
+    pub c_fill_target: u64,
+    /// Planning horizon of the dynamic resync controller in tenths of a second
+    /// (`c-plan-ahead`; 0: fixed rate `resync-rate`, no back-off for the application).
+    pub c_plan_ahead: u32,
+    /// When resyncs compare checksums first (`csums`).
+    pub csums: crate::repl::checksum::Csums,
 }
 
 impl Resource {
+    /// The resync pacing of this resource (see `repl::rate_control`).
+    pub fn rate_settings(&self) -> crate::repl::rate_control::RateSettings {
+        use crate::repl::rate_control::RateSettings;
+        if self.c_plan_ahead == 0 {
+            return RateSettings::fixed(self.resync_rate);
+        }
+        RateSettings {
+            max_rate: self.resync_rate,
+            min_rate: self.c_min_rate,
+            fill_target: self.c_fill_target,
+            plan_ahead: std::time::Duration::from_millis(u64::from(self.c_plan_ahead) * 100),
+            app_idle_bytes: DEFAULT_APP_IDLE_BYTES,
+        }
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }
@@ -247,6 +279,10 @@ struct Settings {
     bitmap_block_size: Option<u32>,
     al_extents: Option<u32>,
     al_extent_size: Option<u32>,
+    c_min_rate: Option<u64>,
+    c_fill_target: Option<u64>,
+    c_plan_ahead: Option<u32>,
+    csums: Option<crate::repl::checksum::Csums>,
 }
 
 impl Settings {
@@ -343,6 +379,19 @@ impl Settings {
             Some(n @ 1..=65534) => Some(n as u32),
             Some(n) => return Err(sec.error("al-extents", format!("{n} is not in 1..=65534"))),
         };
+        let c_min_rate = size(sec, "c-min-rate")?;
+        let c_fill_target = size(sec, "c-fill-target")?;
+        let c_plan_ahead = match sec.integer("c-plan-ahead")? {
+            None => None,
+            Some(n @ 0..=300) => Some(n as u32),
+            Some(n) => {
+                return Err(sec.error(
+                    "c-plan-ahead",
+                    format!("{n} is not in 0..=300 (tenths of a second)"),
+                ));
+            }
+        };
+        let csums = named(sec, "csums")?;
         Ok(Settings {
             protocol,
             tls,
@@ -358,6 +407,10 @@ impl Settings {
             bitmap_block_size,
             al_extents,
             al_extent_size,
+            c_min_rate,
+            c_fill_target,
+            c_plan_ahead,
+            csums,
         })
     }
 
@@ -378,6 +431,10 @@ impl Settings {
             bitmap_block_size: self.bitmap_block_size.or(defaults.bitmap_block_size),
             al_extents: self.al_extents.or(defaults.al_extents),
             al_extent_size: self.al_extent_size.or(defaults.al_extent_size),
+            c_min_rate: self.c_min_rate.or(defaults.c_min_rate),
+            c_fill_target: self.c_fill_target.or(defaults.c_fill_target),
+            c_plan_ahead: self.c_plan_ahead.or(defaults.c_plan_ahead),
+            csums: self.csums.or(defaults.csums),
         }
     }
 }
@@ -599,6 +656,10 @@ fn read_resource(
         bitmap_block_size,
         al_extents: settings.al_extents.unwrap_or(DEFAULT_AL_EXTENTS),
         al_extent_size,
+        c_min_rate: settings.c_min_rate.unwrap_or(DEFAULT_C_MIN_RATE),
+        c_fill_target: settings.c_fill_target.unwrap_or(DEFAULT_C_FILL_TARGET),
+        c_plan_ahead: settings.c_plan_ahead.unwrap_or(DEFAULT_C_PLAN_AHEAD),
+        csums: settings.csums.unwrap_or(crate::repl::checksum::Csums::Auto),
     })
 }
 

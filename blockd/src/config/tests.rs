@@ -538,3 +538,48 @@ fn one_resource_per_process() {
         "/run/b/{node}-r0"
     );
 }
+
+#[test]
+fn resync_control_and_checksum_keys() {
+    use crate::repl::checksum::Csums;
+    let cfg = parse(&two_nodes("", "")).unwrap();
+    let r = &cfg.resources[0];
+    assert_eq!(r.csums, Csums::Auto);
+    assert_eq!(
+        (r.c_min_rate, r.c_fill_target, r.c_plan_ahead),
+        (4 << 20, 8 << 20, 20)
+    );
+    let s = r.rate_settings();
+    assert_eq!((s.max_rate, s.min_rate), (r.resync_rate, 4 << 20));
+    assert_eq!(s.plan_ahead, std::time::Duration::from_secs(2));
+    let cfg = parse(&two_nodes(
+        "csums = \"no\"\nc-min-rate = \"1M\"\nc-fill-target = \"2M\"\nc-plan-ahead = 5",
+        "",
+    ))
+    .unwrap();
+    let r = &cfg.resources[0];
+    assert_eq!(r.csums, Csums::No);
+    assert_eq!(
+        (r.c_min_rate, r.c_fill_target, r.c_plan_ahead),
+        (1 << 20, 2 << 20, 5)
+    );
+    // c-plan-ahead = 0: a fixed rate, no back-off for the application.
+    let cfg = parse(&two_nodes("c-plan-ahead = 0", "")).unwrap();
+    let s = cfg.resources[0].rate_settings();
+    assert_eq!(s.min_rate, s.max_rate);
+    invalid(
+        &two_nodes("csums = \"sometimes\"", ""),
+        "resource.r0.csums",
+        "auto",
+    );
+    invalid(
+        &two_nodes("c-plan-ahead = 301", ""),
+        "resource.r0.c-plan-ahead",
+        "0..=300",
+    );
+    invalid(
+        &two_nodes("c-min-rate = \"slow\"", ""),
+        "resource.r0.c-min-rate",
+        "invalid size",
+    );
+}

@@ -30,6 +30,9 @@ pub struct Request {
     pub force: bool,
     #[serde(default)]
     pub discard_my_data: bool,
+    /// `connect --checksum`: the next resync compares block checksums first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checksum: bool,
     /// `snapshot`/`snapshot-drop`: the snapshot's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -53,6 +56,7 @@ impl Request {
             peer: None,
             force: false,
             discard_my_data: false,
+            checksum: false,
             name: None,
             consistent: false,
             listen: None,

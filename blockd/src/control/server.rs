@@ -61,6 +61,7 @@ fn failure(e: ResourceError) -> Response {
     let code = match e {
         ResourceError::PromoteRefused(_)
         | ResourceError::Diskless
+        | ResourceError::Refused(_)
         | ResourceError::SnapshotRefused(_) => ErrorCode::Refused,
         ResourceError::Snapshot {
             source: crate::snapshot::set::SnapshotError::Unknown { .. },
@@ -135,7 +136,8 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
             },
             "connect" => match one() {
                 Ok(r) => r
-                    .connect(req.peer.as_deref(), req.discard_my_data)
+                    .request_checksum_resync(req.peer.as_deref(), req.checksum)
+                    .and_then(|()| r.connect(req.peer.as_deref(), req.discard_my_data))
                     .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
@@ -179,6 +181,25 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                     Response::error(ErrorCode::BadRequest, "snapshot-drop needs a snapshot name")
                 }
                 (Err(e), _) => e,
+            },
+            "verify" => match one() {
+                Ok(r) => r
+                    .verify(req.peer.as_deref())
+                    .map_or_else(failure, |_| Response::ok()),
+                Err(e) => e,
+            },
+            "invalidate" => match one() {
+                Ok(r) => r
+                    .invalidate()
+                    .await
+                    .map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "invalidate-remote" => match one() {
+                Ok(r) => r
+                    .invalidate_remote(req.peer.as_deref())
+                    .map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
             },
             "disconnect" => match one() {
                 Ok(r) => r

@@ -13,6 +13,7 @@ fn status() -> Status {
         role: "primary".into(),
         disk: "up-to-date".into(),
         size: 1 << 30,
+        quorum: Default::default(),
         peers: vec![PeerStatus {
             node: "beta".into(),
             id: 1,
@@ -31,6 +32,7 @@ fn status() -> Status {
                 rate: 1_000_000,
             }),
             last_error: None,
+            verify: None,
         }],
     }
 }

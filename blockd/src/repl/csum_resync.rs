@@ -237,7 +237,15 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
                 let next =
                     res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
                 let Some((off, len)) = next else { break };
-                pacer.admit(len, &progress).await;
+                // Answers are handled while waiting: they are what the controller counts as
+                // progress (and what returns window space).
+                loop {
+                    tokio::select! {
+                        () = pacer.admit(len, &progress) => break,
+                        Some(a) = answers.recv() => w.on_answer(a).await?,
+                        _ = closed.changed() => return Err("link closed".into()),
+                    }
+                }
                 // Window space; answers return space, so keep handling them while waiting.
                 let permits = loop {
                     tokio::select! {

@@ -180,9 +180,13 @@ impl Resource {
     ) -> Result<(), StoreError> {
         let _role = self.role_gate.read().await;
         self.check_primary_write(offset, len)?;
+        self.quorum_gate(offset, len).await?;
         if len == 0 {
             return local.await;
         }
+        self.ensure_generation(offset, len).await?;
+        self.app_io_bytes
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         let _range = self.ranges.lock(offset, len).await;
         let extents = self.al_begin(offset, len).await?;
         let (seq, waits) = self.replicate(offset, len, make);
@@ -195,8 +199,12 @@ impl Resource {
             // An error means the link dropped: the range is in that peer's bitmap now.
             let _ = w.await;
         }
+        // Peers lost meanwhile may have taken quorum with them: the write is not acknowledged
+        // on a minority (suspended until quorum returns, or failed).
+        let quorum = self.quorum_gate(offset, len).await;
         self.al_complete(extents);
         self.completed(seq);
+        quorum?;
         result
     }
 
@@ -227,7 +235,9 @@ impl Resource {
         if self.role() != Role::Primary {
             return self.store.flush().await;
         }
-        self.flush_inner().await
+        self.quorum_gate(0, 0).await?;
+        self.flush_inner().await?;
+        self.quorum_gate(0, 0).await
     }
 
     async fn flush_inner(&self) -> Result<(), StoreError> {
@@ -257,7 +267,13 @@ impl Resource {
         self.flush_inner().await
     }
 
+    /// A Primary without quorum holds or fails reads too (its data may be stale).
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.app_io_bytes
+            .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
+        if !self.quorum.has_quorum() && self.role() == Role::Primary {
+            self.quorum_gate(offset, len as u64).await?;
+        }
         self.store.read(offset, len).await
     }
 
@@ -397,6 +413,7 @@ impl Device {
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
         match self {
             Device::Snapshot(s) => s.read(offset, len).await,
+            Device::Replicated(r) => r.read(offset, len).await,
             _ => self.store().read(offset, len).await,
         }
     }

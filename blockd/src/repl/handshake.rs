@@ -6,7 +6,9 @@ use crate::meta::generation::Uuid;
 
 use super::split_brain::{self, Resolution, SplitBrainPolicy, SplitBrainSide, Verdict};
 use super::state::{ConnState, DiskState, ReplState};
-use super::sync_decision::{self, BitmapPlan, SideView, SplitBrainKind, SyncDecision, SyncOutcome};
+use super::sync_decision::{
+    self, BitmapPlan, SideView, SplitBrainKind, SyncDecision, SyncOutcome, SyncRule,
+};
 
 /// Everything one side knows at handshake time about itself (the peer sends the same).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,7 +101,28 @@ pub fn handshake(
                 Verdict::Disconnect => SyncOutcome::SplitBrain(kind),
             }
         }
+        // Same generation, yet blocks are marked out of sync on a side (writes a lost peer
+        // never acknowledged, or made while the peer resynced from a third node): resync them
+        // rather than leave them marked and possibly different forever.
+        SyncOutcome::NoSync
+            if decision.rule == SyncRule::Reconnected
+                && (me.dirty_bits > 0 || peer.dirty_bits > 0) =>
+        {
+            if marked_blocks_source(me, peer) {
+                SyncOutcome::Source(BitmapPlan::UseBitmap)
+            } else {
+                SyncOutcome::Target(BitmapPlan::UseBitmap)
+            }
+        }
         other => other,
+    };
+    let decision = if decision.outcome == SyncOutcome::NoSync {
+        SyncDecision {
+            outcome,
+            ..decision
+        }
+    } else {
+        decision
     };
     let discarding = split_brain.is_some_and(|r| r.verdict == Verdict::DiscardMine);
     let mut commands = Vec::new();
@@ -157,6 +180,25 @@ pub fn handshake(
         split_brain,
         conn,
         commands,
+    }
+}
+
+/// Who sends the marked blocks of a same-generation reconnect: the Primary; else the only side
+/// with marked blocks; else the lower node id (both ends agree).
+fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
+    use super::state::Role;
+    match (
+        me.view.role == Role::Primary,
+        peer.view.role == Role::Primary,
+    ) {
+        (true, false) => return true,
+        (false, true) => return false,
+        _ => {}
+    }
+    match (me.dirty_bits > 0, peer.dirty_bits > 0) {
+        (true, false) => true,
+        (false, true) => false,
+        _ => me.view.node_id < peer.view.node_id,
     }
 }
 
@@ -314,6 +356,48 @@ mod tests {
         assert_eq!(
             handshake(&a2, &b, &pol).commands[0],
             Command::SaveDivergentBlocks
+        );
+    }
+
+    #[test]
+    fn same_generation_with_marked_blocks_resyncs_them() {
+        let pol = SplitBrainPolicy::default();
+        let mut a = side(0, 0x100);
+        let mut b = a.clone_as(1);
+        b.dirty_bits = 5;
+        let source = [
+            Command::ExchangeBitmaps,
+            Command::PinBitmapUuid,
+            Command::SendSyncUuid(Uuid(0x100)),
+            Command::Enter(ReplState::SyncSource),
+        ];
+        let target = [
+            Command::ExchangeBitmaps,
+            Command::AdoptSyncUuid,
+            Command::Enter(ReplState::SyncTarget),
+        ];
+        // Only b has marked blocks: b sends.
+        assert_eq!(handshake(&b, &a, &pol).commands, source);
+        assert_eq!(handshake(&a, &b, &pol).commands, target);
+        assert_eq!(
+            handshake(&b, &a, &pol).decision.outcome,
+            SyncOutcome::Source(BitmapPlan::UseBitmap)
+        );
+        // The Primary sends, whoever has the marks.
+        a.view.role = Role::Primary;
+        assert_eq!(handshake(&a, &b, &pol).commands, source);
+        assert_eq!(handshake(&b, &a, &pol).commands, target);
+        // Both marked, no Primary: the lower id sends.
+        a.view.role = Role::Secondary;
+        a.dirty_bits = 1;
+        assert_eq!(handshake(&a, &b, &pol).commands, source);
+        assert_eq!(handshake(&b, &a, &pol).commands, target);
+        // Nothing marked: nothing to do.
+        a.dirty_bits = 0;
+        b.dirty_bits = 0;
+        assert_eq!(
+            handshake(&a, &b, &pol).commands,
+            [Command::Enter(ReplState::Established)]
         );
     }
 

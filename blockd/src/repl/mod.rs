@@ -4,6 +4,14 @@
 //! executes what these functions decide.
 
 pub mod apply_order;
+pub mod checksum;
+pub mod csum_resync;
+pub(crate) mod pacer;
+pub mod rate_control;
+pub mod verify;
+pub mod divergent;
+pub mod io_gate;
+pub mod victim;
 pub mod handshake;
 pub mod names;
 pub mod promote;

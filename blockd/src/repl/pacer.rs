@@ -50,7 +50,8 @@ impl Pacer {
     }
 
     /// Waits until a request of `len` bytes may be issued. `progress` returns the worker's
-    /// acknowledged bytes so far and its bytes in flight.
+    /// acknowledged bytes so far and its bytes in flight. Cancel-safe: dropped while waiting,
+    /// nothing was spent (a worker selects it against the answers it must keep handling).
     pub async fn admit(&mut self, len: u64, progress: impl Fn() -> (u64, u64)) {
         loop {
             let (acked, in_flight) = progress();

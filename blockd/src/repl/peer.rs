@@ -21,17 +21,24 @@ use tokio::sync::{Notify, Semaphore, oneshot, watch};
 
 use crate::meta::superblock::flags;
 use crate::repl::apply_order::{ApplyOrder, Ordered};
+use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
+use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
 use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
+use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
+use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
 
 /// Idle time after which the writer sends a `Ping`.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Silence after which the link is considered dead.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a session that goes StandAlone at its handshake keeps reading, so the peer
+/// receives our state report and decides the same.
+const LINGER_BEFORE_STANDALONE: Duration = Duration::from_millis(500);
 /// Resync bytes sent but not yet acknowledged, at most.
 pub const RESYNC_WINDOW: usize = 8 << 20;
 /// Acknowledgements are sent at the latest after this many received requests, even when more
@@ -115,6 +122,8 @@ pub struct Conn {
     pub(crate) closed: watch::Sender<bool>,
     /// Wire bytes sent (frames), for status.
     pub(crate) sent: AtomicU64,
+    /// Checksum answers of the peer, to the verify or checksum-resync worker that asked.
+    pub(crate) answers: AnswerRoutes,
 }
 
 impl Conn {
@@ -125,6 +134,7 @@ impl Conn {
             resync_window: Arc::new(Semaphore::new(RESYNC_WINDOW)),
             closed: watch::channel(false).0,
             sent: AtomicU64::new(0),
+            answers: AnswerRoutes::default(),
         }
     }
 
@@ -333,9 +343,9 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     session.ops.abort_all();
     // Loss bookkeeping: unacknowledged writes go into the peer's bitmap.
     *res.peers[i].conn.lock().expect("conn") = None;
+    res.peer_leaving(i);
     let lost = conn.close();
     let slot = res.peers[i].slot;
-    let peer_id = res.peers[i].node.id;
     let primary = res.role() == Role::Primary;
     {
         let mut m = res.meta.lock().expect("meta");
@@ -343,30 +353,12 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
             m.bitmaps[slot].set_range(*o, *l);
         }
     }
-    let fresh = crate::repl::resource::fresh_uuid();
-    let r = res
-        .meta_io(move |m| {
-            if primary {
-                m.sb.generations.new_current(fresh, true, &[peer_id]);
-                m.save_sb()?;
-            }
-            m.save_bitmap(slot)?;
-            Ok(m.sb.generations.current)
-        })
-        .await;
-    match r {
-        Ok(current) if primary => {
-            // Peers still in sync follow the new generation.
-            for (j, p) in res.peers.iter().enumerate() {
-                if j != i
-                    && let Some(c) = p.conn.lock().expect("conn").as_ref()
-                {
-                    c.send(Message::NewUuid(current));
-                }
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::error!(resource = %res.name(), "cannot persist the bitmap: {e}"),
+    if primary {
+        // The new generation starts with the next write (see `repl::io_gate`).
+        res.peer_lost_while_primary();
+    }
+    if let Err(e) = res.meta_io(move |m| m.save_bitmap(slot)).await {
+        tracing::error!(resource = %res.name(), "cannot persist the bitmap: {e}");
     }
     res.update_peer(i, |s| {
         s.conn = match end {
@@ -442,6 +434,14 @@ enum Op {
         payload: Bytes,
     },
     ResyncDone,
+    /// Hash a run and compare it with the peer's digest (verify, checksum resync).
+    Checksum {
+        offset: u64,
+        len: u32,
+        block_size: u32,
+        purpose: ChecksumPurpose,
+        digest: checksum::RunDigest,
+    },
 }
 
 /// What an applied request leaves to do on the session (acknowledgements, state).
@@ -450,6 +450,12 @@ enum Done {
     Flushed,
     Resynced { offset: u64, len: u32 },
     ResyncFinished,
+    Checksummed {
+        offset: u64,
+        len: u32,
+        purpose: ChecksumPurpose,
+        answer: PeerAnswer,
+    },
 }
 
 type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
@@ -460,7 +466,7 @@ fn changed_range(op: &Op) -> Option<(u64, u64)> {
         Op::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
         Op::Zero { offset, len, .. } => Some((*offset, *len)),
         Op::Resync { offset, len, .. } => Some((*offset, u64::from(*len))),
-        Op::Flush | Op::ResyncDone => None,
+        Op::Flush | Op::ResyncDone | Op::Checksum { .. } => None,
     }
 }
 
@@ -532,6 +538,35 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 .await
                 .map_err(|e| format!("cannot persist resync end: {e}"))?;
                 Ok(Done::ResyncFinished)
+            }
+            Op::Checksum {
+                offset,
+                len,
+                block_size,
+                purpose,
+                digest,
+            } => {
+                let data = res
+                    .store
+                    .read(offset, len as usize)
+                    .await
+                    .map_err(|e| format!("checksum read failed: {}", error_chain(&e)))?
+                    .freeze();
+                let answer = tokio::task::spawn_blocking(move || {
+                    if checksum::run_digest(&data) == digest {
+                        PeerAnswer::Equal
+                    } else {
+                        PeerAnswer::Blocks(checksum::block_digests(&data, block_size as usize))
+                    }
+                })
+                .await
+                .map_err(|e| format!("checksum task failed: {e}"))?;
+                Ok(Done::Checksummed {
+                    offset,
+                    len,
+                    purpose,
+                    answer,
+                })
             }
         }
     })
@@ -778,6 +813,26 @@ impl Session {
                 self.other_acks.push(Message::ResyncAck { offset, len });
                 res.note_resync_received(u64::from(len));
             }
+            Done::Checksummed {
+                offset,
+                len,
+                purpose,
+                answer,
+            } => {
+                if purpose == ChecksumPurpose::Resync && answer == PeerAnswer::Equal {
+                    // Equal on both sides: in sync (as if the source had sent it).
+                    let slot = res.peers[i].slot;
+                    res.meta.lock().expect("meta").bitmaps[slot]
+                        .clear_range(offset, u64::from(len));
+                    res.note_resync_received(u64::from(len));
+                }
+                self.other_acks.push(Message::ChecksumReply {
+                    offset,
+                    len,
+                    purpose,
+                    answer,
+                });
+            }
             Done::ResyncFinished => {
                 res.set_disk(DiskState::UpToDate);
                 res.update_peer(i, |s| {
@@ -785,6 +840,17 @@ impl Session {
                     s.resync_done = s.resync_total;
                 });
                 res.emit(Some(i), "resync-done", "target");
+                // A resync with another node that waited for this one (Paused*) has nothing
+                // to wait for now: redo its handshake, which decides afresh.
+                for (j, p) in res.peers.iter().enumerate() {
+                    let paused = matches!(
+                        res.state.lock().expect("state").peers[j].repl,
+                        ReplState::PausedSyncS | ReplState::PausedSyncT
+                    );
+                    if j != i && paused {
+                        p.kill.notify_one();
+                    }
+                }
             }
         }
     }
@@ -818,11 +884,29 @@ impl Session {
         let slot = res.peers[i].slot;
         let peer_id = res.peers[i].node.id;
         let mut enter = ReplState::Established;
+        // The bitmap is untrusted (full sync, crashed primary): checksum resync with `csums = auto`.
+        let mut untrusted = mine.side.view.crashed_primary || theirs.side.view.crashed_primary;
+        let becomes_target = out.commands.contains(&Command::AdoptSyncUuid);
+        if becomes_target && res.role() == Role::Primary && res.quorum.report() == Some(false) {
+            // The majority went on without us: step down and take its data.
+            res.step_down("without quorum, and the peer's data is newer")
+                .await;
+        }
+        if let Some(r) = out.split_brain.filter(|r| r.verdict != Verdict::Disconnect) {
+            let what = format!("{:?} {}", out.decision.rule, victim::describe(&r));
+            tracing::warn!(resource = %res.name(), peer = %res.peers[i].node.name,
+                "split brain detected: {what}");
+            res.emit(Some(i), "split-brain", what);
+        }
+        let mut save_divergent = false;
         for cmd in out.commands {
             match cmd {
-                Command::SaveDivergentBlocks => tracing::warn!(resource = %res.name(),
-                    "split-brain victim: saving divergent blocks is not implemented yet"),
-                Command::SetAllBits => res.meta.lock().expect("meta").bitmaps[slot].set_all(),
+                // After the bitmap exchange: the combined bitmap is what the resync rewrites.
+                Command::SaveDivergentBlocks => save_divergent = true,
+                Command::SetAllBits => {
+                    untrusted = true;
+                    res.meta.lock().expect("meta").bitmaps[slot].set_all()
+                }
                 Command::CopyBitmapSlot(n) => {
                     let mut m = res.meta.lock().expect("meta");
                     if let Some(from) = res.peers.iter().find(|p| p.node.id == n).map(|p| p.slot) {
@@ -845,6 +929,12 @@ impl Session {
                 }
                 Command::SendSyncUuid(u) => self.conn.send(Message::SyncUuid(u)),
                 Command::AdoptSyncUuid => {
+                    if save_divergent {
+                        let by = out
+                            .split_brain
+                            .map_or("manual", |r| victim::resolved_by_name(r.by));
+                        victim::save_divergent_blocks(&res, i, by).await?;
+                    }
                     let u = match self.next_handshake(reader).await? {
                         Message::SyncUuid(u) => u,
                         other => return Err(format!("expected sync-uuid, got {}", other.name())),
@@ -862,8 +952,13 @@ impl Session {
                 Command::Disconnect(reason) => {
                     let why = match reason {
                         DisconnectReason::SplitBrain(k) => {
-                            res.emit(Some(i), "split-brain", format!("{k:?}"));
-                            format!("split brain detected ({k:?}); resolve, then blockctl connect")
+                            let how = out.split_brain.map_or_else(String::new, |r| {
+                                format!(", {}", victim::describe(&r))
+                            });
+                            res.emit(Some(i), "split-brain", format!("{k:?}{how}"));
+                            format!(
+                                "split brain detected ({k:?}{how}): connect the victim with --discard-my-data"
+                            )
                         }
                         DisconnectReason::UnrelatedData => {
                             res.emit(Some(i), "error", "unrelated-data");
@@ -871,6 +966,16 @@ impl Session {
                                 .to_string()
                         }
                     };
+                    // The peer reaches the same verdict from our state report: let it read
+                    // it before the link closes (closing with unread bytes resets the
+                    // connection, which can discard what we sent). Both sides drain until
+                    // the other closes, at most a moment.
+                    let _ = tokio::time::timeout(LINGER_BEFORE_STANDALONE, async {
+                        while reader.fill().await.is_ok() {
+                            reader.buf.clear();
+                        }
+                    })
+                    .await;
                     return Ok(Some(SessionEnd::StandAlone(why)));
                 }
             }
@@ -915,8 +1020,13 @@ impl Session {
         res.broadcast_state();
         if enter == ReplState::SyncSource {
             let (res2, conn) = (res.clone(), self.conn.clone());
+            let summed = res.checksum_resync(i, untrusted);
             self.resync = Some(AbortOnDrop(tokio::spawn(async move {
-                resync::run_source(res2, i, conn).await;
+                if summed {
+                    csum_resync::run_source(res2, i, conn).await;
+                } else {
+                    resync::run_source(res2, i, conn).await;
+                }
             })));
         }
         Ok(None)
@@ -1039,6 +1149,49 @@ impl Session {
                 self.arrive(seq, after, op).await?;
             }
             Message::ResyncDone { seq } => self.arrive(seq, seq, Op::ResyncDone).await?,
+            Message::ChecksumRequest {
+                seq,
+                after,
+                offset,
+                len,
+                block_size,
+                purpose,
+                digest,
+            } => {
+                let op = Op::Checksum {
+                    offset,
+                    len,
+                    block_size,
+                    purpose,
+                    digest,
+                };
+                self.arrive(seq, after, op).await?;
+            }
+            Message::ChecksumReply {
+                offset,
+                len,
+                purpose,
+                answer,
+            } => {
+                let a = Answer {
+                    offset,
+                    len: u64::from(len),
+                    answer,
+                };
+                if !self.conn.answers.deliver(purpose, a) {
+                    tracing::debug!(resource = %res.name(), "checksum reply nobody asked for");
+                }
+            }
+            Message::Invalidate => {
+                let res = res.clone();
+                tokio::spawn(async move {
+                    match res.invalidate().await {
+                        Ok(()) => {}
+                        Err(e) => tracing::warn!(resource = %res.name(),
+                            "peer asked to invalidate our data: refused: {}", error_chain(&e)),
+                    }
+                });
+            }
             Message::RecvAck { seq, count } => self.conn.ack(seq, count, PeerAck::Received),
             Message::WriteAck { seq, count } => self.conn.ack(seq, count, PeerAck::Written),
             Message::FlushAck { seq } => self.conn.flush_ack(seq),

@@ -70,6 +70,9 @@ pub enum ResourceError {
     DemoteFlush(#[source] StoreError),
     #[error("resource has no peer named {0:?}")]
     UnknownPeer(String),
+    /// The state does not allow the request (verify, invalidate).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("snapshot refused: {0}")]
     SnapshotRefused(String),
     #[error("resource {resource}: snapshot failed")]
@@ -128,6 +131,10 @@ pub(crate) struct PeerState {
     pub resync_done: u64,
     pub resync_started: Option<Instant>,
     pub discard_my_data: bool,
+    /// Online verify with this peer: progress, then the result.
+    pub verify: Option<crate::repl::verify::VerifyStatus>,
+    /// `blockctl connect --checksum`: the next resync to this peer compares checksums.
+    pub checksum_next: bool,
 }
 
 pub(crate) struct State {
@@ -228,6 +235,9 @@ pub struct PeerStatus {
     pub resync: Option<ResyncStatus>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The running or last online verify with this peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<crate::repl::verify::VerifyStatus>,
 }
 
 /// Status of the resource.
@@ -239,6 +249,9 @@ pub struct Status {
     pub role: String,
     pub disk: String,
     pub size: u64,
+    /// Quorum of this node (`setting` "off": always held).
+    #[serde(default)]
+    pub quorum: crate::repl::io_gate::QuorumStatus,
     pub peers: Vec<PeerStatus>,
     /// Open snapshots of this node's replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -252,9 +265,15 @@ pub struct ResourceSpec {
     pub me: Node,
     pub peers: Vec<(Node, Protocol)>,
     pub resync_rate: u64,
+    /// Resync pacing (`resync-rate`, `c-min-rate`, `c-fill-target`, `c-plan-ahead`).
+    pub rate: crate::repl::rate_control::RateSettings,
+    /// When resyncs compare checksums first (`csums`).
+    pub csums: crate::repl::checksum::Csums,
     /// Default copy-on-write area of a snapshot (None: a quarter of the device).
     pub snapshot_cow_size: Option<u64>,
     pub split_brain: SplitBrainPolicy,
+    pub quorum: crate::repl::quorum::QuorumSetting,
+    pub on_no_quorum: crate::repl::quorum::OnNoQuorum,
     pub link: LinkSettings,
     pub engine: EngineKind,
 }
@@ -303,8 +322,12 @@ impl ResourceSpec {
                 .map(|p| ((*p).clone(), r.protocol_between(&local.me.name, &p.name)))
                 .collect(),
             resync_rate: r.resync_rate,
+            rate: r.rate_settings(),
+            csums: r.csums,
             snapshot_cow_size: r.snapshot_cow_size,
             split_brain: r.split_brain,
+            quorum: r.quorum,
+            on_no_quorum: r.on_no_quorum,
             link,
             engine: EngineKind::Auto,
         })
@@ -330,10 +353,14 @@ pub struct Resource {
     pub(crate) role_gate: tokio::sync::RwLock<()>,
     events: broadcast::Sender<Event>,
     role_tx: watch::Sender<Role>,
+    /// Quorum and the Primary's I/O gate (see `repl::io_gate`).
+    pub(crate) quorum: crate::repl::io_gate::QuorumState,
     /// Bumped by every promotion after the new generation is in place: a link whose state
     /// report predates it re-runs its handshake.
     pub(crate) role_epoch: std::sync::atomic::AtomicU64,
     stop: watch::Sender<bool>,
+    /// Application bytes read and written (the resync backs off while it grows).
+    pub(crate) app_io_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots of the replica and their NBD services.
     pub(crate) snapshots: crate::repl::snapshot::SnapshotService,
 }
@@ -479,6 +506,8 @@ impl Resource {
                 resync_done: 0,
                 resync_started: None,
                 discard_my_data: false,
+                verify: None,
+                checksum_next: false,
             })
             .collect();
         tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
@@ -506,8 +535,15 @@ impl Resource {
             role_gate: tokio::sync::RwLock::new(()),
             events: broadcast::channel(1024).0,
             role_tx: watch::channel(Role::Secondary).0,
+            quorum: crate::repl::io_gate::QuorumState::new(
+                spec.quorum,
+                spec.on_no_quorum,
+                spec.me.id,
+                &spec.peers.iter().map(|(n, _)| n.id).collect::<Vec<_>>(),
+            ),
             role_epoch: std::sync::atomic::AtomicU64::new(0),
             stop: watch::channel(false).0,
+            app_io_bytes: std::sync::atomic::AtomicU64::new(0),
             snapshots,
             spec,
         }))
@@ -543,6 +579,11 @@ impl Resource {
     /// Follows the role (the NBD export runs while Primary).
     pub fn watch_role(&self) -> watch::Receiver<Role> {
         self.role_tx.subscribe()
+    }
+
+    /// Sets the role others follow (the NBD export, suspended I/O).
+    pub(crate) fn send_role(&self, role: Role) {
+        let _ = self.role_tx.send(role);
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
@@ -592,6 +633,7 @@ impl Resource {
         };
         if before.conn != after.conn {
             self.emit(Some(i), "connection", after.conn.as_str());
+            self.recompute_quorum();
         }
         if before.repl != after.repl {
             self.emit(Some(i), "replication", after.repl.as_str());
@@ -650,7 +692,7 @@ impl Resource {
                 },
                 dirty_bits: m.bitmaps[self.peers[i].slot].count_bits(),
                 discard_my_data: discard,
-                quorum: None,
+                quorum: self.quorum.report(),
             },
             size: self.store.size(),
         }
@@ -658,6 +700,7 @@ impl Resource {
 
     /// The current status.
     pub fn status(&self) -> Status {
+        let quorum = self.quorum_status();
         let st = self.state.lock().expect("state");
         let m = self.meta.lock().expect("meta");
         let peers = self
@@ -704,6 +747,7 @@ impl Resource {
                     in_flight_bytes,
                     resync,
                     last_error: ps.last_error.clone(),
+                    verify: ps.verify.clone(),
                 }
             })
             .collect();
@@ -714,6 +758,7 @@ impl Resource {
             role: st.role.as_str().to_string(),
             disk: st.disk.as_str().to_string(),
             size: self.store.size(),
+            quorum,
             peers,
             snapshots: self.snapshots(),
         }
@@ -739,7 +784,7 @@ impl Resource {
                 LocalView {
                     role: st.role,
                     disk: st.disk,
-                    has_quorum: true,
+                    has_quorum: self.quorum.has_quorum(),
                 },
                 views,
             )
@@ -801,6 +846,7 @@ impl Resource {
                 self.peers[i].kill.notify_one();
             }
         }
+        self.generation_started();
         tracing::info!(resource = %self.spec.name, forced, %current, "promoted to Primary");
         self.emit(None, "role", Role::Primary.as_str());
         self.emit(None, "disk", DiskState::UpToDate.as_str());
@@ -814,6 +860,11 @@ impl Resource {
     pub async fn demote(&self) -> Result<(), ResourceError> {
         if self.role() != Role::Primary {
             return Ok(());
+        }
+        // Writes not acknowledged by a lost peer are only here: start the generation owed
+        // since the loss, so the next handshake resyncs them (see `repl::io_gate`).
+        if let Err(e) = self.settle_generation().await {
+            tracing::error!(resource = %self.spec.name, "new generation before demotion: {e}");
         }
         let _ = self.role_tx.send(Role::Secondary);
         let gate = self.role_gate.write().await;
@@ -1004,6 +1055,16 @@ impl Resource {
             match link {
                 Ok(link) => {
                     backoff = Duration::from_millis(100);
+                    // A kill meant for an earlier session (`notify_one` keeps a permit when no
+                    // session waits) must not end this one; a disconnect since is seen here.
+                    tokio::select! {
+                        biased;
+                        _ = p.kill.notified() => {}
+                        _ = std::future::ready(()) => {}
+                    }
+                    if p.admin_down.load(Ordering::SeqCst) {
+                        continue;
+                    }
                     let end = peer::run_session(&self, i, link).await;
                     match end {
                         SessionEnd::StandAlone(why) => {

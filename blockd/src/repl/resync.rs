@@ -6,10 +6,11 @@
 //! either side resumes from where it was rather than restarting.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::repl::pacer::Pacer;
 use crate::repl::peer::{Conn, RESYNC_WINDOW};
 use crate::repl::resource::Resource;
 use crate::repl::state::{DiskState, ReplState};
@@ -23,7 +24,6 @@ const PERSIST_EVERY: u64 = 16 << 20;
 /// Runs the resync towards peer `i` until every dirty block is acknowledged, then ends it.
 pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
     let slot = res.peers[i].slot;
-    let peer_id = res.peers[i].node.id;
     let total = res.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
     res.update_peer(i, |s| {
         s.resync_total = total;
@@ -32,10 +32,18 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
     });
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = total,
         "resync started (source)");
-    let rate = res.spec.resync_rate.max(1) as f64;
     let start = Instant::now();
     let mut sent = 0u64;
     let closed = conn.closed.subscribe();
+    // Rate: `resync-rate` at most, backing off for application I/O (`repl::rate_control`).
+    let mut pacer = Pacer::new(res.clone(), res.spec.rate);
+    let progress = {
+        let (res, window) = (res.clone(), conn.resync_window.clone());
+        move || {
+            let done = res.state.lock().expect("state").peers[i].resync_done;
+            (done, (RESYNC_WINDOW - window.available_permits()) as u64)
+        }
+    };
     loop {
         let mut pos = 0;
         let mut persisted_to = 0;
@@ -45,10 +53,7 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             }
             let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
             let Some((off, len)) = next else { break };
-            let allowed = rate * start.elapsed().as_secs_f64() + CHUNK as f64;
-            if sent as f64 > allowed {
-                tokio::time::sleep(Duration::from_secs_f64((sent as f64 - allowed) / rate)).await;
-            }
+            pacer.admit(len, &progress).await;
             let Ok(permits) = conn.resync_window.acquire_many(len as u32).await else {
                 return;
             };
@@ -109,6 +114,20 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             break;
         }
     }
+    finish_source(res, i, conn, sent, start).await;
+}
+
+/// Ends a resync as its source: `ResyncDone` (applied after every earlier request), the peer's
+/// bitmap cleared and persisted, and this node UpToDate when it was Consistent.
+pub(crate) async fn finish_source(
+    res: Arc<Resource>,
+    i: usize,
+    conn: Arc<Conn>,
+    sent: u64,
+    start: Instant,
+) {
+    let slot = res.peers[i].slot;
+    let peer_id = res.peers[i].node.id;
     {
         let mut order = res.order.lock().expect("order");
         let (seq, _) = order.issue();
@@ -140,9 +159,11 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
         res.emit(None, "disk", DiskState::UpToDate.as_str());
         res.broadcast_state();
     }
+    // The peer's disk becomes UpToDate when it says so (`PeerState`, sent once it applied
+    // `ResyncDone` and persisted it), not before: a failover in between must not find a
+    // "synced" peer that is still Inconsistent.
     res.update_peer(i, |s| {
         s.repl = ReplState::Established;
-        s.disk = DiskState::UpToDate;
         s.resync_done = s.resync_total;
     });
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = sent,

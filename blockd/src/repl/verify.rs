@@ -246,9 +246,18 @@ async fn run_verify(
             }
             if pos < size && tracker.pending_bytes() < VERIFY_WINDOW {
                 let len = CHUNK.min(size - pos);
-                let done = tracker.report().done_bytes;
-                let pending = tracker.pending_bytes();
-                pacer.admit(len, || (done, pending)).await;
+                // Answers are handled while waiting: they are the progress the pace follows.
+                loop {
+                    let (done, pending) = (tracker.report().done_bytes, tracker.pending_bytes());
+                    tokio::select! {
+                        () = pacer.admit(len, move || (done, pending)) => break,
+                        a = answers.recv() => match a {
+                            Some(a) => on_answer(&res, slot, &mut tracker, a)?,
+                            None => return Err("link closed".into()),
+                        },
+                        _ = closed.changed() => return Err("link closed".into()),
+                    }
+                }
                 csum_resync::ask_run(&res, &conn, &mut tracker, pos, len, ChecksumPurpose::Verify)
                     .await?;
                 pos += len;

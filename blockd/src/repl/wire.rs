@@ -17,6 +17,9 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::meta::generation::{GenerationIds, HISTORY_LEN, MAX_NODES, Uuid};
+use crate::repl::checksum::{
+    BLOCK_DIGEST_LEN, BlockDigest, ChecksumPurpose, PeerAnswer, RUN_DIGEST_LEN, RunDigest,
+};
 use crate::repl::handshake::HandshakeSide;
 use crate::repl::state::{DiskState, Role};
 use crate::repl::sync_decision::SideView;
@@ -153,7 +156,31 @@ pub enum Message {
     SnapshotFlushDone {
         id: u64,
     },
+    /// Verify or checksum resync: the sender's digest of a run, applied in stream order like
+    /// `ResyncData` (see `repl::csum_resync`); answered by `ChecksumReply`.
+    ChecksumRequest {
+        seq: u64,
+        after: u64,
+        offset: u64,
+        len: u32,
+        /// Block size of the per-block digests of a reply.
+        block_size: u32,
+        purpose: ChecksumPurpose,
+        digest: RunDigest,
+    },
+    /// The receiver's answer about a run: equal, or its per-block digests.
+    ChecksumReply {
+        offset: u64,
+        len: u32,
+        purpose: ChecksumPurpose,
+        answer: PeerAnswer,
+    },
+    /// `blockctl invalidate-remote`: discard your data and resync it from the sender.
+    Invalidate,
 }
+
+/// Largest run a `ChecksumRequest` may cover.
+pub const MAX_CHECKSUM_RUN: u32 = 64 << 20;
 
 mod tag {
     pub const HELLO: u8 = 1;
@@ -176,6 +203,9 @@ mod tag {
     pub const PING_ACK: u8 = 19;
     pub const SNAPSHOT_FLUSH: u8 = 40;
     pub const SNAPSHOT_FLUSH_DONE: u8 = 41;
+    pub const CHECKSUM_REQUEST: u8 = 50;
+    pub const CHECKSUM_REPLY: u8 = 51;
+    pub const INVALIDATE: u8 = 52;
 }
 
 impl Message {
@@ -202,6 +232,9 @@ impl Message {
             Message::PingAck => "ping-ack",
             Message::SnapshotFlush { .. } => "snapshot-flush",
             Message::SnapshotFlushDone { .. } => "snapshot-flush-done",
+            Message::ChecksumRequest { .. } => "checksum-request",
+            Message::ChecksumReply { .. } => "checksum-reply",
+            Message::Invalidate => "invalidate",
         }
     }
 
@@ -330,6 +363,46 @@ impl Message {
             Message::PingAck => dst.put_u8(tag::PING_ACK),
             Message::SnapshotFlush { id } => put_seq(dst, tag::SNAPSHOT_FLUSH, *id),
             Message::SnapshotFlushDone { id } => put_seq(dst, tag::SNAPSHOT_FLUSH_DONE, *id),
+            Message::ChecksumRequest {
+                seq,
+                after,
+                offset,
+                len,
+                block_size,
+                purpose,
+                digest,
+            } => {
+                dst.put_u8(tag::CHECKSUM_REQUEST);
+                dst.put_u64(*seq);
+                dst.put_u64(*after);
+                dst.put_u64(*offset);
+                dst.put_u32(*len);
+                dst.put_u32(*block_size);
+                dst.put_u8(index_of(ChecksumPurpose::ALL, *purpose));
+                dst.put_slice(digest);
+            }
+            Message::ChecksumReply {
+                offset,
+                len,
+                purpose,
+                answer,
+            } => {
+                dst.put_u8(tag::CHECKSUM_REPLY);
+                dst.put_u64(*offset);
+                dst.put_u32(*len);
+                dst.put_u8(index_of(ChecksumPurpose::ALL, *purpose));
+                match answer {
+                    PeerAnswer::Equal => dst.put_u8(0),
+                    PeerAnswer::Blocks(blocks) => {
+                        dst.put_u8(1);
+                        dst.put_u32(blocks.len() as u32);
+                        for d in blocks {
+                            dst.put_slice(d);
+                        }
+                    }
+                }
+            }
+            Message::Invalidate => dst.put_u8(tag::INVALIDATE),
         }
     }
 
@@ -533,6 +606,60 @@ impl Message {
                 c.tag = "snapshot-flush-done";
                 Message::SnapshotFlushDone { id: c.u64()? }
             }
+            tag::CHECKSUM_REQUEST => {
+                c.tag = "checksum-request";
+                let seq = c.u64()?;
+                let after = c.u64()?;
+                let offset = c.u64()?;
+                let len = c.u32()?;
+                if len == 0 || len > MAX_CHECKSUM_RUN {
+                    return Err(c.invalid("length", u64::from(len)));
+                }
+                let block_size = c.u32()?;
+                if !block_size.is_power_of_two() || !(512..=1 << 20).contains(&block_size) {
+                    return Err(c.invalid("block size", u64::from(block_size)));
+                }
+                let purpose = c.named(ChecksumPurpose::ALL, "purpose")?;
+                let mut digest = [0u8; RUN_DIGEST_LEN];
+                digest.copy_from_slice(&c.bytes(RUN_DIGEST_LEN)?);
+                Message::ChecksumRequest {
+                    seq,
+                    after,
+                    offset,
+                    len,
+                    block_size,
+                    purpose,
+                    digest,
+                }
+            }
+            tag::CHECKSUM_REPLY => {
+                c.tag = "checksum-reply";
+                let offset = c.u64()?;
+                let len = c.u32()?;
+                let purpose = c.named(ChecksumPurpose::ALL, "purpose")?;
+                let answer = if c.flag("differs")? {
+                    let n = c.u32()? as usize;
+                    if n.saturating_mul(BLOCK_DIGEST_LEN) > c.buf.remaining() {
+                        return Err(WireError::Truncated { tag: c.tag });
+                    }
+                    let mut blocks = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let mut d: BlockDigest = [0u8; BLOCK_DIGEST_LEN];
+                        d.copy_from_slice(&c.bytes(BLOCK_DIGEST_LEN)?);
+                        blocks.push(d);
+                    }
+                    PeerAnswer::Blocks(blocks)
+                } else {
+                    PeerAnswer::Equal
+                };
+                Message::ChecksumReply {
+                    offset,
+                    len,
+                    purpose,
+                    answer,
+                }
+            }
+            tag::INVALIDATE => Message::Invalidate,
             other => return Err(WireError::UnknownTag(other)),
         };
         if c.buf.has_remaining() {
@@ -759,6 +886,42 @@ mod tests {
             Just(Message::PingAck),
             any::<u64>().prop_map(|id| Message::SnapshotFlush { id }),
             any::<u64>().prop_map(|id| Message::SnapshotFlushDone { id }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                1u32..=MAX_CHECKSUM_RUN,
+                9u32..=20,
+                0..ChecksumPurpose::ALL.len(),
+                any::<[u8; RUN_DIGEST_LEN]>()
+            )
+                .prop_map(|(seq, after, offset, len, bs, p, digest)| {
+                    Message::ChecksumRequest {
+                        seq,
+                        after,
+                        offset,
+                        len,
+                        block_size: 1 << bs,
+                        purpose: ChecksumPurpose::ALL[p],
+                        digest,
+                    }
+                }),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                0..ChecksumPurpose::ALL.len(),
+                proptest::option::of(proptest::collection::vec(
+                    any::<[u8; BLOCK_DIGEST_LEN]>(),
+                    0..40
+                ))
+            )
+                .prop_map(|(offset, len, p, blocks)| Message::ChecksumReply {
+                    offset,
+                    len,
+                    purpose: ChecksumPurpose::ALL[p],
+                    answer: blocks.map_or(PeerAnswer::Equal, PeerAnswer::Blocks),
+                }),
+            Just(Message::Invalidate),
         ]
     }
 
@@ -835,6 +998,46 @@ mod tests {
         assert!(matches!(
             Message::decode(Bytes::from_static(&[tag::PEER_STATE, 9, 0])),
             Err(WireError::Invalid { field: "role", .. })
+        ));
+        let request = |len: u32, block_size: u32| {
+            Message::ChecksumRequest {
+                seq: 1,
+                after: 0,
+                offset: 0,
+                len,
+                block_size,
+                purpose: ChecksumPurpose::Verify,
+                digest: [0; RUN_DIGEST_LEN],
+            }
+            .to_bytes()
+        };
+        assert!(matches!(
+            Message::decode(request(0, 4096)),
+            Err(WireError::Invalid {
+                field: "length",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Message::decode(request(4096, 3000)),
+            Err(WireError::Invalid {
+                field: "block size",
+                ..
+            })
+        ));
+        // A reply announcing more digests than it carries is truncated, not a huge allocation.
+        let mut b = BytesMut::new();
+        b.put_u8(tag::CHECKSUM_REPLY);
+        b.put_u64(0);
+        b.put_u32(4096);
+        b.put_u8(0);
+        b.put_u8(1);
+        b.put_u32(u32::MAX);
+        assert!(matches!(
+            Message::decode(b.freeze()),
+            Err(WireError::Truncated {
+                tag: "checksum-reply"
+            })
         ));
     }
 }
