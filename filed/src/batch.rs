@@ -1,8 +1,11 @@
-//! Aggregation of watch events into one batch per group (lsyncd's `delay`): the first event of a
-//! batch starts a window of the configured length; every path reported until it closes joins the
-//! same batch (deduplicated; "deep" — a directory created or moved in — wins over "shallow"). A
-//! lost event (queue overflow, watch error) turns the batch into a rescan. Pure: the clock is
-//! passed in, so a burst of 100,000 events is tested without waiting.
+//! Aggregation of watch events into one batch per group (lsyncd's `delay`, with a leading edge):
+//! an event after a quiet period (no batch closed within the window) goes out at once, so a
+//! single edit is not held back; an event while changes keep coming starts a window of the
+//! configured length, and every path reported until it closes joins the same batch
+//! (deduplicated; "deep" — a directory created or moved in — wins over "shallow"). A burst of
+//! 100,000 creates is thus one batch for its first event and then one per window. A lost event
+//! (queue overflow, watch error) turns the batch into a rescan. Pure: the clock is passed in, so
+//! a burst is tested without waiting.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -22,6 +25,10 @@ pub struct Pending {
 pub struct Batcher {
     delay: Duration,
     first: Option<Instant>,
+    /// The open batch goes out at once (it started after a quiet period).
+    immediate: bool,
+    /// When the last batch closed.
+    last_closed: Option<Instant>,
     open: Pending,
 }
 
@@ -30,6 +37,8 @@ impl Batcher {
         Batcher {
             delay,
             first: None,
+            immediate: false,
+            last_closed: None,
             open: Pending::default(),
         }
     }
@@ -37,6 +46,9 @@ impl Batcher {
     fn start(&mut self, now: Instant) {
         if self.first.is_none() {
             self.first = Some(now);
+            self.immediate = self
+                .last_closed
+                .is_none_or(|c| now.saturating_duration_since(c) >= self.delay);
         }
     }
 
@@ -61,7 +73,8 @@ impl Batcher {
 
     /// When the open batch closes (`None`: no batch open).
     pub fn deadline(&self) -> Option<Instant> {
-        self.first.map(|f| f + self.delay)
+        self.first
+            .map(|f| if self.immediate { f } else { f + self.delay })
     }
 
     /// The batch, once its window has passed.
@@ -69,6 +82,7 @@ impl Batcher {
         match self.deadline() {
             Some(d) if d <= now => {
                 self.first = None;
+                self.last_closed = Some(now);
                 Some(std::mem::take(&mut self.open))
             }
             _ => None,
@@ -81,12 +95,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_event_after_a_quiet_period_goes_out_at_once() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Batcher::new(ms(200));
+        b.add(t0, "/a".into(), false);
+        assert_eq!(b.deadline(), Some(t0));
+        assert_eq!(b.take(t0).unwrap().paths.len(), 1);
+        // Changes keep coming: the next one waits for the window.
+        b.add(t0 + ms(50), "/b".into(), false);
+        assert_eq!(b.deadline(), Some(t0 + ms(250)));
+        assert_eq!(b.take(t0 + ms(249)), None);
+        assert!(b.take(t0 + ms(250)).is_some());
+        // Quiet for a whole window again: at once.
+        b.add(t0 + ms(450), "/c".into(), false);
+        assert_eq!(b.deadline(), Some(t0 + ms(450)));
+    }
+
+    #[test]
     fn window_starts_at_the_first_event() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut b = Batcher::new(ms(200));
         assert_eq!(b.deadline(), None);
         assert_eq!(b.take(t0), None);
+        // A batch just closed: the next events are aggregated over the window.
+        b.add(t0 - ms(10), "/x".into(), false);
+        b.take(t0 - ms(10)).unwrap();
         b.add(t0, "/a".into(), false);
         b.add(t0 + ms(150), "/b".into(), false);
         b.add(t0 + ms(190), "/a".into(), true);
@@ -98,9 +133,9 @@ mod tests {
         assert!(p.paths["/a"], "deep wins");
         assert!(!p.rescan);
         assert_eq!(b.deadline(), None);
-        // the next event opens a new window
-        b.add(t0 + ms(500), "/c".into(), false);
-        assert_eq!(b.deadline(), Some(t0 + ms(700)));
+        // the next event within the window after that batch opens a new window
+        b.add(t0 + ms(300), "/c".into(), false);
+        assert_eq!(b.deadline(), Some(t0 + ms(500)));
     }
 
     #[test]

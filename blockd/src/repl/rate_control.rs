@@ -113,7 +113,8 @@ impl RateController {
         // empty pipe the same way), a fixed rate gets one tick's worth. No more, so a busy
         // application is not hit by a burst before the first tick sees it.
         c.credit = if s.dynamic() {
-            s.fill_target.min(per_dt(s.max_rate, TICK).max(1) as u64 * 10) as i64
+            s.fill_target
+                .min(per_dt(s.max_rate, TICK).max(1) as u64 * 10) as i64
         } else {
             per_dt(s.max_rate, TICK)
         }
