@@ -176,11 +176,15 @@ vt_mount_cycle() {
 
 # --- host-to-guest control channel (second serial port, a pipe on the host) -------------------
 # vt_wait_host WORD SECONDS: waits for a line "WORD args" from the host (init copies the second
-# serial port to /run/from-host); prints args.
+# serial port to /run/from-host); prints args. Only complete lines count: the serial port
+# delivers a line in pieces, and "promoted 1" must not be read while "promoted 12345" arrives.
 vt_wait_host() {
     i=0
     while [ $i -lt $(($2 * 10)) ]; do
-        _line=$(tr -d '\r' </run/from-host 2>/dev/null | grep -m1 -E "^$1( |\$)")
+        _line=
+        if [ -s /run/from-host ] && [ -z "$(tail -c 1 /run/from-host)" ]; then
+            _line=$(tr -d '\r' </run/from-host 2>/dev/null | grep -m1 -E "^$1( |\$)")
+        fi
         if [ -n "$_line" ]; then
             echo "${_line#$1}" | sed 's/^ //'
             return 0
