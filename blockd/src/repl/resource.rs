@@ -365,7 +365,8 @@ pub struct Resource {
     pub(crate) snapshots: crate::repl::snapshot::SnapshotService,
 }
 
-fn now_ms() -> u64 {
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -1147,9 +1148,13 @@ pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceE
 /// Snapshot areas live beside the metadata (internal metadata: beside the backing file).
 fn snapshot_dir(loc: &crate::meta::file::MetaLocation) -> std::path::PathBuf {
     let path = match loc {
-        crate::meta::file::MetaLocation::Internal(p) | crate::meta::file::MetaLocation::External(p) => p,
+        crate::meta::file::MetaLocation::Internal(p)
+        | crate::meta::file::MetaLocation::External(p) => p,
     };
     path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(|| std::path::PathBuf::from("."), std::path::Path::to_path_buf)
+        .map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        )
 }

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::nbd::export::Export;
 use crate::nbd::server::{self, Listener, ServerOptions};
 use crate::repl::device::Device;
-use crate::repl::resource::{Resource, ResourceError, error_chain};
+use crate::repl::resource::{Resource, ResourceError, error_chain, now_ms};
 use crate::repl::state::{DiskState, Role};
 use crate::snapshot::set::{Snapshot, SnapshotError, Snapshots};
 use crate::store::{BlockStore, StoreError};
@@ -134,12 +134,6 @@ impl SnapshotService {
             })
             .collect()
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A snapshot as an NBD device: reads of the frozen image; everything else is refused.

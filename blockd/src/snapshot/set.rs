@@ -20,6 +20,7 @@ use bytes::BytesMut;
 
 use super::area::{AreaError, CowArea};
 use super::cow_record::{AreaHeader, AreaState, MAX_NAME_LEN, record_len};
+use crate::repl::resource::error_chain as chain;
 use crate::store::{BlockStore, StoreError};
 
 /// Granularity of copy-on-write (bytes per preserved block).
@@ -223,17 +224,6 @@ async fn preserve_blocks(
             .map_err(|e| chain(&e))?;
     }
     Ok(())
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A snapshot that [`Snapshots::before_write`] had to invalidate.
