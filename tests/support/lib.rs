@@ -775,3 +775,5 @@ mod tests {
 }
 pub mod repl;
 pub mod repl_proxy;
+pub mod async_link;
+pub mod faults;

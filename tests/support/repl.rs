@@ -742,3 +742,144 @@ pub fn nft(args: &[&str]) -> Result<(), String> {
         Err(String::from_utf8_lossy(&out.stderr).into_owned())
     }
 }
+
+// --- Disk failures (tests/repl_disk_failure.rs, usable by fault-injection tests) ---
+
+/// Whether this machine can break backing stores for real (root, /dev/fuse, nbdkit, nbdfuse,
+/// fusermount3); prints why not.
+pub fn can_break_disks() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let tools = ["nbdkit", "nbdfuse", "fusermount3"].iter().all(|t| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {t}")])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let ok = root && tools && Path::new("/dev/fuse").exists();
+    if !ok {
+        eprintln!("skipped: needs root, /dev/fuse, nbdkit, nbdfuse and fusermount3");
+    }
+    ok
+}
+
+/// An nbdkit memory disk behind the error filter, as a file through nbdfuse. Creating the
+/// trigger file makes every request fail with EIO; removing it heals the disk.
+pub struct FailingDisk {
+    /// The file to use as backing.
+    pub path: PathBuf,
+    mount: PathBuf,
+    /// While this file exists, every I/O fails.
+    pub trigger: PathBuf,
+    fuse: Option<crate::ChildGuard>,
+    _nbdkit: crate::ChildGuard,
+}
+
+impl FailingDisk {
+    /// Starts nbdkit and nbdfuse in `dir` (a `size`-byte disk, zeroes).
+    pub fn start(dir: &Path, size: u64) -> FailingDisk {
+        let sock = dir.join("nbdkit.sock");
+        let trigger = dir.join("break-disk");
+        let mount = dir.join("fuse");
+        std::fs::create_dir_all(&mount).expect("mount dir");
+        let nbdkit = crate::ChildGuard(
+            Command::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&sock)
+                .args(["--filter=error", "memory", &size.to_string()])
+                .args(["error=EIO", "error-rate=100%"])
+                .arg(format!("error-file={}", trigger.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nbdkit"),
+        );
+        crate::wait_for(Duration::from_secs(10), || sock.exists(), "nbdkit socket");
+        let path = mount.join("disk");
+        let fuse = crate::ChildGuard(
+            Command::new("nbdfuse")
+                .arg(&path)
+                .arg("--unix")
+                .arg(&sock)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nbdfuse"),
+        );
+        crate::wait_for(
+            Duration::from_secs(10),
+            || std::fs::metadata(&path).is_ok_and(|m| m.len() == size),
+            "the nbdfuse file",
+        );
+        FailingDisk {
+            path,
+            mount,
+            trigger,
+            fuse: Some(fuse),
+            _nbdkit: nbdkit,
+        }
+    }
+
+    /// Every I/O fails with EIO from now on.
+    pub fn break_now(&self) {
+        std::fs::File::create(&self.trigger).expect("create trigger");
+    }
+
+    /// I/O works again.
+    pub fn heal(&self) {
+        std::fs::remove_file(&self.trigger).expect("remove trigger");
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = crate::run_timeout(
+            Command::new("fusermount3").arg("-u").arg(&self.mount),
+            Duration::from_secs(20),
+        );
+        drop(self.fuse.take());
+    }
+}
+
+/// A small tmpfs mounted in a directory (unmounted on drop).
+pub struct SmallFs {
+    pub dir: PathBuf,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `size` (e.g. `16m`) on `dir` (created).
+    pub fn mount(dir: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("tmpfs dir");
+        crate::run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+            Duration::from_secs(20),
+        );
+        SmallFs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Remounts it with another size.
+    pub fn resize(&self, size: &str) {
+        crate::run_ok(
+            Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(&self.dir),
+            Duration::from_secs(20),
+        );
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = crate::run_timeout(
+            Command::new("umount").arg("-l").arg(&self.dir),
+            Duration::from_secs(20),
+        );
+    }
+}

@@ -61,13 +61,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Become Primary (needs UpToDate data and no other Primary, or --force).
+    /// Become Primary (needs UpToDate data and no other Primary, or --force). First prints
+    /// (stderr) the writes a lost Primary had acknowledged that this node never received:
+    /// those a promotion loses (protocols A and B). Never asks for confirmation.
     Promote {
         /// Resource name.
         resource: String,
         /// Promote Inconsistent or Outdated data (a new cluster's first Primary).
         #[arg(long)]
         force: bool,
+        /// Only check: print what a promotion would lose, or why it is refused (exit 3);
+        /// change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Flush, stop the NBD export and become Secondary.
     Demote {
@@ -115,6 +121,19 @@ enum Cmd {
         resource: String,
         /// Only this peer node (default: every connected peer).
         peer: Option<String>,
+    },
+    /// Reattach the local disk after it was detached (I/O error or `detach`): reopens the
+    /// backing store and metadata; the disk is Inconsistent until resynced from an UpToDate
+    /// peer, then UpToDate (follow it in `status`).
+    Attach {
+        /// Resource name.
+        resource: String,
+    },
+    /// Detach the local disk (Diskless): a Primary keeps serving reads and writes through a
+    /// connected UpToDate peer. Refused on a Primary without one.
+    Detach {
+        /// Resource name.
+        resource: String,
     },
     /// Drop the link(s) and stay StandAlone.
     Disconnect {
@@ -335,6 +354,15 @@ fn print_status(s: &Status) {
         "{} role:{} disk:{} size:{}{quorum}",
         s.resource, s.role, s.disk, s.size
     );
+    if let Some(e) = &s.disk_error {
+        println!("  disk-error: {e}");
+    }
+    if let Some(a) = &s.attach {
+        println!(
+            "  attach-resync:{} ({}/{} bytes checked, {} bytes fetched)",
+            a.state, a.done_bytes, a.total_bytes, a.fetched_bytes
+        );
+    }
     for p in &s.peers {
         print!(
             "  {} (id {}, protocol {}) connection:{} replication:{} role:{} disk:{} out-of-sync:{} in-flight:{}",
@@ -348,6 +376,18 @@ fn print_status(s: &Status) {
             p.out_of_sync_bytes,
             p.in_flight
         );
+        if p.protocol != "C" {
+            print!(
+                " unconfirmed:{} ({} bytes)",
+                p.unconfirmed_writes, p.unconfirmed_bytes
+            );
+        }
+        if p.lost_acked_writes > 0 {
+            print!(
+                " lost-acked-writes:{} lost-acked-bytes:{}",
+                p.lost_acked_writes, p.lost_acked_bytes
+            );
+        }
         if let Some(r) = &p.resync {
             print!(
                 " resync:{}% ({}/{} bytes, {} B/s)",
@@ -435,10 +475,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
-        Cmd::Promote { resource, force } => {
+        Cmd::Promote {
+            resource,
+            force,
+            dry_run,
+        } => {
+            let path = socket(&cli, resource)?;
+            let mut check = Request::new("promote-check", Some(resource));
+            check.force = *force;
+            let resp = call(&path, &check).await?;
+            for loss in resp.losses.iter().flatten() {
+                if let Some(warning) = blockd::repl::lost_writes::loss_warning(resource, loss) {
+                    eprintln!("{warning}");
+                }
+            }
+            if *dry_run {
+                println!("promote {resource}: would be granted (dry run: nothing changed)");
+                return Ok(());
+            }
             let mut req = Request::new("promote", Some(resource));
             req.force = *force;
-            call(&socket(&cli, resource)?, &req).await.map(drop)
+            call(&path, &req).await.map(drop)
         }
         Cmd::Demote { resource } => call(
             &socket(&cli, resource)?,
@@ -551,6 +608,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Cmd::Attach { resource } => call(
+            &socket(&cli, resource)?,
+            &Request::new("attach", Some(resource)),
+        )
+        .await
+        .map(drop),
+        Cmd::Detach { resource } => call(
+            &socket(&cli, resource)?,
+            &Request::new("detach", Some(resource)),
+        )
+        .await
+        .map(drop),
         Cmd::Disconnect { resource, peer } => {
             let mut req = Request::new("disconnect", Some(resource));
             req.peer = peer.clone();

@@ -6,6 +6,10 @@
 //! <- {"v":1,"ok":true,"status":[{...}]}
 //! -> {"v":1,"cmd":"promote","resource":"r0","force":false}
 //! <- {"v":1,"ok":false,"code":"refused","error":"promotion refused: node 1 is Primary"}
+//! -> {"v":1,"cmd":"promote-check","resource":"r0","force":false}
+//! <- {"v":1,"ok":true,"losses":[{"primary":"n0","lost":{"writes":37,"bytes":151552}}]}
+//! -> {"v":1,"cmd":"attach","resource":"r0"}
+//! <- {"v":1,"ok":false,"code":"refused","error":"refused: the disk is attached (up-to-date); detach it first"}
 //! -> {"v":1,"cmd":"events"}
 //! <- {"v":1,"ok":true}   then   {"v":1,"event":{...}}  per state change
 //! ```
@@ -96,6 +100,9 @@ pub struct Response {
     /// `snapshot`: the snapshot opened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<crate::repl::snapshot::SnapshotInfo>,
+    /// `promote-check`: acknowledged writes of former Primaries a promotion would lose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub losses: Option<Vec<crate::repl::lost_writes::KnownLoss>>,
 }
 
 impl Response {
@@ -108,6 +115,7 @@ impl Response {
             status: None,
             event: None,
             snapshot: None,
+            losses: None,
         }
     }
 

@@ -130,6 +130,14 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                     .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
+            // Changes nothing: would `promote` be granted, and what would it lose?
+            "promote-check" => match one() {
+                Ok(r) => r.promote_check(req.force).map_or_else(failure, |losses| Response {
+                    losses: Some(losses),
+                    ..Response::ok()
+                }),
+                Err(e) => e,
+            },
             "demote" => match one() {
                 Ok(r) => r.demote().await.map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
@@ -199,6 +207,14 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                 Ok(r) => r
                     .invalidate_remote(req.peer.as_deref())
                     .map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "attach" => match one() {
+                Ok(r) => r.reattach().await.map_or_else(failure, |()| Response::ok()),
+                Err(e) => e,
+            },
+            "detach" => match one() {
+                Ok(r) => r.detach().await.map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
             "disconnect" => match one() {

@@ -17,6 +17,8 @@
 //! | `blockd_peer_role`, `blockd_peer_disk_state` | resource, peer, role/state | state sets |
 //! | `blockd_peer_out_of_sync_bytes` | resource, peer | gauge |
 //! | `blockd_peer_in_flight_requests`, `blockd_peer_in_flight_bytes` | resource, peer | gauge (replication lag) |
+//! | `blockd_peer_unconfirmed_writes`, `blockd_peer_unconfirmed_bytes` | resource, peer | gauge: writes acknowledged to clients the peer has not written yet (protocols A, B) |
+//! | `blockd_peer_lost_acked_writes`, `blockd_peer_lost_acked_bytes` | resource, peer | gauge: on a Secondary, acknowledged writes of the lost Primary that never arrived (at least) |
 //! | `blockd_peer_resync_rate_bytes_per_second` | resource, peer | gauge (0 without a resync) |
 //! | `blockd_peer_resync_total_bytes`, `blockd_peer_resync_done_bytes` | resource, peer | gauge |
 //! | `blockd_nbd_requests_total`, `blockd_nbd_request_errors_total`, `blockd_nbd_bytes_total` | export, command | counter |
@@ -198,6 +200,22 @@ impl Collector for SnapshotCollector {
             "blockd_peer_in_flight_bytes",
             "Bytes of writes sent to a peer and not yet acknowledged",
         );
+        let mut unconfirmed = Family::new(
+            "blockd_peer_unconfirmed_writes",
+            "Writes acknowledged to NBD clients that a peer has not confirmed as written (protocols A and B)",
+        );
+        let mut unconfirmed_bytes = Family::new(
+            "blockd_peer_unconfirmed_bytes",
+            "Bytes of the writes acknowledged to NBD clients that a peer has not confirmed as written",
+        );
+        let mut lost = Family::new(
+            "blockd_peer_lost_acked_writes",
+            "On a Secondary: writes the lost Primary had acknowledged that never arrived here (at least)",
+        );
+        let mut lost_bytes = Family::new(
+            "blockd_peer_lost_acked_bytes",
+            "On a Secondary: bytes of the acknowledged writes of the lost Primary that never arrived (at least)",
+        );
         let mut rate = Family::new(
             "blockd_peer_resync_rate_bytes_per_second",
             "Resync rate since the running resync started (0 without a resync)",
@@ -234,6 +252,10 @@ impl Collector for SnapshotCollector {
                 oos.push(l.clone(), gauge(p.out_of_sync_bytes));
                 flight.push(l.clone(), gauge(p.in_flight as u64));
                 flight_bytes.push(l.clone(), gauge(p.in_flight_bytes));
+                unconfirmed.push(l.clone(), gauge(p.unconfirmed_writes));
+                unconfirmed_bytes.push(l.clone(), gauge(p.unconfirmed_bytes));
+                lost.push(l.clone(), gauge(p.lost_acked_writes));
+                lost_bytes.push(l.clone(), gauge(p.lost_acked_bytes));
                 let (t, d, r) = p
                     .resync
                     .as_ref()
@@ -254,6 +276,10 @@ impl Collector for SnapshotCollector {
             &oos,
             &flight,
             &flight_bytes,
+            &unconfirmed,
+            &unconfirmed_bytes,
+            &lost,
+            &lost_bytes,
             &rate,
             &rs_total,
             &rs_done,

@@ -7,6 +7,8 @@ use crate::repl::resource::{PeerStatus, ResyncStatus};
 fn status() -> Status {
     Status {
         snapshots: Vec::new(),
+        disk_error: None,
+        attach: None,
         resource: "r0".into(),
         node: "alpha".into(),
         id: 0,
@@ -33,6 +35,10 @@ fn status() -> Status {
             }),
             last_error: None,
             verify: None,
+            unconfirmed_writes: 2,
+            unconfirmed_bytes: 8192,
+            lost_acked_writes: 0,
+            lost_acked_bytes: 0,
         }],
     }
 }
@@ -163,6 +169,10 @@ fn renders_every_family() {
     assert_eq!(value(&s, "blockd_peer_out_of_sync_bytes", &peer), 12288.0);
     assert_eq!(value(&s, "blockd_peer_in_flight_requests", &peer), 3.0);
     assert_eq!(value(&s, "blockd_peer_in_flight_bytes", &peer), 12288.0);
+    assert_eq!(value(&s, "blockd_peer_unconfirmed_writes", &peer), 2.0);
+    assert_eq!(value(&s, "blockd_peer_unconfirmed_bytes", &peer), 8192.0);
+    assert_eq!(value(&s, "blockd_peer_lost_acked_writes", &peer), 0.0);
+    assert_eq!(value(&s, "blockd_peer_lost_acked_bytes", &peer), 0.0);
     assert_eq!(
         value(&s, "blockd_peer_resync_rate_bytes_per_second", &peer),
         1e6

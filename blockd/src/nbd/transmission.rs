@@ -823,11 +823,32 @@ struct WriteJoin {
 }
 
 impl WriteJoin {
-    fn chunk_done(&self, result: Result<(), StoreError>) {
+    /// A join that replies after `pieces` calls of [`WriteJoin::chunk_done`] (more may be
+    /// added with [`WriteJoin::add_piece`] while one is outstanding).
+    fn new(ctx: Ctx, track: Track, cookie: u64, pieces: usize) -> WriteJoin {
+        WriteJoin {
+            ctx,
+            track,
+            cookie,
+            remaining: AtomicUsize::new(pieces),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn add_piece(&self) {
+        self.remaining.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Keeps the first error of the request.
+    fn record(&self, result: Result<(), StoreError>) {
         if let Err(e) = result {
             let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
             slot.get_or_insert(e);
         }
+    }
+
+    fn chunk_done(&self, result: Result<(), StoreError>) {
+        self.record(result);
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
             match error {
@@ -1059,22 +1080,15 @@ async fn receive_write<R: RequestSource>(
 ) -> Result<(), TransmissionError> {
     let chunk = ctx.limits.chunk;
     let len = len as usize;
-    if len > SPLICE_MIN as usize && len <= MAX_SPLICE && !fua && reader.get_ref().can_splice() {
+    if len > SPLICE_MIN as usize && !fua && reader.get_ref().can_splice() {
         if let (Some(pool), Device::Local(store)) = (&ctx.pipes, &ctx.store) {
-            if store.writes_from_pipe() {
-                let permit = charge(budget, len).await;
-                if let Some(pipe) = pool.take() {
-                    let result = splice_write(reader, store, &pipe.pipe, offset, len).await?;
-                    drop(permit);
-                    match result {
-                        Ok(()) => {
-                            pool.give(pipe);
-                            ctx.ok(track, cookie, None);
-                        }
-                        Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
-                    }
-                    return Ok(());
-                }
+            if store.splices_writes() {
+                let join = Arc::new(WriteJoin::new(ctx.clone(), track, cookie, 1));
+                let received = splice_write(reader, ctx, pool, store, budget, &join, offset, len);
+                received.await?;
+                // The receiver's own share: the reply goes when the last piece is written.
+                join.chunk_done(Ok(()));
+                return Ok(());
             }
         }
     }
@@ -1097,13 +1111,12 @@ async fn receive_write<R: RequestSource>(
         }
         return Ok(());
     }
-    let join = Arc::new(WriteJoin {
-        ctx: ctx.clone(),
+    let join = Arc::new(WriteJoin::new(
+        ctx.clone(),
         track,
         cookie,
-        remaining: AtomicUsize::new(len.div_ceil(chunk)),
-        error: Mutex::new(None),
-    });
+        len.div_ceil(chunk),
+    ));
     let mut pos = 0usize;
     while pos < len {
         let n = (len - pos).min(chunk);
@@ -1121,36 +1134,47 @@ async fn receive_write<R: RequestSource>(
     Ok(())
 }
 
-/// Receives a WRITE payload through `pipe` into a memory-backed store: what the header read
-/// already buffered is copied into the pipe, the rest is spliced from the socket; after each
-/// splice the file copies the pipe's pages and the pipe is empty again. The whole payload is
-/// always consumed, so a store failure (the inner result) leaves the connection usable; the
-/// pipe is then not empty and must be dropped. The outer error is a failed connection.
+/// Receives a WRITE payload into a store that takes pipes: what the header read already
+/// buffered is written from that buffer, the rest is spliced from the socket into pipes taken
+/// from the pool, each handed to an engine worker that copies it into the file while this
+/// task goes on receiving (the socket's pages are copied once, on another core). Every pipe
+/// spliced into is empty, so "would block" can only mean the socket is empty. When the pool
+/// has no pipe left, a piece is received by copying. The whole payload is always consumed; a
+/// store failure is reported through `join`, an error here is a failed connection.
 async fn splice_write<R: RequestSource>(
     reader: &mut BufReader<R>,
+    ctx: &Ctx,
+    pool: &Arc<PipePool>,
     store: &BlockStore,
-    pipe: &Pipe,
+    budget: &Arc<Semaphore>,
+    join: &Arc<WriteJoin>,
     offset: u64,
     len: usize,
-) -> Result<Result<(), StoreError>, TransmissionError> {
-    let buffered = reader.buffer();
-    let n = buffered.len().min(len);
-    let mut result = Ok(());
-    if n > 0 {
-        result = pipe
-            .push(&buffered[..n])
-            .map_err(|source| StoreError::Write {
-                offset,
-                len: len as u64,
-                source,
-            })
-            .and_then(|()| store.write_from_pipe(offset, n, pipe));
-        reader.consume(n);
+) -> Result<(), TransmissionError> {
+    let mut pos = reader.buffer().len().min(len);
+    if pos > 0 {
+        if store.memory_backed() {
+            // A memcpy into memory-backed pages: cheaper here than a copy to hand off.
+            let result = store.write_blocking(offset, &reader.buffer()[..pos], false);
+            join.record(result);
+        } else {
+            let data = Bytes::copy_from_slice(&reader.buffer()[..pos]);
+            spawn_piece(join, ctx.store.clone(), offset, data, None);
+        }
+        reader.consume(pos);
     }
-    let mut pos = n;
-    while pos < len && result.is_ok() {
+    while pos < len {
         let want = len - pos;
-        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, pipe, want))
+        let at = offset + pos as u64;
+        let permit = charge(budget, want.min(pool.capacity)).await;
+        let Some(pipe) = pool.take() else {
+            let n = want.min(ctx.limits.chunk);
+            let data = read_payload(reader, n).await?;
+            spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
+            pos += n;
+            continue;
+        };
+        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
             .await
             .map_err(TransmissionError::ReadPayload)?;
         if n == 0 {
@@ -1158,18 +1182,38 @@ async fn splice_write<R: RequestSource>(
                 io::ErrorKind::UnexpectedEof.into(),
             ));
         }
-        result = store.write_from_pipe(offset + pos as u64, n, pipe);
+        join.add_piece();
+        let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
+        tokio::spawn(async move {
+            let result = store.write_pipe(at, n, pipe).await;
+            drop(permit);
+            join.chunk_done(result.map(|pipe| pool.give(pipe)));
+        });
         pos += n;
     }
-    discard(reader, (len - pos) as u64).await?;
-    Ok(result)
+    Ok(())
+}
+
+/// Writes one received piece of a WRITE through the engine, reporting to `join`.
+fn spawn_piece(
+    join: &Arc<WriteJoin>,
+    store: Device,
+    at: u64,
+    data: Bytes,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    join.add_piece();
+    let join = join.clone();
+    tokio::spawn(async move {
+        let result = store.write(at, data, false).await;
+        drop(permit);
+        join.chunk_done(result);
+    });
 }
 
 /// WRITEs larger than this are spliced (when the socket and store allow): below it, the
 /// extra pipe syscalls cost more than the copy they save.
 const SPLICE_MIN: u32 = 128 << 10;
-/// Largest WRITE received by splicing (larger ones are received in chunks, with copies).
-const MAX_SPLICE: usize = 4 << 20;
 
 /// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill): first what the
 /// header read already buffered, then straight from the socket into the payload buffer (no

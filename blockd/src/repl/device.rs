@@ -15,7 +15,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
 use crate::meta::activity_log::AlBusy;
-use crate::repl::peer::PendingWrite;
+use crate::repl::disk_failure::{self, LocalData, ReadSource};
+use crate::repl::peer::{Conn, PendingWrite};
 use crate::repl::resource::Resource;
 use crate::repl::state::{PeerAck, Protocol, Role};
 use crate::repl::wire::{FLAG_FUA, Message};
@@ -116,32 +117,58 @@ impl Resource {
     }
 
     /// Numbers one replicated request and queues it to every connected peer; returns its
-    /// sequence number and the acks to wait for. Disconnected peers get the range in their
-    /// bitmap.
+    /// sequence number, the acks to wait for and the sessions it was queued on. Disconnected
+    /// peers, and peers whose disk is detached, get the range in their bitmap.
     pub(crate) fn replicate(
         &self,
         offset: u64,
         len: u64,
         make: impl Fn(u64, u64) -> Message,
-    ) -> (u64, Vec<oneshot::Receiver<()>>) {
+    ) -> (u64, Vec<oneshot::Receiver<()>>, Vec<Arc<Conn>>) {
+        let (seq, waits, queued) = self.replicate_to(offset, len, make, false);
+        (seq, waits.into_iter().map(|(_, w)| w).collect(), queued)
+    }
+
+    /// [`Resource::replicate`]; with `peer_written` every peer's ack is awaited until it has
+    /// written the data, whatever the protocol (a Primary without a usable disk). The acks
+    /// come with the index of their peer.
+    fn replicate_to(
+        &self,
+        offset: u64,
+        len: u64,
+        make: impl Fn(u64, u64) -> Message,
+        peer_written: bool,
+    ) -> (u64, Vec<(usize, oneshot::Receiver<()>)>, Vec<Arc<Conn>>) {
         let mut waits = Vec::new();
         let mut untracked = Vec::new();
+        let mut queued = Vec::new();
+        let persists: Vec<bool> = {
+            let st = self.state.lock().expect("state");
+            st.peers
+                .iter()
+                .map(|p| disk_failure::peer_persists_writes(p.disk))
+                .collect()
+        };
         let seq = {
             let mut order = self.order.lock().expect("order");
             let (seq, after) = order.issue();
             let msg = make(seq, after);
-            for p in &self.peers {
+            for (i, p) in self.peers.iter().enumerate() {
                 let conn = p.conn.lock().expect("conn").clone();
-                let Some(c) = conn else {
+                let Some(c) = conn.filter(|_| persists[i]) else {
                     untracked.push(p.slot);
                     continue;
                 };
-                let ack = p.protocol.peer_ack();
+                let ack = if peer_written {
+                    PeerAck::Written
+                } else {
+                    p.protocol.peer_ack()
+                };
                 let waiter = if ack == PeerAck::None {
                     None
                 } else {
                     let (tx, rx) = oneshot::channel();
-                    waits.push(rx);
+                    waits.push((i, rx));
                     Some(tx)
                 };
                 let write = PendingWrite {
@@ -149,8 +176,11 @@ impl Resource {
                     len,
                     ack,
                     waiter,
+                    client_acked: false,
                 };
-                if !c.track(seq, write, &msg) {
+                if c.track(seq, write, &msg) {
+                    queued.push(c);
+                } else {
                     untracked.push(p.slot);
                 }
             }
@@ -162,7 +192,7 @@ impl Resource {
                 m.bitmaps[s].set_range(offset, len);
             }
         }
-        (seq, waits)
+        (seq, waits, queued)
     }
 
     /// Request `seq` completed: later requests are applied after it on every peer.
@@ -170,42 +200,95 @@ impl Resource {
         self.order.lock().expect("order").completed(seq);
     }
 
-    /// Runs one modifying request through the replicated path.
-    async fn replicated(
+    /// Runs one modifying request through the replicated path. `local` starts the local part;
+    /// where it goes is decided by [`disk_failure::write_plan`]: a Primary without a usable
+    /// disk only counts peers that wrote it, and a local I/O error is handled by `on-io-error`
+    /// (`detach`: the request is retried through the peers).
+    async fn replicated<F>(
         &self,
         offset: u64,
         len: u64,
         make: impl Fn(u64, u64) -> Message,
-        local: impl std::future::Future<Output = Result<(), StoreError>>,
-    ) -> Result<(), StoreError> {
+        local: impl Fn() -> F,
+    ) -> Result<(), StoreError>
+    where
+        F: std::future::Future<Output = Result<(), StoreError>>,
+    {
         let _role = self.role_gate.read().await;
         self.check_primary_write(offset, len)?;
         self.quorum_gate(offset, len).await?;
         if len == 0 {
-            return local.await;
+            return match disk_failure::local_data(self.disk()) {
+                disk_failure::LocalData::Absent => Ok(()),
+                _ => local().await,
+            };
         }
         self.ensure_generation(offset, len).await?;
         self.app_io_bytes
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        let _range = self.ranges.lock(offset, len).await;
-        let extents = self.al_begin(offset, len).await?;
-        let (seq, waits) = self.replicate(offset, len, make);
-        // Snapshots taken on this node before it was promoted keep their frozen image.
-        let change = self.snapshots.set.change(&self.store, offset, len).await;
-        self.snapshots_invalidated(&change.invalidated);
-        let result = local.await;
-        drop(change);
-        for w in waits {
-            // An error means the link dropped: the range is in that peer's bitmap now.
-            let _ = w.await;
+        loop {
+            let plan = disk_failure::write_plan(self.disk(), &self.peer_views())
+                .map_err(|e| crate::repl::local_disk::no_data_path_write(offset, len, e))?;
+            if plan.peer_written {
+                self.detach_settled().await;
+            }
+            let range = self.ranges.lock(offset, len).await;
+            let extents = if plan.local {
+                Some(self.al_begin(offset, len).await?)
+            } else {
+                None
+            };
+            let (seq, waits, queued) = self.replicate_to(offset, len, &make, plan.peer_written);
+            let result = if plan.local {
+                // Snapshots taken on this node before it was promoted keep their frozen image.
+                let change = self
+                    .snapshots
+                    .set
+                    .change(&self.store.current(), offset, len)
+                    .await;
+                self.snapshots_invalidated(&change.invalidated);
+                local().await
+            } else {
+                Ok(())
+            };
+            let mut acks = Vec::with_capacity(waits.len());
+            for (i, w) in waits {
+                // An error means the link dropped: the range is in that peer's bitmap now.
+                acks.push((i, w.await.is_ok()));
+            }
+            // Peers lost meanwhile may have taken quorum with them: the write is not
+            // acknowledged on a minority (suspended until quorum returns, or failed).
+            let quorum = self.quorum_gate(offset, len).await;
+            if let Some(extents) = extents {
+                self.al_complete(extents);
+            }
+            self.completed(seq);
+            drop(range);
+            quorum?;
+            let result = match result {
+                Ok(()) if plan.peer_written => {
+                    let views = self.peer_views();
+                    let written: Vec<(bool, bool)> = acks
+                        .iter()
+                        .map(|&(i, ok)| (views[i].serves_data(), ok))
+                        .collect();
+                    disk_failure::peer_write_outcome(&written)
+                        .map_err(|e| crate::repl::local_disk::no_data_path_write(offset, len, e))
+                }
+                Ok(()) => Ok(()),
+                Err(e) => match self.local_failure(&e, true, offset, len).await {
+                    disk_failure::OnError::Detach => continue,
+                    _ => Err(e),
+                },
+            };
+            if result.is_ok() {
+                // Acknowledged to the client now: counts until each peer confirms it as written.
+                for c in &queued {
+                    c.client_acked(seq, len);
+                }
+            }
+            return result;
         }
-        // Peers lost meanwhile may have taken quorum with them: the write is not acknowledged
-        // on a minority (suspended until quorum returns, or failed).
-        let quorum = self.quorum_gate(offset, len).await;
-        self.al_complete(extents);
-        self.completed(seq);
-        quorum?;
-        result
     }
 
     /// Replicated write; `fua` makes it durable locally and on every peer that acks it.
@@ -223,7 +306,7 @@ impl Resource {
                 flags,
                 payload: payload.clone(),
             },
-            self.store.write(offset, data, fua),
+            || self.store.write(offset, data.clone(), fua),
         )
         .await
     }
@@ -240,25 +323,54 @@ impl Resource {
         self.quorum_gate(0, 0).await
     }
 
+    /// Without a usable local disk, every peer's flush is awaited and one that serves data
+    /// must confirm it; a local flush error is handled by `on-io-error`.
     async fn flush_inner(&self) -> Result<(), StoreError> {
+        let data = disk_failure::local_data(self.disk());
+        let peer_written = data != LocalData::Usable;
+        if peer_written {
+            self.detach_settled().await;
+        }
         let mut waits = Vec::new();
         let seq = {
             let mut order = self.order.lock().expect("order");
             let (seq, _) = order.issue();
-            for p in &self.peers {
+            for (i, p) in self.peers.iter().enumerate() {
                 if let Some(c) = p.conn.lock().expect("conn").as_ref()
-                    && let Some(rx) = c.track_flush(seq, p.protocol == Protocol::C)
+                    && let Some(rx) =
+                        c.track_flush(seq, peer_written || p.protocol == Protocol::C)
                 {
-                    waits.push(rx);
+                    waits.push((i, rx));
                 }
             }
             seq
         };
-        let local = self.store.flush().await;
-        for w in waits {
-            let _ = w.await;
+        let mut local = match data {
+            LocalData::Absent => Ok(()),
+            _ => self.store.flush().await,
+        };
+        let mut acks = Vec::with_capacity(waits.len());
+        for (i, w) in waits {
+            acks.push((i, w.await.is_ok()));
         }
         self.completed(seq);
+        let mut peer_written = peer_written;
+        if let Err(e) = &local
+            && self.local_failure(e, false, 0, 0).await == disk_failure::OnError::Detach
+        {
+            // The peers flushed everything this disk had: they must have confirmed it.
+            local = Ok(());
+            peer_written = true;
+        }
+        if local.is_ok() && peer_written {
+            let views = self.peer_views();
+            let confirmed: Vec<(bool, bool)> = acks
+                .iter()
+                .map(|&(i, ok)| (views[i].serves_data(), ok))
+                .collect();
+            disk_failure::peer_write_outcome(&confirmed)
+                .map_err(|e| crate::repl::local_disk::no_data_path_write(0, 0, e))?;
+        }
         local
     }
 
@@ -274,7 +386,26 @@ impl Resource {
         if !self.quorum.has_quorum() && self.role() == Role::Primary {
             self.quorum_gate(offset, len as u64).await?;
         }
-        self.store.read(offset, len).await
+        if self.role() != Role::Primary {
+            return self.store.read(offset, len).await;
+        }
+        let source = disk_failure::read_source(self.disk(), &self.peer_views());
+        match source {
+            Ok(ReadSource::Local) => match self.store.read(offset, len).await {
+                Ok(data) => Ok(data),
+                Err(e) => match self.local_failure(&e, false, offset, len as u64).await {
+                    // Retried through a peer: the request that hit the error still completes.
+                    disk_failure::OnError::Detach => self.forward_read(offset, len).await,
+                    _ => Err(e),
+                },
+            },
+            Ok(ReadSource::Peer(_)) => self.forward_read(offset, len).await,
+            Err(e) => Err(StoreError::Read {
+                offset,
+                len: len as u64,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
     }
 
     pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -289,7 +420,7 @@ impl Resource {
                 trim: true,
                 fua: false,
             },
-            self.store.trim(offset, len),
+            || self.store.trim(offset, len),
         )
         .await
     }
@@ -312,7 +443,7 @@ impl Resource {
                 trim: may_punch,
                 fua,
             },
-            self.store.write_zeroes(offset, len, may_punch, fua),
+            || self.store.write_zeroes(offset, len, may_punch, fua),
         )
         .await
     }
@@ -334,16 +465,28 @@ impl Resource {
                 trim: false,
                 fua: false,
             },
-            self.store.fast_zero(offset, len),
+            || self.store.fast_zero(offset, len),
         )
         .await
     }
 
+    /// Prefetch: nothing to do without a usable local disk.
     pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if disk_failure::local_data(self.disk()) != LocalData::Usable {
+            return Ok(());
+        }
         self.store.cache(offset, len).await
     }
 
+    /// Without a usable local disk, all of the range is reported as data.
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
+        if disk_failure::local_data(self.disk()) != LocalData::Usable {
+            return Ok(vec![Extent {
+                length: len.min(self.size().saturating_sub(offset)),
+                hole: false,
+                zero: false,
+            }]);
+        }
         self.store.block_status(offset, len).await
     }
 }
@@ -375,11 +518,13 @@ impl From<BlockStore> for Device {
 }
 
 impl Device {
-    fn store(&self) -> &BlockStore {
+    /// The store behind the export now (a cheap clone; a replicated resource's store is
+    /// replaced by `blockctl attach`).
+    fn store(&self) -> BlockStore {
         match self {
-            Device::Local(s) => s,
+            Device::Local(s) => s.clone(),
             Device::Replicated(r) => r.store(),
-            Device::Snapshot(s) => &s.store,
+            Device::Snapshot(s) => s.store.clone(),
         }
     }
 
@@ -414,7 +559,7 @@ impl Device {
         match self {
             Device::Snapshot(s) => s.read(offset, len).await,
             Device::Replicated(r) => r.read(offset, len).await,
-            _ => self.store().read(offset, len).await,
+            Device::Local(s) => s.read(offset, len).await,
         }
     }
 
@@ -475,7 +620,11 @@ impl Device {
     }
 
     pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        self.store().cache(offset, len).await
+        match self {
+            Device::Replicated(r) => r.cache(offset, len).await,
+            Device::Local(s) => s.cache(offset, len).await,
+            Device::Snapshot(s) => s.store.cache(offset, len).await,
+        }
     }
 
     pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
@@ -486,7 +635,8 @@ impl Device {
                 hole: false,
                 zero: false,
             }]),
-            _ => self.store().block_status(offset, len).await,
+            Device::Replicated(r) => r.block_status(offset, len).await,
+            Device::Local(s) => s.block_status(offset, len).await,
         }
     }
 }
@@ -538,7 +688,7 @@ pub mod debug_drop_flush {
             tokio::spawn(async move {
                 while let Some((at, r, offset, len, make)) = rx.recv().await {
                     tokio::time::sleep_until(at + REPLICATION_DELAY).await;
-                    let (seq, _) = r.replicate(offset, len, make);
+                    let (seq, _, _) = r.replicate(offset, len, make);
                     r.completed(seq);
                 }
             });

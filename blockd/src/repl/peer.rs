@@ -25,6 +25,7 @@ use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
+use crate::repl::lost_writes::{Hearing, KnownLoss, Ledger, Tally};
 use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
 use crate::repl::split_brain::Verdict;
@@ -55,6 +56,8 @@ pub struct PendingWrite {
     /// The ack the writer waits for (`None`: protocol A, nobody waits).
     pub ack: PeerAck,
     pub waiter: Option<oneshot::Sender<()>>,
+    /// Acknowledged to the NBD client already (counts in the ledger's `unconfirmed`).
+    pub client_acked: bool,
 }
 
 #[derive(Default)]
@@ -62,6 +65,30 @@ struct Pending {
     closed: bool,
     writes: HashMap<u64, PendingWrite>,
     flushes: HashMap<u64, oneshot::Sender<()>>,
+    /// Client-acknowledged writes of this session (see `repl::lost_writes`).
+    ledger: Ledger,
+    /// The `acked` figure last sent to the peer (`ClientAcked`).
+    reported: Tally,
+}
+
+/// The writer sends queued frames in slices of about this size (whole frames), so a report of
+/// acknowledged writes (`ClientAcked`) can go ahead of the rest of a long backlog.
+const WRITE_SLICE: usize = 256 << 10;
+
+/// The end of the slice of `frames` (concatenated frames) that starts at `from`: whole frames,
+/// at least one, until `WRITE_SLICE` bytes are reached or the frames end.
+fn slice_end(frames: &[u8], from: usize) -> usize {
+    let mut at = from;
+    while at < frames.len() && at - from < WRITE_SLICE {
+        let Some(len) = frames
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        else {
+            return frames.len();
+        };
+        at = (at + HEADER_LEN + len).min(frames.len());
+    }
+    at
 }
 
 /// Frames waiting for the link's writer, encoded in place (length, CRC-32, message). The
@@ -175,6 +202,35 @@ impl Conn {
         (p.writes.len(), p.writes.values().map(|w| w.len).sum())
     }
 
+    /// Write `seq` (queued on this session) of `len` bytes was acknowledged to its client.
+    pub(crate) fn client_acked(&self, seq: u64, len: u64) {
+        let mut p = self.pending.lock().expect("pending");
+        let pending = match p.writes.get_mut(&seq) {
+            Some(w) => {
+                w.client_acked = true;
+                true
+            }
+            None => false,
+        };
+        p.ledger.client_acked(len, pending);
+    }
+
+    /// Client-acknowledged writes the peer has not confirmed as written yet.
+    pub(crate) fn unconfirmed(&self) -> Tally {
+        self.pending.lock().expect("pending").ledger.unconfirmed
+    }
+
+    /// The figure of client-acknowledged writes to report, when it changed since the last
+    /// report (marked reported).
+    fn report_due(&self) -> Option<Tally> {
+        let mut p = self.pending.lock().expect("pending");
+        let acked = p.ledger.acked;
+        (acked != p.reported).then(|| {
+            p.reported = acked;
+            acked
+        })
+    }
+
     /// The peer acknowledged writes `seq .. seq + count` (sequence numbers we never sent it,
     /// or already acknowledged, are ignored).
     fn ack(&self, seq: u64, count: u32, kind: PeerAck) {
@@ -190,10 +246,11 @@ impl Conn {
                     }
                 }
                 _ => {
-                    if let Some(mut w) = p.writes.remove(&s)
-                        && let Some(tx) = w.waiter.take()
-                    {
-                        let _ = tx.send(());
+                    if let Some(mut w) = p.writes.remove(&s) {
+                        p.ledger.peer_wrote(w.len, w.client_acked);
+                        if let Some(tx) = w.waiter.take() {
+                            let _ = tx.send(());
+                        }
                     }
                 }
             }
@@ -324,6 +381,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         write_acks: Vec::new(),
         other_acks: Vec::new(),
         resync: None,
+        hearing: Hearing::default(),
     };
     let end = tokio::select! {
         biased;
@@ -341,6 +399,23 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     drop(writer_task);
     drop(session.resync.take());
     session.ops.abort_all();
+    // Acknowledged writes of the Primary this node never received (see `repl::lost_writes`).
+    let lost = session.hearing.never_received();
+    if !lost.is_zero() && res.role() != Role::Primary {
+        tracing::warn!(resource = %res.name(), peer = %peer.name, writes = lost.writes,
+            bytes = lost.bytes, "the Primary had acknowledged writes this node never received");
+        res.update_peer(i, |s| {
+            s.known_loss = Some(KnownLoss {
+                primary: peer.name.clone(),
+                lost,
+            })
+        });
+        res.emit(
+            Some(i),
+            "lost-acked-writes",
+            format!("{} writes, {} bytes", lost.writes, lost.bytes),
+        );
+    }
     // Loss bookkeeping: unacknowledged writes go into the peer's bitmap.
     *res.peers[i].conn.lock().expect("conn") = None;
     res.peer_leaving(i);
@@ -387,9 +462,23 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     loop {
         if conn.out.take(&mut spare) {
             conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
-            w.write_all(&spare)
-                .await
-                .map_err(|e| format!("send: {e}"))?;
+            let mut at = 0;
+            while at < spare.len() {
+                // The peer hears of acknowledged writes before the rest of the backlog.
+                if let Some(t) = conn.report_due() {
+                    let mut report = BytesMut::with_capacity(32);
+                    push_frame(&mut report, &Message::ClientAcked(t));
+                    conn.sent.fetch_add(report.len() as u64, Ordering::Relaxed);
+                    w.write_all(&report)
+                        .await
+                        .map_err(|e| format!("send: {e}"))?;
+                }
+                let end = slice_end(&spare, at);
+                w.write_all(&spare[at..end])
+                    .await
+                    .map_err(|e| format!("send: {e}"))?;
+                at = end;
+            }
             w.flush().await.map_err(|e| format!("send: {e}"))?;
             spare.clear();
             if spare.capacity() > (4 << 20) {
@@ -405,6 +494,9 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
                 tokio::task::yield_now().await;
             }
             _ = tick.tick() => {
+                if let Some(t) = conn.report_due() {
+                    conn.send(Message::ClientAcked(t));
+                }
                 if !std::mem::take(&mut sent_since_tick) {
                     conn.send(Message::Ping);
                 }
@@ -475,7 +567,7 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
         let mut change = None;
         if let Some((offset, len)) = changed_range(&op) {
-            let g = res.snapshots.set.change(&res.store, offset, len).await;
+            let g = res.snapshots.set.change(&res.store.current(), offset, len).await;
             res.snapshots_invalidated(&g.invalidated);
             change = Some(g);
         }
@@ -485,7 +577,7 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 res.store
                     .write(offset, data, fua)
                     .await
-                    .map_err(|e| format!("local write failed: {}", error_chain(&e)))?;
+                    .map_err(|e| res.apply_failed("local write failed", &e))?;
                 Ok(Done::Written)
             }
             Op::Zero {
@@ -497,7 +589,7 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 res.store
                     .write_zeroes(offset, len, trim, fua)
                     .await
-                    .map_err(|e| format!("local zeroing failed: {}", error_chain(&e)))?;
+                    .map_err(|e| res.apply_failed("local zeroing failed", &e))?;
                 Ok(Done::Written)
             }
             Op::Flush => {
@@ -520,7 +612,7 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 } else {
                     res.store.write(offset, payload, false).await
                 };
-                r.map_err(|e| format!("resync write failed: {}", error_chain(&e)))?;
+                r.map_err(|e| res.apply_failed("resync write failed", &e))?;
                 Ok(Done::Resynced { offset, len })
             }
             Op::ResyncDone => {
@@ -587,6 +679,8 @@ struct Session {
     write_acks: Vec<u64>,
     other_acks: Vec<Message>,
     resync: Option<AbortOnDrop<()>>,
+    /// What the peer (as Primary) reported as acknowledged, and the writes that arrived.
+    hearing: Hearing,
 }
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
@@ -634,6 +728,7 @@ impl Session {
                 | Message::PeerState { .. } => self.stash.push_back(m),
                 Message::Ping => self.conn.send(Message::PingAck),
                 Message::PingAck => {}
+                Message::ClientAcked(t) => self.hearing.report(t),
                 other => return Ok(other),
             }
         }
@@ -736,16 +831,20 @@ impl Session {
         }
     }
 
-    /// Writes `data` at once on this task, unless a snapshot is open or being taken (then the
-    /// write must preserve frozen blocks first: `Ok(false)`, run it through `execute`).
+    /// Writes `data` at once on this task, after open snapshots preserved what it overwrites;
+    /// `Ok(false)` when that cannot be done without waiting (a snapshot being taken, old
+    /// contents not cached): run it through `execute`.
     fn apply_inline(&self, offset: u64, data: &Bytes) -> Result<bool, String> {
-        let Some(_quiet) = self.res.snapshots.set.try_change_without_snapshots() else {
+        let len = data.len() as u64;
+        let store = self.res.store.current();
+        let Some(change) = self.res.snapshots.set.try_change_now(&store, offset, len) else {
             return Ok(false);
         };
+        self.res.snapshots_invalidated(&change.invalidated);
         self.res
             .store
             .write_blocking(offset, data, false)
-            .map_err(|e| format!("local write failed: {}", error_chain(&e)))?;
+            .map_err(|e| self.res.apply_failed("local write failed", &e))?;
         Ok(true)
     }
 
@@ -1001,6 +1100,8 @@ impl Session {
             s.conn = ConnState::Connected;
             s.repl = enter;
             s.last_error = None;
+            // Whatever a Primary lost before reaches this node by the resync now.
+            s.known_loss = None;
             if enter == ReplState::Established {
                 s.disk = if s.disk.is_consistent() {
                     DiskState::UpToDate
@@ -1086,6 +1187,7 @@ impl Session {
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
                     self.recv_acks.push(seq);
                 }
+                self.hearing.received(payload.len() as u64);
                 let op = Op::Write {
                     offset,
                     data: payload,
@@ -1105,6 +1207,7 @@ impl Session {
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
                     self.recv_acks.push(seq);
                 }
+                self.hearing.received(len);
                 let op = Op::Zero {
                     offset,
                     len,
@@ -1216,6 +1319,21 @@ impl Session {
             }),
             Message::Ping => self.conn.send(Message::PingAck),
             Message::PingAck => {}
+            Message::ClientAcked(t) => self.hearing.report(t),
+            Message::ReadRequest {
+                id,
+                offset,
+                len,
+                block_size,
+            } => crate::repl::local_disk::serve_read(
+                res.clone(),
+                self.conn.clone(),
+                id,
+                offset,
+                len,
+                block_size,
+            ),
+            Message::ReadReply { id, answer } => res.read_answered(id, answer),
             other => return Err(format!("unexpected {} after the handshake", other.name())),
         }
         Ok(())
@@ -1226,5 +1344,85 @@ impl Session {
             return Err("peer sent writes while we are Primary (two primaries)".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(sizes: &[usize]) -> BytesMut {
+        let mut b = BytesMut::new();
+        for &n in sizes {
+            frame::encode(&vec![7u8; n], &mut b);
+        }
+        b
+    }
+
+    #[test]
+    fn slices_end_on_frame_boundaries() {
+        let f = frames(&[100, 200 << 10, 100 << 10, 10]);
+        let ends = [
+            HEADER_LEN + 100,
+            2 * HEADER_LEN + 100 + (200 << 10),
+            3 * HEADER_LEN + 100 + (300 << 10),
+        ];
+        // Whole frames until the slice size is reached (here: the third frame crosses it).
+        assert_eq!(slice_end(&f, 0), ends[2]);
+        // From a later boundary: the rest.
+        assert_eq!(slice_end(&f, ends[1]), f.len());
+        assert_eq!(slice_end(&f, ends[2]), f.len());
+        // A slice always takes at least one frame, even one larger than the slice size.
+        let big = frames(&[1 << 20, 5]);
+        assert_eq!(slice_end(&big, 0), HEADER_LEN + (1 << 20));
+        assert_eq!(slice_end(&big, HEADER_LEN + (1 << 20)), big.len());
+        // A truncated header never reads past the end.
+        assert_eq!(slice_end(&f[..ends[2] + 2], ends[2]), ends[2] + 2);
+    }
+
+    fn pending(ack: PeerAck) -> PendingWrite {
+        PendingWrite {
+            offset: 0,
+            len: 4096,
+            ack,
+            waiter: None,
+            client_acked: false,
+        }
+    }
+
+    #[test]
+    fn unconfirmed_writes_count_from_client_ack_to_write_ack() {
+        let c = Conn::new();
+        let msg = Message::Ping;
+        assert!(c.track(1, pending(PeerAck::None), &msg));
+        assert!(c.track(2, pending(PeerAck::None), &msg));
+        assert!(c.track(3, pending(PeerAck::None), &msg));
+        // Write 3 is confirmed before its client hears back: acked, never unconfirmed.
+        c.ack(3, 1, PeerAck::Written);
+        c.client_acked(1, 4096);
+        c.client_acked(2, 4096);
+        c.client_acked(3, 4096);
+        assert_eq!(
+            c.unconfirmed(),
+            Tally {
+                writes: 2,
+                bytes: 8192
+            }
+        );
+        // The report covers every acknowledged write, once.
+        assert_eq!(
+            c.report_due(),
+            Some(Tally {
+                writes: 3,
+                bytes: 12288
+            })
+        );
+        assert_eq!(c.report_due(), None);
+        // A received ack (protocol B) does not confirm the write; the write ack does.
+        c.ack(1, 2, PeerAck::Received);
+        assert_eq!(c.unconfirmed().writes, 2);
+        c.ack(1, 2, PeerAck::Written);
+        assert_eq!(c.unconfirmed(), Tally::ZERO);
+        assert_eq!(c.in_flight_with_bytes(), (0, 0));
     }
 }

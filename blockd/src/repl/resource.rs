@@ -135,6 +135,9 @@ pub(crate) struct PeerState {
     pub verify: Option<crate::repl::verify::VerifyStatus>,
     /// `blockctl connect --checksum`: the next resync to this peer compares checksums.
     pub checksum_next: bool,
+    /// This peer was Primary when the link was lost and had acknowledged writes this node
+    /// never received (cleared by the next handshake with it, or by promoting this node).
+    pub known_loss: Option<crate::repl::lost_writes::KnownLoss>,
 }
 
 pub(crate) struct State {
@@ -191,7 +194,7 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
     /// `role`, `disk`, `connection`, `replication`, `peer-role`, `peer-disk`, `resync-done`,
-    /// `split-brain`, `error`.
+    /// `split-brain`, `lost-acked-writes`, `error` (and more: docs/interfaces.md).
     pub what: String,
     pub value: String,
 }
@@ -238,6 +241,20 @@ pub struct PeerStatus {
     /// The running or last online verify with this peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<crate::repl::verify::VerifyStatus>,
+    /// On the Primary: writes acknowledged to NBD clients that this peer has not confirmed as
+    /// written to its disk yet (protocol A: queued, in flight or received; B: received; C: 0).
+    #[serde(default)]
+    pub unconfirmed_writes: u64,
+    /// Bytes of `unconfirmed_writes`.
+    #[serde(default)]
+    pub unconfirmed_bytes: u64,
+    /// On a Secondary after the link to this peer (then Primary) was lost: acknowledged writes
+    /// it had reported that never arrived here, at least (a promotion loses them).
+    #[serde(default)]
+    pub lost_acked_writes: u64,
+    /// Bytes of `lost_acked_writes`, at least.
+    #[serde(default)]
+    pub lost_acked_bytes: u64,
 }
 
 /// Status of the resource.
@@ -256,6 +273,12 @@ pub struct Status {
     /// Open snapshots of this node's replica.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<crate::repl::snapshot::SnapshotInfo>,
+    /// The local I/O error that detached the disk (until `blockctl attach`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_error: Option<String>,
+    /// The resync after the last `blockctl attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach: Option<crate::repl::local_disk::AttachStatus>,
 }
 
 /// Static settings of a resource on this node.
@@ -274,6 +297,8 @@ pub struct ResourceSpec {
     pub split_brain: SplitBrainPolicy,
     pub quorum: crate::repl::quorum::QuorumSetting,
     pub on_no_quorum: crate::repl::quorum::OnNoQuorum,
+    /// What a local I/O error does (`on-io-error`, see `repl::disk_failure`).
+    pub on_io_error: crate::config::OnIoError,
     pub link: LinkSettings,
     pub engine: EngineKind,
 }
@@ -328,6 +353,7 @@ impl ResourceSpec {
             split_brain: r.split_brain,
             quorum: r.quorum,
             on_no_quorum: r.on_no_quorum,
+            on_io_error: r.on_io_error,
             link,
             engine: EngineKind::Auto,
         })
@@ -337,7 +363,10 @@ impl ResourceSpec {
 /// One replicated resource on this node.
 pub struct Resource {
     pub(crate) spec: ResourceSpec,
-    pub(crate) store: BlockStore,
+    /// The backing store (replaced by `blockctl attach`, see `repl::local_disk`).
+    pub(crate) store: crate::repl::local_disk::LocalStore,
+    /// Detach, forwarded reads and the resync after attach (see `repl::local_disk`).
+    pub(crate) disk_rt: crate::repl::local_disk::DiskRuntime,
     pub(crate) meta: Arc<Mutex<MetaState>>,
     pub(crate) state: Mutex<State>,
     pub(crate) peers: Vec<PeerRt>,
@@ -509,6 +538,7 @@ impl Resource {
                 discard_my_data: false,
                 verify: None,
                 checksum_next: false,
+                known_loss: None,
             })
             .collect();
         tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
@@ -519,7 +549,8 @@ impl Resource {
             g.data_size,
         );
         Ok(Arc::new(Resource {
-            store,
+            store: crate::repl::local_disk::LocalStore::new(store),
+            disk_rt: Default::default(),
             meta: Arc::new(Mutex::new(meta)),
             state: Mutex::new(State {
                 role: Role::Secondary,
@@ -569,8 +600,9 @@ impl Resource {
         self.store.size()
     }
 
-    pub fn store(&self) -> &BlockStore {
-        &self.store
+    /// The backing store now (`blockctl attach` replaces it).
+    pub fn store(&self) -> BlockStore {
+        self.store.current()
     }
 
     pub fn role(&self) -> Role {
@@ -681,6 +713,14 @@ impl Resource {
                 st.peers[i].discard_my_data,
             )
         };
+        // A Primary whose reattached disk is still being resynced through its own worker (see
+        // `repl::local_disk`) has no disk to offer a handshake: it must not become a sync
+        // target whose (empty) resync would mark it up to date.
+        let disk = if role == Role::Primary && disk == DiskState::Inconsistent {
+            DiskState::Diskless
+        } else {
+            disk
+        };
         let m = self.meta.lock().expect("meta");
         StateReport {
             side: HandshakeSide {
@@ -709,12 +749,16 @@ impl Resource {
             .iter()
             .zip(&st.peers)
             .map(|(p, ps)| {
-                let (in_flight, in_flight_bytes) = p
+                let (in_flight, in_flight_bytes, unconfirmed) = p
                     .conn
                     .lock()
                     .expect("conn")
                     .as_ref()
-                    .map_or((0, 0), |c| c.in_flight_with_bytes());
+                    .map_or((0, 0, Default::default()), |c| {
+                        let (n, b) = c.in_flight_with_bytes();
+                        (n, b, c.unconfirmed())
+                    });
+                let lost = ps.known_loss.as_ref().map(|k| k.lost).unwrap_or_default();
                 let resync = ps.repl.is_resync().then(|| {
                     let secs = ps
                         .resync_started
@@ -749,6 +793,10 @@ impl Resource {
                     resync,
                     last_error: ps.last_error.clone(),
                     verify: ps.verify.clone(),
+                    unconfirmed_writes: unconfirmed.writes,
+                    unconfirmed_bytes: unconfirmed.bytes,
+                    lost_acked_writes: lost.writes,
+                    lost_acked_bytes: lost.bytes,
                 }
             })
             .collect();
@@ -762,34 +810,67 @@ impl Resource {
             quorum,
             peers,
             snapshots: self.snapshots(),
+            disk_error: self.disk_rt.last_error.lock().expect("last error").clone(),
+            attach: self.disk_rt.attach.lock().expect("attach").clone(),
+        }
+    }
+
+    /// What the promotion rules see: this node and every peer.
+    fn promote_views(&self) -> (LocalView, Vec<PeerView>) {
+        let st = self.state.lock().expect("state");
+        let views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .zip(&st.peers)
+            .map(|(p, s)| PeerView {
+                node_id: p.node.id,
+                conn: s.conn,
+                role: s.role,
+                disk: s.disk,
+            })
+            .collect();
+        (
+            LocalView {
+                role: st.role,
+                disk: st.disk,
+                has_quorum: self.quorum.has_quorum(),
+            },
+            views,
+        )
+    }
+
+    /// Acknowledged writes of former Primaries that never reached this node: what promoting it
+    /// loses (see `repl::lost_writes`).
+    pub fn known_losses(&self) -> Vec<crate::repl::lost_writes::KnownLoss> {
+        let st = self.state.lock().expect("state");
+        st.peers
+            .iter()
+            .filter_map(|p| p.known_loss.clone())
+            .collect()
+    }
+
+    /// `blockctl promote --dry-run` (and the check `blockctl promote` prints before it
+    /// promotes): refuses like [`Resource::promote`] would, else returns what a promotion
+    /// would lose. Changes nothing.
+    pub fn promote_check(
+        &self,
+        force: bool,
+    ) -> Result<Vec<crate::repl::lost_writes::KnownLoss>, ResourceError> {
+        let (local, views) = self.promote_views();
+        match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
+            PromoteDecision::AlreadyPrimary => Ok(Vec::new()),
+            PromoteDecision::Promote {
+                data: DataPath::Peer(_),
+                ..
+            } => Err(ResourceError::Diskless),
+            PromoteDecision::Promote { .. } => Ok(self.known_losses()),
         }
     }
 
     /// `blockctl promote`: becomes Primary when the rules allow (see [`promote::decide`]).
     pub async fn promote(&self, force: bool) -> Result<(), ResourceError> {
         let _gate = self.role_gate.write().await;
-        let (local, views) = {
-            let st = self.state.lock().expect("state");
-            let views: Vec<PeerView> = self
-                .peers
-                .iter()
-                .zip(&st.peers)
-                .map(|(p, s)| PeerView {
-                    node_id: p.node.id,
-                    conn: s.conn,
-                    role: s.role,
-                    disk: s.disk,
-                })
-                .collect();
-            (
-                LocalView {
-                    role: st.role,
-                    disk: st.disk,
-                    has_quorum: self.quorum.has_quorum(),
-                },
-                views,
-            )
-        };
+        let (local, views) = self.promote_views();
         let forced =
             match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
                 PromoteDecision::AlreadyPrimary => return Ok(()),
@@ -835,6 +916,10 @@ impl Resource {
             let mut st = self.state.lock().expect("state");
             st.role = Role::Primary;
             st.disk = DiskState::UpToDate;
+            // What a former Primary had acknowledged beyond this node's data is gone now.
+            for p in st.peers.iter_mut() {
+                p.known_loss = None;
+            }
         }
         for &i in &in_sync {
             if let Some(c) = self.peers[i].conn.lock().expect("conn").as_ref() {
@@ -886,6 +971,13 @@ impl Resource {
         tracing::info!(resource = %self.spec.name, "demoted to Secondary");
         self.emit(None, "role", Role::Secondary.as_str());
         self.broadcast_state();
+        if self.holds_links() {
+            // A Diskless Secondary keeps no links (see `repl::local_disk`): it cannot apply
+            // the new Primary's writes.
+            for p in &self.peers {
+                p.kill.notify_one();
+            }
+        }
         flushed.map_err(ResourceError::DemoteFlush)
     }
 
@@ -1006,6 +1098,11 @@ impl Resource {
                                 "refusing a link from a peer that should accept (we dial it)");
                             return;
                         }
+                        if me.holds_links() {
+                            tracing::info!(resource = %me.spec.name, peer = %link.peer.name,
+                                "refusing a link: local disk detached (blockctl attach)");
+                            return;
+                        }
                         if me.peers[i].admin_down.load(Ordering::SeqCst) {
                             tracing::info!(resource = %me.spec.name, peer = %link.peer.name,
                                 "refusing a link: administratively disconnected");
@@ -1035,6 +1132,15 @@ impl Resource {
         loop {
             if p.admin_down.load(Ordering::SeqCst) {
                 self.update_peer(i, |s| s.conn = ConnState::StandAlone);
+                p.wake.notified().await;
+                continue;
+            }
+            if self.holds_links() {
+                // A Secondary without a disk: the Primary tracks our writes meanwhile.
+                self.update_peer(i, |s| {
+                    s.conn = ConnState::StandAlone;
+                    s.last_error = Some("local disk detached: blockctl attach".into());
+                });
                 p.wake.notified().await;
                 continue;
             }

@@ -21,11 +21,12 @@ use crate::repl::checksum::{
     BLOCK_DIGEST_LEN, BlockDigest, ChecksumPurpose, PeerAnswer, RUN_DIGEST_LEN, RunDigest,
 };
 use crate::repl::handshake::HandshakeSide;
+use crate::repl::lost_writes::Tally;
 use crate::repl::state::{DiskState, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -177,6 +178,40 @@ pub enum Message {
     },
     /// `blockctl invalidate-remote`: discard your data and resync it from the sender.
     Invalidate,
+    /// Primary to peer: the writes of this session the sender has acknowledged to its NBD
+    /// clients so far (cumulative). Sent ahead of the data still queued, so a peer learns of
+    /// acknowledged writes it may never receive (see `repl::lost_writes`).
+    ClientAcked(Tally),
+    /// A Primary without a usable disk reads through the receiver (`repl::local_disk`): the
+    /// receiver answers from its disk with `ReadReply { id }`, at once (not in stream order:
+    /// the asker only reads ranges whose writes the receiver has confirmed). `block_size` 0
+    /// asks for the data; otherwise for the per-block digests (the resync after attach).
+    ReadRequest {
+        id: u64,
+        offset: u64,
+        /// 1 ..= [`MAX_READ_REQUEST`] bytes.
+        len: u32,
+        block_size: u32,
+    },
+    /// The answer to `ReadRequest { id }`.
+    ReadReply {
+        id: u64,
+        answer: ReadAnswer,
+    },
+}
+
+/// Largest byte count of one `ReadRequest`.
+pub const MAX_READ_REQUEST: u32 = crate::repl::disk_failure::MAX_FORWARDED_READ;
+
+/// What a `ReadReply` carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAnswer {
+    /// The bytes asked for.
+    Data(Bytes),
+    /// The per-block digests of the range.
+    Digests(Vec<BlockDigest>),
+    /// The read failed on the peer (an errno: EIO when its disk is not usable).
+    Error(u32),
 }
 
 /// Largest run a `ChecksumRequest` may cover.
@@ -206,6 +241,9 @@ mod tag {
     pub const CHECKSUM_REQUEST: u8 = 50;
     pub const CHECKSUM_REPLY: u8 = 51;
     pub const INVALIDATE: u8 = 52;
+    pub const CLIENT_ACKED: u8 = 70;
+    pub const READ_REQUEST: u8 = 60;
+    pub const READ_REPLY: u8 = 61;
 }
 
 impl Message {
@@ -235,6 +273,9 @@ impl Message {
             Message::ChecksumRequest { .. } => "checksum-request",
             Message::ChecksumReply { .. } => "checksum-reply",
             Message::Invalidate => "invalidate",
+            Message::ClientAcked(_) => "client-acked",
+            Message::ReadRequest { .. } => "read-request",
+            Message::ReadReply { .. } => "read-reply",
         }
     }
 
@@ -360,6 +401,11 @@ impl Message {
                 dst.put_u8(index_of(DiskState::ALL, *disk));
             }
             Message::Ping => dst.put_u8(tag::PING),
+            Message::ClientAcked(t) => {
+                dst.put_u8(tag::CLIENT_ACKED);
+                dst.put_u64(t.writes);
+                dst.put_u64(t.bytes);
+            }
             Message::PingAck => dst.put_u8(tag::PING_ACK),
             Message::SnapshotFlush { id } => put_seq(dst, tag::SNAPSHOT_FLUSH, *id),
             Message::SnapshotFlushDone { id } => put_seq(dst, tag::SNAPSHOT_FLUSH_DONE, *id),
@@ -403,6 +449,38 @@ impl Message {
                 }
             }
             Message::Invalidate => dst.put_u8(tag::INVALIDATE),
+            Message::ReadRequest {
+                id,
+                offset,
+                len,
+                block_size,
+            } => {
+                dst.put_u8(tag::READ_REQUEST);
+                dst.put_u64(*id);
+                dst.put_u64(*offset);
+                dst.put_u32(*len);
+                dst.put_u32(*block_size);
+            }
+            Message::ReadReply { id, answer } => {
+                dst.put_u8(tag::READ_REPLY);
+                dst.put_u64(*id);
+                match answer {
+                    ReadAnswer::Data(payload) => {
+                        dst.put_u8(0);
+                        dst.put_slice(payload);
+                    }
+                    ReadAnswer::Digests(blocks) => {
+                        dst.put_u8(1);
+                        for d in blocks {
+                            dst.put_slice(d);
+                        }
+                    }
+                    ReadAnswer::Error(errno) => {
+                        dst.put_u8(2);
+                        dst.put_u32(*errno);
+                    }
+                }
+            }
         }
     }
 
@@ -597,6 +675,12 @@ impl Message {
                 Message::PeerState { role, disk }
             }
             tag::PING => Message::Ping,
+            tag::CLIENT_ACKED => {
+                c.tag = "client-acked";
+                let writes = c.u64()?;
+                let bytes = c.u64()?;
+                Message::ClientAcked(Tally { writes, bytes })
+            }
             tag::PING_ACK => Message::PingAck,
             tag::SNAPSHOT_FLUSH => {
                 c.tag = "snapshot-flush";
@@ -660,6 +744,59 @@ impl Message {
                 }
             }
             tag::INVALIDATE => Message::Invalidate,
+            tag::READ_REQUEST => {
+                c.tag = "read-request";
+                let id = c.u64()?;
+                let offset = c.u64()?;
+                let len = c.u32()?;
+                if len == 0 || len > MAX_READ_REQUEST {
+                    return Err(c.invalid("length", u64::from(len)));
+                }
+                let block_size = c.u32()?;
+                if block_size != 0
+                    && (!block_size.is_power_of_two()
+                        || !(512..=MAX_READ_REQUEST).contains(&block_size))
+                {
+                    return Err(c.invalid("block size", u64::from(block_size)));
+                }
+                Message::ReadRequest {
+                    id,
+                    offset,
+                    len,
+                    block_size,
+                }
+            }
+            tag::READ_REPLY => {
+                c.tag = "read-reply";
+                let id = c.u64()?;
+                let answer = match c.u8()? {
+                    0 => {
+                        let payload = c.rest();
+                        if payload.len() > MAX_READ_REQUEST as usize {
+                            return Err(c.invalid("payload length", payload.len() as u64));
+                        }
+                        ReadAnswer::Data(payload)
+                    }
+                    1 => {
+                        let rest = c.rest();
+                        if rest.len() % BLOCK_DIGEST_LEN != 0 {
+                            return Err(c.invalid("digests length", rest.len() as u64));
+                        }
+                        ReadAnswer::Digests(
+                            rest.chunks_exact(BLOCK_DIGEST_LEN)
+                                .map(|d| {
+                                    let mut b: BlockDigest = [0u8; BLOCK_DIGEST_LEN];
+                                    b.copy_from_slice(d);
+                                    b
+                                })
+                                .collect(),
+                        )
+                    }
+                    2 => ReadAnswer::Error(c.u32()?),
+                    v => return Err(c.invalid("answer kind", u64::from(v))),
+                };
+                Message::ReadReply { id, answer }
+            }
             other => return Err(WireError::UnknownTag(other)),
         };
         if c.buf.has_remaining() {
@@ -922,6 +1059,36 @@ mod tests {
                     answer: blocks.map_or(PeerAnswer::Equal, PeerAnswer::Blocks),
                 }),
             Just(Message::Invalidate),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(writes, bytes)| Message::ClientAcked(Tally { writes, bytes })),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                1u32..=MAX_READ_REQUEST,
+                prop_oneof![Just(0u32), (9u32..=20).prop_map(|b| 1 << b)]
+            )
+                .prop_map(|(id, offset, len, block_size)| Message::ReadRequest {
+                    id,
+                    offset,
+                    len,
+                    block_size,
+                }),
+            (any::<u64>(), bytes()).prop_map(|(id, payload)| Message::ReadReply {
+                id,
+                answer: ReadAnswer::Data(payload),
+            }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(any::<[u8; BLOCK_DIGEST_LEN]>(), 0..40)
+            )
+                .prop_map(|(id, blocks)| Message::ReadReply {
+                    id,
+                    answer: ReadAnswer::Digests(blocks),
+                }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, errno)| Message::ReadReply {
+                id,
+                answer: ReadAnswer::Error(errno),
+            }),
         ]
     }
 
@@ -935,7 +1102,7 @@ mod tests {
             for cut in 0..bytes.len() {
                 let r = Message::decode(bytes.slice(..cut));
                 if let Ok(m) = r {
-                    prop_assert!(matches!(m, Message::Data { .. } | Message::Hello { .. }), "{:?}", m);
+                    prop_assert!(matches!(m, Message::Data { .. } | Message::Hello { .. } | Message::ReadReply { .. }), "{:?}", m);
                 }
             }
         }
@@ -961,6 +1128,55 @@ mod tests {
             payload,
         };
         assert_eq!(a.freeze(), msg.to_bytes());
+    }
+
+    #[test]
+    fn malformed_read_requests_are_refused() {
+        let request = |len: u32, block_size: u32| {
+            let mut b = BytesMut::new();
+            b.put_u8(tag::READ_REQUEST);
+            b.put_u64(1);
+            b.put_u64(0);
+            b.put_u32(len);
+            b.put_u32(block_size);
+            Message::decode(b.freeze())
+        };
+        assert!(request(4096, 0).is_ok());
+        assert!(request(4096, 4096).is_ok());
+        for (len, bs, field) in [
+            (0, 0, "length"),
+            (MAX_READ_REQUEST + 1, 0, "length"),
+            (4096, 3000, "block size"),
+            (4096, 256, "block size"),
+        ] {
+            assert!(
+                matches!(request(len, bs), Err(WireError::Invalid { field: f, .. }) if f == field),
+                "{len} {bs}"
+            );
+        }
+        let mut b = BytesMut::new();
+        b.put_u8(tag::READ_REPLY);
+        b.put_u64(1);
+        b.put_u8(1);
+        b.put_slice(&[0; BLOCK_DIGEST_LEN + 1]);
+        assert!(matches!(
+            Message::decode(b.freeze()),
+            Err(WireError::Invalid {
+                field: "digests length",
+                ..
+            })
+        ));
+        let mut b = BytesMut::new();
+        b.put_u8(tag::READ_REPLY);
+        b.put_u64(1);
+        b.put_u8(7);
+        assert!(matches!(
+            Message::decode(b.freeze()),
+            Err(WireError::Invalid {
+                field: "answer kind",
+                ..
+            })
+        ));
     }
 
     #[test]

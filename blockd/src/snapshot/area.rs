@@ -6,6 +6,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::cow_index::{CowFull, CowIndex, RestoreError};
 use super::cow_record::{
@@ -69,6 +70,8 @@ pub enum AreaError {
         #[source]
         source: std::io::Error,
     },
+    #[error("snapshot area {path}: cannot preserve that run: {reason}")]
+    BadRun { path: PathBuf, reason: String },
     #[error("cannot sync snapshot area {path}")]
     Sync {
         path: PathBuf,
@@ -81,9 +84,40 @@ pub enum AreaError {
 #[derive(Debug)]
 pub struct CowArea {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     header: AreaHeader,
     index: CowIndex,
+    /// Reused buffer of the records being appended.
+    scratch: Vec<u8>,
+}
+
+/// Reads preserved blocks of an area (see [`CowArea::reader`]).
+#[derive(Clone, Debug)]
+pub struct AreaReader {
+    path: PathBuf,
+    file: Arc<File>,
+    block_size: u32,
+}
+
+impl AreaReader {
+    /// The preserved contents of the block in `slot`, checked against their CRC.
+    pub fn read_block(&self, slot: u64) -> Result<Vec<u8>, AreaError> {
+        let mut rec = vec![0u8; cow_record::record_len(self.block_size)];
+        read_exact_at(
+            &self.file,
+            &self.path,
+            &mut rec,
+            cow_record::record_offset(slot, self.block_size),
+        )?;
+        cow_record::decode_block_record(&rec, slot, self.block_size).map_err(|source| {
+            AreaError::Record {
+                path: self.path.clone(),
+                source,
+            }
+        })?;
+        rec.drain(..BLOCK_HEADER_SIZE);
+        Ok(rec)
+    }
 }
 
 impl CowArea {
@@ -114,8 +148,9 @@ impl CowArea {
                 header.capacity_blocks,
                 header.device_size,
             ),
-            file,
+            file: Arc::new(file),
             header,
+            scratch: Vec::new(),
         };
         area.write_at(&buf, 0)?;
         area.sync()?;
@@ -173,9 +208,10 @@ impl CowArea {
         }
         let mut area = CowArea {
             path: path.to_owned(),
-            file,
+            file: Arc::new(file),
             header,
             index,
+            scratch: Vec::new(),
         };
         area.write_header(AreaState::Open)?;
         Ok(area)
@@ -209,51 +245,99 @@ impl CowArea {
     }
 
     /// Appends `data` (the block's contents at the freeze, [`CowIndex::block_len`] bytes) as
-    /// the preserved copy of `block`. Not synced: a crash makes the area untrusted anyway.
+    /// the preserved copy of `block`; returns its slot. See [`preserve_run`](Self::preserve_run).
     pub fn preserve(&mut self, block: u64, data: &[u8]) -> Result<u64, AreaError> {
         let slot = self.index.used();
-        let bs = self.header.block_size as usize;
-        let mut rec = vec![0u8; cow_record::record_len(self.header.block_size)];
-        let n = data.len().min(bs);
-        rec[BLOCK_HEADER_SIZE..BLOCK_HEADER_SIZE + n].copy_from_slice(&data[..n]);
-        let head = cow_record::encode_block_header(slot, block, &rec[BLOCK_HEADER_SIZE..]);
-        rec[..BLOCK_HEADER_SIZE].copy_from_slice(&head);
-        if self.index.slot_of(block).is_some() || self.index.used() >= self.index.capacity() {
+        self.preserve_run(&[block], block * self.index.block_size(), data)?;
+        Ok(slot)
+    }
+
+    /// Appends the contents at the freeze of `blocks` (strictly ascending, none preserved yet)
+    /// to consecutive slots with one write; `old` holds the device's bytes from offset `start`
+    /// and covers every block. The area is left unchanged on error, and a full area refuses
+    /// the whole run. Not synced: an area is trusted after a restart only if [`close`]
+    /// (Self::close) synced it, so a crash makes it untrusted anyway.
+    pub fn preserve_run(
+        &mut self,
+        blocks: &[u64],
+        start: u64,
+        old: &[u8],
+    ) -> Result<(), AreaError> {
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
+            return Ok(());
+        };
+        let bs = self.index.block_size();
+        let bad = |reason: String| {
+            Err(AreaError::BadRun {
+                path: self.path.clone(),
+                reason,
+            })
+        };
+        if !blocks.windows(2).all(|w| w[0] < w[1]) {
+            return bad(format!("blocks {blocks:?} are not strictly ascending"));
+        }
+        if first * bs < start || last * bs + self.index.block_len(last) > start + old.len() as u64 {
+            return bad(format!(
+                "{} bytes at {start} do not cover blocks {first}..={last}",
+                old.len()
+            ));
+        }
+        if let Some(&b) = blocks.iter().find(|&&b| self.index.slot_of(b).is_some()) {
+            return bad(format!("block {b} is preserved already"));
+        }
+        let free = self.index.capacity() - self.index.used();
+        if blocks.len() as u64 > free {
             return Err(AreaError::Full {
                 name: self.header.name.clone(),
                 source: CowFull {
-                    needed: 1,
-                    free: self.index.capacity() - self.index.used(),
+                    needed: blocks.len() as u64,
+                    free,
                     capacity: self.index.capacity(),
                 },
             });
         }
-        self.write_at(
-            &rec,
-            cow_record::record_offset(slot, self.header.block_size),
-        )?;
-        let got = self.index.insert(block);
-        debug_assert_eq!(got, Some(slot));
-        Ok(slot)
+        let rec_len = cow_record::record_len(self.header.block_size);
+        let first_slot = self.index.used();
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.resize(blocks.len() * rec_len, 0);
+        for (i, (&block, rec)) in blocks.iter().zip(buf.chunks_exact_mut(rec_len)).enumerate() {
+            let at = (block * bs - start) as usize;
+            let n = self.index.block_len(block) as usize;
+            let (head, data) = rec.split_at_mut(BLOCK_HEADER_SIZE);
+            data[..n].copy_from_slice(&old[at..at + n]);
+            head.copy_from_slice(&cow_record::encode_block_header(
+                first_slot + i as u64,
+                block,
+                data,
+            ));
+        }
+        let written = self.write_at(
+            &buf,
+            cow_record::record_offset(first_slot, self.header.block_size),
+        );
+        self.scratch = buf;
+        written?;
+        for &block in blocks {
+            let slot = self.index.insert(block);
+            debug_assert!(slot.is_some(), "checked above");
+        }
+        Ok(())
     }
 
-    /// The preserved contents of `block` from `slot`, checked against their CRC.
+    /// A handle that reads preserved blocks without borrowing the area (records never change
+    /// once written, so readers need no lock while they read them).
+    pub fn reader(&self) -> AreaReader {
+        AreaReader {
+            path: self.path.clone(),
+            file: self.file.clone(),
+            block_size: self.header.block_size,
+        }
+    }
+
+    /// The preserved contents of the block in `slot`, checked against their CRC.
     pub fn read_block(&self, slot: u64) -> Result<Vec<u8>, AreaError> {
-        let mut rec = vec![0u8; cow_record::record_len(self.header.block_size)];
-        read_exact_at(
-            &self.file,
-            &self.path,
-            &mut rec,
-            cow_record::record_offset(slot, self.header.block_size),
-        )?;
-        cow_record::decode_block_record(&rec, slot, self.header.block_size).map_err(|source| {
-            AreaError::Record {
-                path: self.path.clone(),
-                source,
-            }
-        })?;
-        rec.drain(..BLOCK_HEADER_SIZE);
-        Ok(rec)
+        self.reader().read_block(slot)
     }
 
     /// Syncs every record and marks the area Closed, so a restart can reopen it.

@@ -92,12 +92,26 @@ struct Frozen {
     invalid: Option<String>,
 }
 
+/// What [`Snapshot::preserve_now`] did.
+enum PreservedNow {
+    /// Nothing to preserve, or preserved.
+    Done,
+    /// The snapshot had to be invalidated, for this reason.
+    Invalidated(String),
+    /// The old contents cannot be read without waiting: nothing was done.
+    WouldBlock,
+}
+
 /// One open snapshot: a frozen image of the replica.
+///
+/// Its area sits behind a plain mutex that is never held across an `.await`: taking it costs
+/// nothing when uncontended, and it is held only for bookkeeping and the (page-cache) append
+/// of preserved blocks; readers take it just to find the slots they need.
 pub struct Snapshot {
     name: String,
     header: AreaHeader,
     path: PathBuf,
-    frozen: tokio::sync::Mutex<Frozen>,
+    frozen: Mutex<Frozen>,
     /// Copy of the area's usage, for status without taking the lock.
     used_bytes: std::sync::atomic::AtomicU64,
     invalid: Mutex<Option<String>>,
@@ -135,6 +149,10 @@ impl Snapshot {
         self.invalid.lock().expect("not poisoned").clone()
     }
 
+    fn frozen(&self) -> std::sync::MutexGuard<'_, Frozen> {
+        self.frozen.lock().expect("not poisoned")
+    }
+
     /// Reads `len` bytes at `offset` of the frozen image: the live replica overlaid with every
     /// block preserved since the freeze (including blocks preserved while the live read ran).
     pub async fn read(
@@ -151,20 +169,29 @@ impl Snapshot {
                 name: self.name.clone(),
                 source,
             })?;
-        let frozen = self.frozen.lock().await;
-        let Some(area) = frozen.area.as_ref() else {
-            return Err(self.invalid_error(frozen.invalid.clone()));
+        // Only the slots are looked up under the lock: a preserved record never changes, so
+        // it is read afterwards without holding up the replica's writes.
+        let (overlays, reader) = {
+            let frozen = self.frozen();
+            let Some(area) = frozen.area.as_ref() else {
+                return Err(self.invalid_error(frozen.invalid.clone()));
+            };
+            let overlays = area.index().overlays(offset, len as u64);
+            let reader = (!overlays.is_empty()).then(|| area.reader());
+            (overlays, reader)
         };
-        for o in area.index().overlays(offset, len as u64) {
-            let block = area
-                .read_block(o.slot)
-                .map_err(|source| SnapshotError::ReadArea {
-                    name: self.name.clone(),
-                    source,
-                })?;
-            buf[o.at..o.at + o.len].copy_from_slice(&block[o.within..o.within + o.len]);
+        if let Some(reader) = reader {
+            for o in overlays {
+                let block =
+                    reader
+                        .read_block(o.slot)
+                        .map_err(|source| SnapshotError::ReadArea {
+                            name: self.name.clone(),
+                            source,
+                        })?;
+                buf[o.at..o.at + o.len].copy_from_slice(&block[o.within..o.within + o.len]);
+            }
         }
-        drop(frozen);
         // A snapshot invalidated during the read may have missed a preserve: never return it.
         self.check_valid()?;
         Ok(buf)
@@ -184,46 +211,113 @@ impl Snapshot {
         }
     }
 
-    /// Preserves the blocks a change of `offset..offset+len` would alter. On failure the
-    /// snapshot is invalidated (and its area removed) and the reason returned.
-    async fn preserve(&self, store: &BlockStore, offset: u64, len: u64) -> Option<String> {
-        let mut frozen = self.frozen.lock().await;
-        let area = frozen.area.as_mut()?;
-        let result = preserve_blocks(area, store, offset, len).await;
-        self.used_bytes.store(area.used_bytes(), Ordering::Relaxed);
-        let reason = result.err()?;
+    /// Gives up on the snapshot: its readers get `reason` from now on and its area is removed.
+    fn invalidate(&self, frozen: &mut Frozen, reason: String) -> String {
         frozen.area = None;
         frozen.invalid = Some(reason.clone());
         *self.invalid.lock().expect("not poisoned") = Some(reason.clone());
         let _ = std::fs::remove_file(&self.path);
-        Some(reason)
+        reason
+    }
+
+    /// The blocks a change of `offset..offset+len` must preserve and the device range holding
+    /// them, or `Err(reason)` once the snapshot had to be invalidated (area full).
+    fn plan(&self, frozen: &mut Frozen, offset: u64, len: u64) -> Result<Option<Run>, String> {
+        let Some(area) = frozen.area.as_ref() else {
+            return Ok(None);
+        };
+        match area.to_preserve(offset, len) {
+            Ok(blocks) => Ok(Run::of(area, blocks)),
+            Err(e) => Err(self.invalidate(frozen, chain(&e))),
+        }
+    }
+
+    /// Appends `run`'s old contents `old` (blocks preserved meanwhile are skipped); on failure
+    /// invalidates the snapshot and returns the reason.
+    fn append(&self, frozen: &mut Frozen, mut run: Run, old: &[u8]) -> Option<String> {
+        let area = frozen.area.as_mut()?;
+        run.blocks.retain(|&b| area.index().slot_of(b).is_none());
+        let result = area.preserve_run(&run.blocks, run.start, old);
+        self.used_bytes.store(area.used_bytes(), Ordering::Relaxed);
+        let e = result.err()?;
+        Some(self.invalidate(frozen, chain(&e)))
+    }
+
+    /// Preserves the blocks a change of `offset..offset+len` would alter, waiting for the
+    /// engine if their old contents are not cached. On failure the snapshot is invalidated (and
+    /// its area removed) and the reason returned.
+    async fn preserve(&self, store: &BlockStore, offset: u64, len: u64) -> Option<String> {
+        let run = match self.plan(&mut self.frozen(), offset, len) {
+            Ok(run) => run?,
+            Err(reason) => return Some(reason),
+        };
+        // The blocks cannot change meanwhile: overlapping changes are never in flight together.
+        let old = store.read(run.start, run.len as usize).await;
+        let mut frozen = self.frozen();
+        match old {
+            Ok(old) => self.append(&mut frozen, run, &old),
+            Err(e) => {
+                frozen.area.as_ref()?;
+                let reason = format!("cannot read the blocks to preserve: {}", chain(&e));
+                Some(self.invalidate(&mut frozen, reason))
+            }
+        }
+    }
+
+    /// Like [`preserve`](Self::preserve), but only if the old contents can be read without
+    /// waiting (they are in the page cache): all on the calling thread, under the lock.
+    fn preserve_now(&self, store: &BlockStore, offset: u64, len: u64) -> PreservedNow {
+        let mut frozen = self.frozen();
+        let run = match self.plan(&mut frozen, offset, len) {
+            Ok(Some(run)) => run,
+            Ok(None) => return PreservedNow::Done,
+            Err(reason) => return PreservedNow::Invalidated(reason),
+        };
+        if run.len > crate::store::DEFAULT_INLINE_MAX as u64 {
+            return PreservedNow::WouldBlock;
+        }
+        let old = match poll_once(store.read(run.start, run.len as usize)) {
+            Some(Ok(old)) => old,
+            Some(Err(e)) => {
+                let reason = format!("cannot read the blocks to preserve: {}", chain(&e));
+                return PreservedNow::Invalidated(self.invalidate(&mut frozen, reason));
+            }
+            None => return PreservedNow::WouldBlock,
+        };
+        match self.append(&mut frozen, run, &old) {
+            None => PreservedNow::Done,
+            Some(reason) => PreservedNow::Invalidated(reason),
+        }
     }
 }
 
-async fn preserve_blocks(
-    area: &mut CowArea,
-    store: &BlockStore,
-    offset: u64,
+/// Blocks to preserve for one change, and the device range that holds them.
+struct Run {
+    blocks: Vec<u64>,
+    start: u64,
     len: u64,
-) -> Result<(), String> {
-    let blocks = area.to_preserve(offset, len).map_err(|e| e.to_string())?;
-    let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
-        return Ok(());
-    };
-    let bs = area.index().block_size();
-    let start = first * bs;
-    let end = last * bs + area.index().block_len(last);
-    let old = store
-        .read(start, (end - start) as usize)
-        .await
-        .map_err(|e| format!("cannot read the blocks to preserve: {}", chain(&e)))?;
-    for block in blocks {
-        let at = (block * bs - start) as usize;
-        let n = area.index().block_len(block) as usize;
-        area.preserve(block, &old[at..at + n])
-            .map_err(|e| chain(&e))?;
+}
+
+impl Run {
+    fn of(area: &CowArea, blocks: Vec<u64>) -> Option<Run> {
+        let (&first, &last) = (blocks.first()?, blocks.last()?);
+        let bs = area.index().block_size();
+        let start = first * bs;
+        let len = last * bs + area.index().block_len(last) - start;
+        Some(Run { blocks, start, len })
     }
-    Ok(())
+}
+
+/// Polls `fut` once: its output if it completes without waiting. A store read completes at
+/// once when the page cache holds the range (`RWF_NOWAIT`); otherwise it was handed to the
+/// engine, whose result is then dropped (the engine owns the buffer: dropping is safe).
+fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// A snapshot that [`Snapshots::before_write`] had to invalidate.
@@ -302,7 +396,7 @@ impl Snapshots {
             header: area.header().clone(),
             path,
             used_bytes: std::sync::atomic::AtomicU64::new(area.used_bytes()),
-            frozen: tokio::sync::Mutex::new(Frozen {
+            frozen: Mutex::new(Frozen {
                 area: Some(area),
                 invalid: None,
             }),
@@ -323,6 +417,37 @@ impl Snapshots {
             _gate: gate,
             invalidated,
         }
+    }
+
+    /// For a change made without waiting (on the caller's thread): preserves what the change
+    /// will overwrite in every open snapshot if the old contents are cached, and returns the
+    /// guard to hold until the change is done. `None` (nothing was preserved that would not
+    /// be again) when a freeze is under way or a read would wait: use [`change`](Self::change).
+    pub fn try_change_now(
+        &self,
+        store: &BlockStore,
+        offset: u64,
+        len: u64,
+    ) -> Option<ChangeGuard<'_>> {
+        let gate = self.gate.try_read().ok()?;
+        let mut invalidated = Vec::new();
+        if !self.is_empty() && len > 0 {
+            let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").clone();
+            for snap in snaps {
+                match snap.preserve_now(store, offset, len) {
+                    PreservedNow::Done => {}
+                    PreservedNow::Invalidated(reason) => invalidated.push(Invalidated {
+                        name: snap.name.clone(),
+                        reason,
+                    }),
+                    PreservedNow::WouldBlock => return None,
+                }
+            }
+        }
+        Some(ChangeGuard {
+            _gate: gate,
+            invalidated,
+        })
     }
 
     /// For a change made without waiting (inline): the gate, when no snapshot is open and no
@@ -423,8 +548,7 @@ impl Snapshots {
             self.count.store(open.len(), Ordering::Release);
             snap
         };
-        let mut frozen = snap.frozen.lock().await;
-        frozen.area = None;
+        snap.frozen().area = None;
         *snap.invalid.lock().expect("not poisoned") = Some("dropped".into());
         match std::fs::remove_file(&snap.path) {
             Ok(()) => Ok(()),
@@ -472,8 +596,8 @@ impl Snapshots {
         self.count.store(0, Ordering::Release);
         let mut errors = Vec::new();
         for snap in snaps {
-            let mut frozen = snap.frozen.lock().await;
-            if let Some(area) = frozen.area.take()
+            let area = snap.frozen().area.take();
+            if let Some(area) = area
                 && let Err(e) = area.close()
             {
                 errors.push(format!("snapshot {:?}: {}", snap.name, chain(&e)));

@@ -541,28 +541,73 @@ impl BlockStore {
     /// hold part of the data; the caller drops it.
     pub fn write_from_pipe(&self, offset: u64, len: usize, pipe: &Pipe) -> Result<(), StoreError> {
         self.check_write(offset, len as u64)?;
-        let wrap = |source| StoreError::Write {
+        if !self.writes_from_pipe() {
+            return Err(StoreError::Write {
+                offset,
+                len: len as u64,
+                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
+        drain_pipe(&self.inner.file, pipe, offset, len).map_err(|e| self.pipe_error(offset, len, e))
+    }
+
+    /// Whether [`BlockStore::write_pipe`] is available: a writable regular file (any
+    /// filesystem that takes `splice`; the copy runs on an engine worker thread, so it may
+    /// block on a disk).
+    pub fn splices_writes(&self) -> bool {
+        !self.inner.read_only
+            && matches!(self.inner.backing, Backing::File)
+            && self.inner.splice.load(Ordering::Relaxed)
+    }
+
+    /// The backing lives in memory (tmpfs, ramfs): a write on the calling thread is a memcpy
+    /// that never waits for a device.
+    pub fn memory_backed(&self) -> bool {
+        self.inner.memory_backed
+    }
+
+    /// Writes the `len` bytes `pipe` holds at `offset` on an engine worker thread (only where
+    /// [`BlockStore::splices_writes`]), so the caller goes on receiving while the file copies
+    /// the pipe's pages. Gives the pipe back, empty, on success; on error the pipe (which may
+    /// still hold data) is dropped.
+    pub async fn write_pipe<P>(&self, offset: u64, len: usize, pipe: P) -> Result<P, StoreError>
+    where
+        P: AsRef<Pipe> + Send + 'static,
+    {
+        self.check_write(offset, len as u64)?;
+        if !self.splices_writes() {
+            return Err(StoreError::Write {
+                offset,
+                len: len as u64,
+                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+            });
+        }
+        let result = self
+            .inner
+            .engine
+            .blocking(move |file| {
+                drain_pipe(file, pipe.as_ref(), offset, len)?;
+                Ok(pipe)
+            })
+            .await;
+        match result {
+            Ok(pipe) => Ok(pipe),
+            Err(EngineError::Io(e)) => Err(self.pipe_error(offset, len, e)),
+            Err(EngineError::Gone) => Err(StoreError::EngineGone),
+        }
+    }
+
+    /// The error of a failed pipe drain; a filesystem without splice support (`EINVAL`,
+    /// `ENOSYS`) turns the spliced path off for later writes.
+    fn pipe_error(&self, offset: u64, len: usize, source: io::Error) -> StoreError {
+        if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
+            self.inner.splice.store(false, Ordering::Relaxed);
+        }
+        StoreError::Write {
             offset,
             len: len as u64,
             source,
-        };
-        if !self.writes_from_pipe() {
-            return Err(wrap(io::Error::from_raw_os_error(libc::EOPNOTSUPP)));
         }
-        let mut done = 0;
-        while done < len {
-            match pipe.drain_to_file(&self.inner.file, offset + done as u64, len - done) {
-                Ok(0) => return Err(wrap(io::Error::from_raw_os_error(libc::EIO))),
-                Ok(n) => done += n,
-                Err(e) => {
-                    if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-                        self.inner.splice.store(false, Ordering::Relaxed);
-                    }
-                    return Err(wrap(e));
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
@@ -858,6 +903,18 @@ impl BlockStore {
 }
 
 /// `Some(data extent)` when `file` reaches at least `end` and has no holes by its block count.
+/// Splices exactly `len` bytes out of `pipe` into `file` at `offset` (blocking).
+fn drain_pipe(file: &File, pipe: &Pipe, offset: u64, len: usize) -> io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        match pipe.drain_to_file(file, offset + done as u64, len - done)? {
+            0 => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            n => done += n,
+        }
+    }
+    Ok(())
+}
+
 fn fully_allocated(file: &File, end: u64) -> Option<Extent> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata().ok()?;

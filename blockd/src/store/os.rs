@@ -216,6 +216,13 @@ pub struct Pipe {
     capacity: usize,
 }
 
+/// Lets APIs that take an owned pipe accept a bare `Pipe` or a wrapper around one.
+impl AsRef<Pipe> for Pipe {
+    fn as_ref(&self) -> &Pipe {
+        self
+    }
+}
+
 impl Pipe {
     /// A pipe of at least `capacity` bytes (`F_SETPIPE_SZ`; fails above the system limit).
     pub fn with_capacity(capacity: usize) -> io::Result<Pipe> {

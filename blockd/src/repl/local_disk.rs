@@ -1,0 +1,694 @@
+//! The local disk of a resource at runtime: the backing store (replaceable: `blockctl attach`
+//! reopens it), detaching after an I/O error or `blockctl detach` (Failed, then Diskless),
+//! reads forwarded to an UpToDate peer (`ReadRequest`/`ReadReply`) while the Primary has no
+//! usable disk, serving such reads for a peer, and the resync after `blockctl attach`. What
+//! to do in each case is decided in `repl::disk_failure`; this module executes it.
+//!
+//! Resync after attach on a Primary: the disk comes back Inconsistent; a worker walks the
+//! device in [`MAX_FORWARDED_READ`] chunks, each while holding its byte range (every earlier
+//! application write to it is complete, and under an Inconsistent or Diskless disk a write
+//! only completes once every connected peer wrote it): it hashes the local blocks, asks an
+//! UpToDate peer for its block digests, and fetches and writes only the blocks that differ.
+//! Every write made while Diskless is on the peer, so it is fetched. A Secondary that
+//! attaches reconnects instead: the Primary tracked every write since the detach in its
+//! bitmap, and the handshake resyncs it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::oneshot;
+
+use crate::meta::file::MetaFile;
+use crate::meta::superblock::flags;
+use crate::repl::checksum;
+use crate::repl::disk_failure::{
+    self, MAX_FORWARDED_READ, NoDataPath, OnError, PeerView, may_attach, may_detach,
+};
+use crate::repl::peer::Conn;
+use crate::repl::resource::{Resource, ResourceError, error_chain};
+use crate::repl::state::{DiskState, Role};
+use crate::repl::wire::{Message, ReadAnswer};
+use crate::store::{BlockStore, Extent, OpenOptions, StoreError};
+
+/// How long a forwarded read waits for the peer's answer before it fails with EIO.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
+/// Block size of the digests compared by the resync after attach.
+const ATTACH_BLOCK: u32 = 4096;
+/// How long the resync after attach waits between tries while no peer can serve.
+const NO_PEER_RETRY: Duration = Duration::from_millis(200);
+
+/// The backing store of a resource; `blockctl attach` replaces it with a freshly opened one.
+/// Every call runs on the store current when it starts.
+pub(crate) struct LocalStore {
+    current: RwLock<BlockStore>,
+}
+
+impl LocalStore {
+    pub fn new(store: BlockStore) -> LocalStore {
+        LocalStore {
+            current: RwLock::new(store),
+        }
+    }
+
+    /// The store now (a cheap clone sharing the open file).
+    pub fn current(&self) -> BlockStore {
+        self.current.read().expect("local store").clone()
+    }
+
+    fn replace(&self, store: BlockStore) {
+        *self.current.write().expect("local store") = store;
+    }
+
+    pub fn size(&self) -> u64 {
+        self.current().size()
+    }
+
+    pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.current().read(offset, len).await
+    }
+
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
+        self.current().write(offset, data, fua).await
+    }
+
+    pub fn write_blocking(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), StoreError> {
+        self.current().write_blocking(offset, data, fua)
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.current().flush().await
+    }
+
+    pub async fn trim(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.current().trim(offset, len).await
+    }
+
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.current()
+            .write_zeroes(offset, len, may_punch, fua)
+            .await
+    }
+
+    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.current().fast_zero(offset, len).await
+    }
+
+    pub fn supports_fast_zero(&self) -> bool {
+        self.current().supports_fast_zero()
+    }
+
+    pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.current().cache(offset, len).await
+    }
+
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, StoreError> {
+        self.current().block_status(offset, len).await
+    }
+}
+
+/// Progress of the resync after `blockctl attach` (status).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct AttachStatus {
+    /// `resyncing`, `done` or `aborted`.
+    pub state: String,
+    pub total_bytes: u64,
+    pub done_bytes: u64,
+    /// Bytes of blocks that differed and were fetched from the peer.
+    pub fetched_bytes: u64,
+    /// Bytes of block digests received from the peer.
+    pub digest_bytes: u64,
+}
+
+/// Forwarded reads waiting for their `ReadReply`.
+#[derive(Default)]
+struct PendingReads {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<ReadAnswer>>>,
+}
+
+/// Disk-failure runtime state of a resource.
+#[derive(Default)]
+pub(crate) struct DiskRuntime {
+    reads: PendingReads,
+    /// The error that detached the disk (status; cleared by attach).
+    pub last_error: Mutex<Option<String>>,
+    pub attach: Mutex<Option<AttachStatus>>,
+    /// Held while a detach waits for the peers to write everything in flight: forwarded I/O
+    /// starts only after it.
+    detaching: tokio::sync::Mutex<()>,
+    /// Bumped by every detach: a resync after attach stops when it changes.
+    epoch: AtomicU64,
+}
+
+fn no_path_read(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Read {
+        offset,
+        len,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+impl Resource {
+    /// The local disk state.
+    pub fn disk(&self) -> DiskState {
+        self.state.lock().expect("state").disk
+    }
+
+    /// What the disk-failure decisions need to know about each peer.
+    pub(crate) fn peer_views(&self) -> Vec<PeerView> {
+        let st = self.state.lock().expect("state");
+        self.peers
+            .iter()
+            .zip(&st.peers)
+            .map(|(p, s)| PeerView {
+                conn: s.conn,
+                repl: s.repl,
+                disk: s.disk,
+                in_flight: p
+                    .conn
+                    .lock()
+                    .expect("conn")
+                    .as_ref()
+                    .map_or(0, |c| c.in_flight_with_bytes().0),
+            })
+            .collect()
+    }
+
+    /// A failed local request of the application path: decides (`on-io-error`) and executes
+    /// the decision. `Detach` means the caller retries through a peer.
+    pub(crate) async fn local_failure(
+        &self,
+        e: &StoreError,
+        modifying: bool,
+        offset: u64,
+        len: u64,
+    ) -> OnError {
+        let class = disk_failure::classify(e);
+        let decision = disk_failure::on_local_error(self.spec.on_io_error, class, modifying);
+        match decision {
+            OnError::Return => {}
+            OnError::Detach => self.detach_after_error(error_chain(e)).await,
+            OnError::PassOn { errno, diverged } => {
+                tracing::error!(resource = %self.spec.name, errno, "local I/O error passed on to \
+                    the client (on-io-error = pass-on): {}", error_chain(e));
+                self.emit(
+                    None,
+                    "error",
+                    format!("local I/O error: {}", error_chain(e)),
+                );
+                if diverged && len > 0 {
+                    // Peers may hold the new data and this disk not: never diverge silently.
+                    let mut m = self.meta.lock().expect("meta");
+                    for b in &mut m.bitmaps {
+                        b.set_range(offset, len);
+                    }
+                }
+            }
+        }
+        decision
+    }
+
+    /// A replicated request from a peer failed on our disk (Secondary): under `detach` the
+    /// disk detaches. Returns the text that ends the session (the peer marks the unacknowledged
+    /// writes out of sync).
+    pub(crate) fn apply_failed(self: &Arc<Self>, what: &str, e: &StoreError) -> String {
+        let text = format!("{what}: {}", error_chain(e));
+        if disk_failure::on_local_error(self.spec.on_io_error, disk_failure::classify(e), true)
+            == OnError::Detach
+        {
+            let me = self.clone();
+            let why = text.clone();
+            tokio::spawn(async move { me.detach_after_error(why).await });
+        }
+        text
+    }
+
+    async fn detach_after_error(&self, why: String) {
+        if !self.disk().has_disk() {
+            return;
+        }
+        tracing::error!(resource = %self.spec.name, "local disk failed, detaching (on-io-error = detach): {why}");
+        self.emit(None, "error", format!("local disk failed: {why}"));
+        self.detach_local(why).await;
+    }
+
+    /// Failed, then Diskless: stops using the local store. A Primary first waits until every
+    /// connected peer has written what was sent to it (so forwarded reads see every write
+    /// completed before); a Secondary drops its links until it attaches again (its Primary
+    /// tracks every write for it in the bitmap meanwhile).
+    async fn detach_local(&self, why: String) {
+        let _detaching = self.disk_rt.detaching.lock().await;
+        {
+            let mut st = self.state.lock().expect("state");
+            if !st.disk.has_disk() {
+                return;
+            }
+            st.disk = DiskState::Failed;
+        }
+        self.disk_rt.epoch.fetch_add(1, Ordering::SeqCst);
+        *self.disk_rt.last_error.lock().expect("last error") = Some(why);
+        if let Some(a) = self.disk_rt.attach.lock().expect("attach").as_mut()
+            && a.state == "resyncing"
+        {
+            a.state = "aborted".into();
+        }
+        self.emit(None, "disk", DiskState::Failed.as_str());
+        self.broadcast_state();
+        // The data on the disk is no longer the newest: after a restart it attaches
+        // Inconsistent and is resynced (best effort: the metadata may be on the failed disk).
+        let r = self
+            .meta_io(|m| {
+                m.sb.flags &= !(flags::CONSISTENT | flags::WAS_UP_TO_DATE);
+                m.save_sb()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(resource = %self.spec.name, "cannot mark the metadata inconsistent \
+                after the disk failed: {}", error_chain(&e));
+        }
+        if self.role() == Role::Primary {
+            let drained = tokio::time::timeout(READ_TIMEOUT, self.flush_peers()).await;
+            if drained.is_err() {
+                tracing::warn!(resource = %self.spec.name,
+                    "peers did not confirm earlier writes in time while detaching");
+            }
+        }
+        self.set_disk(DiskState::Diskless);
+        if self.role() != Role::Primary {
+            for p in &self.peers {
+                p.kill.notify_one();
+            }
+        }
+        tracing::warn!(resource = %self.spec.name, "local disk detached (diskless)");
+    }
+
+    /// Waits for every connected peer to confirm every earlier write (a `Flush` each).
+    async fn flush_peers(&self) {
+        let mut waits = Vec::new();
+        let seq = {
+            let mut order = self.order.lock().expect("order");
+            let (seq, _) = order.issue();
+            for p in &self.peers {
+                if let Some(c) = p.conn.lock().expect("conn").as_ref()
+                    && let Some(rx) = c.track_flush(seq, true)
+                {
+                    waits.push(rx);
+                }
+            }
+            seq
+        };
+        for w in waits {
+            let _ = w.await;
+        }
+        self.completed(seq);
+    }
+
+    /// A Secondary without a disk keeps no links (see [`Resource::detach_local`]).
+    pub(crate) fn holds_links(&self) -> bool {
+        let st = self.state.lock().expect("state");
+        st.role != Role::Primary && matches!(st.disk, DiskState::Diskless | DiskState::Failed)
+    }
+
+    /// Waits until no detach is in progress (forwarded I/O must not overtake it).
+    pub(crate) async fn detach_settled(&self) {
+        drop(self.disk_rt.detaching.lock().await);
+    }
+
+    /// `blockctl detach`: detaches the local disk (a Primary keeps serving through a peer).
+    pub async fn detach(&self) -> Result<(), ResourceError> {
+        let (disk, primary) = {
+            let st = self.state.lock().expect("state");
+            (st.disk, st.role == Role::Primary)
+        };
+        may_detach(disk, primary, &self.peer_views())
+            .map_err(|r| ResourceError::Refused(r.to_string()))?;
+        let _ = self.store.flush().await;
+        tracing::info!(resource = %self.spec.name, "detaching the local disk (blockctl detach)");
+        self.detach_local("detached by the administrator".into())
+            .await;
+        Ok(())
+    }
+
+    /// `blockctl attach`: reopens the metadata and the backing store; the disk comes back
+    /// Inconsistent and is resynced from an UpToDate peer (see the module docs).
+    pub async fn reattach(self: &Arc<Self>) -> Result<(), ResourceError> {
+        let _detaching = self.disk_rt.detaching.lock().await;
+        may_attach(self.disk()).map_err(|r| ResourceError::Refused(r.to_string()))?;
+        self.set_disk(DiskState::Attaching);
+        match self.reopen().await {
+            Ok(()) => {}
+            Err(e) => {
+                self.set_disk(DiskState::Diskless);
+                return Err(e);
+            }
+        }
+        *self.disk_rt.last_error.lock().expect("last error") = None;
+        let epoch = self.disk_rt.epoch.load(Ordering::SeqCst);
+        let total = self.size();
+        *self.disk_rt.attach.lock().expect("attach") = Some(AttachStatus {
+            state: "resyncing".into(),
+            total_bytes: total,
+            ..AttachStatus::default()
+        });
+        self.set_disk(DiskState::Inconsistent);
+        tracing::info!(resource = %self.spec.name, "local disk attached (inconsistent)");
+        if self.role() == Role::Primary {
+            let me = self.clone();
+            tokio::spawn(async move { me.resync_after_attach(epoch).await });
+        } else {
+            // Reconnect: the handshake resyncs us from the Primary's bitmap.
+            for p in &self.peers {
+                p.wake.notify_one();
+            }
+        }
+        Ok(())
+    }
+
+    async fn reopen(&self) -> Result<(), ResourceError> {
+        let loc = self.spec.me.meta_location();
+        let id = self.spec.me.id;
+        let name = self.spec.name.clone();
+        let opened = tokio::task::spawn_blocking(move || MetaFile::open(&loc, Some(id)))
+            .await
+            .expect("metadata open task panicked")
+            .map_err(|source| ResourceError::Meta {
+                resource: name.clone(),
+                source,
+            })?;
+        let size = self.size();
+        let backing = self.spec.me.backing.clone();
+        let engine = self.spec.engine;
+        let store = tokio::task::spawn_blocking(move || {
+            BlockStore::open(
+                &backing,
+                &OpenOptions {
+                    size: Some(size),
+                    read_only: false,
+                    engine,
+                },
+            )
+        })
+        .await
+        .expect("store open task panicked")
+        .map_err(|source| ResourceError::Store {
+            resource: name.clone(),
+            source,
+        })?;
+        // Our in-memory superblock and bitmaps are the newest: write them to the reopened file.
+        self.meta_io(move |m| {
+            m.file = opened.meta;
+            m.sb.flags |= flags::ATTACHED;
+            m.sb.flags &= !(flags::CONSISTENT | flags::WAS_UP_TO_DATE);
+            m.save_sb()?;
+            for slot in 0..m.bitmaps.len() {
+                m.save_bitmap(slot)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(ResourceError::MetaUpdate)?;
+        self.store.replace(store);
+        Ok(())
+    }
+
+    fn attach_progress(&self, f: impl FnOnce(&mut AttachStatus)) {
+        if let Some(a) = self.disk_rt.attach.lock().expect("attach").as_mut() {
+            f(a);
+        }
+    }
+
+    /// The resync of a Primary's reattached disk (see the module docs).
+    async fn resync_after_attach(self: Arc<Self>, epoch: u64) {
+        let size = self.size();
+        let mut stop = self.stop_signal();
+        let mut pos = 0u64;
+        let current = || self.disk_rt.epoch.load(Ordering::SeqCst) == epoch;
+        while pos < size {
+            if !current() || *stop.borrow() {
+                return;
+            }
+            let len = u64::from(MAX_FORWARDED_READ).min(size - pos);
+            match self.resync_chunk(pos, len).await {
+                Ok((fetched, digests)) => {
+                    pos += len;
+                    self.attach_progress(|a| {
+                        a.done_bytes = pos;
+                        a.fetched_bytes += fetched;
+                        a.digest_bytes += digests;
+                    });
+                }
+                Err(ChunkError::NoPeer(why)) => {
+                    tracing::debug!(resource = %self.spec.name, "resync after attach waits: {why}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(NO_PEER_RETRY) => {}
+                        _ = stop.changed() => return,
+                    }
+                }
+                Err(ChunkError::Local(e)) => {
+                    if current() {
+                        self.detach_after_error(error_chain(&e)).await;
+                    }
+                    return;
+                }
+            }
+        }
+        let done = async {
+            self.store.flush().await.map_err(|e| error_chain(&e))?;
+            self.meta_io(|m| {
+                m.sb.flags |= flags::CONSISTENT | flags::WAS_UP_TO_DATE;
+                m.save_sb()
+            })
+            .await
+            .map_err(|e| error_chain(&e))
+        };
+        if let Err(why) = done.await {
+            if current() {
+                self.detach_after_error(why).await;
+            }
+            return;
+        }
+        if !current() {
+            return;
+        }
+        self.attach_progress(|a| a.state = "done".into());
+        let (fetched, digests) = self
+            .disk_rt
+            .attach
+            .lock()
+            .expect("attach")
+            .as_ref()
+            .map_or((0, 0), |a| (a.fetched_bytes, a.digest_bytes));
+        tracing::info!(resource = %self.spec.name, bytes = size, fetched, digests,
+            "resync after attach done: up to date");
+        self.emit(
+            None,
+            "resync-done",
+            format!("attach: {fetched} bytes fetched, {digests} digest bytes"),
+        );
+        self.set_disk(DiskState::UpToDate);
+    }
+
+    /// One chunk of the resync after attach, holding its range: `(fetched, digest)` bytes.
+    async fn resync_chunk(&self, offset: u64, len: u64) -> Result<(u64, u64), ChunkError> {
+        let _range = self.ranges.lock(offset, len).await;
+        let local = self
+            .store
+            .read(offset, len as usize)
+            .await
+            .map_err(ChunkError::Local)?
+            .freeze();
+        let bs = ATTACH_BLOCK as usize;
+        let mine = tokio::task::spawn_blocking(move || checksum::block_digests(&local, bs))
+            .await
+            .expect("digest task panicked");
+        let theirs = match self.ask_peer(offset, len as u32, ATTACH_BLOCK).await {
+            Ok(ReadAnswer::Digests(d)) => d,
+            Ok(other) => return Err(ChunkError::NoPeer(format!("unexpected answer {other:?}"))),
+            Err(e) => return Err(ChunkError::NoPeer(e)),
+        };
+        let digest_bytes = (theirs.len() * checksum::BLOCK_DIGEST_LEN) as u64;
+        let mut fetched = 0;
+        for (o, l) in
+            disk_failure::differing_ranges(offset, len, u64::from(ATTACH_BLOCK), &mine, &theirs)
+        {
+            let data = match self.ask_peer(o, l as u32, 0).await {
+                Ok(ReadAnswer::Data(d)) if d.len() as u64 == l => d,
+                Ok(ReadAnswer::Error(errno)) => {
+                    return Err(ChunkError::NoPeer(format!(
+                        "peer read failed: errno {errno}"
+                    )));
+                }
+                Ok(_) => return Err(ChunkError::NoPeer("short or unexpected answer".into())),
+                Err(e) => return Err(ChunkError::NoPeer(e)),
+            };
+            self.store
+                .write(o, data, false)
+                .await
+                .map_err(ChunkError::Local)?;
+            fetched += l;
+        }
+        Ok((fetched, digest_bytes))
+    }
+
+    /// Sends one `ReadRequest` to the peer chosen by [`disk_failure::read_peer`] and waits for
+    /// the answer (bounded: the link closing or [`READ_TIMEOUT`] fail it).
+    async fn ask_peer(&self, offset: u64, len: u32, block_size: u32) -> Result<ReadAnswer, String> {
+        self.detach_settled().await;
+        let i =
+            disk_failure::read_peer(self.disk(), &self.peer_views()).map_err(|e| e.to_string())?;
+        let Some(conn) = self.peers[i].conn.lock().expect("conn").clone() else {
+            return Err(format!("peer {} is not connected", self.peers[i].node.name));
+        };
+        let id = self.disk_rt.reads.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.disk_rt
+            .reads
+            .waiting
+            .lock()
+            .expect("reads")
+            .insert(id, tx);
+        conn.send(Message::ReadRequest {
+            id,
+            offset,
+            len,
+            block_size,
+        });
+        let mut closed = conn.closed.subscribe();
+        let r = tokio::select! {
+            a = rx => a.map_err(|_| "read answer dropped".to_string()),
+            _ = closed.wait_for(|c| *c) => Err(format!("link to {} closed", self.peers[i].node.name)),
+            _ = tokio::time::sleep(READ_TIMEOUT) => Err(format!("peer {} did not answer a read in {}s",
+                self.peers[i].node.name, READ_TIMEOUT.as_secs())),
+        };
+        self.disk_rt
+            .reads
+            .waiting
+            .lock()
+            .expect("reads")
+            .remove(&id);
+        r
+    }
+
+    /// A `ReadReply` arrived.
+    pub(crate) fn read_answered(&self, id: u64, answer: ReadAnswer) {
+        match self
+            .disk_rt
+            .reads
+            .waiting
+            .lock()
+            .expect("reads")
+            .remove(&id)
+        {
+            Some(tx) => {
+                let _ = tx.send(answer);
+            }
+            None => tracing::debug!(resource = %self.spec.name, id, "read reply nobody waits for"),
+        }
+    }
+
+    /// Reads `[offset, offset + len)` through peers (in bounded requests; a request whose peer
+    /// fails is retried on another one while any can serve).
+    pub(crate) async fn forward_read(
+        &self,
+        offset: u64,
+        len: usize,
+    ) -> Result<BytesMut, StoreError> {
+        let mut out = BytesMut::with_capacity(len);
+        let mut pos = offset;
+        let end = offset + len as u64;
+        while pos < end {
+            let n = (end - pos).min(u64::from(MAX_FORWARDED_READ)) as u32;
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.ask_peer(pos, n, 0).await {
+                    Ok(ReadAnswer::Data(d)) if d.len() == n as usize => {
+                        out.extend_from_slice(&d);
+                        break;
+                    }
+                    Ok(ReadAnswer::Error(errno)) if tries > self.peers.len() => {
+                        return Err(StoreError::Read {
+                            offset: pos,
+                            len: u64::from(n),
+                            source: std::io::Error::from_raw_os_error(errno as i32),
+                        });
+                    }
+                    Ok(_) if tries <= self.peers.len() => continue,
+                    Err(e) if tries <= self.peers.len() => {
+                        tracing::debug!(resource = %self.spec.name, "forwarded read retried: {e}");
+                        continue;
+                    }
+                    Ok(other) => {
+                        return Err(no_path_read(pos, u64::from(n), format!("{other:?}")));
+                    }
+                    Err(e) => return Err(no_path_read(pos, u64::from(n), e)),
+                }
+            }
+            pos += u64::from(n);
+        }
+        Ok(out)
+    }
+}
+
+/// Why a chunk of the resync after attach did not complete.
+enum ChunkError {
+    /// No peer could answer (retry later).
+    NoPeer(String),
+    /// The local disk failed again.
+    Local(StoreError),
+}
+
+/// The write error of a request no peer could take.
+pub(crate) fn no_data_path_write(offset: u64, len: u64, e: NoDataPath) -> StoreError {
+    StoreError::Write {
+        offset,
+        len,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Answers a peer's `ReadRequest` from our disk (EIO when it is not usable; a failing read
+/// also counts as a disk failure here).
+pub(crate) fn serve_read(
+    res: Arc<Resource>,
+    conn: Arc<Conn>,
+    id: u64,
+    offset: u64,
+    len: u32,
+    block_size: u32,
+) {
+    tokio::spawn(async move {
+        let answer = if !res.disk().is_consistent() {
+            ReadAnswer::Error(libc::EIO as u32)
+        } else {
+            match res.store.read(offset, len as usize).await {
+                Ok(data) if block_size == 0 => ReadAnswer::Data(data.freeze()),
+                Ok(data) => {
+                    let data = data.freeze();
+                    let bs = block_size as usize;
+                    match tokio::task::spawn_blocking(move || checksum::block_digests(&data, bs))
+                        .await
+                    {
+                        Ok(d) => ReadAnswer::Digests(d),
+                        Err(_) => ReadAnswer::Error(libc::EIO as u32),
+                    }
+                }
+                Err(e) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    let _ = res.apply_failed("read for a peer failed", &e);
+                    ReadAnswer::Error(errno as u32)
+                }
+            }
+        };
+        conn.send(Message::ReadReply { id, answer });
+    });
+}

@@ -1,0 +1,833 @@
+//! Helpers for the fault-injection suite (tests/repl_faults.rs): a link proxy that delays,
+//! stalls and cuts a replication link; a raw NBD writer that remembers every write the server
+//! acknowledged and checks them on any node's backing file; a 2-node cluster whose link runs
+//! through that proxy; online-verify and split-brain side-file checks; and trial bookkeeping
+//! (seeded schedule, one line per trial, summary table).
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::nbd_wire::{CMD_WRITE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Wire, request_bytes};
+use crate::repl::{Cluster, ClusterOptions, RESOURCE, free_port, tail};
+
+/// Block size of the acked writer (= the default bitmap block size).
+pub const BS: u64 = 4096;
+const MAGIC: u64 = 0x4641_554c_5457_5254; // "FAULTWRT"
+
+// ---------------------------------------------------------------------------------------------
+// The link proxy
+// ---------------------------------------------------------------------------------------------
+
+/// What the proxy does with the bytes of its link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkMode {
+    /// Forward at once.
+    Pass,
+    /// Hold every chunk for this many milliseconds (both directions), then forward in order.
+    Delay(u64),
+    /// Forward nothing (bytes are held, the connections stay open): a silent link.
+    Stall,
+    /// Every connection is closed and new ones are closed as soon as they arrive.
+    Cut,
+}
+
+struct ProxyShared {
+    mode: Mutex<LinkMode>,
+    changed: Condvar,
+    conns: Mutex<Vec<TcpStream>>,
+    stop: AtomicBool,
+    accepted: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// A TCP proxy between two nodes whose behaviour ([`LinkMode`]) the test changes at any time.
+/// Dropping it stops it and closes every connection.
+pub struct FaultProxy {
+    pub port: u16,
+    shared: Arc<ProxyShared>,
+}
+
+impl FaultProxy {
+    /// Listens on 127.0.0.1:`listen_port` and forwards every connection to `target`.
+    pub fn start(listen_port: u16, target: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind(("127.0.0.1", listen_port)).expect("bind fault proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let shared = Arc::new(ProxyShared {
+            mode: Mutex::new(LinkMode::Pass),
+            changed: Condvar::new(),
+            conns: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            accepted: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        });
+        let sh = shared.clone();
+        std::thread::spawn(move || {
+            while !sh.stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        if *sh.mode.lock().unwrap() == LinkMode::Cut {
+                            let _ = client.shutdown(Shutdown::Both);
+                            continue;
+                        }
+                        let sh = sh.clone();
+                        // Connecting may hang (a SYN dropped by nftables): not on the accept loop.
+                        std::thread::spawn(move || connect_and_pump(client, target, sh));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FaultProxy {
+            port: listen_port,
+            shared,
+        }
+    }
+
+    pub fn mode(&self) -> LinkMode {
+        *self.shared.mode.lock().unwrap()
+    }
+
+    /// Switches the link's behaviour; `Cut` also closes every open connection.
+    pub fn set(&self, mode: LinkMode) {
+        *self.shared.mode.lock().unwrap() = mode;
+        self.shared.changed.notify_all();
+        if mode == LinkMode::Cut {
+            for s in self.shared.conns.lock().unwrap().drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// Connections accepted and forwarded so far (a reconnect of the nodes adds one).
+    pub fn connections(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded so far (both directions).
+    pub fn bytes(&self) -> u64 {
+        self.shared.bytes.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.set(LinkMode::Cut);
+    }
+}
+
+fn connect_and_pump(client: TcpStream, target: SocketAddr, sh: Arc<ProxyShared>) {
+    let _ = client.set_nonblocking(false);
+    let Ok(server) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    {
+        // Registered under the lock that `set(Cut)` drains: a connection made while the link
+        // was being cut is closed here.
+        let mut conns = sh.conns.lock().unwrap();
+        if *sh.mode.lock().unwrap() == LinkMode::Cut || sh.stop.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+            return;
+        }
+        for s in [&client, &server] {
+            if let Ok(s) = s.try_clone() {
+                conns.push(s);
+            }
+        }
+    }
+    sh.accepted.fetch_add(1, Ordering::SeqCst);
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    for (from, to) in [
+        (client.try_clone(), server.try_clone()),
+        (server.try_clone(), client.try_clone()),
+    ] {
+        let (Ok(from), Ok(to)) = (from, to) else {
+            continue;
+        };
+        let sh = sh.clone();
+        std::thread::spawn(move || pump_direction(from, to, sh));
+    }
+}
+
+/// One direction: a reader thread stamps each chunk with its arrival time; this thread
+/// forwards it once the mode allows (after the delay, not while stalled).
+fn pump_direction(mut from: TcpStream, mut to: TcpStream, sh: Arc<ProxyShared>) {
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    let sh_r = sh.clone();
+    std::thread::spawn(move || {
+        let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            if sh_r.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => break,
+            }
+        }
+        // EOF or error: dropping `tx` lets the forwarding side send what is queued, then close.
+    });
+    'chunks: while let Ok((arrived, chunk)) = rx.recv() {
+        loop {
+            if sh.stop.load(Ordering::SeqCst) {
+                break 'chunks;
+            }
+            let mode = *sh.mode.lock().unwrap();
+            let release = match mode {
+                LinkMode::Pass => arrived,
+                LinkMode::Delay(ms) => arrived + Duration::from_millis(ms),
+                LinkMode::Cut => break 'chunks,
+                LinkMode::Stall => {
+                    let g = sh.mode.lock().unwrap();
+                    let _ = sh.changed.wait_timeout(g, Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            if release <= now {
+                break;
+            }
+            // Sleep in short steps so a mode change (heal, cut) takes effect promptly.
+            std::thread::sleep((release - now).min(Duration::from_millis(20)));
+        }
+        if to.write_all(&chunk).is_err() {
+            break;
+        }
+        sh.bytes.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A 2-node cluster whose replication link runs through the proxy
+// ---------------------------------------------------------------------------------------------
+
+/// A 2-node cluster: n1 listens on 127.0.0.2, n0 reaches it only through a [`FaultProxy`] on
+/// 127.0.0.1 (n0 has the lower id, so it dials). `configs[i]` starts node `i`.
+pub struct ProxiedCluster {
+    pub cluster: Cluster,
+    pub proxy: FaultProxy,
+    pub configs: [PathBuf; 2],
+}
+
+impl ProxiedCluster {
+    /// Creates the cluster and the proxy and starts both nodes.
+    pub fn start(opts: &ClusterOptions) -> ProxiedCluster {
+        assert_eq!(opts.nodes, 2, "a proxied cluster has two nodes");
+        let c = Cluster::create(opts);
+        let good = std::fs::read_to_string(&c.config).expect("read config");
+        let n1_line = format!("address = \"127.0.0.1:{}\"", c.nodes[1].repl_port);
+        assert!(good.contains(&n1_line), "config names n1's address");
+        let proxy_port = free_port();
+        let n1_conf = c.dir.path().join("n1.toml");
+        std::fs::write(
+            &n1_conf,
+            good.replace(
+                &n1_line,
+                &format!("address = \"127.0.0.2:{}\"", c.nodes[1].repl_port),
+            ),
+        )
+        .expect("write n1 config");
+        let n0_conf = c.dir.path().join("n0.toml");
+        std::fs::write(
+            &n0_conf,
+            good.replace(&n1_line, &format!("address = \"127.0.0.1:{proxy_port}\"")),
+        )
+        .expect("write n0 config");
+        let proxy = FaultProxy::start(
+            proxy_port,
+            format!("127.0.0.2:{}", c.nodes[1].repl_port)
+                .parse()
+                .expect("proxy target"),
+        );
+        let mut p = ProxiedCluster {
+            cluster: c,
+            proxy,
+            configs: [n0_conf, n1_conf],
+        };
+        p.start_node(0);
+        p.start_node(1);
+        p
+    }
+
+    /// Starts (or restarts) node `i` with its config.
+    pub fn start_node(&mut self, i: usize) {
+        let conf = self.configs[i].clone();
+        self.cluster.start_node_with(i, &conf);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The acknowledged-write recorder
+// ---------------------------------------------------------------------------------------------
+
+/// The 4 KiB block the writer puts at block `idx` in trial `trial` as its `seq`-th write: it
+/// says what it is, so a check names what it found instead.
+pub fn block_data(trial: u64, idx: u64, seq: u64) -> Vec<u8> {
+    let mut head = [0u8; 32];
+    for (k, v) in [MAGIC, trial, idx, seq].into_iter().enumerate() {
+        head[k * 8..k * 8 + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    head.repeat((BS / 32) as usize)
+}
+
+fn describe_block(data: &[u8]) -> String {
+    let w = |k: usize| u64::from_le_bytes(data[k * 8..k * 8 + 8].try_into().unwrap());
+    if w(0) == MAGIC {
+        format!("trial {} block {} seq {}", w(1), w(2), w(3))
+    } else if data.iter().all(|&b| b == 0) {
+        "zeroes".to_string()
+    } else {
+        format!("other data ({:02x?}...)", &data[..8])
+    }
+}
+
+#[derive(Default)]
+struct WriterState {
+    /// cookie (= seq) -> block index, for writes sent and not answered yet.
+    inflight: HashMap<u64, u64>,
+    /// (block index, seq) of every write answered with success, in answer order.
+    acked: Vec<(u64, u64)>,
+    /// (block index, seq) of every write answered with an error.
+    failed: Vec<(u64, u64)>,
+    sender_done: bool,
+    ended: Option<String>,
+}
+
+/// What an [`AckedWriter`] saw.
+#[derive(Debug, Clone)]
+pub struct WriterReport {
+    pub trial: u64,
+    /// (block index, seq) of every write the server acknowledged.
+    pub acked: Vec<(u64, u64)>,
+    /// Writes answered with an error.
+    pub failed: u64,
+    /// Writes sent and never answered (the connection ended or the drain timed out).
+    pub unanswered: u64,
+    /// (block index, seq) of the writes that failed or were never answered: each may or may
+    /// not have reached a disk.
+    pub not_acked: Vec<(u64, u64)>,
+    /// Why the connection ended, if it did.
+    pub ended: Option<String>,
+}
+
+/// Writes self-describing 4 KiB blocks through a raw NBD connection, `depth` in flight, and
+/// records every write the server acknowledged. Two writes to one block are never in flight
+/// together, so the last acknowledged write of a block is the one its data must show.
+pub struct AckedWriter {
+    trial: u64,
+    stop: Arc<AtomicBool>,
+    drain_until: Arc<Mutex<Option<Instant>>>,
+    state: Arc<(Mutex<WriterState>, Condvar)>,
+    stream: TcpStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl AckedWriter {
+    /// Connects to `addr` (export [`RESOURCE`]) and writes random blocks of the first `blocks`
+    /// (chosen by `seed`; a block is never written twice at the same time), `depth` in flight,
+    /// at most `rate` writes per second when given, until [`AckedWriter::finish`].
+    pub fn start(
+        addr: SocketAddr,
+        trial: u64,
+        seed: u64,
+        blocks: u64,
+        depth: usize,
+        rate: Option<u32>,
+    ) -> AckedWriter {
+        let (wire, _) = Wire::open(addr, RESOURCE, false)
+            .unwrap_or_else(|e| panic!("NBD connection to {addr}: {e}"));
+        let stream = wire.stream;
+        stream
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let drain_until = Arc::new(Mutex::new(None::<Instant>));
+        let state = Arc::new((Mutex::new(WriterState::default()), Condvar::new()));
+        let mut threads = Vec::new();
+        {
+            let (mut out, stop, state) = (stream.try_clone().unwrap(), stop.clone(), state.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut rng = crate::TestRng::new(seed);
+                let started = Instant::now();
+                for seq in 0u64.. {
+                    if let Some(rate) = rate {
+                        let due = started + Duration::from_secs_f64(seq as f64 / rate as f64);
+                        while Instant::now() < due && !stop.load(Ordering::SeqCst) {
+                            std::thread::sleep(
+                                (due - Instant::now()).min(Duration::from_millis(20)),
+                            );
+                        }
+                    }
+                    let idx;
+                    {
+                        let (m, cv) = &*state;
+                        let mut st = m.lock().unwrap();
+                        while st.inflight.len() >= depth
+                            && !stop.load(Ordering::SeqCst)
+                            && st.ended.is_none()
+                        {
+                            st = cv.wait_timeout(st, Duration::from_millis(50)).unwrap().0;
+                        }
+                        if stop.load(Ordering::SeqCst) || st.ended.is_some() {
+                            break;
+                        }
+                        idx = loop {
+                            let b = rng.below(blocks);
+                            if !st.inflight.values().any(|&i| i == b) {
+                                break b;
+                            }
+                        };
+                        st.inflight.insert(seq, idx);
+                    }
+                    let mut req =
+                        request_bytes(REQUEST_MAGIC, 0, CMD_WRITE, seq, idx * BS, BS as u32);
+                    req.extend_from_slice(&block_data(trial, idx, seq));
+                    if let Err(e) = out.write_all(&req) {
+                        let mut st = state.0.lock().unwrap();
+                        st.ended.get_or_insert(format!("send: {e}"));
+                        break;
+                    }
+                }
+                state.0.lock().unwrap().sender_done = true;
+                state.1.notify_all();
+            }));
+        }
+        {
+            let (mut inp, stop, state, drain) = (
+                stream.try_clone().unwrap(),
+                stop.clone(),
+                state.clone(),
+                drain_until.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut reply = [0u8; 16];
+                let mut have = 0;
+                loop {
+                    {
+                        let st = state.0.lock().unwrap();
+                        if st.ended.is_some() || (st.sender_done && st.inflight.is_empty()) {
+                            break;
+                        }
+                        if stop.load(Ordering::SeqCst) {
+                            if st.inflight.is_empty() {
+                                break;
+                            }
+                            if drain.lock().unwrap().is_some_and(|d| Instant::now() > d) {
+                                break;
+                            }
+                        }
+                    }
+                    match inp.read(&mut reply[have..]) {
+                        Ok(0) => {
+                            state.0.lock().unwrap().ended.get_or_insert("EOF".into());
+                            break;
+                        }
+                        Ok(n) => have += n,
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
+                            continue;
+                        }
+                        Err(e) => {
+                            state
+                                .0
+                                .lock()
+                                .unwrap()
+                                .ended
+                                .get_or_insert(format!("recv: {e}"));
+                            break;
+                        }
+                    }
+                    if have < 16 {
+                        continue;
+                    }
+                    have = 0;
+                    let magic = u32::from_be_bytes(reply[0..4].try_into().unwrap());
+                    let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+                    let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+                    let (m, cv) = &*state;
+                    let mut st = m.lock().unwrap();
+                    if magic != SIMPLE_REPLY_MAGIC {
+                        st.ended
+                            .get_or_insert(format!("bad reply magic {magic:#x}"));
+                        break;
+                    }
+                    match st.inflight.remove(&cookie) {
+                        Some(idx) if error == 0 => st.acked.push((idx, cookie)),
+                        Some(idx) => st.failed.push((idx, cookie)),
+                        None => {
+                            st.ended
+                                .get_or_insert(format!("reply to unknown cookie {cookie}"));
+                            break;
+                        }
+                    }
+                    cv.notify_all();
+                }
+                state.1.notify_all();
+            }));
+        }
+        AckedWriter {
+            trial,
+            stop,
+            drain_until,
+            state,
+            stream,
+            threads,
+        }
+    }
+
+    /// Writes acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.state.0.lock().unwrap().acked.len()
+    }
+
+    /// True once the connection ended (server gone) or every block was written.
+    pub fn finished(&self) -> bool {
+        let st = self.state.0.lock().unwrap();
+        st.ended.is_some() || (st.sender_done && st.inflight.is_empty())
+    }
+
+    /// Waits until at least `n` writes were acknowledged (false after `timeout`).
+    pub fn wait_acked(&self, n: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.acked() >= n {
+                return true;
+            }
+            if self.finished() {
+                return self.acked() >= n;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    /// Stops sending, waits up to `drain` for the answers to writes in flight, then closes.
+    pub fn finish(mut self, drain: Duration) -> WriterReport {
+        *self.drain_until.lock().unwrap() = Some(Instant::now() + drain);
+        self.stop.store(true, Ordering::SeqCst);
+        self.state.1.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+        let st = self.state.0.lock().unwrap();
+        WriterReport {
+            trial: self.trial,
+            acked: st.acked.clone(),
+            failed: st.failed.len() as u64,
+            unanswered: st.inflight.len() as u64,
+            not_acked: st
+                .failed
+                .iter()
+                .copied()
+                .chain(st.inflight.iter().map(|(&seq, &idx)| (idx, seq)))
+                .collect(),
+            ended: st.ended.clone(),
+        }
+    }
+}
+
+impl Drop for AckedWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        *self.drain_until.lock().unwrap() = Some(Instant::now());
+        let _ = self.stream.shutdown(Shutdown::Both);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Checks every acknowledged write of `report` in `backing` (a node's backing file; the data
+/// area starts at offset 0): every block shows its last acknowledged write. `Ok(blocks
+/// checked)`; `Err` names the first few blocks that are not what was acked.
+pub fn check_acked(backing: &Path, report: &WriterReport) -> Result<usize, String> {
+    let f = std::fs::File::open(backing).map_err(|e| format!("open {}: {e}", backing.display()))?;
+    // The last acknowledged write of every block.
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(idx, seq) in &report.acked {
+        last.insert(idx, seq);
+    }
+    let mut bad = Vec::new();
+    let mut buf = vec![0u8; BS as usize];
+    for (&idx, &seq) in &last {
+        f.read_exact_at(&mut buf, idx * BS)
+            .map_err(|e| format!("read {} at block {idx}: {e}", backing.display()))?;
+        // A write to the block issued after its last acknowledged one, never acknowledged itself,
+        // may have reached the disk too: newer data, not a lost write.
+        let newer_unacked = report
+            .not_acked
+            .iter()
+            .any(|&(i, s)| i == idx && s > seq && buf == block_data(report.trial, idx, s));
+        if buf != block_data(report.trial, idx, seq) && !newer_unacked {
+            bad.push(format!(
+                "block {idx}: last acked trial {} seq {seq}, found {}",
+                report.trial,
+                describe_block(&buf)
+            ));
+        }
+    }
+    if bad.is_empty() {
+        Ok(last.len())
+    } else {
+        Err(format!(
+            "{} of {} blocks lack their last acknowledged write in {}: {}",
+            bad.len(),
+            last.len(),
+            backing.display(),
+            bad[..bad.len().min(5)].join("; ")
+        ))
+    }
+}
+
+/// Writes `data` at `offset` through node `i`'s NBD export, one request at a time; `Err` when
+/// a write is refused or the connection fails.
+pub fn write_ranges(c: &Cluster, i: usize, writes: &[(u64, Vec<u8>)]) -> Result<(), String> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", c.nodes[i].nbd_port)
+        .parse()
+        .unwrap();
+    let (mut w, _) = Wire::open(addr, RESOURCE, false).map_err(|e| format!("NBD open: {e}"))?;
+    for (k, (off, data)) in writes.iter().enumerate() {
+        match w.write_simple(k as u64 + 1, *off, data) {
+            Ok(0) => {}
+            Ok(e) => return Err(format!("write at {off} failed with error {e}")),
+            Err(e) => return Err(format!("write at {off}: {e}")),
+        }
+    }
+    let _ = w.disconnect();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks on a running cluster
+// ---------------------------------------------------------------------------------------------
+
+/// Tails of every node's log, for failure messages.
+pub fn logs(c: &Cluster, lines: usize) -> String {
+    (0..c.nodes.len())
+        .map(|j| {
+            format!(
+                "--- {} log (tail)\n{}",
+                c.nodes[j].name,
+                tail(&c.log(j), lines)
+            )
+        })
+        .collect()
+}
+
+/// Polls node `i`'s status until `cond` holds; `Err` with the last status after `timeout`.
+pub fn wait_status(
+    c: &Cluster,
+    i: usize,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = c.blockctl(Some(i), &["status", RESOURCE, "--json"]);
+        let st: serde_json::Value = if out.status.success() {
+            serde_json::from_slice(&out.stdout).unwrap_or_default()
+        } else {
+            serde_json::Value::Null
+        };
+        if !st.is_null() && cond(&st) {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{}: {what} not reached after {timeout:?}; status: {st}",
+                c.nodes[i].name
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Node `i`'s status entry for peer `j`.
+pub fn peer<'a>(c: &Cluster, st: &'a serde_json::Value, j: usize) -> &'a serde_json::Value {
+    st["peers"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["node"] == c.nodes[j].name.as_str()))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Runs `blockctl verify r0 --wait` on node `i` and returns the differing blocks per peer
+/// (every peer must have a finished verify).
+pub fn verify_diffs(c: &Cluster, i: usize) -> Result<u64, String> {
+    let out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "120"]);
+    if !out.status.success() {
+        return Err(format!(
+            "blockctl verify on {} failed ({}): {}{}",
+            c.nodes[i].name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let st = c.status(i);
+    let mut diffs = 0;
+    for p in st["peers"].as_array().into_iter().flatten() {
+        let v = &p["verify"];
+        if v["state"] != "done" || v["done_bytes"] != v["total_bytes"] {
+            return Err(format!("verify of peer {} not done: {v}", p["node"]));
+        }
+        diffs += v["differing_blocks"].as_u64().unwrap_or(u64::MAX);
+    }
+    Ok(diffs)
+}
+
+/// The invariant of every healed scenario: `verify` from node `primary` reports zero
+/// differences and every running node's backing data equals the primary's.
+pub fn assert_verified_identical(c: &Cluster, primary: usize) -> Result<(), String> {
+    let diffs = verify_diffs(c, primary)?;
+    if diffs != 0 {
+        return Err(format!(
+            "verify from {} reported {diffs} differing blocks: {}",
+            c.nodes[primary].name,
+            c.status(primary)["peers"]
+        ));
+    }
+    let want = c.data_checksum(primary);
+    for j in 0..c.nodes.len() {
+        if j != primary && c.is_running(j) && c.data_checksum(j) != want {
+            return Err(format!(
+                "verify said 0 differences but the backing data of {} differs from {}",
+                c.nodes[j].name, c.nodes[primary].name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every node has at most this many `resync started` lines (as source or target).
+pub fn resync_count(c: &Cluster) -> usize {
+    (0..c.nodes.len())
+        .map(|j| c.log(j).matches("resync started").count())
+        .sum()
+}
+
+/// Block-granular ranges: sorted, merged `(offset, length)` of a set of 4 KiB block indexes.
+pub fn merged_ranges(blocks: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some((o, l)) if *o + *l == b * BS => *l += BS,
+            _ => out.push((b * BS, BS)),
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Trial bookkeeping
+// ---------------------------------------------------------------------------------------------
+
+/// The run's seed: env `FAULT_SEED`, else the clock.
+pub fn run_seed() -> u64 {
+    match std::env::var("FAULT_SEED") {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("FAULT_SEED={s:?} is not a number")),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    }
+}
+
+/// A positive integer from the environment, or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={s:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Outcome of one trial.
+#[derive(Debug, Clone)]
+pub struct TrialResult {
+    pub kind: &'static str,
+    pub seed: u64,
+    pub elapsed: Duration,
+    /// `Ok(counts)` or `Err(what failed, with logs)`.
+    pub outcome: Result<String, String>,
+}
+
+/// Per-kind counts for the summary table.
+#[derive(Default)]
+pub struct Summary {
+    rows: BTreeMap<&'static str, (usize, usize, Duration)>,
+    pub failures: Vec<TrialResult>,
+}
+
+impl Summary {
+    pub fn add(&mut self, r: TrialResult) {
+        let e = self.rows.entry(r.kind).or_default();
+        e.0 += 1;
+        e.2 += r.elapsed;
+        if r.outcome.is_err() {
+            e.1 += 1;
+            self.failures.push(r);
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.rows.values().map(|r| r.0).sum()
+    }
+
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "{:<14} {:>6} {:>8} {:>10} {:>10}\n",
+            "kind", "trials", "failed", "total s", "mean s"
+        );
+        for (k, (n, f, t)) in &self.rows {
+            s.push_str(&format!(
+                "{:<14} {:>6} {:>8} {:>10.1} {:>10.1}\n",
+                k,
+                n,
+                f,
+                t.as_secs_f64(),
+                t.as_secs_f64() / (*n).max(1) as f64
+            ));
+        }
+        s
+    }
+}
+
+/// The text of a caught panic.
+pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else {
+        "panic".to_string()
+    }
+}
