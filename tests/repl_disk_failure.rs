@@ -264,6 +264,15 @@ fn detach_on_eio_keeps_serving_and_attach_resyncs() {
     verify_reads(&c, 0, &written);
 }
 
+/// Drops the cached pages of `path` (so reads reach the broken disk).
+fn drop_cache(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).expect("open backing");
+    // SAFETY: posix_fadvise(2) on a file descriptor we own, for its whole length.
+    let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(r, 0, "posix_fadvise");
+}
+
 #[test]
 fn pass_on_returns_eio_and_stays_attached() {
     if !can_break_disks() {
@@ -277,6 +286,12 @@ fn pass_on_returns_eio_and_stays_attached() {
     disk.break_now();
     let err = w.write_simple(2, 8 * BS, &block(2)).expect("write");
     assert_eq!(err, 5, "EIO expected");
+    // A read the page cache cannot answer fails too.
+    drop_cache(&disk.path);
+    match w.read_simple(5, 32 * BS, BS as u32).expect("read") {
+        Ok(_) => panic!("read of a broken disk succeeded under pass-on"),
+        Err(e) => assert_eq!(e, 5, "EIO expected"),
+    }
     let st = c.status(0);
     assert_eq!(st["disk"], "up-to-date", "{st:#}");
     assert_eq!(st["role"], "primary");
@@ -406,10 +421,38 @@ fn admin_detach_and_attach_of_both_roles() {
         Ok(d) => assert_eq!(d, c.read_backing(1, 4 << 20, 4096)),
         Err(e) => panic!("read through the peer failed: {e}"),
     }
+    // Without a connected UpToDate peer a Diskless Primary fails I/O with EIO; once the peer
+    // is back it serves again.
+    c.blockctl_ok(Some(0), &["disconnect", RESOURCE]);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(30),
+        |s| s["peers"][0]["connection"] == "standalone",
+        "n0 standalone",
+    );
+    assert_eq!(w.write_simple(2, 8 << 20, &block(2)).expect("write"), 5);
+    match w.read_simple(3, 4 << 20, 4096).expect("read") {
+        Ok(_) => panic!("a Diskless Primary without peers served a read"),
+        Err(e) => assert_eq!(e, 5),
+    }
+    c.blockctl_ok(Some(0), &["connect", RESOURCE]);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(60),
+        |s| s["peers"][0]["replication"] == "established" && s["peers"][0]["disk"] == "up-to-date",
+        "n0 connected again",
+    );
+    assert_eq!(w.write_simple(4, 8 << 20, &block(4)).expect("write"), 0);
     let _ = w.disconnect();
     let attach = attach_and_resync(&c);
     eprintln!("attach after admin detach: {attach}");
-    assert_eq!(attach["fetched_bytes"].as_u64(), Some(1 << 20), "{attach}");
+    assert_eq!(
+        attach["fetched_bytes"].as_u64(),
+        Some((1 << 20) + BS),
+        "{attach}"
+    );
     c.assert_identical(1);
 }
 
@@ -477,4 +520,26 @@ fn secondary_eio_detaches_and_is_resynced_after_attach() {
     );
     c.assert_identical(0);
     verify_reads(&c, 0, &written);
+}
+
+#[test]
+fn read_error_detaches_and_the_read_completes_through_the_peer() {
+    if !can_break_disks() {
+        return;
+    }
+    let disk_dir = tempfile::tempdir().expect("tempdir");
+    let disk = FailingDisk::start(disk_dir.path(), SIZE);
+    let c = pair("detach", |_| disk.path.clone());
+    let (mut w, _) = Wire::open(nbd_addr(&c, 0), RESOURCE, false).expect("nbd connect");
+    assert_eq!(w.write_simple(1, 40 * BS, &block(41)).expect("write"), 0);
+    disk.break_now();
+    drop_cache(&disk.path);
+    // The first request to see the failure is a read: it is answered by the peer, correctly.
+    match w.read_simple(2, 40 * BS, BS as u32).expect("read") {
+        Ok(d) => assert!(d == block(41), "wrong data through the peer"),
+        Err(e) => panic!("the read that hit the error failed with {e}"),
+    }
+    let st = c.status(0);
+    assert_eq!(st["disk"], "diskless", "{st:#}");
+    let _ = w.disconnect();
 }

@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 
 use integration_tests::TestRng;
 use integration_tests::faults::{
-    AckedWriter, BS, LinkMode, ProxiedCluster, Summary, TrialResult, assert_verified_identical,
-    check_acked, env_count, logs, merged_ranges, panic_text, peer, resync_count, run_seed,
-    wait_status, write_ranges,
+    AckedWriter, BS, BrokenStore, DiskPair, LinkMode, ProxiedCluster, Summary, TrialResult,
+    assert_verified_identical, check_acked, check_acked_nbd, env_count, logs, merged_ranges,
+    no_panics, panic_text, peer, resync_count, run_seed, wait_status, write_ranges,
 };
 use integration_tests::repl::{Cluster, ClusterOptions, EventLog, Partition, RESOURCE};
 
@@ -44,6 +44,8 @@ const KINDS: &[&str] = &[
     "kill-primary",
     "split-brain",
     "quorum",
+    "disk-full",
+    "disk-error",
 ];
 /// Device (backing file) size of every test cluster.
 const SIZE: u64 = 32 << 20;
@@ -447,6 +449,17 @@ fn split_brain(pair: &mut Pair, rng: &mut TestRng, _trial: u64) -> Outcome {
     }
     let sums = (c.data_checksum(p), c.data_checksum(q));
     let events = [EventLog::start(c, p, "sb-p"), EventLog::start(c, q, "sb-q")];
+    let log_len = [c.log(0).len(), c.log(1).len()];
+    // The default policy (after-sb-* = disconnect) never resolves a split brain by itself, and
+    // this trial gave no --discard-my-data before healing.
+    let auto_resolved = || {
+        (0..2).find_map(|i| {
+            c.log(i)[log_len[i]..]
+                .lines()
+                .find(|l| l.contains("split brain detected") && l.contains("resolved by"))
+                .map(|l| format!("{}: {l}", c.nodes[i].name))
+        })
+    };
     pair.pc.proxy.set(LinkMode::Pass);
     if let Some(pt) = part.take() {
         pt.heal();
@@ -472,6 +485,13 @@ fn split_brain(pair: &mut Pair, rng: &mut TestRng, _trial: u64) -> Outcome {
                 && pe["replication"] == "established"
                 && pe["out_of_sync_bytes"] == 0
         };
+        if let Some(line) = auto_resolved() {
+            return Err(format!(
+                "{who} wrote; the split brain was resolved without being asked (default policy \
+                 disconnect, no --discard-my-data in this trial; a stale flag from an earlier \
+                 `connect --discard-my-data`?): {line}"
+            ));
+        }
         if who != "both" && synced(&sp, q) && synced(&sq, p) {
             break false;
         }
@@ -830,6 +850,113 @@ fn quorum(trio: &mut Trio, rng: &mut TestRng, trial: u64) -> Outcome {
 }
 
 // ---------------------------------------------------------------------------------------------
+// disk-full, disk-error
+// ---------------------------------------------------------------------------------------------
+
+/// A backing store fails under protocol C writes (`on-io-error = "detach"`): ENOSPC (`full`,
+/// a sparse file bigger than its 16 MiB tmpfs) or EIO (an nbdkit disk behind the error
+/// filter), on the Primary or on the Secondary. No write fails and none is lost (every
+/// acknowledged write is on the healthy node's disk and reads back through the Primary's
+/// export, diskless or not); no daemon crashes; after repair and `blockctl attach` the node is
+/// UpToDate and verify reports zero differences.
+fn disk_trial(full: bool, rng: &mut TestRng, trial: u64) -> Outcome {
+    let broken = rng.below(2) as usize;
+    let primary = if rng.below(3) == 0 {
+        1 - broken
+    } else {
+        broken
+    };
+    let dp = DiskPair::start(full, broken, primary, SIZE, "16m");
+    let c = &dp.c;
+    let good = 1 - broken;
+    let where_ = if broken == primary {
+        "primary"
+    } else {
+        "secondary"
+    };
+    let outcome = (|| -> Outcome {
+        // ENOSPC comes by itself once the tmpfs is full: write as fast as possible then.
+        let w = writer(c, primary, trial, rng, if full { None } else { Some(RATE) });
+        if !w.wait_acked(1, Duration::from_secs(20)) {
+            return Err(err("the writer got no acknowledgement"));
+        }
+        if let BrokenStore::Eio(disk) = &dp.store {
+            sleep_ms(200 + rng.below(1300));
+            disk.break_now();
+        }
+        let failed_at = Instant::now();
+        let st = wait_status(c, broken, Duration::from_secs(120), "diskless", |s| {
+            s["disk"] == "diskless"
+        })?;
+        let detach_s = failed_at.elapsed().as_secs_f64();
+        let cause = st["disk_error"].as_str().unwrap_or_default().to_string();
+        let want = if full { "os error 28" } else { "os error 5" };
+        if !cause.contains(want) {
+            return Err(format!("disk_error {cause:?} does not name {want}"));
+        }
+        if c.status(primary)["role"] != "primary" {
+            return Err(err("the Primary lost its role when a disk failed"));
+        }
+        // Writes go on (through the peer when the Primary is the diskless one).
+        let a = w.acked();
+        if !w.wait_acked(a + 50, Duration::from_secs(30)) {
+            return Err(format!(
+                "writes stopped after the {where_}'s disk failed ({} acked)",
+                w.acked()
+            ));
+        }
+        sleep_ms(rng.below(1000));
+        let rep = w.finish(Duration::from_secs(30));
+        if rep.failed > 0 || rep.unanswered > 0 || rep.ended.is_some() {
+            return Err(format!(
+                "writes failed across the disk failure: {} failed, {} unanswered, ended {:?}",
+                rep.failed, rep.unanswered, rep.ended
+            ));
+        }
+        let on_good = check_acked(&c.nodes[good].backing, &rep)
+            .map_err(|e| format!("the healthy node after the failure: {e}"))?;
+        let via_export = check_acked_nbd(c, primary, &rep)
+            .map_err(|e| format!("reads through the Primary's export: {e}"))?;
+        no_panics(c)?;
+        // Repair, attach, resync.
+        match &dp.store {
+            BrokenStore::Eio(disk) => disk.heal(),
+            BrokenStore::Full(fs) => fs.resize("128m"),
+        }
+        let out = c.blockctl(Some(broken), &["attach", RESOURCE]);
+        if !out.status.success() {
+            return Err(format!(
+                "blockctl attach failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let attached = Instant::now();
+        wait_status(
+            c,
+            broken,
+            Duration::from_secs(180),
+            "up-to-date after attach",
+            |s| s["disk"] == "up-to-date",
+        )?;
+        c.wait_synced(primary, Duration::from_secs(120));
+        let attach_s = attached.elapsed().as_secs_f64();
+        let on_repaired = check_acked(&c.nodes[broken].backing, &rep)
+            .map_err(|e| format!("the repaired node after attach: {e}"))?;
+        assert_verified_identical(c, primary)?;
+        no_panics(c)?;
+        Ok(format!(
+            "broken={where_}({}) cause={want} detached_after={detach_s:.1}s acked={} \
+             on_healthy={on_good} via_export={via_export} on_repaired_after_attach={on_repaired} \
+             attach+resync={attach_s:.1}s diffs=0",
+            c.nodes[broken].name,
+            rep.acked.len()
+        ))
+    })();
+    outcome.map_err(|e| format!("{e}\n{}", logs(c, 40)))
+}
+
+// ---------------------------------------------------------------------------------------------
 // The runner
 // ---------------------------------------------------------------------------------------------
 
@@ -888,6 +1015,8 @@ fn fault_injection_trials() {
                 if kind == "quorum" {
                     let t = trios[mode].get_or_insert_with(|| Trio::start(on_no_quorum));
                     quorum(t, &mut trng, trial)
+                } else if kind == "disk-full" || kind == "disk-error" {
+                    disk_trial(kind == "disk-full", &mut trng, trial)
                 } else {
                     let p = pair.get_or_insert_with(Pair::start);
                     match kind {

@@ -565,16 +565,50 @@ impl Drop for AckedWriter {
 /// checked)`; `Err` names the first few blocks that are not what was acked.
 pub fn check_acked(backing: &Path, report: &WriterReport) -> Result<usize, String> {
     let f = std::fs::File::open(backing).map_err(|e| format!("open {}: {e}", backing.display()))?;
+    check_acked_with(report, &backing.display().to_string(), |idx| {
+        let mut buf = vec![0u8; BS as usize];
+        f.read_exact_at(&mut buf, idx * BS)
+            .map_err(|e| format!("read {} at block {idx}: {e}", backing.display()))?;
+        Ok(buf)
+    })
+}
+
+/// [`check_acked`] through node `i`'s NBD export (reads as a client sees them).
+pub fn check_acked_nbd(c: &Cluster, i: usize, report: &WriterReport) -> Result<usize, String> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", c.nodes[i].nbd_port)
+        .parse()
+        .unwrap();
+    let (mut w, _) = Wire::open(addr, RESOURCE, false).map_err(|e| format!("NBD open: {e}"))?;
+    let mut cookie = 0;
+    let n = check_acked_with(
+        report,
+        &format!("{}'s NBD export", c.nodes[i].name),
+        |idx| {
+            cookie += 1;
+            match w.read_simple(cookie, idx * BS, BS as u32) {
+                Ok(Ok(data)) => Ok(data),
+                Ok(Err(e)) => Err(format!("NBD read of block {idx} failed with error {e}")),
+                Err(e) => Err(format!("NBD read of block {idx}: {e}")),
+            }
+        },
+    )?;
+    let _ = w.disconnect();
+    Ok(n)
+}
+
+fn check_acked_with(
+    report: &WriterReport,
+    place: &str,
+    mut read: impl FnMut(u64) -> Result<Vec<u8>, String>,
+) -> Result<usize, String> {
     // The last acknowledged write of every block.
     let mut last: BTreeMap<u64, u64> = BTreeMap::new();
     for &(idx, seq) in &report.acked {
         last.insert(idx, seq);
     }
     let mut bad = Vec::new();
-    let mut buf = vec![0u8; BS as usize];
     for (&idx, &seq) in &last {
-        f.read_exact_at(&mut buf, idx * BS)
-            .map_err(|e| format!("read {} at block {idx}: {e}", backing.display()))?;
+        let buf = read(idx)?;
         // A write to the block issued after its last acknowledged one, never acknowledged itself,
         // may have reached the disk too: newer data, not a lost write.
         let newer_unacked = report
@@ -593,10 +627,9 @@ pub fn check_acked(backing: &Path, report: &WriterReport) -> Result<usize, Strin
         Ok(last.len())
     } else {
         Err(format!(
-            "{} of {} blocks lack their last acknowledged write in {}: {}",
+            "{} of {} blocks lack their last acknowledged write in {place}: {}",
             bad.len(),
             last.len(),
-            backing.display(),
             bad[..bad.len().min(5)].join("; ")
         ))
     }
@@ -699,9 +732,10 @@ pub fn verify_diffs(c: &Cluster, i: usize) -> Result<u64, String> {
     Ok(diffs)
 }
 
-/// The invariant of every healed scenario: `verify` from node `primary` reports zero
-/// differences and every running node's backing data equals the primary's.
+/// The invariant of every healed scenario: no daemon crashed, `verify` from node `primary`
+/// reports zero differences and every running node's backing data equals the primary's.
 pub fn assert_verified_identical(c: &Cluster, primary: usize) -> Result<(), String> {
+    no_panics(c)?;
     let diffs = verify_diffs(c, primary)?;
     if diffs != 0 {
         return Err(format!(
@@ -830,4 +864,110 @@ pub fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
     } else {
         "panic".to_string()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broken backing stores
+// ---------------------------------------------------------------------------------------------
+
+/// How a node's backing store is made to fail.
+pub enum BrokenStore {
+    /// An nbdkit disk behind the error filter ([`crate::repl::FailingDisk`]): EIO on demand.
+    Eio(crate::repl::FailingDisk),
+    /// A sparse backing file bigger than the small tmpfs it lives on: ENOSPC once it fills.
+    Full(crate::repl::SmallFs),
+}
+
+/// A started 2-node cluster (protocol C, `on-io-error = "detach"`, external metadata) where
+/// node `broken`'s backing store can fail; node `primary` is Primary and in sync. The cluster
+/// is stopped before the store goes away (field order).
+pub struct DiskPair {
+    pub c: Cluster,
+    pub store: BrokenStore,
+    pub broken: usize,
+    _dir: tempfile::TempDir,
+}
+
+impl DiskPair {
+    /// `full`: ENOSPC (a `size`-byte sparse file on a tmpfs of `tmpfs_size`); else EIO.
+    pub fn start(
+        full: bool,
+        broken: usize,
+        primary: usize,
+        size: u64,
+        tmpfs_size: &str,
+    ) -> DiskPair {
+        let dir = tempfile::Builder::new()
+            .prefix("blockd-faults-disk.")
+            .tempdir()
+            .expect("tempdir");
+        let (store, path) = if full {
+            let fs = crate::repl::SmallFs::mount(&dir.path().join("small"), tmpfs_size);
+            let path = fs.dir.join("backing.img");
+            let f = std::fs::File::create(&path).expect("create sparse backing");
+            f.set_len(size).expect("size sparse backing");
+            (BrokenStore::Full(fs), path)
+        } else {
+            let disk = crate::repl::FailingDisk::start(dir.path(), size);
+            let path = disk.path.clone();
+            (BrokenStore::Eio(disk), path)
+        };
+        let mut opts = ClusterOptions::new(2, "C");
+        opts.size = size;
+        opts.extra_global = "on-io-error = \"detach\"\n".to_string();
+        let mut c = Cluster::create(&opts);
+        let cdir = c.dir.path().to_path_buf();
+        let mut text = std::fs::read_to_string(&c.config).expect("config");
+        for i in 0..2 {
+            let old = format!(
+                "backing = \"{}\"\nmeta = \"internal\"\n",
+                c.nodes[i].backing.display()
+            );
+            let backing = if i == broken {
+                path.clone()
+            } else {
+                c.nodes[i].backing.clone()
+            };
+            let new = format!(
+                "backing = \"{}\"\nmeta = \"{}\"\n",
+                backing.display(),
+                cdir.join(format!("n{i}.meta")).display()
+            );
+            assert!(text.contains(&old), "config layout changed: {text}");
+            text = text.replace(&old, &new);
+        }
+        std::fs::write(&c.config, text).expect("write config");
+        c.nodes[broken].backing = path;
+        for i in 0..2 {
+            c.blockctl_ok(Some(i), &["create-md", RESOURCE, "--force"]);
+        }
+        c.start_node(0);
+        c.start_node(1);
+        c.promote(primary, true);
+        c.wait_synced(primary, Duration::from_secs(120));
+        DiskPair {
+            c,
+            store,
+            broken,
+            _dir: dir,
+        }
+    }
+}
+
+/// `Err` naming the first running node that does not answer `status` or whose log shows a
+/// panic (the daemon must never crash).
+pub fn no_panics(c: &Cluster) -> Result<(), String> {
+    for i in 0..c.nodes.len() {
+        if c.is_running(i) && !c.blockctl(Some(i), &["status", RESOURCE]).status.success() {
+            return Err(format!(
+                "{} does not answer status (crashed?):\n{}",
+                c.nodes[i].name,
+                tail(&c.log(i), 30)
+            ));
+        }
+        if let Some(l) = c.log(i).lines().find(|l| l.contains("panicked at")) {
+            return Err(format!("{} panicked: {l}", c.nodes[i].name));
+        }
+    }
+    Ok(())
 }

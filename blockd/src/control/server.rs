@@ -132,10 +132,12 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
             },
             // Changes nothing: would `promote` be granted, and what would it lose?
             "promote-check" => match one() {
-                Ok(r) => r.promote_check(req.force).map_or_else(failure, |losses| Response {
-                    losses: Some(losses),
-                    ..Response::ok()
-                }),
+                Ok(r) => r
+                    .promote_check(req.force)
+                    .map_or_else(failure, |losses| Response {
+                        losses: Some(losses),
+                        ..Response::ok()
+                    }),
                 Err(e) => e,
             },
             "demote" => match one() {

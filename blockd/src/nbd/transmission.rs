@@ -944,13 +944,15 @@ async fn read_loop<R: RequestSource>(
 ) -> Result<End, TransmissionError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut arrived = Instant::now();
+    // After a spliced WRITE, the next header is read on its own (see `read_request`).
+    let mut header_only = false;
     loop {
         // A header not yet buffered arrives with the next receive: timestamp that receive.
         let receives = reader.buffer().len() < REQUEST_LEN;
         let request = tokio::select! {
             biased;
             () = &mut shutdown => return Ok(End::Shutdown),
-            r = read_request(reader) => match r? {
+            r = read_request(reader, header_only) => match r? {
                 Some(request) => request,
                 None => return Ok(End::Eof),
             },
@@ -968,6 +970,7 @@ async fn read_loop<R: RequestSource>(
         }
         let cookie = request.cookie;
         let track = Track::new(&request, arrived);
+        header_only = false;
         match op {
             Err(e) => {
                 // Keep the stream in sync: a refused WRITE's payload is still on the wire.
@@ -976,7 +979,8 @@ async fn read_loop<R: RequestSource>(
             }
             Ok(Op::Disconnect) => return Ok(End::Disconnect),
             Ok(Op::Write { offset, len, fua }) => {
-                receive_write(reader, ctx, budget, track, cookie, offset, len, fua).await?;
+                header_only =
+                    receive_write(reader, ctx, budget, track, cookie, offset, len, fua).await?;
             }
             Ok(Op::Read { offset, len, df }) => {
                 let permit = charge(budget, len as usize).await;
@@ -1045,9 +1049,31 @@ async fn charge(budget: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
 }
 
 /// Reads the next request header; `None` on a clean end of stream between requests.
+///
+/// With `header_only` and nothing buffered, the header is read from the socket without
+/// filling the read buffer: after a large WRITE, the next request is likely another one,
+/// whose payload is then spliced rather than copied through the buffer (and a second time
+/// into the file).
 async fn read_request<R: RequestSource>(
     reader: &mut BufReader<R>,
+    header_only: bool,
 ) -> Result<Option<Request>, TransmissionError> {
+    let mut header = [0u8; REQUEST_LEN];
+    if header_only && reader.buffer().is_empty() {
+        let inner = reader.get_mut();
+        let n = inner
+            .read(&mut header)
+            .await
+            .map_err(TransmissionError::ReadRequest)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        inner
+            .read_exact(&mut header[n..])
+            .await
+            .map_err(TransmissionError::ReadRequest)?;
+        return decode_header(&header).map(Some);
+    }
     let available = reader
         .fill_buf()
         .await
@@ -1055,19 +1081,23 @@ async fn read_request<R: RequestSource>(
     if available.is_empty() {
         return Ok(None);
     }
-    let mut header = [0u8; REQUEST_LEN];
     reader
         .read_exact(&mut header)
         .await
         .map_err(TransmissionError::ReadRequest)?;
-    match Request::decode(&header) {
-        Ok(request) => Ok(Some(request)),
+    decode_header(&header).map(Some)
+}
+
+fn decode_header(header: &[u8; REQUEST_LEN]) -> Result<Request, TransmissionError> {
+    match Request::decode(header) {
+        Ok(request) => Ok(request),
         Err(HeaderError::BadMagic(m)) => Err(TransmissionError::BadMagic(m)),
         Err(HeaderError::Incomplete) => unreachable!("the header buffer is full"),
     }
 }
 
-/// Reads a WRITE payload chunk by chunk, handing each chunk to the store as it arrives.
+/// Reads a WRITE payload chunk by chunk, handing each chunk to the store as it arrives;
+/// `true` if it was spliced.
 async fn receive_write<R: RequestSource>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
@@ -1077,7 +1107,7 @@ async fn receive_write<R: RequestSource>(
     offset: u64,
     len: u32,
     fua: bool,
-) -> Result<(), TransmissionError> {
+) -> Result<bool, TransmissionError> {
     let chunk = ctx.limits.chunk;
     let len = len as usize;
     if len > SPLICE_MIN as usize && !fua && reader.get_ref().can_splice() {
@@ -1088,7 +1118,7 @@ async fn receive_write<R: RequestSource>(
                 received.await?;
                 // The receiver's own share: the reply goes when the last piece is written.
                 join.chunk_done(Ok(()));
-                return Ok(());
+                return Ok(true);
             }
         }
     }
@@ -1109,7 +1139,7 @@ async fn receive_write<R: RequestSource>(
         } else {
             tokio::spawn(write);
         }
-        return Ok(());
+        return Ok(false);
     }
     let join = Arc::new(WriteJoin::new(
         ctx.clone(),
@@ -1131,7 +1161,7 @@ async fn receive_write<R: RequestSource>(
         });
         pos += n;
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Receives a WRITE payload into a store that takes pipes: what the header read already

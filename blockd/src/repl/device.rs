@@ -30,6 +30,10 @@ fn meta_failure(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError 
     }
 }
 
+/// A request queued to the peers: its sequence number, per peer (by index) the ack to wait
+/// for, and the sessions it was queued on.
+type Replicated = (u64, Vec<(usize, oneshot::Receiver<()>)>, Vec<Arc<Conn>>);
+
 impl Resource {
     fn check_primary_write(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         if self.role() != Role::Primary {
@@ -138,7 +142,7 @@ impl Resource {
         len: u64,
         make: impl Fn(u64, u64) -> Message,
         peer_written: bool,
-    ) -> (u64, Vec<(usize, oneshot::Receiver<()>)>, Vec<Arc<Conn>>) {
+    ) -> Replicated {
         let mut waits = Vec::new();
         let mut untracked = Vec::new();
         let mut queued = Vec::new();
@@ -223,6 +227,10 @@ impl Resource {
                 _ => local().await,
             };
         }
+        // Without a disk and without a peer to write to, fail before anything changes (no new
+        // generation for a write nobody stores).
+        disk_failure::write_plan(self.disk(), &self.peer_views())
+            .map_err(|e| crate::repl::local_disk::no_data_path_write(offset, len, e))?;
         self.ensure_generation(offset, len).await?;
         self.app_io_bytes
             .fetch_add(len, std::sync::atomic::Ordering::Relaxed);

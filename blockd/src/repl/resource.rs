@@ -749,15 +749,10 @@ impl Resource {
             .iter()
             .zip(&st.peers)
             .map(|(p, ps)| {
-                let (in_flight, in_flight_bytes, unconfirmed) = p
-                    .conn
-                    .lock()
-                    .expect("conn")
-                    .as_ref()
-                    .map_or((0, 0, Default::default()), |c| {
-                        let (n, b) = c.in_flight_with_bytes();
-                        (n, b, c.unconfirmed())
-                    });
+                let conn = p.conn.lock().expect("conn").clone();
+                let (in_flight, in_flight_bytes) =
+                    conn.as_ref().map_or((0, 0), |c| c.in_flight_with_bytes());
+                let unconfirmed = conn.as_ref().map(|c| c.unconfirmed()).unwrap_or_default();
                 let lost = ps.known_loss.as_ref().map(|k| k.lost).unwrap_or_default();
                 let resync = ps.repl.is_resync().then(|| {
                     let secs = ps

@@ -779,7 +779,7 @@ impl Message {
                     }
                     1 => {
                         let rest = c.rest();
-                        if rest.len() % BLOCK_DIGEST_LEN != 0 {
+                        if !rest.len().is_multiple_of(BLOCK_DIGEST_LEN) {
                             return Err(c.invalid("digests length", rest.len() as u64));
                         }
                         ReadAnswer::Digests(

@@ -466,4 +466,39 @@ mod tests {
         assert!(e.to_string().contains("snapshot \"nightly\""), "{e}");
         assert!(e.to_string().contains("area is full") || format!("{:?}", e).contains("CowFull"));
     }
+
+    #[test]
+    fn a_run_is_appended_whole_or_not_at_all() {
+        let path = tmp("run");
+        let mut h = header(3);
+        h.device_size = 3 * 4096 + 100;
+        let mut a = CowArea::create(&path, h).unwrap();
+        let old: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
+        // Blocks 1 and 3 (the short last one) from the bytes at 4096.., one write.
+        a.preserve_run(&[1, 3], 4096, &old[4096..]).unwrap();
+        assert_eq!(a.index().slot_of(1), Some(0));
+        assert_eq!(a.index().slot_of(3), Some(1));
+        for bad in [
+            a.preserve_run(&[2, 2], 8192, &old[8192..]),
+            a.preserve_run(&[2], 8192, &old[8192..9000]),
+            a.preserve_run(&[0, 1], 0, &old),
+            a.preserve_run(&[0, 2], 4096, &old[4096..]),
+        ] {
+            assert!(matches!(bad, Err(AreaError::BadRun { .. })), "{bad:?}");
+        }
+        assert_eq!(a.index().used(), 2, "refused runs change nothing");
+        a.preserve_run(&[], 0, &[]).unwrap();
+        a.close().unwrap();
+        let mut b = CowArea::reopen(&path, 3 * 4096 + 100).unwrap();
+        assert_eq!(b.read_block(0).unwrap(), old[4096..8192]);
+        let mut last = old[3 * 4096..].to_vec();
+        last.resize(4096, 0);
+        assert_eq!(b.read_block(1).unwrap(), last);
+        let e = b.preserve_run(&[0, 2], 0, &old[..]).unwrap_err();
+        assert!(e.to_string().contains("full"), "{e}");
+        assert_eq!(b.index().used(), 2);
+        b.preserve_run(&[0, 2], 0, &old[..3 * 4096]).unwrap_err();
+        b.preserve_run(&[2], 8192, &old[8192..3 * 4096]).unwrap();
+        assert_eq!(b.reader().read_block(2).unwrap(), old[8192..3 * 4096]);
+    }
 }

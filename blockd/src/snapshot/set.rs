@@ -790,4 +790,121 @@ mod tests {
         drop(g);
         assert_eq!(&snap.read(&store, 0, 2).await.unwrap()[..], &[9u8; 2]);
     }
+
+    /// Drops the store's cached pages (clean after `sync_all`), so reads must wait for the disk.
+    fn evict(dir: &Path) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(dir.join("data")).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: `f` is an open descriptor for the whole call; fadvise only drops clean pages.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+    }
+
+    #[tokio::test]
+    async fn changes_preserve_at_once_when_cached_and_through_the_engine_otherwise() {
+        let size = 1 << 20;
+        let (dir, store) = setup("now", size);
+        fill(&store, 1, size).await;
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let g = set
+            .try_change_now(&store, 0, 4096)
+            .expect("no snapshot: at once");
+        assert!(g.invalidated.is_empty());
+        drop(g);
+        let snap = set.open("s", 1 << 20, 1, "").unwrap();
+        // Cached: preserved on this thread, one record per block, a run of three at once.
+        let g = set
+            .try_change_now(&store, 4096 + 10, 2 * 4096)
+            .expect("cached");
+        assert!(g.invalidated.is_empty());
+        store
+            .write(4096 + 10, Bytes::from(vec![2u8; 2 * 4096]), false)
+            .await
+            .unwrap();
+        drop(g);
+        assert_eq!(set.status()[0].cow_used_bytes, 3 * (4096 + 64));
+        // Already preserved: nothing to read, at once even when uncached.
+        evict(&dir);
+        let g = set
+            .try_change_now(&store, 4096, 4096)
+            .expect("nothing to preserve");
+        drop(g);
+        // Not cached: nothing done, the change goes through `change`.
+        evict(&dir);
+        assert!(set.try_change_now(&store, 8 * 4096, 4096).is_none());
+        assert_eq!(set.status()[0].cow_used_bytes, 3 * (4096 + 64));
+        let g = set.change(&store, 8 * 4096, 4096).await;
+        assert!(g.invalidated.is_empty());
+        store
+            .write(8 * 4096, Bytes::from(vec![3u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(g);
+        assert_eq!(set.status()[0].cow_used_bytes, 4 * (4096 + 64));
+        assert_eq!(
+            &snap.read(&store, 0, size as usize).await.unwrap()[..],
+            &vec![1u8; size as usize][..]
+        );
+        // A freeze under way holds off changes made at once.
+        let freeze = set.gate.write().await;
+        assert!(set.try_change_now(&store, 0, 1).is_none());
+        drop(freeze);
+        // A full area invalidates the snapshot, and the change goes on.
+        let small = set.open("small", 4096 + 64, 2, "").unwrap();
+        let g = set.try_change_now(&store, 0, 8192).expect("cached");
+        assert_eq!(g.invalidated.len(), 1);
+        assert_eq!(g.invalidated[0].name, "small");
+        assert!(g.invalidated[0].reason.contains("full"));
+        drop(g);
+        assert!(small.read(&store, 0, 1).await.is_err());
+        assert!(!dir.join("r0.small.snap").exists(), "its area is removed");
+        assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Model check over real files: whichever way changes preserve (at once or through the
+        /// engine), a snapshot reads back its frozen image byte for byte, across a clean restart.
+        #[test]
+        fn a_snapshot_reads_its_frozen_image_whatever_the_path(
+            writes in proptest::collection::vec(
+                (0u64..40_000, 1u64..10_000, proptest::prelude::any::<u8>(), proptest::prelude::any::<bool>()),
+                1..24,
+            ),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let size = 40_000u64;
+                let (dir, store) = setup("model", size);
+                let frozen: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+                store.write(0, Bytes::from(frozen.clone()), false).await.unwrap();
+                let (set, _) = Snapshots::load(&dir, "r0", size);
+                let snap = set.open("m", 1 << 20, 1, "").unwrap();
+                let mut live = frozen.clone();
+                for (off, len, byte, now) in writes {
+                    let len = len.min(size - off.min(size));
+                    if len == 0 {
+                        continue;
+                    }
+                    let g = match now.then(|| set.try_change_now(&store, off, len)).flatten() {
+                        Some(g) => g,
+                        None => set.change(&store, off, len).await,
+                    };
+                    assert!(g.invalidated.is_empty());
+                    store.write(off, Bytes::from(vec![byte; len as usize]), false).await.unwrap();
+                    drop(g);
+                    live[off as usize..(off + len) as usize].fill(byte);
+                }
+                assert_eq!(&store.read(0, size as usize).await.unwrap()[..], &live[..]);
+                assert_eq!(&snap.read(&store, 0, size as usize).await.unwrap()[..], &frozen[..]);
+                drop(snap);
+                assert!(set.close_all().await.is_empty());
+                let (set, dropped) = Snapshots::load(&dir, "r0", size);
+                assert!(dropped.is_empty(), "{dropped:?}");
+                let snap = set.get("m").unwrap();
+                assert_eq!(&snap.read(&store, 0, size as usize).await.unwrap()[..], &frozen[..]);
+            });
+        }
+    }
 }

@@ -506,18 +506,22 @@ impl BlockStore {
         if done == len {
             return Ok(buf);
         }
-        let rest = self
-            .inner
-            .engine
-            .read(offset + done as u64, len - done)
-            .await
-            .map_err(|e| {
-                e.into_store(|source| StoreError::Read {
-                    offset,
-                    len: len as u64,
-                    source,
-                })
-            })?;
+        let (at, n) = (offset + done as u64, len - done);
+        let rest = if self.inner.memory_backed {
+            // tmpfs has no non-blocking reads: io_uring would hand each one to an io-wq
+            // worker, two thread hops more than a worker doing the pread itself.
+            let read = move |f: &File| os::pread_exact_new(f, n, at);
+            self.inner.engine.blocking(read).await
+        } else {
+            self.inner.engine.read(at, n).await
+        };
+        let rest = rest.map_err(|e| {
+            e.into_store(|source| StoreError::Read {
+                offset,
+                len: len as u64,
+                source,
+            })
+        })?;
         if done == 0 {
             Ok(rest)
         } else {
@@ -621,17 +625,22 @@ impl BlockStore {
         if done == data.len() {
             return Ok(());
         }
-        self.inner
-            .engine
-            .write(offset + done as u64, data.slice(done..), fua)
-            .await
-            .map_err(|e| {
-                e.into_store(|source| StoreError::Write {
-                    offset,
-                    len,
-                    source,
-                })
+        let (at, rest) = (offset + done as u64, data.slice(done..));
+        let written = if self.inner.memory_backed {
+            // As for reads: a worker's pwrite, not an io-wq punt behind the ring thread.
+            let flags = if fua { libc::RWF_DSYNC } else { 0 };
+            let write = move |f: &File| os::pwrite_full(f, &rest, at, flags);
+            self.inner.engine.blocking(write).await
+        } else {
+            self.inner.engine.write(at, rest, fua).await
+        };
+        written.map_err(|e| {
+            e.into_store(|source| StoreError::Write {
+                offset,
+                len,
+                source,
             })
+        })
     }
 
     /// Writes `data` at `offset` with a plain `pwrite` on the calling thread, which blocks until
