@@ -11,14 +11,16 @@
 #   --size SIZE          backing file size for fio/qemu-img (default 1G)
 #   --runtime S          seconds per fio job (default 10)
 #   --reps N             repetitions (default 3)
-#   --servers "..."      any of: blockd blockd-uring blockd-sync nbdkit qemu-nbd[:AIO] raw
+#   --servers "..."      any of: blockd blockd-uring blockd-sync blockd-b nbdkit qemu-nbd[:AIO] raw
 #                        where AIO is a qemu-nbd --aio mode (threads, io_uring; default threads)
+#                        and blockd-b is a second blockd binary (BLOCKD_B) for A/B runs
 #                        (default: "blockd nbdkit qemu-nbd:threads qemu-nbd:io_uring raw")
 #   --jobs "..."         any of: randwrite randread seqwrite seqread (default: all four)
 #   --results FILE       raw per-run results (TSV) are written here (default: a temp file)
 #   --no-build           use the existing target/release/blockd
 #   --quick              --runtime 3 --reps 1
-# Environment: BLOCKD=/path/to/blockd overrides the built binary.
+# Environment: BLOCKD=/path/to/blockd overrides the built binary; BLOCKD_B=/path/to/blockd is
+# the binary of server blockd-b (e.g. a build from before a change, in the same run).
 set -euo pipefail
 
 DIRS="/dev/shm /var/tmp"
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
         --results) RESULTS=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         --quick) RUNTIME=3; REPS=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "unknown option: $1" >&2; exit 2 ;;
     esac
 done
@@ -107,11 +109,12 @@ stop_server() {
 start_server() {
     local name=$1 file=$2 port=$3 log=$WORK/${1//:/-}.log
     case "$name" in
-        blockd|blockd-uring|blockd-sync)
-            local engine=auto
+        blockd|blockd-uring|blockd-sync|blockd-b)
+            local engine=auto bin=$BLOCKD
             [ "$name" = blockd-uring ] && engine=uring
             [ "$name" = blockd-sync ] && engine=sync
-            "$BLOCKD" standalone --backing "$file" --listen "127.0.0.1:$port" \
+            [ "$name" = blockd-b ] && bin=${BLOCKD_B:?blockd-b needs BLOCKD_B=/path/to/blockd}
+            "$bin" standalone --backing "$file" --listen "127.0.0.1:$port" \
                 --export bench --io-engine "$engine" >"$log" 2>&1 &
             SERVER_PID=$!
             URI="nbd://127.0.0.1:$port/bench" ;;
@@ -192,6 +195,7 @@ run_fio() {
 read -r -a server_list <<<"$SERVERS"
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -r) $(nproc) CPUs; size=$SIZE runtime=${RUNTIME}s reps=$REPS"
 [ -n "${BLOCKD:-}" ] && echo "# blockd: $BLOCKD"
+[ -n "${BLOCKD_B:-}" ] && echo "# blockd-b: $BLOCKD_B"
 for dir in $DIRS; do
     mkdir -p "$dir"
     file=$(mktemp "$dir/nbd-bench.XXXXXX.img")

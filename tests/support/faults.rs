@@ -710,14 +710,16 @@ pub fn peer<'a>(c: &Cluster, st: &'a serde_json::Value, j: usize) -> &'a serde_j
 /// Runs `blockctl verify r0 --wait` on node `i` and returns the differing blocks per peer
 /// (every peer must have a finished verify).
 pub fn verify_diffs(c: &Cluster, i: usize) -> Result<u64, String> {
-    let out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "120"]);
+    // 32 MiB verify in well under a second here: 45 s (inside blockctl's 60 s limit) means stuck.
+    let out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "45"]);
     if !out.status.success() {
         return Err(format!(
-            "blockctl verify on {} failed ({}): {}{}",
+            "blockctl verify --wait on {} failed ({}): {}{}; peers: {}",
             c.nodes[i].name,
             out.status,
             String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
+            c.status(i)["peers"]
         ));
     }
     let st = c.status(i);

@@ -4,12 +4,19 @@
 //! restarts.
 //!
 //! Every change of the replica (replicated data, trim, zeroes, resync, and the Primary's own
-//! writes) runs under a [`ChangeGuard`] from [`Snapshots::change`]: it preserves what the change
-//! will overwrite and holds the freeze gate shared until the change is done. [`Snapshots::open`]
+//! writes) runs under a [`ChangeGuard`] from [`Snapshots::change`] (or, for a change applied at
+//! once on the caller's thread, [`Snapshots::try_change_now`]): it preserves what the change will
+//! overwrite and holds the freeze gate shared until the change is done. [`Snapshots::open`]
 //! takes the gate exclusively, so a snapshot freezes the replica with no change in flight. The
 //! replica applies epochs in order, so that image is every earlier epoch plus some writes of
 //! the current one — writes the Primary had in flight together, any subset of which a power cut
 //! could leave: a state the disk may be found in after a crash, never a torn one.
+//!
+//! Preserving costs little: only the first change of a block since the freeze copies it (a
+//! hash lookup decides), the old contents of a change's blocks are read with one store read
+//! (from the page cache, without waiting, on the apply path) and appended as one run of records
+//! with one write, and nothing is synced (an area is trusted after a restart only when a clean
+//! shutdown synced and closed it). A snapshot's lock is never held across an `.await`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -310,7 +317,10 @@ impl Run {
 
 /// Polls `fut` once: its output if it completes without waiting. A store read completes at
 /// once when the page cache holds the range (`RWF_NOWAIT`); otherwise it was handed to the
-/// engine, whose result is then dropped (the engine owns the buffer: dropping is safe).
+/// engine, whose result is then dropped (the engine owns the buffer: dropping is safe). The
+/// caller then reads again through [`Snapshots::change`]: that costs one more engine request,
+/// not one more disk read (both wait for the same pages; the first read has usually filled
+/// them). A store operation that only tries the cache would save the request.
 fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
     let mut fut = std::pin::pin!(fut);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -448,16 +458,6 @@ impl Snapshots {
             _gate: gate,
             invalidated,
         })
-    }
-
-    /// For a change made without waiting (inline): the gate, when no snapshot is open and no
-    /// freeze is under way; `None` means use [`change`](Self::change).
-    pub fn try_change_without_snapshots(&self) -> Option<tokio::sync::RwLockReadGuard<'_, ()>> {
-        if !self.is_empty() {
-            return None;
-        }
-        let g = self.gate.try_read().ok()?;
-        self.is_empty().then_some(g)
     }
 
     /// Freezes the replica as it is once the changes in flight are done, as snapshot `name`
