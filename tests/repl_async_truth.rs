@@ -32,13 +32,26 @@ fn nbd_addr(p: &StalledPair, i: usize) -> SocketAddr {
         .expect("nbd addr")
 }
 
-/// A 2-node cluster through the proxy, n0 promoted and in sync.
-fn pair(protocol: &str) -> StalledPair {
-    let opts = ClusterOptions::new(2, protocol);
+/// The most a socket's send buffer grows to (the third figure of tcp_wmem; 4 MiB if unknown).
+fn tcp_wmem_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20)
+}
+
+/// A 2-node cluster of `size`-byte devices through the proxy, n0 promoted and in sync.
+fn pair_of(protocol: &str, size: u64) -> StalledPair {
+    let mut opts = ClusterOptions::new(2, protocol);
+    opts.size = size;
     let p = StalledPair::start(&opts);
     p.cluster.promote(0, true);
     p.cluster.wait_synced(0, Duration::from_secs(120));
     p
+}
+
+fn pair(protocol: &str) -> StalledPair {
+    pair_of(protocol, 64 << 20)
 }
 
 /// Waits until `cond` holds for n`i`'s only peer; returns that peer status.
@@ -93,7 +106,7 @@ fn read_replies(w: &mut Wire, n: u64) {
 
 #[test]
 fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
-    let p = pair("A");
+    let p = pair_of("A", 160 << 20);
     let events = EventLog::start(&p.cluster, 1, "n1");
     let (mut w, _) = Wire::open(nbd_addr(&p, 0), RESOURCE, false).expect("nbd");
 
@@ -121,26 +134,27 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
     eprintln!("drained to 0 in {:?}", t.elapsed());
 
     // 3. A slow link, a burst of writes (acknowledged at once under A), then the Primary dies.
-    const N3: u64 = 512;
+    // The report of acknowledged writes goes ahead of the queued data, behind at most the
+    // kernel's socket buffers (n0's send buffer, tcp_wmem max) and the proxy's: once that much
+    // more has been forwarded, it has arrived while most of the burst has not.
+    let margin = tcp_wmem_max() + (2 << 20);
+    let n3: u64 = ((4 * margin).max(32 << 20) / BIG as u64).min(2000);
     const RATE: u64 = 2 << 20;
     let base3 = 1 << 20;
     p.proxy.throttle(RATE);
     let before = p.proxy.forwarded();
-    send_writes(&mut w, 3, base3, N3, BIG);
-    read_replies(&mut w, N3);
+    send_writes(&mut w, 3, base3, n3, BIG);
+    read_replies(&mut w, n3);
     let after_writes = p.proxy.forwarded();
     let st = p.peer_status(0);
     let unconfirmed = st["unconfirmed_writes"].as_u64().expect("unconfirmed");
     assert!(
-        unconfirmed > 0 && unconfirmed <= N3,
-        "unconfirmed {unconfirmed} of {N3}: {st:#}"
+        unconfirmed > 0 && unconfirmed <= n3,
+        "unconfirmed {unconfirmed} of {n3}: {st:#}"
     );
     let text = p.cluster.blockctl_ok(Some(0), &["status", RESOURCE]);
     assert!(text.contains(" unconfirmed:"), "{text}");
-    // The report of acknowledged writes goes ahead of the queued data, behind at most the
-    // kernel's socket buffers (tcp_wmem max 4 MiB) and the proxy's: once this much more has
-    // been forwarded, it has arrived while most of the burst has not.
-    let report_arrived = after_writes + (6 << 20);
+    let report_arrived = after_writes + margin;
     integration_tests::wait_for(
         Duration::from_secs(60),
         || p.proxy.forwarded() >= report_arrived,
@@ -190,7 +204,7 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
     let f = std::fs::File::open(&p.cluster.nodes[1].backing).expect("n1 backing");
     let mut missing = 0u64;
     let mut buf = vec![0u8; BIG];
-    for k in 0..N3 {
+    for k in 0..n3 {
         f.read_exact_at(&mut buf, base3 + k * BIG as u64)
             .expect("read n1");
         if buf != block(3, k, BIG) {
@@ -207,7 +221,7 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
         );
     }
     eprintln!(
-        "throttled burst: {N3} writes of {BIG} bytes acknowledged; {} bytes forwarded meanwhile; \
+        "throttled burst: {n3} writes of {BIG} bytes acknowledged; {} bytes forwarded meanwhile; \
          n1 reports {lost_writes} lost writes ({lost_bytes} bytes); {missing} really missing",
         after_writes - before
     );

@@ -543,3 +543,118 @@ fn read_error_detaches_and_the_read_completes_through_the_peer() {
     assert_eq!(st["disk"], "diskless", "{st:#}");
     let _ = w.disconnect();
 }
+
+/// The data a block may hold after `written`: its last acknowledged write, or a later write
+/// that failed (a write in flight when the link dropped may have reached the peer anyway).
+fn allowed_contents(written: &Written) -> HashMap<u64, Vec<u64>> {
+    let mut allowed: HashMap<u64, Vec<u64>> =
+        written.last.iter().map(|(&b, &k)| (b, vec![k])).collect();
+    for &(k, _) in &written.failed {
+        if let Some(v) = allowed.get_mut(&(k % 256)) {
+            if k > v[0] {
+                v.push(k);
+            }
+        }
+    }
+    allowed
+}
+
+/// Reads every block in `allowed` through node `i`'s export and checks it holds one of them.
+fn verify_allowed(c: &Cluster, i: usize, allowed: &HashMap<u64, Vec<u64>>) {
+    let (mut w, _) = Wire::open(nbd_addr(c, i), RESOURCE, false).expect("nbd connect");
+    for (cookie, (&b, ks)) in allowed.iter().enumerate() {
+        match w
+            .read_simple(cookie as u64, b * BS, BS as u32)
+            .expect("nbd read")
+        {
+            Ok(data) => assert!(
+                ks.iter().any(|&k| data == block(k)),
+                "block {b}: none of the writes {ks:?} (acknowledged write lost)"
+            ),
+            Err(e) => panic!("read of block {b} failed with {e}"),
+        }
+    }
+    let _ = w.disconnect();
+}
+
+/// A Diskless Primary that loses its only peer counts as a crashed Primary and has blocks
+/// marked for the peer (writes in flight at the loss); its detached store still holds the
+/// data of before the detach. When the peer comes back, the Primary must not be the resync
+/// source (it would send that stale data over writes acknowledged while Diskless): no resync
+/// in either direction, the peer's data serves, nothing acknowledged is lost, and after attach
+/// both copies are identical.
+#[test]
+fn diskless_primary_that_lost_its_peer_is_never_a_resync_source() {
+    let mut opts = ClusterOptions::new(2, "C");
+    opts.size = 32 << 20;
+    let c = Cluster::start(&opts);
+    c.promote(0, true);
+    c.wait_synced(0, Duration::from_secs(120));
+    // Old contents on both disks, so a stale copy differs from every acknowledged write.
+    c.write_random(0, 0, 1 << 20, 3);
+    c.blockctl_ok(Some(0), &["detach", RESOURCE]);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(30),
+        |s| s["disk"] == "diskless",
+        "n0 diskless",
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mark = Arc::new(AtomicBool::new(false));
+    let w = writer(nbd_addr(&c, 0), 1, 256, stop.clone(), mark.clone());
+    std::thread::sleep(Duration::from_millis(1500));
+    // The peer leaves while writes are in flight: they fail (EIO) from then on.
+    c.blockctl_ok(Some(1), &["disconnect", RESOURCE]);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(30),
+        |s| s["peers"][0]["connection"] != "connected",
+        "n0 lost its peer",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let written = w.join().expect("writer");
+    eprintln!(
+        "Diskless Primary: {} writes acknowledged, {} failed after the peer left",
+        written.acked,
+        written.failed.len()
+    );
+    assert!(written.acked > 0);
+    assert!(
+        written.failed.iter().all(|&(_, e)| e == 5),
+        "{:?}",
+        written.failed
+    );
+    assert!(!written.failed.is_empty(), "no write failed without a peer");
+
+    c.blockctl_ok(Some(1), &["connect", RESOURCE]);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(60),
+        |s| s["peers"][0]["replication"] == "established" && s["peers"][0]["disk"] == "up-to-date",
+        "n0 serving through n1 again",
+    );
+    let log = c.log(0);
+    assert!(
+        log.contains("NoDiskSelf"),
+        "handshake rule: {}",
+        tail(&log, 30)
+    );
+    assert_eq!(c.status(1)["disk"], "up-to-date");
+    let allowed = allowed_contents(&written);
+    verify_allowed(&c, 0, &allowed);
+    // The peer's own disk (a Secondary has no export) holds them too.
+    for (&b, ks) in &allowed {
+        let data = c.read_backing(1, b * BS, BS);
+        assert!(
+            ks.iter().any(|&k| data == block(k)),
+            "n1 block {b}: none of {ks:?}"
+        );
+    }
+    attach_and_resync(&c);
+    c.assert_identical(0);
+    verify_allowed(&c, 0, &allowed);
+}

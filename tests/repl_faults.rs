@@ -741,9 +741,8 @@ fn wait_mesh(c: &Cluster, timeout: Duration) -> Result<(), String> {
     Ok(())
 }
 
-fn quorum(trio: &mut Trio, rng: &mut TestRng, trial: u64) -> Outcome {
+fn quorum(trio: &mut Trio, isolate_primary: bool, rng: &mut TestRng, trial: u64) -> Outcome {
     let c = &trio.c;
-    let isolate_primary = rng.below(2) == 0;
     c.wait_synced(trio.primary, Duration::from_secs(60));
     // Put the Primary where the variant wants it: n2 (cut off) or one of the majority.
     let want_primary = if isolate_primary {
@@ -996,6 +995,18 @@ fn fault_injection_trials() {
         }
         Err(_) => KINDS.to_vec(),
     };
+    // Breaking disks needs root, FUSE, nbdkit and nbdfuse (can_break_disks says what is missing).
+    let kinds: Vec<&'static str> = if kinds.iter().any(|k| k.starts_with("disk-"))
+        && !integration_tests::repl::can_break_disks()
+    {
+        println!("disk-full and disk-error trials NOT run: this machine cannot break disks");
+        kinds
+            .into_iter()
+            .filter(|k| !k.starts_with("disk-"))
+            .collect()
+    } else {
+        kinds
+    };
     println!(
         "fault injection: seed {seed} (replay with FAULT_SEED={seed}), {rounds} round(s) of {kinds:?}, budget {budget:?}"
     );
@@ -1007,6 +1018,9 @@ fn fault_injection_trials() {
     let mut summary = Summary::default();
     let mut trial = 0u64;
     let mut skipped = 0usize;
+    // Quorum trials go through the four cases (on-no-quorum suspend-io / io-error, the Primary
+    // or a Secondary cut off) in turn, from a random start: 4 rounds cover each once.
+    let mut quorum_case = rng.below(4) as usize;
     'rounds: for _ in 0..rounds {
         let mut order = kinds.clone();
         for i in (1..order.len()).rev() {
@@ -1021,14 +1035,18 @@ fn fault_injection_trials() {
             }
             trial += 1;
             let tseed = rng.next_u64();
-            let mode = (tseed % 2) as usize;
+            let mode = quorum_case % 2;
+            let isolate_primary = (quorum_case / 2) % 2 == 1;
+            if kind == "quorum" {
+                quorum_case += 1;
+            }
             let on_no_quorum = ["suspend-io", "io-error"][mode];
             let t0 = Instant::now();
             let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Outcome {
                 let mut trng = TestRng::new(tseed);
                 if kind == "quorum" {
                     let t = trios[mode].get_or_insert_with(|| Trio::start(on_no_quorum));
-                    quorum(t, &mut trng, trial)
+                    quorum(t, isolate_primary, &mut trng, trial)
                 } else if kind == "disk-full" || kind == "disk-error" {
                     disk_trial(kind == "disk-full", &mut trng, trial)
                 } else {

@@ -5,9 +5,9 @@
 use crate::meta::generation::Uuid;
 
 use super::split_brain::{self, Resolution, SplitBrainPolicy, SplitBrainSide, Verdict};
-use super::state::{ConnState, DiskState, ReplState};
+use super::state::{ConnState, ReplState};
 use super::sync_decision::{
-    self, BitmapPlan, SideView, SplitBrainKind, SyncDecision, SyncOutcome, SyncRule,
+    self, BitmapPlan, Refusal, SideView, SplitBrainKind, SyncDecision, SyncOutcome, SyncRule,
 };
 
 /// Everything one side knows at handshake time about itself (the peer sends the same).
@@ -56,6 +56,10 @@ pub enum DisconnectReason {
     SplitBrain(SplitBrainKind),
     /// No common generation: not the same data set.
     UnrelatedData,
+    /// No resync is possible now (no usable data where it would have to come from, or a
+    /// Diskless Primary and a peer at another generation). `NoUsableData` is retried (the
+    /// connection state stays Connecting); `NotExposedData` goes StandAlone.
+    Refused(Refusal),
 }
 
 /// The result of a handshake for `me`.
@@ -140,12 +144,8 @@ pub fn handshake(
             commands.push(Command::ExchangeBitmaps);
             commands.push(Command::PinBitmapUuid);
             commands.push(Command::SendSyncUuid(me.view.ids.current));
-            // An Inconsistent source (its own resync from a third node is not done) waits.
-            commands.push(Command::Enter(if me.view.disk == DiskState::Inconsistent {
-                ReplState::PausedSyncS
-            } else {
-                ReplState::SyncSource
-            }));
+            // Never Inconsistent here: a source without usable data is refused by the decision.
+            commands.push(Command::Enter(ReplState::SyncSource));
             ConnState::Connected
         }
         SyncOutcome::Target(plan) => {
@@ -157,13 +157,7 @@ pub fn handshake(
             }
             commands.push(Command::ExchangeBitmaps);
             commands.push(Command::AdoptSyncUuid);
-            commands.push(Command::Enter(
-                if peer.view.disk == DiskState::Inconsistent {
-                    ReplState::PausedSyncT
-                } else {
-                    ReplState::SyncTarget
-                },
-            ));
+            commands.push(Command::Enter(ReplState::SyncTarget));
             ConnState::Connected
         }
         SyncOutcome::SplitBrain(kind) => {
@@ -173,6 +167,13 @@ pub fn handshake(
         SyncOutcome::Unrelated => {
             commands.push(Command::Disconnect(DisconnectReason::UnrelatedData));
             ConnState::StandAlone
+        }
+        SyncOutcome::Refused(r) => {
+            commands.push(Command::Disconnect(DisconnectReason::Refused(r)));
+            match r {
+                Refusal::NoUsableData => ConnState::Connecting,
+                Refusal::NotExposedData => ConnState::StandAlone,
+            }
         }
     };
     HandshakeOutcome {
@@ -206,6 +207,7 @@ fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
 mod tests {
     use super::*;
     use crate::meta::generation::GenerationIds;
+    use crate::repl::state::DiskState;
     use crate::repl::split_brain::{After0Pri, ResolvedBy};
     use crate::repl::state::Role;
     use crate::repl::sync_decision::SyncRule;
@@ -270,10 +272,9 @@ mod tests {
     }
 
     #[test]
-    fn copy_slot_and_paused_source() {
+    fn copy_slot_and_refused_inconsistent_source() {
         let mut a = side(0, 0x200);
         a.view.ids.bitmap[2] = Uuid(0x100);
-        a.view.disk = DiskState::Inconsistent;
         let b = side(1, 0x100);
         let pol = SplitBrainPolicy::default();
         assert_eq!(
@@ -283,7 +284,7 @@ mod tests {
                 Command::ExchangeBitmaps,
                 Command::PinBitmapUuid,
                 Command::SendSyncUuid(Uuid(0x200)),
-                Command::Enter(ReplState::PausedSyncS)
+                Command::Enter(ReplState::SyncSource)
             ]
         );
         assert_eq!(
@@ -292,9 +293,50 @@ mod tests {
                 Command::ClearBitmap,
                 Command::ExchangeBitmaps,
                 Command::AdoptSyncUuid,
-                Command::Enter(ReplState::PausedSyncT)
+                Command::Enter(ReplState::SyncTarget)
             ]
         );
+        // An Inconsistent a (its own resync from node 2 is not done) is no source: refused on
+        // both ends, retried later.
+        a.view.disk = DiskState::Inconsistent;
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let out = handshake(x, y, &pol);
+            assert_eq!(
+                out.commands,
+                [Command::Disconnect(DisconnectReason::Refused(
+                    Refusal::NoUsableData
+                ))]
+            );
+            assert_eq!(out.conn, ConnState::Connecting);
+        }
+    }
+
+    #[test]
+    fn diskless_primary_with_marked_blocks_resyncs_nothing() {
+        // Same generation, the Diskless Primary has blocks marked for the peer (writes in
+        // flight when it lost the link): the marked-blocks rule must not make it a source.
+        let mut a = side(0, 0x100);
+        a.view.role = crate::repl::state::Role::Primary;
+        a.view.disk = DiskState::Diskless;
+        a.view.crashed_primary = true;
+        a.dirty_bits = 10;
+        let b = side(1, 0x100);
+        let pol = SplitBrainPolicy::default();
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let out = handshake(x, y, &pol);
+            assert_eq!(out.commands, [Command::Enter(ReplState::Established)]);
+            assert_eq!(out.conn, ConnState::Connected);
+        }
+        // At another generation: StandAlone with the reason.
+        a.view.ids.current = Uuid(0x300);
+        let out = handshake(&a, &b, &pol);
+        assert_eq!(
+            out.commands,
+            [Command::Disconnect(DisconnectReason::Refused(
+                Refusal::NotExposedData
+            ))]
+        );
+        assert_eq!(out.conn, ConnState::StandAlone);
     }
 
     fn split(a_changes: u64, b_changes: u64) -> (HandshakeSide, HandshakeSide) {

@@ -30,6 +30,7 @@ use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
+use crate::repl::sync_decision::Refusal;
 use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
 
@@ -40,6 +41,8 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a session that goes StandAlone at its handshake keeps reading, so the peer
 /// receives our state report and decides the same.
 const LINGER_BEFORE_STANDALONE: Duration = Duration::from_millis(500);
+/// How long a link whose resync was refused for lack of usable data waits before it retries.
+const REFUSED_RETRY: Duration = Duration::from_secs(1);
 /// Resync bytes sent but not yet acknowledged, at most.
 pub const RESYNC_WINDOW: usize = 8 << 20;
 /// Acknowledgements are sent at the latest after this many received requests, even when more
@@ -1064,6 +1067,16 @@ impl Session {
                             "unrelated data: no common generation (another cluster or a wiped node)"
                                 .to_string()
                         }
+                        DisconnectReason::Refused(r) => {
+                            let why = format!(
+                                "{r} (ours {}, peer's {})",
+                                mine.side.view.disk, theirs.side.view.disk
+                            );
+                            tracing::warn!(resource = %res.name(), peer = %res.peers[i].node.name,
+                                rule = ?out.decision.rule, "resync refused: {why}");
+                            res.emit(Some(i), "resync-refused", why.clone());
+                            why
+                        }
                     };
                     // The peer reaches the same verdict from our state report: let it read
                     // it before the link closes (closing with unread bytes resets the
@@ -1075,13 +1088,21 @@ impl Session {
                         }
                     })
                     .await;
+                    if reason == DisconnectReason::Refused(Refusal::NoUsableData) {
+                        // Retried: it changes once a side has usable data (a resync from a
+                        // third node ends, a disk is attached and resynced).
+                        tokio::time::sleep(REFUSED_RETRY).await;
+                        return Ok(Some(SessionEnd::Lost(why)));
+                    }
                     return Ok(Some(SessionEnd::StandAlone(why)));
                 }
             }
         }
         if enter == ReplState::Established {
-            // Same data on both sides: consistent data is now known to be the newest.
-            if res.state.lock().expect("state").disk.is_consistent() {
+            // Same data on both sides: consistent data is now known to be the newest (not
+            // from a Diskless Secondary, which has no data to compare with).
+            let peer_knows = theirs.side.view.disk.has_disk() || theirs.side.view.role == Role::Primary;
+            if peer_knows && res.state.lock().expect("state").disk.is_consistent() {
                 let r = res
                     .meta_io(|m| {
                         m.sb.flags |= flags::WAS_UP_TO_DATE;

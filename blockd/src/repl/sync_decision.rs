@@ -16,6 +16,16 @@
 //!   evidence is gathered first; contradictory evidence is a split brain needing a full sync.
 //! - "History both" looks for a common ancestor among history *and* bitmap UUIDs (DRBD: history
 //!   only), so a generation parked in a bitmap slot is not mistaken for unrelated data.
+//!
+//! Disk states come before generations: a node without usable data (Diskless, Failed,
+//! Attaching, Inconsistent — anything but Outdated/Consistent/UpToDate) is never a resync
+//! source, whatever its generation identifiers say (a Diskless Primary may have started a
+//! generation, or count as a crashed Primary, without holding a single block of it). A side
+//! without a disk takes part in no resync at all; when neither side has usable data, or the
+//! side the generations pick as source has none, the resync is refused
+//! ([`SyncOutcome::Refused`]) and the link is retried later. A Diskless Primary only connects
+//! to a peer holding the generation it exposes (DRBD: "peer's data does not match the data I am
+//! exposing").
 
 use crate::meta::generation::{GenerationIds, Uuid};
 
@@ -89,6 +99,34 @@ pub enum SyncOutcome {
     SplitBrain(SplitBrainKind),
     /// No common generation at all: refuse to connect.
     Unrelated,
+    /// No resync is possible now: see [`Refusal`].
+    Refused(Refusal),
+}
+
+/// Why no resync (and no connection) can happen now. Symmetric: both ends see the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Neither side has usable data, or the side whose data is newer has none (Inconsistent:
+    /// its own resync is not done). Retried later: it changes once a side has usable data.
+    NoUsableData,
+    /// A Diskless Primary and a peer at another generation: the peer's data is not the data
+    /// the Primary exposes, and it has none of its own to give. Needs the administrator.
+    NotExposedData,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::NoUsableData => {
+                "no resync possible: the side with the newest data has no usable local data \
+                 (diskless, failed or inconsistent) and the other cannot replace it"
+            }
+            Refusal::NotExposedData => {
+                "a diskless Primary cannot take the peer's data: the peer's generation differs \
+                 from the data the Primary exposes"
+            }
+        })
+    }
 }
 
 impl SyncOutcome {
@@ -105,6 +143,15 @@ impl SyncOutcome {
 /// Which rule produced the outcome (logged like DRBD's "by rule=...").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SyncRule {
+    /// I have no disk (Diskless, Failed, Attaching): no resync, the link only carries I/O.
+    NoDiskSelf,
+    NoDiskPeer,
+    /// Neither side has usable data.
+    NoUsableDataBoth,
+    /// The generations pick a source without usable data.
+    SourceWithoutData,
+    /// A Diskless Primary and a peer at another generation.
+    DisklessPrimaryMismatch,
     JustCreatedBoth,
     JustCreatedSelf,
     JustCreatedPeer,
@@ -135,6 +182,8 @@ impl SyncRule {
     fn mirrored(self) -> SyncRule {
         use SyncRule::*;
         match self {
+            NoDiskSelf => NoDiskPeer,
+            NoDiskPeer => NoDiskSelf,
             JustCreatedSelf => JustCreatedPeer,
             JustCreatedPeer => JustCreatedSelf,
             InconsistentSelf => InconsistentPeer,
@@ -210,7 +259,69 @@ fn ancestors(side: &SideView) -> impl Iterator<Item = Uuid> + '_ {
 
 /// Decides the resync between `me` and `peer` (see the module docs for the rules).
 pub fn decide(me: &SideView, peer: &SideView) -> SyncDecision {
-    let just = |s: &SideView| s.ids.current.is_zero() || s.ids.current.same(Uuid::JUST_CREATED);
+    if let Some(d) = decide_by_disks(me, peer) {
+        return d;
+    }
+    let d = decide_by_generations(me, peer);
+    // Rule source-without-data: whatever the generations say, only usable data is sent.
+    let source_has_data = match d.outcome {
+        SyncOutcome::Source(_) => me.disk.is_consistent(),
+        SyncOutcome::Target(_) => peer.disk.is_consistent(),
+        _ => true,
+    };
+    if !source_has_data {
+        return decision(
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::SourceWithoutData,
+        );
+    }
+    d
+}
+
+fn just_created(s: &SideView) -> bool {
+    s.ids.current.is_zero() || s.ids.current.same(Uuid::JUST_CREATED)
+}
+
+/// The rules of disk states that hold whatever the generations say; `None` when both sides
+/// have a disk and one of them usable data (the generations decide).
+fn decide_by_disks(me: &SideView, peer: &SideView) -> Option<SyncDecision> {
+    // Rule just-created-both first: a new cluster's nodes are all Inconsistent and connect
+    // (no data anywhere, nothing to sync) so that the first Primary's full sync can start.
+    if just_created(me) && just_created(peer) {
+        return None;
+    }
+    // Rule no-usable-data-both: nobody has data to give. Neither direction is safe.
+    if !me.disk.is_consistent() && !peer.disk.is_consistent() {
+        return Some(decision(
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::NoUsableDataBoth,
+        ));
+    }
+    // Rules no-disk-self/peer: the side without a disk neither sends nor receives blocks. A
+    // Diskless Primary serves the peer's data to its clients, so that data must be the
+    // generation it exposes; a Diskless Secondary exposes nothing (its Primary tracks every
+    // write for it in its bitmap until it attaches).
+    let no_disk = |s: &SideView| !s.disk.has_disk();
+    let same = me.ids.current.same(peer.ids.current);
+    let diskless_primary = |s: &SideView| no_disk(s) && s.role == Role::Primary;
+    if (diskless_primary(me) || diskless_primary(peer)) && !same {
+        return Some(decision(
+            SyncOutcome::Refused(Refusal::NotExposedData),
+            SyncRule::DisklessPrimaryMismatch,
+        ));
+    }
+    if no_disk(me) {
+        return Some(decision(SyncOutcome::NoSync, SyncRule::NoDiskSelf));
+    }
+    if no_disk(peer) {
+        return Some(decision(SyncOutcome::NoSync, SyncRule::NoDiskPeer));
+    }
+    None
+}
+
+/// The generation rules (DRBD's `drbd_uuid_compare`), for two sides with disks.
+fn decide_by_generations(me: &SideView, peer: &SideView) -> SyncDecision {
+    let just = just_created;
     let (mine, theirs) = (me.ids.current, peer.ids.current);
 
     // Rule just-created-both: neither node ever held data; nothing to sync (one of them is
@@ -418,10 +529,15 @@ mod tests {
             SyncRule::InconsistentSelf,
         );
 
-        // Both Inconsistent: nobody has good data.
+        // Both Inconsistent: nobody has good data; no resync either way.
         let mut a2 = a.clone();
         a2.disk = DiskState::Inconsistent;
-        check(&a2, &b, SyncOutcome::NoSync, SyncRule::Reconnected);
+        check(
+            &a2,
+            &b,
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::NoUsableDataBoth,
+        );
 
         // Inconsistent beats a crash flag: an Inconsistent disk is never a source.
         b.crashed_primary = true;
@@ -432,15 +548,149 @@ mod tests {
             SyncRule::InconsistentPeer,
         );
 
-        // Inconsistent against a disk of unknown state: fall through to the crash rules.
+        // Inconsistent against a side without a disk: nobody has usable data.
         let mut u = a.clone();
         u.disk = DiskState::Diskless;
         check(
             &u,
             &b,
-            SyncOutcome::Target(BitmapPlan::UseBitmap),
-            SyncRule::CrashedPrimaryPeer,
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::NoUsableDataBoth,
         );
+    }
+
+    #[test]
+    fn no_usable_data_on_both_sides_is_refused() {
+        for (x, y) in [
+            (DiskState::Inconsistent, DiskState::Inconsistent),
+            (DiskState::Diskless, DiskState::Inconsistent),
+            (DiskState::Failed, DiskState::Diskless),
+            (DiskState::Attaching, DiskState::Inconsistent),
+        ] {
+            // Whatever the generations: same, one ahead by bitmap, or one a crashed Primary.
+            let mut a = side(0, 0x200);
+            a.disk = x;
+            a.crashed_primary = true;
+            a.ids.bitmap[1] = Uuid(0x100);
+            let mut b = side(1, 0x100);
+            b.disk = y;
+            check(
+                &a,
+                &b,
+                SyncOutcome::Refused(Refusal::NoUsableData),
+                SyncRule::NoUsableDataBoth,
+            );
+            b.ids.current = Uuid(0x200);
+            check(
+                &a,
+                &b,
+                SyncOutcome::Refused(Refusal::NoUsableData),
+                SyncRule::NoUsableDataBoth,
+            );
+        }
+        // Except a new cluster: all Inconsistent, never held data, connect without a resync.
+        let mut a = side(0, Uuid::JUST_CREATED.0);
+        a.disk = DiskState::Inconsistent;
+        let mut b = side(1, Uuid::JUST_CREATED.0);
+        b.disk = DiskState::Inconsistent;
+        check(&a, &b, SyncOutcome::NoSync, SyncRule::JustCreatedBoth);
+    }
+
+    /// The disk failure scenario: a Primary detached its disk (Diskless), lost its only peer
+    /// and counts as a crashed Primary, or even started a new generation; the peer comes back.
+    #[test]
+    fn diskless_primary_is_never_a_source() {
+        let mut a = side(0, 0x100);
+        a.role = Role::Primary;
+        a.disk = DiskState::Diskless;
+        a.crashed_primary = true;
+        let b = side(1, 0x101);
+        // Same generation: no resync; the peer's data (the exposed generation) serves.
+        check(&a, &b, SyncOutcome::NoSync, SyncRule::NoDiskSelf);
+        check(&b, &a, SyncOutcome::NoSync, SyncRule::NoDiskPeer);
+        // Its bitmap for b tracks a generation it started while Diskless: still no source.
+        let mut a2 = a.clone();
+        a2.ids.new_current(0x300, true, &[1]);
+        assert!(matches!(
+            decide_by_generations(&a2, &b).outcome,
+            SyncOutcome::Source(_)
+        ));
+        check(
+            &a2,
+            &b,
+            SyncOutcome::Refused(Refusal::NotExposedData),
+            SyncRule::DisklessPrimaryMismatch,
+        );
+        // The peer ahead of the Diskless Primary (promoted meanwhile): its data is not what
+        // the Primary exposes either.
+        let mut b2 = b.clone();
+        b2.ids.history[0] = Uuid(0x100);
+        b2.ids.current = Uuid(0x500);
+        check(
+            &a,
+            &b2,
+            SyncOutcome::Refused(Refusal::NotExposedData),
+            SyncRule::DisklessPrimaryMismatch,
+        );
+        // Failed and Attaching count as no disk, too.
+        for d in [DiskState::Failed, DiskState::Attaching] {
+            let mut f = a.clone();
+            f.disk = d;
+            check(&f, &b, SyncOutcome::NoSync, SyncRule::NoDiskSelf);
+        }
+    }
+
+    #[test]
+    fn diskless_secondary_takes_part_in_no_resync() {
+        // The Primary is ahead (it wrote while the Secondary was away): no resync to a node
+        // without a disk; the Primary keeps the bits until it attaches.
+        let mut p = side(0, 0x200);
+        p.role = Role::Primary;
+        p.ids.bitmap[1] = Uuid(0x100);
+        let mut s = side(1, 0x100);
+        s.disk = DiskState::Diskless;
+        assert!(matches!(
+            decide_by_generations(&p, &s).outcome,
+            SyncOutcome::Source(_)
+        ));
+        check(&p, &s, SyncOutcome::NoSync, SyncRule::NoDiskPeer);
+        s.ids.current = Uuid(0x200);
+        check(&p, &s, SyncOutcome::NoSync, SyncRule::NoDiskPeer);
+    }
+
+    #[test]
+    fn an_inconsistent_side_with_newer_generation_is_not_a_source() {
+        // a resyncs from a third node (Inconsistent, already at its generation); b is behind.
+        let mut a = side(0, 0x200);
+        a.disk = DiskState::Inconsistent;
+        a.ids.bitmap[1] = Uuid(0x100);
+        let b = side(1, 0x100);
+        check(
+            &a,
+            &b,
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::SourceWithoutData,
+        );
+        // A new node and an Inconsistent node: the latter would be the full-sync source.
+        let mut n = side(1, Uuid::JUST_CREATED.0);
+        n.disk = DiskState::Inconsistent;
+        check(
+            &a,
+            &n,
+            SyncOutcome::Refused(Refusal::NoUsableData),
+            SyncRule::NoUsableDataBoth,
+        );
+        // Outdated and Consistent data is usable: it may be a source.
+        for d in [DiskState::Outdated, DiskState::Consistent] {
+            let mut c = a.clone();
+            c.disk = d;
+            check(
+                &c,
+                &b,
+                SyncOutcome::Source(BitmapPlan::UseBitmap),
+                SyncRule::BitmapSelf,
+            );
+        }
     }
 
     #[test]
@@ -634,10 +884,13 @@ mod tests {
                 Just(DiskState::Inconsistent),
                 Just(DiskState::Outdated),
                 Just(DiskState::UpToDate),
-                Just(DiskState::Diskless)
+                Just(DiskState::Diskless),
+                Just(DiskState::Failed),
+                Just(DiskState::Consistent)
             ],
+            any::<bool>(),
         )
-            .prop_map(move |(current, bm, hist, crashed, disk)| {
+            .prop_map(move |(current, bm, hist, crashed, disk, primary)| {
                 let mut ids = GenerationIds::just_created();
                 ids.current = current;
                 for (i, u) in bm.into_iter().enumerate() {
@@ -651,7 +904,11 @@ mod tests {
                     ids,
                     crashed_primary: crashed,
                     disk,
-                    role: Role::Secondary,
+                    role: if primary {
+                        Role::Primary
+                    } else {
+                        Role::Secondary
+                    },
                 }
             })
     }
@@ -666,6 +923,21 @@ mod tests {
             if real(a.ids.current) && a.ids.current.same(b.ids.current)
                 && a.disk == DiskState::Inconsistent && b.disk.is_consistent() {
                 prop_assert!(matches!(d.outcome, SyncOutcome::Target(_)));
+            }
+            // Only usable data is ever sent, and only to a side with a disk.
+            match d.outcome {
+                SyncOutcome::Source(_) => {
+                    prop_assert!(a.disk.is_consistent() && b.disk.has_disk(), "{d:?}");
+                }
+                SyncOutcome::Target(_) => {
+                    prop_assert!(b.disk.is_consistent() && a.disk.has_disk(), "{d:?}");
+                }
+                _ => {}
+            }
+            // Neither side with usable data: refused, except a new cluster.
+            if !a.disk.is_consistent() && !b.disk.is_consistent()
+                && !(super::just_created(&a) && super::just_created(&b)) {
+                prop_assert_eq!(d.outcome, SyncOutcome::Refused(Refusal::NoUsableData));
             }
         }
     }
