@@ -370,15 +370,23 @@ fn admin_detach_and_attach_of_both_roles() {
     c.promote(0, true);
     c.wait_synced(0, Duration::from_secs(120));
 
-    // The Secondary detaches: it reports Diskless and drops its link; the Primary tracks its
-    // writes in the bitmap; attach reconnects and the handshake resyncs them.
+    // The Secondary detaches: it reports Diskless and stays connected; the Primary shows it
+    // connected with disk diskless and tracks its writes in the bitmap; attach redoes the
+    // handshake, which resyncs them.
     c.blockctl_ok(Some(1), &["detach", RESOURCE]);
     wait_status(
         &c,
         1,
         Duration::from_secs(30),
-        |s| s["disk"] == "diskless",
-        "n1 diskless",
+        |s| s["disk"] == "diskless" && s["peers"][0]["connection"] == "connected",
+        "n1 diskless and connected",
+    );
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(30),
+        |s| s["peers"][0]["connection"] == "connected" && s["peers"][0]["disk"] == "diskless",
+        "n1 shown connected and diskless on n0",
     );
     c.write_random(0, 1 << 20, 2 << 20, 7);
     let st = wait_status(
@@ -389,6 +397,8 @@ fn admin_detach_and_attach_of_both_roles() {
         "writes tracked for the diskless Secondary",
     );
     assert_eq!(st["disk"], "up-to-date");
+    assert_eq!(st["peers"][0]["connection"], "connected", "{st:#}");
+    assert_eq!(st["peers"][0]["replication"], "established", "{st:#}");
     // Detaching again is refused (exit 3); so is promoting a diskless node.
     assert_eq!(
         c.blockctl(Some(1), &["detach", RESOURCE]).status.code(),
@@ -657,4 +667,95 @@ fn diskless_primary_that_lost_its_peer_is_never_a_resync_source() {
     attach_and_resync(&c);
     c.assert_identical(0);
     verify_allowed(&c, 0, &allowed);
+}
+
+/// A backing store that fails reads while blockd starts: the resource comes up Diskless (status
+/// shows the error, the Primary tracks its writes), `blockctl attach` is refused while the disk
+/// still fails and works once it is healed, and the resync makes both copies identical. A
+/// foreign metadata area is still refused at start with a clear error (not a disk failure).
+#[test]
+fn disk_failing_at_start_comes_up_diskless_and_attaches_later() {
+    if !can_break_disks() {
+        return;
+    }
+    let disk_dir = tempfile::tempdir().expect("tempdir");
+    let disk = FailingDisk::start(disk_dir.path(), SIZE);
+    let mut c = pair_on("detach", 1, |_| disk.path.clone());
+    c.stop(1);
+    disk.break_now();
+    drop_cache(&disk.path);
+    c.start_node(1);
+    let st = wait_status(
+        &c,
+        1,
+        Duration::from_secs(30),
+        |s| s["disk"] == "diskless",
+        "n1 diskless at start",
+    );
+    assert!(
+        st["disk_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("failed at start")),
+        "{st:#}"
+    );
+    // The Primary goes on; its writes are tracked for n1.
+    c.write_random(0, 2 << 20, 1 << 20, 11);
+    wait_status(
+        &c,
+        0,
+        Duration::from_secs(30),
+        |s| s["peers"][0]["out_of_sync_bytes"].as_u64().unwrap_or(0) >= 1 << 20,
+        "writes tracked for n1",
+    );
+    // Attach while the disk still fails: refused with the error, still Diskless.
+    let out = c.blockctl(Some(1), &["attach", RESOURCE]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("failed"),
+        "{out:?}"
+    );
+    assert_eq!(c.status(1)["disk"], "diskless");
+    disk.heal();
+    c.blockctl_ok(Some(1), &["attach", RESOURCE]);
+    c.wait_synced(0, Duration::from_secs(120));
+    wait_status(
+        &c,
+        1,
+        Duration::from_secs(30),
+        |s| s["disk"] == "up-to-date",
+        "n1 up-to-date",
+    );
+    c.assert_identical(0);
+
+    // Foreign metadata (n1's external metadata overwritten) is refused at start.
+    c.stop(1);
+    let meta = c.dir.path().join("n1.meta");
+    let len = std::fs::metadata(&meta).expect("meta").len();
+    std::fs::write(&meta, vec![0x5au8; len as usize]).expect("overwrite metadata");
+    let err_path = c.dir.path().join("n1-foreign.log");
+    let err = std::fs::File::create(&err_path).expect("log");
+    let mut child = std::process::Command::new(integration_tests::blockd_bin())
+        .arg("--config")
+        .arg(&c.config)
+        .args(["--node", &c.nodes[1].name])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("run blockd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("blockd kept running on foreign metadata");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(!status.success(), "started on foreign metadata: {text}");
+    assert!(text.contains("not blockd metadata"), "{text}");
 }

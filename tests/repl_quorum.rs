@@ -12,10 +12,17 @@
 //!   back, the peers resync what they missed from the old Primary, no split brain.
 //! - `io-error`: the cut-off Primary fails writes with EIO at once; a node without quorum
 //!   cannot be promoted (exit code 3, "no quorum").
+//! - `io-error`, writes streaming through the cut (fault-injection bug 2): the Primary's two
+//!   links time out a few ms apart; new writes arrive in between (each failed write frees a
+//!   slot of the client's queue at once). No new generation may start then (the remaining peer cannot
+//!   confirm quorum over its dead link), so after the majority promoted n0 the old Primary is
+//!   simply behind: it steps down and resyncs, no split brain, and n0 holds every write the
+//!   old Primary acknowledged.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::faults::{AckedWriter, BS, check_acked};
 use integration_tests::repl::{Cluster, ClusterOptions, EventLog, Partition, RESOURCE, tail};
 use integration_tests::{ChildGuard, require_tool};
 
@@ -309,4 +316,75 @@ fn partition_heals_before_failover_suspended_write_completes() {
         );
     }
     events[2].wait_for("quorum", "regained", Duration::from_secs(1));
+}
+
+#[test]
+fn writes_in_flight_at_the_cut_start_no_generation_without_quorum() {
+    let c = cluster("io-error");
+    let events: Vec<EventLog> = (0..3)
+        .map(|i| EventLog::start(&c, i, &format!("n{i}")))
+        .collect();
+    let addr = format!("127.0.0.1:{}", c.nodes[2].nbd_port)
+        .parse()
+        .unwrap();
+    // 16 writes in flight, at most 2000 a second: some arrive between the two link timeouts.
+    let w = AckedWriter::start(addr, 1, 0x5eed, c.data_size() / BS, 16, Some(2000));
+    assert!(
+        w.wait_acked(100, Duration::from_secs(20)),
+        "no acknowledged writes"
+    );
+    // (Setting the cluster up may have started generations after peer losses legitimately.)
+    let log_at_cut = c.log(2).len();
+    let part = Partition::new("quorum_inflight");
+    part.cut_port(c.nodes[2].repl_port);
+    let cut = Instant::now();
+    wait_quorum(&c, 2, false, Duration::from_secs(30));
+    println!(
+        "n2 lost quorum {:.1} s after the cut",
+        cut.elapsed().as_secs_f64()
+    );
+    // Writes keep failing on the cut-off Primary for a while.
+    std::thread::sleep(Duration::from_secs(1));
+    let acked = w.acked();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        w.acked(),
+        acked,
+        "the Primary without quorum acknowledged writes"
+    );
+    let since_cut = c.log(2)[log_at_cut..].to_string();
+    println!(
+        "n2 refused {} new generation(s) without a confirmed quorum",
+        since_cut.matches("no new generation").count()
+    );
+    assert!(
+        !since_cut.contains("new generation after a peer loss"),
+        "n2 started a generation the majority never saw: {}",
+        tail(&c.log(2), 40)
+    );
+    // The majority promotes n0, which holds every acknowledged write, and writes.
+    wait_quorum(&c, 0, true, Duration::from_secs(5));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = c.blockctl(Some(0), &["promote", RESOURCE]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n0 promote refused: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.promote(0, false);
+    let rep = w.finish(Duration::from_millis(500));
+    let checked = check_acked(&c.nodes[0].backing, &rep).expect("acked writes on n0");
+    println!(
+        "acked={} checked_on_n0={checked} failed_without_quorum={}",
+        rep.acked.len(),
+        rep.failed
+    );
+    c.write_random(0, 4 * MIB, MIB, 31);
+    heal_and_check(&c, &part, &events);
 }

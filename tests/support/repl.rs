@@ -883,3 +883,68 @@ impl Drop for SmallFs {
         );
     }
 }
+
+/// An nbdkit memory disk behind the `delay` filter, as a file through nbdfuse: every write
+/// that reaches it takes `delay_ms` (a slow backing store; tests/repl_protocol_b.rs).
+pub struct SlowDisk {
+    /// The file to use as backing.
+    pub path: PathBuf,
+    mount: PathBuf,
+    fuse: Option<crate::ChildGuard>,
+    _nbdkit: crate::ChildGuard,
+}
+
+impl SlowDisk {
+    /// Starts nbdkit and nbdfuse in `dir` (a `size`-byte disk, zeroes).
+    pub fn start(dir: &Path, size: u64, delay_ms: u32) -> SlowDisk {
+        let sock = dir.join("nbdkit.sock");
+        let mount = dir.join("fuse");
+        std::fs::create_dir_all(&mount).expect("mount dir");
+        let nbdkit = crate::ChildGuard(
+            Command::new("nbdkit")
+                .args(["-f", "-U"])
+                .arg(&sock)
+                .args(["--filter=delay", "memory", &size.to_string()])
+                .arg(format!("delay-write={delay_ms}ms"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nbdkit"),
+        );
+        crate::wait_for(Duration::from_secs(10), || sock.exists(), "nbdkit socket");
+        let path = mount.join("disk");
+        let fuse = crate::ChildGuard(
+            Command::new("nbdfuse")
+                .arg(&path)
+                .arg("--unix")
+                .arg(&sock)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn nbdfuse"),
+        );
+        crate::wait_for(
+            Duration::from_secs(10),
+            || std::fs::metadata(&path).is_ok_and(|m| m.len() == size),
+            "the nbdfuse file",
+        );
+        SlowDisk {
+            path,
+            mount,
+            fuse: Some(fuse),
+            _nbdkit: nbdkit,
+        }
+    }
+}
+
+impl Drop for SlowDisk {
+    fn drop(&mut self) {
+        let _ = crate::run_timeout(
+            Command::new("fusermount3").arg("-u").arg(&self.mount),
+            Duration::from_secs(20),
+        );
+        drop(self.fuse.take());
+    }
+}

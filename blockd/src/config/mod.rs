@@ -106,6 +106,23 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// TLS on the NBD export of a replicated resource (`[nbd-tls]`): a certificate directory in
+/// the GnuTLS layout qemu-nbd and nbdkit use (`server-cert.pem`, `server-key.pem`, optional
+/// `ca-cert.pem` to require client certificates), `{node}` replaced by the node name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdTls {
+    pub dir: PathBuf,
+    /// `mode = "required"` (the default): clients must STARTTLS; `"optional"`: offered only.
+    pub required: bool,
+}
+
+impl NbdTls {
+    /// The directory of node `node`.
+    pub fn dir_for_node(&self, node: &str) -> PathBuf {
+        PathBuf::from(self.dir.to_string_lossy().replace("{node}", node))
+    }
+}
+
 impl TlsFiles {
     /// The files of node `node`: `{node}` in a path is replaced by the node name (lets several
     /// nodes share one config on one machine, and keeps per-node files apart in general).
@@ -183,6 +200,8 @@ pub struct Resource {
     pub connections: Vec<ConnectionOverride>,
     /// Required when the resource has more than one node.
     pub tls: Option<TlsFiles>,
+    /// TLS on the NBD export (`[nbd-tls]`); plain NBD without it.
+    pub nbd_tls: Option<NbdTls>,
     pub secret_file: Option<PathBuf>,
     /// Bytes per second.
     pub resync_rate: u64,
@@ -267,6 +286,7 @@ pub struct ClusterConfig {
 struct Settings {
     protocol: Option<Protocol>,
     tls: Option<TlsFiles>,
+    nbd_tls: Option<NbdTls>,
     secret_file: Option<PathBuf>,
     resync_rate: Option<u64>,
     snapshot_cow_size: Option<u64>,
@@ -334,6 +354,26 @@ impl Settings {
                 Some(files)
             }
         };
+        let nbd_tls = match sec.table("nbd-tls")? {
+            None => None,
+            Some(mut t) => {
+                let dir = t
+                    .path("dir")?
+                    .ok_or_else(|| t.error("dir", "missing (required)"))?;
+                let required = match t.string("mode")?.as_deref() {
+                    None | Some("required") => true,
+                    Some("optional") => false,
+                    Some(other) => {
+                        return Err(t.error(
+                            "mode",
+                            format!("{other:?} is not one of: required, optional"),
+                        ));
+                    }
+                };
+                t.finish()?;
+                Some(NbdTls { dir, required })
+            }
+        };
         let secret_file = sec.path("secret-file")?;
         let resync_rate = size(sec, "resync-rate")?;
         if resync_rate == Some(0) {
@@ -395,6 +435,7 @@ impl Settings {
         Ok(Settings {
             protocol,
             tls,
+            nbd_tls,
             secret_file,
             resync_rate,
             snapshot_cow_size,
@@ -419,6 +460,7 @@ impl Settings {
         Settings {
             protocol: self.protocol.or(defaults.protocol),
             tls: self.tls.or_else(|| defaults.tls.clone()),
+            nbd_tls: self.nbd_tls.or_else(|| defaults.nbd_tls.clone()),
             secret_file: self.secret_file.or_else(|| defaults.secret_file.clone()),
             resync_rate: self.resync_rate.or(defaults.resync_rate),
             snapshot_cow_size: self.snapshot_cow_size.or(defaults.snapshot_cow_size),
@@ -642,6 +684,7 @@ fn read_resource(
         nodes,
         connections,
         tls: settings.tls,
+        nbd_tls: settings.nbd_tls,
         secret_file: settings.secret_file,
         resync_rate: settings.resync_rate.unwrap_or(DEFAULT_RESYNC_RATE),
         snapshot_cow_size: settings.snapshot_cow_size,

@@ -84,6 +84,17 @@ impl<T> ApplyOrder<T> {
         self.waiting.len()
     }
 
+    /// Nothing running and nothing waiting: every request that arrived is done.
+    pub fn is_idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Takes the requests that never started, in arrival order (a session that ends without
+    /// finishing them: the caller accounts for them, e.g. marks their ranges out of sync).
+    pub fn take_waiting(&mut self) -> Vec<Ordered<T>> {
+        self.waiting.drain(..).collect()
+    }
+
     /// The waiting requests can only wait for running ones, and the arrival order keeps later
     /// requests behind earlier ones, so a request never waits for one that arrived after it.
     fn may_start(&self, after: u64) -> bool {
@@ -139,6 +150,22 @@ mod tests {
             Err(OrderError::NotIncreasing { seq: 5, last: 5 })
         );
         assert!(o.arrive(req(3, 0)).is_err());
+    }
+
+    #[test]
+    fn idle_once_everything_is_done_and_waiting_can_be_taken() {
+        let mut o = ApplyOrder::default();
+        assert!(o.is_idle());
+        assert!(o.arrive(req(1, 0)).unwrap().is_some());
+        assert!(o.arrive(req(2, 2)).unwrap().is_none());
+        assert!(o.arrive(req(3, 0)).unwrap().is_none());
+        assert!(!o.is_idle());
+        assert_eq!(o.take_waiting(), vec![req(2, 2), req(3, 0)]);
+        assert!(!o.is_idle(), "1 still runs");
+        let mut start = Vec::new();
+        o.done(1, &mut start);
+        assert!(start.is_empty());
+        assert!(o.is_idle());
     }
 
     proptest! {

@@ -199,6 +199,32 @@ pub enum AdminRefusal {
     NoPeerForPrimary,
 }
 
+/// What a Diskless Primary does with the blocks marked in its bitmap for a peer that
+/// reconnects at the same generation (writes in flight when the link dropped, which the peer
+/// may or may not have written). It cannot resync them: it has no data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MarkedOnReturn {
+    /// Nothing marked.
+    Keep,
+    /// The peer is the Primary's only peer: a write it did not confirm was confirmed by nobody
+    /// (never acknowledged), so whatever the peer holds is the data the Primary exposes.
+    Clear,
+    /// Another peer may have confirmed writes this one lacks: it must not serve the Primary's
+    /// reads or count for its writes (shown `outdated`) until it is resynced from an
+    /// up-to-date node.
+    Distrust,
+}
+
+/// Decides [`MarkedOnReturn`] from the bits marked for the returning peer and the number of
+/// other peers the resource has.
+pub fn marked_on_return(marked_bits: u64, other_peers: usize) -> MarkedOnReturn {
+    match (marked_bits, other_peers) {
+        (0, _) => MarkedOnReturn::Keep,
+        (_, 0) => MarkedOnReturn::Clear,
+        _ => MarkedOnReturn::Distrust,
+    }
+}
+
 /// `blockctl attach`: only a Diskless node attaches.
 pub fn may_attach(disk: DiskState) -> Result<(), AdminRefusal> {
     match disk {
@@ -246,6 +272,14 @@ pub fn differing_ranges(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn marked_blocks_of_a_returning_peer() {
+        assert_eq!(marked_on_return(0, 0), MarkedOnReturn::Keep);
+        assert_eq!(marked_on_return(0, 2), MarkedOnReturn::Keep);
+        assert_eq!(marked_on_return(5, 0), MarkedOnReturn::Clear);
+        assert_eq!(marked_on_return(5, 1), MarkedOnReturn::Distrust);
+    }
+
     use super::*;
 
     fn peer(conn: ConnState, repl: ReplState, disk: DiskState, in_flight: usize) -> PeerView {

@@ -33,16 +33,21 @@ pub async fn serve_while_primary(
         description: Some(format!("blockd replicated resource {}", res.name())),
         store: Device::Replicated(res.clone()),
     });
-    tracing::info!(resource = %res.name(), %addr, "serving NBD (Primary)");
+    let tls = match &res.spec.nbd_tls {
+        None => "",
+        Some(t) if t.required => " (TLS required)",
+        Some(_) => " (TLS offered)",
+    };
+    tracing::info!(resource = %res.name(), %addr, "serving NBD (Primary){tls}");
     eprintln!(
-        "blockd: resource {} is Primary: serving NBD export {:?} on {addr}",
+        "blockd: resource {} is Primary: serving NBD export {:?} on {addr}{tls}",
         res.name(),
         res.name()
     );
     let result = server::run_with(
         vec![Listener::Tcp(listener)],
         export,
-        None,
+        res.spec.nbd_tls.clone(),
         ServerOptions::default(),
         demoted,
     )

@@ -149,7 +149,7 @@ pub fn handshake(
             ConnState::Connected
         }
         SyncOutcome::Target(plan) => {
-            if discarding {
+            if discarding || unacknowledged_writes_overwritten(me, plan) {
                 commands.push(Command::SaveDivergentBlocks);
             }
             if matches!(plan, BitmapPlan::PeerCopiesSlot(_)) {
@@ -184,6 +184,18 @@ pub fn handshake(
     }
 }
 
+/// A Primary that lost quorum (still Primary with its I/O held, or stopped as one) and becomes
+/// a sync target of the quorate side holds writes it never acknowledged in its bitmap for the
+/// peer (sent, then the links died); the resync overwrites them. Like a split-brain victim's,
+/// they are saved to the side file first, when the bitmaps say which blocks they are (not for
+/// a full sync: that would copy the whole device).
+fn unacknowledged_writes_overwritten(me: &HandshakeSide, plan: BitmapPlan) -> bool {
+    me.view.crashed_primary
+        && me.quorum == Some(false)
+        && me.dirty_bits > 0
+        && matches!(plan, BitmapPlan::UseBitmap)
+}
+
 /// Who sends the marked blocks of a same-generation reconnect: the Primary; else the only side
 /// with marked blocks; else the lower node id (both ends agree).
 fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
@@ -207,8 +219,8 @@ fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
 mod tests {
     use super::*;
     use crate::meta::generation::GenerationIds;
-    use crate::repl::state::DiskState;
     use crate::repl::split_brain::{After0Pri, ResolvedBy};
+    use crate::repl::state::DiskState;
     use crate::repl::state::Role;
     use crate::repl::sync_decision::SyncRule;
 
@@ -440,6 +452,103 @@ mod tests {
         assert_eq!(
             handshake(&a, &b, &pol).commands,
             [Command::Enter(ReplState::Established)]
+        );
+    }
+
+    /// The cut-off Primary of a three-node partition (n2, generation 0x100, suspended without
+    /// quorum, crashed-Primary flag set) meets the majority, which promoted n0 (0x300, tracking
+    /// n2 from 0x100) while n1 followed it (0x100 in its history only).
+    fn cut_off_primary() -> (HandshakeSide, HandshakeSide, HandshakeSide) {
+        use crate::repl::state::Role;
+        let mut n2 = side(2, 0x101);
+        n2.view.role = Role::Primary;
+        n2.view.crashed_primary = true;
+        n2.dirty_bits = 16;
+        n2.quorum = Some(false);
+        let mut n0 = side(0, 0x301);
+        n0.view.role = Role::Primary;
+        n0.view.ids.bitmap[2] = Uuid(0x101);
+        n0.dirty_bits = 40;
+        n0.quorum = Some(true);
+        let mut n1 = side(1, 0x300);
+        n1.view.ids.history[0] = Uuid(0x100);
+        n1.quorum = Some(true);
+        (n2, n0, n1)
+    }
+
+    /// Without a generation of its own (the quorum probe refused it), the cut-off Primary is
+    /// simply behind both majority nodes: a sync target, no split brain.
+    #[test]
+    fn cut_off_primary_without_new_generation_is_behind() {
+        let (n2, n0, n1) = cut_off_primary();
+        let pol = SplitBrainPolicy::default();
+        // From the new Primary with its bitmap: n2's unacknowledged blocks go to its side file
+        // first. From n1 (a full sync): nothing says which blocks they are, nothing is saved.
+        for (maj, rule, saved) in [
+            (&n0, SyncRule::BitmapPeer, true),
+            (&n1, SyncRule::HistoryPeer, false),
+        ] {
+            let out = handshake(&n2, maj, &pol);
+            assert_eq!(out.split_brain, None);
+            assert_eq!(out.decision.rule, rule);
+            assert!(out.commands.contains(&Command::AdoptSyncUuid));
+            assert_eq!(out.commands.contains(&Command::SaveDivergentBlocks), saved);
+            let back = handshake(maj, &n2, &pol);
+            assert!(
+                back.commands
+                    .contains(&Command::Enter(ReplState::SyncSource))
+            );
+            assert!(!back.commands.contains(&Command::SaveDivergentBlocks));
+        }
+        // Nothing unacknowledged (no marked blocks), quorum held or quorum off: nothing saved.
+        let mut clean = n2.clone();
+        clean.dirty_bits = 0;
+        assert!(
+            !handshake(&clean, &n0, &pol)
+                .commands
+                .contains(&Command::SaveDivergentBlocks)
+        );
+        let mut quorate = n2.clone();
+        quorate.quorum = Some(true);
+        assert!(
+            !handshake(&quorate, &n0, &pol)
+                .commands
+                .contains(&Command::SaveDivergentBlocks)
+        );
+        let mut off = n2.clone();
+        off.quorum = None;
+        assert!(
+            !handshake(&off, &n0, &pol)
+                .commands
+                .contains(&Command::SaveDivergentBlocks)
+        );
+    }
+
+    /// With a generation only it knows (the failure before the probe): history-both with n1,
+    /// resolved by quorum: n2 saves its blocks and takes a full sync; no StandAlone.
+    #[test]
+    fn cut_off_primary_with_stray_generation_yields_by_quorum() {
+        let (mut n2, _n0, n1) = cut_off_primary();
+        n2.view.ids.current = Uuid(0x201);
+        n2.view.ids.bitmap[0] = Uuid(0x100);
+        let pol = SplitBrainPolicy::default();
+        let out = handshake(&n2, &n1, &pol);
+        assert_eq!(out.decision.rule, SyncRule::HistoryBoth);
+        assert_eq!(out.conn, ConnState::Connected);
+        assert_eq!(
+            out.commands,
+            [
+                Command::SaveDivergentBlocks,
+                Command::ExchangeBitmaps,
+                Command::AdoptSyncUuid,
+                Command::Enter(ReplState::SyncTarget)
+            ]
+        );
+        let back = handshake(&n1, &n2, &pol);
+        assert_eq!(back.commands[0], Command::SetAllBits);
+        assert!(
+            back.commands
+                .contains(&Command::Enter(ReplState::SyncSource))
         );
     }
 

@@ -98,6 +98,26 @@ impl QuorumState {
     }
 }
 
+/// How long the quorum probe before a new generation waits for answers (a dead link is
+/// noticed within the keepalive timeout, which ends its session and drops its probe).
+const PROBE_TIMEOUT: std::time::Duration =
+    crate::repl::peer::KEEPALIVE_TIMEOUT.saturating_add(std::time::Duration::from_secs(1));
+
+/// After a failed quorum probe: how long to wait for the quorum verdict to change before the
+/// write passes the gate again and the probe is repeated.
+const UNCONFIRMED_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The result of one attempt to start the generation owed since a peer loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GenerationStart {
+    /// None is owed (no peer lost, or already started).
+    NotOwed,
+    /// Started, persisted and sent to the peers that follow.
+    Started,
+    /// The remaining peers did not confirm a quorum: nothing changed, still owed.
+    Unconfirmed,
+}
+
 fn no_quorum_error(offset: u64, len: u64) -> StoreError {
     StoreError::Write {
         offset,
@@ -230,16 +250,43 @@ impl Resource {
 
     /// Before a write: starts the new generation owed since a peer loss (persisted before the
     /// write proceeds), tells the peers in sync, and has peers in a handshake redo it.
+    ///
+    /// With quorum enabled the generation starts only once the peers still counted have
+    /// confirmed, by a round trip *after* the loss, that they are alive and make a quorum
+    /// ([`quorum::may_start_generation`]): a partition cuts several links at once but they time
+    /// out one by one, and a generation started in between would exist on this node only (its
+    /// `NewUuid` lost on a dead link, its write never acknowledged) and look like a split brain
+    /// to the majority later. When the confirmation fails, the write goes back to the quorum
+    /// gate (it waits or fails there once the loss is noticed) and the probe is repeated.
     pub(crate) async fn ensure_generation(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        loop {
+            match self.start_owed_generation(offset, len).await? {
+                GenerationStart::Started | GenerationStart::NotOwed => return Ok(()),
+                GenerationStart::Unconfirmed => {
+                    // Give the link-loss handling a moment, then pass the gate again.
+                    let mut quorum = self.quorum.changed.subscribe();
+                    let _ = tokio::time::timeout(UNCONFIRMED_RETRY, quorum.changed()).await;
+                    self.quorum_gate(offset, len).await?;
+                }
+            }
+        }
+    }
+
+    /// One attempt of [`Self::ensure_generation`].
+    async fn start_owed_generation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<GenerationStart, StoreError> {
         let q = &self.quorum;
         if !q.new_current_pending.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(GenerationStart::NotOwed);
         }
         let _g = q.new_current_lock.lock().await;
         if !q.new_current_pending.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(GenerationStart::NotOwed);
         }
-        let (in_sync, out_of_sync, reconnect) = {
+        let (mut in_sync, mut out_of_sync, mut reconnect) = {
             let st = self.state.lock().expect("state");
             let mut in_sync = Vec::new();
             let mut out_of_sync = Vec::new();
@@ -260,6 +307,29 @@ impl Resource {
             }
             (in_sync, out_of_sync, reconnect)
         };
+        if q.setting != QuorumSetting::Off {
+            let answered = self.probe_peers(&in_sync).await;
+            let mask = answered.iter().fold(0u32, |m, &i| {
+                m | 1u32
+                    .checked_shl(u32::from(self.peers[i].node.id))
+                    .unwrap_or(0)
+            });
+            if !quorum::may_start_generation(q.setting, q.me, q.members, mask) {
+                tracing::info!(resource = %self.name(), answered = answered.len(),
+                    counted = in_sync.len(),
+                    "no new generation: the remaining peers did not confirm quorum");
+                return Ok(GenerationStart::Unconfirmed);
+            }
+            // A peer that looks connected but did not answer does not follow: it tracks the
+            // old generation and redoes its handshake.
+            for i in in_sync.clone() {
+                if !answered.contains(&i) {
+                    in_sync.retain(|&j| j != i);
+                    out_of_sync.push(self.peers[i].node.id);
+                    reconnect.push(i);
+                }
+            }
+        }
         let fresh = fresh_uuid();
         let current = self
             .meta_io(move |m| {
@@ -287,13 +357,43 @@ impl Resource {
             }
         }
         tracing::info!(resource = %self.name(), %current, "new generation after a peer loss");
-        Ok(())
+        Ok(GenerationStart::Started)
+    }
+
+    /// The quorum probe: a flush round trip to each peer in `peers` (indices), sent after the
+    /// loss; returns the peers that answered. A dead link answers when its session ends (its
+    /// flushes are dropped); [`PROBE_TIMEOUT`] bounds the wait in any case.
+    async fn probe_peers(&self, peers: &[usize]) -> Vec<usize> {
+        let mut waits = Vec::new();
+        let seq = {
+            let mut order = self.order.lock().expect("order");
+            let (seq, _) = order.issue();
+            for &i in peers {
+                if let Some(c) = self.peers[i].conn.lock().expect("conn").as_ref()
+                    && let Some(rx) = c.track_flush(seq, true)
+                {
+                    waits.push((i, rx));
+                }
+            }
+            seq
+        };
+        let deadline = tokio::time::Instant::now() + PROBE_TIMEOUT;
+        let mut answered = Vec::new();
+        for (i, rx) in waits {
+            if let Ok(Ok(())) = tokio::time::timeout_at(deadline, rx).await {
+                answered.push(i);
+            }
+        }
+        self.completed(seq);
+        answered
     }
 
     /// Before a demotion: the generation owed since a peer loss is started only if that peer
     /// has blocks to catch up on (writes it never acknowledged); otherwise nothing changed
     /// since it left and no new generation is needed (so a majority that promoted meanwhile
-    /// finds this node simply behind, not split-brained).
+    /// finds this node simply behind, not split-brained). Without a confirmed quorum none is
+    /// started either: nothing was acknowledged since the loss, and the majority (or the lost
+    /// peer, which finds the marked blocks at the same generation) resyncs this node.
     pub(crate) async fn settle_generation(&self) -> Result<(), StoreError> {
         if !self.quorum.new_current_pending.load(Ordering::SeqCst) {
             return Ok(());
@@ -306,12 +406,16 @@ impl Resource {
                 .zip(&st.peers)
                 .any(|(p, s)| s.conn != ConnState::Connected && m.bitmaps[p.slot].count_bits() > 0)
         };
-        if owed {
-            self.ensure_generation(0, 0).await
+        let quorate = self.quorum.has_quorum();
+        if owed && quorate {
+            match self.start_owed_generation(0, 0).await? {
+                GenerationStart::Unconfirmed => self.generation_started(),
+                GenerationStart::Started | GenerationStart::NotOwed => {}
+            }
         } else {
             self.generation_started();
-            Ok(())
         }
+        Ok(())
     }
 
     /// A new generation was started some other way (promotion): none is owed any more.

@@ -9,9 +9,9 @@
 //! application write to it is complete, and under an Inconsistent or Diskless disk a write
 //! only completes once every connected peer wrote it): it hashes the local blocks, asks an
 //! UpToDate peer for its block digests, and fetches and writes only the blocks that differ.
-//! Every write made while Diskless is on the peer, so it is fetched. A Secondary that
-//! attaches reconnects instead: the Primary tracked every write since the detach in its
-//! bitmap, and the handshake resyncs it.
+//! Every write made while Diskless is on the peer, so it is fetched. A Diskless Secondary
+//! stays connected and reports its disk state: its Primary stops sending it writes and tracks
+//! each one in its bitmap; when it attaches, it redoes the handshake, which resyncs it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +25,7 @@ use crate::meta::file::MetaFile;
 use crate::meta::superblock::flags;
 use crate::repl::checksum;
 use crate::repl::disk_failure::{
-    self, MAX_FORWARDED_READ, NoDataPath, OnError, PeerView, may_attach, may_detach,
+    self, MAX_FORWARDED_READ, MarkedOnReturn, NoDataPath, OnError, PeerView, may_attach, may_detach,
 };
 use crate::repl::peer::Conn;
 use crate::repl::resource::{Resource, ResourceError, error_chain};
@@ -128,6 +128,54 @@ pub struct AttachStatus {
     pub digest_bytes: u64,
 }
 
+/// Reads the first and the last block of the data area of `backing` past the page cache
+/// (dropped first), so that a disk that fails on every read is found at start rather than by
+/// the first application request.
+pub(crate) fn probe_backing(backing: &std::path::Path, size: u64) -> Result<(), StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let len = size.min(u64::from(ATTACH_BLOCK));
+    let read_err = |offset, source| StoreError::Read {
+        offset,
+        len,
+        source,
+    };
+    let f = std::fs::File::open(backing).map_err(|e| read_err(0, e))?;
+    // SAFETY: posix_fadvise(2) on a file descriptor we own, for its whole length; it only
+    // drops clean cached pages.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut buf = vec![0u8; len as usize];
+    for offset in [0, size - len] {
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| read_err(offset, e))?;
+    }
+    Ok(())
+}
+
+/// At start: the backing store opened but fails reads. Under `on-io-error = detach` the
+/// resource comes up Diskless (the returned text is its `disk_error`; `blockctl attach` later
+/// retries); under `pass-on` it stays attached and the errors reach the clients.
+pub(crate) fn failed_at_start(
+    name: &str,
+    policy: crate::config::OnIoError,
+    backing: &std::path::Path,
+    size: u64,
+) -> Option<String> {
+    let e = probe_backing(backing, size).err()?;
+    let why = format!("backing store failed at start: {}", error_chain(&e));
+    match disk_failure::on_local_error(policy, disk_failure::classify(&e), false) {
+        OnError::Detach => {
+            tracing::error!(resource = %name, "{why}: coming up diskless (blockctl attach \
+                once it is repaired)");
+            Some(why)
+        }
+        _ => {
+            tracing::error!(resource = %name, "{why} (on-io-error = pass-on: staying attached)");
+            None
+        }
+    }
+}
+
 /// Forwarded reads waiting for their `ReadReply`.
 #[derive(Default)]
 struct PendingReads {
@@ -147,6 +195,16 @@ pub(crate) struct DiskRuntime {
     detaching: tokio::sync::Mutex<()>,
     /// Bumped by every detach: a resync after attach stops when it changes.
     epoch: AtomicU64,
+}
+
+impl DiskRuntime {
+    /// The runtime state of a disk that failed at start (`why`) or not (`None`).
+    pub(crate) fn at_start(why: Option<String>) -> DiskRuntime {
+        DiskRuntime {
+            last_error: Mutex::new(why),
+            ..DiskRuntime::default()
+        }
+    }
 }
 
 fn no_path_read(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError {
@@ -243,7 +301,7 @@ impl Resource {
 
     /// Failed, then Diskless: stops using the local store. A Primary first waits until every
     /// connected peer has written what was sent to it (so forwarded reads see every write
-    /// completed before); a Secondary drops its links until it attaches again (its Primary
+    /// completed before); a Secondary stays connected and reports `diskless` (its Primary
     /// tracks every write for it in the bitmap meanwhile).
     async fn detach_local(&self, why: String) {
         let _detaching = self.disk_rt.detaching.lock().await;
@@ -283,11 +341,6 @@ impl Resource {
             }
         }
         self.set_disk(DiskState::Diskless);
-        if self.role() != Role::Primary {
-            for p in &self.peers {
-                p.kill.notify_one();
-            }
-        }
         tracing::warn!(resource = %self.spec.name, "local disk detached (diskless)");
     }
 
@@ -312,10 +365,35 @@ impl Resource {
         self.completed(seq);
     }
 
-    /// A Secondary without a disk keeps no links (see [`Resource::detach_local`]).
-    pub(crate) fn holds_links(&self) -> bool {
-        let st = self.state.lock().expect("state");
-        st.role != Role::Primary && matches!(st.disk, DiskState::Diskless | DiskState::Failed)
+    /// A Diskless Primary reconnected to peer `i` at its generation (no resync either way, see
+    /// `repl::sync_decision`): decides what its blocks marked for the peer mean
+    /// ([`disk_failure::marked_on_return`]).
+    pub(crate) async fn diskless_primary_reconnected(&self, i: usize) {
+        let slot = self.peers[i].slot;
+        let bits = self.meta.lock().expect("meta").bitmaps[slot].count_bits();
+        let peer = self.peers[i].node.name.clone();
+        match disk_failure::marked_on_return(bits, self.peers.len() - 1) {
+            MarkedOnReturn::Keep => {}
+            MarkedOnReturn::Clear => {
+                tracing::info!(resource = %self.spec.name, peer = %peer, bits,
+                    "diskless: the peer's data is the exposed data; clearing the blocks marked \
+                    for it (writes nobody confirmed)");
+                self.meta.lock().expect("meta").bitmaps[slot].clear_all();
+                if let Err(e) = self.meta_io(move |m| m.save_bitmap(slot)).await {
+                    tracing::warn!(resource = %self.spec.name, "cannot persist the bitmap: {}",
+                        error_chain(&e));
+                }
+            }
+            MarkedOnReturn::Distrust => {
+                let why = format!(
+                    "{bits} blocks marked for {peer} may be newer on another peer: not serving \
+                     from it until it is resynced"
+                );
+                tracing::warn!(resource = %self.spec.name, "diskless: {why}");
+                self.update_peer(i, |s| s.disk = DiskState::Outdated);
+                self.emit(Some(i), "error", why);
+            }
+        }
     }
 
     /// Waits until no detach is in progress (forwarded I/O must not overtake it).
@@ -365,8 +443,9 @@ impl Resource {
             let me = self.clone();
             tokio::spawn(async move { me.resync_after_attach(epoch).await });
         } else {
-            // Reconnect: the handshake resyncs us from the Primary's bitmap.
+            // Redo every handshake: it resyncs us from the Primary's bitmap.
             for p in &self.peers {
+                p.kill.notify_one();
                 p.wake.notify_one();
             }
         }
@@ -388,14 +467,17 @@ impl Resource {
         let backing = self.spec.me.backing.clone();
         let engine = self.spec.engine;
         let store = tokio::task::spawn_blocking(move || {
-            BlockStore::open(
+            let store = BlockStore::open(
                 &backing,
                 &OpenOptions {
                     size: Some(size),
                     read_only: false,
                     engine,
                 },
-            )
+            )?;
+            // A disk that still fails is not attached.
+            probe_backing(&backing, size)?;
+            Ok(store)
         })
         .await
         .expect("store open task panicked")

@@ -30,7 +30,7 @@ use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
-use crate::repl::sync_decision::Refusal;
+use crate::repl::sync_decision::{Refusal, SyncRule};
 use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
 
@@ -51,6 +51,9 @@ const ACK_BATCH: usize = 64;
 /// Plain (non-FUA) writes up to this size are applied with a blocking `pwrite` on the receive
 /// task: a page-cache copy costs less than two thread hops through the engine.
 const APPLY_INLINE_MAX: usize = 1 << 20;
+/// How long a session that ended may go on applying the requests it had received (protocols A
+/// and B: see `Session::finish_applies`).
+pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(30);
 
 /// A write queued to a peer and not yet acknowledged by it.
 pub struct PendingWrite {
@@ -276,6 +279,36 @@ impl Conn {
     }
 }
 
+/// Counts an ended session that is still applying what it received, while alive.
+pub(crate) struct FinishingApplies<'a>(&'a Resource);
+
+impl Drop for FinishingApplies<'_> {
+    fn drop(&mut self) {
+        self.0.finishing.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Resource {
+    /// Marks an ended session as applying what it received until the guard is dropped.
+    pub(crate) fn finishing_applies(&self) -> FinishingApplies<'_> {
+        self.finishing.send_modify(|n| *n += 1);
+        FinishingApplies(self)
+    }
+
+    /// Waits until no ended session is applying what it received (at most a little longer
+    /// than [`FINISH_APPLIES_LIMIT`], after which they have given up anyway).
+    pub(crate) async fn applies_finished(&self) {
+        let mut rx = self.finishing.subscribe();
+        let wait = rx.wait_for(|n| *n == 0);
+        if tokio::time::timeout(FINISH_APPLIES_LIMIT + Duration::from_secs(5), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(resource = %self.name(), "received writes still being applied");
+        }
+    }
+}
+
 /// How a session ended.
 #[derive(Debug)]
 pub enum SessionEnd {
@@ -401,6 +434,12 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     };
     drop(writer_task);
     drop(session.resync.take());
+    if res.peers[i].protocol.peer_ack() != PeerAck::Written {
+        // Under A and B the Primary may have acknowledged what this node received: apply it
+        // before the link is reported down (promotion and new handshakes wait for this).
+        let _finishing = res.finishing_applies();
+        session.finish_applies(&peer.name).await;
+    }
     session.ops.abort_all();
     // Acknowledged writes of the Primary this node never received (see `repl::lost_writes`).
     let lost = session.hearing.never_received();
@@ -800,6 +839,59 @@ impl Session {
         }
     }
 
+    /// The session ended: finishes every request it received, in the order
+    /// `repl::apply_order` allows, for at most [`FINISH_APPLIES_LIMIT`]. Under protocols A and
+    /// B the Primary acknowledges a write to its client once queued / received here, so a write
+    /// dropped now would be an acknowledged write lost if that Primary is gone. Requests not
+    /// applied (time limit, or a failed apply) are logged and the waiting ones marked out of
+    /// sync for the peer.
+    async fn finish_applies(&mut self, peer: &str) {
+        if self.order.is_idle() {
+            return;
+        }
+        let res = self.res.clone();
+        let (running, waiting) = (self.order.running(), self.order.waiting());
+        tracing::info!(resource = %res.name(), %peer, running, waiting,
+            "link down: applying the requests received from the peer first");
+        let started = Instant::now();
+        let finished = tokio::time::timeout(FINISH_APPLIES_LIMIT, async {
+            while let Some(done) = self.ops.join_next().await {
+                self.op_done(done).await?;
+            }
+            Ok::<(), String>(())
+        })
+        .await;
+        let why = match finished {
+            Ok(Ok(())) if self.order.is_idle() => {
+                tracing::info!(resource = %res.name(), %peer, requests = running + waiting,
+                    secs = started.elapsed().as_secs_f64(), "received requests applied");
+                return;
+            }
+            Ok(Ok(())) => "requests left waiting with none running".to_string(),
+            Ok(Err(e)) => e,
+            Err(_) => format!("not done after {} s", FINISH_APPLIES_LIMIT.as_secs()),
+        };
+        let slot = res.peers[self.i].slot;
+        let left = self.order.take_waiting();
+        let (running, waiting) = (self.order.running(), left.len());
+        {
+            let mut m = res.meta.lock().expect("meta");
+            for r in &left {
+                if let Some((o, l)) = changed_range(&r.op) {
+                    m.bitmaps[slot].set_range(o, l);
+                }
+            }
+        }
+        tracing::error!(resource = %res.name(), %peer, running, waiting,
+            "gave up applying the requests received before the link went down ({why}): \
+             writes the peer may have acknowledged to its clients are missing on this node");
+        res.emit(
+            Some(self.i),
+            "error",
+            format!("received writes not applied: {running} running, {waiting} waiting ({why})"),
+        );
+    }
+
     /// Sends the acknowledgements gathered so far (one outbox append for all).
     fn send_acks(&mut self) {
         if self.recv_acks.is_empty() && self.write_acks.is_empty() && self.other_acks.is_empty() {
@@ -975,6 +1067,11 @@ impl Session {
             ))));
         }
         let out = handshake(&mine.side, &theirs.side, &res.spec.split_brain);
+        if mine.side.discard_my_data {
+            // `connect --discard-my-data` is for the next handshake only, like DRBD's: a later
+            // split brain must be detected again, not silently resolved against this node.
+            res.update_peer(i, |s| s.discard_my_data = false);
+        }
         tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
             outcome = ?out.decision.outcome, rule = ?out.decision.rule,
             ours = %mine.side.view.ids.current, theirs = %theirs.side.view.ids.current,
@@ -1032,9 +1129,11 @@ impl Session {
                 Command::SendSyncUuid(u) => self.conn.send(Message::SyncUuid(u)),
                 Command::AdoptSyncUuid => {
                     if save_divergent {
+                        // No split brain: a Primary that lost quorum and is behind the majority
+                        // saves the writes it never acknowledged (`repl::handshake`).
                         let by = out
                             .split_brain
-                            .map_or("manual", |r| victim::resolved_by_name(r.by));
+                            .map_or("lost-quorum", |r| victim::resolved_by_name(r.by));
                         victim::save_divergent_blocks(&res, i, by).await?;
                     }
                     let u = match self.next_handshake(reader).await? {
@@ -1139,6 +1238,9 @@ impl Session {
                 s.resync_started = Some(Instant::now());
             }
         });
+        if out.decision.rule == SyncRule::NoDiskSelf && res.role() == Role::Primary {
+            res.diskless_primary_reconnected(i).await;
+        }
         res.broadcast_state();
         if enter == ReplState::SyncSource {
             let (res2, conn) = (res.clone(), self.conn.clone());

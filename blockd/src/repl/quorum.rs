@@ -120,6 +120,28 @@ pub fn decide(setting: QuorumSetting, input: &QuorumInput) -> QuorumVerdict {
     }
 }
 
+/// May a Primary that lost a peer start its new generation now? Only when the peers that
+/// just *confirmed* they are alive (`answered`: a round trip after the loss, DRBD 9.0.20's "check
+/// if we still have quorum by exchanging a ping before creating a new current UUID") still make
+/// a quorum. Counting the peers that merely still look connected is not enough: when a
+/// partition cuts several links at once they time out one after another, and a generation
+/// started between the first and the last timeout is known to this node only. No write under
+/// it can then be acknowledged (quorum is gone before the acks), yet on reconnect it would look
+/// like an independent history (a split brain). Without the new generation the cut-off Primary
+/// is simply behind the majority. Always true when quorum is off.
+pub fn may_start_generation(setting: QuorumSetting, me: u8, members: u32, answered: u32) -> bool {
+    decide(
+        setting,
+        &QuorumInput {
+            me,
+            members,
+            reachable: answered,
+            departed: 0,
+        },
+    )
+    .quorum
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +215,31 @@ mod tests {
         assert!(!v.quorum);
         // Everyone departed, including me: no voters, no quorum.
         assert!(!decide(QuorumSetting::Majority, &input(0, 0b1, 0, 0b1)).quorum);
+    }
+
+    /// The new generation after a peer loss needs peers that answered after the loss.
+    #[test]
+    fn new_generation_needs_confirmed_quorum() {
+        let all = 0b111;
+        // n2 lost n0; n1 answered the probe: 2 of 3, the generation may start.
+        assert!(may_start_generation(QuorumSetting::Majority, 2, all, 0b010));
+        // n1 did not answer (its link is cut too, not yet timed out): no new generation.
+        assert!(!may_start_generation(QuorumSetting::Majority, 2, all, 0));
+        // A fixed count.
+        assert!(!may_start_generation(
+            QuorumSetting::AtLeast(3),
+            2,
+            all,
+            0b010
+        ));
+        assert!(may_start_generation(
+            QuorumSetting::AtLeast(3),
+            2,
+            all,
+            0b011
+        ));
+        // Quorum off (two nodes without a tie-breaker): always, as before.
+        assert!(may_start_generation(QuorumSetting::Off, 1, 0b11, 0));
     }
 
     #[test]

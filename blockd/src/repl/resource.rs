@@ -53,6 +53,12 @@ pub enum ResourceError {
         #[source]
         source: LinkError,
     },
+    #[error("resource {resource}: cannot load the NBD TLS files ([nbd-tls])")]
+    NbdTls {
+        resource: String,
+        #[source]
+        source: crate::nbd::tls::TlsSettingsError,
+    },
     #[error("resource {resource}: cannot listen on {addr}")]
     Listen {
         resource: String,
@@ -300,6 +306,8 @@ pub struct ResourceSpec {
     /// What a local I/O error does (`on-io-error`, see `repl::disk_failure`).
     pub on_io_error: crate::config::OnIoError,
     pub link: LinkSettings,
+    /// TLS of the NBD export (`[nbd-tls]`), loaded at start so bad files fail early.
+    pub nbd_tls: Option<crate::nbd::tls::TlsSettings>,
     pub engine: EngineKind,
 }
 
@@ -338,6 +346,17 @@ impl ResourceSpec {
             resource: r.name.clone(),
             source,
         })?;
+        let nbd_tls = r
+            .nbd_tls
+            .as_ref()
+            .map(|t| {
+                crate::nbd::tls::TlsSettings::from_dir(&t.dir_for_node(&local.me.name), t.required)
+            })
+            .transpose()
+            .map_err(|source| ResourceError::NbdTls {
+                resource: r.name.clone(),
+                source,
+            })?;
         Ok(ResourceSpec {
             name: r.name.clone(),
             me: local.me.clone(),
@@ -355,6 +374,7 @@ impl ResourceSpec {
             on_no_quorum: r.on_no_quorum,
             on_io_error: r.on_io_error,
             link,
+            nbd_tls,
             engine: EngineKind::Auto,
         })
     }
@@ -387,6 +407,8 @@ pub struct Resource {
     /// Bumped by every promotion after the new generation is in place: a link whose state
     /// report predates it re-runs its handshake.
     pub(crate) role_epoch: std::sync::atomic::AtomicU64,
+    /// Ended sessions still applying what they received (see `repl::peer`): promotion waits.
+    pub(crate) finishing: watch::Sender<usize>,
     stop: watch::Sender<bool>,
     /// Application bytes read and written (the resync backs off while it grows).
     pub(crate) app_io_bytes: std::sync::atomic::AtomicU64,
@@ -523,6 +545,23 @@ impl Resource {
             resource: spec.name.clone(),
             source,
         })?;
+        // A disk that fails reads at start comes up Diskless (like a detach; see
+        // `repl::local_disk`), its metadata no longer consistent.
+        let failed = crate::repl::local_disk::failed_at_start(
+            &spec.name,
+            spec.on_io_error,
+            &spec.me.backing,
+            g.data_size,
+        );
+        let disk = if failed.is_some() {
+            meta.sb.flags &= !(flags::CONSISTENT | flags::WAS_UP_TO_DATE);
+            if let Err(e) = meta.save_sb() {
+                tracing::warn!(resource = %spec.name, "cannot mark the metadata inconsistent: {e}");
+            }
+            DiskState::Diskless
+        } else {
+            disk
+        };
         let peer_states = spec
             .peers
             .iter()
@@ -550,7 +589,7 @@ impl Resource {
         );
         Ok(Arc::new(Resource {
             store: crate::repl::local_disk::LocalStore::new(store),
-            disk_rt: Default::default(),
+            disk_rt: crate::repl::local_disk::DiskRuntime::at_start(failed),
             meta: Arc::new(Mutex::new(meta)),
             state: Mutex::new(State {
                 role: Role::Secondary,
@@ -574,6 +613,7 @@ impl Resource {
                 &spec.peers.iter().map(|(n, _)| n.id).collect::<Vec<_>>(),
             ),
             role_epoch: std::sync::atomic::AtomicU64::new(0),
+            finishing: watch::channel(0).0,
             stop: watch::channel(false).0,
             app_io_bytes: std::sync::atomic::AtomicU64::new(0),
             snapshots,
@@ -851,6 +891,13 @@ impl Resource {
         &self,
         force: bool,
     ) -> Result<Vec<crate::repl::lost_writes::KnownLoss>, ResourceError> {
+        if *self.finishing.borrow() > 0 {
+            // What it would lose is known once they are applied (`promote` itself waits).
+            return Err(ResourceError::Refused(
+                "writes received from a lost peer are still being applied: retry in a moment"
+                    .into(),
+            ));
+        }
         let (local, views) = self.promote_views();
         match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
             PromoteDecision::AlreadyPrimary => Ok(Vec::new()),
@@ -864,6 +911,8 @@ impl Resource {
 
     /// `blockctl promote`: becomes Primary when the rules allow (see [`promote::decide`]).
     pub async fn promote(&self, force: bool) -> Result<(), ResourceError> {
+        // Writes received from a lost Primary are applied first (bounded, see `repl::peer`).
+        self.applies_finished().await;
         let _gate = self.role_gate.write().await;
         let (local, views) = self.promote_views();
         let forced =
@@ -966,13 +1015,6 @@ impl Resource {
         tracing::info!(resource = %self.spec.name, "demoted to Secondary");
         self.emit(None, "role", Role::Secondary.as_str());
         self.broadcast_state();
-        if self.holds_links() {
-            // A Diskless Secondary keeps no links (see `repl::local_disk`): it cannot apply
-            // the new Primary's writes.
-            for p in &self.peers {
-                p.kill.notify_one();
-            }
-        }
         flushed.map_err(ResourceError::DemoteFlush)
     }
 
@@ -1093,11 +1135,6 @@ impl Resource {
                                 "refusing a link from a peer that should accept (we dial it)");
                             return;
                         }
-                        if me.holds_links() {
-                            tracing::info!(resource = %me.spec.name, peer = %link.peer.name,
-                                "refusing a link: local disk detached (blockctl attach)");
-                            return;
-                        }
                         if me.peers[i].admin_down.load(Ordering::SeqCst) {
                             tracing::info!(resource = %me.spec.name, peer = %link.peer.name,
                                 "refusing a link: administratively disconnected");
@@ -1127,15 +1164,6 @@ impl Resource {
         loop {
             if p.admin_down.load(Ordering::SeqCst) {
                 self.update_peer(i, |s| s.conn = ConnState::StandAlone);
-                p.wake.notified().await;
-                continue;
-            }
-            if self.holds_links() {
-                // A Secondary without a disk: the Primary tracks our writes meanwhile.
-                self.update_peer(i, |s| {
-                    s.conn = ConnState::StandAlone;
-                    s.last_error = Some("local disk detached: blockctl attach".into());
-                });
                 p.wake.notified().await;
                 continue;
             }

@@ -8,11 +8,14 @@
 //!
 //! Order of precedence:
 //! 1. Manual: a side that connects with `--discard-my-data` is the victim (both: disconnect).
-//! 2. Quorum (when enabled): the side with quorum keeps its data, the other discards.
+//! 2. Quorum (when enabled): the side with quorum keeps its data, the other discards. This
+//!    applies to both kinds: a side without quorum acknowledged nothing since it lost it (its
+//!    I/O was held or failed), and the partition with quorum is the only one whose writes
+//!    count. Its discarded blocks go to its side file (all of them after a full sync).
 //! 3. The policy for the number of current Primaries (0, 1 or 2).
 //!
-//! Only [`SplitBrainKind::BitmapsValid`] split brains are resolved automatically (steps 2-3);
-//! for [`SplitBrainKind::NeedsFullSync`] only the manual step applies (then with a full sync).
+//! Policies (step 3) only resolve [`SplitBrainKind::BitmapsValid`] split brains; a
+//! [`SplitBrainKind::NeedsFullSync`] one is resolved by steps 1-2 only (then with a full sync).
 
 use super::names::named_enum;
 use super::state::Role;
@@ -167,17 +170,18 @@ pub fn resolve(
         (true, true) => return Resolution::disconnect(ResolvedBy::ManualConflict),
         (false, false) => {}
     }
-    // Without valid bitmaps nothing automatic is safe.
-    if kind == SplitBrainKind::NeedsFullSync {
-        return Resolution::disconnect(ResolvedBy::NeedsManual);
-    }
-    // 2. Quorum: the partition that had quorum is the one whose writes were legitimate.
+    // 2. Quorum: the partition that had quorum is the one whose writes were legitimate; the
+    // other acknowledged nothing since it lost quorum. Decides with or without valid bitmaps.
     match (me.quorum, peer.quorum) {
         (Some(true), Some(false)) => return Resolution::new(Verdict::KeepMine, ResolvedBy::Quorum),
         (Some(false), Some(true)) => {
             return Resolution::new(Verdict::DiscardMine, ResolvedBy::Quorum);
         }
         _ => {}
+    }
+    // Without valid bitmaps no policy is safe.
+    if kind == SplitBrainKind::NeedsFullSync {
+        return Resolution::disconnect(ResolvedBy::NeedsManual);
     }
     // 3. Policy by the number of Primaries now.
     let primaries = [me, peer]
@@ -362,6 +366,39 @@ mod tests {
         a.quorum = None;
         b.quorum = None;
         check(VALID, &pol, &a, &b, Lose, By::LeastChanges);
+    }
+
+    /// A history-both split brain (no bitmap covers the divergence, e.g. a cut-off Primary's
+    /// generation that only it knows): quorum still decides, with a full sync; manual wins
+    /// over quorum; without a quorum difference it needs a manual decision.
+    #[test]
+    fn quorum_resolves_needs_full_sync() {
+        const FULL: SplitBrainKind = SplitBrainKind::NeedsFullSync;
+        let pol = SplitBrainPolicy::default();
+        // n2: the old Primary without quorum; n1: a Secondary of the majority.
+        let mut old = s(2, P, true, 16);
+        let mut maj = s(1, S, false, 0);
+        old.quorum = Some(false);
+        maj.quorum = Some(true);
+        check(FULL, &pol, &old, &maj, Lose, By::Quorum);
+        check(FULL, &pol, &maj, &old, Keep, By::Quorum);
+        // The manual decision still comes first.
+        maj.discard_my_data = true;
+        check(FULL, &pol, &old, &maj, Keep, By::Manual);
+        maj.discard_my_data = false;
+        // Both with quorum (or quorum off): no automatic decision without valid bitmaps.
+        old.quorum = Some(true);
+        check(FULL, &pol, &old, &maj, Dc, By::NeedsManual);
+        old.quorum = None;
+        maj.quorum = None;
+        check(
+            FULL,
+            &p0(After0Pri::DiscardLeastChanges),
+            &old,
+            &maj,
+            Dc,
+            By::NeedsManual,
+        );
     }
 
     #[test]

@@ -74,9 +74,15 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
 /// Like [`start`] over a loopback TCP connection to a store on tmpfs, where large WRITE
 /// payloads are spliced from the socket into the file.
 async fn start_tcp(structured: bool, limits: Limits) -> Harness {
+    start_tcp_in("/dev/shm", structured, limits).await
+}
+
+/// [`start_tcp`] with the backing file under `root` (tmpfs: pipes are copied into the file by
+/// the receiving task; disk: by engine workers).
+async fn start_tcp_in(root: &str, structured: bool, limits: Limits) -> Harness {
     let dir = tempfile::Builder::new()
         .prefix("blockd-transmission-test")
-        .tempdir_in("/dev/shm")
+        .tempdir_in(root)
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
@@ -85,7 +91,7 @@ async fn start_tcp(structured: bool, limits: Limits) -> Harness {
     let (server_end, _) = listener.accept().await.unwrap();
     let (r, w) = server_end.into_split();
     let store = open_store_in(false, dir);
-    assert!(store.0.writes_from_pipe());
+    assert!(store.0.splices_writes());
     start_on(Box::new(client), r, w, store, structured, limits)
 }
 
@@ -592,8 +598,17 @@ fn validation_picks_the_right_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_over_a_socket_are_exact() {
+    large_requests_over_a_socket("/dev/shm").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_over_a_socket_to_disk_are_exact() {
+    large_requests_over_a_socket("/var/tmp").await
+}
+
+async fn large_requests_over_a_socket(root: &str) {
     for structured in [false, true] {
-        let mut h = start_tcp(structured, Limits::default()).await;
+        let mut h = start_tcp_in(root, structured, Limits::default()).await;
         let mut data = pattern(4 << 20, 3);
         for (i, piece) in data.chunks(1 << 20).enumerate() {
             let at = (i << 20) as u64;
@@ -687,6 +702,21 @@ async fn large_requests_over_a_socket_are_exact() {
         };
         assert_eq!(&got[..4096], &[9; 4096][..]);
         assert!(got[4096..] == data[4096..1 << 20]);
+        // A WRITE larger than one pipe and than the chunk size, unaligned, right after a
+        // small request (its header read also buffers part of the payload).
+        h.send(req(CMD_WRITE, 0, 53, 3, 512), &[8; 512]).await;
+        let big = pattern((6 << 20) + 5, 77);
+        h.send(req(CMD_WRITE, 0, 54, (1 << 20) - 3, big.len() as u32), &big)
+            .await;
+        for _ in 0..2 {
+            assert_eq!(h.simple(|_| 0).await.1, 0);
+        }
+        let stored = h.store.read((1 << 20) - 3, big.len()).await.unwrap();
+        assert!(
+            stored[..] == big[..],
+            "store differs after a 6 MiB spliced write"
+        );
+        assert_eq!(&h.store.read(3, 512).await.unwrap()[..], &[8; 512][..]);
         h.send(req(CMD_DISC, 0, 52, 0, 0), &[]).await;
         assert_eq!(h.finish().await.unwrap(), End::Disconnect);
     }
