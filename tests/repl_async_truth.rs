@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use integration_tests::async_link::StalledPair;
+use integration_tests::link_proxy::{LinkConfig, ProxiedPair};
 use integration_tests::nbd_wire::{CMD_WRITE, Reply, Wire};
 use integration_tests::repl::{ClusterOptions, EventLog, RESOURCE, tail};
 
@@ -26,7 +26,7 @@ fn block(tag: u64, k: u64, len: usize) -> Vec<u8> {
     word.iter().copied().cycle().take(len).collect()
 }
 
-fn nbd_addr(p: &StalledPair, i: usize) -> SocketAddr {
+fn nbd_addr(p: &ProxiedPair, i: usize) -> SocketAddr {
     format!("127.0.0.1:{}", p.cluster.nodes[i].nbd_port)
         .parse()
         .expect("nbd addr")
@@ -41,22 +41,22 @@ fn tcp_wmem_max() -> u64 {
 }
 
 /// A 2-node cluster of `size`-byte devices through the proxy, n0 promoted and in sync.
-fn pair_of(protocol: &str, size: u64) -> StalledPair {
+fn pair_of(protocol: &str, size: u64) -> ProxiedPair {
     let mut opts = ClusterOptions::new(2, protocol);
     opts.size = size;
-    let p = StalledPair::start(&opts);
+    let p = ProxiedPair::start(&opts, LinkConfig::TIGHT);
     p.cluster.promote(0, true);
     p.cluster.wait_synced(0, Duration::from_secs(120));
     p
 }
 
-fn pair(protocol: &str) -> StalledPair {
+fn pair(protocol: &str) -> ProxiedPair {
     pair_of(protocol, 64 << 20)
 }
 
 /// Waits until `cond` holds for n`i`'s only peer; returns that peer status.
 fn wait_peer(
-    p: &StalledPair,
+    p: &ProxiedPair,
     i: usize,
     what: &str,
     timeout: Duration,
@@ -112,7 +112,7 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
 
     // 1. Stalled link: every acknowledged write is unconfirmed, exactly.
     const N1: u64 = 48;
-    p.proxy.stall(true);
+    p.proxy.hold_forward(true);
     let started = Instant::now();
     send_writes(&mut w, 1, 0, N1, BS4K);
     read_replies(&mut w, N1);
@@ -128,7 +128,7 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
     );
 
     // 2. The link flows again: they drain to 0.
-    p.proxy.stall(false);
+    p.proxy.hold_forward(false);
     let t = Instant::now();
     wait_peer(&p, 0, "drained", Duration::from_secs(30), drained);
     eprintln!("drained to 0 in {:?}", t.elapsed());
@@ -141,7 +141,7 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
     let n3: u64 = ((4 * margin).max(32 << 20) / BIG as u64).min(2000);
     const RATE: u64 = 2 << 20;
     let base3 = 1 << 20;
-    p.proxy.throttle(RATE);
+    p.proxy.throttle_forward(RATE);
     let before = p.proxy.forwarded();
     send_writes(&mut w, 3, base3, n3, BIG);
     read_replies(&mut w, n3);
@@ -253,18 +253,18 @@ fn protocol_a_counts_unconfirmed_writes_and_promote_reports_the_loss() {
 
 /// Under B and C a write held by a stall is not acknowledged: nothing is unconfirmed while the
 /// writes are in flight, and nothing after.
-fn held_writes_are_not_unconfirmed(protocol: &str) -> StalledPair {
+fn held_writes_are_not_unconfirmed(protocol: &str) -> ProxiedPair {
     let p = pair(protocol);
     let (mut w, _) = Wire::open(nbd_addr(&p, 0), RESOURCE, false).expect("nbd");
     const N: u64 = 16;
-    p.proxy.stall(true);
+    p.proxy.hold_forward(true);
     send_writes(&mut w, 2, 0, N, BS4K);
     let st = wait_peer(&p, 0, "writes in flight", Duration::from_secs(3), |s| {
         s["in_flight"] == N
     });
     assert_eq!(st["unconfirmed_writes"], 0, "{protocol}: {st:#}");
     assert_eq!(st["unconfirmed_bytes"], 0, "{protocol}: {st:#}");
-    p.proxy.stall(false);
+    p.proxy.hold_forward(false);
     read_replies(&mut w, N);
     wait_peer(&p, 0, "drained", Duration::from_secs(30), drained);
     // Dry run on the Secondary: nothing known lost, nothing printed.
@@ -282,7 +282,7 @@ fn held_writes_are_not_unconfirmed(protocol: &str) -> StalledPair {
 
 /// Pipelined bursts on a flowing link; returns the largest unconfirmed figure seen, checking
 /// it against the writes in flight at every sample.
-fn burst_max_unconfirmed(p: &StalledPair) -> u64 {
+fn burst_max_unconfirmed(p: &ProxiedPair) -> u64 {
     let (mut w, _) = Wire::open(nbd_addr(p, 0), RESOURCE, false).expect("nbd");
     let mut max = 0;
     for round in 0..20u64 {

@@ -11,8 +11,8 @@ use std::io::{Seek, SeekFrom, Write};
 use std::time::{Duration, Instant};
 
 use integration_tests::TestRng;
+use integration_tests::link_proxy::{LinkConfig, ProxiedPair};
 use integration_tests::repl::{ClusterOptions, RESOURCE};
-use integration_tests::repl_proxy::ProxiedPair;
 
 const GIB: u64 = 1 << 30;
 /// Data written before the cluster starts stays clear of the internal metadata at the end.
@@ -61,7 +61,7 @@ fn scatter_changes(path: &std::path::Path, limit: u64, target: u64, seed: u64) -
 fn full_sync_wire_bytes(change: impl FnOnce(&std::path::Path) -> u64) -> (u64, u64, f64) {
     let mut opts = ClusterOptions::new(2, "C");
     opts.size = GIB;
-    let mut p = ProxiedPair::create(&opts);
+    let mut p = ProxiedPair::create(&opts, LinkConfig::QUEUED);
     for i in 0..2 {
         fill_identical(&p.cluster.nodes[i].backing, GIB - META_MARGIN, 0xC5);
     }
@@ -72,7 +72,7 @@ fn full_sync_wire_bytes(change: impl FnOnce(&std::path::Path) -> u64) -> (u64, u
         .wait_peer(0, 1, Duration::from_secs(60), "connected", |s| {
             s["connection"] == "connected"
         });
-    p.proxy.reset();
+    p.proxy.reset_bytes();
     let started = Instant::now();
     p.cluster.promote(0, true);
     p.cluster.wait_synced(0, Duration::from_secs(300));
@@ -116,7 +116,7 @@ fn full_sync_of_one_percent_different_copies_moves_about_the_difference() {
 fn connect_with_checksum_skips_dirty_blocks_that_are_equal() {
     let mut opts = ClusterOptions::new(2, "C");
     opts.extra_global = "csums = \"no\"\n".to_string();
-    let mut p = ProxiedPair::create(&opts);
+    let mut p = ProxiedPair::create(&opts, LinkConfig::QUEUED);
     p.start_node(0);
     p.start_node(1);
     p.cluster.promote(0, true);
@@ -133,7 +133,7 @@ fn connect_with_checksum_skips_dirty_blocks_that_are_equal() {
         });
         c.write_random(0, 0, DIRTY, 3);
         assert_eq!(c.status(0)["peers"][0]["out_of_sync_bytes"], DIRTY);
-        p.proxy.reset();
+        p.proxy.reset_bytes();
         c.blockctl_ok(Some(0), connect);
         c.wait_synced(0, Duration::from_secs(60));
         c.assert_identical(0);

@@ -12,8 +12,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::link_proxy::{LinkConfig, ProxiedPair};
 use integration_tests::repl::{ClusterOptions, WRITER_PY};
-use integration_tests::repl_proxy::ProxiedPair;
 use integration_tests::{ChildGuard, TestRng, debian_python};
 
 const SIZE: u64 = 512 << 20;
@@ -63,7 +63,7 @@ fn crash_rounds(extra: &str) {
     let mut opts = ClusterOptions::new(2, "C");
     opts.size = SIZE;
     opts.extra_global = extra.to_string();
-    let mut p = ProxiedPair::create(&opts);
+    let mut p = ProxiedPair::create(&opts, LinkConfig::QUEUED);
     p.start_node(0);
     p.start_node(1);
     p.cluster.promote(0, true);
@@ -111,7 +111,7 @@ fn crash_rounds(extra: &str) {
             &p.cluster.nodes[1].backing,
             data,
         );
-        p.proxy.reset();
+        p.proxy.reset_bytes();
         let started = Instant::now();
         p.start_node(0);
         let mut total = 0;

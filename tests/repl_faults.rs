@@ -41,10 +41,11 @@ use std::time::{Duration, Instant};
 
 use integration_tests::TestRng;
 use integration_tests::faults::{
-    AckedWriter, BS, BrokenStore, DiskPair, LinkMode, ProxiedCluster, Summary, TrialResult,
-    assert_verified_identical, check_acked, check_acked_nbd, env_count, logs, merged_ranges,
-    no_panics, panic_text, peer, resync_count, run_seed, wait_status, write_ranges,
+    AckedWriter, BS, BrokenStore, DiskPair, Summary, TrialResult, assert_verified_identical,
+    check_acked, check_acked_nbd, env_count, logs, merged_ranges, no_panics, panic_text, peer,
+    resync_count, run_seed, wait_status, write_ranges,
 };
+use integration_tests::link_proxy::{LinkConfig, LinkMode, ProxiedPair};
 use integration_tests::repl::{Cluster, ClusterOptions, EventLog, Partition, RESOURCE};
 
 const KINDS: &[&str] = &[
@@ -71,7 +72,7 @@ fn err(what: impl Into<String>) -> String {
 /// The 2-node cluster (link through a fault proxy) shared by the 2-node trial kinds; every
 /// trial starts and ends with it healthy: one Primary, connected, in sync.
 struct Pair {
-    pc: ProxiedCluster,
+    pc: ProxiedPair,
     primary: usize,
 }
 
@@ -79,7 +80,7 @@ impl Pair {
     fn start() -> Pair {
         let mut opts = ClusterOptions::new(2, "C");
         opts.size = SIZE;
-        let pc = ProxiedCluster::start(&opts);
+        let pc = ProxiedPair::start(&opts, LinkConfig::QUEUED);
         pc.cluster.promote(0, true);
         pc.cluster.wait_synced(0, Duration::from_secs(60));
         Pair { pc, primary: 0 }

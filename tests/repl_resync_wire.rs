@@ -5,59 +5,27 @@
 //! bitmap, data, acks) are within 1.2x of the dirty bytes, and both copies are identical after.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use integration_tests::repl::{Cluster, ClusterOptions, CountingProxy, RESOURCE, free_port};
+use integration_tests::link_proxy::{LinkConfig, ProxiedPair};
+use integration_tests::repl::{Cluster, ClusterOptions, RESOURCE};
 use integration_tests::{TestRng, require_tool, run_ok};
 
 const CHUNK: u64 = 64 << 10;
 
 /// A 2-node cluster whose link runs through a counting proxy; both nodes started, n0 Primary
 /// and in sync.
-fn proxied_cluster(
-    size: u64,
-    resync_rate: &str,
-    extra_global: &str,
-) -> (Cluster, CountingProxy, PathBuf, PathBuf) {
+fn proxied_cluster(size: u64, resync_rate: &str, extra_global: &str) -> ProxiedPair {
     let mut opts = ClusterOptions::new(2, "C");
     opts.size = size;
     opts.resync_rate = resync_rate.to_string();
     opts.extra_global = extra_global.to_string();
-    let mut c = Cluster::create(&opts);
-    let good = std::fs::read_to_string(&c.config).unwrap();
-    let n1_line = format!("address = \"127.0.0.1:{}\"", c.nodes[1].repl_port);
-    assert!(good.contains(&n1_line));
-    let proxy_port = free_port();
-    // n1 listens on 127.0.0.2; n0 reaches it only through the proxy.
-    let n1_conf = c.dir.path().join("n1.toml");
-    std::fs::write(
-        &n1_conf,
-        good.replace(
-            &n1_line,
-            &format!("address = \"127.0.0.2:{}\"", c.nodes[1].repl_port),
-        ),
-    )
-    .unwrap();
-    let n0_conf = c.dir.path().join("n0.toml");
-    std::fs::write(
-        &n0_conf,
-        good.replace(&n1_line, &format!("address = \"127.0.0.1:{proxy_port}\"")),
-    )
-    .unwrap();
-    let proxy = CountingProxy::start(
-        proxy_port,
-        format!("127.0.0.2:{}", c.nodes[1].repl_port)
-            .parse()
-            .unwrap(),
-    );
-    c.start_node_with(0, &n0_conf);
-    c.start_node_with(1, &n1_conf);
-    c.promote(0, true);
-    c.wait_synced(0, Duration::from_secs(120));
-    assert!(proxy.bytes() > 0, "the link runs through the proxy");
-    (c, proxy, n0_conf, n1_conf)
+    let p = ProxiedPair::start(&opts, LinkConfig::QUEUED);
+    p.cluster.promote(0, true);
+    p.cluster.wait_synced(0, Duration::from_secs(120));
+    assert!(p.proxy.bytes() > 0, "the link runs through the proxy");
+    p
 }
 
 /// Disconnects n1 (n0 stops dialing) and writes 64 KiB chunks at distinct random offsets
@@ -99,9 +67,11 @@ fn dirty_while_disconnected(c: &Cluster, target: u64, seed: u64) -> u64 {
 
 #[test]
 fn resync_of_one_percent_moves_at_most_1_2x_the_dirty_bytes() {
-    let (c, proxy, _, _) = proxied_cluster(1 << 30, "1G", "");
+    let ProxiedPair {
+        cluster: c, proxy, ..
+    } = proxied_cluster(1 << 30, "1G", "");
     let dirty = dirty_while_disconnected(&c, (1 << 30) / 100, 0x5eed);
-    proxy.reset();
+    proxy.reset_bytes();
     let started = Instant::now();
     c.blockctl_ok(Some(0), &["connect", RESOURCE, "--peer", "n1"]);
     c.wait_synced(0, Duration::from_secs(120));
@@ -123,7 +93,11 @@ fn resync_of_one_percent_moves_at_most_1_2x_the_dirty_bytes() {
 #[test]
 fn resync_resumes_after_the_primary_is_killed() {
     // 128 MiB device, resync at 32 MB/s: 92 MiB dirty takes about 3 s to resync.
-    let (mut c, proxy, n0_conf, _) = proxied_cluster(128 << 20, "32M", "al-extents = 7\n");
+    let ProxiedPair {
+        cluster: mut c,
+        proxy,
+        configs: [n0_conf, _],
+    } = proxied_cluster(128 << 20, "32M", "al-extents = 7\n");
     c.blockctl_ok(Some(0), &["disconnect", RESOURCE, "--peer", "n1"]);
     integration_tests::wait_for(
         Duration::from_secs(10),
@@ -151,7 +125,7 @@ fn resync_resumes_after_the_primary_is_killed() {
         "resync progress past 34 MiB",
     );
     c.kill(0);
-    proxy.reset();
+    proxy.reset_bytes();
     c.start_node_with(0, &n0_conf);
     let mut total = None;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -174,7 +148,12 @@ fn resync_resumes_after_the_primary_is_killed() {
     let lines = |i: usize| {
         c.log(i)
             .lines()
-            .filter(|l| l.contains("handshake") || l.contains("resync") || l.contains("unclean") || l.contains("torn"))
+            .filter(|l| {
+                l.contains("handshake")
+                    || l.contains("resync")
+                    || l.contains("unclean")
+                    || l.contains("torn")
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };

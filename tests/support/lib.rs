@@ -774,6 +774,5 @@ mod tests {
     }
 }
 pub mod repl;
-pub mod repl_proxy;
-pub mod async_link;
+pub mod link_proxy;
 pub mod faults;

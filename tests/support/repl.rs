@@ -1,15 +1,13 @@
 //! Helpers for the replication tests: a cluster of real `blockd --config` processes on 127.0.0.1
 //! (one generated config, certificates from `blockctl certs`, a secret from `blockctl
 //! gen-secret`, metadata from `blockctl create-md`), `blockctl` calls, waiting for sync, data
-//! checksums of the backing files, a counting TCP proxy, and the failover writer script.
+//! checksums of the backing files, and the failover writer script.
 
 use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::{blockd_bin, run_timeout};
@@ -416,95 +414,6 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n") + "\n"
 }
 
-/// A TCP proxy that counts the bytes it forwards in both directions (the "wire" between two
-/// nodes). Stops accepting and cuts every connection when dropped.
-pub struct CountingProxy {
-    pub port: u16,
-    bytes: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl CountingProxy {
-    /// Listens on `listen_port` (127.0.0.1) and forwards every connection to `target`.
-    pub fn start(listen_port: u16, target: SocketAddr) -> CountingProxy {
-        let listener = TcpListener::bind(("127.0.0.1", listen_port)).expect("bind proxy");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let bytes = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (b, s) = (bytes.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                match listener.accept() {
-                    Ok((client, _)) => {
-                        let _ = client.set_nonblocking(false);
-                        let Ok(server) = TcpStream::connect(target) else {
-                            continue;
-                        };
-                        for (from, to) in [
-                            (client.try_clone(), server.try_clone()),
-                            (server.try_clone(), client.try_clone()),
-                        ] {
-                            let (Ok(from), Ok(to)) = (from, to) else {
-                                continue;
-                            };
-                            let (b, s) = (b.clone(), s.clone());
-                            std::thread::spawn(move || pump(from, to, &b, &s));
-                        }
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
-        });
-        CountingProxy {
-            port: listen_port,
-            bytes,
-            stop,
-        }
-    }
-
-    /// Bytes forwarded so far (both directions).
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::SeqCst)
-    }
-
-    pub fn reset(&self) {
-        self.bytes.store(0, Ordering::SeqCst);
-    }
-}
-
-impl Drop for CountingProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, bytes: &AtomicU64, stop: &AtomicBool) {
-    let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        match from.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                bytes.fetch_add(n as u64, Ordering::SeqCst);
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => break,
-        }
-    }
-    let _ = to.shutdown(Shutdown::Both);
-    let _ = from.shutdown(Shutdown::Both);
-}
-
 /// The failover writer (python3-libnbd). `write URI ITER SEED BLOCKS LOG`: writes 4 KiB blocks
 /// at distinct shuffled block indexes, 16 in flight, and appends `INDEX SEQ` to LOG for every
 /// write the server acknowledged; each block says what it is (magic, iteration, index, seq).
@@ -764,32 +673,29 @@ pub fn can_break_disks() -> bool {
     ok
 }
 
-/// An nbdkit memory disk behind the error filter, as a file through nbdfuse. Creating the
-/// trigger file makes every request fail with EIO; removing it heals the disk.
-pub struct FailingDisk {
+/// An nbdkit memory disk (zeroes) behind one nbdkit filter, as a file through nbdfuse: what
+/// [`FailingDisk`] and [`SlowDisk`] are made of. Unmounted and stopped on drop.
+struct FuseDisk {
     /// The file to use as backing.
-    pub path: PathBuf,
+    path: PathBuf,
     mount: PathBuf,
-    /// While this file exists, every I/O fails.
-    pub trigger: PathBuf,
     fuse: Option<crate::ChildGuard>,
     _nbdkit: crate::ChildGuard,
 }
 
-impl FailingDisk {
-    /// Starts nbdkit and nbdfuse in `dir` (a `size`-byte disk, zeroes).
-    pub fn start(dir: &Path, size: u64) -> FailingDisk {
+impl FuseDisk {
+    /// Starts nbdkit (`--filter=FILTER memory SIZE FILTER_ARGS...`) and nbdfuse in `dir`.
+    fn start(dir: &Path, size: u64, filter: &str, filter_args: &[String]) -> FuseDisk {
         let sock = dir.join("nbdkit.sock");
-        let trigger = dir.join("break-disk");
         let mount = dir.join("fuse");
         std::fs::create_dir_all(&mount).expect("mount dir");
         let nbdkit = crate::ChildGuard(
             Command::new("nbdkit")
                 .args(["-f", "-U"])
                 .arg(&sock)
-                .args(["--filter=error", "memory", &size.to_string()])
-                .args(["error=EIO", "error-rate=100%"])
-                .arg(format!("error-file={}", trigger.display()))
+                .arg(format!("--filter={filter}"))
+                .args(["memory", &size.to_string()])
+                .args(filter_args)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -814,12 +720,49 @@ impl FailingDisk {
             || std::fs::metadata(&path).is_ok_and(|m| m.len() == size),
             "the nbdfuse file",
         );
-        FailingDisk {
+        FuseDisk {
             path,
             mount,
-            trigger,
             fuse: Some(fuse),
             _nbdkit: nbdkit,
+        }
+    }
+}
+
+impl Drop for FuseDisk {
+    fn drop(&mut self) {
+        let _ = crate::run_timeout(
+            Command::new("fusermount3").arg("-u").arg(&self.mount),
+            Duration::from_secs(20),
+        );
+        drop(self.fuse.take());
+    }
+}
+
+/// An nbdkit memory disk behind the error filter, as a file through nbdfuse. Creating the
+/// trigger file makes every request fail with EIO; removing it heals the disk.
+pub struct FailingDisk {
+    /// The file to use as backing.
+    pub path: PathBuf,
+    /// While this file exists, every I/O fails.
+    pub trigger: PathBuf,
+    _disk: FuseDisk,
+}
+
+impl FailingDisk {
+    /// Starts nbdkit and nbdfuse in `dir` (a `size`-byte disk, zeroes).
+    pub fn start(dir: &Path, size: u64) -> FailingDisk {
+        let trigger = dir.join("break-disk");
+        let args = [
+            "error=EIO".to_string(),
+            "error-rate=100%".to_string(),
+            format!("error-file={}", trigger.display()),
+        ];
+        let disk = FuseDisk::start(dir, size, "error", &args);
+        FailingDisk {
+            path: disk.path.clone(),
+            trigger,
+            _disk: disk,
         }
     }
 
@@ -831,16 +774,6 @@ impl FailingDisk {
     /// I/O works again.
     pub fn heal(&self) {
         std::fs::remove_file(&self.trigger).expect("remove trigger");
-    }
-}
-
-impl Drop for FailingDisk {
-    fn drop(&mut self) {
-        let _ = crate::run_timeout(
-            Command::new("fusermount3").arg("-u").arg(&self.mount),
-            Duration::from_secs(20),
-        );
-        drop(self.fuse.take());
     }
 }
 
@@ -889,62 +822,16 @@ impl Drop for SmallFs {
 pub struct SlowDisk {
     /// The file to use as backing.
     pub path: PathBuf,
-    mount: PathBuf,
-    fuse: Option<crate::ChildGuard>,
-    _nbdkit: crate::ChildGuard,
+    _disk: FuseDisk,
 }
 
 impl SlowDisk {
     /// Starts nbdkit and nbdfuse in `dir` (a `size`-byte disk, zeroes).
     pub fn start(dir: &Path, size: u64, delay_ms: u32) -> SlowDisk {
-        let sock = dir.join("nbdkit.sock");
-        let mount = dir.join("fuse");
-        std::fs::create_dir_all(&mount).expect("mount dir");
-        let nbdkit = crate::ChildGuard(
-            Command::new("nbdkit")
-                .args(["-f", "-U"])
-                .arg(&sock)
-                .args(["--filter=delay", "memory", &size.to_string()])
-                .arg(format!("delay-write={delay_ms}ms"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn nbdkit"),
-        );
-        crate::wait_for(Duration::from_secs(10), || sock.exists(), "nbdkit socket");
-        let path = mount.join("disk");
-        let fuse = crate::ChildGuard(
-            Command::new("nbdfuse")
-                .arg(&path)
-                .arg("--unix")
-                .arg(&sock)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn nbdfuse"),
-        );
-        crate::wait_for(
-            Duration::from_secs(10),
-            || std::fs::metadata(&path).is_ok_and(|m| m.len() == size),
-            "the nbdfuse file",
-        );
+        let disk = FuseDisk::start(dir, size, "delay", &[format!("delay-write={delay_ms}ms")]);
         SlowDisk {
-            path,
-            mount,
-            fuse: Some(fuse),
-            _nbdkit: nbdkit,
+            path: disk.path.clone(),
+            _disk: disk,
         }
-    }
-}
-
-impl Drop for SlowDisk {
-    fn drop(&mut self) {
-        let _ = crate::run_timeout(
-            Command::new("fusermount3").arg("-u").arg(&self.mount),
-            Duration::from_secs(20),
-        );
-        drop(self.fuse.take());
     }
 }

@@ -1061,10 +1061,10 @@ impl Resource {
         for p in &self.peers {
             p.kill.notify_one();
         }
-        for e in self.snapshots.set.close_all().await {
+        let flush = async { self.store.flush().await.map_err(|e| error_chain(&e)) };
+        for e in self.snapshots.set.close_all(flush).await {
             tracing::error!(resource = %self.spec.name, "cannot keep a snapshot: {e}");
         }
-        let _ = self.store.flush().await;
         let primary = self.role() == Role::Primary;
         let r = self
             .meta_io(move |m| {

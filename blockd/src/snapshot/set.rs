@@ -589,12 +589,27 @@ impl Snapshots {
 
     /// Closes every area cleanly (on shutdown), so the snapshots survive a restart. Waits for
     /// the changes in flight, and holds every later change off for good: a change the areas
-    /// did not see would make a reloaded snapshot silently wrong.
-    pub async fn close_all(&self) -> Vec<String> {
+    /// did not see would make a reloaded snapshot silently wrong. `flush_replica` runs between
+    /// the two: an area marked closed over replica writes still in the page cache would, after
+    /// a machine crash, describe data that is not on disk; when it fails, no area is marked
+    /// closed (they are dropped with a message at the next start).
+    pub async fn close_all<F>(&self, flush_replica: F) -> Vec<String>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
         std::mem::forget(self.gate.write().await);
         let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").drain(..).collect();
         self.count.store(0, Ordering::Release);
         let mut errors = Vec::new();
+        if let Err(e) = flush_replica.await {
+            for snap in snaps {
+                errors.push(format!(
+                    "snapshot {:?}: not kept, the replica could not be flushed: {e}",
+                    snap.name
+                ));
+            }
+            return errors;
+        }
         for snap in snaps {
             let area = snap.frozen().area.take();
             if let Some(area) = area
@@ -743,7 +758,7 @@ mod tests {
             .write(0, Bytes::from(vec![2u8; 4096]), false)
             .await
             .unwrap();
-        assert!(set.close_all().await.is_empty());
+        assert!(set.close_all(async { Ok(()) }).await.is_empty());
         let (set, dropped) = Snapshots::load(&dir, "r0", size);
         assert!(dropped.is_empty(), "{dropped:?}");
         let snap = set.get("kept").unwrap();
@@ -899,7 +914,7 @@ mod tests {
                 assert_eq!(&store.read(0, size as usize).await.unwrap()[..], &live[..]);
                 assert_eq!(&snap.read(&store, 0, size as usize).await.unwrap()[..], &frozen[..]);
                 drop(snap);
-                assert!(set.close_all().await.is_empty());
+                assert!(set.close_all(async { Ok(()) }).await.is_empty());
                 let (set, dropped) = Snapshots::load(&dir, "r0", size);
                 assert!(dropped.is_empty(), "{dropped:?}");
                 let snap = set.get("m").unwrap();

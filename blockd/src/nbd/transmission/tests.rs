@@ -71,14 +71,9 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
     )
 }
 
-/// Like [`start`] over a loopback TCP connection to a store on tmpfs, where large WRITE
-/// payloads are spliced from the socket into the file.
-async fn start_tcp(structured: bool, limits: Limits) -> Harness {
-    start_tcp_in("/dev/shm", structured, limits).await
-}
-
-/// [`start_tcp`] with the backing file under `root` (tmpfs: pipes are copied into the file by
-/// the receiving task; disk: by engine workers).
+/// Like [`start`] over a loopback TCP connection, where large WRITE payloads are spliced from
+/// the socket into the file under `root` (tmpfs: pipes are copied into the file by the
+/// receiving task; disk: by engine workers).
 async fn start_tcp_in(root: &str, structured: bool, limits: Limits) -> Harness {
     let dir = tempfile::Builder::new()
         .prefix("blockd-transmission-test")
