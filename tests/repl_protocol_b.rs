@@ -32,7 +32,7 @@ const BS: u64 = 4096;
 /// Blocks the writer picks from (16 MiB).
 const BLOCKS: u64 = 4096;
 /// Milliseconds every write to the Secondary's backing store takes.
-const DELAY_MS: u32 = 30;
+const DELAY_MS: u32 = 5;
 const DEPTH: usize = 16;
 const CMD_FLAG_FUA: u16 = 1;
 const ROUNDS: u64 = 3;
@@ -266,9 +266,9 @@ fn round(protocol: &str, trial: u64) -> (usize, u64) {
         let stop = stop.clone();
         std::thread::spawn(move || fua_writer(addr, trial, stop))
     };
-    // Kill the Primary 1.0-2.0 s into the writes.
+    // Kill the Primary 0.5-1.0 s into the writes.
     let mut rng = TestRng::new(trial ^ 0x5eed);
-    std::thread::sleep(Duration::from_millis(1000 + rng.below(1000)));
+    std::thread::sleep(Duration::from_millis(500 + rng.below(500)));
     c.kill(0);
     stop.store(true, Ordering::SeqCst);
     let report = writer.join().expect("writer thread");
@@ -281,7 +281,7 @@ fn round(protocol: &str, trial: u64) -> (usize, u64) {
         "only {} writes acknowledged before the kill",
         report.acked.len()
     );
-    promote_when_allowed(&c, 1, Duration::from_secs(60));
+    promote_when_allowed(&c, 1, Duration::from_secs(90));
     if let Err(e) = check_acked_nbd(&c, 1, &report) {
         panic!(
             "protocol {protocol}, round {trial}: acknowledged writes lost after failover: {e}\n\
@@ -301,9 +301,16 @@ fn round(protocol: &str, trial: u64) -> (usize, u64) {
         "the Secondary gave up applying received writes:\n{}",
         tail(&log, 40)
     );
+    let applied_in = log
+        .lines()
+        .filter(|l| l.contains("received requests applied"))
+        .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("secs=")))
+        .last()
+        .unwrap_or("-")
+        .to_string();
     println!(
         "protocol {protocol} round {trial}: {} writes acknowledged, all on the new Primary; \
-         {pending} requests still to apply at the link loss",
+         {pending} requests still to apply at the link loss, applied in {applied_in} s",
         report.acked.len()
     );
     drop(c);

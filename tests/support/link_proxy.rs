@@ -441,3 +441,128 @@ impl ProxiedPair {
         self.status(i)["peers"][0].clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server on 127.0.0.1; returns its address.
+    fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { break };
+                std::thread::spawn(move || {
+                    let mut r = s.try_clone().unwrap();
+                    let _ = std::io::copy(&mut r, &mut s);
+                });
+            }
+        });
+        addr
+    }
+
+    fn connect(p: &LinkProxy) -> TcpStream {
+        let s = TcpStream::connect(("127.0.0.1", p.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+
+    fn echo(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+        s.write_all(data).unwrap();
+        let mut back = vec![0u8; data.len()];
+        s.read_exact(&mut back).unwrap();
+        back
+    }
+
+    #[test]
+    fn forwards_and_counts_both_directions() {
+        let p = LinkProxy::start(free_port(), echo_server());
+        let mut s = connect(&p);
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        assert_eq!(echo(&mut s, &data), data);
+        assert_eq!(p.forwarded(), data.len() as u64);
+        assert_eq!(p.bytes(), 2 * data.len() as u64);
+        assert_eq!(p.connections(), 1);
+        p.reset_bytes();
+        assert_eq!(p.bytes(), 0);
+    }
+
+    #[test]
+    fn delay_holds_each_chunk() {
+        let p = LinkProxy::start(free_port(), echo_server());
+        p.set(LinkMode::Delay(150));
+        let mut s = connect(&p);
+        let t = Instant::now();
+        assert_eq!(echo(&mut s, b"ping"), b"ping");
+        // Delayed once each way.
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn stall_holds_until_pass_and_cut_closes() {
+        let p = LinkProxy::start(free_port(), echo_server());
+        let mut s = connect(&p);
+        assert_eq!(echo(&mut s, b"a"), b"a");
+        p.set(LinkMode::Stall);
+        s.write_all(b"b").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut one = [0u8; 1];
+        assert!(
+            s.read(&mut one).is_err(),
+            "nothing comes back while stalled"
+        );
+        p.set(LinkMode::Pass);
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"b");
+        p.set(LinkMode::Cut);
+        assert_eq!(s.read(&mut one).unwrap_or(0), 0, "the connection is closed");
+        let mut again = connect(&p);
+        assert_eq!(again.read(&mut one).unwrap_or(0), 0, "new ones are closed");
+    }
+
+    #[test]
+    fn tight_hold_pushes_back_and_throttle_limits_the_rate() {
+        let p = LinkProxy::start_with(free_port(), echo_server(), LinkConfig::TIGHT);
+        let mut s = connect(&p);
+        assert_eq!(echo(&mut s, b"x"), b"x");
+        p.hold_forward(true);
+        // With the proxy reading nothing more, the sender's writes stop being taken.
+        s.set_nonblocking(true).unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let mut sent = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match s.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write: {e}"),
+            }
+            assert!(
+                Instant::now() < deadline,
+                "writes never blocked ({sent} bytes)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(p.forwarded(), 1, "nothing forwarded while held");
+        s.set_nonblocking(false).unwrap();
+        // Released at 1 MB/s: what was queued arrives at about that rate.
+        p.throttle_forward(1 << 20);
+        p.hold_forward(false);
+        let t = Instant::now();
+        let mut back = vec![0u8; sent];
+        s.read_exact(&mut back).unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let expect = sent as f64 / (1 << 20) as f64;
+        assert!(
+            secs >= expect * 0.7,
+            "{sent} bytes in {secs:.2} s at 1 MiB/s"
+        );
+    }
+}

@@ -7,9 +7,10 @@
 //! until the store has written it. Requests larger than the maximum payload get an error reply
 //! (a WRITE's payload is read and discarded first), never a dropped connection.
 //!
-//! Large WRITE payloads for a memory-backed local store on a plain socket are spliced from the
-//! socket into the file through a pipe ([`RequestSource`]): the server copies them once, not
-//! twice. Every request is recorded in the export's [`NbdMetrics`] when its reply is written.
+//! Large WRITE payloads for a local file-backed store on a plain socket are spliced from the
+//! socket into the file through pipes ([`RequestSource`]): the server copies them once, not
+//! twice (on tmpfs in the receiving task, on disk on engine workers). Every request is recorded
+//! in the export's [`NbdMetrics`] when its reply is written.
 
 use std::future::Future;
 use std::io::{self, IoSlice};

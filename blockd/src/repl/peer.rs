@@ -53,7 +53,7 @@ const ACK_BATCH: usize = 64;
 const APPLY_INLINE_MAX: usize = 1 << 20;
 /// How long a session that ended may go on applying the requests it had received (protocols A
 /// and B: see `Session::finish_applies`).
-pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(30);
+pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(60);
 
 /// A write queued to a peer and not yet acknowledged by it.
 pub struct PendingWrite {

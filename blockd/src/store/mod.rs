@@ -14,7 +14,9 @@
 //!
 //! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] first try `RWF_NOWAIT` on the calling
 //! thread ([`inline`]); whatever the page cache cannot serve without blocking goes to the engine.
-//! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread.
+//! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
+//! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
+//! them to its io-wq). Received data can also be written from a pipe ([`BlockStore::write_pipe`]).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
