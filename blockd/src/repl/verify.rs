@@ -30,6 +30,93 @@ use crate::repl::wire::Message;
 const VERIFY_WINDOW: u64 = 8 << 20;
 /// How often the status is refreshed while a verify runs.
 const STATUS_EVERY: Duration = Duration::from_millis(200);
+/// A verify whose peer answers none of its outstanding checksum requests for this long is
+/// aborted (the peer hashes a run after every earlier replicated request: a long backlog of
+/// writes to apply delays it, nothing else should).
+pub const VERIFY_STALL: Duration = Duration::from_secs(60);
+/// How long a verify waits for a resyncing peer before it gives up.
+pub const VERIFY_QUEUE_LIMIT: Duration = Duration::from_secs(600);
+/// How often a queued verify looks at the peer's state again.
+const QUEUE_POLL: Duration = Duration::from_millis(100);
+
+/// What a verify request knows about one peer (and this node) when it decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerReadiness {
+    /// The peer's link is up (connected, with a live session).
+    pub linked: bool,
+    pub repl: ReplState,
+    pub role: Role,
+    pub disk: DiskState,
+    /// A verify with this peer is running already.
+    pub verify_running: bool,
+    /// This node is Primary.
+    pub me_primary: bool,
+    /// This node's disk.
+    pub my_disk: DiskState,
+}
+
+/// What to do about one peer of a verify request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyPlan {
+    /// Verify now.
+    Start,
+    /// The data is being resynced (here or on the peer): verify once that is done (queued; the
+    /// reason shows in status).
+    Wait(String),
+    /// Not possible with this peer (the reason is reported).
+    Refuse(String),
+}
+
+/// Decides whether a verify with peer `name` may start now, must wait for a resync, or is
+/// refused. Pure: the runtime calls it when asked, and again while a queued verify waits.
+pub fn plan(name: &str, p: &PeerReadiness) -> VerifyPlan {
+    let resyncing = matches!(
+        p.repl,
+        ReplState::WfBitmapS
+            | ReplState::WfBitmapT
+            | ReplState::SyncSource
+            | ReplState::SyncTarget
+            | ReplState::PausedSyncS
+            | ReplState::PausedSyncT
+    );
+    if !p.linked {
+        VerifyPlan::Refuse(format!("{name} is not connected"))
+    } else if p.verify_running {
+        VerifyPlan::Refuse(format!("a verify with {name} is already running"))
+    } else if !p.me_primary && p.role == Role::Primary {
+        VerifyPlan::Refuse(format!(
+            "{name} is Primary: run verify there (its writes are ordered with the checksums)"
+        ))
+    } else if resyncing {
+        VerifyPlan::Wait(format!(
+            "{name} is resyncing with this node ({}): verify starts when it is done",
+            p.repl
+        ))
+    } else if p.repl != ReplState::Established {
+        VerifyPlan::Refuse(format!(
+            "{name} is {} (verify needs established replication)",
+            p.repl
+        ))
+    } else if p.disk == DiskState::Inconsistent {
+        VerifyPlan::Wait(format!(
+            "{name} is resyncing from another node (its disk is inconsistent): verify starts \
+             when it is done"
+        ))
+    } else if p.my_disk == DiskState::Inconsistent {
+        VerifyPlan::Wait(
+            "this node is resyncing (its disk is inconsistent): verify starts when it is done"
+                .to_string(),
+        )
+    } else {
+        VerifyPlan::Start
+    }
+}
+
+/// Whether a verify with `pending` unanswered checksum requests, the last answer (or the
+/// first request after none was pending) at `last_progress`, has stalled at `now`.
+pub fn stalled(pending: usize, last_progress: Instant, now: Instant) -> bool {
+    pending > 0 && now.saturating_duration_since(last_progress) >= VERIFY_STALL
+}
 
 /// Verify progress and result towards one peer (`blockctl status`).
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -41,6 +128,9 @@ pub struct VerifyStatus {
     pub report: ChecksumReport,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Queued: why it has not started yet (a resync in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 impl VerifyStatus {
@@ -55,6 +145,7 @@ impl VerifyStatus {
             percent,
             report,
             error: None,
+            waiting: None,
         }
     }
 }
@@ -76,57 +167,70 @@ impl Resource {
         }
     }
 
+    /// What verify needs to know about peer `i` and this node now.
+    fn readiness(&self, i: usize, verify_running: bool) -> (PeerReadiness, Option<Arc<Conn>>) {
+        let me_primary = self.role() == Role::Primary;
+        let st = self.state.lock().expect("state");
+        let ps = &st.peers[i];
+        let conn = self.peers[i].conn.lock().expect("conn").clone();
+        let r = PeerReadiness {
+            linked: ps.conn == ConnState::Connected && conn.is_some(),
+            repl: ps.repl,
+            role: ps.role,
+            disk: ps.disk,
+            verify_running: verify_running
+                && ps.verify.as_ref().is_some_and(|v| v.state == "running"),
+            me_primary,
+            my_disk: st.disk,
+        };
+        (r, conn)
+    }
+
     /// `blockctl verify`: starts an online verify with `peer` (default: every connected peer).
+    /// A peer that is resyncing gets a queued verify that starts once the resync is done.
     /// Returns once started; progress and the result are in [`Resource::status`].
     pub fn verify(self: &Arc<Self>, peer: Option<&str>) -> Result<Vec<String>, ResourceError> {
         let which = self.peers_named(peer)?;
-        let me_primary = self.role() == Role::Primary;
         let mut started = Vec::new();
         let mut refusals = Vec::new();
         for i in which {
             let name = self.peers[i].node.name.clone();
-            let (ps, conn) = {
-                let st = self.state.lock().expect("state");
-                (
-                    st.peers[i].clone(),
-                    self.peers[i].conn.lock().expect("conn").clone(),
-                )
-            };
-            let refuse = if ps.conn != ConnState::Connected || conn.is_none() {
-                Some(format!("{name} is not connected"))
-            } else if ps.repl != ReplState::Established {
-                Some(format!(
-                    "{name} is {} (verify needs established replication)",
-                    ps.repl
-                ))
-            } else if !me_primary && ps.role == Role::Primary {
-                Some(format!(
-                    "{name} is Primary: run verify there (its writes are ordered with the checksums)"
-                ))
-            } else if ps.verify.as_ref().is_some_and(|v| v.state == "running") {
-                Some(format!("a verify with {name} is already running"))
-            } else {
-                None
-            };
-            match (refuse, conn) {
-                (Some(why), _) => refusals.push(why),
-                (None, Some(conn)) => {
-                    let size = self.size();
-                    let bs = {
-                        let m = self.meta.lock().expect("meta");
-                        m.bitmaps[self.peers[i].slot].block_size()
-                    };
-                    let tracker = ChecksumTracker::new(size, bs);
-                    self.set_verify(i, VerifyStatus::new("running", tracker.report()));
-                    let answers = conn.answers.open(ChecksumPurpose::Verify);
-                    let me = self.clone();
-                    tokio::spawn(async move { run_verify(me, i, conn, tracker, answers).await });
-                    tracing::info!(resource = %self.name(), peer = %name, bytes = size,
-                        "online verify started");
-                    started.push(name);
+            let (readiness, conn) = self.readiness(i, true);
+            let (waiting, conn) = match (plan(&name, &readiness), conn) {
+                (VerifyPlan::Start, Some(conn)) => (None, conn),
+                (VerifyPlan::Wait(why), Some(conn)) => (Some(why), conn),
+                (VerifyPlan::Refuse(why), _) => {
+                    refusals.push(why);
+                    continue;
                 }
-                (None, None) => unreachable!("checked above"),
+                // `linked` needs a session: refused above.
+                (_, None) => {
+                    refusals.push(format!("{name} is not connected"));
+                    continue;
+                }
+            };
+            let size = self.size();
+            let bs = {
+                let m = self.meta.lock().expect("meta");
+                m.bitmaps[self.peers[i].slot].block_size()
+            };
+            let tracker = ChecksumTracker::new(size, bs);
+            let mut v = VerifyStatus::new("running", tracker.report());
+            v.waiting = waiting.clone();
+            self.set_verify(i, v);
+            let answers = conn.answers.open(ChecksumPurpose::Verify);
+            let me = self.clone();
+            tokio::spawn(async move { run_verify(me, i, conn, tracker, answers).await });
+            match &waiting {
+                None => tracing::info!(resource = %self.name(), peer = %name, bytes = size,
+                    "online verify started"),
+                Some(why) => tracing::info!(resource = %self.name(), peer = %name,
+                    bytes = size, "online verify queued: {why}"),
             }
+            started.push(name);
+        }
+        for why in &refusals {
+            tracing::info!(resource = %self.name(), "online verify skipped: {why}");
         }
         if started.is_empty() {
             return Err(ResourceError::Refused(if refusals.is_empty() {
