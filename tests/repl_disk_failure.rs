@@ -759,3 +759,26 @@ fn disk_failing_at_start_comes_up_diskless_and_attaches_later() {
     assert!(!status.success(), "started on foreign metadata: {text}");
     assert!(text.contains("not blockd metadata"), "{text}");
 }
+
+/// A backing file that disappeared while its (external) metadata remains is refused at start:
+/// opening it would create an empty file and the node would come up "consistent" on zeros.
+#[test]
+fn a_missing_backing_with_existing_metadata_is_refused_at_start() {
+    let mut c = pair("detach", |dir| dir.join("n0.img"));
+    c.stop(1);
+    std::fs::remove_file(&c.nodes[1].backing).expect("remove n1's backing");
+    let out = integration_tests::run_timeout(
+        std::process::Command::new(integration_tests::blockd_bin())
+            .arg("--config")
+            .arg(&c.config)
+            .args(["--node", &c.nodes[1].name]),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started without its backing: {text}");
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(
+        !c.nodes[1].backing.exists(),
+        "blockd created an empty backing file"
+    );
+}

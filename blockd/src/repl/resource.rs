@@ -53,6 +53,12 @@ pub enum ResourceError {
         #[source]
         source: LinkError,
     },
+    #[error(
+        "resource {resource}: backing {path} does not exist, but the metadata says it holds the \
+         resource's data (refusing to create an empty one; restore it, or run create-md --force \
+         for a new, empty replica)"
+    )]
+    MissingBacking { resource: String, path: String },
     #[error("resource {resource}: cannot load the NBD TLS files ([nbd-tls])")]
     NbdTls {
         resource: String,
@@ -533,6 +539,14 @@ impl Resource {
         } else {
             DiskState::Outdated
         };
+        // The metadata exists, so the data must too: a store opened with a size would create a
+        // missing file, and the node would come up "consistent" on zeros.
+        if !spec.me.backing.exists() {
+            return Err(ResourceError::MissingBacking {
+                resource: spec.name.clone(),
+                path: spec.me.backing.display().to_string(),
+            });
+        }
         let store = BlockStore::open(
             &spec.me.backing,
             &OpenOptions {

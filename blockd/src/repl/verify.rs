@@ -14,7 +14,7 @@
 //! Invalidate-remote asks a peer to do that.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::meta::superblock::flags;
 use crate::repl::checksum::{ChecksumPurpose, ChecksumReport, ChecksumTracker, RunOutcome};
@@ -336,18 +336,36 @@ async fn run_verify(
     let mut pos = 0u64;
     let mut last_status = tokio::time::Instant::now();
     let started = std::time::Instant::now();
+    let peer_name = res.peers[i].node.name.clone();
     let r: Result<(), String> = async {
+        wait_until_ready(&res, i, &peer_name, &mut closed).await?;
+        // The last answer, or the first request sent while none was outstanding.
+        let mut progress = tokio::time::Instant::now();
+        let stall = |pending: usize| {
+            format!(
+                "{peer_name} answered none of {pending} outstanding checksum requests for {} s: \
+                 verify aborted",
+                VERIFY_STALL.as_secs()
+            )
+        };
         while pos < size || tracker.pending() > 0 {
             if *closed.borrow() {
                 return Err("link closed".into());
             }
             while let Ok(a) = answers.try_recv() {
                 on_answer(&res, slot, &mut tracker, a)?;
+                progress = tokio::time::Instant::now();
+            }
+            let now = tokio::time::Instant::now();
+            if stalled(tracker.pending(), progress.into_std(), now.into_std()) {
+                return Err(stall(tracker.pending()));
             }
             if last_status.elapsed() >= STATUS_EVERY {
                 res.set_verify(i, VerifyStatus::new("running", tracker.report()));
                 last_status = tokio::time::Instant::now();
             }
+            let stalls_at = progress + VERIFY_STALL;
+            let waits = tracker.pending() > 0;
             if pos < size && tracker.pending_bytes() < VERIFY_WINDOW {
                 let len = CHUNK.min(size - pos);
                 // Answers are handled while waiting: they are the progress the pace follows.
@@ -356,11 +374,20 @@ async fn run_verify(
                     tokio::select! {
                         () = pacer.admit(len, move || (done, pending)) => break,
                         a = answers.recv() => match a {
-                            Some(a) => on_answer(&res, slot, &mut tracker, a)?,
+                            Some(a) => {
+                                on_answer(&res, slot, &mut tracker, a)?;
+                                progress = tokio::time::Instant::now();
+                            }
                             None => return Err("link closed".into()),
                         },
                         _ = closed.changed() => return Err("link closed".into()),
+                        () = tokio::time::sleep_until(stalls_at), if waits => {
+                            return Err(stall(tracker.pending()));
+                        }
                     }
+                }
+                if tracker.pending() == 0 {
+                    progress = tokio::time::Instant::now();
                 }
                 csum_resync::ask_run(&res, &conn, &mut tracker, pos, len, ChecksumPurpose::Verify)
                     .await?;
@@ -369,10 +396,16 @@ async fn run_verify(
             }
             tokio::select! {
                 a = answers.recv() => match a {
-                    Some(a) => on_answer(&res, slot, &mut tracker, a)?,
+                    Some(a) => {
+                        on_answer(&res, slot, &mut tracker, a)?;
+                        progress = tokio::time::Instant::now();
+                    }
                     None => return Err("link closed".into()),
                 },
                 _ = closed.changed() => return Err("link closed".into()),
+                () = tokio::time::sleep_until(stalls_at), if waits => {
+                    return Err(stall(tracker.pending()));
+                }
             }
         }
         Ok(())
@@ -400,6 +433,48 @@ async fn run_verify(
             v.error = Some(e.clone());
             res.set_verify(i, v);
             res.emit(Some(i), "verify-aborted", e);
+        }
+    }
+}
+
+/// A queued verify: waits until [`plan`] lets it start (the resync it waits for ended), for at
+/// most [`VERIFY_QUEUE_LIMIT`]. `Err` when it is refused meanwhile or the link closes.
+async fn wait_until_ready(
+    res: &Resource,
+    i: usize,
+    name: &str,
+    closed: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + VERIFY_QUEUE_LIMIT;
+    let mut queued = false;
+    loop {
+        if *closed.borrow() {
+            return Err("link closed".into());
+        }
+        match plan(name, &res.readiness(i, false).0) {
+            VerifyPlan::Start => {
+                if queued {
+                    tracing::info!(resource = %res.name(), peer = %name,
+                        "online verify started (it was queued)");
+                }
+                return Ok(());
+            }
+            VerifyPlan::Refuse(why) => return Err(why),
+            VerifyPlan::Wait(why) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "{why}; not done after {} s",
+                        VERIFY_QUEUE_LIMIT.as_secs()
+                    ));
+                }
+                queued = true;
+            }
+        }
+        tokio::select! {
+            c = closed.changed() => if c.is_err() {
+                return Err("link closed".into());
+            },
+            () = tokio::time::sleep(QUEUE_POLL) => {}
         }
     }
 }
