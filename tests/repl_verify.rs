@@ -230,3 +230,56 @@ fn invalidate_and_invalidate_remote_resync_the_whole_device() {
     let o = c.blockctl(Some(0), &["invalidate-remote", RESOURCE, "nobody"]);
     assert_eq!(o.status.code(), Some(4), "{o:?}");
 }
+
+/// `blockctl verify` asked while the peer is resyncing (here: the sync target of a full resync
+/// started with `invalidate-remote`) is queued, says why in status, starts once the resync is
+/// done and finishes with zero differences: it is neither refused nor left hanging.
+#[test]
+fn verify_of_a_resyncing_peer_waits_for_the_resync_then_runs() {
+    let mut opts = ClusterOptions::new(2, "C");
+    opts.size = 64 << 20;
+    // A plain resync at 16 MiB/s: the full resync of 32 MiB of data lasts about 2 s.
+    opts.resync_rate = "16M".to_string();
+    opts.extra_global = "csums = \"no\"\n".to_string();
+    let c = Cluster::start(&opts);
+    c.promote(0, true);
+    c.wait_synced(0, Duration::from_secs(120));
+    c.write_random(0, 0, 32 << 20, 7);
+    c.wait_synced(0, Duration::from_secs(120));
+
+    c.blockctl_ok(Some(0), &["invalidate-remote", RESOURCE]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.status(0)["peers"][0]["replication"] != "sync-source" {
+        assert!(Instant::now() < deadline, "no resync: {:#}", c.status(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Asked during the resync: accepted, queued with the reason.
+    c.blockctl_ok(Some(0), &["verify", RESOURCE]);
+    let v = verify_status(&c, 0);
+    assert_eq!(v["state"], "running", "{v:#}");
+    let waiting = v["waiting"].as_str().unwrap_or_default().to_string();
+    assert!(waiting.contains("n1 is resyncing"), "{v:#}");
+    // It starts after the resync and ends (blockctl's own wait is for a verify it starts).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let v = loop {
+        let v = verify_status(&c, 0);
+        if v["state"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "verify not done: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["state"], "done", "{v:#}");
+    assert_eq!(v["differing_blocks"], 0, "{v:#}");
+    assert_eq!(v["done_bytes"], v["total_bytes"], "{v:#}");
+    let log = c.log(0);
+    assert!(log.contains("online verify queued"), "{log}");
+    assert!(
+        log.contains("online verify started (it was queued)"),
+        "{log}"
+    );
+    assert!(
+        log.contains("resync finished (source)"),
+        "the resync ended first: {log}"
+    );
+}

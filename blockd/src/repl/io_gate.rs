@@ -10,6 +10,10 @@
 //! Primary is simply behind it (a sync target), not a split brain. Until that write, the
 //! Primary counts as a crashed one (`crashed_primary`), so writes in flight at the loss are
 //! resynced from it if nobody else took over.
+//! With quorum enabled, the new generation starts only after the peers still counted confirm
+//! a quorum by a flush round trip sent after the loss ([`quorum::may_start_generation`]): the
+//! links of a partition time out one by one, and a generation started in between would reach
+//! no peer and look like a split brain at reconnect.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -121,8 +121,8 @@ pub fn decide(setting: QuorumSetting, input: &QuorumInput) -> QuorumVerdict {
 }
 
 /// May a Primary that lost a peer start its new generation now? Only when the peers that
-/// just *confirmed* they are alive (`answered`: a round trip after the loss, DRBD 9.0.20's "check
-/// if we still have quorum by exchanging a ping before creating a new current UUID") still make
+/// just *confirmed* they are alive (`answered`: a round trip after the loss; DRBD 9.0.20 likewise
+/// pings its peers to check quorum before creating a new current UUID after a loss) still make
 /// a quorum. Counting the peers that merely still look connected is not enough: when a
 /// partition cuts several links at once they time out one after another, and a generation
 /// started between the first and the last timeout is known to this node only. No write under

@@ -389,8 +389,26 @@ async fn run_verify(
                 if tracker.pending() == 0 {
                     progress = tokio::time::Instant::now();
                 }
-                csum_resync::ask_run(&res, &conn, &mut tracker, pos, len, ChecksumPurpose::Verify)
-                    .await?;
+                // Holding the range, reading and hashing it: bounded too (a stuck local read
+                // would hold the range and the verify forever).
+                let ask = csum_resync::ask_run(
+                    &res,
+                    &conn,
+                    &mut tracker,
+                    pos,
+                    len,
+                    ChecksumPurpose::Verify,
+                );
+                match tokio::time::timeout(VERIFY_STALL, ask).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(format!(
+                            "reading and hashing the run at {pos} ({len} bytes) took over {} s: \
+                             verify aborted",
+                            VERIFY_STALL.as_secs()
+                        ));
+                    }
+                }
                 pos += len;
                 continue;
             }
@@ -499,4 +517,134 @@ fn on_answer(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready() -> PeerReadiness {
+        PeerReadiness {
+            linked: true,
+            repl: ReplState::Established,
+            role: Role::Secondary,
+            disk: DiskState::UpToDate,
+            verify_running: false,
+            me_primary: true,
+            my_disk: DiskState::UpToDate,
+        }
+    }
+
+    #[test]
+    fn an_established_up_to_date_peer_starts_at_once() {
+        assert_eq!(plan("n0", &ready()), VerifyPlan::Start);
+        // Neither Primary: either node may verify.
+        let p = PeerReadiness {
+            me_primary: false,
+            ..ready()
+        };
+        assert_eq!(plan("n0", &p), VerifyPlan::Start);
+    }
+
+    #[test]
+    fn a_resyncing_peer_is_queued_with_the_reason() {
+        for repl in [
+            ReplState::WfBitmapS,
+            ReplState::WfBitmapT,
+            ReplState::SyncSource,
+            ReplState::SyncTarget,
+            ReplState::PausedSyncS,
+            ReplState::PausedSyncT,
+        ] {
+            let p = PeerReadiness { repl, ..ready() };
+            match plan("n0", &p) {
+                VerifyPlan::Wait(why) => {
+                    assert!(why.contains("n0 is resyncing"), "{why}");
+                    assert!(why.contains(repl.as_str()), "{why}");
+                }
+                other => panic!("{repl}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_peer_resyncing_from_a_third_node_is_queued() {
+        // The case of the hang: n0 established with this node but Inconsistent because it is
+        // the target of another node's resync.
+        let p = PeerReadiness {
+            disk: DiskState::Inconsistent,
+            ..ready()
+        };
+        assert!(matches!(plan("n0", &p), VerifyPlan::Wait(w) if w.contains("from another node")));
+        let me = PeerReadiness {
+            my_disk: DiskState::Inconsistent,
+            ..ready()
+        };
+        assert!(matches!(plan("n0", &me), VerifyPlan::Wait(w) if w.contains("this node")));
+    }
+
+    #[test]
+    fn refusals_name_the_peer_and_the_reason() {
+        let cases = [
+            (
+                PeerReadiness {
+                    linked: false,
+                    ..ready()
+                },
+                "n0 is not connected",
+            ),
+            (
+                PeerReadiness {
+                    verify_running: true,
+                    ..ready()
+                },
+                "already running",
+            ),
+            (
+                PeerReadiness {
+                    me_primary: false,
+                    role: Role::Primary,
+                    ..ready()
+                },
+                "n0 is Primary",
+            ),
+            (
+                PeerReadiness {
+                    repl: ReplState::Off,
+                    ..ready()
+                },
+                "needs established replication",
+            ),
+        ];
+        for (p, want) in cases {
+            match plan("n0", &p) {
+                VerifyPlan::Refuse(why) => assert!(why.contains(want), "{why} / {want}"),
+                other => panic!("{p:?}: {other:?}"),
+            }
+        }
+        // Not connected wins over everything else (nothing to wait for).
+        let p = PeerReadiness {
+            linked: false,
+            repl: ReplState::SyncTarget,
+            ..ready()
+        };
+        assert!(matches!(plan("n0", &p), VerifyPlan::Refuse(_)));
+    }
+
+    #[test]
+    fn a_verify_stalls_only_with_requests_outstanding_for_the_whole_limit() {
+        let t0 = Instant::now();
+        assert!(
+            !stalled(0, t0, t0 + VERIFY_STALL * 10),
+            "nothing outstanding"
+        );
+        assert!(!stalled(
+            3,
+            t0,
+            t0 + VERIFY_STALL - Duration::from_millis(1)
+        ));
+        assert!(stalled(3, t0, t0 + VERIFY_STALL));
+        // A clock that went backwards (or `now` before the last progress) is no stall.
+        assert!(!stalled(3, t0 + VERIFY_STALL, t0));
+    }
 }
