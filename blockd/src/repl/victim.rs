@@ -100,7 +100,7 @@ pub(crate) async fn save_divergent_blocks(
         .map_err(|e| fail("task", &e))?
         .map_err(|e| fail("sync", &e))?;
     tracing::warn!(resource = %res.name(), peer = %res.peers[i].node.name, bytes, records,
-        file = %path.display(), "split-brain victim: divergent blocks saved");
+        file = %path.display(), %reason, "blocks about to be discarded saved to the side file");
     res.emit(
         Some(i),
         "divergent-saved",
