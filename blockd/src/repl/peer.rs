@@ -767,6 +767,8 @@ impl Session {
                 | Message::Zero { .. }
                 | Message::Flush { .. }
                 | Message::NewUuid(_)
+                | Message::ViewRequest { .. }
+                | Message::ViewReply { .. }
                 | Message::PeerState { .. } => self.stash.push_back(m),
                 Message::Ping => self.conn.send(Message::PingAck),
                 Message::PingAck => {}
@@ -1442,6 +1444,21 @@ impl Session {
             }),
             Message::Ping => self.conn.send(Message::PingAck),
             Message::PingAck => {}
+            Message::ViewRequest { id } => self.conn.send(res.view_reply(i, id)),
+            Message::ViewReply {
+                id,
+                current,
+                primary,
+                history,
+            } => res.view_answered(
+                i,
+                id,
+                crate::repl::promote::ClusterAnswer::View {
+                    current,
+                    history,
+                    primary,
+                },
+            ),
             Message::ClientAcked(t) => self.hearing.report(t),
             Message::ReadRequest {
                 id,

@@ -7,10 +7,16 @@
 //! connected peer is UpToDate (that peer has the newest data: promote it, or wait for the
 //! resync); a node without a disk promotes only through a connected UpToDate peer.
 //!
+//! Before promoting, the node also asks every connected peer for its view of the cluster
+//! ([`decide_cluster`]): a peer connected to a Primary this node cannot see (a partial
+//! partition), a peer whose generation history contains our current generation (it went on
+//! without us), or a peer that did not answer refuses the promotion unless `--force`.
+//!
 //! Every promotion starts a new generation (`GenerationIds::new_current`), so any writes made
 //! as Primary are recognisable at the next handshake.
 
 use super::state::{ConnState, DiskState, Role};
+use crate::meta::generation::Uuid;
 
 /// What the node knows about one peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,9 +115,150 @@ pub fn decide(
     }
 }
 
+/// A connected peer's answer to "what do you see?", asked at promotion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClusterAnswer {
+    /// The peer did not answer in time.
+    Unknown,
+    /// The peer's current generation, its history (newest first), and the Primary it is
+    /// connected to (itself included), if any.
+    View {
+        current: Uuid,
+        history: Vec<Uuid>,
+        primary: Option<u8>,
+    },
+}
+
+/// Why the connected peers' views refuse a promotion (`--force` promotes anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterRefusal {
+    #[error("node {peer} is connected to Primary node {primary} (use --force to promote anyway)")]
+    PeerSeesPrimary { peer: u8, primary: u8 },
+    #[error(
+        "node {peer} holds newer data (generation {generation}): promote node {peer} or resync \
+         first (use --force to promote anyway)"
+    )]
+    PeerAhead { peer: u8, generation: Uuid },
+    #[error(
+        "node {0} did not report its view in time: its data and role are unknown (use --force \
+         to promote anyway)"
+    )]
+    PeerUnknown(u8),
+}
+
+/// Decides from the connected peers' answers (`(node id, answer)`) whether this node, whose
+/// current generation is `ours`, may become Primary. `--force` overrides every refusal.
+pub fn decide_cluster(
+    ours: Uuid,
+    answers: &[(u8, ClusterAnswer)],
+    force: bool,
+) -> Result<(), ClusterRefusal> {
+    if force {
+        return Ok(());
+    }
+    for (peer, a) in answers {
+        let peer = *peer;
+        match a {
+            ClusterAnswer::Unknown => return Err(ClusterRefusal::PeerUnknown(peer)),
+            ClusterAnswer::View {
+                primary: Some(primary),
+                ..
+            } => {
+                return Err(ClusterRefusal::PeerSeesPrimary {
+                    peer,
+                    primary: *primary,
+                });
+            }
+            ClusterAnswer::View {
+                current, history, ..
+            } => {
+                if !current.same(ours) && !ours.is_zero() && history.iter().any(|h| h.same(ours)) {
+                    return Err(ClusterRefusal::PeerAhead {
+                        peer,
+                        generation: *current,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn view(current: u64, history: &[u64], primary: Option<u8>) -> ClusterAnswer {
+        ClusterAnswer::View {
+            current: Uuid(current),
+            history: history.iter().map(|&h| Uuid(h)).collect(),
+            primary,
+        }
+    }
+
+    #[test]
+    fn cluster_in_sync_promotes() {
+        let answers = [(1, view(0x100, &[0x80], None)), (2, view(0x100, &[], None))];
+        assert_eq!(decide_cluster(Uuid(0x100), &answers, false), Ok(()));
+        assert_eq!(decide_cluster(Uuid(0x100), &[], false), Ok(()));
+        // A peer behind us (our history holds its generation) does not refuse.
+        let answers = [(1, view(0x80, &[0x40], None))];
+        assert_eq!(decide_cluster(Uuid(0x100), &answers, false), Ok(()));
+    }
+
+    #[test]
+    fn cluster_peer_sees_primary() {
+        let answers = [(1, view(0x100, &[], Some(2)))];
+        let r = decide_cluster(Uuid(0x100), &answers, false);
+        assert_eq!(
+            r,
+            Err(ClusterRefusal::PeerSeesPrimary {
+                peer: 1,
+                primary: 2
+            })
+        );
+        let text = r.unwrap_err().to_string();
+        assert!(
+            text.contains("node 1 is connected to Primary node 2"),
+            "{text}"
+        );
+        assert!(text.contains("--force"), "{text}");
+        assert_eq!(decide_cluster(Uuid(0x100), &answers, true), Ok(()));
+    }
+
+    #[test]
+    fn cluster_peer_ahead() {
+        let answers = [
+            (2, view(0x100, &[], None)),
+            (1, view(0x200, &[0x100], None)),
+        ];
+        let r = decide_cluster(Uuid(0x100), &answers, false);
+        assert_eq!(
+            r,
+            Err(ClusterRefusal::PeerAhead {
+                peer: 1,
+                generation: Uuid(0x200)
+            })
+        );
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("promote node 1 or resync")
+        );
+        // The Primary bit of a generation does not matter.
+        let answers = [(1, view(0x200, &[0x101], None))];
+        assert!(decide_cluster(Uuid(0x100), &answers, false).is_err());
+        assert_eq!(decide_cluster(Uuid(0x100), &answers, true), Ok(()));
+    }
+
+    #[test]
+    fn cluster_unknown_peer_refuses_without_force() {
+        let answers = [(1, view(0x100, &[], None)), (2, ClusterAnswer::Unknown)];
+        let r = decide_cluster(Uuid(0x100), &answers, false);
+        assert_eq!(r, Err(ClusterRefusal::PeerUnknown(2)));
+        assert!(r.unwrap_err().to_string().contains("--force"));
+        assert_eq!(decide_cluster(Uuid(0x100), &answers, true), Ok(()));
+    }
 
     fn local(disk: DiskState) -> LocalView {
         LocalView {

@@ -22,7 +22,9 @@ use crate::meta::superblock::{Superblock, flags};
 use crate::repl::handshake::HandshakeSide;
 use crate::repl::link::{self, Link, LinkError, LinkNode, LinkSettings};
 use crate::repl::peer::{self, Conn, SessionEnd};
-use crate::repl::promote::{self, DataPath, LocalView, PeerView, PromoteDecision, PromoteRefusal};
+use crate::repl::promote::{
+    self, ClusterAnswer, DataPath, LocalView, PeerView, PromoteDecision, PromoteRefusal,
+};
 use crate::repl::ranges::Ranges;
 use crate::repl::split_brain::SplitBrainPolicy;
 use crate::repl::state::{ConnState, DiskState, Protocol, ReplState, Role};
@@ -169,6 +171,8 @@ pub(crate) struct PeerRt {
     /// Wakes the connection manager (connect request) or ends the session (disconnect).
     pub wake: Notify,
     pub kill: Notify,
+    /// The pending `ViewRequest` to this peer (its id) and where its answer goes.
+    pub view_waiter: Mutex<Option<(u64, tokio::sync::oneshot::Sender<ClusterAnswer>)>>,
     accepted_tx: mpsc::Sender<Link>,
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<Link>>,
 }
@@ -423,6 +427,9 @@ pub struct Resource {
 }
 
 /// Milliseconds since the Unix epoch.
+/// How long a promoting node waits for its peers' views.
+const VIEW_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -505,6 +512,7 @@ impl Resource {
                 admin_down: AtomicBool::new(false),
                 wake: Notify::new(),
                 kill: Notify::new(),
+                view_waiter: Mutex::new(None),
                 accepted_tx,
                 accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             });
@@ -888,6 +896,87 @@ impl Resource {
         )
     }
 
+    /// Our answer to peer `i`'s `ViewRequest { id }`: our generations, and the Primary we are
+    /// connected to (ourselves included), other than peer `i`.
+    pub(crate) fn view_reply(&self, i: usize, id: u64) -> Message {
+        let primary = {
+            let st = self.state.lock().expect("state");
+            if st.role == Role::Primary {
+                Some(self.spec.me.id)
+            } else {
+                self.peers
+                    .iter()
+                    .zip(&st.peers)
+                    .enumerate()
+                    .find(|(j, (_, s))| {
+                        *j != i && s.conn == ConnState::Connected && s.role == Role::Primary
+                    })
+                    .map(|(_, (p, _))| p.node.id)
+            }
+        };
+        let m = self.meta.lock().expect("meta");
+        let g = &m.sb.generations;
+        Message::ViewReply {
+            id,
+            current: g.current,
+            primary,
+            history: g
+                .history
+                .iter()
+                .copied()
+                .filter(|h| !h.is_zero())
+                .take(crate::repl::wire::MAX_VIEW_HISTORY)
+                .collect(),
+        }
+    }
+
+    /// Peer `i` answered `ViewRequest { id }`.
+    pub(crate) fn view_answered(&self, i: usize, id: u64, answer: ClusterAnswer) {
+        let mut w = self.peers[i].view_waiter.lock().expect("view waiter");
+        if w.as_ref().is_some_and(|(want, _)| *want == id)
+            && let Some((_, tx)) = w.take()
+        {
+            let _ = tx.send(answer);
+        }
+    }
+
+    /// Asks every connected, established peer for its view (bounded by `VIEW_TIMEOUT`; a peer
+    /// that does not answer is `ClusterAnswer::Unknown`).
+    async fn ask_views(&self) -> Vec<(usize, ClusterAnswer)> {
+        let mut pending = Vec::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let established = {
+                let st = self.state.lock().expect("state");
+                st.peers[i].conn == ConnState::Connected
+                    && st.peers[i].repl == ReplState::Established
+            };
+            let conn = p.conn.lock().expect("conn").clone();
+            let (true, Some(conn)) = (established, conn) else {
+                continue;
+            };
+            let id = fresh_uuid();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            *p.view_waiter.lock().expect("view waiter") = Some((id, tx));
+            conn.send(Message::ViewRequest { id });
+            pending.push((i, rx));
+        }
+        let deadline = tokio::time::Instant::now() + VIEW_TIMEOUT;
+        let mut answers = Vec::new();
+        for (i, rx) in pending {
+            let a = match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(a)) => a,
+                _ => ClusterAnswer::Unknown,
+            };
+            self.peers[i]
+                .view_waiter
+                .lock()
+                .expect("view waiter")
+                .take();
+            answers.push((i, a));
+        }
+        answers
+    }
+
     /// Acknowledged writes of former Primaries that never reached this node: what promoting it
     /// loses (see `repl::lost_writes`).
     pub fn known_losses(&self) -> Vec<crate::repl::lost_writes::KnownLoss> {
@@ -927,6 +1016,31 @@ impl Resource {
     pub async fn promote(&self, force: bool) -> Result<(), ResourceError> {
         // Writes received from a lost Primary are applied first (bounded, see `repl::peer`).
         self.applies_finished().await;
+        let (local, views) = self.promote_views();
+        if let PromoteDecision::AlreadyPrimary =
+            promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)?
+        {
+            return Ok(());
+        }
+        // Promotion is a cluster-wide decision: the connected peers' views may refuse it.
+        let answers = self.ask_views().await;
+        let ours = self.meta.lock().expect("meta").sb.generations.current;
+        let by_node: Vec<(u8, ClusterAnswer)> = answers
+            .iter()
+            .map(|(i, a)| (self.peers[*i].node.id, a.clone()))
+            .collect();
+        promote::decide_cluster(ours, &by_node, force)
+            .map_err(|e| ResourceError::Refused(format!("promotion refused: {e}")))?;
+        // A connected peer whose generation differs from ours is not in sync, whatever its
+        // session says: its session is restarted so the handshake decides the resync.
+        let differs: Vec<usize> = answers
+            .iter()
+            .filter(|(_, a)| match a {
+                ClusterAnswer::View { current, .. } => !current.same(ours),
+                ClusterAnswer::Unknown => true,
+            })
+            .map(|(i, _)| *i)
+            .collect();
         let _gate = self.role_gate.write().await;
         let (local, views) = self.promote_views();
         let forced =
@@ -952,6 +1066,7 @@ impl Resource {
             };
             if v.conn == ConnState::Connected
                 && established
+                && !differs.contains(&i)
                 && !(forced && v.disk != DiskState::UpToDate)
             {
                 in_sync.push(i);

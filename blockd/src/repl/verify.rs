@@ -30,10 +30,10 @@ use crate::repl::wire::Message;
 const VERIFY_WINDOW: u64 = 8 << 20;
 /// How often the status is refreshed while a verify runs.
 const STATUS_EVERY: Duration = Duration::from_millis(200);
-/// A verify whose peer answers none of its outstanding checksum requests for this long is
-/// aborted (the peer hashes a run after every earlier replicated request: a long backlog of
-/// writes to apply delays it, nothing else should).
-pub const VERIFY_STALL: Duration = Duration::from_secs(60);
+/// A verify that makes no progress (no answer, no request sent) for this long is aborted (the
+/// peer hashes a run after every earlier replicated request: a long backlog of writes to apply
+/// delays it, nothing else should).
+pub const VERIFY_STALL: Duration = Duration::from_secs(30);
 /// How long a verify waits for a resyncing peer before it gives up.
 pub const VERIFY_QUEUE_LIMIT: Duration = Duration::from_secs(600);
 /// How often a queued verify looks at the peer's state again.
@@ -112,10 +112,10 @@ pub fn plan(name: &str, p: &PeerReadiness) -> VerifyPlan {
     }
 }
 
-/// Whether a verify with `pending` unanswered checksum requests, the last answer (or the
-/// first request after none was pending) at `last_progress`, has stalled at `now`.
-pub fn stalled(pending: usize, last_progress: Instant, now: Instant) -> bool {
-    pending > 0 && now.saturating_duration_since(last_progress) >= VERIFY_STALL
+/// Whether a verify whose last progress (an answer, or a request sent) was at `last_progress`
+/// has stalled at `now`: neither side moved for [`VERIFY_STALL`].
+pub fn stalled(last_progress: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(last_progress) >= VERIFY_STALL
 }
 
 /// Verify progress and result towards one peer (`blockctl status`).
@@ -342,11 +342,19 @@ async fn run_verify(
         // The last answer, or the first request sent while none was outstanding.
         let mut progress = tokio::time::Instant::now();
         let stall = |pending: usize| {
-            format!(
-                "{peer_name} answered none of {pending} outstanding checksum requests for {} s: \
-                 verify aborted",
-                VERIFY_STALL.as_secs()
-            )
+            if pending > 0 {
+                format!(
+                    "{peer_name} answered none of {pending} outstanding checksum requests for \
+                     {} s: verify aborted",
+                    VERIFY_STALL.as_secs()
+                )
+            } else {
+                format!(
+                    "no checksum request to {peer_name} was admitted by the pacing for {} s \
+                     (none outstanding): verify aborted",
+                    VERIFY_STALL.as_secs()
+                )
+            }
         };
         while pos < size || tracker.pending() > 0 {
             if *closed.borrow() {
@@ -357,20 +365,19 @@ async fn run_verify(
                 progress = tokio::time::Instant::now();
             }
             let now = tokio::time::Instant::now();
-            if stalled(tracker.pending(), progress.into_std(), now.into_std()) {
+            if stalled(progress.into_std(), now.into_std()) {
                 return Err(stall(tracker.pending()));
             }
             if last_status.elapsed() >= STATUS_EVERY {
                 res.set_verify(i, VerifyStatus::new("running", tracker.report()));
                 last_status = tokio::time::Instant::now();
             }
-            let stalls_at = progress + VERIFY_STALL;
-            let waits = tracker.pending() > 0;
             if pos < size && tracker.pending_bytes() < VERIFY_WINDOW {
                 let len = CHUNK.min(size - pos);
                 // Answers are handled while waiting: they are the progress the pace follows.
                 loop {
                     let (done, pending) = (tracker.report().done_bytes, tracker.pending_bytes());
+                    let stalls_at = progress + VERIFY_STALL;
                     tokio::select! {
                         () = pacer.admit(len, move || (done, pending)) => break,
                         a = answers.recv() => match a {
@@ -381,13 +388,10 @@ async fn run_verify(
                             None => return Err("link closed".into()),
                         },
                         _ = closed.changed() => return Err("link closed".into()),
-                        () = tokio::time::sleep_until(stalls_at), if waits => {
+                        () = tokio::time::sleep_until(stalls_at) => {
                             return Err(stall(tracker.pending()));
                         }
                     }
-                }
-                if tracker.pending() == 0 {
-                    progress = tokio::time::Instant::now();
                 }
                 // Holding the range, reading and hashing it: bounded too (a stuck local read
                 // would hold the range and the verify forever).
@@ -400,7 +404,10 @@ async fn run_verify(
                     ChecksumPurpose::Verify,
                 );
                 match tokio::time::timeout(VERIFY_STALL, ask).await {
-                    Ok(r) => r?,
+                    Ok(r) => {
+                        r?;
+                        progress = tokio::time::Instant::now();
+                    }
                     Err(_) => {
                         return Err(format!(
                             "reading and hashing the run at {pos} ({len} bytes) took over {} s: \
@@ -412,6 +419,7 @@ async fn run_verify(
                 pos += len;
                 continue;
             }
+            let stalls_at = progress + VERIFY_STALL;
             tokio::select! {
                 a = answers.recv() => match a {
                     Some(a) => {
@@ -421,7 +429,7 @@ async fn run_verify(
                     None => return Err("link closed".into()),
                 },
                 _ = closed.changed() => return Err("link closed".into()),
-                () = tokio::time::sleep_until(stalls_at), if waits => {
+                () = tokio::time::sleep_until(stalls_at) => {
                     return Err(stall(tracker.pending()));
                 }
             }
@@ -632,19 +640,12 @@ mod tests {
     }
 
     #[test]
-    fn a_verify_stalls_only_with_requests_outstanding_for_the_whole_limit() {
+    fn a_verify_stalls_when_nothing_moved_for_the_whole_limit() {
         let t0 = Instant::now();
-        assert!(
-            !stalled(0, t0, t0 + VERIFY_STALL * 10),
-            "nothing outstanding"
-        );
-        assert!(!stalled(
-            3,
-            t0,
-            t0 + VERIFY_STALL - Duration::from_millis(1)
-        ));
-        assert!(stalled(3, t0, t0 + VERIFY_STALL));
-        // A clock that went backwards (or `now` before the last progress) is no stall.
-        assert!(!stalled(3, t0 + VERIFY_STALL, t0));
+        assert!(!stalled(t0, t0));
+        assert!(!stalled(t0, t0 + VERIFY_STALL - Duration::from_millis(1)));
+        assert!(stalled(t0, t0 + VERIFY_STALL));
+        // `now` before the last progress (another clock reading order) is no stall.
+        assert!(!stalled(t0 + VERIFY_STALL, t0));
     }
 }

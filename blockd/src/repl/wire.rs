@@ -198,7 +198,22 @@ pub enum Message {
         id: u64,
         answer: ReadAnswer,
     },
+    /// A node about to promote asks for the receiver's view (see `repl::promote`).
+    ViewRequest {
+        id: u64,
+    },
+    /// The answer to `ViewRequest { id }`: the sender's current generation and history
+    /// (newest first), and the Primary it is connected to (itself included), if any.
+    ViewReply {
+        id: u64,
+        current: Uuid,
+        primary: Option<u8>,
+        history: Vec<Uuid>,
+    },
 }
+
+/// Most history entries a `ViewReply` may carry.
+pub const MAX_VIEW_HISTORY: usize = 64;
 
 /// Largest byte count of one `ReadRequest`.
 pub const MAX_READ_REQUEST: u32 = crate::repl::disk_failure::MAX_FORWARDED_READ;
@@ -244,6 +259,8 @@ mod tag {
     pub const CLIENT_ACKED: u8 = 70;
     pub const READ_REQUEST: u8 = 60;
     pub const READ_REPLY: u8 = 61;
+    pub const VIEW_REQUEST: u8 = 80;
+    pub const VIEW_REPLY: u8 = 81;
 }
 
 impl Message {
@@ -276,6 +293,8 @@ impl Message {
             Message::ClientAcked(_) => "client-acked",
             Message::ReadRequest { .. } => "read-request",
             Message::ReadReply { .. } => "read-reply",
+            Message::ViewRequest { .. } => "view-request",
+            Message::ViewReply { .. } => "view-reply",
         }
     }
 
@@ -479,6 +498,31 @@ impl Message {
                         dst.put_u8(2);
                         dst.put_u32(*errno);
                     }
+                }
+            }
+            Message::ViewRequest { id } => {
+                dst.put_u8(tag::VIEW_REQUEST);
+                dst.put_u64(*id);
+            }
+            Message::ViewReply {
+                id,
+                current,
+                primary,
+                history,
+            } => {
+                dst.put_u8(tag::VIEW_REPLY);
+                dst.put_u64(*id);
+                dst.put_u64(current.0);
+                match primary {
+                    Some(n) => {
+                        dst.put_u8(1);
+                        dst.put_u8(*n);
+                    }
+                    None => dst.put_u8(0),
+                }
+                dst.put_u16(history.len() as u16);
+                for h in history {
+                    dst.put_u64(h.0);
                 }
             }
         }
@@ -797,6 +841,34 @@ impl Message {
                 };
                 Message::ReadReply { id, answer }
             }
+            tag::VIEW_REQUEST => {
+                c.tag = "view-request";
+                Message::ViewRequest { id: c.u64()? }
+            }
+            tag::VIEW_REPLY => {
+                c.tag = "view-reply";
+                let id = c.u64()?;
+                let current = Uuid(c.u64()?);
+                let primary = if c.flag("primary")? {
+                    Some(c.node_id()?)
+                } else {
+                    None
+                };
+                let n = c.u16()? as usize;
+                if n > MAX_VIEW_HISTORY {
+                    return Err(c.invalid("history length", n as u64));
+                }
+                let mut history = Vec::with_capacity(n);
+                for _ in 0..n {
+                    history.push(Uuid(c.u64()?));
+                }
+                Message::ViewReply {
+                    id,
+                    current,
+                    primary,
+                    history,
+                }
+            }
             other => return Err(WireError::UnknownTag(other)),
         };
         if c.buf.has_remaining() {
@@ -1089,6 +1161,19 @@ mod tests {
                 id,
                 answer: ReadAnswer::Error(errno),
             }),
+            any::<u64>().prop_map(|id| Message::ViewRequest { id }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(0u8..crate::meta::generation::MAX_NODES as u8),
+                proptest::collection::vec(any::<u64>(), 0..=MAX_VIEW_HISTORY)
+            )
+                .prop_map(|(id, current, primary, history)| Message::ViewReply {
+                    id,
+                    current: Uuid(current),
+                    primary,
+                    history: history.into_iter().map(Uuid).collect(),
+                }),
         ]
     }
 
