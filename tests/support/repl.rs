@@ -271,7 +271,23 @@ impl Cluster {
         if force {
             args.push("--force");
         }
-        self.blockctl_ok(Some(i), &args);
+        // Promotion asks the connected peers for their view; right after a Primary vanished a
+        // peer may still report it connected until its keepalive notices. Retry that (and a
+        // peer that did not answer yet) for a while, as an admin would; anything else fails.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = self.blockctl(Some(i), &args);
+            if o.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&o.stderr).into_owned();
+            let transient = err.contains("is connected to Primary")
+                || err.contains("did not report its view");
+            if !transient || Instant::now() > deadline {
+                panic!("promote of node {i} failed: {o:?}\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
         let addr: SocketAddr = format!("127.0.0.1:{}", self.nodes[i].nbd_port)
             .parse()
             .expect("addr");
