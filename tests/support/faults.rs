@@ -458,7 +458,25 @@ pub fn peer<'a>(c: &Cluster, st: &'a serde_json::Value, j: usize) -> &'a serde_j
 /// (every peer must have a finished verify).
 pub fn verify_diffs(c: &Cluster, i: usize) -> Result<u64, String> {
     // 32 MiB verify in well under a second here: 45 s (inside blockctl's 60 s limit) means stuck.
-    let out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "45"]);
+    let mut out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "45"]);
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    if !out.status.success() && text(&out).contains("verify aborted") {
+        // Open bug 3 (docs/fault-injection.md): rarely, the verified peer stops answering
+        // checksum requests on a live link and the verifier's watchdog aborts the verify. That
+        // is not a data difference: say so loudly and verify once more; the data check stands.
+        eprintln!(
+            "KNOWN BUG 3: verify from {} stalled and was aborted ({}); verifying again",
+            c.nodes[i].name,
+            text(&out).trim()
+        );
+        out = c.blockctl(Some(i), &["verify", RESOURCE, "--wait", "--timeout", "45"]);
+    }
     if !out.status.success() {
         return Err(format!(
             "blockctl verify --wait on {} failed ({}): {}{}; peers: {}",
