@@ -845,11 +845,20 @@ mod tests {
             .try_change_now(&store, 4096, 4096)
             .expect("nothing to preserve");
         drop(g);
-        // Not cached: nothing done, the change goes through `change`.
+        // Not cached: nothing done, the change goes through `change`. Whether the kernel really
+        // dropped the page is up to it (a tmpfs TMPDIR keeps it, readahead may bring it back):
+        // then the change is made at once, and the outcome below must be the same.
         evict(&dir);
-        assert!(set.try_change_now(&store, 8 * 4096, 4096).is_none());
-        assert_eq!(set.status()[0].cow_used_bytes, 3 * (4096 + 64));
-        let g = set.change(&store, 8 * 4096, 4096).await;
+        let g = match set.try_change_now(&store, 8 * 4096, 4096) {
+            None => {
+                assert_eq!(set.status()[0].cow_used_bytes, 3 * (4096 + 64));
+                set.change(&store, 8 * 4096, 4096).await
+            }
+            Some(g) => {
+                eprintln!("the evicted block was cached again: the change was made at once");
+                g
+            }
+        };
         assert!(g.invalidated.is_empty());
         store
             .write(8 * 4096, Bytes::from(vec![3u8; 4096]), false)
