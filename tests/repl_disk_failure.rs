@@ -39,32 +39,8 @@ fn pair_on(policy: &str, node: usize, backing: impl FnOnce(&Path) -> PathBuf) ->
     opts.size = SIZE;
     opts.extra_global = format!("on-io-error = \"{policy}\"\n");
     let mut c = Cluster::create(&opts);
-    let dir = c.dir.path().to_path_buf();
-    let n0 = backing(&dir);
-    let mut text = std::fs::read_to_string(&c.config).expect("config");
-    for i in 0..2 {
-        let old = format!(
-            "backing = \"{}\"\nmeta = \"internal\"\n",
-            c.nodes[i].backing.display()
-        );
-        let path = if i == node {
-            n0.clone()
-        } else {
-            c.nodes[i].backing.clone()
-        };
-        let new = format!(
-            "backing = \"{}\"\nmeta = \"{}\"\n",
-            path.display(),
-            dir.join(format!("n{i}.meta")).display()
-        );
-        assert!(text.contains(&old), "config layout changed: {text}");
-        text = text.replace(&old, &new);
-    }
-    std::fs::write(&c.config, text).expect("write config");
-    c.nodes[node].backing = n0;
-    for i in 0..2 {
-        c.blockctl_ok(Some(i), &["create-md", RESOURCE, "--force"]);
-    }
+    let custom = backing(c.dir.path());
+    c.use_external_metadata(Some((node, custom)));
     c.start_node(0);
     c.start_node(1);
     c.promote(0, true);

@@ -14,21 +14,14 @@
 //!
 //! Needs root, /dev/fuse, nbdkit, nbdfuse and fusermount3 (skipped with a message otherwise).
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use integration_tests::faults::{WriterReport, block_data, check_acked_nbd};
-use integration_tests::nbd_wire::{
-    CMD_WRITE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, Wire, request_bytes,
-};
+use integration_tests::faults::{AckedWriter, check_acked_nbd};
 use integration_tests::repl::{Cluster, ClusterOptions, RESOURCE, SlowDisk, can_break_disks, tail};
 use integration_tests::{TestRng, wait_for};
 
 const SIZE: u64 = 64 << 20;
-const BS: u64 = 4096;
 /// Blocks the writer picks from (16 MiB).
 const BLOCKS: u64 = 4096;
 /// Milliseconds every write to the Secondary's backing store takes.
@@ -43,187 +36,12 @@ fn pair(protocol: &str, backing: &std::path::Path) -> Cluster {
     let mut opts = ClusterOptions::new(2, protocol);
     opts.size = SIZE;
     let mut c = Cluster::create(&opts);
-    let dir = c.dir.path().to_path_buf();
-    let mut text = std::fs::read_to_string(&c.config).expect("config");
-    for i in 0..2 {
-        let old = format!(
-            "backing = \"{}\"\nmeta = \"internal\"\n",
-            c.nodes[i].backing.display()
-        );
-        let path = if i == 1 {
-            backing.to_path_buf()
-        } else {
-            c.nodes[i].backing.clone()
-        };
-        let new = format!(
-            "backing = \"{}\"\nmeta = \"{}\"\n",
-            path.display(),
-            dir.join(format!("n{i}.meta")).display()
-        );
-        assert!(text.contains(&old), "config layout changed: {text}");
-        text = text.replace(&old, &new);
-    }
-    std::fs::write(&c.config, text).expect("write config");
-    c.nodes[1].backing = backing.to_path_buf();
-    for i in 0..2 {
-        c.blockctl_ok(Some(i), &["create-md", RESOURCE, "--force"]);
-    }
+    c.use_external_metadata(Some((1, backing.to_path_buf())));
     c.start_node(0);
     c.start_node(1);
     c.promote(0, true);
     c.wait_synced(0, Duration::from_secs(120));
     c
-}
-
-#[derive(Default)]
-struct State {
-    /// cookie (= seq) -> block, sent and not answered.
-    inflight: std::collections::HashMap<u64, u64>,
-    acked: Vec<(u64, u64)>,
-    failed: Vec<(u64, u64)>,
-    ended: Option<String>,
-}
-
-/// Writes random blocks with FUA, `DEPTH` in flight (a block never twice at once), until the
-/// connection ends or `stop`; returns what the server acknowledged.
-fn fua_writer(addr: SocketAddr, trial: u64, stop: Arc<AtomicBool>) -> WriterReport {
-    let (wire, _) = Wire::open(addr, RESOURCE, false).expect("NBD connection");
-    let stream = wire.stream;
-    stream
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    stream
-        .set_write_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
-    let reader = {
-        let (mut inp, state, stop) = (stream.try_clone().unwrap(), state.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut reply = [0u8; 16];
-            let mut have = 0;
-            let mut idle_since: Option<Instant> = None;
-            loop {
-                {
-                    let st = state.0.lock().unwrap();
-                    if st.ended.is_some() {
-                        break;
-                    }
-                    if stop.load(Ordering::SeqCst) && st.inflight.is_empty() {
-                        break;
-                    }
-                }
-                match inp.read(&mut reply[have..]) {
-                    Ok(0) => {
-                        state.0.lock().unwrap().ended.get_or_insert("EOF".into());
-                        break;
-                    }
-                    Ok(n) => {
-                        have += n;
-                        idle_since = None;
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                        // A stopped writer waits at most 10 s for its last answers.
-                        let since = *idle_since.get_or_insert_with(Instant::now);
-                        if stop.load(Ordering::SeqCst) && since.elapsed() > Duration::from_secs(10)
-                        {
-                            break;
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        state
-                            .0
-                            .lock()
-                            .unwrap()
-                            .ended
-                            .get_or_insert(format!("recv: {e}"));
-                        break;
-                    }
-                }
-                if have < 16 {
-                    continue;
-                }
-                have = 0;
-                let magic = u32::from_be_bytes(reply[0..4].try_into().unwrap());
-                let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-                let cookie = u64::from_be_bytes(reply[8..16].try_into().unwrap());
-                let (m, cv) = &*state;
-                let mut st = m.lock().unwrap();
-                if magic != SIMPLE_REPLY_MAGIC {
-                    st.ended
-                        .get_or_insert(format!("bad reply magic {magic:#x}"));
-                    break;
-                }
-                match st.inflight.remove(&cookie) {
-                    Some(idx) if error == 0 => st.acked.push((idx, cookie)),
-                    Some(idx) => st.failed.push((idx, cookie)),
-                    None => {
-                        st.ended
-                            .get_or_insert(format!("reply to unknown cookie {cookie}"));
-                        break;
-                    }
-                }
-                cv.notify_all();
-            }
-            state.1.notify_all();
-        })
-    };
-    let mut out = stream.try_clone().unwrap();
-    let mut rng = TestRng::new(trial);
-    for seq in 0u64.. {
-        let idx;
-        {
-            let (m, cv) = &*state;
-            let mut st = m.lock().unwrap();
-            while st.inflight.len() >= DEPTH && !stop.load(Ordering::SeqCst) && st.ended.is_none() {
-                st = cv.wait_timeout(st, Duration::from_millis(50)).unwrap().0;
-            }
-            if stop.load(Ordering::SeqCst) || st.ended.is_some() {
-                break;
-            }
-            idx = loop {
-                let b = rng.below(BLOCKS);
-                if !st.inflight.values().any(|&i| i == b) {
-                    break b;
-                }
-            };
-            st.inflight.insert(seq, idx);
-        }
-        let mut req = request_bytes(
-            REQUEST_MAGIC,
-            CMD_FLAG_FUA,
-            CMD_WRITE,
-            seq,
-            idx * BS,
-            BS as u32,
-        );
-        req.extend_from_slice(&block_data(trial, idx, seq));
-        if let Err(e) = out.write_all(&req) {
-            state
-                .0
-                .lock()
-                .unwrap()
-                .ended
-                .get_or_insert(format!("send: {e}"));
-            break;
-        }
-    }
-    let _ = reader.join();
-    let _ = stream.shutdown(Shutdown::Both);
-    let st = state.0.lock().unwrap();
-    WriterReport {
-        trial,
-        acked: st.acked.clone(),
-        failed: st.failed.len() as u64,
-        unanswered: st.inflight.len() as u64,
-        not_acked: st
-            .failed
-            .iter()
-            .copied()
-            .chain(st.inflight.iter().map(|(&seq, &idx)| (idx, seq)))
-            .collect(),
-        ended: st.ended.clone(),
-    }
 }
 
 /// `blockctl promote` on node `i`, retried while refused (exit 3: the lost Primary still shows,
@@ -261,17 +79,14 @@ fn round(protocol: &str, trial: u64) -> (usize, u64) {
     let addr: SocketAddr = format!("127.0.0.1:{}", c.nodes[0].nbd_port)
         .parse()
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || fua_writer(addr, trial, stop))
-    };
+    // Random blocks with FUA, DEPTH in flight (a block never twice at once).
+    let writer =
+        AckedWriter::start_with_flags(addr, trial, trial, BLOCKS, DEPTH, None, CMD_FLAG_FUA);
     // Kill the Primary 0.5-1.0 s into the writes.
     let mut rng = TestRng::new(trial ^ 0x5eed);
     std::thread::sleep(Duration::from_millis(500 + rng.below(500)));
     c.kill(0);
-    stop.store(true, Ordering::SeqCst);
-    let report = writer.join().expect("writer thread");
+    let report = writer.finish(Duration::from_secs(10));
     assert_eq!(
         report.failed, 0,
         "writes failed before the kill: {report:?}"

@@ -99,6 +99,19 @@ impl AckedWriter {
         depth: usize,
         rate: Option<u32>,
     ) -> AckedWriter {
+        AckedWriter::start_with_flags(addr, trial, seed, blocks, depth, rate, 0)
+    }
+
+    /// [`AckedWriter::start`] with NBD command `flags` on every write (e.g. FUA).
+    pub fn start_with_flags(
+        addr: SocketAddr,
+        trial: u64,
+        seed: u64,
+        blocks: u64,
+        depth: usize,
+        rate: Option<u32>,
+        flags: u16,
+    ) -> AckedWriter {
         let (wire, _) = Wire::open(addr, RESOURCE, false)
             .unwrap_or_else(|e| panic!("NBD connection to {addr}: {e}"));
         let stream = wire.stream;
@@ -148,7 +161,7 @@ impl AckedWriter {
                         st.inflight.insert(seq, idx);
                     }
                     let mut req =
-                        request_bytes(REQUEST_MAGIC, 0, CMD_WRITE, seq, idx * BS, BS as u32);
+                        request_bytes(REQUEST_MAGIC, flags, CMD_WRITE, seq, idx * BS, BS as u32);
                     req.extend_from_slice(&block_data(trial, idx, seq));
                     if let Err(e) = out.write_all(&req) {
                         let mut st = state.0.lock().unwrap();
@@ -683,31 +696,7 @@ impl DiskPair {
         opts.size = size;
         opts.extra_global = "on-io-error = \"detach\"\n".to_string();
         let mut c = Cluster::create(&opts);
-        let cdir = c.dir.path().to_path_buf();
-        let mut text = std::fs::read_to_string(&c.config).expect("config");
-        for i in 0..2 {
-            let old = format!(
-                "backing = \"{}\"\nmeta = \"internal\"\n",
-                c.nodes[i].backing.display()
-            );
-            let backing = if i == broken {
-                path.clone()
-            } else {
-                c.nodes[i].backing.clone()
-            };
-            let new = format!(
-                "backing = \"{}\"\nmeta = \"{}\"\n",
-                backing.display(),
-                cdir.join(format!("n{i}.meta")).display()
-            );
-            assert!(text.contains(&old), "config layout changed: {text}");
-            text = text.replace(&old, &new);
-        }
-        std::fs::write(&c.config, text).expect("write config");
-        c.nodes[broken].backing = path;
-        for i in 0..2 {
-            c.blockctl_ok(Some(i), &["create-md", RESOURCE, "--force"]);
-        }
+        c.use_external_metadata(Some((broken, path)));
         c.start_node(0);
         c.start_node(1);
         c.promote(primary, true);

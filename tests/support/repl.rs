@@ -281,8 +281,8 @@ impl Cluster {
                 break;
             }
             let err = String::from_utf8_lossy(&o.stderr).into_owned();
-            let transient = err.contains("is connected to Primary")
-                || err.contains("did not report its view");
+            let transient =
+                err.contains("is connected to Primary") || err.contains("did not report its view");
             if !transient || Instant::now() > deadline {
                 panic!("promote of node {i} failed: {o:?}\n{err}");
             }
@@ -296,6 +296,36 @@ impl Cluster {
             || TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok(),
             "the NBD export of the new Primary",
         );
+    }
+
+    /// Moves every node's metadata to an external file `n{i}.meta` of the cluster directory
+    /// (so it is not on a backing store a test breaks), optionally with another backing path for
+    /// one node, and recreates the metadata. Call before starting the nodes.
+    pub fn use_external_metadata(&mut self, backing: Option<(usize, PathBuf)>) {
+        let dir = self.dir.path().to_path_buf();
+        let mut text = std::fs::read_to_string(&self.config).expect("config");
+        for i in 0..self.nodes.len() {
+            let old = format!(
+                "backing = \"{}\"\nmeta = \"internal\"\n",
+                self.nodes[i].backing.display()
+            );
+            if let Some((n, path)) = &backing
+                && *n == i
+            {
+                self.nodes[i].backing = path.clone();
+            }
+            let new = format!(
+                "backing = \"{}\"\nmeta = \"{}\"\n",
+                self.nodes[i].backing.display(),
+                dir.join(format!("n{i}.meta")).display()
+            );
+            assert!(text.contains(&old), "config layout changed: {text}");
+            text = text.replace(&old, &new);
+        }
+        std::fs::write(&self.config, text).expect("write config");
+        for i in 0..self.nodes.len() {
+            self.blockctl_ok(Some(i), &["create-md", RESOURCE, "--force"]);
+        }
     }
 
     pub fn nbd_uri(&self, i: usize) -> String {
