@@ -106,6 +106,33 @@ fn writer(
     })
 }
 
+/// Marks the moment (later acknowledgements count as `acked_after_mark`), lets the writer go
+/// on for `more`, stops it, and checks that no write failed.
+fn finish_writer(
+    w: std::thread::JoinHandle<Written>,
+    mark: &AtomicBool,
+    stop: &AtomicBool,
+    more: Duration,
+    what: &str,
+) -> Written {
+    mark.store(true, Ordering::SeqCst);
+    std::thread::sleep(more);
+    stop.store(true, Ordering::SeqCst);
+    let written = w.join().expect("writer");
+    eprintln!(
+        "{what}: writes acknowledged {} ({} after the mark), failed {}",
+        written.acked,
+        written.acked_after_mark,
+        written.failed.len()
+    );
+    assert!(
+        written.failed.is_empty(),
+        "failed writes: {:?}",
+        written.failed
+    );
+    written
+}
+
 /// Reads back every block the writer acknowledged through node `i`'s export.
 fn verify_reads(c: &Cluster, i: usize, written: &Written) {
     let (mut w, _) = Wire::open(nbd_addr(c, i), RESOURCE, false).expect("nbd connect");
@@ -198,22 +225,14 @@ fn detach_on_eio_keeps_serving_and_attach_resyncs() {
         text.contains("disk:diskless") && text.contains("disk-error:"),
         "{text}"
     );
-    mark.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    let written = w.join().expect("writer");
-    eprintln!(
-        "writes acknowledged: {} ({} after the disk was diskless), failed: {}; disk failed at {}",
-        written.acked,
-        written.acked_after_mark,
-        written.failed.len(),
-        failed["time_ms"]
+    let written = finish_writer(
+        w,
+        &mark,
+        &stop,
+        Duration::from_secs(2),
+        "EIO (after: Diskless)",
     );
-    assert!(
-        written.failed.is_empty(),
-        "failed writes: {:?}",
-        written.failed
-    );
+    eprintln!("disk failed at {}", failed["time_ms"]);
     assert!(
         written.acked_after_mark > 0,
         "no write acknowledged while diskless"
@@ -315,20 +334,12 @@ fn full_backing_store_detaches_on_enospc() {
         err.contains("os error 28") || err.contains("No space"),
         "{st:#}"
     );
-    mark.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(2));
-    stop.store(true, Ordering::SeqCst);
-    let written = w.join().expect("writer");
-    eprintln!(
-        "ENOSPC: writes acknowledged {} ({} after diskless), failed {}",
-        written.acked,
-        written.acked_after_mark,
-        written.failed.len()
-    );
-    assert!(
-        written.failed.is_empty(),
-        "failed writes: {:?}",
-        written.failed
+    let written = finish_writer(
+        w,
+        &mark,
+        &stop,
+        Duration::from_secs(2),
+        "ENOSPC (after: Diskless)",
     );
     verify_reads(&c, 0, &written);
     small.resize("128m");
@@ -477,21 +488,7 @@ fn secondary_eio_detaches_and_is_resynced_after_attach() {
         |s| s["peers"][0]["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0,
         "writes tracked for the diskless Secondary",
     );
-    mark.store(true, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let written = w.join().expect("writer");
-    eprintln!(
-        "Secondary failure: writes acknowledged {} ({} after), failed {}",
-        written.acked,
-        written.acked_after_mark,
-        written.failed.len()
-    );
-    assert!(
-        written.failed.is_empty(),
-        "failed writes: {:?}",
-        written.failed
-    );
+    let written = finish_writer(w, &mark, &stop, Duration::from_secs(1), "Secondary failure");
     assert!(written.acked_after_mark > 0);
     assert_eq!(c.status(0)["disk"], "up-to-date");
     disk.heal();
