@@ -39,6 +39,10 @@ fn status() -> Status {
             unconfirmed_bytes: 8192,
             lost_acked_writes: 0,
             lost_acked_bytes: 0,
+            queued_bytes: 0,
+            sndbuf_size: 16 << 20,
+            congested: false,
+            congested_writes: 0,
         }],
     }
 }

@@ -333,6 +333,11 @@ pub trait RequestSource: AsyncRead + Unpin + Send + 'static {
         let _ = (cx, pipe, len);
         Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
     }
+
+    /// Asks to be woken only once `bytes` are waiting (best effort; 1 = any data).
+    fn set_wake_threshold(&self, bytes: usize) {
+        let _ = bytes;
+    }
 }
 
 /// Streams that are not plain sockets (TLS, in-memory) read copies only.
@@ -350,6 +355,10 @@ impl RequestSource for Box<dyn RequestSource> {
         len: usize,
     ) -> Poll<io::Result<usize>> {
         (**self).poll_splice(cx, pipe, len)
+    }
+
+    fn set_wake_threshold(&self, bytes: usize) {
+        (**self).set_wake_threshold(bytes)
     }
 }
 
@@ -378,6 +387,11 @@ macro_rules! socket_source {
                         other => return Poll::Ready(other),
                     }
                 }
+            }
+
+            fn set_wake_threshold(&self, bytes: usize) {
+                // Best effort: without it the payload arrives in more, smaller pieces.
+                let _ = crate::store::set_receive_low_water(self.as_ref(), bytes);
             }
         }
     };
@@ -471,6 +485,8 @@ struct Ctx {
     session: Session,
     limits: Limits,
     replies: mpsc::UnboundedSender<Queued>,
+    /// The connection's write half, shared with the writer task.
+    sink: Arc<ReplySink>,
     /// Set when WRITE payloads can be spliced from the socket (plain TCP/Unix, not TLS).
     pipes: Option<Arc<PipePool>>,
     span: Span,
@@ -506,11 +522,61 @@ impl Track {
     }
 }
 
+/// The connection's write half, shared by the writer task and the request tasks that write a
+/// large reply themselves (see [`Ctx::deliver`]). A write that fails marks the stream broken:
+/// nothing is written after a reply that went out in part.
+struct ReplySink {
+    stream: tokio::sync::Mutex<SinkState>,
+    metrics: Arc<NbdMetrics>,
+}
+
+struct SinkState {
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    broken: Option<io::Error>,
+}
+
+impl SinkState {
+    /// Writes `batch`, unless an earlier write broke the stream; the first error is kept.
+    async fn write(&mut self, batch: &[Outgoing]) -> io::Result<()> {
+        if let Some(e) = &self.broken {
+            return Err(io::Error::new(e.kind(), e.to_string()));
+        }
+        let result = write_batch(&mut self.writer, batch).await;
+        if let Err(e) = &result {
+            self.broken = Some(io::Error::new(e.kind(), e.to_string()));
+        }
+        result
+    }
+}
+
+/// Replies at least this long are written by the task that produced them when the socket is
+/// free (no hop to the writer task and back for the bulk of a large READ), as nbdkit's worker
+/// threads do; smaller ones are batched by the writer.
+const DIRECT_REPLY_MIN: usize = 128 << 10;
+
 impl Ctx {
     /// Hands a reply to the writer, which also records the request in the export's metrics.
     fn send(&self, track: Track, ok: bool, reply: Outgoing) {
         // The writer only goes away when the connection is broken; the reply is moot then.
         let _ = self.replies.send(Queued { reply, track, ok });
+    }
+
+    /// Sends a reply: a large one right here if no other write holds the socket (a write
+    /// error then ends the connection through the writer task), otherwise through the writer.
+    async fn deliver(&self, track: Track, ok: bool, reply: Outgoing) {
+        if reply.len() >= DIRECT_REPLY_MIN {
+            if let Ok(mut sink) = self.sink.stream.try_lock() {
+                if sink.broken.is_none() {
+                    if let Some(command) = track.command {
+                        let latency = track.start.elapsed();
+                        self.sink.metrics.record(command, track.bytes, latency, ok);
+                    }
+                    let _ = sink.write(std::slice::from_ref(&reply)).await;
+                    return;
+                }
+            }
+        }
+        self.send(track, ok, reply);
     }
 
     /// Success without data (simple reply, valid in both modes).
@@ -641,15 +707,14 @@ async fn serve_read(
             .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
     };
     match result {
-        Ok((head, body)) => ctx.send(
-            track,
-            true,
-            Outgoing {
+        Ok((head, body)) => {
+            let reply = Outgoing {
                 head,
                 body,
                 _permit: Some(permit),
-            },
-        ),
+            };
+            ctx.deliver(track, true, reply).await;
+        }
         Err(e) => ctx.fail(track, cookie, CMD_READ, &RequestError::Store(e)),
     }
 }
@@ -915,12 +980,20 @@ where
     } else {
         None
     };
-    let writer_task = tokio::spawn(write_replies(writer, rx, metrics));
+    let sink = Arc::new(ReplySink {
+        stream: tokio::sync::Mutex::new(SinkState {
+            writer: Box::new(writer),
+            broken: None,
+        }),
+        metrics,
+    });
+    let writer_task = tokio::spawn(write_replies(sink.clone(), rx));
     let ctx = Ctx {
         store,
         session,
         limits,
         replies: tx,
+        sink,
         pipes,
         span: Span::current(),
     };
@@ -1195,48 +1268,78 @@ async fn splice_write<R: RequestSource>(
         }
         reader.consume(pos);
     }
-    while pos < len {
-        let want = len - pos;
-        let at = offset + pos as u64;
-        let permit = charge(budget, want.min(pool.capacity)).await;
-        let Some(pipe) = pool.take() else {
-            let n = want.min(ctx.limits.chunk);
-            let data = read_payload(reader, n).await?;
-            spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
-            pos += n;
-            continue;
-        };
-        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
-            .await
-            .map_err(TransmissionError::ReadPayload)?;
-        if n == 0 {
-            return Err(TransmissionError::ReadPayload(
-                io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-        if store.memory_backed() {
-            // A memcpy that never waits: cheaper here than waking another thread for it (the
-            // hand-off costs more CPU in wake-ups than the overlap wins on a small machine).
-            let result = store.write_from_pipe(at, n, &pipe.pipe);
-            drop(permit);
-            match result {
-                Ok(()) => pool.give(pipe),
-                Err(e) => join.record(Err(e)),
+    let mut threshold = 1;
+    let result = async {
+        while pos < len {
+            let want = len - pos;
+            let at = offset + pos as u64;
+            let wake = wake_threshold(want);
+            if wake != threshold {
+                reader.get_ref().set_wake_threshold(wake);
+                threshold = wake;
             }
+            let permit = charge(budget, want.min(pool.capacity)).await;
+            let Some(pipe) = pool.take() else {
+                let n = want.min(ctx.limits.chunk);
+                let data = read_payload(reader, n).await?;
+                spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
+                pos += n;
+                continue;
+            };
+            let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
+                .await
+                .map_err(TransmissionError::ReadPayload)?;
+            if n == 0 {
+                return Err(TransmissionError::ReadPayload(
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            if store.memory_backed() {
+                // A memcpy that never waits: cheaper here than waking another thread for it (the
+                // hand-off costs more CPU in wake-ups than the overlap wins on a small machine).
+                let result = store.write_from_pipe(at, n, &pipe.pipe);
+                drop(permit);
+                match result {
+                    Ok(()) => pool.give(pipe),
+                    Err(e) => join.record(Err(e)),
+                }
+                pos += n;
+                continue;
+            }
+            join.add_piece();
+            let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
+            tokio::spawn(async move {
+                let result = store.write_pipe(at, n, pipe).await;
+                drop(permit);
+                join.chunk_done(result.map(|pipe| pool.give(pipe)));
+            });
             pos += n;
-            continue;
         }
-        join.add_piece();
-        let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
-        tokio::spawn(async move {
-            let result = store.write_pipe(at, n, pipe).await;
-            drop(permit);
-            join.chunk_done(result.map(|pipe| pool.give(pipe)));
-        });
-        pos += n;
+        Ok(())
     }
-    Ok(())
+    .await;
+    if threshold != 1 {
+        // Request headers must wake the reader again as soon as they arrive.
+        reader.get_ref().set_wake_threshold(1);
+    }
+    result
 }
+
+/// The wake-up threshold while `remaining` payload bytes are still to come: as much of them as
+/// a pipe takes at once (never more than remain, or the last piece would never wake the
+/// reader), in steps so the socket option is not set again for every piece; 1 (any data) for
+/// short remainders. Without it the reader is woken, and splices, once per arriving segment.
+fn wake_threshold(remaining: usize) -> usize {
+    if remaining < 2 * WAKE_STEP {
+        return 1;
+    }
+    (remaining.min(WAKE_MAX) / WAKE_STEP) * WAKE_STEP
+}
+
+/// Granularity of [`wake_threshold`].
+const WAKE_STEP: usize = 64 << 10;
+/// Largest wake-up threshold: one pipe's worth ([`PIPE_BYTES`]).
+const WAKE_MAX: usize = PIPE_BYTES;
 
 /// Writes one received piece of a WRITE through the engine, reporting to `join`.
 fn spawn_piece(
@@ -1313,11 +1416,11 @@ async fn discard<R: RequestSource>(
 
 /// The connection's only writer: sends each reply whole, several per vectored write when
 /// replies queue up, and shuts the stream down when every sender is gone.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    mut writer: W,
+async fn write_replies(
+    sink: Arc<ReplySink>,
     mut rx: mpsc::UnboundedReceiver<Queued>,
-    metrics: Arc<NbdMetrics>,
 ) -> Result<(), TransmissionError> {
+    let metrics = &sink.metrics;
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut tracks: Vec<(Track, bool)> = Vec::with_capacity(MAX_BATCH);
     let mut result = Ok(());
@@ -1347,14 +1450,19 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 metrics.record(command, track.bytes, latency, ok);
             }
         }
-        if let Err(e) = write_batch(&mut writer, &batch).await {
+        if let Err(e) = sink.stream.lock().await.write(&batch).await {
             result = Err(TransmissionError::WriteReply(e));
             break;
         }
         batch.clear();
     }
+    let mut stream = sink.stream.lock().await;
     if result.is_ok() {
-        let _ = writer.shutdown().await;
+        // A reply a request task wrote itself may have failed after the last batch.
+        if let Some(e) = stream.broken.take() {
+            return Err(TransmissionError::WriteReply(e));
+        }
+        let _ = stream.writer.shutdown().await;
     }
     result
 }

@@ -223,6 +223,25 @@ impl AsRef<Pipe> for Pipe {
     }
 }
 
+/// Sets `SO_RCVLOWAT` on a socket: readiness (and the receiver's wake-up) waits until at least
+/// `bytes` are queued, so a large payload arrives in a few big pieces instead of one wake-up per
+/// segment. The kernel still reports readiness when the window is too small to reach the mark.
+pub fn set_receive_low_water(socket: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live local; the fd is borrowed
+    // for the duration of the call.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    check(libc::c_long::from(ret)).map(|_| ())
+}
+
 impl Pipe {
     /// A pipe of at least `capacity` bytes (`F_SETPIPE_SZ`; fails above the system limit).
     pub fn with_capacity(capacity: usize) -> io::Result<Pipe> {
