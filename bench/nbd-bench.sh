@@ -189,7 +189,13 @@ run_fio() {
             'BEGIN { if (n > 0) printf "%.2f", d * 1e6 / hz / n; else print "-" }')
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs" "$cpu" >>"$RESULTS"
-    printf '  %-8s %-12s %-9s rep %s: %10.0f IOPS %8.1f MiB/s %8s us CPU/req\n' "$loc" "$server" "$job" "$rep" "$iops" "$mibs" "$cpu"
+    # The client's own CPU per request (fio's usr+sys over its run): it varies between fio
+    # processes (the copy into the socket costs 2-3x more in some runs, whatever the server),
+    # so a slow run with a high figure here is the client's, not the server's.
+    local client
+    client=$(jq -r ".jobs[0] | if .$dir.iops > 0 then (.usr_cpu + .sys_cpu) * 1e4 / .$dir.iops else 0 end" "$out")
+    printf '  %-8s %-12s %-9s rep %s: %10.0f IOPS %8.1f MiB/s %8s us CPU/req (fio %.1f us/req)\n' \
+        "$loc" "$server" "$job" "$rep" "$iops" "$mibs" "$cpu" "$client"
 }
 
 read -r -a server_list <<<"$SERVERS"

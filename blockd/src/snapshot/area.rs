@@ -1,17 +1,34 @@
-//! The copy-on-write area file of one snapshot: created beside the metadata, appended to before
-//! a replicated write overwrites a frozen block, read back by the snapshot's readers, closed
+//! The copy-on-write area file of one snapshot: created beside the metadata, written before a
+//! replicated write overwrites a frozen block, read back by the snapshot's readers, closed
 //! cleanly on shutdown and reopened after a restart — or refused with a clear reason when it
-//! cannot be trusted (left open by a crash, corrupt, or from another device).
+//! cannot be trusted (left open by a crash, corrupt, from another device or format version).
+//!
+//! Preserved blocks are written in batches: up to [`WRITE_BATCH`] blocks (the old data the
+//! write path read, shared, never copied) wait in memory and then go to their page-aligned
+//! slots with one `pwritev`; readers take waiting blocks from memory. A group's table page is
+//! written once its last slot is, the last group's at [`CowArea::close`]. Nothing is synced
+//! before `close`: an area is trusted after a restart only if `close` synced it.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
+
 use super::cow_index::{CowFull, CowIndex, RestoreError};
 use super::cow_record::{
-    self, AreaHeader, AreaState, BLOCK_HEADER_SIZE, CowRecordError, HEADER_SIZE,
+    self, AreaHeader, AreaState, CowRecordError, GROUP_SLOTS, HEADER_SIZE, SlotEntry, TABLE_SIZE,
 };
+
+/// Preserved blocks kept in memory before they are written with one `pwritev` (a divisor of
+/// [`GROUP_SLOTS`]: a batch never spans two groups unless a run does).
+pub const WRITE_BATCH: usize = 16;
+
+/// Blocks preserved from a buffer larger than this are written at once, so that waiting
+/// blocks never keep more than `WRITE_BATCH` such buffers alive.
+const KEEP_BUFFER_MAX: usize = 64 << 10;
 
 /// Why an area could not be created, written, read or reopened.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +97,15 @@ pub enum AreaError {
     },
 }
 
+/// Where the preserved contents of one block are (see [`CowArea::preserved`]).
+#[derive(Clone, Debug)]
+pub enum PreservedBlock {
+    /// Still waiting in memory to be written.
+    Waiting(Bytes),
+    /// In the area file, at `slot`, described by `entry`.
+    Stored { slot: u64, entry: SlotEntry },
+}
+
 /// An open copy-on-write area and its index.
 #[derive(Debug)]
 pub struct CowArea {
@@ -87,8 +113,11 @@ pub struct CowArea {
     file: Arc<File>,
     header: AreaHeader,
     index: CowIndex,
-    /// Reused buffer of the records being appended.
-    scratch: Vec<u8>,
+    /// Block and data CRC of every slot in use, by slot.
+    entries: Vec<SlotEntry>,
+    /// Slots below this are written to the file; the data of the others is in `waiting`.
+    written: u64,
+    waiting: Vec<Bytes>,
 }
 
 /// Reads preserved blocks of an area (see [`CowArea::reader`]).
@@ -100,23 +129,23 @@ pub struct AreaReader {
 }
 
 impl AreaReader {
-    /// The preserved contents of the block in `slot`, checked against their CRC.
-    pub fn read_block(&self, slot: u64) -> Result<Vec<u8>, AreaError> {
-        let mut rec = vec![0u8; cow_record::record_len(self.block_size)];
-        read_exact_at(
-            &self.file,
-            &self.path,
-            &mut rec,
-            cow_record::record_offset(slot, self.block_size),
-        )?;
-        cow_record::decode_block_record(&rec, slot, self.block_size).map_err(|source| {
-            AreaError::Record {
+    /// The contents of a preserved block: from memory, or read from the area and checked
+    /// against the CRC its entry recorded.
+    pub fn read(&self, block: &PreservedBlock) -> Result<Bytes, AreaError> {
+        let (slot, entry) = match block {
+            PreservedBlock::Waiting(data) => return Ok(data.clone()),
+            PreservedBlock::Stored { slot, entry } => (*slot, *entry),
+        };
+        let mut data = vec![0u8; self.block_size as usize];
+        let offset = cow_record::data_offset(slot, self.block_size);
+        read_exact_at(&self.file, &self.path, &mut data, offset)?;
+        entry
+            .check(slot, &data)
+            .map_err(|source| AreaError::Record {
                 path: self.path.clone(),
                 source,
-            }
-        })?;
-        rec.drain(..BLOCK_HEADER_SIZE);
-        Ok(rec)
+            })?;
+        Ok(data.into())
     }
 }
 
@@ -150,16 +179,18 @@ impl CowArea {
             ),
             file: Arc::new(file),
             header,
-            scratch: Vec::new(),
+            entries: Vec::new(),
+            written: 0,
+            waiting: Vec::new(),
         };
         area.write_at(&buf, 0)?;
         area.sync()?;
         Ok(area)
     }
 
-    /// Reopens an area closed cleanly by [`close`](Self::close), checks every record and marks it
-    /// Open again. An area left Open (a crash) is refused: blocks overwritten after their last
-    /// preserved record reached the disk would read back wrong.
+    /// Reopens an area closed cleanly by [`close`](Self::close), checks every table and every
+    /// block's data and marks it Open again. An area left Open (a crash) is refused: blocks
+    /// overwritten after their preserved copy was last written out would read back wrong.
     pub fn reopen(path: &Path, device_size: u64) -> Result<CowArea, AreaError> {
         let file = OpenOptions::new()
             .read(true)
@@ -169,12 +200,13 @@ impl CowArea {
                 path: path.to_owned(),
                 source,
             })?;
-        let mut buf = vec![0u8; HEADER_SIZE];
-        read_exact_at(&file, path, &mut buf, 0)?;
-        let header = cow_record::decode_header(&buf).map_err(|source| AreaError::Record {
+        let record = |source| AreaError::Record {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let mut buf = vec![0u8; HEADER_SIZE];
+        read_exact_at(&file, path, &mut buf, 0)?;
+        let header = cow_record::decode_header(&buf).map_err(record)?;
         if header.state != AreaState::Closed {
             return Err(AreaError::Unclean {
                 path: path.to_owned(),
@@ -188,30 +220,40 @@ impl CowArea {
                 expected: device_size,
             });
         }
-        let mut index = CowIndex::new(header.block_size, header.capacity_blocks, device_size);
-        let mut rec = vec![0u8; cow_record::record_len(header.block_size)];
-        for slot in 0..header.preserved_blocks {
-            let offset = cow_record::record_offset(slot, header.block_size);
-            read_exact_at(&file, path, &mut rec, offset)?;
-            let block = cow_record::decode_block_record(&rec, slot, header.block_size).map_err(
-                |source| AreaError::Record {
-                    path: path.to_owned(),
-                    source,
-                },
-            )?;
-            index
-                .restore(slot, block)
-                .map_err(|source| AreaError::Index {
-                    path: path.to_owned(),
-                    source,
-                })?;
+        let bs = header.block_size;
+        let mut index = CowIndex::new(bs, header.capacity_blocks, device_size);
+        let mut entries = Vec::new();
+        let mut table = vec![0u8; TABLE_SIZE];
+        let mut data = Vec::new();
+        for group in 0..header.preserved_blocks.div_ceil(GROUP_SLOTS) {
+            let first = group * GROUP_SLOTS;
+            let count = (header.preserved_blocks - first).min(GROUP_SLOTS);
+            read_exact_at(&file, path, &mut table, cow_record::table_offset(group, bs))?;
+            let group_entries = cow_record::decode_table(&table, group, count).map_err(record)?;
+            data.resize(count as usize * bs as usize, 0);
+            read_exact_at(&file, path, &mut data, cow_record::data_offset(first, bs))?;
+            for ((slot, entry), block) in (first..)
+                .zip(group_entries)
+                .zip(data.chunks_exact(bs as usize))
+            {
+                entry.check(slot, block).map_err(record)?;
+                index
+                    .restore(slot, entry.block)
+                    .map_err(|source| AreaError::Index {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                entries.push(entry);
+            }
         }
         let mut area = CowArea {
             path: path.to_owned(),
             file: Arc::new(file),
+            written: header.preserved_blocks,
             header,
             index,
-            scratch: Vec::new(),
+            entries,
+            waiting: Vec::new(),
         };
         area.write_header(AreaState::Open)?;
         Ok(area)
@@ -229,9 +271,9 @@ impl CowArea {
         &self.index
     }
 
-    /// Bytes of the area used by preserved blocks (headers included).
+    /// Bytes of the area used by preserved blocks (their tables included).
     pub fn used_bytes(&self) -> u64 {
-        self.index.used() * cow_record::record_len(self.header.block_size) as u64
+        cow_record::area_bytes(self.index.used(), self.header.block_size)
     }
 
     /// The blocks a write at `offset..offset+len` must preserve first, or `Full`.
@@ -244,24 +286,27 @@ impl CowArea {
             })
     }
 
-    /// Appends `data` (the block's contents at the freeze, [`CowIndex::block_len`] bytes) as
-    /// the preserved copy of `block`; returns its slot. See [`preserve_run`](Self::preserve_run).
+    /// Preserves `data` (the block's contents at the freeze, [`CowIndex::block_len`] bytes) as
+    /// the copy of `block`; returns its slot. See [`preserve_run`](Self::preserve_run).
     pub fn preserve(&mut self, block: u64, data: &[u8]) -> Result<u64, AreaError> {
         let slot = self.index.used();
-        self.preserve_run(&[block], block * self.index.block_size(), data)?;
+        let start = block * self.index.block_size();
+        self.preserve_run(&[block], start, &Bytes::copy_from_slice(data))?;
         Ok(slot)
     }
 
-    /// Appends the contents at the freeze of `blocks` (strictly ascending, none preserved yet)
-    /// to consecutive slots with one write; `old` holds the device's bytes from offset `start`
-    /// and covers every block. The area is left unchanged on error, and a full area refuses
-    /// the whole run. Not synced: an area is trusted after a restart only if [`close`]
-    /// (Self::close) synced it, so a crash makes it untrusted anyway.
+    /// Preserves the contents at the freeze of `blocks` (strictly ascending, none preserved
+    /// yet) in consecutive slots; `old` holds the device's bytes from offset `start` and covers
+    /// every block (its blocks are kept, not copied, until written). A bad or too large run
+    /// (area full) is refused whole, leaving the area unchanged; when writing a batch out
+    /// fails, the area can no longer be trusted and the caller must give it up. Not synced: an
+    /// area is trusted after a restart only if [`close`](Self::close) synced it, so a crash
+    /// makes it untrusted anyway.
     pub fn preserve_run(
         &mut self,
         blocks: &[u64],
         start: u64,
-        old: &[u8],
+        old: &Bytes,
     ) -> Result<(), AreaError> {
         let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else {
             return Ok(());
@@ -296,37 +341,39 @@ impl CowArea {
                 },
             });
         }
-        let rec_len = cow_record::record_len(self.header.block_size);
-        let first_slot = self.index.used();
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.clear();
-        buf.resize(blocks.len() * rec_len, 0);
-        for (i, (&block, rec)) in blocks.iter().zip(buf.chunks_exact_mut(rec_len)).enumerate() {
+        for &block in blocks {
             let at = (block * bs - start) as usize;
             let n = self.index.block_len(block) as usize;
-            let (head, data) = rec.split_at_mut(BLOCK_HEADER_SIZE);
-            data[..n].copy_from_slice(&old[at..at + n]);
-            head.copy_from_slice(&cow_record::encode_block_header(
-                first_slot + i as u64,
-                block,
-                data,
-            ));
-        }
-        let written = self.write_at(
-            &buf,
-            cow_record::record_offset(first_slot, self.header.block_size),
-        );
-        self.scratch = buf;
-        written?;
-        for &block in blocks {
+            let data = if n == bs as usize {
+                old.slice(at..at + n)
+            } else {
+                // The device's short last block: padded to a whole slot.
+                let mut padded = BytesMut::zeroed(bs as usize);
+                padded[..n].copy_from_slice(&old[at..at + n]);
+                padded.freeze()
+            };
+            self.entries.push(SlotEntry::of(block, &data));
+            self.waiting.push(data);
             let slot = self.index.insert(block);
             debug_assert!(slot.is_some(), "checked above");
+        }
+        if self.waiting.len() >= WRITE_BATCH || old.len() > KEEP_BUFFER_MAX {
+            self.write_waiting()?;
         }
         Ok(())
     }
 
-    /// A handle that reads preserved blocks without borrowing the area (records never change
-    /// once written, so readers need no lock while they read them).
+    /// Where the preserved contents of the block in `slot` are, for a reader to fetch without
+    /// holding the area (records never change once written, waiting blocks are shared).
+    pub fn preserved(&self, slot: u64) -> Option<PreservedBlock> {
+        let entry = *self.entries.get(slot as usize)?;
+        Some(match slot.checked_sub(self.written) {
+            Some(i) => PreservedBlock::Waiting(self.waiting[i as usize].clone()),
+            None => PreservedBlock::Stored { slot, entry },
+        })
+    }
+
+    /// A handle that reads preserved blocks without borrowing the area.
     pub fn reader(&self) -> AreaReader {
         AreaReader {
             path: self.path.clone(),
@@ -335,13 +382,67 @@ impl CowArea {
         }
     }
 
-    /// The preserved contents of the block in `slot`, checked against their CRC.
-    pub fn read_block(&self, slot: u64) -> Result<Vec<u8>, AreaError> {
-        self.reader().read_block(slot)
+    /// The preserved contents of the block in `slot` (checked against their CRC if stored).
+    pub fn read_block(&self, slot: u64) -> Result<Bytes, AreaError> {
+        let Some(block) = self.preserved(slot) else {
+            return Err(AreaError::BadRun {
+                path: self.path.clone(),
+                reason: format!("slot {slot} is not in use"),
+            });
+        };
+        self.reader().read(&block)
     }
 
-    /// Syncs every record and marks the area Closed, so a restart can reopen it.
+    /// Writes every waiting block to its slot (one `pwritev` per group), then the table of
+    /// each group that became full.
+    fn write_waiting(&mut self) -> Result<(), AreaError> {
+        let bs = self.header.block_size;
+        while !self.waiting.is_empty() {
+            let group = self.written / GROUP_SLOTS;
+            let end = self.index.used().min((group + 1) * GROUP_SLOTS);
+            let n = (end - self.written) as usize;
+            let offset = cow_record::data_offset(self.written, bs);
+            pwritev_all(&self.file, &self.waiting[..n], offset).map_err(|source| {
+                AreaError::Write {
+                    path: self.path.clone(),
+                    offset,
+                    source,
+                }
+            })?;
+            self.waiting.drain(..n);
+            self.written = end;
+            if end.is_multiple_of(GROUP_SLOTS) {
+                self.write_table(group)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the table of `group` as its slots in use are now.
+    fn write_table(&self, group: u64) -> Result<(), AreaError> {
+        let first = (group * GROUP_SLOTS) as usize;
+        let end = self.entries.len().min(first + GROUP_SLOTS as usize);
+        let table =
+            cow_record::encode_table(group, &self.entries[first..end]).map_err(|source| {
+                AreaError::Record {
+                    path: self.path.clone(),
+                    source,
+                }
+            })?;
+        self.write_at(
+            &table,
+            cow_record::table_offset(group, self.header.block_size),
+        )
+    }
+
+    /// Writes the waiting blocks and the last group's table, syncs everything and marks the
+    /// area Closed, so a restart can reopen it.
     pub fn close(mut self) -> Result<(), AreaError> {
+        self.write_waiting()?;
+        let used = self.index.used();
+        if !used.is_multiple_of(GROUP_SLOTS) {
+            self.write_table(used / GROUP_SLOTS)?;
+        }
         self.sync()?;
         self.write_header(AreaState::Closed)
     }
@@ -375,6 +476,60 @@ impl CowArea {
     }
 }
 
+/// Writes `bufs` one after another at `offset` with `pwritev`, retrying short writes.
+fn pwritev_all(file: &File, bufs: &[Bytes], mut offset: u64) -> std::io::Result<()> {
+    let mut iov: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    let mut first = 0;
+    while first < iov.len() {
+        let count = (iov.len() - first).min(1024) as libc::c_int;
+        // SAFETY: the descriptor is open for the call (`file` is borrowed), and each of the
+        // `count` iovecs from `first` points at `iov_len` readable bytes inside a `Bytes` of
+        // `bufs`, borrowed (so alive and unchanged) for the whole call; pwritev only reads them.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov[first..].as_ptr(),
+                count,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        offset += n as u64;
+        while n > 0 {
+            let v = &mut iov[first];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                first += 1;
+            } else {
+                // SAFETY: `n < iov_len`, so the advanced pointer stays inside the same buffer.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+        while first < iov.len() && iov[first].iov_len == 0 {
+            first += 1;
+        }
+    }
+    Ok(())
+}
+
 fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<(), AreaError> {
     file.read_exact_at(buf, offset)
         .map_err(|source| AreaError::Read {
@@ -392,7 +547,7 @@ mod tests {
         AreaHeader {
             state: AreaState::Open,
             block_size: 4096,
-            device_size: 1 << 20,
+            device_size: 1 << 30,
             capacity_blocks: cap,
             created_unix_ms: 1,
             generation: 42,
@@ -409,6 +564,13 @@ mod tests {
         dir.join("area")
     }
 
+    /// The contents this test preserves for `block`: different for every block.
+    fn content(block: u64) -> Vec<u8> {
+        (0..4096u64)
+            .map(|i| (block.wrapping_mul(31) ^ i) as u8)
+            .collect()
+    }
+
     #[test]
     fn preserved_blocks_survive_a_clean_close() {
         let path = tmp("clean");
@@ -417,17 +579,74 @@ mod tests {
         assert_eq!(a.preserve(1, &[1u8; 4096]).unwrap(), 0);
         assert_eq!(a.preserve(0, &[2u8; 4096]).unwrap(), 1);
         assert!(a.preserve(0, &[3u8; 4096]).is_err());
-        assert_eq!(a.used_bytes(), 2 * (4096 + 64));
+        assert_eq!(a.used_bytes(), 2 * 4096 + 4096);
+        assert_eq!(&a.read_block(0).unwrap()[..], &[1u8; 4096][..], "waiting");
         a.close().unwrap();
-        let b = CowArea::reopen(&path, 1 << 20).unwrap();
+        let b = CowArea::reopen(&path, 1 << 30).unwrap();
         assert_eq!(b.index().slot_of(1), Some(0));
-        assert_eq!(b.read_block(1).unwrap(), vec![2u8; 4096]);
-        assert_eq!(b.read_block(0).unwrap(), vec![1u8; 4096]);
+        assert_eq!(&b.read_block(1).unwrap()[..], &[2u8; 4096][..]);
+        assert_eq!(&b.read_block(0).unwrap()[..], &[1u8; 4096][..]);
+        assert!(b.read_block(2).is_err(), "unused slot");
         assert_eq!(b.header().generation, 42);
         assert!(
             CowArea::create(&path, header(4)).is_err(),
             "never overwrites"
         );
+    }
+
+    /// Many groups, runs of every size, reads while blocks wait and after they are written,
+    /// then a clean close, a reopen that checks everything, more blocks and another reopen.
+    #[test]
+    fn groups_round_trip_across_reopens() {
+        let path = tmp("groups");
+        let total = 3 * GROUP_SLOTS + 37;
+        let mut a = CowArea::create(&path, header(total + 100)).unwrap();
+        let mut next = 0u64;
+        let mut run = 1u64;
+        while next < 2 * GROUP_SLOTS + 5 {
+            // Every other block of a run of `run` blocks (strictly ascending, with gaps).
+            let blocks: Vec<u64> = (0..run).map(|i| 2 * (next + i)).collect();
+            let start = blocks[0] * 4096;
+            let mut old = vec![0u8; ((blocks[blocks.len() - 1] + 1) * 4096 - start) as usize];
+            for &b in &blocks {
+                let at = (b * 4096 - start) as usize;
+                old[at..at + 4096].copy_from_slice(&content(b));
+            }
+            a.preserve_run(&blocks, start, &Bytes::from(old)).unwrap();
+            next += run;
+            run = run % 40 + 7;
+            for slot in [0, next / 2, next - 1] {
+                let b = 2 * slot;
+                assert_eq!(a.index().slot_of(b), Some(slot));
+                assert_eq!(&a.read_block(slot).unwrap()[..], &content(b)[..]);
+            }
+        }
+        let used = a.index().used();
+        assert_eq!(
+            a.used_bytes(),
+            used * 4096 + used.div_ceil(GROUP_SLOTS) * 4096
+        );
+        a.close().unwrap();
+        let mut b = CowArea::reopen(&path, 1 << 30).unwrap();
+        assert_eq!(b.index().used(), used);
+        for slot in 0..used {
+            assert_eq!(&b.read_block(slot).unwrap()[..], &content(2 * slot)[..]);
+        }
+        for blk in (2 * used + 1)..(2 * used + 1 + total - used) {
+            b.preserve(blk, &content(blk)).unwrap();
+        }
+        b.close().unwrap();
+        let c = CowArea::reopen(&path, 1 << 30).unwrap();
+        assert_eq!(c.index().used(), total);
+        for slot in used..total {
+            let blk = 2 * used + 1 + (slot - used);
+            assert_eq!(c.index().slot_of(blk), Some(slot));
+            assert_eq!(&c.read_block(slot).unwrap()[..], &content(blk)[..]);
+        }
+        // Slots are page-aligned in the file.
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, cow_record::data_offset(total - 1, 4096) + 4096);
+        assert_eq!(len % 4096, 0);
     }
 
     #[test]
@@ -436,25 +655,83 @@ mod tests {
         let mut a = CowArea::create(&path, header(4)).unwrap();
         a.preserve(3, &[9u8; 4096]).unwrap();
         drop(a);
-        let e = CowArea::reopen(&path, 1 << 20).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
         assert!(matches!(e, AreaError::Unclean { .. }), "{e}");
         assert!(e.to_string().contains("not closed cleanly"));
     }
 
+    /// Closes an area holding `n` blocks and returns its path.
+    fn closed_area(name: &str, n: u64) -> PathBuf {
+        let path = tmp(name);
+        let mut a = CowArea::create(&path, header(1000)).unwrap();
+        for b in 0..n {
+            a.preserve(b * 3, &content(b * 3)).unwrap();
+        }
+        a.close().unwrap();
+        path
+    }
+
+    fn flip(path: &Path, offset: u64) {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x10], offset).unwrap();
+    }
+
     #[test]
     fn corruption_and_foreign_devices_are_refused() {
-        let path = tmp("corrupt");
-        let mut a = CowArea::create(&path, header(4)).unwrap();
-        a.preserve(3, &[9u8; 4096]).unwrap();
-        a.close().unwrap();
+        let path = closed_area("corrupt", GROUP_SLOTS + 3);
         assert!(matches!(
-            CowArea::reopen(&path, 2 << 20),
+            CowArea::reopen(&path, 2 << 30),
             Err(AreaError::WrongDevice { .. })
         ));
-        let f = OpenOptions::new().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff], HEADER_SIZE as u64 + 100).unwrap();
-        let e = CowArea::reopen(&path, 1 << 20).unwrap_err();
+        CowArea::reopen(&path, 1 << 30).unwrap().close().unwrap();
+        // Data of a slot in the second group.
+        flip(&path, cow_record::data_offset(GROUP_SLOTS + 1, 4096) + 100);
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
         assert!(e.to_string().contains("data CRC-32"), "{e}");
+        // A table entry.
+        let path = closed_area("corrupt-table", 5);
+        flip(&path, cow_record::table_offset(0, 4096) + 40);
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("table 0 fails its CRC-32"), "{e}");
+        // The area header.
+        let path = closed_area("corrupt-header", 5);
+        flip(&path, 30);
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("header fails its CRC-32"), "{e}");
+        // Not an area at all, or cut short.
+        let path = tmp("foreign");
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        assert!(e.to_string().contains("not a blockd snapshot area"), "{e}");
+        let path = closed_area("short", 5);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(cow_record::data_offset(4, 4096) + 10).unwrap();
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        assert!(matches!(e, AreaError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn an_area_of_format_version_1_is_refused() {
+        let path = tmp("v1");
+        let h = cow_record::encode_header(&AreaHeader {
+            state: AreaState::Closed,
+            ..header(4)
+        })
+        .unwrap();
+        let mut v1 = h.to_vec();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let crc = crc32fast::hash(&v1[..HEADER_SIZE - 4]);
+        v1[HEADER_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(&path, &v1).unwrap();
+        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let chain = crate::repl::resource::error_chain(&e);
+        assert!(chain.contains("format version 1"), "{chain}");
     }
 
     #[test]
@@ -468,37 +745,88 @@ mod tests {
     }
 
     #[test]
-    fn a_run_is_appended_whole_or_not_at_all() {
+    fn a_run_is_preserved_whole_or_not_at_all() {
         let path = tmp("run");
         let mut h = header(3);
         h.device_size = 3 * 4096 + 100;
         let mut a = CowArea::create(&path, h).unwrap();
-        let old: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i % 253) as u8).collect();
-        // Blocks 1 and 3 (the short last one) from the bytes at 4096.., one write.
-        a.preserve_run(&[1, 3], 4096, &old[4096..]).unwrap();
+        let old = Bytes::from(
+            (0..3 * 4096 + 100)
+                .map(|i| (i % 253) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        // Blocks 1 and 3 (the short last one) from the bytes at 4096...
+        a.preserve_run(&[1, 3], 4096, &old.slice(4096..)).unwrap();
         assert_eq!(a.index().slot_of(1), Some(0));
         assert_eq!(a.index().slot_of(3), Some(1));
         for bad in [
-            a.preserve_run(&[2, 2], 8192, &old[8192..]),
-            a.preserve_run(&[2], 8192, &old[8192..9000]),
+            a.preserve_run(&[2, 2], 8192, &old.slice(8192..)),
+            a.preserve_run(&[2], 8192, &old.slice(8192..9000)),
             a.preserve_run(&[0, 1], 0, &old),
-            a.preserve_run(&[0, 2], 4096, &old[4096..]),
+            a.preserve_run(&[0, 2], 4096, &old.slice(4096..)),
         ] {
             assert!(matches!(bad, Err(AreaError::BadRun { .. })), "{bad:?}");
         }
         assert_eq!(a.index().used(), 2, "refused runs change nothing");
-        a.preserve_run(&[], 0, &[]).unwrap();
+        a.preserve_run(&[], 0, &Bytes::new()).unwrap();
         a.close().unwrap();
         let mut b = CowArea::reopen(&path, 3 * 4096 + 100).unwrap();
         assert_eq!(b.read_block(0).unwrap(), old[4096..8192]);
         let mut last = old[3 * 4096..].to_vec();
         last.resize(4096, 0);
         assert_eq!(b.read_block(1).unwrap(), last);
-        let e = b.preserve_run(&[0, 2], 0, &old[..]).unwrap_err();
+        let e = b.preserve_run(&[0, 2], 0, &old).unwrap_err();
         assert!(e.to_string().contains("full"), "{e}");
         assert_eq!(b.index().used(), 2);
-        b.preserve_run(&[0, 2], 0, &old[..3 * 4096]).unwrap_err();
-        b.preserve_run(&[2], 8192, &old[8192..3 * 4096]).unwrap();
-        assert_eq!(b.reader().read_block(2).unwrap(), old[8192..3 * 4096]);
+        b.preserve_run(&[0, 2], 0, &old.slice(..3 * 4096))
+            .unwrap_err();
+        b.preserve_run(&[2], 8192, &old.slice(8192..3 * 4096))
+            .unwrap();
+        let p = b.preserved(2).unwrap();
+        assert!(matches!(p, PreservedBlock::Waiting(_)));
+        assert_eq!(b.reader().read(&p).unwrap(), old[8192..3 * 4096]);
+    }
+
+    #[test]
+    fn blocks_wait_for_a_batch_unless_their_buffer_is_large() {
+        let path = tmp("batch");
+        let mut a = CowArea::create(&path, header(1000)).unwrap();
+        for b in 0..WRITE_BATCH as u64 - 1 {
+            a.preserve(b, &content(b)).unwrap();
+        }
+        assert!(matches!(a.preserved(0), Some(PreservedBlock::Waiting(_))));
+        a.preserve(100, &content(100)).unwrap();
+        for slot in 0..WRITE_BATCH as u64 {
+            assert!(matches!(
+                a.preserved(slot),
+                Some(PreservedBlock::Stored { .. })
+            ));
+        }
+        // One block out of a large buffer: written at once, the buffer is not kept.
+        let big = Bytes::from(vec![3u8; KEEP_BUFFER_MAX + 4096]);
+        a.preserve_run(&[200], 200 * 4096, &big).unwrap();
+        let slot = WRITE_BATCH as u64;
+        assert!(matches!(
+            a.preserved(slot),
+            Some(PreservedBlock::Stored { .. })
+        ));
+        assert_eq!(&a.read_block(slot).unwrap()[..], &[3u8; 4096][..]);
+        assert!(a.preserved(slot + 1).is_none());
+    }
+
+    #[test]
+    fn a_failed_write_is_reported() {
+        let path = tmp("ro");
+        let a = CowArea::create(&path, header(100)).unwrap();
+        // The same area through a read-only descriptor: writing the batch fails.
+        let mut ro = CowArea {
+            file: Arc::new(File::open(&path).unwrap()),
+            ..a
+        };
+        for b in 0..WRITE_BATCH as u64 - 1 {
+            ro.preserve(b, &content(b)).unwrap();
+        }
+        let e = ro.preserve(99, &content(99)).unwrap_err();
+        assert!(matches!(e, AreaError::Write { .. }), "{e}");
     }
 }

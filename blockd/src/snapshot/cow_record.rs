@@ -1,10 +1,13 @@
-//! The copy-on-write area's on-disk records, as pure codecs: a 4 KiB header naming the
-//! snapshot, then one record per preserved block — a 64-byte header and the block's old
-//! contents. Little-endian, CRC-32 (IEEE) over every header and over every block's data.
+//! The copy-on-write area's on-disk format, as pure codecs and offset arithmetic: a 4 KiB
+//! header naming the snapshot, then groups of [`GROUP_SLOTS`] preserved blocks — a 4 KiB table
+//! page saying which block each slot of the group preserves (with the CRC-32 of its data), then
+//! the slots' data, each at a block-aligned offset, so preserving a block writes whole pages
+//! and nothing else. Little-endian, CRC-32 (IEEE) over every header, every table and every
+//! block's data.
 //!
 //! ```text
 //! area header (4 KiB, at offset 0):
-//!    0 magic "BLKDSNAP"       8 version u32          12 state u32 (1 open, 2 closed cleanly)
+//!    0 magic "BLKDSNAP"       8 version u32 (2)      12 state u32 (1 open, 2 closed cleanly)
 //!   16 block_size u32        20 name_len u16         22 listen_len u16
 //!   24 device_size u64       32 capacity_blocks u64  40 created_unix_ms u64
 //!   48 generation u64 (current data generation of the replica at the freeze)
@@ -12,22 +15,31 @@
 //!   64 name (name_len bytes of UTF-8, at most 128)
 //!  192 NBD listen address (listen_len bytes of UTF-8, at most 64; empty: none)
 //!  256 zero                  4092 crc32 over 0..4092
-//! block record i, at 4096 + i * (64 + block_size):
-//!    0 magic "COWBLOCK"       8 block index u64      16 slot u64 (= i)
-//!   24 data crc32 u32         28 zero                60 crc32 over 0..60
-//!   64 block_size bytes of the block as it was at the freeze
+//! group g (slots g*256 .. g*256+255), at 4096 + g * (4096 + 256 * block_size):
+//!   table page (4 KiB):
+//!      0 magic "COWTABLE"     8 group u64 (= g)      16 slots in use u32 (1..=256)
+//!     20 zero                32 + i * 12: slot g*256+i: block index u64, data crc32 u32
+//!        (zero beyond the slots in use)               4092 crc32 over 0..4092
+//!   slot g*256+i, at table + 4096 + i * block_size: block_size bytes of the block as it was at
+//!     the freeze (the device's short last block padded with zeros)
 //! ```
+//!
+//! A group's table is written when its last slot fills and, for the last group, when the area
+//! is closed: like every record, it is trusted only in an area closed cleanly.
+//! Version 1 (one 64-byte header before each block's data, unaligned) is refused.
 
 /// Magic at offset 0 of an area header.
 pub const AREA_MAGIC: [u8; 8] = *b"BLKDSNAP";
-/// Magic at offset 0 of every block record.
-pub const BLOCK_MAGIC: [u8; 8] = *b"COWBLOCK";
+/// Magic at offset 0 of every table page.
+pub const TABLE_MAGIC: [u8; 8] = *b"COWTABLE";
 /// The format version this build reads and writes.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Bytes of the area header.
 pub const HEADER_SIZE: usize = 4096;
-/// Bytes of a block record's header (its data follows).
-pub const BLOCK_HEADER_SIZE: usize = 64;
+/// Bytes of a group's table page.
+pub const TABLE_SIZE: usize = 4096;
+/// Slots per group (one table page describes them).
+pub const GROUP_SLOTS: u64 = 256;
 /// Longest snapshot name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 /// Longest listen address, in bytes.
@@ -36,7 +48,9 @@ pub const MAX_LISTEN_LEN: usize = 64;
 const NAME_AT: usize = 64;
 const LISTEN_AT: usize = 192;
 const CRC_AT: usize = HEADER_SIZE - 4;
-const BLOCK_CRC_AT: usize = 60;
+const TABLE_CRC_AT: usize = TABLE_SIZE - 4;
+const TABLE_ENTRIES_AT: usize = 32;
+const TABLE_ENTRY_LEN: usize = 12;
 
 /// Whether an area was closed cleanly (its records can be trusted after a restart).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +81,9 @@ pub struct AreaHeader {
 pub enum CowRecordError {
     #[error("not a blockd snapshot area (magic {found:02x?})")]
     BadMagic { found: Vec<u8> },
-    #[error("snapshot area version {found}; this build reads version {VERSION}")]
+    #[error(
+        "snapshot area format version {found}; this build reads version {VERSION} only (an area written by another blockd version cannot be reopened)"
+    )]
     UnsupportedVersion { found: u32 },
     #[error(
         "snapshot area header fails its CRC-32 check (stored {stored:#010x}, computed {computed:#010x})"
@@ -75,30 +91,86 @@ pub enum CowRecordError {
     HeaderChecksum { stored: u32, computed: u32 },
     #[error("snapshot area header is invalid: {reason}")]
     BadHeader { reason: String },
-    #[error("copy-on-write record {slot} is truncated ({found} of {needed} bytes)")]
-    Truncated {
-        slot: u64,
-        found: usize,
-        needed: usize,
+    #[error("copy-on-write table {group} is truncated ({found} of {TABLE_SIZE} bytes)")]
+    TruncatedTable { group: u64, found: usize },
+    #[error("copy-on-write table {group} is not a table page")]
+    BadTableMagic { group: u64 },
+    #[error("copy-on-write table {group} fails its CRC-32 check")]
+    TableChecksum { group: u64 },
+    #[error("copy-on-write table {group} claims to be table {found}")]
+    MisplacedTable { group: u64, found: u64 },
+    #[error(
+        "copy-on-write table {group} lists {found} slots in use, the area header implies {expected}"
+    )]
+    TableCount {
+        group: u64,
+        found: u64,
+        expected: u64,
     },
-    #[error("copy-on-write record {slot} is not a block record")]
-    BadBlockMagic { slot: u64 },
-    #[error("copy-on-write record {slot} header fails its CRC-32 check")]
-    BlockHeaderChecksum { slot: u64 },
-    #[error("copy-on-write record {slot} claims slot {found}")]
-    Misplaced { slot: u64, found: u64 },
-    #[error("copy-on-write record {slot} (block {block}) fails its data CRC-32 check")]
+    #[error("copy-on-write table {group}: cannot describe {count} slots (1 to {GROUP_SLOTS})")]
+    TableSize { group: u64, count: usize },
+    #[error("copy-on-write slot {slot} (block {block}) fails its data CRC-32 check")]
     BlockDataChecksum { slot: u64, block: u64 },
 }
 
-/// Byte offset of block record `slot` in an area with `block_size`-byte blocks.
-pub fn record_offset(slot: u64, block_size: u32) -> u64 {
-    HEADER_SIZE as u64 + slot * record_len(block_size) as u64
+/// What a table says of one slot: the block it preserves and the CRC-32 of its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlotEntry {
+    pub block: u64,
+    pub crc: u32,
 }
 
-/// Bytes of one block record (header + data).
-pub fn record_len(block_size: u32) -> usize {
-    BLOCK_HEADER_SIZE + block_size as usize
+impl SlotEntry {
+    /// The entry of `block` preserved as `data` (exactly one block, padded if short).
+    pub fn of(block: u64, data: &[u8]) -> SlotEntry {
+        SlotEntry {
+            block,
+            crc: crc32fast::hash(data),
+        }
+    }
+
+    /// Checks that `data`, read from `slot`, is what this entry recorded.
+    pub fn check(&self, slot: u64, data: &[u8]) -> Result<(), CowRecordError> {
+        if crc32fast::hash(data) == self.crc {
+            Ok(())
+        } else {
+            Err(CowRecordError::BlockDataChecksum {
+                slot,
+                block: self.block,
+            })
+        }
+    }
+}
+
+/// Bytes of one group (table page and data slots) in an area of `block_size`-byte blocks.
+pub fn group_len(block_size: u32) -> u64 {
+    TABLE_SIZE as u64 + GROUP_SLOTS * u64::from(block_size)
+}
+
+/// Byte offset of the table page of `group`.
+pub fn table_offset(group: u64, block_size: u32) -> u64 {
+    HEADER_SIZE as u64 + group * group_len(block_size)
+}
+
+/// Byte offset of the data of `slot` (block-aligned when `block_size` divides 4 KiB or is a
+/// multiple of it).
+pub fn data_offset(slot: u64, block_size: u32) -> u64 {
+    table_offset(slot / GROUP_SLOTS, block_size)
+        + TABLE_SIZE as u64
+        + (slot % GROUP_SLOTS) * u64::from(block_size)
+}
+
+/// Bytes `blocks` preserved blocks take in an area (data and tables, not the area header).
+pub fn area_bytes(blocks: u64, block_size: u32) -> u64 {
+    blocks * u64::from(block_size) + blocks.div_ceil(GROUP_SLOTS) * TABLE_SIZE as u64
+}
+
+/// The most blocks an area of at most `bytes` (data and tables) holds: the inverse of
+/// [`area_bytes`].
+pub fn blocks_within(bytes: u64, block_size: u32) -> u64 {
+    let group = group_len(block_size);
+    (bytes / group) * GROUP_SLOTS
+        + (bytes % group).saturating_sub(TABLE_SIZE as u64) / u64::from(block_size)
 }
 
 fn put_u32(buf: &mut [u8], at: usize, v: u32) {
@@ -243,49 +315,68 @@ pub fn decode_header(buf: &[u8]) -> Result<AreaHeader, CowRecordError> {
     Ok(h)
 }
 
-/// Encodes the header of block record `slot` preserving `data` as block `block`.
-pub fn encode_block_header(slot: u64, block: u64, data: &[u8]) -> [u8; BLOCK_HEADER_SIZE] {
-    let mut buf = [0u8; BLOCK_HEADER_SIZE];
-    buf[..8].copy_from_slice(&BLOCK_MAGIC);
-    put_u64(&mut buf, 8, block);
-    put_u64(&mut buf, 16, slot);
-    put_u32(&mut buf, 24, crc32fast::hash(data));
-    let crc = crc32fast::hash(&buf[..BLOCK_CRC_AT]);
-    put_u32(&mut buf, BLOCK_CRC_AT, crc);
-    buf
-}
-
-/// Decodes block record `slot` (header + data, exactly [`record_len`] bytes) and returns the
-/// block index it preserves; the data is `record[BLOCK_HEADER_SIZE..]`.
-pub fn decode_block_record(
-    record: &[u8],
-    slot: u64,
-    block_size: u32,
-) -> Result<u64, CowRecordError> {
-    let needed = record_len(block_size);
-    if record.len() < needed {
-        return Err(CowRecordError::Truncated {
-            slot,
-            found: record.len(),
-            needed,
+/// Encodes the table page of `group` for its slots in use, `entries` (1 to [`GROUP_SLOTS`]).
+pub fn encode_table(group: u64, entries: &[SlotEntry]) -> Result<[u8; TABLE_SIZE], CowRecordError> {
+    if entries.is_empty() || entries.len() as u64 > GROUP_SLOTS {
+        return Err(CowRecordError::TableSize {
+            group,
+            count: entries.len(),
         });
     }
-    if record[..8] != BLOCK_MAGIC {
-        return Err(CowRecordError::BadBlockMagic { slot });
+    let mut buf = [0u8; TABLE_SIZE];
+    buf[..8].copy_from_slice(&TABLE_MAGIC);
+    put_u64(&mut buf, 8, group);
+    put_u32(&mut buf, 16, entries.len() as u32);
+    for (i, e) in entries.iter().enumerate() {
+        let at = TABLE_ENTRIES_AT + i * TABLE_ENTRY_LEN;
+        put_u64(&mut buf, at, e.block);
+        put_u32(&mut buf, at + 8, e.crc);
     }
-    if get_u32(record, BLOCK_CRC_AT) != crc32fast::hash(&record[..BLOCK_CRC_AT]) {
-        return Err(CowRecordError::BlockHeaderChecksum { slot });
+    let crc = crc32fast::hash(&buf[..TABLE_CRC_AT]);
+    put_u32(&mut buf, TABLE_CRC_AT, crc);
+    Ok(buf)
+}
+
+/// Decodes and checks the table page of `group`, which must list exactly `expected` slots in
+/// use (what the area header's count of preserved blocks implies).
+pub fn decode_table(
+    buf: &[u8],
+    group: u64,
+    expected: u64,
+) -> Result<Vec<SlotEntry>, CowRecordError> {
+    if buf.len() < TABLE_SIZE {
+        return Err(CowRecordError::TruncatedTable {
+            group,
+            found: buf.len(),
+        });
     }
-    let found = get_u64(record, 16);
-    if found != slot {
-        return Err(CowRecordError::Misplaced { slot, found });
+    if buf[..8] != TABLE_MAGIC {
+        return Err(CowRecordError::BadTableMagic { group });
     }
-    let block = get_u64(record, 8);
-    let data = &record[BLOCK_HEADER_SIZE..needed];
-    if get_u32(record, 24) != crc32fast::hash(data) {
-        return Err(CowRecordError::BlockDataChecksum { slot, block });
+    if get_u32(buf, TABLE_CRC_AT) != crc32fast::hash(&buf[..TABLE_CRC_AT]) {
+        return Err(CowRecordError::TableChecksum { group });
     }
-    Ok(block)
+    let found = get_u64(buf, 8);
+    if found != group {
+        return Err(CowRecordError::MisplacedTable { group, found });
+    }
+    let count = u64::from(get_u32(buf, 16));
+    if count != expected || count == 0 || count > GROUP_SLOTS {
+        return Err(CowRecordError::TableCount {
+            group,
+            found: count,
+            expected,
+        });
+    }
+    Ok((0..count as usize)
+        .map(|i| {
+            let at = TABLE_ENTRIES_AT + i * TABLE_ENTRY_LEN;
+            SlotEntry {
+                block: get_u64(buf, at),
+                crc: get_u32(buf, at + 8),
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -327,10 +418,31 @@ mod tests {
         }
 
         #[test]
-        fn block_record_round_trips(slot: u64, block: u64, data in proptest::collection::vec(any::<u8>(), 512)) {
-            let mut rec = encode_block_header(slot, block, &data).to_vec();
-            rec.extend_from_slice(&data);
-            prop_assert_eq!(decode_block_record(&rec, slot, 512).unwrap(), block);
+        fn table_round_trips(group in 0u64..1 << 40, entries in proptest::collection::vec((any::<u64>(), any::<u32>()), 1..=256)) {
+            let entries: Vec<SlotEntry> = entries.into_iter().map(|(block, crc)| SlotEntry { block, crc }).collect();
+            let buf = encode_table(group, &entries).unwrap();
+            prop_assert_eq!(decode_table(&buf, group, entries.len() as u64).unwrap(), entries);
+        }
+
+        #[test]
+        fn any_flipped_table_byte_is_refused(at in 0usize..TABLE_SIZE, bit in 0u8..8, n in 1u64..=256) {
+            let entries: Vec<SlotEntry> = (0..n).map(|i| SlotEntry { block: i * 7, crc: i as u32 }).collect();
+            let mut buf = encode_table(5, &entries).unwrap();
+            buf[at] ^= 1 << bit;
+            prop_assert!(decode_table(&buf, 5, n).is_err());
+        }
+
+        #[test]
+        fn area_bytes_and_blocks_within_agree(blocks in 0u64..1 << 30, bs_shift in 9u32..=20, spare in 0u64..4096) {
+            let bs = 1u32 << bs_shift;
+            let bytes = area_bytes(blocks, bs);
+            prop_assert_eq!(blocks_within(bytes, bs), blocks);
+            prop_assert!(blocks_within(bytes + spare.min(u64::from(bs) - 1), bs) == blocks);
+            // Every slot's data lies before the next group's table, after its own.
+            let slot = blocks;
+            let g = slot / GROUP_SLOTS;
+            prop_assert!(data_offset(slot, bs) >= table_offset(g, bs) + TABLE_SIZE as u64);
+            prop_assert!(data_offset(slot, bs) + u64::from(bs) <= table_offset(g + 1, bs));
         }
 
         #[test]
@@ -340,14 +452,6 @@ mod tests {
             prop_assert!(decode_header(&buf).is_err());
         }
 
-        #[test]
-        fn any_flipped_record_byte_is_refused(at in 0usize..BLOCK_HEADER_SIZE + 512, bit in 0u8..8) {
-            let data = vec![7u8; 512];
-            let mut rec = encode_block_header(3, 9, &data).to_vec();
-            rec.extend_from_slice(&data);
-            rec[at] ^= 1 << bit;
-            prop_assert!(decode_block_record(&rec, 3, 512).is_err());
-        }
     }
 
     #[test]
@@ -371,18 +475,68 @@ mod tests {
     }
 
     #[test]
-    fn record_in_the_wrong_slot_is_refused() {
-        let data = vec![1u8; 512];
-        let mut rec = encode_block_header(4, 9, &data).to_vec();
-        rec.extend_from_slice(&data);
+    fn tables_out_of_place_or_with_the_wrong_count_are_refused() {
+        let entries = [
+            SlotEntry { block: 9, crc: 1 },
+            SlotEntry { block: 3, crc: 2 },
+        ];
+        let buf = encode_table(4, &entries).unwrap();
         assert_eq!(
-            decode_block_record(&rec, 5, 512),
-            Err(CowRecordError::Misplaced { slot: 5, found: 4 })
+            decode_table(&buf, 5, 2),
+            Err(CowRecordError::MisplacedTable {
+                group: 4 + 1,
+                found: 4
+            })
         );
         assert!(matches!(
-            decode_block_record(&rec[..100], 4, 512),
-            Err(CowRecordError::Truncated { .. })
+            decode_table(&buf, 4, 3),
+            Err(CowRecordError::TableCount {
+                found: 2,
+                expected: 3,
+                ..
+            })
         ));
-        assert_eq!(record_offset(2, 512), 4096 + 2 * 576);
+        assert!(matches!(
+            decode_table(&buf[..100], 4, 2),
+            Err(CowRecordError::TruncatedTable { .. })
+        ));
+        assert!(matches!(
+            decode_table(&[0u8; TABLE_SIZE], 4, 2),
+            Err(CowRecordError::BadTableMagic { .. })
+        ));
+        assert!(encode_table(0, &[]).is_err());
+        assert!(encode_table(0, &[entries[0]; 257]).is_err());
+        assert_eq!(table_offset(0, 4096), 4096);
+        assert_eq!(data_offset(0, 4096), 8192);
+        assert_eq!(data_offset(255, 4096), 8192 + 255 * 4096);
+        assert_eq!(table_offset(1, 4096), 4096 + 257 * 4096);
+        assert_eq!(data_offset(256, 4096), 4096 + 258 * 4096);
+        assert_eq!(area_bytes(1, 4096), 8192);
+        assert_eq!(area_bytes(256, 4096), 257 * 4096);
+        assert_eq!(blocks_within(8191, 4096), 0);
+    }
+
+    #[test]
+    fn data_checks_against_its_entry() {
+        let data = vec![5u8; 4096];
+        let e = SlotEntry::of(17, &data);
+        e.check(3, &data).unwrap();
+        let mut bad = data.clone();
+        bad[4000] ^= 1;
+        assert_eq!(
+            e.check(3, &bad),
+            Err(CowRecordError::BlockDataChecksum { slot: 3, block: 17 })
+        );
+    }
+
+    #[test]
+    fn version_1_areas_are_refused_with_a_clear_message() {
+        let mut buf = encode_header(&header("old")).unwrap();
+        put_u32(&mut buf, 8, 1);
+        let crc = crc32fast::hash(&buf[..CRC_AT]);
+        put_u32(&mut buf, CRC_AT, crc);
+        let e = decode_header(&buf).unwrap_err();
+        assert_eq!(e, CowRecordError::UnsupportedVersion { found: 1 });
+        assert!(e.to_string().contains("version 1"), "{e}");
     }
 }
