@@ -64,7 +64,7 @@ pub const DEFAULT_INLINE_MAX: usize = 128 << 10;
 /// Largest read tried inline (when the inline path is on): callers run reads above
 /// [`DEFAULT_INLINE_MAX`] on a task of their own, where a copy out of the page cache (or out of
 /// tmpfs) costs less than the two thread hops through an engine worker.
-pub const INLINE_READ_MAX: usize = 4 << 20;
+pub const INLINE_READ_MAX: usize = DEFAULT_INLINE_MAX;
 /// Upper bound on extents returned by one `block_status` call (the reply stays small; the
 /// client asks again for the rest).
 const MAX_EXTENTS: usize = 1024;
