@@ -535,6 +535,17 @@ struct SinkState {
     broken: Option<io::Error>,
 }
 
+impl ReplySink {
+    /// Records a request in the export's metrics as its reply goes out (`now`: read once per
+    /// batch of replies).
+    fn record(&self, track: &Track, ok: bool, now: Instant) {
+        if let Some(command) = track.command {
+            let latency = now.saturating_duration_since(track.start);
+            self.metrics.record(command, track.bytes, latency, ok);
+        }
+    }
+}
+
 impl SinkState {
     /// Writes `batch`, unless an earlier write broke the stream; the first error is kept.
     async fn write(&mut self, batch: &[Outgoing]) -> io::Result<()> {
@@ -567,10 +578,7 @@ impl Ctx {
         if reply.len() >= DIRECT_REPLY_MIN {
             if let Ok(mut sink) = self.sink.stream.try_lock() {
                 if sink.broken.is_none() {
-                    if let Some(command) = track.command {
-                        let latency = track.start.elapsed();
-                        self.sink.metrics.record(command, track.bytes, latency, ok);
-                    }
+                    self.sink.record(&track, ok, Instant::now());
                     let _ = sink.write(std::slice::from_ref(&reply)).await;
                     return;
                 }
@@ -1269,60 +1277,57 @@ async fn splice_write<R: RequestSource>(
         reader.consume(pos);
     }
     let mut threshold = 1;
-    let result = async {
-        while pos < len {
-            let want = len - pos;
-            let at = offset + pos as u64;
-            let wake = wake_threshold(want);
-            if wake != threshold {
-                reader.get_ref().set_wake_threshold(wake);
-                threshold = wake;
-            }
-            let permit = charge(budget, want.min(pool.capacity)).await;
-            let Some(pipe) = pool.take() else {
-                let n = want.min(ctx.limits.chunk);
-                let data = read_payload(reader, n).await?;
-                spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
-                pos += n;
-                continue;
-            };
-            let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
-                .await
-                .map_err(TransmissionError::ReadPayload)?;
-            if n == 0 {
-                return Err(TransmissionError::ReadPayload(
-                    io::ErrorKind::UnexpectedEof.into(),
-                ));
-            }
-            if store.memory_backed() {
-                // A memcpy that never waits: cheaper here than waking another thread for it (the
-                // hand-off costs more CPU in wake-ups than the overlap wins on a small machine).
-                let result = store.write_from_pipe(at, n, &pipe.pipe);
-                drop(permit);
-                match result {
-                    Ok(()) => pool.give(pipe),
-                    Err(e) => join.record(Err(e)),
-                }
-                pos += n;
-                continue;
-            }
-            join.add_piece();
-            let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
-            tokio::spawn(async move {
-                let result = store.write_pipe(at, n, pipe).await;
-                drop(permit);
-                join.chunk_done(result.map(|pipe| pool.give(pipe)));
-            });
-            pos += n;
+    while pos < len {
+        let want = len - pos;
+        let at = offset + pos as u64;
+        let wake = wake_threshold(want);
+        if wake != threshold {
+            reader.get_ref().set_wake_threshold(wake);
+            threshold = wake;
         }
-        Ok(())
+        let permit = charge(budget, want.min(pool.capacity)).await;
+        let Some(pipe) = pool.take() else {
+            let n = want.min(ctx.limits.chunk);
+            let data = read_payload(reader, n).await?;
+            spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
+            pos += n;
+            continue;
+        };
+        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
+            .await
+            .map_err(TransmissionError::ReadPayload)?;
+        if n == 0 {
+            return Err(TransmissionError::ReadPayload(
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        if store.memory_backed() {
+            // A memcpy that never waits: cheaper here than waking another thread for it (the
+            // hand-off costs more CPU in wake-ups than the overlap wins on a small machine).
+            let result = store.write_from_pipe(at, n, &pipe.pipe);
+            drop(permit);
+            match result {
+                Ok(()) => pool.give(pipe),
+                Err(e) => join.record(Err(e)),
+            }
+            pos += n;
+            continue;
+        }
+        join.add_piece();
+        let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
+        tokio::spawn(async move {
+            let result = store.write_pipe(at, n, pipe).await;
+            drop(permit);
+            join.chunk_done(result.map(|pipe| pool.give(pipe)));
+        });
+        pos += n;
     }
-    .await;
     if threshold != 1 {
-        // Request headers must wake the reader again as soon as they arrive.
+        // Request headers must wake the reader again as soon as they arrive (an error above
+        // ends the connection, so only this path needs it).
         reader.get_ref().set_wake_threshold(1);
     }
-    result
+    Ok(())
 }
 
 /// The wake-up threshold while `remaining` payload bytes are still to come: as much of them as
@@ -1420,7 +1425,6 @@ async fn write_replies(
     sink: Arc<ReplySink>,
     mut rx: mpsc::UnboundedReceiver<Queued>,
 ) -> Result<(), TransmissionError> {
-    let metrics = &sink.metrics;
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut tracks: Vec<(Track, bool)> = Vec::with_capacity(MAX_BATCH);
     let mut result = Ok(());
@@ -1445,10 +1449,7 @@ async fn write_replies(
         }
         let now = Instant::now();
         for (track, ok) in tracks.drain(..) {
-            if let Some(command) = track.command {
-                let latency = now.saturating_duration_since(track.start);
-                metrics.record(command, track.bytes, latency, ok);
-            }
+            sink.record(&track, ok, now);
         }
         if let Err(e) = sink.stream.lock().await.write(&batch).await {
             result = Err(TransmissionError::WriteReply(e));

@@ -39,11 +39,10 @@ impl InlinePath {
     }
 
     /// Reads what the page cache can give without blocking (on memory-backed files: plainly):
-    /// a buffer of at most `len` bytes (possibly empty, always when `len` exceeds `max`), the
-    /// rest to be read by the engine.
-    pub(crate) fn read(&self, file: &File, offset: u64, len: usize, max: usize) -> BytesMut {
+    /// a buffer of at most `len` bytes (possibly empty), the rest to be read by the engine.
+    pub(crate) fn read(&self, file: &File, offset: u64, len: usize) -> BytesMut {
         let mut buf = BytesMut::new();
-        if len > max || self.max == 0 || !self.reads.load(Ordering::Relaxed) {
+        if len > self.max || !self.reads.load(Ordering::Relaxed) {
             return buf;
         }
         while buf.len() < len {

@@ -12,11 +12,11 @@
 //! discard/zeroing ioctls, which need logical-block alignment; unaligned edges of a zeroing
 //! request are written as zero buffers.
 //!
-//! Non-FUA writes up to [`DEFAULT_INLINE_MAX`] and reads up to [`INLINE_READ_MAX`] first try
-//! `RWF_NOWAIT` on the calling thread ([`inline`]); whatever the page cache cannot serve without
-//! blocking goes to the engine. On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they
-//! simply run on that thread, and larger ones run as a plain pread/pwrite on an engine worker
-//! (io_uring would only punt them to its io-wq). Received data can also be written from a pipe ([`BlockStore::write_pipe`]).
+//! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] first try `RWF_NOWAIT` on the calling
+//! thread ([`inline`]); whatever the page cache cannot serve without blocking goes to the engine.
+//! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
+//! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
+//! them to its io-wq). Received data can also be written from a pipe ([`BlockStore::write_pipe`]).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
@@ -61,10 +61,6 @@ static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 /// serialises with receiving the next request, and handing it off made 1 MiB sequential
 /// reads and writes over NBD 20-40% faster (docs/benchmarks-nbd.md).
 pub const DEFAULT_INLINE_MAX: usize = 128 << 10;
-/// Largest read tried inline (when the inline path is on): callers run reads above
-/// [`DEFAULT_INLINE_MAX`] on a task of their own, where a copy out of the page cache (or out of
-/// tmpfs) costs less than the two thread hops through an engine worker.
-pub const INLINE_READ_MAX: usize = DEFAULT_INLINE_MAX;
 /// Upper bound on extents returned by one `block_status` call (the reply stays small; the
 /// client asks again for the rest).
 const MAX_EXTENTS: usize = 1024;
@@ -507,10 +503,7 @@ impl BlockStore {
         if len == 0 {
             return Ok(BytesMut::new());
         }
-        let mut buf = self
-            .inner
-            .inline
-            .read(&self.inner.file, offset, len, INLINE_READ_MAX);
+        let mut buf = self.inner.inline.read(&self.inner.file, offset, len);
         let done = buf.len();
         if done == len {
             return Ok(buf);

@@ -529,15 +529,15 @@ async fn engine_gone(engine: Setup) {
     // On disk: large reads of memory-backed files skip the io_uring ring (a worker preads).
     let dir = tempdir(Fs::Disk);
     let store = engine
-        .open(&dir.path().join("disk"), &opts(8 << 20, engine))
+        .open(&dir.path().join("disk"), &opts(4 << 20, engine))
         .unwrap();
     store
         .write(0, Bytes::from_static(b"x"), false)
         .await
         .unwrap();
     store.kill_engine_for_test();
-    // Larger than the inline read limit, so it must go through the (dead) engine.
-    let big = INLINE_READ_MAX + 1;
+    // Larger than the inline limit, so it must go through the (dead) engine.
+    let big = DEFAULT_INLINE_MAX + 1;
     let r = tokio::time::timeout(Duration::from_secs(5), store.read(0, big))
         .await
         .expect("a dead engine must not hang");
@@ -1054,9 +1054,9 @@ fn inline_path_serves_cached_and_memory_backed_io() {
             Fs::Disk => os::pwrite_full(&f, &data[written..], 123 + written as u64, 0).unwrap(),
         }
         // Cached (or memory-backed) data is read inline in full.
-        let got = path.read(&f, 123, data.len(), 1 << 20);
+        let got = path.read(&f, 123, data.len());
         assert!(got[..] == data[..], "{fs:?}");
         // Larger than the limit: nothing inline.
-        assert!(path.read(&f, 0, (1 << 20) + 1, 1 << 20).is_empty());
+        assert!(path.read(&f, 0, (1 << 20) + 1).is_empty());
     }
 }
