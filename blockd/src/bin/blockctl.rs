@@ -382,6 +382,15 @@ fn print_status(s: &Status) {
                 p.unconfirmed_writes, p.unconfirmed_bytes
             );
         }
+        if p.protocol == "A" && p.connection == "connected" {
+            print!(
+                " queued:{}/{} bytes{} congested-writes:{}",
+                p.queued_bytes,
+                p.sndbuf_size,
+                if p.congested { " congested" } else { "" },
+                p.congested_writes
+            );
+        }
         if p.lost_acked_writes > 0 {
             print!(
                 " lost-acked-writes:{} lost-acked-bytes:{}",

@@ -224,6 +224,9 @@ pub struct Resource {
     pub c_plan_ahead: u32,
     /// When resyncs compare checksums first (`csums`).
     pub csums: crate::repl::checksum::Csums,
+    /// Bytes of replicated writes queued to a peer and not yet acknowledged, at most
+    /// (`sndbuf-size`; protocol A writes wait beyond it, see `repl::congestion`).
+    pub sndbuf_size: u64,
 }
 
 impl Resource {
@@ -303,6 +306,7 @@ struct Settings {
     c_fill_target: Option<u64>,
     c_plan_ahead: Option<u32>,
     csums: Option<crate::repl::checksum::Csums>,
+    sndbuf_size: Option<u64>,
 }
 
 impl Settings {
@@ -432,6 +436,10 @@ impl Settings {
             }
         };
         let csums = named(sec, "csums")?;
+        let sndbuf_size = size(sec, "sndbuf-size")?;
+        if sndbuf_size.is_some_and(|s| s < crate::repl::congestion::MIN_SNDBUF_SIZE) {
+            return Err(sec.error("sndbuf-size", "must be at least 1M"));
+        }
         Ok(Settings {
             protocol,
             tls,
@@ -452,6 +460,7 @@ impl Settings {
             c_fill_target,
             c_plan_ahead,
             csums,
+            sndbuf_size,
         })
     }
 
@@ -477,6 +486,7 @@ impl Settings {
             c_fill_target: self.c_fill_target.or(defaults.c_fill_target),
             c_plan_ahead: self.c_plan_ahead.or(defaults.c_plan_ahead),
             csums: self.csums.or(defaults.csums),
+            sndbuf_size: self.sndbuf_size.or(defaults.sndbuf_size),
         }
     }
 }
@@ -703,6 +713,9 @@ fn read_resource(
         c_fill_target: settings.c_fill_target.unwrap_or(DEFAULT_C_FILL_TARGET),
         c_plan_ahead: settings.c_plan_ahead.unwrap_or(DEFAULT_C_PLAN_AHEAD),
         csums: settings.csums.unwrap_or(crate::repl::checksum::Csums::Auto),
+        sndbuf_size: settings
+            .sndbuf_size
+            .unwrap_or(crate::repl::congestion::DEFAULT_SNDBUF_SIZE),
     })
 }
 

@@ -583,3 +583,37 @@ fn resync_control_and_checksum_keys() {
         "invalid size",
     );
 }
+
+#[test]
+fn sndbuf_size_per_resource_with_a_global_default() {
+    let cfg = parse(&two_nodes("", "")).unwrap();
+    assert_eq!(cfg.resources[0].sndbuf_size, 16 << 20);
+    let cfg = parse(&two_nodes("sndbuf-size = \"4M\"", "")).unwrap();
+    assert_eq!(cfg.resources[0].sndbuf_size, 4 << 20);
+    // From [global]; a resource's own value wins.
+    let global = two_nodes("", "").replace("[global]\n", "[global]\nsndbuf-size = \"32M\"\n");
+    assert_eq!(parse(&global).unwrap().resources[0].sndbuf_size, 32 << 20);
+    let both = two_nodes("sndbuf-size = 2097152", "")
+        .replace("[global]\n", "[global]\nsndbuf-size = \"32M\"\n");
+    assert_eq!(parse(&both).unwrap().resources[0].sndbuf_size, 2 << 20);
+    invalid(
+        &two_nodes("sndbuf-size = 0", ""),
+        "resource.r0.sndbuf-size",
+        "at least 1M",
+    );
+    invalid(
+        &two_nodes("sndbuf-size = \"512K\"", ""),
+        "resource.r0.sndbuf-size",
+        "at least 1M",
+    );
+    invalid(
+        &two_nodes("sndbuf-size = \"big\"", ""),
+        "resource.r0.sndbuf-size",
+        "invalid size",
+    );
+    invalid(
+        &two_nodes("", "").replace("[global]\n", "[global]\nsndbuf-size = \"100K\"\n"),
+        "global.sndbuf-size",
+        "at least 1M",
+    );
+}

@@ -18,6 +18,7 @@
 //! | `blockd_peer_out_of_sync_bytes` | resource, peer | gauge |
 //! | `blockd_peer_in_flight_requests`, `blockd_peer_in_flight_bytes` | resource, peer | gauge (replication lag) |
 //! | `blockd_peer_unconfirmed_writes`, `blockd_peer_unconfirmed_bytes` | resource, peer | gauge: writes acknowledged to clients the peer has not written yet (protocols A, B) |
+//! | `blockd_peer_queued_bytes`, `blockd_peer_congested`, `blockd_peer_congested_writes` | resource, peer | gauge: protocol A send buffer use (`sndbuf-size`), 1 while writes wait for room, writes that waited since the link came up |
 //! | `blockd_peer_lost_acked_writes`, `blockd_peer_lost_acked_bytes` | resource, peer | gauge: on a Secondary, acknowledged writes of the lost Primary that never arrived (at least) |
 //! | `blockd_peer_resync_rate_bytes_per_second` | resource, peer | gauge (0 without a resync) |
 //! | `blockd_peer_resync_total_bytes`, `blockd_peer_resync_done_bytes` | resource, peer | gauge |
@@ -208,6 +209,18 @@ impl Collector for SnapshotCollector {
             "blockd_peer_unconfirmed_bytes",
             "Bytes of the writes acknowledged to NBD clients that a peer has not confirmed as written",
         );
+        let mut queued = Family::new(
+            "blockd_peer_queued_bytes",
+            "Protocol A: bytes queued or sent to a peer and not yet acknowledged, counted against sndbuf-size",
+        );
+        let mut congested = Family::new(
+            "blockd_peer_congested",
+            "Protocol A: 1 while writes wait for room in the peer's send buffer (sndbuf-size)",
+        );
+        let mut congested_writes = Family::new(
+            "blockd_peer_congested_writes",
+            "Protocol A: writes that had to wait for room in the peer's send buffer since the link came up",
+        );
         let mut lost = Family::new(
             "blockd_peer_lost_acked_writes",
             "On a Secondary: writes the lost Primary had acknowledged that never arrived here (at least)",
@@ -254,6 +267,9 @@ impl Collector for SnapshotCollector {
                 flight_bytes.push(l.clone(), gauge(p.in_flight_bytes));
                 unconfirmed.push(l.clone(), gauge(p.unconfirmed_writes));
                 unconfirmed_bytes.push(l.clone(), gauge(p.unconfirmed_bytes));
+                queued.push(l.clone(), gauge(p.queued_bytes));
+                congested.push(l.clone(), gauge(u64::from(p.congested)));
+                congested_writes.push(l.clone(), gauge(p.congested_writes));
                 lost.push(l.clone(), gauge(p.lost_acked_writes));
                 lost_bytes.push(l.clone(), gauge(p.lost_acked_bytes));
                 let (t, d, r) = p
@@ -278,6 +294,9 @@ impl Collector for SnapshotCollector {
             &flight_bytes,
             &unconfirmed,
             &unconfirmed_bytes,
+            &queued,
+            &congested,
+            &congested_writes,
             &lost,
             &lost_bytes,
             &rate,

@@ -39,6 +39,10 @@ fn status() -> Status {
             unconfirmed_bytes: 8192,
             lost_acked_writes: 0,
             lost_acked_bytes: 0,
+            queued_bytes: 40960,
+            sndbuf_size: 16 << 20,
+            congested: true,
+            congested_writes: 7,
         }],
     }
 }
@@ -171,6 +175,9 @@ fn renders_every_family() {
     assert_eq!(value(&s, "blockd_peer_in_flight_bytes", &peer), 12288.0);
     assert_eq!(value(&s, "blockd_peer_unconfirmed_writes", &peer), 2.0);
     assert_eq!(value(&s, "blockd_peer_unconfirmed_bytes", &peer), 8192.0);
+    assert_eq!(value(&s, "blockd_peer_queued_bytes", &peer), 40960.0);
+    assert_eq!(value(&s, "blockd_peer_congested", &peer), 1.0);
+    assert_eq!(value(&s, "blockd_peer_congested_writes", &peer), 7.0);
     assert_eq!(value(&s, "blockd_peer_lost_acked_writes", &peer), 0.0);
     assert_eq!(value(&s, "blockd_peer_lost_acked_bytes", &peer), 0.0);
     assert_eq!(

@@ -1,10 +1,12 @@
 //! The replicated write path of the Primary (same async method set as `BlockStore`), and
 //! [`Device`]: what an NBD export serves — a plain local store or a replicated resource.
 //!
-//! One write: hold its byte range (overlapping requests wait) → activity log (persist a
-//! transaction first when the extent is cold) → in one ordered step, number it (`seq`, and
-//! `after`: past every request completed so far, see `repl::wire`) and queue `Data` to every
-//! connected peer (disconnected peers get the range set in their bitmap instead) → local write
+//! One write: under protocol A, wait for room in every such peer's send buffer
+//! (`sndbuf-size`, `repl::congestion`; holding nothing) → hold its byte range (overlapping
+//! requests wait) → activity log (persist a transaction first when the extent is cold) → in
+//! one ordered step, number it (`seq`, and `after`: past every request completed so far, see
+//! `repl::wire`) and queue `Data` to every connected peer (disconnected peers get the range set
+//! in their bitmap instead) → local write
 //! → wait for the protocol's ack point of every connected peer (A: queued; B: received; C:
 //! written). A peer lost before acking gets the range in its bitmap (by the session's loss
 //! handler) and the request still completes: degraded mode.
@@ -16,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::meta::activity_log::AlBusy;
 use crate::repl::disk_failure::{self, LocalData, ReadSource};
-use crate::repl::peer::{Conn, PendingWrite};
+use crate::repl::peer::{Conn, PendingWrite, Reservation};
 use crate::repl::resource::Resource;
 use crate::repl::state::{PeerAck, Protocol, Role};
 use crate::repl::wire::{FLAG_FUA, Message};
@@ -33,6 +35,15 @@ fn meta_failure(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError 
 /// A request queued to the peers: its sequence number, per peer (by index) the ack to wait
 /// for, and the sessions it was queued on.
 type Replicated = (u64, Vec<(usize, oneshot::Receiver<()>)>, Vec<Arc<Conn>>);
+
+/// Bytes a message takes in a peer's send buffer (`sndbuf-size`): a write's payload; a
+/// zeroing is a few bytes on the wire whatever its range.
+fn send_cost(msg: &Message) -> u64 {
+    match msg {
+        Message::Data { payload, .. } => payload.len() as u64,
+        _ => 0,
+    }
+}
 
 impl Resource {
     fn check_primary_write(&self, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -129,19 +140,21 @@ impl Resource {
         len: u64,
         make: impl Fn(u64, u64) -> Message,
     ) -> (u64, Vec<oneshot::Receiver<()>>, Vec<Arc<Conn>>) {
-        let (seq, waits, queued) = self.replicate_to(offset, len, make, false);
+        let (seq, waits, queued) = self.replicate_to(offset, len, make, false, &mut []);
         (seq, waits.into_iter().map(|(_, w)| w).collect(), queued)
     }
 
     /// [`Resource::replicate`]; with `peer_written` every peer's ack is awaited until it has
     /// written the data, whatever the protocol (a Primary without a usable disk). The acks
-    /// come with the index of their peer.
+    /// come with the index of their peer. A session with room reserved in `room` queues the
+    /// request in it.
     fn replicate_to(
         &self,
         offset: u64,
         len: u64,
         make: impl Fn(u64, u64) -> Message,
         peer_written: bool,
+        room: &mut [Reservation],
     ) -> Replicated {
         let mut waits = Vec::new();
         let mut untracked = Vec::new();
@@ -157,6 +170,7 @@ impl Resource {
             let mut order = self.order.lock().expect("order");
             let (seq, after) = order.issue();
             let msg = make(seq, after);
+            let cost = send_cost(&msg);
             for (i, p) in self.peers.iter().enumerate() {
                 let conn = p.conn.lock().expect("conn").clone();
                 let Some(c) = conn.filter(|_| persists[i]) else {
@@ -178,11 +192,16 @@ impl Resource {
                 let write = PendingWrite {
                     offset,
                     len,
+                    cost,
                     ack,
                     waiter,
                     client_acked: false,
                 };
-                if c.track(seq, write, &msg) {
+                let reserved = room.iter_mut().find(|r| r.is_for(&c));
+                if c.track(seq, write, &msg, reserved.is_some()) {
+                    if let Some(r) = reserved {
+                        r.used();
+                    }
                     queued.push(c);
                 } else {
                     untracked.push(p.slot);
@@ -199,6 +218,34 @@ impl Resource {
         (seq, waits, queued)
     }
 
+    /// Waits until every connected protocol-A peer that stores writes has room for `cost`
+    /// bytes in its send buffer (`sndbuf-size`, see `repl::congestion`) and reserves it, peer
+    /// by peer. Called holding no range, activity-log slot, order or lock: a congested peer
+    /// slows the writers down to its link's speed and blocks nothing else. Under B and C the
+    /// writer waits for the peer's ack anyway (bounded by the NBD connection's budget).
+    async fn send_buffer_room(&self, cost: u64) -> Vec<Reservation> {
+        let mut room = Vec::new();
+        if cost == 0 || self.role() != Role::Primary {
+            return room;
+        }
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.protocol.peer_ack() != PeerAck::None {
+                continue;
+            }
+            let persists = {
+                let st = self.state.lock().expect("state");
+                disk_failure::peer_persists_writes(st.peers[i].disk)
+            };
+            let conn = p.conn.lock().expect("conn").clone();
+            if let Some(c) = conn.filter(|_| persists)
+                && let Some(r) = c.reserve(cost).await
+            {
+                room.push(r);
+            }
+        }
+        room
+    }
+
     /// Request `seq` completed: later requests are applied after it on every peer.
     pub(crate) fn completed(&self, seq: u64) {
         self.order.lock().expect("order").completed(seq);
@@ -208,16 +255,20 @@ impl Resource {
     /// where it goes is decided by [`disk_failure::write_plan`]: a Primary without a usable
     /// disk only counts peers that wrote it, and a local I/O error is handled by `on-io-error`
     /// (`detach`: the request is retried through the peers).
+    /// `cost`: the bytes the request takes in a peer's send buffer ([`send_cost`]).
     async fn replicated<F>(
         &self,
         offset: u64,
         len: u64,
+        cost: u64,
         make: impl Fn(u64, u64) -> Message,
         local: impl Fn() -> F,
     ) -> Result<(), StoreError>
     where
         F: std::future::Future<Output = Result<(), StoreError>>,
     {
+        // First, before anything is held (a demotion is not kept waiting by a slow link).
+        let mut room = self.send_buffer_room(cost).await;
         let _role = self.role_gate.read().await;
         self.check_primary_write(offset, len)?;
         self.quorum_gate(offset, len).await?;
@@ -246,7 +297,10 @@ impl Resource {
             } else {
                 None
             };
-            let (seq, waits, queued) = self.replicate_to(offset, len, &make, plan.peer_written);
+            let (seq, waits, queued) =
+                self.replicate_to(offset, len, &make, plan.peer_written, &mut room);
+            // Room not used (a session that closed meanwhile, a retry) is given back.
+            room.clear();
             let result = if plan.local {
                 // Snapshots taken on this node before it was promoted keep their frozen image.
                 let change = self
@@ -307,6 +361,7 @@ impl Resource {
         self.replicated(
             offset,
             len,
+            len,
             |seq, after| Message::Data {
                 seq,
                 after,
@@ -345,8 +400,7 @@ impl Resource {
             let (seq, _) = order.issue();
             for (i, p) in self.peers.iter().enumerate() {
                 if let Some(c) = p.conn.lock().expect("conn").as_ref()
-                    && let Some(rx) =
-                        c.track_flush(seq, peer_written || p.protocol == Protocol::C)
+                    && let Some(rx) = c.track_flush(seq, peer_written || p.protocol == Protocol::C)
                 {
                     waits.push((i, rx));
                 }
@@ -420,6 +474,7 @@ impl Resource {
         self.replicated(
             offset,
             len,
+            0,
             |seq, after| Message::Zero {
                 seq,
                 after,
@@ -443,6 +498,7 @@ impl Resource {
         self.replicated(
             offset,
             len,
+            0,
             |seq, after| Message::Zero {
                 seq,
                 after,
@@ -465,6 +521,7 @@ impl Resource {
         self.replicated(
             offset,
             len,
+            0,
             |seq, after| Message::Zero {
                 seq,
                 after,

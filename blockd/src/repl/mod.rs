@@ -22,6 +22,7 @@ pub mod state;
 pub mod sync_decision;
 pub mod link;
 pub mod wire;
+pub mod congestion;
 pub mod device;
 pub mod peer;
 pub mod ranges;

@@ -22,6 +22,7 @@ use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use crate::meta::superblock::flags;
 use crate::repl::apply_order::{ApplyOrder, Ordered};
 use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
+use crate::repl::congestion::{Admission, Change, SendBuffer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
@@ -59,6 +60,9 @@ pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(60);
 pub struct PendingWrite {
     pub offset: u64,
     pub len: u64,
+    /// Bytes it takes in the send buffer (`sndbuf-size`, see `repl::congestion`): the
+    /// payload of a write, 0 for a zeroing.
+    pub cost: u64,
     /// The ack the writer waits for (`None`: protocol A, nobody waits).
     pub ack: PeerAck,
     pub waiter: Option<oneshot::Sender<()>>,
@@ -75,6 +79,10 @@ struct Pending {
     ledger: Ledger,
     /// The `acked` figure last sent to the peer (`ClientAcked`).
     reported: Tally,
+    /// Bytes of `writes` (their ranges).
+    bytes: u64,
+    /// What `writes` take in the send buffer, and the writes waiting for room.
+    buffer: SendBuffer,
 }
 
 /// The writer sends queued frames in slices of about this size (whole frames), so a report of
@@ -146,10 +154,74 @@ fn push_frame(dst: &mut BytesMut, msg: &Message) {
     dst[start..start + HEADER_LEN].copy_from_slice(&header);
 }
 
+/// Reports a change of a session's congestion (an event).
+type OnCongestion = Box<dyn Fn(Change) + Send + Sync>;
+
+/// Room reserved for one write in a session's send buffer ([`Conn::reserve`]); given back
+/// when dropped unless the write was queued on that session.
+pub(crate) struct Reservation {
+    conn: Arc<Conn>,
+    cost: u64,
+    queued: bool,
+}
+
+impl Reservation {
+    /// Whether this reserves room on session `c` for a write not queued yet.
+    pub(crate) fn is_for(&self, c: &Arc<Conn>) -> bool {
+        !self.queued && Arc::ptr_eq(&self.conn, c)
+    }
+
+    /// The write was queued with this room.
+    pub(crate) fn used(&mut self) {
+        self.queued = true;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.queued {
+            let change = self
+                .conn
+                .pending
+                .lock()
+                .expect("pending")
+                .buffer
+                .unreserve(self.cost);
+            self.conn.room_changed(change);
+        }
+    }
+}
+
+/// A write's place among those waiting for room ([`Conn::reserve`]); given up when dropped
+/// before it was admitted.
+struct Ticket<'a> {
+    conn: &'a Conn,
+    id: u64,
+    admitted: bool,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.admitted {
+            let change = self
+                .conn
+                .pending
+                .lock()
+                .expect("pending")
+                .buffer
+                .cancel(self.id);
+            self.conn.room_changed(change);
+        }
+    }
+}
+
 /// The sending side of a live session, shared with the write path.
 pub struct Conn {
     out: Outbox,
     pending: Mutex<Pending>,
+    /// Wakes writes waiting for room in the send buffer.
+    room: Notify,
+    on_congestion: OnCongestion,
     /// Resync window in bytes (see [`RESYNC_WINDOW`]).
     pub(crate) resync_window: Arc<Semaphore>,
     pub(crate) closed: watch::Sender<bool>,
@@ -160,10 +232,16 @@ pub struct Conn {
 }
 
 impl Conn {
-    fn new() -> Conn {
+    /// A session whose send buffer holds `sndbuf_size` bytes (see `repl::congestion`).
+    fn new(sndbuf_size: u64, on_congestion: OnCongestion) -> Conn {
         Conn {
             out: Outbox::new(),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending {
+                buffer: SendBuffer::new(sndbuf_size),
+                ..Pending::default()
+            }),
+            room: Notify::new(),
+            on_congestion,
             resync_window: Arc::new(Semaphore::new(RESYNC_WINDOW)),
             closed: watch::channel(false).0,
             sent: AtomicU64::new(0),
@@ -176,13 +254,94 @@ impl Conn {
         self.out.push(|b| push_frame(b, &msg));
     }
 
-    /// Queues a write and remembers it until acknowledged. `false` when the session is closing
-    /// (the caller marks the range out of sync instead).
-    pub(crate) fn track(&self, seq: u64, write: PendingWrite, msg: &Message) -> bool {
+    /// Waits until a write taking `cost` bytes fits in the send buffer (in the order writes
+    /// asked; see `repl::congestion`) and reserves its room. `None` once the session is closed:
+    /// a closed session holds no write (its ranges go to the bitmap).
+    pub(crate) async fn reserve(self: &Arc<Conn>, cost: u64) -> Option<Reservation> {
+        let mut ticket: Option<Ticket<'_>> = None;
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let (go, change) = {
+                let mut p = self.pending.lock().expect("pending");
+                if p.closed {
+                    // The ticket is given up (dropped) after the lock.
+                    (None, None)
+                } else {
+                    match ticket.as_ref().map(|t| t.id) {
+                        None => match p.buffer.request(cost) {
+                            (Admission::Go, c) => (Some(true), c),
+                            (Admission::Wait(id), c) => {
+                                ticket = Some(Ticket {
+                                    conn: self,
+                                    id,
+                                    admitted: false,
+                                });
+                                (Some(false), c)
+                            }
+                        },
+                        Some(id) => (Some(p.buffer.retry(id, cost)), None),
+                    }
+                }
+            };
+            if let Some(c) = change {
+                (self.on_congestion)(c);
+            }
+            match go {
+                None => return None,
+                Some(true) => {
+                    if let Some(mut t) = ticket.take() {
+                        t.admitted = true;
+                        // The next in line may fit as well.
+                        self.room.notify_waiters();
+                    }
+                    return Some(Reservation {
+                        conn: self.clone(),
+                        cost,
+                        queued: false,
+                    });
+                }
+                Some(false) => room.await,
+            }
+        }
+    }
+
+    /// Room in the send buffer was given back: waiting writes look again.
+    fn room_changed(&self, change: Option<Change>) {
+        self.room.notify_waiters();
+        if let Some(c) = change {
+            (self.on_congestion)(c);
+        }
+    }
+
+    /// Bytes counted against the send buffer (queued, unacknowledged or reserved), whether
+    /// writes wait for room, and how many had to wait since the session started.
+    pub(crate) fn send_buffer(&self) -> (u64, bool, u64) {
+        let p = self.pending.lock().expect("pending");
+        (
+            p.buffer.used(),
+            p.buffer.congested(),
+            p.buffer.waited_writes(),
+        )
+    }
+
+    /// Queues a write and remembers it until acknowledged (`reserved`: its room was reserved
+    /// by [`Conn::reserve`]). `false` when the session is closing (the caller marks the range
+    /// out of sync instead).
+    pub(crate) fn track(
+        &self,
+        seq: u64,
+        write: PendingWrite,
+        msg: &Message,
+        reserved: bool,
+    ) -> bool {
         let mut p = self.pending.lock().expect("pending");
         if p.closed {
             return false;
         }
+        p.bytes += write.len;
+        p.buffer.queue(write.cost, reserved);
         p.writes.insert(seq, write);
         self.out.push(|b| push_frame(b, msg));
         true
@@ -205,7 +364,7 @@ impl Conn {
     /// Requests and bytes sent to the peer and not yet acknowledged (replication lag).
     pub(crate) fn in_flight_with_bytes(&self) -> (usize, u64) {
         let p = self.pending.lock().expect("pending");
-        (p.writes.len(), p.writes.values().map(|w| w.len).sum())
+        (p.writes.len(), p.bytes)
     }
 
     /// Write `seq` (queued on this session) of `len` bytes was acknowledged to its client.
@@ -241,6 +400,7 @@ impl Conn {
     /// or already acknowledged, are ignored).
     fn ack(&self, seq: u64, count: u32, kind: PeerAck) {
         let mut p = self.pending.lock().expect("pending");
+        let mut freed = 0;
         for s in seq..seq.saturating_add(u64::from(count)) {
             match kind {
                 PeerAck::Received => {
@@ -254,12 +414,19 @@ impl Conn {
                 _ => {
                     if let Some(mut w) = p.writes.remove(&s) {
                         p.ledger.peer_wrote(w.len, w.client_acked);
+                        p.bytes -= w.len;
+                        freed += w.cost;
                         if let Some(tx) = w.waiter.take() {
                             let _ = tx.send(());
                         }
                     }
                 }
             }
+        }
+        if freed > 0 {
+            let change = p.buffer.acked(freed);
+            drop(p);
+            self.room_changed(change);
         }
     }
 
@@ -275,7 +442,13 @@ impl Conn {
         p.closed = true;
         p.flushes.clear();
         let _ = self.closed.send(true);
-        p.writes.drain().map(|(_, w)| (w.offset, w.len)).collect()
+        p.bytes = 0;
+        let congested = p.buffer.congested();
+        let ranges = p.writes.drain().map(|(_, w)| (w.offset, w.len)).collect();
+        drop(p);
+        // Writes waiting for room go on (to the bitmap).
+        self.room_changed(congested.then_some(Change::Uncongested));
+        ranges
     }
 }
 
@@ -388,7 +561,19 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         reader,
         writer,
     } = link;
-    let conn = Arc::new(Conn::new());
+    let congestion = Arc::downgrade(res);
+    let conn = Arc::new(Conn::new(
+        res.spec.sndbuf_size,
+        Box::new(move |c| {
+            if let Some(res) = congestion.upgrade() {
+                let what = match c {
+                    Change::Congested => "congested",
+                    Change::Uncongested => "uncongested",
+                };
+                res.emit(Some(i), "congestion", what);
+            }
+        }),
+    ));
     // The state report must be the first message: queue it before the write path sees `conn`.
     // A promotion between the report and publishing `conn` makes the report stale: the
     // session then ends at once and the link is set up again (see `Resource::promote`).
@@ -1524,6 +1709,7 @@ mod tests {
         PendingWrite {
             offset: 0,
             len: 4096,
+            cost: 4096,
             ack,
             waiter: None,
             client_acked: false,
@@ -1532,11 +1718,11 @@ mod tests {
 
     #[test]
     fn unconfirmed_writes_count_from_client_ack_to_write_ack() {
-        let c = Conn::new();
+        let c = Conn::new(16 << 20, Box::new(|_| {}));
         let msg = Message::Ping;
-        assert!(c.track(1, pending(PeerAck::None), &msg));
-        assert!(c.track(2, pending(PeerAck::None), &msg));
-        assert!(c.track(3, pending(PeerAck::None), &msg));
+        assert!(c.track(1, pending(PeerAck::None), &msg, false));
+        assert!(c.track(2, pending(PeerAck::None), &msg, false));
+        assert!(c.track(3, pending(PeerAck::None), &msg, false));
         // Write 3 is confirmed before its client hears back: acked, never unconfirmed.
         c.ack(3, 1, PeerAck::Written);
         c.client_acked(1, 4096);
@@ -1564,5 +1750,68 @@ mod tests {
         c.ack(1, 2, PeerAck::Written);
         assert_eq!(c.unconfirmed(), Tally::ZERO);
         assert_eq!(c.in_flight_with_bytes(), (0, 0));
+    }
+
+    /// The send buffer (`sndbuf-size`): a write that does not fit waits until acks make room;
+    /// a dropped waiter gives its place back; a closed session releases every waiter.
+    #[tokio::test]
+    async fn writes_wait_for_room_in_the_send_buffer() {
+        use std::sync::Mutex as StdMutex;
+        let changes = Arc::new(StdMutex::new(Vec::new()));
+        let seen = changes.clone();
+        let c = Arc::new(Conn::new(
+            1 << 20,
+            Box::new(move |ch| seen.lock().unwrap().push(ch)),
+        ));
+        let msg = Message::Ping;
+        let write = |cost| PendingWrite {
+            cost,
+            ..pending(PeerAck::None)
+        };
+        let mut r = c.reserve(768 << 10).await.expect("room");
+        assert!(r.is_for(&c));
+        assert!(c.track(1, write(768 << 10), &msg, true));
+        r.used();
+        drop(r);
+        assert_eq!(c.send_buffer(), (768 << 10, false, 0));
+        // 512 KiB does not fit: it waits; a waiter dropped meanwhile gives its place back.
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.reserve(512 << 10).await.is_some() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let dropped = tokio::time::timeout(Duration::from_millis(50), c.reserve(4096)).await;
+        assert!(dropped.is_err(), "a later write must not overtake");
+        tokio::task::yield_now().await;
+        assert_eq!(c.send_buffer(), (768 << 10, true, 2));
+        assert!(!waiter.is_finished());
+        c.ack(1, 1, PeerAck::Written);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("woken by the ack")
+                .expect("task")
+        );
+        // Its reservation was dropped unused: everything is free again.
+        assert_eq!(c.send_buffer().0, 0);
+        assert_eq!(
+            *changes.lock().unwrap(),
+            vec![Change::Congested, Change::Uncongested]
+        );
+        // Full again; closing the session releases the waiter without room.
+        assert!(c.track(2, write(1 << 20), &msg, false));
+        let waiter = {
+            let c = c.clone();
+            tokio::spawn(async move { c.reserve(4096).await.is_none() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        assert_eq!(c.close(), vec![(0, 4096)]);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("woken by the close")
+                .expect("task")
+        );
     }
 }

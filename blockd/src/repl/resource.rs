@@ -271,6 +271,19 @@ pub struct PeerStatus {
     /// Bytes of `lost_acked_writes`, at least.
     #[serde(default)]
     pub lost_acked_bytes: u64,
+    /// Bytes of replicated writes queued or sent to this peer and not yet acknowledged, as
+    /// counted against `sndbuf_size` (payloads; see `repl::congestion`).
+    #[serde(default)]
+    pub queued_bytes: u64,
+    /// `sndbuf-size`: beyond it, protocol A writes wait for this peer.
+    #[serde(default)]
+    pub sndbuf_size: u64,
+    /// Writes wait for room in this peer's send buffer now.
+    #[serde(default)]
+    pub congested: bool,
+    /// Writes that had to wait for room, since the link came up.
+    #[serde(default)]
+    pub congested_writes: u64,
 }
 
 /// Status of the resource.
@@ -308,6 +321,8 @@ pub struct ResourceSpec {
     pub rate: crate::repl::rate_control::RateSettings,
     /// When resyncs compare checksums first (`csums`).
     pub csums: crate::repl::checksum::Csums,
+    /// Send buffer of each peer session (`sndbuf-size`, see `repl::congestion`).
+    pub sndbuf_size: u64,
     /// Default copy-on-write area of a snapshot (None: a quarter of the device).
     pub snapshot_cow_size: Option<u64>,
     pub split_brain: SplitBrainPolicy,
@@ -378,6 +393,7 @@ impl ResourceSpec {
             resync_rate: r.resync_rate,
             rate: r.rate_settings(),
             csums: r.csums,
+            sndbuf_size: r.sndbuf_size,
             snapshot_cow_size: r.snapshot_cow_size,
             split_brain: r.split_brain,
             quorum: r.quorum,
@@ -815,6 +831,8 @@ impl Resource {
                 let (in_flight, in_flight_bytes) =
                     conn.as_ref().map_or((0, 0), |c| c.in_flight_with_bytes());
                 let unconfirmed = conn.as_ref().map(|c| c.unconfirmed()).unwrap_or_default();
+                let (queued_bytes, congested, congested_writes) =
+                    conn.as_ref().map_or((0, false, 0), |c| c.send_buffer());
                 let lost = ps.known_loss.as_ref().map(|k| k.lost).unwrap_or_default();
                 let resync = ps.repl.is_resync().then(|| {
                     let secs = ps
@@ -854,6 +872,10 @@ impl Resource {
                     unconfirmed_bytes: unconfirmed.bytes,
                     lost_acked_writes: lost.writes,
                     lost_acked_bytes: lost.bytes,
+                    queued_bytes,
+                    sndbuf_size: self.spec.sndbuf_size,
+                    congested,
+                    congested_writes,
                 }
             })
             .collect();
