@@ -7,16 +7,15 @@
 //! until the store has written it. Requests larger than the maximum payload get an error reply
 //! (a WRITE's payload is read and discarded first), never a dropped connection.
 //!
-//! Large WRITE payloads for a local file-backed store on a plain socket are spliced from the
-//! socket into the file through pipes ([`RequestSource`]): the server copies them once, not
-//! twice (on tmpfs in the receiving task, on disk on engine workers). Every request is recorded
-//! in the export's [`NbdMetrics`] when its reply is written.
+//! Large WRITE payloads for a local file are read straight from the socket in pieces, each
+//! arriving with one wake-up ([`RequestSource::set_wake_threshold`]), and written on tmpfs by
+//! the receiving task, on disk by engine workers. Every request is recorded in the export's
+//! [`NbdMetrics`] when its reply is written.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -33,7 +32,7 @@ use crate::nbd::proto::{
     CMD_WRITE_ZEROES, HeaderError, REQUEST_LEN, Request, STATE_HOLE, STATE_ZERO,
 };
 use crate::repl::device::Device;
-use crate::store::{BlockStore, Extent, Pipe, StoreError};
+use crate::store::{BlockStore, Extent, StoreError};
 
 /// Tunables of the transmission phase.
 #[derive(Debug, Clone, Copy)]
@@ -314,81 +313,28 @@ impl Outgoing {
     }
 }
 
-/// The read half of a connection. Plain sockets can also move a WRITE payload into a pipe
-/// (`splice`), from which a memory-backed file copies it: one copy instead of two.
+/// The read half of a connection. Plain sockets can also be asked to wake the reader only once
+/// a whole piece of a large WRITE payload has arrived.
 pub trait RequestSource: AsyncRead + Unpin + Send + 'static {
-    /// Whether [`RequestSource::poll_splice`] works on this source.
-    fn can_splice(&self) -> bool {
-        false
-    }
-
-    /// Moves up to `len` bytes from the socket into `pipe`, which must be empty (so that
-    /// "would block" can only mean the socket has no data); 0 at end of stream.
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        pipe: &Pipe,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        let _ = (cx, pipe, len);
-        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
-    }
-
     /// Asks to be woken only once `bytes` are waiting (best effort; 1 = any data).
     fn set_wake_threshold(&self, bytes: usize) {
         let _ = bytes;
     }
 }
 
-/// Streams that are not plain sockets (TLS, in-memory) read copies only.
+/// Streams that are not plain sockets (TLS, in-memory) wake the reader for any data.
 impl<T: AsyncRead + AsyncWrite + Send + 'static> RequestSource for tokio::io::ReadHalf<T> {}
 
 impl RequestSource for Box<dyn RequestSource> {
-    fn can_splice(&self) -> bool {
-        (**self).can_splice()
-    }
-
-    fn poll_splice(
-        &mut self,
-        cx: &mut Context<'_>,
-        pipe: &Pipe,
-        len: usize,
-    ) -> Poll<io::Result<usize>> {
-        (**self).poll_splice(cx, pipe, len)
-    }
-
     fn set_wake_threshold(&self, bytes: usize) {
         (**self).set_wake_threshold(bytes)
     }
 }
 
-/// Splices out of a tokio socket: waits for readability, then tries; `WouldBlock` (the pipe
-/// is empty, so the socket is drained) clears the readiness and waits again.
+/// Plain sockets: the wake-up threshold is the socket's `SO_RCVLOWAT`.
 macro_rules! socket_source {
     ($half:ty) => {
         impl RequestSource for $half {
-            fn can_splice(&self) -> bool {
-                true
-            }
-
-            fn poll_splice(
-                &mut self,
-                cx: &mut Context<'_>,
-                pipe: &Pipe,
-                len: usize,
-            ) -> Poll<io::Result<usize>> {
-                let socket = self.as_ref();
-                loop {
-                    std::task::ready!(socket.poll_read_ready(cx))?;
-                    match socket.try_io(tokio::io::Interest::READABLE, || {
-                        pipe.fill_from_socket(socket, len)
-                    }) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        other => return Poll::Ready(other),
-                    }
-                }
-            }
-
             fn set_wake_threshold(&self, bytes: usize) {
                 // Best effort: without it the payload arrives in more, smaller pieces.
                 let _ = crate::store::set_receive_low_water(self.as_ref(), bytes);
@@ -400,84 +346,6 @@ macro_rules! socket_source {
 socket_source!(tokio::net::tcp::OwnedReadHalf);
 socket_source!(tokio::net::unix::OwnedReadHalf);
 
-/// Pipes of one connection, reused across spliced WRITEs (each WRITE being received holds one). At most [`MAX_LIVE_PIPES`] exist at once, so a connection's file descriptors stay
-/// bounded; beyond that replies are copied.
-struct PipePool {
-    capacity: usize,
-    free: Mutex<Vec<PooledPipe>>,
-    live: Arc<AtomicUsize>,
-}
-
-/// A pipe counted against its pool's limit until dropped.
-struct PooledPipe {
-    pipe: Pipe,
-    live: Arc<AtomicUsize>,
-}
-
-impl AsRef<Pipe> for PooledPipe {
-    fn as_ref(&self) -> &Pipe {
-        &self.pipe
-    }
-}
-
-impl Drop for PooledPipe {
-    fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Pipe size asked for: the default `pipe-max-size` (larger needs `CAP_SYS_RESOURCE`).
-const PIPE_BYTES: usize = 1 << 20;
-/// Most idle pipes a connection keeps.
-const MAX_FREE_PIPES: usize = 32;
-/// Most pipes a connection has at once (two file descriptors each).
-const MAX_LIVE_PIPES: usize = 64;
-
-impl PipePool {
-    /// A pool of [`PIPE_BYTES`] pipes; `None` if the system refuses such a pipe. A pipe must
-    /// take all the read buffer may hold, with room to spare.
-    fn new() -> Option<PipePool> {
-        const { assert!(PIPE_BYTES >= 2 * READ_BUFFER) };
-        let pipe = Pipe::with_capacity(PIPE_BYTES).ok()?;
-        let live = Arc::new(AtomicUsize::new(1));
-        Some(PipePool {
-            capacity: pipe.capacity(),
-            free: Mutex::new(vec![PooledPipe {
-                pipe,
-                live: live.clone(),
-            }]),
-            live,
-        })
-    }
-
-    fn take(&self) -> Option<PooledPipe> {
-        let reused = self.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        if reused.is_some() {
-            return reused;
-        }
-        if self.live.fetch_add(1, Ordering::Relaxed) >= MAX_LIVE_PIPES {
-            self.live.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        let live = self.live.clone();
-        match Pipe::with_capacity(self.capacity) {
-            Ok(pipe) => Some(PooledPipe { pipe, live }),
-            Err(_) => {
-                live.fetch_sub(1, Ordering::Relaxed);
-                None
-            }
-        }
-    }
-
-    /// Returns an empty pipe for reuse.
-    fn give(&self, pipe: PooledPipe) {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if free.len() < MAX_FREE_PIPES {
-            free.push(pipe);
-        }
-    }
-}
-
 /// Per-request context handed to request tasks.
 #[derive(Clone)]
 struct Ctx {
@@ -487,8 +355,6 @@ struct Ctx {
     replies: mpsc::UnboundedSender<Queued>,
     /// The connection's write half, shared with the writer task.
     sink: Arc<ReplySink>,
-    /// Set when WRITE payloads can be spliced from the socket (plain TCP/Unix, not TLS).
-    pipes: Option<Arc<PipePool>>,
     span: Span,
 }
 
@@ -983,11 +849,6 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    let pipes = if reader.can_splice() {
-        PipePool::new().map(Arc::new)
-    } else {
-        None
-    };
     let sink = Arc::new(ReplySink {
         stream: tokio::sync::Mutex::new(SinkState {
             writer: Box::new(writer),
@@ -1002,7 +863,6 @@ where
         limits,
         replies: tx,
         sink,
-        pipes,
         span: Span::current(),
     };
     let budget = Arc::new(Semaphore::new(
@@ -1026,7 +886,7 @@ async fn read_loop<R: RequestSource>(
 ) -> Result<End, TransmissionError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let mut arrived = Instant::now();
-    // After a spliced WRITE, the next header is read on its own (see `read_request`).
+    // After a large WRITE, the next header is read on its own (see `read_request`).
     let mut header_only = false;
     loop {
         // A header not yet buffered arrives with the next receive: timestamp that receive.
@@ -1134,8 +994,7 @@ async fn charge(budget: &Arc<Semaphore>, bytes: usize) -> OwnedSemaphorePermit {
 ///
 /// With `header_only` and nothing buffered, the header is read from the socket without
 /// filling the read buffer: after a large WRITE, the next request is likely another one,
-/// whose payload is then spliced rather than copied through the buffer (and a second time
-/// into the file).
+/// whose payload is then read straight from the socket rather than copied through the buffer.
 async fn read_request<R: RequestSource>(
     reader: &mut BufReader<R>,
     header_only: bool,
@@ -1179,7 +1038,7 @@ fn decode_header(header: &[u8; REQUEST_LEN]) -> Result<Request, TransmissionErro
 }
 
 /// Reads a WRITE payload chunk by chunk, handing each chunk to the store as it arrives;
-/// `true` if it was spliced.
+/// `true` if it was a large one received in pieces (see [`receive_large_write`]).
 async fn receive_write<R: RequestSource>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
@@ -1192,16 +1051,14 @@ async fn receive_write<R: RequestSource>(
 ) -> Result<bool, TransmissionError> {
     let chunk = ctx.limits.chunk;
     let len = len as usize;
-    if len > SPLICE_MIN as usize && !fua && reader.get_ref().can_splice() {
-        if let (Some(pool), Device::Local(store)) = (&ctx.pipes, &ctx.store) {
-            if store.splices_writes() {
-                let join = Arc::new(WriteJoin::new(ctx.clone(), track, cookie, 1));
-                let received = splice_write(reader, ctx, pool, store, budget, &join, offset, len);
-                received.await?;
-                // The receiver's own share: the reply goes when the last piece is written.
-                join.chunk_done(Ok(()));
-                return Ok(true);
-            }
+    if len > LARGE_WRITE_MIN && !fua {
+        if let Device::Local(store) = &ctx.store {
+            let join = Arc::new(WriteJoin::new(ctx.clone(), track, cookie, 1));
+            let received = receive_large_write(reader, ctx, store, budget, &join, offset, len);
+            received.await?;
+            // The receiver's own share: the reply goes when the last piece is written.
+            join.chunk_done(Ok(()));
+            return Ok(true);
         }
     }
     if len <= chunk {
@@ -1246,18 +1103,21 @@ async fn receive_write<R: RequestSource>(
     Ok(false)
 }
 
-/// Receives a WRITE payload into a store that takes pipes: what the header read already
-/// buffered is written from that buffer, the rest is spliced from the socket into pipes taken
-/// from the pool (the socket's pages are copied once, into the file). A memory-backed file
-/// copies each pipe right here; a disk-backed one on an engine worker, while this task goes
-/// on receiving. Every pipe spliced into is empty, so "would block" can only mean the socket
-/// is empty. When the pool has no pipe left, a piece is received by copying. The whole payload
-/// is always consumed; a store failure is reported through `join`, an error here is a failed
-/// connection.
-async fn splice_write<R: RequestSource>(
+/// Receives a large WRITE payload for a local file: what the header read already buffered is
+/// written from that buffer, the rest is read straight from the socket in pieces of at most
+/// [`PIECE_MAX`], the socket's wake-up threshold raised so a piece arrives with one wake-up. A
+/// memory-backed file takes each piece right here, from one buffer reused for the whole
+/// payload; a disk-backed one on an engine worker, while this task goes on receiving.
+///
+/// The payload is copied out of the socket, not spliced into the file through a pipe (one copy
+/// less): a plain receive hands the socket's pages back to the sending CPU, and the client's
+/// next copy into its socket lands in warm pages; spliced pages were released here, and a
+/// local client (fio over loopback) then spent 30-70% more CPU per byte on its own sends
+/// (docs/benchmarks-nbd.md). The whole payload is always consumed; a store failure is reported
+/// through `join`, an error here is a failed connection.
+async fn receive_large_write<R: RequestSource>(
     reader: &mut BufReader<R>,
     ctx: &Ctx,
-    pool: &Arc<PipePool>,
     store: &BlockStore,
     budget: &Arc<Semaphore>,
     join: &Arc<WriteJoin>,
@@ -1277,6 +1137,7 @@ async fn splice_write<R: RequestSource>(
         reader.consume(pos);
     }
     let mut threshold = 1;
+    let mut piece = BytesMut::new();
     while pos < len {
         let want = len - pos;
         let at = offset + pos as u64;
@@ -1285,42 +1146,53 @@ async fn splice_write<R: RequestSource>(
             reader.get_ref().set_wake_threshold(wake);
             threshold = wake;
         }
-        let permit = charge(budget, want.min(pool.capacity)).await;
-        let Some(pipe) = pool.take() else {
-            let n = want.min(ctx.limits.chunk);
-            let data = read_payload(reader, n).await?;
-            spawn_piece(join, ctx.store.clone(), at, data, Some(permit));
-            pos += n;
-            continue;
-        };
-        let n = std::future::poll_fn(|cx| reader.get_mut().poll_splice(cx, &pipe.pipe, want))
-            .await
-            .map_err(TransmissionError::ReadPayload)?;
-        if n == 0 {
-            return Err(TransmissionError::ReadPayload(
-                io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
+        let n = want.min(PIECE_MAX);
+        let permit = charge(budget, n).await;
         if store.memory_backed() {
-            // A memcpy that never waits: cheaper here than waking another thread for it (the
-            // hand-off costs more CPU in wake-ups than the overlap wins on a small machine).
-            let result = store.write_from_pipe(at, n, &pipe.pipe);
-            drop(permit);
-            match result {
-                Ok(()) => pool.give(pipe),
-                Err(e) => join.record(Err(e)),
+            // Whatever has arrived (at least the wake-up threshold, as a rule), written at
+            // once: a memcpy that never waits, cheaper here than waking another thread for it.
+            piece.clear();
+            piece.reserve(n);
+            let got = reader
+                .get_mut()
+                .take(n as u64)
+                .read_buf(&mut piece)
+                .await
+                .map_err(TransmissionError::ReadPayload)?;
+            if got == 0 {
+                return Err(TransmissionError::ReadPayload(
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
             }
-            pos += n;
-            continue;
-        }
-        join.add_piece();
-        let (join, store, pool) = (join.clone(), store.clone(), pool.clone());
-        tokio::spawn(async move {
-            let result = store.write_pipe(at, n, pipe).await;
+            let result = store.write_blocking(at, &piece[..got], false);
             drop(permit);
-            join.chunk_done(result.map(|pipe| pool.give(pipe)));
-        });
-        pos += n;
+            join.record(result);
+            pos += got;
+        } else {
+            // A piece for an engine worker, filled read by read; the wake-up threshold follows
+            // what is still to come (one above it would never be reached).
+            let mut data = BytesMut::with_capacity(n);
+            while data.len() < n {
+                let wake = wake_threshold(len - pos - data.len());
+                if wake != threshold {
+                    reader.get_ref().set_wake_threshold(wake);
+                    threshold = wake;
+                }
+                let got = reader
+                    .get_mut()
+                    .take((n - data.len()) as u64)
+                    .read_buf(&mut data)
+                    .await
+                    .map_err(TransmissionError::ReadPayload)?;
+                if got == 0 {
+                    return Err(TransmissionError::ReadPayload(
+                        io::ErrorKind::UnexpectedEof.into(),
+                    ));
+                }
+            }
+            spawn_piece(join, ctx.store.clone(), at, data.freeze(), Some(permit));
+            pos += n;
+        }
     }
     if threshold != 1 {
         // Request headers must wake the reader again as soon as they arrive (an error above
@@ -1331,9 +1203,9 @@ async fn splice_write<R: RequestSource>(
 }
 
 /// The wake-up threshold while `remaining` payload bytes are still to come: as much of them as
-/// a pipe takes at once (never more than remain, or the last piece would never wake the
+/// one piece takes (never more than remain, or the last piece would never wake the
 /// reader), in steps so the socket option is not set again for every piece; 1 (any data) for
-/// short remainders. Without it the reader is woken, and splices, once per arriving segment.
+/// short remainders. Without it the reader is woken, and reads, once per arriving segment.
 fn wake_threshold(remaining: usize) -> usize {
     if remaining < 2 * WAKE_STEP {
         return 1;
@@ -1343,8 +1215,10 @@ fn wake_threshold(remaining: usize) -> usize {
 
 /// Granularity of [`wake_threshold`].
 const WAKE_STEP: usize = 64 << 10;
-/// Largest wake-up threshold: one pipe's worth ([`PIPE_BYTES`]).
-const WAKE_MAX: usize = PIPE_BYTES;
+/// Largest wake-up threshold: one piece ([`PIECE_MAX`]).
+const WAKE_MAX: usize = PIECE_MAX;
+/// Largest piece of a large WRITE received at once (see [`receive_large_write`]).
+const PIECE_MAX: usize = 1 << 20;
 
 /// Writes one received piece of a WRITE through the engine, reporting to `join`.
 fn spawn_piece(
@@ -1363,9 +1237,8 @@ fn spawn_piece(
     });
 }
 
-/// WRITEs larger than this are spliced (when the socket and store allow): below it, the
-/// extra pipe syscalls cost more than the copy they save.
-const SPLICE_MIN: u32 = 128 << 10;
+/// WRITEs larger than this to a local file are received in pieces ([`receive_large_write`]).
+const LARGE_WRITE_MIN: usize = 128 << 10;
 
 /// Reads exactly `len` payload bytes into a fresh buffer (no zero-fill): first what the
 /// header read already buffered, then straight from the socket into the payload buffer (no

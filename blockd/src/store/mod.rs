@@ -16,7 +16,7 @@
 //! thread ([`inline`]); whatever the page cache cannot serve without blocking goes to the engine.
 //! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
 //! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
-//! them to its io-wq). Received data can also be written from a pipe ([`BlockStore::write_pipe`]).
+//! them to its io-wq).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
-pub use os::{Pipe, set_receive_low_water};
+pub use os::set_receive_low_water;
 pub use sync::{SyncConfig, SyncEngine};
 pub use uring::{UringConfig, UringEngine};
 
@@ -375,8 +375,6 @@ struct Inner {
     discard: bool,
     /// tmpfs/ramfs: page-cache operations never wait for a device.
     memory_backed: bool,
-    /// `splice` into the backing works (cleared on the first `EINVAL`).
-    splice: AtomicBool,
 }
 
 /// The block store. Cheap to clone; all clones share one file and one engine.
@@ -444,7 +442,6 @@ impl BlockStore {
                 zero_range: AtomicBool::new(zero_range),
                 discard,
                 memory_backed,
-                splice: AtomicBool::new(true),
             }),
         })
     }
@@ -532,88 +529,10 @@ impl BlockStore {
         }
     }
 
-    /// Whether [`BlockStore::write_from_pipe`] is available: a writable memory-backed file
-    /// (tmpfs, ramfs), where writing from a pipe is a memcpy that never waits for a device.
-    pub fn writes_from_pipe(&self) -> bool {
-        self.inner.memory_backed
-            && !self.inner.read_only
-            && matches!(self.inner.backing, Backing::File)
-            && self.inner.splice.load(Ordering::Relaxed)
-    }
-
-    /// Writes the `len` bytes `pipe` holds at `offset`, on the calling thread (only where
-    /// [`BlockStore::writes_from_pipe`]). The file copies from the pipe's pages: data received
-    /// from a socket into a pipe is copied once instead of twice. On error the pipe may still
-    /// hold part of the data; the caller drops it.
-    pub fn write_from_pipe(&self, offset: u64, len: usize, pipe: &Pipe) -> Result<(), StoreError> {
-        self.check_write(offset, len as u64)?;
-        if !self.writes_from_pipe() {
-            return Err(StoreError::Write {
-                offset,
-                len: len as u64,
-                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-            });
-        }
-        drain_pipe(&self.inner.file, pipe, offset, len).map_err(|e| self.pipe_error(offset, len, e))
-    }
-
-    /// Whether [`BlockStore::write_pipe`] is available: a writable regular file (any
-    /// filesystem that takes `splice`; the copy runs on an engine worker thread, so it may
-    /// block on a disk).
-    pub fn splices_writes(&self) -> bool {
-        !self.inner.read_only
-            && matches!(self.inner.backing, Backing::File)
-            && self.inner.splice.load(Ordering::Relaxed)
-    }
-
     /// The backing lives in memory (tmpfs, ramfs): a write on the calling thread is a memcpy
     /// that never waits for a device.
     pub fn memory_backed(&self) -> bool {
         self.inner.memory_backed
-    }
-
-    /// Writes the `len` bytes `pipe` holds at `offset` on an engine worker thread (only where
-    /// [`BlockStore::splices_writes`]), so the caller goes on receiving while the file copies
-    /// the pipe's pages. Gives the pipe back, empty, on success; on error the pipe (which may
-    /// still hold data) is dropped.
-    pub async fn write_pipe<P>(&self, offset: u64, len: usize, pipe: P) -> Result<P, StoreError>
-    where
-        P: AsRef<Pipe> + Send + 'static,
-    {
-        self.check_write(offset, len as u64)?;
-        if !self.splices_writes() {
-            return Err(StoreError::Write {
-                offset,
-                len: len as u64,
-                source: io::Error::from_raw_os_error(libc::EOPNOTSUPP),
-            });
-        }
-        let result = self
-            .inner
-            .engine
-            .blocking(move |file| {
-                drain_pipe(file, pipe.as_ref(), offset, len)?;
-                Ok(pipe)
-            })
-            .await;
-        match result {
-            Ok(pipe) => Ok(pipe),
-            Err(EngineError::Io(e)) => Err(self.pipe_error(offset, len, e)),
-            Err(EngineError::Gone) => Err(StoreError::EngineGone),
-        }
-    }
-
-    /// The error of a failed pipe drain; a filesystem without splice support (`EINVAL`,
-    /// `ENOSYS`) turns the spliced path off for later writes.
-    fn pipe_error(&self, offset: u64, len: usize, source: io::Error) -> StoreError {
-        if matches!(source.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) {
-            self.inner.splice.store(false, Ordering::Relaxed);
-        }
-        StoreError::Write {
-            offset,
-            len: len as u64,
-            source,
-        }
     }
 
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
@@ -914,18 +833,6 @@ impl BlockStore {
 }
 
 /// `Some(data extent)` when `file` reaches at least `end` and has no holes by its block count.
-/// Splices exactly `len` bytes out of `pipe` into `file` at `offset` (blocking).
-fn drain_pipe(file: &File, pipe: &Pipe, offset: u64, len: usize) -> io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        match pipe.drain_to_file(file, offset + done as u64, len - done)? {
-            0 => return Err(io::Error::from_raw_os_error(libc::EIO)),
-            n => done += n,
-        }
-    }
-    Ok(())
-}
-
 fn fully_allocated(file: &File, end: u64) -> Option<Extent> {
     use std::os::unix::fs::MetadataExt;
     let meta = file.metadata().ok()?;

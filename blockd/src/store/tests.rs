@@ -126,91 +126,6 @@ async fn round_trip(engine: Setup, fs: Fs) {
     store.write(5, Bytes::new(), false).await.unwrap();
 }
 
-async fn write_from_pipe(engine: Setup, fs: Fs) {
-    let dir = tempdir(fs);
-    let size = 4 << 20;
-    let store = engine
-        .open(&dir.path().join("disk"), &opts(size, engine))
-        .unwrap();
-    let pipe = Pipe::with_capacity(1 << 20).unwrap();
-    pipe.push(b"abc").unwrap();
-    if matches!(fs, Fs::Disk) {
-        // Only memory-backed files take writes from a pipe on the calling thread.
-        assert!(!store.writes_from_pipe());
-        assert!(store.write_from_pipe(0, 3, &pipe).is_err());
-        return;
-    }
-    assert!(store.writes_from_pipe());
-    store.write_from_pipe(4095, 3, &pipe).unwrap();
-    assert_eq!(&store.read(4094, 5).await.unwrap()[..], b"\0abc\0");
-    let data = pattern(9, 300_000);
-    pipe.push(&data).unwrap();
-    store
-        .write_from_pipe(size - 300_000, 300_000, &pipe)
-        .unwrap();
-    assert!(store.read(size - 300_000, 300_000).await.unwrap()[..] == data[..]);
-    // Out of range is refused before anything leaves the pipe.
-    pipe.push(b"xy").unwrap();
-    assert!(matches!(
-        store.write_from_pipe(size - 1, 2, &pipe),
-        Err(StoreError::OutOfRange { .. })
-    ));
-    store.write_from_pipe(7, 2, &pipe).unwrap();
-    assert_eq!(&store.read(7, 2).await.unwrap()[..], b"xy");
-}
-
-/// `write_pipe` copies a pipe into any regular file on an engine worker and gives the pipe
-/// back empty; range errors leave the pipe untouched.
-async fn write_pipe(engine: Setup, fs: Fs) {
-    let dir = tempdir(fs);
-    let size = 4 << 20;
-    let store = engine
-        .open(&dir.path().join("disk"), &opts(size, engine))
-        .unwrap();
-    assert!(store.splices_writes());
-    assert_eq!(store.memory_backed(), matches!(fs, Fs::Tmpfs));
-    let pipe = Pipe::with_capacity(1 << 20).unwrap();
-    pipe.push(b"abc").unwrap();
-    let pipe = store.write_pipe(4095, 3, pipe).await.unwrap();
-    assert_eq!(&store.read(4094, 5).await.unwrap()[..], b"\0abc\0");
-    let data = pattern(11, 900_000);
-    pipe.push(&data).unwrap();
-    let pipe = store
-        .write_pipe(size - 900_000, 900_000, pipe)
-        .await
-        .unwrap();
-    assert!(store.read(size - 900_000, 900_000).await.unwrap()[..] == data[..]);
-    pipe.push(b"xy").unwrap();
-    assert!(matches!(
-        store
-            .write_pipe(size - 1, 2, Pipe::with_capacity(4096).unwrap())
-            .await,
-        Err(StoreError::OutOfRange { .. })
-    ));
-    let pipe = store.write_pipe(7, 2, pipe).await.unwrap();
-    assert_eq!(&store.read(7, 2).await.unwrap()[..], b"xy");
-    // The pipe came back empty: a new write takes exactly what is pushed next.
-    pipe.push(b"z").unwrap();
-    store.write_pipe(0, 1, pipe).await.unwrap();
-    assert_eq!(&store.read(0, 1).await.unwrap()[..], b"z");
-    let read_only = engine
-        .open(
-            &dir.path().join("disk"),
-            &OpenOptions {
-                read_only: true,
-                ..opts(size, engine)
-            },
-        )
-        .unwrap();
-    assert!(!read_only.splices_writes());
-    assert!(matches!(
-        read_only
-            .write_pipe(0, 1, Pipe::with_capacity(4096).unwrap())
-            .await,
-        Err(StoreError::ReadOnly)
-    ));
-}
-
 async fn large_request(engine: Setup) {
     let dir = tempdir(Fs::Tmpfs);
     let size = 80 << 20;
@@ -747,22 +662,6 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn round_trip_disk() {
                 round_trip(E, Fs::Disk).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn write_from_pipe_tmpfs() {
-                write_from_pipe(E, Fs::Tmpfs).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn write_from_pipe_disk() {
-                write_from_pipe(E, Fs::Disk).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn write_pipe_tmpfs() {
-                write_pipe(E, Fs::Tmpfs).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn write_pipe_disk() {
-                write_pipe(E, Fs::Disk).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn large_request_64m() {

@@ -71,9 +71,9 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
     )
 }
 
-/// Like [`start`] over a loopback TCP connection, where large WRITE payloads are spliced from
-/// the socket into the file under `root` (tmpfs: pipes are copied into the file by the
-/// receiving task; disk: by engine workers).
+/// Like [`start`] over a loopback TCP connection, where large WRITE payloads are received in
+/// pieces (with the socket's wake-up threshold raised) into the file under `root` (tmpfs:
+/// written by the receiving task; disk: by engine workers).
 async fn start_tcp_in(root: &str, structured: bool, limits: Limits) -> Harness {
     let dir = tempfile::Builder::new()
         .prefix("blockd-transmission-test")
@@ -86,7 +86,6 @@ async fn start_tcp_in(root: &str, structured: bool, limits: Limits) -> Harness {
     let (server_end, _) = listener.accept().await.unwrap();
     let (r, w) = server_end.into_split();
     let store = open_store_in(false, dir);
-    assert!(store.0.splices_writes());
     start_on(Box::new(client), r, w, store, structured, limits)
 }
 
@@ -644,8 +643,8 @@ async fn large_requests_over_a_socket(root: &str) {
             assert_eq!(error, expect, "write {cookie}");
         }
         let stored = h.store.read(0, data.len()).await.unwrap();
-        assert!(stored[..] == data[..], "store differs after spliced writes");
-        // Aligned and unaligned, below, at and above the splice limits; several in flight.
+        assert!(stored[..] == data[..], "store differs after large writes");
+        // Aligned and unaligned, below, at and above the piece limits; several in flight.
         let reads: [(u64, usize); 7] = [
             (0, 1 << 20),
             (4096 * 3 + 100, (1 << 20) - 300),
@@ -697,7 +696,7 @@ async fn large_requests_over_a_socket(root: &str) {
         };
         assert_eq!(&got[..4096], &[9; 4096][..]);
         assert!(got[4096..] == data[4096..1 << 20]);
-        // A WRITE larger than one pipe and than the chunk size, unaligned, right after a
+        // A WRITE larger than one piece and than the chunk size, unaligned, right after a
         // small request (its header read also buffers part of the payload).
         h.send(req(CMD_WRITE, 0, 53, 3, 512), &[8; 512]).await;
         let big = pattern((6 << 20) + 5, 77);
@@ -707,10 +706,7 @@ async fn large_requests_over_a_socket(root: &str) {
             assert_eq!(h.simple(|_| 0).await.1, 0);
         }
         let stored = h.store.read((1 << 20) - 3, big.len()).await.unwrap();
-        assert!(
-            stored[..] == big[..],
-            "store differs after a 6 MiB spliced write"
-        );
+        assert!(stored[..] == big[..], "store differs after a 6 MiB write");
         assert_eq!(&h.store.read(3, 512).await.unwrap()[..], &[8; 512][..]);
         h.send(req(CMD_DISC, 0, 52, 0, 0), &[]).await;
         assert_eq!(h.finish().await.unwrap(), End::Disconnect);
