@@ -312,8 +312,9 @@ fn out_of_sync_bytes_fall_to_zero_during_resync() {
 #[test]
 fn metrics_listen_flag_and_taken_port() {
     let c = Cluster::create(&ClusterOptions::new(2, "C"));
-    let port = free_port();
-    let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // Held from the start (port 0: no window for another test's process to take it first).
+    let held = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = held.local_addr().unwrap().port();
     // A taken port fails the start with a message naming it.
     let out = integration_tests::run_timeout(
         std::process::Command::new(integration_tests::blockd_bin())
