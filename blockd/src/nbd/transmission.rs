@@ -1139,56 +1139,25 @@ async fn receive_large_write<R: RequestSource>(
     let mut threshold = 1;
     let mut piece = BytesMut::new();
     while pos < len {
-        let want = len - pos;
         let at = offset + pos as u64;
-        let wake = wake_threshold(want);
-        if wake != threshold {
-            reader.get_ref().set_wake_threshold(wake);
-            threshold = wake;
-        }
-        let n = want.min(PIECE_MAX);
+        let n = (len - pos).min(PIECE_MAX);
         let permit = charge(budget, n).await;
         if store.memory_backed() {
             // Whatever has arrived (at least the wake-up threshold, as a rule), written at
             // once: a memcpy that never waits, cheaper here than waking another thread for it.
             piece.clear();
             piece.reserve(n);
-            let got = reader
-                .get_mut()
-                .take(n as u64)
-                .read_buf(&mut piece)
-                .await
-                .map_err(TransmissionError::ReadPayload)?;
-            if got == 0 {
-                return Err(TransmissionError::ReadPayload(
-                    io::ErrorKind::UnexpectedEof.into(),
-                ));
-            }
+            let got = receive_some(reader, &mut piece, n, len - pos, &mut threshold).await?;
             let result = store.write_blocking(at, &piece[..got], false);
             drop(permit);
             join.record(result);
             pos += got;
         } else {
-            // A piece for an engine worker, filled read by read; the wake-up threshold follows
-            // what is still to come (one above it would never be reached).
+            // A piece for an engine worker, filled read by read.
             let mut data = BytesMut::with_capacity(n);
             while data.len() < n {
-                let wake = wake_threshold(len - pos - data.len());
-                if wake != threshold {
-                    reader.get_ref().set_wake_threshold(wake);
-                    threshold = wake;
-                }
-                let got = reader
-                    .get_mut()
-                    .take((n - data.len()) as u64)
-                    .read_buf(&mut data)
-                    .await
-                    .map_err(TransmissionError::ReadPayload)?;
-                if got == 0 {
-                    return Err(TransmissionError::ReadPayload(
-                        io::ErrorKind::UnexpectedEof.into(),
-                    ));
-                }
+                let (limit, remaining) = (n - data.len(), len - pos - data.len());
+                receive_some(reader, &mut data, limit, remaining, &mut threshold).await?;
             }
             spawn_piece(join, ctx.store.clone(), at, data.freeze(), Some(permit));
             pos += n;
@@ -1202,6 +1171,36 @@ async fn receive_large_write<R: RequestSource>(
     Ok(())
 }
 
+/// One receive of a large WRITE payload straight from the socket: appends what has arrived,
+/// up to `limit` bytes, to `buf` and returns how much. The socket's wake-up threshold (last set
+/// to `*threshold`) first follows the `remaining` payload bytes still to come: one above them
+/// would never be reached. End of stream is an error (the payload is incomplete).
+async fn receive_some<R: RequestSource>(
+    reader: &mut BufReader<R>,
+    buf: &mut BytesMut,
+    limit: usize,
+    remaining: usize,
+    threshold: &mut usize,
+) -> Result<usize, TransmissionError> {
+    let wake = wake_threshold(remaining);
+    if wake != *threshold {
+        reader.get_ref().set_wake_threshold(wake);
+        *threshold = wake;
+    }
+    let got = reader
+        .get_mut()
+        .take(limit as u64)
+        .read_buf(buf)
+        .await
+        .map_err(TransmissionError::ReadPayload)?;
+    if got == 0 {
+        return Err(TransmissionError::ReadPayload(
+            io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
+    Ok(got)
+}
+
 /// The wake-up threshold while `remaining` payload bytes are still to come: as much of them as
 /// one piece takes (never more than remain, or the last piece would never wake the
 /// reader), in steps so the socket option is not set again for every piece; 1 (any data) for
@@ -1210,14 +1209,13 @@ fn wake_threshold(remaining: usize) -> usize {
     if remaining < 2 * WAKE_STEP {
         return 1;
     }
-    (remaining.min(WAKE_MAX) / WAKE_STEP) * WAKE_STEP
+    (remaining.min(PIECE_MAX) / WAKE_STEP) * WAKE_STEP
 }
 
 /// Granularity of [`wake_threshold`].
 const WAKE_STEP: usize = 64 << 10;
-/// Largest wake-up threshold: one piece ([`PIECE_MAX`]).
-const WAKE_MAX: usize = PIECE_MAX;
-/// Largest piece of a large WRITE received at once (see [`receive_large_write`]).
+/// Largest piece of a large WRITE received at once (see [`receive_large_write`]), and so the
+/// largest wake-up threshold.
 const PIECE_MAX: usize = 1 << 20;
 
 /// Writes one received piece of a WRITE through the engine, reporting to `join`.
