@@ -15,6 +15,7 @@ pub mod victim;
 pub mod handshake;
 pub mod names;
 pub mod lost_writes;
+pub mod unstable;
 pub mod promote;
 pub mod quorum;
 pub mod split_brain;

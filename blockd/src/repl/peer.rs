@@ -32,6 +32,7 @@ use crate::repl::resync;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
 use crate::repl::sync_decision::{Refusal, SyncRule};
+use crate::repl::unstable::UnstableWrites;
 use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
 
@@ -229,6 +230,10 @@ pub struct Conn {
     pub(crate) sent: AtomicU64,
     /// Checksum answers of the peer, to the verify or checksum-resync worker that asked.
     pub(crate) answers: AnswerRoutes,
+    /// The latest `Stable` figure for the peer (see `repl::unstable`), sent by the writer with
+    /// its next batch (or at the next ping tick), and the figure last sent.
+    stable: AtomicU64,
+    stable_sent: AtomicU64,
 }
 
 impl Conn {
@@ -246,7 +251,31 @@ impl Conn {
             closed: watch::channel(false).0,
             sent: AtomicU64::new(0),
             answers: AnswerRoutes::default(),
+            stable: AtomicU64::new(0),
+            stable_sent: AtomicU64::new(0),
         }
+    }
+
+    /// The lowest sequence number of a write queued here and not yet written by the peer
+    /// (`None`: none, or the session is closed and its writes are in the bitmap).
+    pub(crate) fn lowest_pending(&self) -> Option<u64> {
+        let p = self.pending.lock().expect("pending");
+        if p.closed {
+            return None;
+        }
+        p.writes.keys().min().copied()
+    }
+
+    /// Every write numbered below `below` is written on every peer: tell this peer with the
+    /// next batch (no wake-up of its own: it rides along with the traffic, or the ping tick).
+    pub(crate) fn announce_stable(&self, below: u64) {
+        self.stable.fetch_max(below, Ordering::Relaxed);
+    }
+
+    /// The `Stable` figure to send, when it grew since the last one sent (marked sent).
+    fn stable_due(&self) -> Option<u64> {
+        let below = self.stable.load(Ordering::Relaxed);
+        (below > self.stable_sent.swap(below, Ordering::Relaxed)).then_some(below)
     }
 
     /// Queues a message (dropped silently when the session is gone: its loss handler runs).
@@ -603,6 +632,8 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         other_acks: Vec::new(),
         resync: None,
         hearing: Hearing::default(),
+        unstable: UnstableWrites::default(),
+        written_acks: false,
     };
     let end = tokio::select! {
         biased;
@@ -642,6 +673,10 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
             "lost-acked-writes",
             format!("{} writes, {} bytes", lost.writes, lost.bytes),
         );
+    }
+    // Writes of the Primary that may not have reached the other peers (`repl::unstable`).
+    if !session.unstable.is_empty() && res.role() != Role::Primary {
+        res.mark_unstable(i, &session.unstable.ranges()).await;
     }
     // Loss bookkeeping: unacknowledged writes go into the peer's bitmap.
     *res.peers[i].conn.lock().expect("conn") = None;
@@ -688,6 +723,9 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     let mut sent_since_tick = false;
     loop {
         if conn.out.take(&mut spare) {
+            if let Some(below) = conn.stable_due() {
+                push_frame(&mut spare, &Message::Stable { below });
+            }
             conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
             let mut at = 0;
             while at < spare.len() {
@@ -723,6 +761,9 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
             _ = tick.tick() => {
                 if let Some(t) = conn.report_due() {
                     conn.send(Message::ClientAcked(t));
+                }
+                if let Some(below) = conn.stable_due() {
+                    conn.send(Message::Stable { below });
                 }
                 if !std::mem::take(&mut sent_since_tick) {
                     conn.send(Message::Ping);
@@ -767,7 +808,10 @@ enum Op {
 enum Done {
     Written,
     Flushed,
-    Resynced { offset: u64, len: u32 },
+    Resynced {
+        offset: u64,
+        len: u32,
+    },
     ResyncFinished,
     Checksummed {
         offset: u64,
@@ -794,7 +838,11 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
         let mut change = None;
         if let Some((offset, len)) = changed_range(&op) {
-            let g = res.snapshots.set.change(&res.store.current(), offset, len).await;
+            let g = res
+                .snapshots
+                .set
+                .change(&res.store.current(), offset, len)
+                .await;
             res.snapshots_invalidated(&g.invalidated);
             change = Some(g);
         }
@@ -908,6 +956,11 @@ struct Session {
     resync: Option<AbortOnDrop<()>>,
     /// What the peer (as Primary) reported as acknowledged, and the writes that arrived.
     hearing: Hearing,
+    /// The peer's (a Primary's) writes received and not yet announced as written on every
+    /// peer (`repl::unstable`).
+    unstable: UnstableWrites,
+    /// Write acknowledgements arrived in this batch (we are Primary): announce what is stable.
+    written_acks: bool,
 }
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
@@ -954,6 +1007,7 @@ impl Session {
                 | Message::NewUuid(_)
                 | Message::ViewRequest { .. }
                 | Message::ViewReply { .. }
+                | Message::Stable { .. }
                 | Message::PeerState { .. } => self.stash.push_back(m),
                 Message::Ping => self.conn.send(Message::PingAck),
                 Message::PingAck => {}
@@ -1081,6 +1135,9 @@ impl Session {
 
     /// Sends the acknowledgements gathered so far (one outbox append for all).
     fn send_acks(&mut self) {
+        if std::mem::take(&mut self.written_acks) {
+            self.res.announce_stable();
+        }
         if self.recv_acks.is_empty() && self.write_acks.is_empty() && self.other_acks.is_empty() {
             return;
         }
@@ -1387,7 +1444,8 @@ impl Session {
         if enter == ReplState::Established {
             // Same data on both sides: consistent data is now known to be the newest (not
             // from a Diskless Secondary, which has no data to compare with).
-            let peer_knows = theirs.side.view.disk.has_disk() || theirs.side.view.role == Role::Primary;
+            let peer_knows =
+                theirs.side.view.disk.has_disk() || theirs.side.view.role == Role::Primary;
             if peer_knows && res.state.lock().expect("state").disk.is_consistent() {
                 let r = res
                     .meta_io(|m| {
@@ -1498,6 +1556,7 @@ impl Session {
                     self.recv_acks.push(seq);
                 }
                 self.hearing.received(payload.len() as u64);
+                self.unstable.received(seq, offset, payload.len() as u64);
                 let op = Op::Write {
                     offset,
                     data: payload,
@@ -1518,6 +1577,7 @@ impl Session {
                     self.recv_acks.push(seq);
                 }
                 self.hearing.received(len);
+                self.unstable.received(seq, offset, len);
                 let op = Op::Zero {
                     offset,
                     len,
@@ -1606,7 +1666,11 @@ impl Session {
                 });
             }
             Message::RecvAck { seq, count } => self.conn.ack(seq, count, PeerAck::Received),
-            Message::WriteAck { seq, count } => self.conn.ack(seq, count, PeerAck::Written),
+            Message::WriteAck { seq, count } => {
+                self.conn.ack(seq, count, PeerAck::Written);
+                self.written_acks = true;
+            }
+            Message::Stable { below } => self.unstable.stable(below),
             Message::FlushAck { seq } => self.conn.flush_ack(seq),
             Message::ResyncAck { offset, len } => {
                 resync::acked(res, i, &self.conn, offset, len);
@@ -1635,6 +1699,7 @@ impl Session {
                 current,
                 primary,
                 history,
+                marked,
             } => res.view_answered(
                 i,
                 id,
@@ -1642,6 +1707,7 @@ impl Session {
                     current,
                     history,
                     primary,
+                    marked,
                 },
             ),
             Message::ClientAcked(t) => self.hearing.report(t),

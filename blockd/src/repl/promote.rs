@@ -120,13 +120,30 @@ pub fn decide(
 pub enum ClusterAnswer {
     /// The peer did not answer in time.
     Unknown,
-    /// The peer's current generation, its history (newest first), and the Primary it is
-    /// connected to (itself included), if any.
+    /// The peer's current generation, its history (newest first), the Primary it is
+    /// connected to (itself included), if any, and whether it has blocks marked out of sync
+    /// for the asker.
     View {
         current: Uuid,
         history: Vec<Uuid>,
         primary: Option<u8>,
+        marked: bool,
     },
+}
+
+/// Whether a connected peer's session is restarted when this node (current generation `ours`,
+/// `marked_here`: blocks marked out of sync for that peer) is promoted, so the handshake
+/// resyncs it from the new Primary's bitmap (and the peer's, exchanged) instead of the peer
+/// adopting the new generation as is: its generation differs, it did not answer, or blocks
+/// are marked on either side — such as the writes of a lost Primary that reached one of the
+/// two and maybe not the other (`repl::unstable`).
+pub fn resync_on_promotion(ours: Uuid, answer: &ClusterAnswer, marked_here: bool) -> bool {
+    match answer {
+        ClusterAnswer::View {
+            current, marked, ..
+        } => marked_here || *marked || !current.same(ours),
+        ClusterAnswer::Unknown => true,
+    }
 }
 
 /// Why the connected peers' views refuse a promotion (`--force` promotes anyway).
@@ -193,7 +210,29 @@ mod tests {
             current: Uuid(current),
             history: history.iter().map(|&h| Uuid(h)).collect(),
             primary,
+            marked: false,
         }
+    }
+
+    #[test]
+    fn peers_out_of_sync_or_with_marked_blocks_resync_on_promotion() {
+        let ours = Uuid(0x100);
+        let same = view(0x100, &[], None);
+        assert!(!resync_on_promotion(ours, &same, false));
+        assert!(resync_on_promotion(ours, &same, true));
+        let marked = ClusterAnswer::View {
+            current: Uuid(0x100),
+            history: vec![],
+            primary: None,
+            marked: true,
+        };
+        assert!(resync_on_promotion(ours, &marked, false));
+        assert!(resync_on_promotion(
+            ours,
+            &view(0x200, &[0x100], None),
+            false
+        ));
+        assert!(resync_on_promotion(ours, &ClusterAnswer::Unknown, false));
     }
 
     #[test]

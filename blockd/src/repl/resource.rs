@@ -920,6 +920,59 @@ impl Resource {
 
     /// Our answer to peer `i`'s `ViewRequest { id }`: our generations, and the Primary we are
     /// connected to (ourselves included), other than peer `i`.
+    /// The Primary says which of its writes are on every peer (`repl::unstable`): announces
+    /// the figure on every live session (computed under the numbering lock, so no write is
+    /// numbered and not yet queued meanwhile).
+    pub(crate) fn announce_stable(&self) {
+        let (below, conns) = {
+            let order = self.order.lock().expect("order");
+            let conns: Vec<_> = self
+                .peers
+                .iter()
+                .filter_map(|p| p.conn.lock().expect("conn").clone())
+                .collect();
+            let below = crate::repl::unstable::stable_below(
+                order.seq,
+                conns.iter().map(|c| c.lowest_pending()),
+            );
+            (below, conns)
+        };
+        for c in &conns {
+            c.announce_stable(below);
+        }
+    }
+
+    /// The session with peer `i`, our Primary, ended with writes of it (`ranges`) not yet known
+    /// to be on the other peers: they are marked out of sync for each of them (and persisted),
+    /// so whoever becomes Primary next resyncs those blocks (see `promote`).
+    pub(crate) async fn mark_unstable(&self, i: usize, ranges: &[(u64, u64)]) {
+        let slots: Vec<usize> = (0..self.peers.len())
+            .filter(|&j| j != i)
+            .map(|j| self.peers[j].slot)
+            .collect();
+        if slots.is_empty() || ranges.is_empty() {
+            return;
+        }
+        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        {
+            let mut m = self.meta.lock().expect("meta");
+            for &slot in &slots {
+                for &(o, l) in ranges {
+                    m.bitmaps[slot].set_range(o, l);
+                }
+            }
+        }
+        for slot in slots {
+            if let Err(e) = self.meta_io(move |m| m.save_bitmap(slot)).await {
+                tracing::error!(resource = %self.spec.name, "cannot persist the bitmap: {e}");
+            }
+        }
+        tracing::info!(resource = %self.spec.name, peer = %self.peers[i].node.name,
+            ranges = ranges.len(), bytes,
+            "the Primary's last writes may not have reached the other peers: marked out of sync \
+             for them (resynced by the next Primary)");
+    }
+
     pub(crate) fn view_reply(&self, i: usize, id: u64) -> Message {
         let primary = {
             let st = self.state.lock().expect("state");
@@ -940,6 +993,7 @@ impl Resource {
         let g = &m.sb.generations;
         Message::ViewReply {
             id,
+            marked: m.bitmaps[self.peers[i].slot].count_dirty_bytes() > 0,
             current: g.current,
             primary,
             history: g
@@ -1054,15 +1108,20 @@ impl Resource {
         promote::decide_cluster(ours, &by_node, force)
             .map_err(|e| ResourceError::Refused(format!("promotion refused: {e}")))?;
         // A connected peer whose generation differs from ours is not in sync, whatever its
-        // session says: its session is restarted so the handshake decides the resync.
-        let differs: Vec<usize> = answers
-            .iter()
-            .filter(|(_, a)| match a {
-                ClusterAnswer::View { current, .. } => !current.same(ours),
-                ClusterAnswer::Unknown => true,
-            })
-            .map(|(i, _)| *i)
-            .collect();
+        // session says, and blocks marked out of sync on either side (writes of a lost Primary
+        // that reached one of us only) must be resynced: such sessions are restarted so the
+        // handshake decides the resync.
+        let differs: Vec<usize> = {
+            let m = self.meta.lock().expect("meta");
+            answers
+                .iter()
+                .filter(|(i, a)| {
+                    let marked_here = m.bitmaps[self.peers[*i].slot].count_dirty_bytes() > 0;
+                    promote::resync_on_promotion(ours, a, marked_here)
+                })
+                .map(|(i, _)| *i)
+                .collect()
+        };
         let _gate = self.role_gate.write().await;
         let (local, views) = self.promote_views();
         let forced =

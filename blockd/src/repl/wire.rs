@@ -26,7 +26,7 @@ use crate::repl::state::{DiskState, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -182,6 +182,13 @@ pub enum Message {
     /// clients so far (cumulative). Sent ahead of the data still queued, so a peer learns of
     /// acknowledged writes it may never receive (see `repl::lost_writes`).
     ClientAcked(Tally),
+    /// Primary to peer (DRBD's peer ack): every replicated write numbered below `below` is
+    /// written on every peer it was queued to (or in the sender's bitmap for a peer whose
+    /// session ended). A Secondary keeps the writes it received above the latest such figure:
+    /// if the Primary is lost, those may differ on the other peers (`repl::unstable`).
+    Stable {
+        below: u64,
+    },
     /// A Primary without a usable disk reads through the receiver (`repl::local_disk`): the
     /// receiver answers from its disk with `ReadReply { id }`, at once (not in stream order:
     /// the asker only reads ranges whose writes the receiver has confirmed). `block_size` 0
@@ -209,6 +216,9 @@ pub enum Message {
         current: Uuid,
         primary: Option<u8>,
         history: Vec<Uuid>,
+        /// The sender has blocks marked out of sync for the asker (e.g. writes of a lost
+        /// Primary that may not have reached the asker): a promotion of the asker resyncs them.
+        marked: bool,
     },
 }
 
@@ -257,6 +267,7 @@ mod tag {
     pub const CHECKSUM_REPLY: u8 = 51;
     pub const INVALIDATE: u8 = 52;
     pub const CLIENT_ACKED: u8 = 70;
+    pub const STABLE: u8 = 71;
     pub const READ_REQUEST: u8 = 60;
     pub const READ_REPLY: u8 = 61;
     pub const VIEW_REQUEST: u8 = 80;
@@ -291,6 +302,7 @@ impl Message {
             Message::ChecksumReply { .. } => "checksum-reply",
             Message::Invalidate => "invalidate",
             Message::ClientAcked(_) => "client-acked",
+            Message::Stable { .. } => "stable",
             Message::ReadRequest { .. } => "read-request",
             Message::ReadReply { .. } => "read-reply",
             Message::ViewRequest { .. } => "view-request",
@@ -425,6 +437,7 @@ impl Message {
                 dst.put_u64(t.writes);
                 dst.put_u64(t.bytes);
             }
+            Message::Stable { below } => put_seq(dst, tag::STABLE, *below),
             Message::PingAck => dst.put_u8(tag::PING_ACK),
             Message::SnapshotFlush { id } => put_seq(dst, tag::SNAPSHOT_FLUSH, *id),
             Message::SnapshotFlushDone { id } => put_seq(dst, tag::SNAPSHOT_FLUSH_DONE, *id),
@@ -509,6 +522,7 @@ impl Message {
                 current,
                 primary,
                 history,
+                marked,
             } => {
                 dst.put_u8(tag::VIEW_REPLY);
                 dst.put_u64(*id);
@@ -524,6 +538,7 @@ impl Message {
                 for h in history {
                     dst.put_u64(h.0);
                 }
+                dst.put_u8(u8::from(*marked));
             }
         }
     }
@@ -725,6 +740,10 @@ impl Message {
                 let bytes = c.u64()?;
                 Message::ClientAcked(Tally { writes, bytes })
             }
+            tag::STABLE => {
+                c.tag = "stable";
+                Message::Stable { below: c.u64()? }
+            }
             tag::PING_ACK => Message::PingAck,
             tag::SNAPSHOT_FLUSH => {
                 c.tag = "snapshot-flush";
@@ -862,11 +881,13 @@ impl Message {
                 for _ in 0..n {
                     history.push(Uuid(c.u64()?));
                 }
+                let marked = c.flag("marked")?;
                 Message::ViewReply {
                     id,
                     current,
                     primary,
                     history,
+                    marked,
                 }
             }
             other => return Err(WireError::UnknownTag(other)),
@@ -1133,6 +1154,7 @@ mod tests {
             Just(Message::Invalidate),
             (any::<u64>(), any::<u64>())
                 .prop_map(|(writes, bytes)| Message::ClientAcked(Tally { writes, bytes })),
+            any::<u64>().prop_map(|below| Message::Stable { below }),
             (
                 any::<u64>(),
                 any::<u64>(),
@@ -1166,13 +1188,17 @@ mod tests {
                 any::<u64>(),
                 any::<u64>(),
                 proptest::option::of(0u8..crate::meta::generation::MAX_NODES as u8),
-                proptest::collection::vec(any::<u64>(), 0..=MAX_VIEW_HISTORY)
+                proptest::collection::vec(any::<u64>(), 0..=MAX_VIEW_HISTORY),
+                any::<bool>()
             )
-                .prop_map(|(id, current, primary, history)| Message::ViewReply {
-                    id,
-                    current: Uuid(current),
-                    primary,
-                    history: history.into_iter().map(Uuid).collect(),
+                .prop_map(|(id, current, primary, history, marked)| {
+                    Message::ViewReply {
+                        id,
+                        current: Uuid(current),
+                        primary,
+                        history: history.into_iter().map(Uuid).collect(),
+                        marked,
+                    }
                 }),
         ]
     }
