@@ -529,12 +529,6 @@ impl BlockStore {
         }
     }
 
-    /// The backing lives in memory (tmpfs, ramfs): a write on the calling thread is a memcpy
-    /// that never waits for a device.
-    pub fn memory_backed(&self) -> bool {
-        self.inner.memory_backed
-    }
-
     /// Writes `data` at `offset`; with `fua` the data is durable when this returns.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         let len = data.len() as u64;
@@ -566,9 +560,9 @@ impl BlockStore {
 
     /// Writes `data` at `offset` with a plain `pwrite` on the calling thread, which blocks until
     /// the page cache took it (with `fua`: until it is durable). For a caller that applies a
-    /// stream of small writes itself (a replication Secondary), where handing each one to the
-    /// engine costs more thread wake-ups than the write (ext4 has no `RWF_NOWAIT` buffered
-    /// writes, so the inline path never takes them there).
+    /// stream of writes itself (a replication Secondary, the pieces of a large NBD WRITE),
+    /// where handing each one to the engine costs more thread wake-ups than the write (ext4 has
+    /// no `RWF_NOWAIT` buffered writes, so the inline path never takes them there).
     pub fn write_blocking(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), StoreError> {
         let len = data.len() as u64;
         self.check_write(offset, len)?;
