@@ -92,6 +92,12 @@ fn lost_primary_with_a_write_on_one_secondary(new_primary: usize) {
     );
     c.kill(2);
     proxy.set(LinkMode::Cut);
+    // Both survivors see the Primary gone (at once: its sockets closed) before a promotion.
+    for i in 0..2 {
+        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
+            p["connection"] != "connected"
+        });
+    }
     c.promote(new_primary, false);
     c.wait_synced(new_primary, Duration::from_secs(60));
     assert_eq!(
