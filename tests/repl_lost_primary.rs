@@ -18,26 +18,13 @@ const AT: u64 = 8 * MIB;
 const LEN: u64 = 64 << 10;
 
 /// The cluster, n2's link to n1 through the proxy (n1, the lower id, dials n2: its config
-/// names the proxy; n2 listens on 127.0.0.2), and the configs in use.
+/// names the proxy; n2 listens on 127.0.0.2), all three running, n2 Primary and in sync.
 fn cluster() -> (Cluster, LinkProxy) {
     let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
-    let base = std::fs::read_to_string(&c.config).expect("read config");
-    let n2_line = format!("address = \"127.0.0.1:{}\"", c.nodes[2].repl_port);
-    assert!(base.contains(&n2_line), "config names n2's address");
     let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
     let proxy_port = free_port();
-    let direct = c.dir.path().join("direct.toml");
-    std::fs::write(
-        &direct,
-        base.replace(&n2_line, &format!("address = \"{n2_addr}\"")),
-    )
-    .expect("write config");
-    let proxied = c.dir.path().join("n1.toml");
-    std::fs::write(
-        &proxied,
-        base.replace(&n2_line, &format!("address = \"127.0.0.1:{proxy_port}\"")),
-    )
-    .expect("write n1 config");
+    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
+    let proxied = c.config_with_address("n1.toml", 2, &format!("127.0.0.1:{proxy_port}"));
     let proxy = LinkProxy::start_with(
         proxy_port,
         n2_addr.parse().expect("proxy target"),

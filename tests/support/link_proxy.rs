@@ -372,23 +372,10 @@ impl ProxiedPair {
     pub fn create(opts: &ClusterOptions, link: LinkConfig) -> ProxiedPair {
         assert_eq!(opts.nodes, 2, "a proxied pair has two nodes");
         let c = Cluster::create(opts);
-        let good = std::fs::read_to_string(&c.config).expect("read config");
-        let n1_line = format!("address = \"127.0.0.1:{}\"", c.nodes[1].repl_port);
-        assert!(good.contains(&n1_line), "config names n1's address");
         let proxy_port = free_port();
         let n1_addr = format!("127.0.0.2:{}", c.nodes[1].repl_port);
-        let n1_conf = c.dir.path().join("n1.toml");
-        std::fs::write(
-            &n1_conf,
-            good.replace(&n1_line, &format!("address = \"{n1_addr}\"")),
-        )
-        .expect("write n1 config");
-        let n0_conf = c.dir.path().join("n0.toml");
-        std::fs::write(
-            &n0_conf,
-            good.replace(&n1_line, &format!("address = \"127.0.0.1:{proxy_port}\"")),
-        )
-        .expect("write n0 config");
+        let n1_conf = c.config_with_address("n1.toml", 1, &n1_addr);
+        let n0_conf = c.config_with_address("n0.toml", 1, &format!("127.0.0.1:{proxy_port}"));
         let proxy = LinkProxy::start_with(proxy_port, n1_addr.parse().expect("proxy target"), link);
         ProxiedPair {
             cluster: c,

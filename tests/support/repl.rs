@@ -216,6 +216,23 @@ impl Cluster {
         self.start_node_with(i, &config);
     }
 
+    /// Writes a copy of the cluster config named `file` (in the test directory) in which node
+    /// `node`'s replication address is `addr` (another interface, or a proxy in front of it);
+    /// returns its path, for [`Cluster::start_node_with`].
+    pub fn config_with_address(&self, file: &str, node: usize, addr: &str) -> PathBuf {
+        let base = std::fs::read_to_string(&self.config).expect("read config");
+        let line = format!("address = \"127.0.0.1:{}\"", self.nodes[node].repl_port);
+        assert!(
+            base.contains(&line),
+            "config names {}'s address",
+            self.nodes[node].name
+        );
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, base.replace(&line, &format!("address = \"{addr}\"")))
+            .expect("write config");
+        path
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.procs[i].take() {
