@@ -6,15 +6,14 @@
 //! not both. (Without the unstable-write bookkeeping of `repl::unstable`, promoting n1 left n0
 //! holding a block n1 never had, for good.)
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::link_proxy::{LinkConfig, LinkMode, LinkProxy};
 use integration_tests::repl::{Cluster, ClusterOptions, free_port, tail};
-use integration_tests::{ChildGuard, require_tool};
 
 const MIB: u64 = 1 << 20;
 const AT: u64 = 8 * MIB;
+/// What `Cluster::spawn_write` writes.
 const LEN: u64 = 64 << 10;
 
 /// The cluster, n2's link to n1 through the proxy (n1, the lower id, dials n2: its config
@@ -46,22 +45,7 @@ fn lost_primary_with_a_write_on_one_secondary(new_primary: usize) {
     let (mut c, proxy) = cluster();
     let before = c.read_backing(0, AT, LEN);
     proxy.set(LinkMode::Stall);
-    let qemu_io = require_tool("qemu-io", "qemu-utils");
-    let _writer = ChildGuard(
-        Command::new(qemu_io)
-            .args([
-                "-f",
-                "raw",
-                &c.nbd_uri(2),
-                "-c",
-                &format!("write -P 171 {AT} {LEN}"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn qemu-io"),
-    );
+    let _writer = c.spawn_write(2, AT, 171);
     // The write reaches n0 (n2 waits for n1's ack, which cannot come).
     let deadline = Instant::now() + Duration::from_secs(4);
     while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {

@@ -19,12 +19,11 @@
 //!   simply behind: it steps down and resyncs, no split brain, and n0 holds every write the
 //!   old Primary acknowledged.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::ChildGuard;
 use integration_tests::faults::{AckedWriter, BS, check_acked};
 use integration_tests::repl::{Cluster, ClusterOptions, EventLog, Partition, RESOURCE, tail};
-use integration_tests::{ChildGuard, require_tool};
 
 const MIB: u64 = 1 << 20;
 
@@ -51,29 +50,6 @@ fn cluster(on_no_quorum: &str) -> Cluster {
         }
     }
     c
-}
-
-/// `qemu-io` writing 64 KiB of `pattern` at `offset` through node `i`'s NBD export (then a
-/// flush), as a child process.
-fn spawn_write(c: &Cluster, i: usize, offset: u64, pattern: u8) -> ChildGuard {
-    let qemu_io = require_tool("qemu-io", "qemu-utils");
-    ChildGuard(
-        Command::new(qemu_io)
-            .args([
-                "-f",
-                "raw",
-                &c.nbd_uri(i),
-                "-c",
-                &format!("write -P {pattern} {offset} 64k"),
-                "-c",
-                "flush",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn qemu-io"),
-    )
 }
 
 /// Waits for the child to end; returns (succeeded, stdout + stderr).
@@ -171,7 +147,7 @@ fn partitioned_primary_suspends_majority_promotes_no_split_brain() {
     part.cut_port(c.nodes[2].repl_port);
     let cut = Instant::now();
     // A write issued after the cut: it cannot reach a majority and must not complete.
-    let mut w = spawn_write(&c, 2, 12 * MIB, 0x5a);
+    let mut w = c.spawn_write(2, 12 * MIB, 0x5a);
     events[2].wait_for("quorum", "lost", Duration::from_secs(30));
     println!(
         "n2 lost quorum {:.1} s after the cut",
@@ -241,7 +217,7 @@ fn io_error_without_quorum_and_promotion_needs_quorum() {
     assert_eq!(st2["quorum"]["io_suspended"], false, "{st2:#}");
 
     let started = Instant::now();
-    let mut w = spawn_write(&c, 2, 8 * MIB, 0x6b);
+    let mut w = c.spawn_write(2, 8 * MIB, 0x6b);
     let (ok, out) = finish(&mut w, Duration::from_secs(20));
     assert!(!ok, "a write without quorum succeeded: {out}");
     println!(
@@ -279,7 +255,7 @@ fn partition_heals_before_failover_suspended_write_completes() {
         .collect();
     let part = Partition::new("quorum_resume");
     part.cut_port(c.nodes[2].repl_port);
-    let mut w = spawn_write(&c, 2, 20 * MIB, 0x3c);
+    let mut w = c.spawn_write(2, 20 * MIB, 0x3c);
     wait_quorum(&c, 2, false, Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(2));
     assert!(
@@ -287,7 +263,7 @@ fn partition_heals_before_failover_suspended_write_completes() {
         "a write completed without quorum"
     );
     // A write issued while without quorum waits too.
-    let mut w2 = spawn_write(&c, 2, 28 * MIB, 0x3d);
+    let mut w2 = c.spawn_write(2, 28 * MIB, 0x3d);
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         w2.0.try_wait().unwrap().is_none(),

@@ -423,6 +423,29 @@ impl Cluster {
         }
     }
 
+    /// `qemu-io` writing 64 KiB of `pattern` at `offset` through node `i`'s NBD export (then a
+    /// flush), as a child process (stdout and stderr piped).
+    pub fn spawn_write(&self, i: usize, offset: u64, pattern: u8) -> crate::ChildGuard {
+        let qemu_io = crate::require_tool("qemu-io", "qemu-utils");
+        crate::ChildGuard(
+            Command::new(qemu_io)
+                .args([
+                    "-f",
+                    "raw",
+                    &self.nbd_uri(i),
+                    "-c",
+                    &format!("write -P {pattern} {offset} 64k"),
+                    "-c",
+                    "flush",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn qemu-io"),
+        )
+    }
+
     /// Writes `len` bytes of random data at `offset` through NBD on node `i` with qemu-io
     /// (then a flush).
     pub fn write_random(&self, i: usize, offset: u64, len: u64, seed: u64) {

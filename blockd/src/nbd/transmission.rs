@@ -8,8 +8,8 @@
 //! (a WRITE's payload is read and discarded first), never a dropped connection.
 //!
 //! Large WRITE payloads for a local file are read straight from the socket in pieces, each
-//! arriving with one wake-up ([`RequestSource::set_wake_threshold`]), and written on tmpfs by
-//! the receiving task, on disk by engine workers. Every request is recorded in the export's
+//! arriving with one wake-up ([`RequestSource::set_wake_threshold`]), and written by the
+//! receiving task (a copy into the page cache). Every request is recorded in the export's
 //! [`NbdMetrics`] when its reply is written.
 
 use std::future::Future;
@@ -1048,11 +1048,10 @@ async fn receive_write<R: RequestSource>(
     let len = len as usize;
     if len > LARGE_WRITE_MIN && !fua {
         if let Device::Local(store) = &ctx.store {
-            let join = Arc::new(WriteJoin::new(ctx.clone(), track, cookie, 1));
-            let received = receive_large_write(reader, store, budget, &join, offset, len);
-            received.await?;
-            // The receiver's own share: the reply goes when the last piece is written.
-            join.chunk_done(Ok(()));
+            match receive_large_write(reader, store, budget, offset, len).await? {
+                Ok(()) => ctx.ok(track, cookie, None),
+                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
+            }
             return Ok(true);
         }
     }
@@ -1112,20 +1111,19 @@ async fn receive_write<R: RequestSource>(
 /// less): a plain receive hands the socket's pages back to the sending CPU, and the client's
 /// next copy into its socket lands in warm pages; spliced pages were released here, and a
 /// local client (fio over loopback) then spent 30-70% more CPU per byte on its own sends
-/// (docs/benchmarks-nbd.md). The whole payload is always consumed; a store failure is reported
-/// through `join`, an error here is a failed connection.
+/// (docs/benchmarks-nbd.md). The whole payload is always consumed; the inner result is the
+/// first store failure (the request's answer), an error outside is a failed connection.
 async fn receive_large_write<R: RequestSource>(
     reader: &mut BufReader<R>,
     store: &BlockStore,
     budget: &Arc<Semaphore>,
-    join: &Arc<WriteJoin>,
     offset: u64,
     len: usize,
-) -> Result<(), TransmissionError> {
+) -> Result<Result<(), StoreError>, TransmissionError> {
+    let mut written = Ok(());
     let mut pos = reader.buffer().len().min(len);
     if pos > 0 {
-        let result = store.write_blocking(offset, &reader.buffer()[..pos], false);
-        join.record(result);
+        written = store.write_blocking(offset, &reader.buffer()[..pos], false);
         reader.consume(pos);
     }
     let mut threshold = 1;
@@ -1138,9 +1136,9 @@ async fn receive_large_write<R: RequestSource>(
         piece.clear();
         piece.reserve(n);
         let got = receive_some(reader, &mut piece, n, len - pos, &mut threshold).await?;
-        let result = store.write_blocking(at, &piece[..got], false);
+        // Every piece is written; the first failure is the answer.
+        written = written.and(store.write_blocking(at, &piece[..got], false));
         drop(permit);
-        join.record(result);
         pos += got;
     }
     if threshold != 1 {
@@ -1148,7 +1146,7 @@ async fn receive_large_write<R: RequestSource>(
         // ends the connection, so only this path needs it).
         reader.get_ref().set_wake_threshold(1);
     }
-    Ok(())
+    Ok(written)
 }
 
 /// One receive of a large WRITE payload straight from the socket: appends what has arrived,

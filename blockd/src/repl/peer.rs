@@ -6,7 +6,7 @@
 //! when the store completes at once), with the acknowledgements of a batch sent together. When
 //! the session ends, every write the peer had not acknowledged goes into its bitmap.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +74,8 @@ pub struct PendingWrite {
 #[derive(Default)]
 struct Pending {
     closed: bool,
-    writes: HashMap<u64, PendingWrite>,
+    /// By sequence number: the lowest is at hand (`Conn::lowest_pending`).
+    writes: BTreeMap<u64, PendingWrite>,
     flushes: HashMap<u64, oneshot::Sender<()>>,
     /// Client-acknowledged writes of this session (see `repl::lost_writes`).
     ledger: Ledger,
@@ -263,7 +264,7 @@ impl Conn {
         if p.closed {
             return None;
         }
-        p.writes.keys().min().copied()
+        p.writes.keys().next().copied()
     }
 
     /// Every write numbered below `below` is written on every peer: tell this peer with the
@@ -473,7 +474,10 @@ impl Conn {
         let _ = self.closed.send(true);
         p.bytes = 0;
         let congested = p.buffer.congested();
-        let ranges = p.writes.drain().map(|(_, w)| (w.offset, w.len)).collect();
+        let ranges = std::mem::take(&mut p.writes)
+            .into_values()
+            .map(|w| (w.offset, w.len))
+            .collect();
         drop(p);
         // Writes waiting for room go on (to the bitmap).
         self.room_changed(congested.then_some(Change::Uncongested));

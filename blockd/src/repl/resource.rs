@@ -918,25 +918,19 @@ impl Resource {
         )
     }
 
-    /// Our answer to peer `i`'s `ViewRequest { id }`: our generations, and the Primary we are
-    /// connected to (ourselves included), other than peer `i`.
     /// The Primary says which of its writes are on every peer (`repl::unstable`): announces
-    /// the figure on every live session (computed under the numbering lock, so no write is
-    /// numbered and not yet queued meanwhile).
+    /// the figure on every live session. The next number is read under the numbering lock:
+    /// every write numbered below it is then queued on each session it goes to (or in a
+    /// bitmap), so the sessions' pending writes looked at afterwards miss none of them.
     pub(crate) fn announce_stable(&self) {
-        let (below, conns) = {
-            let order = self.order.lock().expect("order");
-            let conns: Vec<_> = self
-                .peers
-                .iter()
-                .filter_map(|p| p.conn.lock().expect("conn").clone())
-                .collect();
-            let below = crate::repl::unstable::stable_below(
-                order.seq,
-                conns.iter().map(|c| c.lowest_pending()),
-            );
-            (below, conns)
-        };
+        let next = self.order.lock().expect("order").seq;
+        let conns: Vec<_> = self
+            .peers
+            .iter()
+            .filter_map(|p| p.conn.lock().expect("conn").clone())
+            .collect();
+        let below =
+            crate::repl::unstable::stable_below(next, conns.iter().map(|c| c.lowest_pending()));
         for c in &conns {
             c.announce_stable(below);
         }
@@ -973,6 +967,8 @@ impl Resource {
              for them (resynced by the next Primary)");
     }
 
+    /// Our answer to peer `i`'s `ViewRequest { id }`: our generations, and the Primary we are
+    /// connected to (ourselves included), other than peer `i`.
     pub(crate) fn view_reply(&self, i: usize, id: u64) -> Message {
         let primary = {
             let st = self.state.lock().expect("state");
@@ -993,7 +989,7 @@ impl Resource {
         let g = &m.sb.generations;
         Message::ViewReply {
             id,
-            marked: m.bitmaps[self.peers[i].slot].count_dirty_bytes() > 0,
+            marked: m.bitmaps[self.peers[i].slot].count_bits() > 0,
             current: g.current,
             primary,
             history: g
@@ -1116,7 +1112,7 @@ impl Resource {
             answers
                 .iter()
                 .filter(|(i, a)| {
-                    let marked_here = m.bitmaps[self.peers[*i].slot].count_dirty_bytes() > 0;
+                    let marked_here = m.bitmaps[self.peers[*i].slot].count_bits() > 0;
                     promote::resync_on_promotion(ours, a, marked_here)
                 })
                 .map(|(i, _)| *i)

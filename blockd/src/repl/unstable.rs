@@ -18,8 +18,8 @@ use std::collections::VecDeque;
 /// The first request number that is not known to be written on every peer: the lowest number
 /// still pending on a live session, or `next_seq` (nothing pending). Every request numbered
 /// below it was written by every peer it was queued to (a peer whose session ended has the
-/// rest in the Primary's bitmap). Call it while no request can be numbered and queued
-/// (under the numbering lock), so a request numbered but not yet queued is not missed.
+/// rest in the Primary's bitmap). Read `next_seq` under the numbering lock before looking at
+/// the pending writes, so every request numbered below it is already queued where it goes.
 pub fn stable_below(next_seq: u64, lowest_pending: impl IntoIterator<Item = Option<u64>>) -> u64 {
     lowest_pending
         .into_iter()

@@ -72,8 +72,8 @@ fn start(structured: bool, read_only: bool, limits: Limits) -> Harness {
 }
 
 /// Like [`start`] over a loopback TCP connection, where large WRITE payloads are received in
-/// pieces (with the socket's wake-up threshold raised) into the file under `root` (tmpfs:
-/// written by the receiving task; disk: by engine workers).
+/// pieces (with the socket's wake-up threshold raised) and written by the receiving task into
+/// the file under `root`.
 async fn start_tcp_in(root: &str, structured: bool, limits: Limits) -> Harness {
     let dir = tempfile::Builder::new()
         .prefix("blockd-transmission-test")
