@@ -105,3 +105,197 @@ fn promoting_the_secondary_without_the_write_resyncs_the_other() {
 fn promoting_the_secondary_with_the_write_resyncs_the_other() {
     lost_primary_with_a_write_on_one_secondary(0);
 }
+
+/// The Primary loses one Secondary (n1) while writes are still unconfirmed by it, the other
+/// (n0) confirms them afterwards, and the Primary dies before any later write starts a new
+/// generation. n0 must still count those writes as possibly missing on n1: the Primary's bitmap
+/// for n1 died with it, and both survivors are at the same generation. (Before the `Stable`
+/// floor, n0's confirmation made the Primary announce them stable, n0 forgot them, and the
+/// survivors stayed different with no bit set anywhere.)
+#[test]
+fn writes_a_lost_secondary_missed_stay_unstable_until_a_new_generation() {
+    let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
+    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
+    let (port0, port1) = (free_port(), free_port());
+    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
+    let via0 = c.config_with_address("n0.toml", 2, &format!("127.0.0.1:{port0}"));
+    let via1 = c.config_with_address("n1.toml", 2, &format!("127.0.0.1:{port1}"));
+    let target = n2_addr.parse().expect("proxy target");
+    let proxy0 = LinkProxy::start_with(port0, target, LinkConfig::QUEUED);
+    let proxy1 = LinkProxy::start_with(port1, target, LinkConfig::QUEUED);
+    c.start_node_with(0, &via0);
+    c.start_node_with(1, &via1);
+    c.start_node_with(2, &direct);
+    c.promote(2, true);
+    c.wait_synced(2, Duration::from_secs(60));
+    c.write_random(2, 0, 16 * MIB, 7);
+    c.wait_synced(2, Duration::from_secs(30));
+    let second = AT + MIB;
+    let before = (c.read_backing(1, AT, LEN), c.read_backing(1, second, LEN));
+
+    // W reaches n0 only (n1's link is silent).
+    proxy1.set(LinkMode::Stall);
+    let _w = c.spawn_write(2, AT, 171);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "W did not reach n0:\n{}",
+            tail(&c.log(0), 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // W1 is queued to both while both links are silent, then n1's link dies: W and W1 go
+    // into the Primary's bitmap for n1; W1 is still unconfirmed by n0.
+    proxy0.set(LinkMode::Stall);
+    let _w1 = c.spawn_write(2, second, 172);
+    std::thread::sleep(Duration::from_millis(500));
+    proxy1.set(LinkMode::Cut);
+    c.wait_peer(2, 1, Duration::from_secs(20), "n1 gone", |p| {
+        p["connection"] != "connected"
+    });
+    // n0 now gets W1 and confirms it; the Primary's next announcements (with the next frames
+    // or its 1 s tick) reach n0.
+    proxy0.set(LinkMode::Pass);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.read_backing(0, second, LEN) != vec![172u8; LEN as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "W1 did not reach n0:\n{}",
+            tail(&c.log(0), 20)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    c.kill(2);
+    proxy0.set(LinkMode::Cut);
+    for i in 0..2 {
+        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
+            p["connection"] != "connected"
+        });
+    }
+    assert_eq!(
+        (c.read_backing(1, AT, LEN), c.read_backing(1, second, LEN)),
+        before,
+        "n1 got a write through a silent link"
+    );
+    c.promote(1, false);
+    c.wait_synced(1, Duration::from_secs(60));
+    assert_eq!(
+        c.data_checksum(0),
+        c.data_checksum(1),
+        "the survivors differ after n1 was promoted:\n--- n0\n{}\n--- n1\n{}",
+        tail(&c.log(0), 30),
+        tail(&c.log(1), 30)
+    );
+    assert_eq!(
+        (c.read_backing(0, AT, LEN), c.read_backing(0, second, LEN)),
+        before,
+        "the new Primary's version wins on n0"
+    );
+}
+
+/// Marks a Secondary keeps for another while the Primary lives are not resynced between the two
+/// Secondaries (that resync would race the Primary's writes reaching the target over its own
+/// link): they wait for the next Primary, which resyncs them. n0's link to the Primary n2 runs
+/// through the proxy, delayed, and is cut once a write reached n0 and before the Primary could
+/// announce it stable: n0 marks it for n1. n2 lives on and n0 reconnects. A new n0-n1 session
+/// then keeps the marks (before: n0, a Secondary, resynced them to n1); after n2 is lost,
+/// promoting n0 resyncs them to n1.
+#[test]
+fn marks_between_secondaries_wait_for_the_next_primary() {
+    let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
+    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
+    let port0 = free_port();
+    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
+    let via0 = c.config_with_address("n0.toml", 2, &format!("127.0.0.1:{port0}"));
+    let proxy0 = LinkProxy::start_with(
+        port0,
+        n2_addr.parse().expect("proxy target"),
+        LinkConfig::QUEUED,
+    );
+    c.start_node_with(0, &via0);
+    c.start_node_with(1, &direct);
+    c.start_node_with(2, &direct);
+    c.promote(2, true);
+    c.wait_synced(2, Duration::from_secs(60));
+    c.write_random(2, 0, 16 * MIB, 7);
+    c.wait_synced(2, Duration::from_secs(30));
+
+    proxy0.set(LinkMode::Delay(1500));
+    let _w = c.spawn_write(2, AT, 171);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "the write did not reach n0:\n{}",
+            tail(&c.log(0), 20)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    proxy0.set(LinkMode::Cut);
+    c.wait_peer(0, 2, Duration::from_secs(20), "n2 gone", |p| {
+        p["connection"] != "connected"
+    });
+    let marked = |c: &Cluster| {
+        c.log(0)
+            .contains("the Primary's last writes may not have reached the other peers")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marked(&c) {
+        assert!(
+            Instant::now() < deadline,
+            "n0 marked nothing:\n{}",
+            tail(&c.log(0), 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy0.set(LinkMode::Pass);
+    c.wait_peer(0, 2, Duration::from_secs(30), "n2 back and in sync", |p| {
+        p["replication"] == "established" && p["disk"] == "up-to-date"
+    });
+    let st = c.wait_peer(0, 1, Duration::from_secs(10), "marks for n1", |p| {
+        p["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0
+    });
+    // A new n0-n1 session while n2 is Primary: the marks stay, nothing is resynced.
+    c.blockctl_ok(Some(0), &["disconnect", "r0", "--peer", "n1"]);
+    c.blockctl_ok(Some(0), &["connect", "r0", "--peer", "n1"]);
+    let st2 = c.wait_peer(0, 1, Duration::from_secs(30), "n1 back", |p| {
+        p["replication"] == "established"
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let p = |st: &serde_json::Value| {
+        st["peers"]
+            .as_array()
+            .expect("peers")
+            .iter()
+            .find(|p| p["node"] == "n1")
+            .cloned()
+            .expect("n1")
+    };
+    assert!(
+        p(&c.status(0))["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0,
+        "n0 resynced its marks to n1 while n2 is Primary (or dropped them):\nbefore {st:#}\nafter {st2:#}\n{}",
+        tail(&c.log(0), 30)
+    );
+    assert!(
+        !c.log(0).contains("resync started (source)"),
+        "n0 became a resync source:\n{}",
+        tail(&c.log(0), 30)
+    );
+    // The Primary is lost; promoting n0 resyncs the marked blocks to n1.
+    c.kill(2);
+    for i in 0..2 {
+        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
+            p["connection"] != "connected"
+        });
+    }
+    c.promote(0, false);
+    c.wait_synced(0, Duration::from_secs(60));
+    assert_eq!(p(&c.status(0))["out_of_sync_bytes"], 0);
+    assert_eq!(
+        c.data_checksum(0),
+        c.data_checksum(1),
+        "the survivors differ"
+    );
+}

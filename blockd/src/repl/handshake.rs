@@ -20,6 +20,8 @@ pub struct HandshakeSide {
     pub discard_my_data: bool,
     /// Quorum state now; `None` when quorum is off.
     pub quorum: Option<bool>,
+    /// This side is connected to a Primary (a third node) that replicates to it now.
+    pub follows_primary: bool,
 }
 
 /// One step for the runtime, in order.
@@ -112,7 +114,9 @@ pub fn handshake(
             if decision.rule == SyncRule::Reconnected
                 && (me.dirty_bits > 0 || peer.dirty_bits > 0) =>
         {
-            if marked_blocks_source(me, peer) {
+            if marks_wait_for_the_primary(me, peer) {
+                SyncOutcome::NoSync
+            } else if marked_blocks_source(me, peer) {
                 SyncOutcome::Source(BitmapPlan::UseBitmap)
             } else {
                 SyncOutcome::Target(BitmapPlan::UseBitmap)
@@ -196,6 +200,19 @@ fn unacknowledged_writes_overwritten(me: &HandshakeSide, plan: BitmapPlan) -> bo
         && matches!(plan, BitmapPlan::UseBitmap)
 }
 
+/// Two Secondaries with marked blocks while a third node is Primary and replicating to one of
+/// them: they resync nothing between them and keep the marks. A Secondary sending its blocks
+/// would race the Primary's writes reaching the target on another link (a block read before a
+/// write arrived here, applied there after it: a stale block over a newer write). While the
+/// Primary lives its own bitmaps cover what each peer missed; if it is lost, the next Primary
+/// resyncs the marked blocks (`repl::promote`).
+fn marks_wait_for_the_primary(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
+    use super::state::Role;
+    me.view.role != Role::Primary
+        && peer.view.role != Role::Primary
+        && (me.follows_primary || peer.follows_primary)
+}
+
 /// Who sends the marked blocks of a same-generation reconnect: the Primary; else the only side
 /// with marked blocks; else the lower node id (both ends agree).
 fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
@@ -238,6 +255,7 @@ mod tests {
             dirty_bits: 0,
             discard_my_data: false,
             quorum: None,
+            follows_primary: false,
         }
     }
 
@@ -446,6 +464,26 @@ mod tests {
         a.dirty_bits = 1;
         assert_eq!(handshake(&a, &b, &pol).commands, source);
         assert_eq!(handshake(&b, &a, &pol).commands, target);
+        // Both Secondaries, a third node Primary replicating to either: the marks wait for
+        // the next Primary (no resync racing the live one's writes), whoever has them.
+        for (a_follows, b_follows) in [(true, false), (false, true), (true, true)] {
+            a.follows_primary = a_follows;
+            b.follows_primary = b_follows;
+            let d = handshake(&a, &b, &pol);
+            assert_eq!(d.commands, [Command::Enter(ReplState::Established)]);
+            assert_eq!(d.decision.outcome, SyncOutcome::NoSync);
+            assert_eq!(
+                handshake(&b, &a, &pol).commands,
+                [Command::Enter(ReplState::Established)]
+            );
+        }
+        // ...but a Primary among the two sends them even so.
+        a.view.role = Role::Primary;
+        assert_eq!(handshake(&a, &b, &pol).commands, source);
+        assert_eq!(handshake(&b, &a, &pol).commands, target);
+        a.view.role = Role::Secondary;
+        a.follows_primary = false;
+        b.follows_primary = false;
         // Nothing marked: nothing to do.
         a.dirty_bits = 0;
         b.dirty_bits = 0;

@@ -16,7 +16,7 @@
 //! no peer and look like a split brain at reconnect.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::watch;
 
@@ -55,6 +55,9 @@ pub(crate) struct QuorumState {
     /// A peer was lost while Primary and no write has started the new generation yet.
     new_current_pending: AtomicBool,
     new_current_lock: tokio::sync::Mutex<()>,
+    /// The lowest write a lost peer never confirmed, until the next generation is announced
+    /// (`u64::MAX`: none); caps the `Stable` figure (see `repl::unstable::stable_below`).
+    stable_floor: AtomicU64,
 }
 
 impl QuorumState {
@@ -89,6 +92,7 @@ impl QuorumState {
             changed: watch::channel(verdict.quorum).0,
             new_current_pending: AtomicBool::new(false),
             new_current_lock: tokio::sync::Mutex::new(()),
+            stable_floor: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -243,6 +247,29 @@ impl Resource {
         });
     }
 
+    /// A Primary is losing a peer whose lowest unconfirmed write is `missed_from`: the `Stable`
+    /// figure stays below it until the next generation is announced (see
+    /// `repl::unstable::stable_below`). Called while the session is still visible to
+    /// [`Resource::announce_stable`], so no announcement misses both.
+    pub(crate) fn hold_stable_for_lost_peer(&self, missed_from: Option<u64>) {
+        if let Some(seq) = missed_from {
+            self.quorum.stable_floor.fetch_min(seq, Ordering::SeqCst);
+        }
+    }
+
+    /// The cap of the `Stable` figure, if a lost peer set one.
+    pub(crate) fn stable_floor(&self) -> Option<u64> {
+        let floor = self.quorum.stable_floor.load(Ordering::SeqCst);
+        (floor != u64::MAX).then_some(floor)
+    }
+
+    /// The new generation was queued to every peer that follows it (`NewUuid`, in-stream before
+    /// any later `Stable`): a survivor that misses it is behind by a generation, and writes a
+    /// lost peer never got no longer need holding in the survivors' windows.
+    pub(crate) fn release_stable_floor(&self) {
+        self.quorum.stable_floor.store(u64::MAX, Ordering::SeqCst);
+    }
+
     /// A Primary lost a peer: the next write starts a new generation; until then it counts as
     /// a crashed Primary (its unacknowledged writes are only here).
     pub(crate) fn peer_lost_while_primary(&self) {
@@ -354,6 +381,7 @@ impl Resource {
                 c.send(Message::NewUuid(current));
             }
         }
+        self.release_stable_floor();
         self.role_epoch.fetch_add(1, Ordering::SeqCst);
         for &i in &reconnect {
             if self.peers[i].conn.lock().expect("conn").is_some() {

@@ -270,13 +270,18 @@ impl Conn {
     /// Every write numbered below `below` is written on every peer: tell this peer with the
     /// next batch (no wake-up of its own: it rides along with the traffic, or the ping tick).
     pub(crate) fn announce_stable(&self, below: u64) {
-        self.stable.fetch_max(below, Ordering::Relaxed);
+        self.stable.fetch_max(below, Ordering::SeqCst);
     }
 
-    /// The `Stable` figure to send, when it grew since the last one sent (marked sent).
-    fn stable_due(&self) -> Option<u64> {
-        let below = self.stable.load(Ordering::Relaxed);
-        (below > self.stable_sent.swap(below, Ordering::Relaxed)).then_some(below)
+    /// The latest `Stable` figure (read before taking the frames it is to follow: a figure
+    /// computed after a `NewUuid` was queued then goes out after it).
+    fn stable_seen(&self) -> u64 {
+        self.stable.load(Ordering::SeqCst)
+    }
+
+    /// `seen` (from [`Self::stable_seen`]) if it is above the figure last sent (marked sent).
+    fn stable_due(&self, seen: u64) -> Option<u64> {
+        (seen > self.stable_sent.fetch_max(seen, Ordering::Relaxed)).then_some(seen)
     }
 
     /// Queues a message (dropped silently when the session is gone: its loss handler runs).
@@ -682,7 +687,11 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     if !session.unstable.is_empty() && res.role() != Role::Primary {
         res.mark_unstable(i, &session.unstable.ranges()).await;
     }
-    // Loss bookkeeping: unacknowledged writes go into the peer's bitmap.
+    // Loss bookkeeping: unacknowledged writes go into the peer's bitmap, and the other peers
+    // keep them as unstable until the next generation is announced (`repl::unstable`).
+    if res.role() == Role::Primary {
+        res.hold_stable_for_lost_peer(conn.lowest_pending());
+    }
     *res.peers[i].conn.lock().expect("conn") = None;
     res.peer_leaving(i);
     let lost = conn.close();
@@ -726,8 +735,9 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     tick.reset();
     let mut sent_since_tick = false;
     loop {
+        let stable = conn.stable_seen();
         if conn.out.take(&mut spare) {
-            if let Some(below) = conn.stable_due() {
+            if let Some(below) = conn.stable_due(stable) {
                 push_frame(&mut spare, &Message::Stable { below });
             }
             conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
@@ -766,7 +776,7 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
                 if let Some(t) = conn.report_due() {
                     conn.send(Message::ClientAcked(t));
                 }
-                if let Some(below) = conn.stable_due() {
+                if let Some(below) = conn.stable_due(conn.stable_seen()) {
                     conn.send(Message::Stable { below });
                 }
                 if !std::mem::take(&mut sent_since_tick) {

@@ -782,13 +782,20 @@ impl Resource {
 
     /// Our handshake report for peer `i`.
     pub(crate) fn state_report(&self, i: usize) -> StateReport {
-        let (role, disk, crashed, discard) = {
+        let (role, disk, crashed, discard, follows_primary) = {
             let st = self.state.lock().expect("state");
+            let follows_primary = st.peers.iter().enumerate().any(|(j, p)| {
+                j != i
+                    && p.role == Role::Primary
+                    && p.conn == ConnState::Connected
+                    && p.repl == ReplState::Established
+            });
             (
                 st.role,
                 st.disk,
                 st.crashed_primary,
                 st.peers[i].discard_my_data,
+                follows_primary,
             )
         };
         // A Primary whose reattached disk is still being resynced through its own worker (see
@@ -812,6 +819,7 @@ impl Resource {
                 dirty_bits: m.bitmaps[self.peers[i].slot].count_bits(),
                 discard_my_data: discard,
                 quorum: self.quorum.report(),
+                follows_primary,
             },
             size: self.store.size(),
         }
@@ -929,8 +937,12 @@ impl Resource {
             .iter()
             .filter_map(|p| p.conn.lock().expect("conn").clone())
             .collect();
-        let below =
-            crate::repl::unstable::stable_below(next, conns.iter().map(|c| c.lowest_pending()));
+        // The floor is read after the sessions: a session that ended meanwhile set it first.
+        let below = crate::repl::unstable::stable_below(
+            next,
+            self.stable_floor(),
+            conns.iter().map(|c| c.lowest_pending()),
+        );
         for c in &conns {
             c.announce_stable(below);
         }
@@ -1176,6 +1188,7 @@ impl Resource {
                 c.send(Message::NewUuid(current));
             }
         }
+        self.release_stable_floor();
         self.role_epoch.fetch_add(1, Ordering::SeqCst);
         for &i in &reconnect {
             if self.peers[i].conn.lock().expect("conn").is_some() {

@@ -16,13 +16,24 @@
 use std::collections::VecDeque;
 
 /// The first request number that is not known to be written on every peer: the lowest number
-/// still pending on a live session, or `next_seq` (nothing pending). Every request numbered
-/// below it was written by every peer it was queued to (a peer whose session ended has the
-/// rest in the Primary's bitmap). Read `next_seq` under the numbering lock before looking at
-/// the pending writes, so every request numbered below it is already queued where it goes.
-pub fn stable_below(next_seq: u64, lowest_pending: impl IntoIterator<Item = Option<u64>>) -> u64 {
+/// still pending on a live session, or `next_seq` (nothing pending), and never above `floor`.
+/// Every request numbered below it was written by every peer it was queued to. Read `next_seq`
+/// under the numbering lock before looking at the pending writes, so every request numbered
+/// below it is already queued where it goes.
+///
+/// `floor` is the lowest request a peer whose session ended never confirmed (its blocks are in
+/// the Primary's bitmap for it, which dies with the Primary): until the Primary's next
+/// generation has been announced (`NewUuid`, after which the survivors see that peer as behind
+/// and sync it whole), the survivors must keep those writes in their windows, or a Primary lost
+/// in between would leave them holding writes that peer lacks with no bit set anywhere.
+pub fn stable_below(
+    next_seq: u64,
+    floor: Option<u64>,
+    lowest_pending: impl IntoIterator<Item = Option<u64>>,
+) -> u64 {
     lowest_pending
         .into_iter()
+        .chain(std::iter::once(floor))
         .flatten()
         .fold(next_seq, u64::min)
 }
@@ -79,10 +90,14 @@ mod tests {
 
     #[test]
     fn stable_is_the_lowest_pending_number_or_the_next_one() {
-        assert_eq!(stable_below(10, []), 10);
-        assert_eq!(stable_below(10, [None, None]), 10);
-        assert_eq!(stable_below(10, [Some(7), None, Some(4)]), 4);
-        assert_eq!(stable_below(10, [Some(9)]), 9);
+        assert_eq!(stable_below(10, None, []), 10);
+        assert_eq!(stable_below(10, None, [None, None]), 10);
+        assert_eq!(stable_below(10, None, [Some(7), None, Some(4)]), 4);
+        assert_eq!(stable_below(10, None, [Some(9)]), 9);
+        // A lost peer's unconfirmed writes hold the figure, whatever the live sessions say.
+        assert_eq!(stable_below(10, Some(6), []), 6);
+        assert_eq!(stable_below(10, Some(6), [Some(7), None]), 6);
+        assert_eq!(stable_below(10, Some(6), [Some(3)]), 3);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::repl::state::{DiskState, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -346,6 +346,7 @@ impl Message {
                     Some(false) => 1,
                     Some(true) => 2,
                 });
+                dst.put_u8(u8::from(r.side.follows_primary));
             }
             Message::BitmapChunk { start_word, words } => {
                 dst.put_u8(tag::BITMAP_CHUNK);
@@ -595,6 +596,7 @@ impl Message {
                     2 => Some(true),
                     v => return Err(c.invalid("quorum", u64::from(v))),
                 };
+                let follows_primary = c.flag("follows_primary")?;
                 Message::State(StateReport {
                     side: HandshakeSide {
                         view: SideView {
@@ -607,6 +609,7 @@ impl Message {
                         dirty_bits,
                         discard_my_data,
                         quorum,
+                        follows_primary,
                     },
                     size,
                 })
@@ -1034,9 +1037,10 @@ mod tests {
                 0..Role::ALL.len(),
                 any::<u64>(),
                 any::<bool>(),
-                proptest::option::of(any::<bool>())
+                proptest::option::of(any::<bool>()),
+                any::<bool>()
             )
-                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q)| {
+                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp)| {
                     Message::State(StateReport {
                         side: HandshakeSide {
                             view: SideView {
@@ -1049,6 +1053,7 @@ mod tests {
                             dirty_bits: dirty,
                             discard_my_data: dmd,
                             quorum: q,
+                            follows_primary: fp,
                         },
                         size,
                     })
