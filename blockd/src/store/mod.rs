@@ -12,11 +12,12 @@
 //! discard/zeroing ioctls, which need logical-block alignment; unaligned edges of a zeroing
 //! request are written as zero buffers.
 //!
-//! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] first try `RWF_NOWAIT` on the calling
-//! thread ([`inline`]); whatever the page cache cannot serve without blocking goes to the engine.
+//! Non-FUA writes up to [`DEFAULT_INLINE_MAX`], and reads of any size, first try `RWF_NOWAIT`
+//! on the calling thread ([`inline`]); whatever the page cache cannot serve without blocking
+//! goes to the engine.
 //! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
-//! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
-//! them to its io-wq).
+//! and larger writes run as a plain pwrite on an engine worker (io_uring would only punt them
+//! to its io-wq).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
@@ -46,7 +47,7 @@ pub use uring::{UringConfig, UringEngine};
 pub struct EngineConfig {
     pub uring: UringConfig,
     pub sync: SyncConfig,
-    /// Requests up to this many bytes first try the inline `RWF_NOWAIT` path
+    /// Writes up to this many bytes, and every read, first try the inline `RWF_NOWAIT` path
     /// ([`inline`]); 0 disables it.
     pub inline_max: usize,
 }
@@ -55,11 +56,12 @@ pub struct EngineConfig {
 const ZERO_CHUNK: usize = 1 << 20;
 /// A shared, never-freed buffer of zeroes for the write-zeroes fallback.
 static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
-/// Default largest request tried on the inline `RWF_NOWAIT` path (see [`inline`]): on this
-/// project's reference machine it doubles cached 4 KiB read IOPS on ext4. Larger requests go
-/// to the engine's threads: behind an NBD connection, a 1 MiB memcpy on the async worker
-/// serialises with receiving the next request, and handing it off made 1 MiB sequential
-/// reads and writes over NBD 20-40% faster (docs/benchmarks-nbd.md).
+/// Default largest write tried on the inline `RWF_NOWAIT` path (see [`inline`]; reads try it
+/// at any size): on this project's reference machine it doubles cached 4 KiB read IOPS on
+/// ext4. Larger writes go to the engine's threads: behind an NBD connection, a 1 MiB memcpy on
+/// the async worker serialised with receiving the next request, and handing it off made 1 MiB
+/// sequential writes over NBD 20-40% faster (docs/benchmarks-nbd.md). Large reads now run in
+/// a task of their own, where the inline copy is the cheapest.
 pub const DEFAULT_INLINE_MAX: usize = 128 << 10;
 /// Upper bound on extents returned by one `block_status` call (the reply stays small; the
 /// client asks again for the rest).
