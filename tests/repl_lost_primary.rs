@@ -273,11 +273,15 @@ fn marks_between_secondaries_wait_for_the_next_primary() {
             .cloned()
             .expect("n1")
     };
+    let kept = p(&c.status(0));
     assert!(
-        p(&c.status(0))["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0,
+        kept["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0,
         "n0 resynced its marks to n1 while n2 is Primary (or dropped them):\nbefore {st:#}\nafter {st2:#}\n{}",
         tail(&c.log(0), 30)
     );
+    assert_eq!(kept["marks_wait_for_primary"], true, "{kept:#}");
+    // They are not waited for: n0 counts as in sync.
+    c.blockctl_ok(Some(0), &["wait-sync", "r0", "--timeout", "10"]);
     assert!(
         !c.log(0).contains("resync started (source)"),
         "n0 became a resync source:\n{}",

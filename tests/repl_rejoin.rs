@@ -66,7 +66,38 @@ fn a_secondary_rejoining_under_writes_ends_identical() {
     });
     std::thread::sleep(Duration::from_millis(500));
     proxy1.set(LinkMode::Pass);
-    let status = w.0.wait().expect("fio");
+    // n1 is the sync target of both at once, while the writes go on.
+    c.wait_peer(
+        1,
+        2,
+        Duration::from_secs(10),
+        "the Primary resyncing n1 too",
+        |p| p["replication"] == "sync-target",
+    );
+    let both = c.status(1);
+    let n0 = both["peers"]
+        .as_array()
+        .expect("peers")
+        .iter()
+        .find(|p| p["node"] == "n0")
+        .cloned()
+        .expect("n0");
+    assert_eq!(
+        n0["replication"], "sync-target",
+        "n0's resync of n1 ended first: {both:#}"
+    );
+    assert!(
+        w.0.try_wait().expect("fio").is_none(),
+        "fio ended before the resyncs overlapped"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = w.0.try_wait().expect("fio") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "fio did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(status.success(), "fio failed");
     c.wait_synced(2, Duration::from_secs(60));
     let want = c.data_checksum(2);

@@ -376,6 +376,9 @@ fn print_status(s: &Status) {
             p.out_of_sync_bytes,
             p.in_flight
         );
+        if p.marks_wait_for_primary {
+            print!(" (marked for the next Primary)");
+        }
         if p.protocol != "C" {
             print!(
                 " unconfirmed:{} ({} bytes)",
@@ -682,7 +685,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     && s.peers.iter().all(|p| {
                         p.connection == "connected"
                             && p.replication == "established"
-                            && p.out_of_sync_bytes == 0
+                            && (p.out_of_sync_bytes == 0 || p.marks_wait_for_primary)
                             && p.disk == "up-to-date"
                     });
                 if let Some((p, r)) = syncing.first() {

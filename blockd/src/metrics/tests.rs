@@ -43,6 +43,7 @@ fn status() -> Status {
             sndbuf_size: 16 << 20,
             congested: true,
             congested_writes: 7,
+            marks_wait_for_primary: false,
         }],
     }
 }

@@ -441,7 +441,8 @@ impl Resource {
         self.flush_inner().await
     }
 
-    /// A Primary without quorum holds or fails reads too (its data may be stale).
+    /// An NBD client's read. A Primary without quorum holds or fails reads too (its data may be
+    /// stale).
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
         self.app_io_bytes
             .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
@@ -449,11 +450,11 @@ impl Resource {
             self.quorum_gate(offset, len as u64).await?;
         }
         if self.role() != Role::Primary {
-            return self.store.read(offset, len).await;
+            return self.store.read_for_client(offset, len).await;
         }
         let source = disk_failure::read_source(self.disk(), &self.peer_views());
         match source {
-            Ok(ReadSource::Local) => match self.store.read(offset, len).await {
+            Ok(ReadSource::Local) => match self.store.read_for_client(offset, len).await {
                 Ok(data) => Ok(data),
                 Err(e) => match self.local_failure(&e, false, offset, len as u64).await {
                     // Retried through a peer: the request that hit the error still completes.
@@ -624,7 +625,7 @@ impl Device {
         match self {
             Device::Snapshot(s) => s.read(offset, len).await,
             Device::Replicated(r) => r.read(offset, len).await,
-            Device::Local(s) => s.read(offset, len).await,
+            Device::Local(s) => s.read_for_client(offset, len).await,
         }
     }
 

@@ -73,6 +73,9 @@ pub struct HandshakeOutcome {
     /// The connection state afterwards.
     pub conn: ConnState,
     pub commands: Vec<Command>,
+    /// Blocks are marked on a side but wait for the next Primary
+    /// ([`marks_wait_for_the_primary`]): in sync for now, not to be waited for.
+    pub marks_wait: bool,
 }
 
 /// Runs the handshake decision for `me` against `peer`.
@@ -85,6 +88,7 @@ pub fn handshake(
     let mut split_brain = None;
     // After a resolved split brain the OR of both bitmaps covers the divergence (UseBitmap), or
     // nothing does (FullSync).
+    let mut marks_wait = false;
     let outcome = match decision.outcome {
         SyncOutcome::SplitBrain(kind) => {
             let side = |s: &HandshakeSide, other: &HandshakeSide| SplitBrainSide {
@@ -115,6 +119,7 @@ pub fn handshake(
                 && (me.dirty_bits > 0 || peer.dirty_bits > 0) =>
         {
             if marks_wait_for_the_primary(me, peer) {
+                marks_wait = true;
                 SyncOutcome::NoSync
             } else if marked_blocks_source(me, peer) {
                 SyncOutcome::Source(BitmapPlan::UseBitmap)
@@ -185,6 +190,7 @@ pub fn handshake(
         split_brain,
         conn,
         commands,
+        marks_wait,
     }
 }
 
@@ -472,6 +478,7 @@ mod tests {
             let d = handshake(&a, &b, &pol);
             assert_eq!(d.commands, [Command::Enter(ReplState::Established)]);
             assert_eq!(d.decision.outcome, SyncOutcome::NoSync);
+            assert!(d.marks_wait && handshake(&b, &a, &pol).marks_wait);
             assert_eq!(
                 handshake(&b, &a, &pol).commands,
                 [Command::Enter(ReplState::Established)]
@@ -479,6 +486,7 @@ mod tests {
         }
         // ...but a Primary among the two sends them even so.
         a.view.role = Role::Primary;
+        assert!(!handshake(&a, &b, &pol).marks_wait);
         assert_eq!(handshake(&a, &b, &pol).commands, source);
         assert_eq!(handshake(&b, &a, &pol).commands, target);
         a.view.role = Role::Secondary;

@@ -16,7 +16,7 @@
 //! no peer and look like a split brain at reconnect.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::watch;
 
@@ -55,9 +55,17 @@ pub(crate) struct QuorumState {
     /// A peer was lost while Primary and no write has started the new generation yet.
     new_current_pending: AtomicBool,
     new_current_lock: tokio::sync::Mutex<()>,
-    /// The lowest write a lost peer never confirmed, until the next generation is announced
-    /// (`u64::MAX`: none); caps the `Stable` figure (see `repl::unstable::stable_below`).
-    stable_floor: AtomicU64,
+    /// The lowest write a lost peer may lack, until the next generation is announced; caps the
+    /// `Stable` figure (see `repl::unstable::stable_below`).
+    stable_floor: Mutex<StableFloor>,
+}
+
+/// See [`QuorumState::stable_floor`]. `losses` counts the peers lost while it was set, so a
+/// release only clears what the announced generation covers.
+#[derive(Debug, Default)]
+struct StableFloor {
+    below: Option<u64>,
+    losses: u64,
 }
 
 impl QuorumState {
@@ -92,7 +100,7 @@ impl QuorumState {
             changed: watch::channel(verdict.quorum).0,
             new_current_pending: AtomicBool::new(false),
             new_current_lock: tokio::sync::Mutex::new(()),
-            stable_floor: AtomicU64::new(u64::MAX),
+            stable_floor: Mutex::new(StableFloor::default()),
         }
     }
 
@@ -247,27 +255,46 @@ impl Resource {
         });
     }
 
-    /// A Primary is losing a peer whose lowest unconfirmed write is `missed_from`: the `Stable`
-    /// figure stays below it until the next generation is announced (see
-    /// `repl::unstable::stable_below`). Called while the session is still visible to
-    /// [`Resource::announce_stable`], so no announcement misses both.
-    pub(crate) fn hold_stable_for_lost_peer(&self, missed_from: Option<u64>) {
-        if let Some(seq) = missed_from {
-            self.quorum.stable_floor.fetch_min(seq, Ordering::SeqCst);
-        }
+    /// A Primary is losing a peer that may lack every write numbered from `missed_from` on (its
+    /// lowest unconfirmed one, or the next number when none was pending): the `Stable` figure
+    /// stays below it until the next generation is announced (see
+    /// `repl::unstable::stable_below`). Called under the numbering lock while the session is
+    /// still visible to [`Resource::announce_stable`], so no announcement misses both.
+    pub(crate) fn hold_stable_for_lost_peer(&self, missed_from: u64) {
+        let mut f = self.quorum.stable_floor.lock().expect("stable floor");
+        f.below = Some(f.below.map_or(missed_from, |b| b.min(missed_from)));
+        f.losses += 1;
     }
 
     /// The cap of the `Stable` figure, if a lost peer set one.
     pub(crate) fn stable_floor(&self) -> Option<u64> {
-        let floor = self.quorum.stable_floor.load(Ordering::SeqCst);
-        (floor != u64::MAX).then_some(floor)
+        self.quorum.stable_floor.lock().expect("stable floor").below
+    }
+
+    /// The peers lost so far (read before choosing who gets the next generation's `NewUuid`).
+    pub(crate) fn stable_floor_losses(&self) -> u64 {
+        self.quorum
+            .stable_floor
+            .lock()
+            .expect("stable floor")
+            .losses
     }
 
     /// The new generation was queued to every peer that follows it (`NewUuid`, in-stream before
     /// any later `Stable`): a survivor that misses it is behind by a generation, and writes a
-    /// lost peer never got no longer need holding in the survivors' windows.
-    pub(crate) fn release_stable_floor(&self) {
-        self.quorum.stable_floor.store(u64::MAX, Ordering::SeqCst);
+    /// lost peer never got no longer need holding in the survivors' windows. `losses_before` is
+    /// [`Self::stable_floor_losses`] from before the peers that follow were chosen: if a peer
+    /// was lost since, its floor stays and a new generation is owed for it again.
+    pub(crate) fn release_stable_floor(&self, losses_before: u64) {
+        let mut f = self.quorum.stable_floor.lock().expect("stable floor");
+        if f.losses == losses_before {
+            f.below = None;
+        } else {
+            drop(f);
+            self.quorum
+                .new_current_pending
+                .store(true, Ordering::SeqCst);
+        }
     }
 
     /// A Primary lost a peer: the next write starts a new generation; until then it counts as
@@ -317,6 +344,7 @@ impl Resource {
         if !q.new_current_pending.load(Ordering::SeqCst) {
             return Ok(GenerationStart::NotOwed);
         }
+        let losses = self.stable_floor_losses();
         let (mut in_sync, mut out_of_sync, mut reconnect) = {
             let st = self.state.lock().expect("state");
             let mut in_sync = Vec::new();
@@ -381,7 +409,7 @@ impl Resource {
                 c.send(Message::NewUuid(current));
             }
         }
-        self.release_stable_floor();
+        self.release_stable_floor(losses);
         self.role_epoch.fetch_add(1, Ordering::SeqCst);
         for &i in &reconnect {
             if self.peers[i].conn.lock().expect("conn").is_some() {

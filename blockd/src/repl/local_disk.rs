@@ -70,6 +70,11 @@ impl LocalStore {
         self.current().read(offset, len).await
     }
 
+    /// An NBD client's read (see [`crate::store::BlockStore::read_for_client`]).
+    pub async fn read_for_client(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.current().read_for_client(offset, len).await
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         self.current().write(offset, data, fua).await
     }

@@ -688,11 +688,17 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         res.mark_unstable(i, &session.unstable.ranges()).await;
     }
     // Loss bookkeeping: unacknowledged writes go into the peer's bitmap, and the other peers
-    // keep them as unstable until the next generation is announced (`repl::unstable`).
-    if res.role() == Role::Primary {
-        res.hold_stable_for_lost_peer(conn.lowest_pending());
+    // keep them as unstable until the next generation is announced (`repl::unstable`). Under
+    // the numbering lock: every write numbered from here on finds the session gone (and goes
+    // to the bitmap), so the floor covers it too.
+    let primary_now = res.role() == Role::Primary;
+    {
+        let order = res.order.lock().expect("order");
+        if primary_now {
+            res.hold_stable_for_lost_peer(conn.lowest_pending().unwrap_or(order.seq));
+        }
+        *res.peers[i].conn.lock().expect("conn") = None;
     }
-    *res.peers[i].conn.lock().expect("conn") = None;
     res.peer_leaving(i);
     let lost = conn.close();
     let slot = res.peers[i].slot;
@@ -1481,6 +1487,7 @@ impl Session {
             s.last_error = None;
             // Whatever a Primary lost before reaches this node by the resync now.
             s.known_loss = None;
+            s.marks_wait = out.marks_wait;
             if enter == ReplState::Established {
                 s.disk = if s.disk.is_consistent() {
                     DiskState::UpToDate

@@ -152,6 +152,8 @@ pub(crate) struct PeerState {
     /// This peer was Primary when the link was lost and had acknowledged writes this node
     /// never received (cleared by the next handshake with it, or by promoting this node).
     pub known_loss: Option<crate::repl::lost_writes::KnownLoss>,
+    /// The last handshake kept blocks marked for the next Primary (`handshake::marks_wait`).
+    pub marks_wait: bool,
 }
 
 pub(crate) struct State {
@@ -284,6 +286,11 @@ pub struct PeerStatus {
     /// Writes that had to wait for room, since the link came up.
     #[serde(default)]
     pub congested_writes: u64,
+    /// Both nodes are Secondaries following a live Primary: `out_of_sync_bytes` are blocks
+    /// marked after a Primary's link was lost, kept for the next Primary to resync rather than
+    /// resynced between the two (see docs/replication.md); `wait-sync` does not wait for them.
+    #[serde(default)]
+    pub marks_wait_for_primary: bool,
 }
 
 /// Status of the resource.
@@ -616,6 +623,7 @@ impl Resource {
                 verify: None,
                 checksum_next: false,
                 known_loss: None,
+                marks_wait: false,
             })
             .collect();
         tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
@@ -884,6 +892,9 @@ impl Resource {
                     sndbuf_size: self.spec.sndbuf_size,
                     congested,
                     congested_writes,
+                    marks_wait_for_primary: ps.marks_wait
+                        && ps.conn == ConnState::Connected
+                        && ps.repl == ReplState::Established,
                 }
             })
             .collect();
@@ -937,12 +948,10 @@ impl Resource {
             .iter()
             .filter_map(|p| p.conn.lock().expect("conn").clone())
             .collect();
-        // The floor is read after the sessions: a session that ended meanwhile set it first.
-        let below = crate::repl::unstable::stable_below(
-            next,
-            self.stable_floor(),
-            conns.iter().map(|c| c.lowest_pending()),
-        );
+        let pending: Vec<Option<u64>> = conns.iter().map(|c| c.lowest_pending()).collect();
+        // The floor is read after the sessions' pending writes: a session that closed before
+        // its writes were looked at had set it first.
+        let below = crate::repl::unstable::stable_below(next, self.stable_floor(), pending);
         for c in &conns {
             c.announce_stable(below);
         }
@@ -1174,6 +1183,8 @@ impl Resource {
             })
             .await
             .map_err(ResourceError::MetaUpdate)?;
+        // A peer lost from here on (we are Primary) holds `Stable` back; see below.
+        let losses = self.stable_floor_losses();
         {
             let mut st = self.state.lock().expect("state");
             st.role = Role::Primary;
@@ -1188,7 +1199,6 @@ impl Resource {
                 c.send(Message::NewUuid(current));
             }
         }
-        self.release_stable_floor();
         self.role_epoch.fetch_add(1, Ordering::SeqCst);
         for &i in &reconnect {
             if self.peers[i].conn.lock().expect("conn").is_some() {
@@ -1196,6 +1206,9 @@ impl Resource {
             }
         }
         self.generation_started();
+        // A floor left from an earlier time as Primary is covered by this generation; one set
+        // by a peer lost during the promotion stays, with a generation owed for it.
+        self.release_stable_floor(losses);
         tracing::info!(resource = %self.spec.name, forced, %current, "promoted to Primary");
         self.emit(None, "role", Role::Primary.as_str());
         self.emit(None, "disk", DiskState::UpToDate.as_str());

@@ -1,6 +1,6 @@
 //! The inline fast path: non-blocking (`RWF_NOWAIT`) reads and writes tried on the calling
-//! async thread before a request is handed to the engine (writes up to the configured size,
-//! reads of any size).
+//! async thread before a request is handed to the engine (up to the configured size; an NBD
+//! client's reads at any size).
 //!
 //! A buffered read whose pages are cached, or a buffered write the filesystem can take without
 //! blocking, costs a memcpy; sending it to another thread costs two wake-ups. Anything the
@@ -9,8 +9,8 @@
 //! path on the first `EOPNOTSUPP`.
 //!
 //! Memory-backed files (tmpfs, ramfs) never wait for a device, but tmpfs rejects `RWF_NOWAIT`:
-//! for them plain (and FUA: `RWF_DSYNC` is free there) reads and writes run inline, writes
-//! bounded by the memcpy of at most `max` bytes.
+//! for them plain (and FUA: `RWF_DSYNC` is free there) reads and writes run inline, bounded by
+//! the memcpy of at most `max` bytes (a client's read: any size).
 
 use std::fs::File;
 use std::io;
@@ -20,19 +20,20 @@ use bytes::BytesMut;
 
 use super::os;
 
-/// Largest read tried inline (when the path is on): any size. A cached (or memory-backed) read
-/// costs the same memcpy wherever it runs, and large reads run in a task of their own (the NBD
-/// layer spawns them), so nothing waits behind it. Handed to the engine, a cached read on ext4
-/// was copied by the io_uring ring thread, which serialised the copies of every large read on
-/// that one thread, and a tmpfs read cost two thread hops to a pool worker (1 MiB reads at QD8
-/// over NBD: docs/benchmarks-nbd.md, session 7).
-const READ_MAX: usize = 64 << 20;
+/// Largest client read tried inline (when the path is on): any size. An NBD client's large
+/// read runs in a task of its own, so nothing waits behind its memcpy, which costs the same
+/// wherever it runs. Handed to the engine, a cached read on ext4 was copied by the io_uring
+/// ring thread, which serialised the copies of every large read on that one thread, and a
+/// tmpfs read cost two thread hops to a pool worker (1 MiB reads at QD8 over NBD:
+/// docs/benchmarks-nbd.md, session 7). Other large reads (resync, verify, snapshots) may run
+/// on a replication session's receive loop and keep to `max`.
+const CLIENT_READ_MAX: usize = 64 << 20;
 
 pub(crate) struct InlinePath {
-    /// Largest write tried inline (0 disables the path).
+    /// Largest write or read tried inline (0 disables the path).
     max: usize,
-    /// Largest read tried inline ([`READ_MAX`]; 0 when the path is off).
-    read_max: usize,
+    /// Largest client read tried inline ([`CLIENT_READ_MAX`]; 0 when the path is off).
+    client_read_max: usize,
     /// tmpfs/ramfs: blocking calls are memcpys, run them inline without `RWF_NOWAIT`.
     memory_backed: bool,
     reads: AtomicBool,
@@ -41,10 +42,14 @@ pub(crate) struct InlinePath {
 
 impl InlinePath {
     pub(crate) fn new(max: usize, memory_backed: bool) -> InlinePath {
-        let read_max = if max == 0 { 0 } else { max.max(READ_MAX) };
+        let client_read_max = if max == 0 {
+            0
+        } else {
+            max.max(CLIENT_READ_MAX)
+        };
         InlinePath {
             max,
-            read_max,
+            client_read_max,
             memory_backed,
             reads: AtomicBool::new(max > 0),
             writes: AtomicBool::new(max > 0),
@@ -53,9 +58,15 @@ impl InlinePath {
 
     /// Reads what the page cache can give without blocking (on memory-backed files: plainly):
     /// a buffer of at most `len` bytes (possibly empty), the rest to be read by the engine.
-    pub(crate) fn read(&self, file: &File, offset: u64, len: usize) -> BytesMut {
+    /// `client`: an NBD client's read, running in a task of its own (any size is tried).
+    pub(crate) fn read(&self, file: &File, offset: u64, len: usize, client: bool) -> BytesMut {
         let mut buf = BytesMut::new();
-        if len > self.read_max || !self.reads.load(Ordering::Relaxed) {
+        let limit = if client {
+            self.client_read_max
+        } else {
+            self.max
+        };
+        if len > limit || !self.reads.load(Ordering::Relaxed) {
             return buf;
         }
         while buf.len() < len {

@@ -12,12 +12,12 @@
 //! discard/zeroing ioctls, which need logical-block alignment; unaligned edges of a zeroing
 //! request are written as zero buffers.
 //!
-//! Non-FUA writes up to [`DEFAULT_INLINE_MAX`], and reads of any size, first try `RWF_NOWAIT`
-//! on the calling thread ([`inline`]); whatever the page cache cannot serve without blocking
-//! goes to the engine.
+//! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] (an NBD client's reads at any size:
+//! [`BlockStore::read_for_client`]) first try `RWF_NOWAIT` on the calling thread ([`inline`]);
+//! whatever the page cache cannot serve without blocking goes to the engine.
 //! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
-//! and larger writes run as a plain pwrite on an engine worker (io_uring would only punt them
-//! to its io-wq).
+//! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
+//! them to its io-wq).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
@@ -47,8 +47,8 @@ pub use uring::{UringConfig, UringEngine};
 pub struct EngineConfig {
     pub uring: UringConfig,
     pub sync: SyncConfig,
-    /// Writes up to this many bytes, and every read, first try the inline `RWF_NOWAIT` path
-    /// ([`inline`]); 0 disables it.
+    /// Requests up to this many bytes (an NBD client's reads at any size) first try the inline
+    /// `RWF_NOWAIT` path ([`inline`]); 0 disables it.
     pub inline_max: usize,
 }
 
@@ -56,12 +56,13 @@ pub struct EngineConfig {
 const ZERO_CHUNK: usize = 1 << 20;
 /// A shared, never-freed buffer of zeroes for the write-zeroes fallback.
 static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
-/// Default largest write tried on the inline `RWF_NOWAIT` path (see [`inline`]; reads try it
-/// at any size): on this project's reference machine it doubles cached 4 KiB read IOPS on
-/// ext4. Larger writes go to the engine's threads: behind an NBD connection, a 1 MiB memcpy on
-/// the async worker serialised with receiving the next request, and handing it off made 1 MiB
-/// sequential writes over NBD 20-40% faster (docs/benchmarks-nbd.md). Large reads now run in
-/// a task of their own, where the inline copy is the cheapest.
+/// Default largest request tried on the inline `RWF_NOWAIT` path (see [`inline`]; an NBD
+/// client's reads try it at any size): on this project's reference machine it doubles cached
+/// 4 KiB read IOPS on ext4. Larger requests go to the engine's threads: behind an NBD
+/// connection, a 1 MiB memcpy on the async worker serialised with receiving the next request,
+/// and handing it off made 1 MiB sequential writes over NBD 20-40% faster
+/// (docs/benchmarks-nbd.md); a client's large read now runs in a task of its own, where the
+/// inline copy is the cheapest.
 pub const DEFAULT_INLINE_MAX: usize = 128 << 10;
 /// Upper bound on extents returned by one `block_status` call (the reply stays small; the
 /// client asks again for the rest).
@@ -498,11 +499,29 @@ impl BlockStore {
 
     /// Reads exactly `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.read_inline_up_to(offset, len, false).await
+    }
+
+    /// [`Self::read`] for an NBD client, from a task of the request's own when `len` is large:
+    /// cached data of any size is copied right here rather than by the engine.
+    pub async fn read_for_client(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+        self.read_inline_up_to(offset, len, true).await
+    }
+
+    async fn read_inline_up_to(
+        &self,
+        offset: u64,
+        len: usize,
+        client: bool,
+    ) -> Result<BytesMut, StoreError> {
         self.check_range(offset, len as u64)?;
         if len == 0 {
             return Ok(BytesMut::new());
         }
-        let mut buf = self.inner.inline.read(&self.inner.file, offset, len);
+        let mut buf = self
+            .inner
+            .inline
+            .read(&self.inner.file, offset, len, client);
         let done = buf.len();
         if done == len {
             return Ok(buf);

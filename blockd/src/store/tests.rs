@@ -451,10 +451,9 @@ async fn engine_gone(engine: Setup) {
         .await
         .unwrap();
     store.kill_engine_for_test();
-    // A write larger than the inline limit must go through the (dead) engine (reads of cached
-    // pages are served inline at any size).
-    let big = Bytes::from(vec![7u8; DEFAULT_INLINE_MAX + 1]);
-    let r = tokio::time::timeout(Duration::from_secs(5), store.write(0, big, false))
+    // Larger than the inline limit, so it must go through the (dead) engine.
+    let big = DEFAULT_INLINE_MAX + 1;
+    let r = tokio::time::timeout(Duration::from_secs(5), store.read(0, big))
         .await
         .expect("a dead engine must not hang");
     assert!(matches!(r, Err(StoreError::EngineGone)), "got {r:?}");
@@ -954,11 +953,12 @@ fn inline_path_serves_cached_and_memory_backed_io() {
             Fs::Disk => os::pwrite_full(&f, &data[written..], 123 + written as u64, 0).unwrap(),
         }
         // Cached (or memory-backed) data is read inline in full.
-        let got = path.read(&f, 123, data.len());
+        let got = path.read(&f, 123, data.len(), false);
         assert!(got[..] == data[..], "{fs:?}");
-        // Larger than the limit: no write inline; reads at any size.
+        // Larger than the limit: nothing inline, but a client's read at any size.
         assert_eq!(path.write(&f, 0, &vec![1u8; (1 << 20) + 1], false), 0);
-        let big = path.read(&f, 0, (1 << 20) + 1);
+        assert!(path.read(&f, 0, (1 << 20) + 1, false).is_empty());
+        let big = path.read(&f, 0, (1 << 20) + 1, true);
         assert_eq!(big.len(), 1 << 20, "reads stop at the end of the file");
         assert!(big[123..123 + data.len()] == data[..], "{fs:?}");
     }
