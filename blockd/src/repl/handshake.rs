@@ -20,7 +20,8 @@ pub struct HandshakeSide {
     pub discard_my_data: bool,
     /// Quorum state now; `None` when quorum is off.
     pub quorum: Option<bool>,
-    /// This side is connected to a Primary (a third node) that replicates to it now.
+    /// This side is connected to a Primary (a third node) that replicates to it now (in sync
+    /// or resyncing it).
     pub follows_primary: bool,
 }
 

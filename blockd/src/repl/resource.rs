@@ -792,12 +792,12 @@ impl Resource {
     pub(crate) fn state_report(&self, i: usize) -> StateReport {
         let (role, disk, crashed, discard, follows_primary) = {
             let st = self.state.lock().expect("state");
-            let follows_primary = st.peers.iter().enumerate().any(|(j, p)| {
-                j != i
-                    && p.role == Role::Primary
-                    && p.conn == ConnState::Connected
-                    && p.repl == ReplState::Established
-            });
+            // A third node that is Primary and connected sends its writes here, whether in
+            // sync with us or resyncing us.
+            let follows_primary =
+                st.peers.iter().enumerate().any(|(j, p)| {
+                    j != i && p.role == Role::Primary && p.conn == ConnState::Connected
+                });
             (
                 st.role,
                 st.disk,
