@@ -8,54 +8,69 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::link_proxy::{LinkConfig, LinkMode, LinkProxy};
-use integration_tests::repl::{Cluster, ClusterOptions, free_port, tail};
+use integration_tests::faults::peer;
+use integration_tests::link_proxy::{LinkMode, LinkProxy};
+use integration_tests::repl::{Cluster, ClusterOptions, tail};
 
 const MIB: u64 = 1 << 20;
 const AT: u64 = 8 * MIB;
 /// What `Cluster::spawn_write` writes.
 const LEN: u64 = 64 << 10;
 
-/// The cluster, n2's link to n1 through the proxy (n1, the lower id, dials n2: its config
-/// names the proxy; n2 listens on 127.0.0.2), all three running, n2 Primary and in sync.
-fn cluster() -> (Cluster, LinkProxy) {
+/// The cluster, the links of the nodes in `via_proxy` to n2 through a proxy each, all three
+/// running, n2 Primary and in sync, 16 MiB written.
+fn cluster(via_proxy: &[usize]) -> (Cluster, Vec<LinkProxy>) {
     let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
-    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
-    let proxy_port = free_port();
-    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
-    let proxied = c.config_with_address("n1.toml", 2, &format!("127.0.0.1:{proxy_port}"));
-    let proxy = LinkProxy::start_with(
-        proxy_port,
-        n2_addr.parse().expect("proxy target"),
-        LinkConfig::QUEUED,
-    );
-    c.start_node_with(0, &direct);
-    c.start_node_with(1, &proxied);
-    c.start_node_with(2, &direct);
+    let (_, proxies) = c.start_with_proxied_links(2, via_proxy);
     c.promote(2, true);
     c.wait_synced(2, Duration::from_secs(60));
     c.write_random(2, 0, 16 * MIB, 7);
     c.wait_synced(2, Duration::from_secs(30));
-    (c, proxy)
+    (c, proxies)
+}
+
+/// Waits until node `i`'s backing holds `pattern` at `at` (what `Cluster::spawn_write` wrote).
+fn wait_for_write(c: &Cluster, i: usize, at: u64, pattern: u8, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    while c.read_backing(i, at, LEN) != vec![pattern; LEN as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not reach n{i}:\n{}",
+            tail(&c.log(i), 20)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits until both survivors see the Primary n2 gone.
+fn wait_primary_gone(c: &Cluster) {
+    for i in 0..2 {
+        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
+            p["connection"] != "connected"
+        });
+    }
+}
+
+fn assert_survivors_identical(c: &Cluster, after: &str) {
+    assert_eq!(
+        c.data_checksum(0),
+        c.data_checksum(1),
+        "the survivors differ after {after}:\n--- n0\n{}\n--- n1\n{}",
+        tail(&c.log(0), 30),
+        tail(&c.log(1), 30)
+    );
 }
 
 /// Loses the Primary with one write on n0 only, promotes `new_primary`, and checks the two
 /// survivors end identical.
 fn lost_primary_with_a_write_on_one_secondary(new_primary: usize) {
-    let (mut c, proxy) = cluster();
+    let (mut c, proxies) = cluster(&[1]);
+    let proxy = &proxies[0];
     let before = c.read_backing(0, AT, LEN);
     proxy.set(LinkMode::Stall);
     let _writer = c.spawn_write(2, AT, 171);
     // The write reaches n0 (n2 waits for n1's ack, which cannot come).
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {
-        assert!(
-            Instant::now() < deadline,
-            "the write did not reach n0:\n{}",
-            tail(&c.log(0), 20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_write(&c, 0, AT, 171, Duration::from_secs(4), "the write");
     assert_eq!(
         c.read_backing(1, AT, LEN),
         before,
@@ -64,20 +79,10 @@ fn lost_primary_with_a_write_on_one_secondary(new_primary: usize) {
     c.kill(2);
     proxy.set(LinkMode::Cut);
     // Both survivors see the Primary gone (at once: its sockets closed) before a promotion.
-    for i in 0..2 {
-        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
-            p["connection"] != "connected"
-        });
-    }
+    wait_primary_gone(&c);
     c.promote(new_primary, false);
     c.wait_synced(new_primary, Duration::from_secs(60));
-    assert_eq!(
-        c.data_checksum(0),
-        c.data_checksum(1),
-        "the survivors differ after n{new_primary} was promoted:\n--- n0\n{}\n--- n1\n{}",
-        tail(&c.log(0), 30),
-        tail(&c.log(1), 30)
-    );
+    assert_survivors_identical(&c, &format!("n{new_primary} was promoted"));
     let want = if new_primary == 0 {
         vec![171u8; LEN as usize]
     } else {
@@ -114,37 +119,15 @@ fn promoting_the_secondary_with_the_write_resyncs_the_other() {
 /// survivors stayed different with no bit set anywhere.)
 #[test]
 fn writes_a_lost_secondary_missed_stay_unstable_until_a_new_generation() {
-    let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
-    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
-    let (port0, port1) = (free_port(), free_port());
-    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
-    let via0 = c.config_with_address("n0.toml", 2, &format!("127.0.0.1:{port0}"));
-    let via1 = c.config_with_address("n1.toml", 2, &format!("127.0.0.1:{port1}"));
-    let target = n2_addr.parse().expect("proxy target");
-    let proxy0 = LinkProxy::start_with(port0, target, LinkConfig::QUEUED);
-    let proxy1 = LinkProxy::start_with(port1, target, LinkConfig::QUEUED);
-    c.start_node_with(0, &via0);
-    c.start_node_with(1, &via1);
-    c.start_node_with(2, &direct);
-    c.promote(2, true);
-    c.wait_synced(2, Duration::from_secs(60));
-    c.write_random(2, 0, 16 * MIB, 7);
-    c.wait_synced(2, Duration::from_secs(30));
+    let (mut c, proxies) = cluster(&[0, 1]);
+    let (proxy0, proxy1) = (&proxies[0], &proxies[1]);
     let second = AT + MIB;
     let before = (c.read_backing(1, AT, LEN), c.read_backing(1, second, LEN));
 
     // W reaches n0 only (n1's link is silent).
     proxy1.set(LinkMode::Stall);
     let _w = c.spawn_write(2, AT, 171);
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {
-        assert!(
-            Instant::now() < deadline,
-            "W did not reach n0:\n{}",
-            tail(&c.log(0), 20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_write(&c, 0, AT, 171, Duration::from_secs(4), "W");
     // W1 is queued to both while both links are silent, then n1's link dies: W and W1 go
     // into the Primary's bitmap for n1; W1 is still unconfirmed by n0.
     proxy0.set(LinkMode::Stall);
@@ -157,23 +140,11 @@ fn writes_a_lost_secondary_missed_stay_unstable_until_a_new_generation() {
     // n0 now gets W1 and confirms it; the Primary's next announcements (with the next frames
     // or its 1 s tick) reach n0.
     proxy0.set(LinkMode::Pass);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while c.read_backing(0, second, LEN) != vec![172u8; LEN as usize] {
-        assert!(
-            Instant::now() < deadline,
-            "W1 did not reach n0:\n{}",
-            tail(&c.log(0), 20)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_write(&c, 0, second, 172, Duration::from_secs(10), "W1");
     std::thread::sleep(Duration::from_millis(2500));
     c.kill(2);
     proxy0.set(LinkMode::Cut);
-    for i in 0..2 {
-        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
-            p["connection"] != "connected"
-        });
-    }
+    wait_primary_gone(&c);
     assert_eq!(
         (c.read_backing(1, AT, LEN), c.read_backing(1, second, LEN)),
         before,
@@ -181,13 +152,7 @@ fn writes_a_lost_secondary_missed_stay_unstable_until_a_new_generation() {
     );
     c.promote(1, false);
     c.wait_synced(1, Duration::from_secs(60));
-    assert_eq!(
-        c.data_checksum(0),
-        c.data_checksum(1),
-        "the survivors differ after n1 was promoted:\n--- n0\n{}\n--- n1\n{}",
-        tail(&c.log(0), 30),
-        tail(&c.log(1), 30)
-    );
+    assert_survivors_identical(&c, "n1 was promoted");
     assert_eq!(
         (c.read_backing(0, AT, LEN), c.read_backing(0, second, LEN)),
         before,
@@ -204,35 +169,12 @@ fn writes_a_lost_secondary_missed_stay_unstable_until_a_new_generation() {
 /// promoting n0 resyncs them to n1.
 #[test]
 fn marks_between_secondaries_wait_for_the_next_primary() {
-    let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
-    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
-    let port0 = free_port();
-    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
-    let via0 = c.config_with_address("n0.toml", 2, &format!("127.0.0.1:{port0}"));
-    let proxy0 = LinkProxy::start_with(
-        port0,
-        n2_addr.parse().expect("proxy target"),
-        LinkConfig::QUEUED,
-    );
-    c.start_node_with(0, &via0);
-    c.start_node_with(1, &direct);
-    c.start_node_with(2, &direct);
-    c.promote(2, true);
-    c.wait_synced(2, Duration::from_secs(60));
-    c.write_random(2, 0, 16 * MIB, 7);
-    c.wait_synced(2, Duration::from_secs(30));
+    let (mut c, proxies) = cluster(&[0]);
+    let proxy0 = &proxies[0];
 
     proxy0.set(LinkMode::Delay(1500));
     let _w = c.spawn_write(2, AT, 171);
-    let deadline = Instant::now() + Duration::from_secs(6);
-    while c.read_backing(0, AT, LEN) != vec![171u8; LEN as usize] {
-        assert!(
-            Instant::now() < deadline,
-            "the write did not reach n0:\n{}",
-            tail(&c.log(0), 20)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_write(&c, 0, AT, 171, Duration::from_secs(6), "the write");
     proxy0.set(LinkMode::Cut);
     c.wait_peer(0, 2, Duration::from_secs(20), "n2 gone", |p| {
         p["connection"] != "connected"
@@ -264,16 +206,7 @@ fn marks_between_secondaries_wait_for_the_next_primary() {
         p["replication"] == "established"
     });
     std::thread::sleep(Duration::from_secs(1));
-    let p = |st: &serde_json::Value| {
-        st["peers"]
-            .as_array()
-            .expect("peers")
-            .iter()
-            .find(|p| p["node"] == "n1")
-            .cloned()
-            .expect("n1")
-    };
-    let kept = p(&c.status(0));
+    let kept = peer(&c, &c.status(0), 1).clone();
     assert!(
         kept["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0,
         "n0 resynced its marks to n1 while n2 is Primary (or dropped them):\nbefore {st:#}\nafter {st2:#}\n{}",
@@ -289,17 +222,9 @@ fn marks_between_secondaries_wait_for_the_next_primary() {
     );
     // The Primary is lost; promoting n0 resyncs the marked blocks to n1.
     c.kill(2);
-    for i in 0..2 {
-        c.wait_peer(i, 2, Duration::from_secs(20), "n2 gone", |p| {
-            p["connection"] != "connected"
-        });
-    }
+    wait_primary_gone(&c);
     c.promote(0, false);
     c.wait_synced(0, Duration::from_secs(60));
-    assert_eq!(p(&c.status(0))["out_of_sync_bytes"], 0);
-    assert_eq!(
-        c.data_checksum(0),
-        c.data_checksum(1),
-        "the survivors differ"
-    );
+    assert_eq!(peer(&c, &c.status(0), 1)["out_of_sync_bytes"], 0);
+    assert_survivors_identical(&c, "n0 was promoted");
 }

@@ -7,8 +7,9 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use integration_tests::link_proxy::{LinkConfig, LinkMode, LinkProxy};
-use integration_tests::repl::{Cluster, ClusterOptions, free_port, tail};
+use integration_tests::faults::peer;
+use integration_tests::link_proxy::LinkMode;
+use integration_tests::repl::{Cluster, ClusterOptions, tail};
 
 /// Starts fio random writes at 2,000 IOPS for `secs` through node `i`'s export.
 fn writer(c: &Cluster, i: usize, secs: u32) -> integration_tests::ChildGuard {
@@ -42,25 +43,15 @@ fn a_secondary_rejoining_under_writes_ends_identical() {
     let mut opts = ClusterOptions::new(3, "C");
     opts.resync_rate = "8M".to_string();
     let mut c = Cluster::create(&opts);
-    let n2_addr = format!("127.0.0.2:{}", c.nodes[2].repl_port);
-    let port1 = free_port();
-    let direct = c.config_with_address("direct.toml", 2, &n2_addr);
-    let via1 = c.config_with_address("n1.toml", 2, &format!("127.0.0.1:{port1}"));
-    let proxy1 = LinkProxy::start_with(
-        port1,
-        n2_addr.parse().expect("proxy target"),
-        LinkConfig::QUEUED,
-    );
-    c.start_node_with(0, &direct);
-    c.start_node_with(1, &via1);
-    c.start_node_with(2, &direct);
+    let (configs, proxies) = c.start_with_proxied_links(2, &[1]);
+    let proxy1 = &proxies[0];
     c.promote(2, true);
     c.wait_synced(2, Duration::from_secs(60));
     c.stop(1);
     c.write_random(2, 0, 32 << 20, 11);
     proxy1.set(LinkMode::Cut);
     let mut w = writer(&c, 2, 14);
-    c.start_node_with(1, &via1);
+    c.start_node_with(1, &configs[1]);
     c.wait_peer(1, 0, Duration::from_secs(20), "n0 resyncing n1", |p| {
         p["connection"] == "connected"
     });
@@ -75,15 +66,9 @@ fn a_secondary_rejoining_under_writes_ends_identical() {
         |p| p["replication"] == "sync-target",
     );
     let both = c.status(1);
-    let n0 = both["peers"]
-        .as_array()
-        .expect("peers")
-        .iter()
-        .find(|p| p["node"] == "n0")
-        .cloned()
-        .expect("n0");
     assert_eq!(
-        n0["replication"], "sync-target",
+        peer(&c, &both, 0)["replication"],
+        "sync-target",
         "n0's resync of n1 ended first: {both:#}"
     );
     assert!(

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::link_proxy::{LinkConfig, LinkProxy};
 use crate::{blockd_bin, run_timeout};
 
 /// The resource every test cluster runs.
@@ -231,6 +232,32 @@ impl Cluster {
         std::fs::write(&path, base.replace(&line, &format!("address = \"{addr}\"")))
             .expect("write config");
         path
+    }
+
+    /// Starts every node, the replication links to node `to` from the nodes in `via_proxy`
+    /// each through a [`LinkProxy`] (queued reads): the lower id dials, so those nodes' configs
+    /// name the proxy as `to`'s address, while `to` itself listens on 127.0.0.2. Returns each
+    /// node's config file (to restart it with) and the proxies, in `via_proxy` order.
+    pub fn start_with_proxied_links(
+        &mut self,
+        to: usize,
+        via_proxy: &[usize],
+    ) -> (Vec<PathBuf>, Vec<LinkProxy>) {
+        let to_addr = format!("127.0.0.2:{}", self.nodes[to].repl_port);
+        let target: SocketAddr = to_addr.parse().expect("proxy target");
+        let direct = self.config_with_address("direct.toml", to, &to_addr);
+        let mut configs = vec![direct; self.nodes.len()];
+        let mut proxies = Vec::with_capacity(via_proxy.len());
+        for &i in via_proxy {
+            let port = free_port();
+            let via = format!("127.0.0.1:{port}");
+            configs[i] = self.config_with_address(&format!("n{i}.toml"), to, &via);
+            proxies.push(LinkProxy::start_with(port, target, LinkConfig::QUEUED));
+        }
+        for (i, config) in configs.iter().enumerate() {
+            self.start_node_with(i, config);
+        }
+        (configs, proxies)
     }
 
     /// SIGKILL: a crash.

@@ -30,10 +30,8 @@ use super::os;
 const CLIENT_READ_MAX: usize = 64 << 20;
 
 pub(crate) struct InlinePath {
-    /// Largest write or read tried inline (0 disables the path).
+    /// Largest write or read tried inline, a client's read aside (0 disables the path).
     max: usize,
-    /// Largest client read tried inline ([`CLIENT_READ_MAX`]; 0 when the path is off).
-    client_read_max: usize,
     /// tmpfs/ramfs: blocking calls are memcpys, run them inline without `RWF_NOWAIT`.
     memory_backed: bool,
     reads: AtomicBool,
@@ -42,14 +40,8 @@ pub(crate) struct InlinePath {
 
 impl InlinePath {
     pub(crate) fn new(max: usize, memory_backed: bool) -> InlinePath {
-        let client_read_max = if max == 0 {
-            0
-        } else {
-            max.max(CLIENT_READ_MAX)
-        };
         InlinePath {
             max,
-            client_read_max,
             memory_backed,
             reads: AtomicBool::new(max > 0),
             writes: AtomicBool::new(max > 0),
@@ -61,8 +53,9 @@ impl InlinePath {
     /// `client`: an NBD client's read, running in a task of its own (any size is tried).
     pub(crate) fn read(&self, file: &File, offset: u64, len: usize, client: bool) -> BytesMut {
         let mut buf = BytesMut::new();
+        // With the path off (`max` 0), `reads` is false from the start.
         let limit = if client {
-            self.client_read_max
+            self.max.max(CLIENT_READ_MAX)
         } else {
             self.max
         };
