@@ -158,7 +158,7 @@ for rep in $(seq "$REPEAT"); do
             perf_pids=()
             if [ -n "$PERF_DIR" ]; then
                 for k in "${!PIDS[@]}"; do
-                    perf record -g -o "$PERF_DIR/$cfg-$job-n$k.data" -p "${PIDS[$k]}" \
+                    perf record ${PERF_ARGS:--g} -o "$PERF_DIR/$cfg-$job-n$k.data" -p "${PIDS[$k]}" \
                         >/dev/null 2>&1 &
                     perf_pids+=($!)
                 done

@@ -32,10 +32,12 @@ pub enum FrameError {
     Write(#[source] std::io::Error),
 }
 
-fn checksum(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
+fn checksum(len_bytes: [u8; 4], parts: &[&[u8]]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
     hasher.update(&len_bytes);
-    hasher.update(payload);
+    for part in parts {
+        hasher.update(part);
+    }
     hasher.finalize()
 }
 
@@ -48,18 +50,24 @@ pub fn encode(payload: &[u8], dst: &mut BytesMut) {
     let len_bytes = len.to_be_bytes();
     dst.reserve(HEADER_LEN + payload.len());
     dst.put_slice(&len_bytes);
-    dst.put_u32(checksum(len_bytes, payload));
+    dst.put_u32(checksum(len_bytes, &[payload]));
     dst.put_slice(payload);
 }
 
 /// Encodes the 8-byte header for `payload`, for callers that write header and payload separately
 /// (vectored writes of large payloads without copying).
 pub fn encode_header(payload: &[u8]) -> [u8; HEADER_LEN] {
-    let len = u32::try_from(payload.len()).expect("frame payload below 4 GiB");
+    encode_header_parts(payload, &[])
+}
+
+/// Encodes the 8-byte header for a payload made of `head` followed by `tail`, for callers that
+/// keep a large trailing part by reference instead of copying it behind the rest.
+pub fn encode_header_parts(head: &[u8], tail: &[u8]) -> [u8; HEADER_LEN] {
+    let len = u32::try_from(head.len() + tail.len()).expect("frame payload below 4 GiB");
     let len_bytes = len.to_be_bytes();
     let mut header = [0u8; HEADER_LEN];
     header[..4].copy_from_slice(&len_bytes);
-    header[4..].copy_from_slice(&checksum(len_bytes, payload).to_be_bytes());
+    header[4..].copy_from_slice(&checksum(len_bytes, &[head, tail]).to_be_bytes());
     header
 }
 
@@ -82,7 +90,7 @@ pub fn decode(src: &mut BytesMut, max_len: u32) -> Result<Option<Bytes>, FrameEr
         return Ok(None);
     }
     let expected = u32::from_be_bytes([src[4], src[5], src[6], src[7]]);
-    let actual = checksum(len_bytes, &src[HEADER_LEN..total]);
+    let actual = checksum(len_bytes, &[&src[HEADER_LEN..total]]);
     if expected != actual {
         return Err(FrameError::Checksum { expected, actual });
     }
@@ -211,6 +219,15 @@ mod tests {
                 prop_assert_eq!(&frame[..], &p[..]);
             }
             prop_assert!(buf.is_empty());
+        }
+
+        #[test]
+        fn a_header_over_two_parts_is_the_header_over_their_concatenation(
+            payload in proptest::collection::vec(any::<u8>(), 0..300), cut in 0usize..300,
+        ) {
+            let cut = cut.min(payload.len());
+            let (head, tail) = payload.split_at(cut);
+            prop_assert_eq!(encode_header_parts(head, tail), encode_header(&payload));
         }
 
         #[test]

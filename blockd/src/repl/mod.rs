@@ -22,6 +22,7 @@ pub mod split_brain;
 pub mod state;
 pub mod sync_decision;
 pub mod link;
+pub mod outbox;
 pub mod wire;
 pub mod congestion;
 pub mod device;

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use common::frame::{self, HEADER_LEN};
+use bytes::{Bytes, BytesMut};
+use common::frame;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore, oneshot, watch};
 
@@ -27,6 +27,7 @@ use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
 use crate::repl::lost_writes::{Hearing, KnownLoss, Ledger, Tally};
+use crate::repl::outbox::{Frames, Outbox, encode_frame};
 use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
 use crate::repl::split_brain::Verdict;
@@ -85,75 +86,6 @@ struct Pending {
     bytes: u64,
     /// What `writes` take in the send buffer, and the writes waiting for room.
     buffer: SendBuffer,
-}
-
-/// The writer sends queued frames in slices of about this size (whole frames), so a report of
-/// acknowledged writes (`ClientAcked`) can go ahead of the rest of a long backlog.
-const WRITE_SLICE: usize = 256 << 10;
-
-/// The end of the slice of `frames` (concatenated frames) that starts at `from`: whole frames,
-/// at least one, until `WRITE_SLICE` bytes are reached or the frames end.
-fn slice_end(frames: &[u8], from: usize) -> usize {
-    let mut at = from;
-    while at < frames.len() && at - from < WRITE_SLICE {
-        let Some(len) = frames
-            .get(at..at + 4)
-            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-        else {
-            return frames.len();
-        };
-        at = (at + HEADER_LEN + len).min(frames.len());
-    }
-    at
-}
-
-/// Frames waiting for the link's writer, encoded in place (length, CRC-32, message). The
-/// writer takes everything that accumulated while it was busy and sends it in one TLS write:
-/// batching without any timer.
-struct Outbox {
-    buf: Mutex<BytesMut>,
-    wake: Notify,
-}
-
-impl Outbox {
-    fn new() -> Outbox {
-        Outbox {
-            buf: Mutex::new(BytesMut::with_capacity(256 << 10)),
-            wake: Notify::new(),
-        }
-    }
-
-    /// Appends frames (written by `f` through [`push_frame`]) and wakes the writer.
-    fn push(&self, f: impl FnOnce(&mut BytesMut)) {
-        let was_empty = {
-            let mut b = self.buf.lock().expect("outbox");
-            let was_empty = b.is_empty();
-            f(&mut b);
-            was_empty
-        };
-        if was_empty {
-            self.wake.notify_one();
-        }
-    }
-
-    /// Swaps the queued frames with `spare` (empty); returns whether there were any.
-    fn take(&self, spare: &mut BytesMut) -> bool {
-        let mut b = self.buf.lock().expect("outbox");
-        if b.is_empty() {
-            return false;
-        }
-        std::mem::swap(&mut *b, spare);
-        true
-    }
-}
-
-/// Appends `msg` as one frame (header, then the message encoded straight behind it).
-fn push_frame(dst: &mut BytesMut, msg: &Message) {
-    let start = dst.len();
-    dst.put_bytes(0, HEADER_LEN);
-    msg.encode(dst);
-    let header = frame::encode_header(&dst[start + HEADER_LEN..]);
-    dst[start..start + HEADER_LEN].copy_from_slice(&header);
 }
 
 /// Reports a change of a session's congestion (an event).
@@ -241,7 +173,7 @@ impl Conn {
     /// A session whose send buffer holds `sndbuf_size` bytes (see `repl::congestion`).
     fn new(sndbuf_size: u64, on_congestion: OnCongestion) -> Conn {
         Conn {
-            out: Outbox::new(),
+            out: Outbox::default(),
             pending: Mutex::new(Pending {
                 buffer: SendBuffer::new(sndbuf_size),
                 ..Pending::default()
@@ -286,7 +218,7 @@ impl Conn {
 
     /// Queues a message (dropped silently when the session is gone: its loss handler runs).
     pub(crate) fn send(&self, msg: Message) {
-        self.out.push(|b| push_frame(b, &msg));
+        self.out.push(|f| f.push(&msg));
     }
 
     /// Waits until a write taking `cost` bytes fits in the send buffer (in the order writes
@@ -378,7 +310,7 @@ impl Conn {
         p.bytes += write.len;
         p.buffer.queue(write.cost, reserved);
         p.writes.insert(seq, write);
-        self.out.push(|b| push_frame(b, msg));
+        self.out.push(|f| f.push(msg));
         true
     }
 
@@ -388,7 +320,7 @@ impl Conn {
         if p.closed {
             return None;
         }
-        self.out.push(|b| push_frame(b, &Message::Flush { seq }));
+        self.out.push(|f| f.push(&Message::Flush { seq }));
         wait.then(|| {
             let (tx, rx) = oneshot::channel();
             p.flushes.insert(seq, tx);
@@ -735,7 +667,7 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
     mut w: W,
     conn: Arc<Conn>,
 ) -> Result<(), String> {
-    let mut spare = BytesMut::with_capacity(256 << 10);
+    let mut spare = Frames::new();
     let mut tick = tokio::time::interval(PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.reset();
@@ -744,31 +676,21 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
         let stable = conn.stable_seen();
         if conn.out.take(&mut spare) {
             if let Some(below) = conn.stable_due(stable) {
-                push_frame(&mut spare, &Message::Stable { below });
+                spare.push(&Message::Stable { below });
             }
             conn.sent.fetch_add(spare.len() as u64, Ordering::Relaxed);
-            let mut at = 0;
-            while at < spare.len() {
-                // The peer hears of acknowledged writes before the rest of the backlog.
-                if let Some(t) = conn.report_due() {
-                    let mut report = BytesMut::with_capacity(32);
-                    push_frame(&mut report, &Message::ClientAcked(t));
+            // The peer hears of acknowledged writes before the rest of the backlog.
+            spare
+                .write_to(&mut w, || {
+                    let t = conn.report_due()?;
+                    let report = encode_frame(&Message::ClientAcked(t));
                     conn.sent.fetch_add(report.len() as u64, Ordering::Relaxed);
-                    w.write_all(&report)
-                        .await
-                        .map_err(|e| format!("send: {e}"))?;
-                }
-                let end = slice_end(&spare, at);
-                w.write_all(&spare[at..end])
-                    .await
-                    .map_err(|e| format!("send: {e}"))?;
-                at = end;
-            }
+                    Some(report)
+                })
+                .await
+                .map_err(|e| format!("send: {e}"))?;
             w.flush().await.map_err(|e| format!("send: {e}"))?;
             spare.clear();
-            if spare.capacity() > (4 << 20) {
-                spare = BytesMut::with_capacity(256 << 10);
-            }
             sent_since_tick = true;
             continue;
         }
@@ -993,7 +915,7 @@ impl<T> Drop for AbortOnDrop<T> {
 }
 
 /// Appends `RecvAck`/`WriteAck` frames covering `seqs` (sorted here), one per run.
-fn push_ack_runs(dst: &mut BytesMut, seqs: &mut [u64], written: bool) {
+fn push_ack_runs(dst: &mut Frames, seqs: &mut [u64], written: bool) {
     seqs.sort_unstable();
     let mut k = 0;
     while k < seqs.len() {
@@ -1011,7 +933,7 @@ fn push_ack_runs(dst: &mut BytesMut, seqs: &mut [u64], written: bool) {
         } else {
             Message::RecvAck { seq: first, count }
         };
-        push_frame(dst, &msg);
+        dst.push(&msg);
     }
 }
 
@@ -1170,7 +1092,7 @@ impl Session {
             push_ack_runs(b, recv, false);
             push_ack_runs(b, write, true);
             for m in other.iter() {
-                push_frame(b, m);
+                b.push(m);
             }
         });
         recv.clear();
@@ -1762,35 +1684,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frames(sizes: &[usize]) -> BytesMut {
-        let mut b = BytesMut::new();
-        for &n in sizes {
-            frame::encode(&vec![7u8; n], &mut b);
-        }
-        b
-    }
-
-    #[test]
-    fn slices_end_on_frame_boundaries() {
-        let f = frames(&[100, 200 << 10, 100 << 10, 10]);
-        let ends = [
-            HEADER_LEN + 100,
-            2 * HEADER_LEN + 100 + (200 << 10),
-            3 * HEADER_LEN + 100 + (300 << 10),
-        ];
-        // Whole frames until the slice size is reached (here: the third frame crosses it).
-        assert_eq!(slice_end(&f, 0), ends[2]);
-        // From a later boundary: the rest.
-        assert_eq!(slice_end(&f, ends[1]), f.len());
-        assert_eq!(slice_end(&f, ends[2]), f.len());
-        // A slice always takes at least one frame, even one larger than the slice size.
-        let big = frames(&[1 << 20, 5]);
-        assert_eq!(slice_end(&big, 0), HEADER_LEN + (1 << 20));
-        assert_eq!(slice_end(&big, HEADER_LEN + (1 << 20)), big.len());
-        // A truncated header never reads past the end.
-        assert_eq!(slice_end(&f[..ends[2] + 2], ends[2]), ends[2] + 2);
-    }
 
     fn pending(ack: PeerAck) -> PendingWrite {
         PendingWrite {

@@ -310,6 +310,40 @@ impl Message {
         }
     }
 
+    /// Appends the message like [`Message::encode`], except that the payload of a `Data` or
+    /// `ResyncData` of at least `share_min` bytes is left out and returned: the caller sends
+    /// it by reference right behind what was encoded (the same bytes on the wire, one copy
+    /// fewer).
+    pub fn encode_head(&self, dst: &mut BytesMut, share_min: usize) -> Option<&Bytes> {
+        match self {
+            Message::Data {
+                seq,
+                after,
+                offset,
+                flags,
+                payload,
+            } if payload.len() >= share_min => {
+                encode_data_header(dst, *seq, *after, *offset, *flags);
+                Some(payload)
+            }
+            Message::ResyncData {
+                seq,
+                after,
+                offset,
+                len,
+                zero,
+                payload,
+            } if payload.len() >= share_min => {
+                encode_resync_header(dst, *seq, *after, *offset, *len, *zero);
+                Some(payload)
+            }
+            _ => {
+                self.encode(dst);
+                None
+            }
+        }
+    }
+
     /// Appends the encoded message (a frame payload) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
         match self {
@@ -408,13 +442,8 @@ impl Message {
                 zero,
                 payload,
             } => {
-                dst.reserve(30 + payload.len());
-                dst.put_u8(tag::RESYNC_DATA);
-                dst.put_u64(*seq);
-                dst.put_u64(*after);
-                dst.put_u64(*offset);
-                dst.put_u32(*len);
-                dst.put_u8(u8::from(*zero));
+                dst.reserve(RESYNC_DATA_HEADER + payload.len());
+                encode_resync_header(dst, *seq, *after, *offset, *len, *zero);
                 dst.put_slice(payload);
             }
             Message::ResyncAck { offset, len } => {
@@ -918,6 +947,25 @@ pub fn encode_data_header(dst: &mut BytesMut, seq: u64, after: u64, offset: u64,
     dst.put_u8(flags);
 }
 
+/// Bytes of a `ResyncData` message before its payload.
+const RESYNC_DATA_HEADER: usize = 30;
+
+fn encode_resync_header(
+    dst: &mut BytesMut,
+    seq: u64,
+    after: u64,
+    offset: u64,
+    len: u32,
+    zero: bool,
+) {
+    dst.put_u8(tag::RESYNC_DATA);
+    dst.put_u64(seq);
+    dst.put_u64(after);
+    dst.put_u64(offset);
+    dst.put_u32(len);
+    dst.put_u8(u8::from(zero));
+}
+
 fn put_seq(dst: &mut BytesMut, t: u8, seq: u64) {
     dst.put_u8(t);
     dst.put_u64(seq);
@@ -1221,6 +1269,16 @@ mod tests {
                     prop_assert!(matches!(m, Message::Data { .. } | Message::Hello { .. } | Message::ReadReply { .. }), "{:?}", m);
                 }
             }
+        }
+
+        #[test]
+        fn a_head_and_its_shared_payload_are_the_whole_encoding(msg in arb_message(), share_min in 0usize..64) {
+            let mut head = BytesMut::new();
+            if let Some(payload) = msg.encode_head(&mut head, share_min) {
+                prop_assert!(payload.len() >= share_min);
+                head.extend_from_slice(payload);
+            }
+            prop_assert_eq!(head.freeze(), msg.to_bytes());
         }
 
         #[test]
