@@ -228,3 +228,52 @@ fn marks_between_secondaries_wait_for_the_next_primary() {
     assert_eq!(peer(&c, &c.status(0), 1)["out_of_sync_bytes"], 0);
     assert_survivors_identical(&c, "n0 was promoted");
 }
+
+/// A Secondary that crashes together with its Primary, right after a write reached it and not
+/// the other Secondary, loses the unstable-write window it kept in memory. It now registers the
+/// writes it applies in its activity log, so when it restarts it marks those extents out of
+/// sync for every peer, and the two survivors resync them (the marked side sends: the write was
+/// never acknowledged, either version may win, but not both). (Before, the restarted n0 had
+/// nothing marked, the handshake found nothing to do, and the survivors stayed different with
+/// no bit set anywhere.)
+#[test]
+fn a_secondary_that_crashed_with_its_primary_resyncs_its_last_writes() {
+    let mut c = Cluster::create(&ClusterOptions::new(3, "C"));
+    let (configs, proxies) = c.start_with_proxied_links(2, &[1]);
+    c.promote(2, true);
+    c.wait_synced(2, Duration::from_secs(60));
+    c.write_random(2, 0, 16 * MIB, 7);
+    c.wait_synced(2, Duration::from_secs(30));
+    proxies[0].set(LinkMode::Stall);
+    let _writer = c.spawn_write(2, AT, 171);
+    wait_for_write(&c, 0, AT, 171, Duration::from_secs(4), "the write");
+    // n0 crashes before it can notice anything, then the Primary.
+    c.kill(0);
+    c.kill(2);
+    proxies[0].set(LinkMode::Cut);
+    c.start_node_with(0, &configs[0]);
+    for (i, other) in [(0, 1), (1, 0)] {
+        c.wait_peer(i, other, Duration::from_secs(60), "in sync", |p| {
+            p["connection"] == "connected"
+                && p["replication"] == "established"
+                && p["out_of_sync_bytes"] == 0
+        });
+    }
+    assert_survivors_identical(&c, "n0 restarted");
+    assert_eq!(
+        c.read_backing(1, AT, LEN),
+        vec![171u8; LEN as usize],
+        "the marked side's version wins"
+    );
+    assert!(
+        c.last_resync_source_bytes(0).is_some_and(|b| b > 0),
+        "n0 did not resync its marked extents:\n{}",
+        tail(&c.log(0), 30)
+    );
+    assert!(
+        c.log(0)
+            .contains("unclean shutdown: activity-log extents marked out of sync"),
+        "n0 did not replay its activity log:\n{}",
+        tail(&c.log(0), 30)
+    );
+}

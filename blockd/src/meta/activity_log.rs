@@ -326,6 +326,11 @@ impl ActivityLog {
         }
     }
 
+    /// Slots in the log (the most extents one write may touch).
+    pub fn capacity(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
     /// Hot extents.
     pub fn active_extents(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.index.keys().copied().collect();

@@ -16,10 +16,11 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
-use crate::meta::activity_log::AlBusy;
+use crate::meta::MetaError;
+use crate::meta::activity_log::{AlBusy, PendingTransaction};
 use crate::repl::disk_failure::{self, LocalData, ReadSource};
 use crate::repl::peer::{Conn, PendingWrite, Reservation};
-use crate::repl::resource::Resource;
+use crate::repl::resource::{MetaState, Resource};
 use crate::repl::state::{PeerAck, Protocol, Role};
 use crate::repl::wire::{FLAG_FUA, Message};
 use crate::store::{BlockStore, Extent, StoreError};
@@ -45,6 +46,47 @@ fn send_cost(msg: &Message) -> u64 {
     }
 }
 
+/// A write's registration in the activity log: its extents count the write in flight until
+/// this is dropped (the write done or failed, or its task cancelled).
+#[must_use]
+pub(crate) struct AlHold<'a> {
+    res: &'a Resource,
+    extents: (u32, u32),
+}
+
+impl Drop for AlHold<'_> {
+    fn drop(&mut self) {
+        let (first, last) = self.extents;
+        self.res.meta.lock().expect("meta").al.complete(first, last);
+        self.res.al_freed.notify_waiters();
+    }
+}
+
+/// Writes activity-log transactions, after the bitmap pages of the extents they evict.
+fn persist_al_transactions(
+    m: &mut MetaState,
+    pending: &[PendingTransaction],
+) -> Result<(), MetaError> {
+    let es = u64::from(m.sb.geometry.al_extent_size);
+    for t in pending {
+        for &e in &t.evicted {
+            for slot in 0..m.bitmaps.len() {
+                let b = &m.bitmaps[slot];
+                m.file.write_bitmap_pages(
+                    slot as u32,
+                    b,
+                    b.pages_for_range(u64::from(e) * es, es),
+                )?;
+            }
+        }
+        if !t.evicted.is_empty() {
+            m.file.sync()?;
+        }
+        m.file.write_al_transaction(t)?;
+    }
+    Ok(())
+}
+
 impl Resource {
     fn check_primary_write(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         if self.role() != Role::Primary {
@@ -66,16 +108,37 @@ impl Resource {
         ((offset / es) as u32, (last / es) as u32)
     }
 
-    /// Registers a write in the activity log, persisting a transaction (and the bitmap pages of
-    /// evicted extents) before it may start.
-    async fn al_begin(&self, offset: u64, len: u64) -> Result<(u32, u32), StoreError> {
+    /// Registers a write in the activity log when every extent it touches is hot (no
+    /// transaction needed, none being persisted) and the metadata is not busy; `None`
+    /// otherwise: use [`Self::al_begin`].
+    pub(crate) fn al_begin_hot(&self, offset: u64, len: u64) -> Option<AlHold<'_>> {
         let (first, last) = self.extents(offset, len);
+        let hot = {
+            let mut m = self.meta.try_lock().ok()?;
+            m.al_persisting == 0 && m.al.begin_hot(first, last)
+        };
+        hot.then(|| AlHold {
+            res: self,
+            extents: (first, last),
+        })
+    }
+
+    /// Registers a write in the activity log, persisting a transaction (and the bitmap pages of
+    /// evicted extents) before it may start. Primaries register their clients' writes,
+    /// Secondaries the writes their Primary replicates, so a node that crashed in either role
+    /// marks those extents when it attaches again.
+    pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold<'_>, StoreError> {
+        let (first, last) = self.extents(offset, len);
+        let hold = || AlHold {
+            res: self,
+            extents: (first, last),
+        };
         {
             // Fast path: every extent is hot and no transaction is being persisted (a write to
             // an extent whose transaction is not on disk yet must wait for it, below).
             let mut m = self.meta.lock().expect("meta");
             if m.al_persisting == 0 && m.al.begin_hot(first, last) {
-                return Ok((first, last));
+                return Ok(hold());
             }
         }
         let _gate = self.al_gate.lock().await;
@@ -92,33 +155,20 @@ impl Resource {
                 r
             };
             match r {
-                Ok(p) if p.is_empty() => return Ok((first, last)),
+                Ok(p) if p.is_empty() => return Ok(hold()),
                 Ok(pending) => {
-                    let r = self
-                        .meta_io(move |m| {
-                            let es = u64::from(m.sb.geometry.al_extent_size);
-                            for t in &pending {
-                                for &e in &t.evicted {
-                                    for slot in 0..m.bitmaps.len() {
-                                        let b = &m.bitmaps[slot];
-                                        m.file.write_bitmap_pages(
-                                            slot as u32,
-                                            b,
-                                            b.pages_for_range(u64::from(e) * es, es),
-                                        )?;
-                                    }
-                                }
-                                if !t.evicted.is_empty() {
-                                    m.file.sync()?;
-                                }
-                                m.file.write_al_transaction(t)?;
-                            }
-                            Ok(())
-                        })
-                        .await;
-                    self.meta.lock().expect("meta").al_persisting -= 1;
-                    r.map_err(|e| meta_failure(offset, len, e))?;
-                    return Ok((first, last));
+                    // Counted in flight from here: a cancelled or failed write gives it back.
+                    let held = hold();
+                    // The count of transactions being persisted drops when this one is on
+                    // disk (or failed), even if the waiting write was cancelled meanwhile.
+                    self.meta_io(move |m| {
+                        let r = persist_al_transactions(m, &pending);
+                        m.al_persisting -= 1;
+                        r
+                    })
+                    .await
+                    .map_err(|e| meta_failure(offset, len, e))?;
+                    return Ok(held);
                 }
                 Err(AlBusy::Full) => freed.await,
                 Err(e @ AlBusy::TooLarge(_)) => return Err(meta_failure(offset, len, e)),
@@ -126,9 +176,13 @@ impl Resource {
         }
     }
 
-    fn al_complete(&self, (first, last): (u32, u32)) {
-        self.meta.lock().expect("meta").al.complete(first, last);
-        self.al_freed.notify_waiters();
+    /// The longest range starting at `offset` that one activity-log registration may cover
+    /// (half the log's slots, whole extents), for requests wider than that to be applied in
+    /// parts.
+    pub(crate) fn al_part_len(&self, offset: u64) -> u64 {
+        let es = u64::from(self.al_extent_size);
+        let capacity = u64::from(self.meta.lock().expect("meta").al.capacity());
+        (capacity / 2).max(1) * es - offset % es
     }
 
     /// Numbers one replicated request and queues it to every connected peer; returns its
@@ -321,9 +375,7 @@ impl Resource {
             // Peers lost meanwhile may have taken quorum with them: the write is not
             // acknowledged on a minority (suspended until quorum returns, or failed).
             let quorum = self.quorum_gate(offset, len).await;
-            if let Some(extents) = extents {
-                self.al_complete(extents);
-            }
+            drop(extents);
             self.completed(seq);
             drop(range);
             quorum?;

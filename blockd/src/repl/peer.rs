@@ -791,6 +791,10 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
         let _change = change;
         match op {
             Op::Write { offset, data, fua } => {
+                let _al = res
+                    .al_begin(offset, data.len() as u64)
+                    .await
+                    .map_err(|e| res.apply_failed("activity log update failed", &e))?;
                 res.store
                     .write(offset, data, fua)
                     .await
@@ -803,10 +807,21 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 trim,
                 fua,
             } => {
-                res.store
-                    .write_zeroes(offset, len, trim, fua)
-                    .await
-                    .map_err(|e| res.apply_failed("local zeroing failed", &e))?;
+                // In parts the activity log can hold (a discard of the whole device is wider).
+                let end = offset + len;
+                let mut at = offset;
+                while at < end {
+                    let n = (end - at).min(res.al_part_len(at));
+                    let _al = res
+                        .al_begin(at, n)
+                        .await
+                        .map_err(|e| res.apply_failed("activity log update failed", &e))?;
+                    res.store
+                        .write_zeroes(at, n, trim, fua)
+                        .await
+                        .map_err(|e| res.apply_failed("local zeroing failed", &e))?;
+                    at += n;
+                }
                 Ok(Done::Written)
             }
             Op::Flush => {
@@ -1113,10 +1128,13 @@ impl Session {
     }
 
     /// Writes `data` at once on this task, after open snapshots preserved what it overwrites;
-    /// `Ok(false)` when that cannot be done without waiting (a snapshot being taken, old
-    /// contents not cached): run it through `execute`.
+    /// `Ok(false)` when that cannot be done without waiting (its activity-log extent cold, a
+    /// snapshot being taken, old contents not cached): run it through `execute`.
     fn apply_inline(&self, offset: u64, data: &Bytes) -> Result<bool, String> {
         let len = data.len() as u64;
+        let Some(_al) = self.res.al_begin_hot(offset, len) else {
+            return Ok(false);
+        };
         let store = self.res.store.current();
         let Some(change) = self.res.snapshots.set.try_change_now(&store, offset, len) else {
             return Ok(false);

@@ -338,3 +338,48 @@ async fn three_nodes_and_restart_resume() {
         r.shutdown().await;
     }
 }
+
+/// A write's activity-log registration is given back when its task is cancelled (a session
+/// that ends aborts the Secondary's applies), also while its transaction is being persisted:
+/// no slot stays counted in flight and no transaction stays "being persisted".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activity_log_registrations_are_given_back_when_cancelled() {
+    let mut c = cluster(2, "C").await;
+    let r = c.start(0);
+    let es = 4 << 20;
+    let extent = 5u32;
+    let at = u64::from(extent) * es;
+    // Cold extent: the registration persists a transaction. Poll it once, then drop it.
+    {
+        let fut = r.al_begin(at, 4096);
+        tokio::pin!(fut);
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_ready()))
+                .await;
+        assert!(
+            !polled,
+            "a cold extent's registration waits for its transaction"
+        );
+    }
+    wait_for("transaction persisted", || {
+        r.meta.lock().unwrap().al_persisting == 0
+    })
+    .await;
+    {
+        let m = r.meta.lock().unwrap();
+        assert!(m.al.active_extents().contains(&extent));
+        assert_eq!(
+            m.al.inflight(extent),
+            0,
+            "the cancelled write is not in flight"
+        );
+    }
+    // Hot now: the inline registration works, and counts until dropped.
+    let hold = r.al_begin_hot(at + 8192, 4096).expect("hot extent");
+    assert_eq!(r.meta.lock().unwrap().al.inflight(extent), 1);
+    drop(hold);
+    assert_eq!(r.meta.lock().unwrap().al.inflight(extent), 0);
+    // A range wider than the log is applied in parts of half its slots, ending on extents.
+    assert_eq!(r.al_part_len(0), 32 * es);
+    assert_eq!(r.al_part_len(es + 4096), 32 * es - 4096);
+}
