@@ -89,6 +89,20 @@ impl Frames {
         w: &mut W,
         mut between: impl FnMut() -> Option<BytesMut>,
     ) -> std::io::Result<()> {
+        if self.pieces.is_empty() {
+            // Only frames encoded in place (small writes): slices of the buffer itself, which
+            // keeps its room for the next batch.
+            let mut at = 0;
+            while at < self.tail.len() {
+                if let Some(first) = between() {
+                    w.write_all(&first).await?;
+                }
+                let end = at + whole_frames_end(&self.tail[at..]);
+                w.write_all(&self.tail[at..end]).await?;
+                at = end;
+            }
+            return Ok(());
+        }
         let tail = self.tail.split();
         self.seal_frames(tail);
         let mut at = 0;
