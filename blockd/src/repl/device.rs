@@ -92,6 +92,12 @@ impl Resource {
         if self.role() != Role::Primary {
             return Err(StoreError::ReadOnly);
         }
+        self.check_range(offset, len)
+    }
+
+    /// A request's range lies within the device (a peer's requests are checked too, before
+    /// anything is registered for them).
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.store.size() => Ok(()),
             _ => Err(StoreError::OutOfRange {
@@ -141,7 +147,10 @@ impl Resource {
                 return Ok(hold());
             }
         }
-        let _gate = self.al_gate.lock().await;
+        // Held until this write's transaction is on disk (given to the closure below): a
+        // cancelled write must not let the next transaction reach the disk before its own, or
+        // the log would not replay.
+        let mut gate = Some(self.al_gate.clone().lock_owned().await);
         loop {
             let freed = self.al_freed.notified();
             tokio::pin!(freed);
@@ -161,9 +170,11 @@ impl Resource {
                     let held = hold();
                     // The count of transactions being persisted drops when this one is on
                     // disk (or failed), even if the waiting write was cancelled meanwhile.
+                    let gate = gate.take();
                     self.meta_io(move |m| {
                         let r = persist_al_transactions(m, &pending);
                         m.al_persisting -= 1;
+                        drop(gate);
                         r
                     })
                     .await

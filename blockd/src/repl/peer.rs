@@ -780,6 +780,9 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
         let mut change = None;
         if let Some((offset, len)) = changed_range(&op) {
+            // A malformed request of the peer fails here, before anything is registered for it.
+            res.check_range(offset, len)
+                .map_err(|e| res.apply_failed("replicated request refused", &e))?;
             let g = res
                 .snapshots
                 .set
@@ -791,14 +794,22 @@ fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
         let _change = change;
         match op {
             Op::Write { offset, data, fua } => {
-                let _al = res
-                    .al_begin(offset, data.len() as u64)
-                    .await
-                    .map_err(|e| res.apply_failed("activity log update failed", &e))?;
-                res.store
-                    .write(offset, data, fua)
-                    .await
-                    .map_err(|e| res.apply_failed("local write failed", &e))?;
+                let len = data.len() as u64;
+                // In parts the activity log can hold (one part unless its log is tiny).
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(res.al_part_len(offset + done));
+                    let _al = res
+                        .al_begin(offset + done, n)
+                        .await
+                        .map_err(|e| res.apply_failed("activity log update failed", &e))?;
+                    let part = data.slice(done as usize..(done + n) as usize);
+                    res.store
+                        .write(offset + done, part, fua)
+                        .await
+                        .map_err(|e| res.apply_failed("local write failed", &e))?;
+                    done += n;
+                }
                 Ok(Done::Written)
             }
             Op::Zero {
@@ -1128,10 +1139,14 @@ impl Session {
     }
 
     /// Writes `data` at once on this task, after open snapshots preserved what it overwrites;
-    /// `Ok(false)` when that cannot be done without waiting (its activity-log extent cold, a
-    /// snapshot being taken, old contents not cached): run it through `execute`.
+    /// `Ok(false)` when that cannot be done without waiting (its activity-log extent cold or the
+    /// metadata busy, a snapshot being taken, old contents not cached) or the range is bad:
+    /// run it through `execute`.
     fn apply_inline(&self, offset: u64, data: &Bytes) -> Result<bool, String> {
         let len = data.len() as u64;
+        if self.res.check_range(offset, len).is_err() {
+            return Ok(false); // refused through `execute`
+        }
         let Some(_al) = self.res.al_begin_hot(offset, len) else {
             return Ok(false);
         };

@@ -427,7 +427,7 @@ pub struct Resource {
     pub(crate) ranges: Ranges,
     /// Serialises activity-log transactions (a write to an extent whose transaction is being
     /// persisted must wait for it).
-    pub(crate) al_gate: tokio::sync::Mutex<()>,
+    pub(crate) al_gate: Arc<tokio::sync::Mutex<()>>,
     pub(crate) al_freed: Notify,
     /// Bytes per activity-log extent (fixed by the metadata).
     pub(crate) al_extent_size: u32,
@@ -646,7 +646,7 @@ impl Resource {
             peers,
             order: Mutex::new(Order::default()),
             ranges: Ranges::default(),
-            al_gate: tokio::sync::Mutex::new(()),
+            al_gate: Arc::new(tokio::sync::Mutex::new(())),
             al_freed: Notify::new(),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
