@@ -716,7 +716,7 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
 }
 
 /// A replicated request of the peer, to be applied here.
-enum Op {
+pub(crate) enum Op {
     Write {
         offset: u64,
         data: Bytes,
@@ -747,7 +747,7 @@ enum Op {
 }
 
 /// What an applied request leaves to do on the session (acknowledgements, state).
-enum Done {
+pub(crate) enum Done {
     Written,
     Flushed,
     Resynced {
@@ -763,7 +763,7 @@ enum Done {
     },
 }
 
-type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
+pub(crate) type OpFuture = Pin<Box<dyn Future<Output = Result<Done, String>> + Send>>;
 
 /// The bytes an op changes on the replica (open snapshots preserve them first).
 fn changed_range(op: &Op) -> Option<(u64, u64)> {
@@ -776,7 +776,7 @@ fn changed_range(op: &Op) -> Option<(u64, u64)> {
 }
 
 /// The I/O of one request on this node's disk.
-fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
+pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
         let mut change = None;
         if let Some((offset, len)) = changed_range(&op) {

@@ -383,3 +383,41 @@ async fn activity_log_registrations_are_given_back_when_cancelled() {
     assert_eq!(r.al_part_len(0), 32 * es);
     assert_eq!(r.al_part_len(es + 4096), 32 * es - 4096);
 }
+
+/// A replicated request past the end of the device (a malformed or hostile peer) is refused
+/// before anything is registered for it: an error for the session, no panic on the overflowing
+/// range, no activity-log slot taken, and the disk stays attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicated_request_past_the_end_is_refused() {
+    use crate::repl::peer::{Op, execute};
+    let mut c = cluster(2, "C").await;
+    let r = c.start(0);
+    let before = r.meta.lock().unwrap().al.active_extents();
+    let ops = [
+        Op::Zero {
+            offset: u64::MAX - 10,
+            len: 100,
+            trim: true,
+            fua: false,
+        },
+        Op::Zero {
+            offset: SIZE - 4096,
+            len: 8192,
+            trim: false,
+            fua: false,
+        },
+        Op::Write {
+            offset: SIZE,
+            data: Bytes::from_static(&[7; 512]),
+            fua: false,
+        },
+    ];
+    for op in ops {
+        let err = execute(r.clone(), 0, op).await.err().expect("refused");
+        assert!(err.contains("replicated request refused"), "{err}");
+    }
+    assert_eq!(r.meta.lock().unwrap().al.active_extents(), before);
+    // A disk failure would detach in the background: give it the time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(r.status().disk, "inconsistent", "the disk stays attached");
+}
