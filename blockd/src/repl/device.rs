@@ -119,10 +119,7 @@ impl Resource {
     /// otherwise: use [`Self::al_begin`].
     pub(crate) fn al_begin_hot(&self, offset: u64, len: u64) -> Option<AlHold<'_>> {
         let (first, last) = self.extents(offset, len);
-        let hot = {
-            let mut m = self.meta.try_lock().ok()?;
-            m.al_persisting == 0 && m.al.begin_hot(first, last)
-        };
+        let hot = self.meta.try_lock().ok()?.al_begin_hot(first, last);
         hot.then(|| AlHold {
             res: self,
             extents: (first, last),
@@ -142,8 +139,7 @@ impl Resource {
         {
             // Fast path: every extent is hot and no transaction is being persisted (a write to
             // an extent whose transaction is not on disk yet must wait for it, below).
-            let mut m = self.meta.lock().expect("meta");
-            if m.al_persisting == 0 && m.al.begin_hot(first, last) {
+            if self.meta.lock().expect("meta").al_begin_hot(first, last) {
                 return Ok(hold());
             }
         }
@@ -194,6 +190,21 @@ impl Resource {
         let es = u64::from(self.al_extent_size);
         let capacity = u64::from(self.meta.lock().expect("meta").al.capacity());
         (capacity / 2).max(1) * es - offset % es
+    }
+
+    /// `offset..offset + len` as consecutive parts of at most [`Self::al_part_len`] bytes, each
+    /// registered in the activity log on its own (one part unless the log is tiny or the range
+    /// very wide, e.g. a discard of the whole device).
+    pub(crate) fn al_parts(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64)> {
+        let end = offset + len;
+        let mut at = offset;
+        std::iter::from_fn(move || {
+            (at < end).then(|| {
+                let n = (end - at).min(self.al_part_len(at));
+                at += n;
+                (at - n, n)
+            })
+        })
     }
 
     /// Numbers one replicated request and queues it to every connected peer; returns its

@@ -794,21 +794,16 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
         let _change = change;
         match op {
             Op::Write { offset, data, fua } => {
-                let len = data.len() as u64;
-                // In parts the activity log can hold (one part unless its log is tiny).
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(res.al_part_len(offset + done));
+                for (at, n) in res.al_parts(offset, data.len() as u64) {
                     let _al = res
-                        .al_begin(offset + done, n)
+                        .al_begin(at, n)
                         .await
                         .map_err(|e| res.apply_failed("activity log update failed", &e))?;
-                    let part = data.slice(done as usize..(done + n) as usize);
+                    let part = data.slice((at - offset) as usize..(at - offset + n) as usize);
                     res.store
-                        .write(offset + done, part, fua)
+                        .write(at, part, fua)
                         .await
                         .map_err(|e| res.apply_failed("local write failed", &e))?;
-                    done += n;
                 }
                 Ok(Done::Written)
             }
@@ -818,11 +813,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 trim,
                 fua,
             } => {
-                // In parts the activity log can hold (a discard of the whole device is wider).
-                let end = offset + len;
-                let mut at = offset;
-                while at < end {
-                    let n = (end - at).min(res.al_part_len(at));
+                for (at, n) in res.al_parts(offset, len) {
                     let _al = res
                         .al_begin(at, n)
                         .await
@@ -831,7 +822,6 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                         .write_zeroes(at, n, trim, fua)
                         .await
                         .map_err(|e| res.apply_failed("local zeroing failed", &e))?;
-                    at += n;
                 }
                 Ok(Done::Written)
             }

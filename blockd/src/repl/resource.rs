@@ -110,6 +110,12 @@ pub(crate) struct MetaState {
 }
 
 impl MetaState {
+    /// Registers a write to extents `first..=last` when all are hot and no transaction is
+    /// being persisted (a write to an extent whose transaction is not on disk yet must wait).
+    pub fn al_begin_hot(&mut self, first: u32, last: u32) -> bool {
+        self.al_persisting == 0 && self.al.begin_hot(first, last)
+    }
+
     pub fn save_sb(&mut self) -> Result<(), MetaError> {
         let sb = self.sb.clone();
         self.file.write_superblock(&sb)?;

@@ -310,42 +310,17 @@ impl Message {
         }
     }
 
+    /// Appends the encoded message (a frame payload) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        let shared = self.encode_head(dst, usize::MAX);
+        debug_assert!(shared.is_none());
+    }
+
     /// Appends the message like [`Message::encode`], except that the payload of a `Data` or
     /// `ResyncData` of at least `share_min` bytes is left out and returned: the caller sends
     /// it by reference right behind what was encoded (the same bytes on the wire, one copy
     /// fewer).
     pub fn encode_head(&self, dst: &mut BytesMut, share_min: usize) -> Option<&Bytes> {
-        match self {
-            Message::Data {
-                seq,
-                after,
-                offset,
-                flags,
-                payload,
-            } if payload.len() >= share_min => {
-                encode_data_header(dst, *seq, *after, *offset, *flags);
-                Some(payload)
-            }
-            Message::ResyncData {
-                seq,
-                after,
-                offset,
-                len,
-                zero,
-                payload,
-            } if payload.len() >= share_min => {
-                encode_resync_header(dst, *seq, *after, *offset, *len, *zero);
-                Some(payload)
-            }
-            _ => {
-                self.encode(dst);
-                None
-            }
-        }
-    }
-
-    /// Appends the encoded message (a frame payload) to `dst`.
-    pub fn encode(&self, dst: &mut BytesMut) {
         match self {
             Message::Hello {
                 version,
@@ -405,9 +380,8 @@ impl Message {
                 flags,
                 payload,
             } => {
-                dst.reserve(DATA_HEADER + payload.len());
                 encode_data_header(dst, *seq, *after, *offset, *flags);
-                dst.put_slice(payload);
+                return payload_or_copy(dst, payload, share_min);
             }
             Message::Zero {
                 seq,
@@ -442,9 +416,8 @@ impl Message {
                 zero,
                 payload,
             } => {
-                dst.reserve(RESYNC_DATA_HEADER + payload.len());
                 encode_resync_header(dst, *seq, *after, *offset, *len, *zero);
-                dst.put_slice(payload);
+                return payload_or_copy(dst, payload, share_min);
             }
             Message::ResyncAck { offset, len } => {
                 dst.put_u8(tag::RESYNC_ACK);
@@ -571,6 +544,7 @@ impl Message {
                 dst.put_u8(u8::from(*marked));
             }
         }
+        None
     }
 
     /// The encoded message as one buffer.
@@ -947,8 +921,19 @@ pub fn encode_data_header(dst: &mut BytesMut, seq: u64, after: u64, offset: u64,
     dst.put_u8(flags);
 }
 
-/// Bytes of a `ResyncData` message before its payload.
-const RESYNC_DATA_HEADER: usize = 30;
+/// A trailing payload: returned to be sent by reference when it has at least `share_min` bytes,
+/// else copied behind the rest of the message.
+fn payload_or_copy<'a>(
+    dst: &mut BytesMut,
+    payload: &'a Bytes,
+    share_min: usize,
+) -> Option<&'a Bytes> {
+    if payload.len() >= share_min {
+        return Some(payload);
+    }
+    dst.put_slice(payload);
+    None
+}
 
 fn encode_resync_header(
     dst: &mut BytesMut,
