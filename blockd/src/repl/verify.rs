@@ -112,6 +112,34 @@ pub fn plan(name: &str, p: &PeerReadiness) -> VerifyPlan {
     }
 }
 
+/// What the verify walk does next, decided after the answers that arrived were handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkStep {
+    /// Every run was asked about and answered: the verify is done.
+    Done,
+    /// Ask about the next run, `len` bytes at the walk's position (once the pacing admits it).
+    Ask(u64),
+    /// Wait for an answer: the window is full, or every run was asked about.
+    Wait,
+}
+
+/// The next step of a walk at `pos` over `size` bytes with `pending_runs` runs
+/// (`pending_bytes` bytes) asked about and not answered. Pure; called after every batch of
+/// answers, so the last answer ends the walk however it arrived.
+pub fn next_step(pos: u64, size: u64, pending_runs: usize, pending_bytes: u64) -> WalkStep {
+    if pos >= size {
+        if pending_runs == 0 {
+            WalkStep::Done
+        } else {
+            WalkStep::Wait
+        }
+    } else if pending_bytes < VERIFY_WINDOW {
+        WalkStep::Ask(CHUNK.min(size - pos))
+    } else {
+        WalkStep::Wait
+    }
+}
+
 /// Whether a verify whose last progress (an answer, or a request sent) was at `last_progress`
 /// has stalled at `now`: neither side moved for [`VERIFY_STALL`].
 pub fn stalled(last_progress: Instant, now: Instant) -> bool {
@@ -356,7 +384,7 @@ async fn run_verify(
                 )
             }
         };
-        while pos < size || tracker.pending() > 0 {
+        loop {
             if *closed.borrow() {
                 return Err("link closed".into());
             }
@@ -372,14 +400,57 @@ async fn run_verify(
                 res.set_verify(i, VerifyStatus::new("running", tracker.report()));
                 last_status = tokio::time::Instant::now();
             }
-            if pos < size && tracker.pending_bytes() < VERIFY_WINDOW {
-                let len = CHUNK.min(size - pos);
-                // Answers are handled while waiting: they are the progress the pace follows.
-                loop {
-                    let (done, pending) = (tracker.report().done_bytes, tracker.pending_bytes());
+            match next_step(pos, size, tracker.pending(), tracker.pending_bytes()) {
+                WalkStep::Done => break,
+                WalkStep::Ask(len) => {
+                    // Answers are handled while waiting: they are the progress the pace follows.
+                    loop {
+                        let done = tracker.report().done_bytes;
+                        let pending = tracker.pending_bytes();
+                        let stalls_at = progress + VERIFY_STALL;
+                        tokio::select! {
+                            () = pacer.admit(len, move || (done, pending)) => break,
+                            a = answers.recv() => match a {
+                                Some(a) => {
+                                    on_answer(&res, slot, &mut tracker, a)?;
+                                    progress = tokio::time::Instant::now();
+                                }
+                                None => return Err("link closed".into()),
+                            },
+                            _ = closed.changed() => return Err("link closed".into()),
+                            () = tokio::time::sleep_until(stalls_at) => {
+                                return Err(stall(tracker.pending()));
+                            }
+                        }
+                    }
+                    // Holding the range, reading and hashing it: bounded too (a stuck local read
+                    // would hold the range and the verify forever).
+                    let ask = csum_resync::ask_run(
+                        &res,
+                        &conn,
+                        &mut tracker,
+                        pos,
+                        len,
+                        ChecksumPurpose::Verify,
+                    );
+                    match tokio::time::timeout(VERIFY_STALL, ask).await {
+                        Ok(r) => {
+                            r?;
+                            progress = tokio::time::Instant::now();
+                        }
+                        Err(_) => {
+                            return Err(format!(
+                                "reading and hashing the run at {pos} ({len} bytes) took over \
+                                 {} s: verify aborted",
+                                VERIFY_STALL.as_secs()
+                            ));
+                        }
+                    }
+                    pos += len;
+                }
+                WalkStep::Wait => {
                     let stalls_at = progress + VERIFY_STALL;
                     tokio::select! {
-                        () = pacer.admit(len, move || (done, pending)) => break,
                         a = answers.recv() => match a {
                             Some(a) => {
                                 on_answer(&res, slot, &mut tracker, a)?;
@@ -392,45 +463,6 @@ async fn run_verify(
                             return Err(stall(tracker.pending()));
                         }
                     }
-                }
-                // Holding the range, reading and hashing it: bounded too (a stuck local read
-                // would hold the range and the verify forever).
-                let ask = csum_resync::ask_run(
-                    &res,
-                    &conn,
-                    &mut tracker,
-                    pos,
-                    len,
-                    ChecksumPurpose::Verify,
-                );
-                match tokio::time::timeout(VERIFY_STALL, ask).await {
-                    Ok(r) => {
-                        r?;
-                        progress = tokio::time::Instant::now();
-                    }
-                    Err(_) => {
-                        return Err(format!(
-                            "reading and hashing the run at {pos} ({len} bytes) took over {} s: \
-                             verify aborted",
-                            VERIFY_STALL.as_secs()
-                        ));
-                    }
-                }
-                pos += len;
-                continue;
-            }
-            let stalls_at = progress + VERIFY_STALL;
-            tokio::select! {
-                a = answers.recv() => match a {
-                    Some(a) => {
-                        on_answer(&res, slot, &mut tracker, a)?;
-                        progress = tokio::time::Instant::now();
-                    }
-                    None => return Err("link closed".into()),
-                },
-                _ = closed.changed() => return Err("link closed".into()),
-                () = tokio::time::sleep_until(stalls_at) => {
-                    return Err(stall(tracker.pending()));
                 }
             }
         }
@@ -541,6 +573,25 @@ mod tests {
             me_primary: true,
             my_disk: DiskState::UpToDate,
         }
+    }
+
+    #[test]
+    fn the_walk_ends_when_the_last_answer_is_in_however_it_arrived() {
+        let size = 3 * CHUNK + 100;
+        // Every run asked about: wait while any is unanswered, done at the last answer (the
+        // walk used to wait for one more answer when the last one was already handled, and
+        // aborted after VERIFY_STALL).
+        assert_eq!(next_step(size, size, 1, CHUNK), WalkStep::Wait);
+        assert_eq!(next_step(size, size, 0, 0), WalkStep::Done);
+        // Runs left: ask while the window has room, the last one short.
+        assert_eq!(next_step(0, size, 0, 0), WalkStep::Ask(CHUNK));
+        assert_eq!(next_step(3 * CHUNK, size, 2, 2 * CHUNK), WalkStep::Ask(100));
+        assert_eq!(
+            next_step(CHUNK, size, 9, VERIFY_WINDOW),
+            WalkStep::Wait,
+            "a full window waits for answers"
+        );
+        assert_eq!(next_step(0, 0, 0, 0), WalkStep::Done);
     }
 
     #[test]
