@@ -194,12 +194,24 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Keepalive probes of client connections: a client host that vanished (no FIN, no RST) is
+/// noticed after about two minutes of silence instead of holding its connection forever.
+fn keepalive() -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(60))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(6)
+}
+
 async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(Conn, Peer)>) {
     loop {
         let result = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, addr)| {
                 if let Err(e) = s.set_nodelay(true) {
                     tracing::warn!(error = %e, "cannot set TCP_NODELAY");
+                }
+                if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive()) {
+                    tracing::warn!(error = %e, "cannot set TCP keepalive");
                 }
                 (Conn::Tcp(s), Peer(addr.to_string()))
             }),

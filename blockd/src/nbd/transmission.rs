@@ -4,8 +4,15 @@
 //!
 //! Memory is bounded by a per-connection byte budget: a READ holds budget for its data until the
 //! reply is on the socket; a WRITE payload is read from the socket in chunks, each holding budget
-//! until the store has written it. Requests larger than the maximum payload get an error reply
-//! (a WRITE's payload is read and discarded first), never a dropped connection.
+//! until the store has written it; every reply, refusals included, holds a small share until it
+//! is written, so a client that reads no replies stops the reader instead of queueing replies
+//! without bound. Requests larger than the maximum payload get an error reply (a WRITE's payload
+//! is read and discarded first), never a dropped connection.
+//!
+//! When the server shuts down, a connection stops taking requests and finishes those in flight
+//! within [`Limits::shutdown_grace`]; a client that stalls longer (a WRITE payload half sent,
+//! replies not read) is dropped, so it cannot hold a shutdown or a demotion. A failed reply
+//! write ends the connection.
 //!
 //! Large WRITE payloads for a local file are read straight from the socket in pieces, each
 //! arriving with one wake-up ([`RequestSource::set_wake_threshold`]), and written by the
@@ -45,6 +52,9 @@ pub struct Limits {
     pub budget: usize,
     /// Structured READs at least this long check for holes and send them as hole chunks.
     pub hole_detect_min: u32,
+    /// How long a connection may take to finish once the server shuts down
+    /// ([`SHUTDOWN_GRACE`] by default).
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -54,6 +64,7 @@ impl Default for Limits {
             chunk: 4 << 20,
             budget: 128 << 20,
             hole_detect_min: 64 << 10,
+            shutdown_grace: SHUTDOWN_GRACE,
         }
     }
 }
@@ -453,21 +464,30 @@ impl Ctx {
         self.send(track, ok, reply);
     }
 
-    /// Success without data (simple reply, valid in both modes).
-    fn ok(&self, track: Track, cookie: u64, permit: Option<OwnedSemaphorePermit>) {
+    /// Success without data (simple reply, valid in both modes). Every reply holds budget
+    /// (`permit`) until it is written, so a client that does not read its replies holds the
+    /// reader back instead of queueing replies without bound.
+    fn ok(&self, track: Track, cookie: u64, permit: OwnedSemaphorePermit) {
         self.send(
             track,
             true,
             Outgoing {
                 head: Head::new(&proto::encode_simple_reply(0, cookie)),
                 body: Vec::new(),
-                _permit: permit,
+                _permit: Some(permit),
             },
         );
     }
 
     /// An error reply: an error chunk with a message when structured replies are on.
-    fn fail(&self, track: Track, cookie: u64, command: u16, error: &RequestError) {
+    fn fail(
+        &self,
+        track: Track,
+        cookie: u64,
+        command: u16,
+        error: &RequestError,
+        permit: OwnedSemaphorePermit,
+    ) {
         let code = errno(error);
         if matches!(error, RequestError::Store(_)) {
             self.span.in_scope(|| {
@@ -487,7 +507,7 @@ impl Ctx {
                 Outgoing {
                     head: Head::default(),
                     body: vec![buf.freeze()],
-                    _permit: None,
+                    _permit: Some(permit),
                 },
             );
         } else {
@@ -497,7 +517,7 @@ impl Ctx {
                 Outgoing {
                     head: Head::new(&proto::encode_simple_reply(code, cookie)),
                     body: Vec::new(),
-                    _permit: None,
+                    _permit: Some(permit),
                 },
             );
         }
@@ -512,8 +532,8 @@ impl Ctx {
         permit: OwnedSemaphorePermit,
     ) {
         match result {
-            Ok(()) => self.ok(track, cookie, Some(permit)),
-            Err(e) => self.fail(track, cookie, command, &e),
+            Ok(()) => self.ok(track, cookie, permit),
+            Err(e) => self.fail(track, cookie, command, &e, permit),
         }
     }
 }
@@ -557,11 +577,20 @@ async fn read_range(
         pos += n as u64;
     }
     let mut pieces = Vec::with_capacity(tasks.len());
+    let mut failed = None;
     for task in tasks {
-        let piece = task.await.map_err(|_| StoreError::EngineGone)??;
-        pieces.push(piece.freeze());
+        // After a failure the other pieces are still awaited: their buffers count against the
+        // budget the request holds until it replies.
+        match task.await.map_err(|_| StoreError::EngineGone) {
+            Ok(Ok(piece)) if failed.is_none() => pieces.push(piece.freeze()),
+            Ok(Err(e)) | Err(e) if failed.is_none() => failed = Some(e),
+            _ => {}
+        }
     }
-    Ok(pieces)
+    match failed {
+        None => Ok(pieces),
+        Some(e) => Err(e),
+    }
 }
 
 async fn serve_read(
@@ -589,7 +618,7 @@ async fn serve_read(
             };
             ctx.deliver(track, true, reply).await;
         }
-        Err(e) => ctx.fail(track, cookie, CMD_READ, &RequestError::Store(e)),
+        Err(e) => ctx.fail(track, cookie, CMD_READ, &RequestError::Store(e), permit),
     }
 }
 
@@ -706,7 +735,10 @@ async fn run_op(ctx: &Ctx, op: Op) -> Result<(), RequestError> {
             fast,
         } => {
             if fast {
-                store.fast_zero(offset, u64::from(len)).await.map_err(s)?;
+                store
+                    .fast_zero(offset, u64::from(len), may_punch)
+                    .await
+                    .map_err(s)?;
                 if fua {
                     store.flush().await.map_err(s)?;
                 }
@@ -749,7 +781,13 @@ async fn serve_block_status(
                 },
             );
         }
-        Err(e) => ctx.fail(track, cookie, CMD_BLOCK_STATUS, &RequestError::Store(e)),
+        Err(e) => ctx.fail(
+            track,
+            cookie,
+            CMD_BLOCK_STATUS,
+            &RequestError::Store(e),
+            permit,
+        ),
     }
 }
 
@@ -760,17 +798,27 @@ struct WriteJoin {
     cookie: u64,
     remaining: AtomicUsize,
     error: Mutex<Option<StoreError>>,
+    /// The reply's budget, taken by the last piece.
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
 }
 
 impl WriteJoin {
     /// A join that replies after `pieces` calls of [`WriteJoin::chunk_done`].
-    fn new(ctx: Ctx, track: Track, cookie: u64, pieces: usize) -> WriteJoin {
+    /// `permit`: the reply's budget.
+    fn new(
+        ctx: Ctx,
+        track: Track,
+        cookie: u64,
+        pieces: usize,
+        permit: OwnedSemaphorePermit,
+    ) -> WriteJoin {
         WriteJoin {
             ctx,
             track,
             cookie,
             remaining: AtomicUsize::new(pieces),
             error: Mutex::new(None),
+            permit: Mutex::new(Some(permit)),
         }
     }
 
@@ -786,12 +834,17 @@ impl WriteJoin {
         self.record(result);
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let error = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let permit = self.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let permit = permit.expect("the last piece replies once");
             match error {
-                None => self.ctx.ok(self.track, self.cookie, None),
-                Some(e) => {
-                    self.ctx
-                        .fail(self.track, self.cookie, CMD_WRITE, &RequestError::Store(e))
-                }
+                None => self.ctx.ok(self.track, self.cookie, permit),
+                Some(e) => self.ctx.fail(
+                    self.track,
+                    self.cookie,
+                    CMD_WRITE,
+                    &RequestError::Store(e),
+                    permit,
+                ),
             }
         }
     }
@@ -814,7 +867,20 @@ pub enum TransmissionError {
     WriteReply(#[source] io::Error),
     #[error("the reply writer task failed")]
     WriterTask(#[source] tokio::task::JoinError),
+    #[error("the server is shutting down and the client took no reply for {0:?}")]
+    ShutdownStalled(std::time::Duration),
 }
+
+/// How long a connection may take to finish after the server begins to shut down: the request
+/// being received, the replies of those in flight. A client that stalls longer is dropped (its
+/// unanswered requests are not acknowledged), so a stuck client cannot hold a shutdown or a
+/// demotion forever.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After the replies of a connection closed by a shutdown are written, requests the client
+/// sent meanwhile are read and dropped for at most this long before the socket is closed:
+/// closing with unread data would reset the connection and discard replies still in flight.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How the reader loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -860,17 +926,96 @@ where
         sink,
         span: Span::current(),
     };
+    // Room for the largest payload beside the reply share of the request it belongs to.
     let budget = Arc::new(Semaphore::new(
-        limits.budget.max(limits.max_payload as usize),
+        limits.budget.max(limits.max_payload as usize + MIN_CHARGE),
     ));
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let read_result = read_loop(&mut reader, &ctx, &budget, shutdown).await;
+    // When the shutdown began, once it has.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(None::<tokio::time::Instant>);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(Some(tokio::time::Instant::now()));
+        std::future::pending::<()>().await
+    };
+    tokio::pin!(shutdown);
+    let stopping = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(Option::is_some).await;
+        }
+    };
+    let mut writer_task = writer_task;
+    let mut writer_result = None;
+    let read_result = tokio::select! {
+        r = read_loop(&mut reader, &ctx, &budget, stopping) => r,
+        // A request still being received when the grace ends is dropped.
+        () = grace_over(stop_rx.clone(), limits.shutdown_grace) => Ok(End::Shutdown),
+        // The writer only ends early when a write failed: stop taking requests.
+        w = &mut writer_task => {
+            writer_result = Some(w);
+            Ok(End::Eof)
+        }
+        () = &mut shutdown => unreachable!("the shutdown future never completes"),
+    };
     drop(ctx);
     // All request tasks hold a sender; the writer ends once the last reply is written.
-    let write_result = writer_task.await.map_err(TransmissionError::WriterTask)?;
+    let write_result = match writer_result {
+        Some(w) => w,
+        None => tokio::select! {
+            w = &mut writer_task => w,
+            () = writer_grace_over(stop_rx, limits.shutdown_grace) => {
+                writer_task.abort();
+                Ok(Err(TransmissionError::ShutdownStalled(limits.shutdown_grace)))
+            }
+            () = &mut shutdown => unreachable!("the shutdown future never completes"),
+        },
+    };
+    let write_result = write_result.map_err(TransmissionError::WriterTask)?;
     let end = read_result?;
     write_result?;
+    if end == End::Shutdown {
+        linger(&mut reader).await;
+    }
     Ok(end)
+}
+
+/// Like [`grace_over`], but at least [`LAST_WRITE`] from now: when the grace ended while a
+/// request was being received, the replies of those in flight get a moment to go out.
+async fn writer_grace_over(
+    stop: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    grace: std::time::Duration,
+) {
+    let at_least = tokio::time::sleep(LAST_WRITE);
+    tokio::join!(grace_over(stop, grace), at_least);
+}
+
+/// See [`writer_grace_over`].
+const LAST_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves `grace` after the shutdown began (never without one).
+async fn grace_over(
+    mut stop: tokio::sync::watch::Receiver<Option<tokio::time::Instant>>,
+    grace: std::time::Duration,
+) {
+    let Ok(began) = stop.wait_for(Option::is_some).await.map(|t| *t) else {
+        return std::future::pending().await;
+    };
+    let began = began.expect("waited for Some");
+    tokio::time::sleep_until(began + grace).await;
+}
+
+/// Reads and drops what the client sends until it closes or [`LINGER`] passes.
+async fn linger<R: RequestSource>(reader: &mut BufReader<R>) {
+    let drain = async {
+        let mut sink = [0u8; 16 << 10];
+        while let Ok(n) = reader.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 async fn read_loop<R: RequestSource>(
@@ -912,7 +1057,8 @@ async fn read_loop<R: RequestSource>(
             Err(e) => {
                 // Keep the stream in sync: a refused WRITE's payload is still on the wire.
                 discard(reader, u64::from(request.payload_len())).await?;
-                ctx.fail(track, cookie, request.kind, &e);
+                let permit = charge(budget, 0).await;
+                ctx.fail(track, cookie, request.kind, &e, permit);
             }
             Ok(Op::Disconnect) => return Ok(End::Disconnect),
             Ok(Op::Write { offset, len, fua }) => {
@@ -1048,23 +1194,29 @@ async fn receive_write<R: RequestSource>(
     let len = len as usize;
     if len > LARGE_WRITE_MIN && !fua {
         if let Device::Local(store) = &ctx.store {
-            match receive_large_write(reader, store, budget, offset, len).await? {
-                Ok(()) => ctx.ok(track, cookie, None),
-                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
+            let result = receive_large_write(reader, store, budget, offset, len).await?;
+            let permit = charge(budget, 0).await;
+            match result {
+                Ok(()) => ctx.ok(track, cookie, permit),
+                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e), permit),
             }
             return Ok(true);
         }
     }
     if len <= chunk {
-        let permit = charge(budget, len).await;
+        let mut permit = charge(budget, len).await;
         let data = read_payload(reader, len).await?;
         let ctx = ctx.clone();
         let write = async move {
             let result = ctx.store.write(offset, data, fua).await;
+            // The payload's budget is free once written; the reply keeps its share.
+            let reply = permit
+                .split(MIN_CHARGE)
+                .expect("a charge is at least MIN_CHARGE");
             drop(permit);
             match result {
-                Ok(()) => ctx.ok(track, cookie, None),
-                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e)),
+                Ok(()) => ctx.ok(track, cookie, reply),
+                Err(e) => ctx.fail(track, cookie, CMD_WRITE, &RequestError::Store(e), reply),
             }
         };
         if len <= INLINE_MAX as usize {
@@ -1074,11 +1226,13 @@ async fn receive_write<R: RequestSource>(
         }
         return Ok(false);
     }
+    let reply = charge(budget, 0).await;
     let join = Arc::new(WriteJoin::new(
         ctx.clone(),
         track,
         cookie,
         len.div_ceil(chunk),
+        reply,
     ));
     let mut pos = 0usize;
     while pos < len {

@@ -588,8 +588,13 @@ impl Resource {
     }
 
     /// Zeroes fast locally (or fails with `NotFast` before anything is replicated); peers zero
-    /// the range however they can.
-    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+    /// the range however they can (punching holes only if `may_punch`).
+    pub async fn fast_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    ) -> Result<(), StoreError> {
         if !self.store.supports_fast_zero() {
             return Err(StoreError::NotFast);
         }
@@ -602,10 +607,10 @@ impl Resource {
                 after,
                 offset,
                 len,
-                trim: false,
+                trim: may_punch,
                 fua: false,
             },
-            || self.store.fast_zero(offset, len),
+            || self.store.fast_zero(offset, len, may_punch),
         )
         .await
     }
@@ -751,11 +756,16 @@ impl Device {
         }
     }
 
-    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+    pub async fn fast_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    ) -> Result<(), StoreError> {
         match self {
-            Device::Local(s) => s.fast_zero(offset, len).await,
+            Device::Local(s) => s.fast_zero(offset, len, may_punch).await,
             Device::Snapshot(_) => Err(StoreError::ReadOnly),
-            Device::Replicated(r) => r.fast_zero(offset, len).await,
+            Device::Replicated(r) => r.fast_zero(offset, len, may_punch).await,
         }
     }
 

@@ -103,8 +103,13 @@ impl LocalStore {
             .await
     }
 
-    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
-        self.current().fast_zero(offset, len).await
+    pub async fn fast_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    ) -> Result<(), StoreError> {
+        self.current().fast_zero(offset, len, may_punch).await
     }
 
     pub fn supports_fast_zero(&self) -> bool {

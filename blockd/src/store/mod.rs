@@ -733,9 +733,15 @@ impl BlockStore {
         Ok(())
     }
 
-    /// Zeroes the range only if that is fast (zero range or punch hole); otherwise
-    /// `Err(StoreError::NotFast)` without touching the data.
-    pub async fn fast_zero(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+    /// Zeroes the range only if that is fast (zero range, or punch hole when `may_punch`: with
+    /// NBD's `NO_HOLE` the range must stay allocated); otherwise `Err(StoreError::NotFast)`
+    /// without touching the data.
+    pub async fn fast_zero(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+    ) -> Result<(), StoreError> {
         self.check_write(offset, len)?;
         if len == 0 {
             return Ok(());
@@ -754,7 +760,7 @@ impl BlockStore {
             }
         };
         for &(mode, flag) in modes {
-            if !flag.load(Ordering::Relaxed) {
+            if !flag.load(Ordering::Relaxed) || (mode == PUNCH && !may_punch) {
                 continue;
             }
             match self.inner.engine.fallocate(mode, offset, len).await {

@@ -2,6 +2,7 @@
 //! the backing filesystem matters, on tmpfs (/dev/shm) and on a disk filesystem (/var/tmp).
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -224,11 +225,32 @@ async fn fast_zero(engine: Setup, fs: Fs) {
         .write(0, Bytes::from(vec![1; size as usize]), false)
         .await
         .unwrap();
-    store.fast_zero(4096, 65536).await.unwrap();
+    store.fast_zero(4096, 65536, true).await.unwrap();
     let got = store.read(0, size as usize).await.unwrap();
     assert!(got[..4096].iter().all(|&x| x == 1));
     assert!(got[4096..69632].iter().all(|&x| x == 0));
     assert!(got[69632..].iter().all(|&x| x == 1));
+
+    // NBD NO_HOLE: the range stays allocated, zeroed in place or refused as not fast.
+    let path = dir.path().join("disk");
+    let blocks = || std::fs::metadata(&path).unwrap().blocks();
+    let before = blocks();
+    match store.fast_zero(1 << 20, 65536, false).await {
+        Ok(()) => {
+            let got = store.read(1 << 20, 65536).await.unwrap();
+            assert!(got.iter().all(|&x| x == 0));
+        }
+        Err(StoreError::NotFast) => {
+            let got = store.read(1 << 20, 65536).await.unwrap();
+            assert!(got.iter().all(|&x| x == 1), "refused, yet changed");
+        }
+        Err(e) => panic!("fast zero without punching: {e:?}"),
+    }
+    assert_eq!(
+        blocks(),
+        before,
+        "a fast zero with NO_HOLE deallocated blocks"
+    );
 }
 
 async fn block_status_sparse(engine: Setup, fs: Fs) {
@@ -327,7 +349,7 @@ async fn out_of_range(engine: Setup) {
         .await);
     oor(store.trim(size - 10, 11).await);
     oor(store.write_zeroes(0, size + 1, true, false).await);
-    oor(store.fast_zero(size, 1).await);
+    oor(store.fast_zero(size, 1, true).await);
     oor(store.cache(0, size + 1).await);
     oor(store.block_status(1, size).await.map(drop));
     // The edges themselves are fine.
@@ -370,7 +392,7 @@ async fn read_only(engine: Setup) {
     ro_err(store.write(0, Bytes::from_static(b"x"), false).await);
     ro_err(store.trim(0, 10).await);
     ro_err(store.write_zeroes(0, 10, true, false).await);
-    ro_err(store.fast_zero(0, 10).await);
+    ro_err(store.fast_zero(0, 10, true).await);
     store.flush().await.unwrap();
     store.block_status(0, size).await.unwrap();
     // Growing a read-only file is refused.
@@ -613,10 +635,10 @@ async fn block_device(engine: Setup) {
     store.trim(1, 1000).await.unwrap();
     // Unaligned fast zero cannot be done by the device without writing.
     assert!(matches!(
-        store.fast_zero(1, 512).await,
+        store.fast_zero(1, 512, true).await,
         Err(StoreError::NotFast)
     ));
-    match store.fast_zero(0, 1 << 20).await {
+    match store.fast_zero(0, 1 << 20, true).await {
         Ok(()) => assert!(
             store
                 .read(0, 1 << 20)
@@ -802,7 +824,6 @@ fn open_sizes() {
     let s = BlockStore::open(&path, &opts(64 << 20, None)).unwrap();
     assert_eq!(s.size(), 64 << 20);
     drop(s);
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(&path).unwrap();
     assert_eq!(meta.len(), 64 << 20);
     assert!(meta.blocks() * 512 < 1 << 20, "created sparse");

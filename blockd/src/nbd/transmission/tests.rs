@@ -512,6 +512,160 @@ async fn shutdown_stops_reading_and_drains() {
     assert_eq!(h.finish().await.unwrap(), End::Shutdown);
 }
 
+/// Encodes `count` requests: small WRITEs alternating with refused READs (past the end).
+fn write_and_refused_requests(count: u64) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    for cookie in 0..count {
+        if cookie % 2 == 0 {
+            b.put_slice(&req(CMD_WRITE, 0, cookie, 4096 * (cookie % 64), 512).encode());
+            b.put_slice(&[cookie as u8; 512]);
+        } else {
+            b.put_slice(&req(CMD_READ, 0, cookie, SIZE, 4096).encode());
+        }
+    }
+    b.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_no_replies_holds_the_reader_back() {
+    // Small pipes both ways and a budget of 16 reply shares: once the replies fill the pipe to
+    // the client, the server may take only a bounded number of further requests.
+    let (client, server_end) = tokio::io::duplex(4096);
+    let (r, w) = tokio::io::split(server_end);
+    let limits = Limits {
+        max_payload: 32 << 10,
+        chunk: 32 << 10,
+        budget: 64 << 10,
+        ..Limits::default()
+    };
+    let h = start_on(Box::new(client), r, w, open_store(false), false, limits);
+    let count = 4000u64;
+    let requests = write_and_refused_requests(count);
+    let (mut from_server, mut to_server) = tokio::io::split(h.client);
+    let sender = tokio::spawn(async move {
+        to_server.write_all(&requests).await.unwrap();
+        to_server
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sender.is_finished(),
+        "the server took all {count} requests while no reply was read (replies queued without \
+         bound)"
+    );
+    // Reading the replies lets everything through, each request answered once.
+    let mut seen = vec![false; count as usize];
+    for _ in 0..count {
+        let mut head = [0u8; SIMPLE_REPLY_LEN];
+        from_server.read_exact(&mut head).await.unwrap();
+        let (Reply::Simple { error, cookie }, _) = Reply::decode(&head).unwrap() else {
+            panic!("not a simple reply")
+        };
+        assert_eq!(
+            error,
+            if cookie % 2 == 0 { 0 } else { EINVAL },
+            "cookie {cookie}"
+        );
+        assert!(!std::mem::replace(&mut seen[cookie as usize], true));
+    }
+    let mut to_server = sender.await.unwrap();
+    to_server
+        .write_all(&req(CMD_DISC, 0, 0, 0, 0).encode())
+        .await
+        .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), h.server).await;
+    assert_eq!(end.unwrap().unwrap().unwrap(), End::Disconnect);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_cannot_hold_a_shutdown() {
+    let limits = Limits {
+        shutdown_grace: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    // A client that sent half a WRITE payload and stopped.
+    let mut h = start(false, false, limits);
+    h.send(req(CMD_WRITE, 0, 1, 0, 65536), &[7u8; 30000]).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.stop.take().unwrap().send(()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), h.server).await;
+    assert_eq!(
+        end.expect("the connection ended within the grace")
+            .unwrap()
+            .unwrap(),
+        End::Shutdown
+    );
+
+    // A client that does not read its replies (a full pipe to it) while requests are in flight.
+    let (client, server_end) = tokio::io::duplex(4096);
+    let (r, w) = tokio::io::split(server_end);
+    let h = start_on(Box::new(client), r, w, open_store(false), false, limits);
+    let mut client = h.client;
+    for cookie in 0..8 {
+        client
+            .write_all(&req(CMD_READ, 0, cookie, 0, 65536).encode())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.stop.unwrap().send(()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), h.server).await;
+    let end = end.expect("the connection ended within the grace").unwrap();
+    assert!(
+        matches!(end, Err(TransmissionError::ShutdownStalled(_))),
+        "{end:?}"
+    );
+}
+
+/// A write half that fails every write.
+struct BrokenWriter;
+
+impl AsyncWrite for BrokenWriter {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        _: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::task::Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reply_write_ends_the_connection() {
+    // The client stays connected and idle after one request whose reply cannot be written:
+    // the server stops taking requests instead of waiting for the next one.
+    let (client, server_end) = tokio::io::duplex(1 << 20);
+    let (r, _w) = tokio::io::split(server_end);
+    let mut h = start_on(
+        Box::new(client),
+        r,
+        BrokenWriter,
+        open_store(false),
+        false,
+        Limits::default(),
+    );
+    h.send(req(CMD_FLUSH, 0, 1, 0, 0), &[]).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), h.server).await;
+    let end = end.expect("the connection ended").unwrap();
+    assert!(
+        matches!(end, Err(TransmissionError::WriteReply(_))),
+        "{end:?}"
+    );
+}
+
 #[test]
 fn descriptors_merge_clip_and_limit() {
     let e = |length, hole| Extent {
