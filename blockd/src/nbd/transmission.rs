@@ -881,6 +881,8 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 /// sent meanwhile are read and dropped for at most this long before the socket is closed:
 /// closing with unread data would reset the connection and discard replies still in flight.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// The linger ends early once the client has sent nothing for this long.
+const LINGER_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// How the reader loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1005,13 +1007,15 @@ async fn grace_over(
     tokio::time::sleep_until(began + grace).await;
 }
 
-/// Reads and drops what the client sends until it closes or [`LINGER`] passes.
+/// Reads and drops what the client sends until it closes, sends nothing for [`LINGER_QUIET`],
+/// or [`LINGER`] passes.
 async fn linger<R: RequestSource>(reader: &mut BufReader<R>) {
     let drain = async {
         let mut sink = [0u8; 16 << 10];
-        while let Ok(n) = reader.read(&mut sink).await {
-            if n == 0 {
-                break;
+        loop {
+            match tokio::time::timeout(LINGER_QUIET, reader.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => break,
             }
         }
     };
