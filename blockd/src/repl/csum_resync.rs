@@ -37,12 +37,20 @@ pub(crate) struct Answer {
 /// Where a session delivers checksum answers: to the worker of each purpose, if one runs.
 #[derive(Default)]
 pub(crate) struct AnswerRoutes {
-    verify: Mutex<Option<mpsc::UnboundedSender<Answer>>>,
-    resync: Mutex<Option<mpsc::UnboundedSender<Answer>>>,
+    verify: Mutex<Route>,
+    resync: Mutex<Route>,
+}
+
+#[derive(Default)]
+struct Route {
+    tx: Option<mpsc::UnboundedSender<Answer>>,
+    /// Answers still owed to a worker that gave up: dropped as they arrive, so a later worker
+    /// of the same purpose never takes them for answers to its own requests.
+    stale: u64,
 }
 
 impl AnswerRoutes {
-    fn slot(&self, purpose: ChecksumPurpose) -> &Mutex<Option<mpsc::UnboundedSender<Answer>>> {
+    fn slot(&self, purpose: ChecksumPurpose) -> &Mutex<Route> {
         match purpose {
             ChecksumPurpose::Verify => &self.verify,
             ChecksumPurpose::Resync => &self.resync,
@@ -52,13 +60,38 @@ impl AnswerRoutes {
     /// Registers the worker of `purpose`; returns its receiver.
     pub fn open(&self, purpose: ChecksumPurpose) -> mpsc::UnboundedReceiver<Answer> {
         let (tx, rx) = mpsc::unbounded_channel();
-        *self.slot(purpose).lock().expect("answer routes") = Some(tx);
+        self.slot(purpose).lock().expect("answer routes").tx = Some(tx);
         rx
     }
 
-    /// Delivers an answer; `false` when no worker asked (a stale or unsolicited reply).
+    /// The worker of `purpose` stops with `unanswered` requests outstanding (each is answered
+    /// once, in stream order, while the session lives): their answers are dropped when they
+    /// come, except those already waiting in `rx`.
+    pub fn retire(
+        &self,
+        purpose: ChecksumPurpose,
+        rx: &mut mpsc::UnboundedReceiver<Answer>,
+        unanswered: usize,
+    ) {
+        let mut route = self.slot(purpose).lock().expect("answer routes");
+        route.tx = None;
+        // Nothing more enters `rx` now: what is in it was delivered already.
+        let mut waiting = 0;
+        while rx.try_recv().is_ok() {
+            waiting += 1;
+        }
+        route.stale += (unanswered as u64).saturating_sub(waiting);
+    }
+
+    /// Delivers an answer; `false` when no worker asked (an unsolicited reply). Answers owed to
+    /// a retired worker are dropped.
     pub fn deliver(&self, purpose: ChecksumPurpose, a: Answer) -> bool {
-        match self.slot(purpose).lock().expect("answer routes").as_ref() {
+        let mut route = self.slot(purpose).lock().expect("answer routes");
+        if route.stale > 0 {
+            route.stale -= 1;
+            return true;
+        }
+        match route.tx.as_ref() {
             Some(tx) => tx.send(a).is_ok(),
             None => false,
         }
@@ -339,5 +372,43 @@ impl Resource {
             st.peers[i].checksum_next = on;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(offset: u64) -> Answer {
+        Answer {
+            offset,
+            len: 4096,
+            answer: PeerAnswer::Equal,
+        }
+    }
+
+    #[test]
+    fn answers_owed_to_a_retired_worker_never_reach_the_next_one() {
+        let routes = AnswerRoutes::default();
+        let mut rx = routes.open(ChecksumPurpose::Verify);
+        // The first worker asked about five runs: one answer handled, two delivered and not
+        // read when it gave up, two still to come.
+        for at in 0..3 {
+            assert!(routes.deliver(ChecksumPurpose::Verify, answer(at)));
+        }
+        assert_eq!(rx.try_recv().unwrap().offset, 0);
+        routes.retire(ChecksumPurpose::Verify, &mut rx, 4);
+        // A second worker asks about the same offsets again.
+        let mut next = routes.open(ChecksumPurpose::Verify);
+        for at in 3..5 {
+            assert!(routes.deliver(ChecksumPurpose::Verify, answer(at)), "dropped");
+        }
+        assert!(next.try_recv().is_err(), "an old answer reached the new worker");
+        assert!(routes.deliver(ChecksumPurpose::Verify, answer(0)));
+        assert_eq!(next.try_recv().unwrap().offset, 0);
+        // Other purposes are not affected.
+        let mut resync = routes.open(ChecksumPurpose::Resync);
+        assert!(routes.deliver(ChecksumPurpose::Resync, answer(9)));
+        assert_eq!(resync.try_recv().unwrap().offset, 9);
     }
 }

@@ -183,6 +183,18 @@ impl Resource {
         self.state.lock().expect("state").peers[i].verify = Some(v);
     }
 
+    /// Records `v` as peer `i`'s verify unless one is running: the check and the claim under
+    /// one lock, so two requests at once start one verify.
+    fn claim_verify(&self, i: usize, v: VerifyStatus) -> bool {
+        let mut st = self.state.lock().expect("state");
+        let slot = &mut st.peers[i].verify;
+        if slot.as_ref().is_some_and(|v| v.state == "running") {
+            return false;
+        }
+        *slot = Some(v);
+        true
+    }
+
     fn peers_named(&self, peer: Option<&str>) -> Result<Vec<usize>, ResourceError> {
         match peer {
             Some(n) => self
@@ -245,7 +257,11 @@ impl Resource {
             let tracker = ChecksumTracker::new(size, bs);
             let mut v = VerifyStatus::new("running", tracker.report());
             v.waiting = waiting.clone();
-            self.set_verify(i, v);
+            if !self.claim_verify(i, v) {
+                // Another request started one since the check above.
+                refusals.push(format!("a verify with {name} is already running"));
+                continue;
+            }
             let answers = conn.answers.open(ChecksumPurpose::Verify);
             let me = self.clone();
             tokio::spawn(async move { run_verify(me, i, conn, tracker, answers).await });
@@ -469,6 +485,9 @@ async fn run_verify(
         Ok(())
     }
     .await;
+    // Requests still unanswered are answered later on this session: not to the next verify.
+    conn.answers
+        .retire(ChecksumPurpose::Verify, &mut answers, tracker.pending());
     let report = tracker.report();
     let peer = &res.peers[i].node.name;
     match r {
