@@ -1,6 +1,7 @@
 //! Actions (csync2's `action` sections): after a sync, run each action whose patterns match a
-//! changed path, once per batch, with `%%` replaced by the changed files; output is appended to
-//! the action's logfile (or discarded).
+//! changed path, once per batch, with `%%` replaced by the changed files (each quoted for the
+//! shell: a file name is never run as a command); output is appended to the action's logfile (or
+//! discarded).
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -43,6 +44,18 @@ pub fn selected<'a>(
     out
 }
 
+/// `exec` with `%%` replaced by `files`, each a single shell word whatever it contains (names
+/// come from peers and from anyone who can create files in a synced tree).
+pub fn command_line(exec: &str, files: &[String]) -> String {
+    let words: Vec<String> = files.iter().map(|f| shell_quote(f)).collect();
+    exec.replace("%%", &words.join(" "))
+}
+
+/// `s` as one POSIX shell word: single-quoted, each `'` written as `'\''`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
 /// Runs the group's actions for a finished batch (blocking until each command exits).
 pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String]) {
     for action in &group.actions {
@@ -61,7 +74,7 @@ pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String])
             phys.into_iter().map(|p| vec![p]).collect()
         };
         for files in batches {
-            let cmd = action.exec.replace("%%", &files.join(" "));
+            let cmd = command_line(&action.exec, &files);
             let (out, err) = match &action.logfile {
                 Some(l) => match std::fs::OpenOptions::new()
                     .create(true)
@@ -114,6 +127,28 @@ mod tests {
             do_local_only: only,
             once_per_batch: true,
         }
+    }
+
+    #[test]
+    fn file_names_are_single_shell_words() {
+        let files = vec![
+            "/www/x;touch /tmp/pwned;".to_string(),
+            "/www/a b".to_string(),
+            "/www/it's $(id)".to_string(),
+        ];
+        let cmd = command_line("printf '%s\\n' %%", &files);
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}");
+        let got: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert_eq!(
+            got,
+            files.iter().map(String::as_str).collect::<Vec<_>>(),
+            "{cmd}"
+        );
     }
 
     #[test]

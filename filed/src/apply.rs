@@ -408,7 +408,9 @@ impl Applier {
         let Some(t) = self.target(logical, false)? else {
             return Ok(None);
         };
-        match openat(&t.dir, &t.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0) {
+        // Non-blocking: a FIFO in the file's place is found below instead of blocking here.
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        match openat(&t.dir, &t.name, flags, 0) {
             Ok(fd) => {
                 let f = File::from(fd);
                 let md = f.metadata().map_err(io_err(logical, "stat"))?;
@@ -633,8 +635,13 @@ impl Applier {
             return Ok(());
         }
         let mut src = File::from(
-            openat(&t.dir, &t.name, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
-                .map_err(io_err(&t.logical, "open for backup"))?,
+            openat(
+                &t.dir,
+                &t.name,
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+                0,
+            )
+            .map_err(io_err(&t.logical, "open for backup"))?,
         );
         let mut out = File::create(&dest).map_err(io_err(&t.logical, "create backup"))?;
         io::copy(&mut src, &mut out).map_err(io_err(&t.logical, "copy to backup"))?;
@@ -676,7 +683,8 @@ impl Applier {
     /// Creates or replaces a symlink atomically (temp link + rename) and sets its owner and mtime.
     pub fn make_symlink(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
         let t = self.need_target(logical)?;
-        let target = cstr(state.target.as_deref().unwrap_or(""));
+        let target = CString::new(state.target.as_deref().unwrap_or(""))
+            .map_err(|_| io_err(logical, "create symlink")(io::ErrorKind::InvalidInput.into()))?;
         let tmp = cstr(&format!(
             "{TEMP_PREFIX}{}.{}.l",
             std::process::id(),

@@ -182,7 +182,7 @@ impl BaseSignature {
 
     /// Computes the signature of the file at `path`.
     pub fn of_file(path: &Path) -> Result<Self, DeltaError> {
-        let file = File::open(path).map_err(|source| DeltaError::Open {
+        let file = crate::entry::open_regular(path).map_err(|source| DeltaError::Open {
             path: path.to_path_buf(),
             source,
         })?;

@@ -175,6 +175,13 @@ impl FileState {
         let uid = r.u32()?;
         let gid = r.u32()?;
         let target = r.opt_string("symlink target")?;
+        if let Some(at) = target.as_deref().and_then(|t| t.find('\0')) {
+            // No path can hold it (a symlink made from it could not exist).
+            return Err(DecodeError::Invalid {
+                what: "symlink target (NUL byte at)",
+                value: at as u64,
+            });
+        }
         let hash = r.array32()?;
         Ok(FileState {
             kind,
@@ -208,6 +215,10 @@ pub fn read_state(path: &Path, hash: bool) -> io::Result<Option<FileState>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_dir() || ft.is_symlink()) {
+        return Err(not_syncable());
+    }
     let target = if md.file_type().is_symlink() {
         let t = std::fs::read_link(path)?;
         Some(t.into_os_string().into_string().map_err(|_| {
@@ -225,10 +236,31 @@ pub fn read_state(path: &Path, hash: bool) -> io::Result<Option<FileState>> {
 
 /// blake3 of a file's content, read in a streaming way.
 pub fn hash_file(path: &Path) -> io::Result<Hash> {
-    let f = std::fs::File::open(path)?;
+    let f = open_regular(path)?;
     let mut h = blake3::Hasher::new();
     h.update_reader(f)?;
     Ok(*h.finalize().as_bytes())
+}
+
+/// Opens `path` for reading if it is a regular file. Opened non-blocking and checked before
+/// anything is read: a FIFO or a device put in its place never blocks or streams for ever.
+pub fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(not_syncable());
+    }
+    Ok(f)
+}
+
+fn not_syncable() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "not a regular file, directory or symlink (a FIFO, socket or device): not synced",
+    )
 }
 
 /// Now, in nanoseconds since the epoch (for tombstones and conflict records).
@@ -278,6 +310,24 @@ pub(crate) mod tests {
         #[test]
         fn state_round_trip(s in arb_state()) {
             prop_assert_eq!(FileState::from_bytes(&s.to_bytes()).unwrap(), s);
+        }
+
+        #[test]
+        fn a_symlink_target_with_a_nul_byte_is_refused(at in 0usize..8) {
+            let mut s = FileState::from_bytes(&FileState {
+                kind: Kind::Symlink,
+                size: 0,
+                mtime_ns: 1,
+                mode: 0o777,
+                uid: 0,
+                gid: 0,
+                target: Some("abcdefgh".into()),
+                hash: [0; 32],
+            }.to_bytes()).unwrap();
+            let mut t = s.target.take().unwrap().into_bytes();
+            t[at] = 0;
+            s.target = Some(String::from_utf8(t).unwrap());
+            prop_assert!(FileState::from_bytes(&s.to_bytes()).is_err());
         }
 
         #[test]

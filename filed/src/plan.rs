@@ -5,11 +5,13 @@
 //!
 //! Rules:
 //! - Absent and deleted are the same; identical states are in sync.
+//! - `force` on exactly one side (`filed force`, csync2 `-f`): that side wins, whichever side
+//!   changed (the way to undo a bad edit made on the peer).
 //! - A side "changed" when its state differs from the agreed one (no agreed state: anything
 //!   present changed). Only one side changed: that side wins. Both changed to the same content
 //!   (metadata aside) is not a conflict: the newer metadata wins. Directories never conflict.
-//! - Both changed otherwise is a conflict, unless: `force` on exactly one side (`filed force`),
-//!   a slave is involved (the non-slave wins), or the group's `auto` policy picks a winner.
+//! - Both changed otherwise is a conflict, unless a slave is involved (the non-slave wins) or
+//!   the group's `auto` policy picks a winner.
 //! - A slave never sends: its own changes are held.
 //!
 //! `auto` policies (csync2's): `first` — the side that initiated the sync wins; `younger`/`older`
@@ -100,10 +102,18 @@ pub fn decide(
     }
     let local_changed = !equivalent(local, base);
     let remote_changed = !equivalent(remote, base);
-    let wanted = match (local_changed, remote_changed) {
-        (true, false) => Decision::Push,
-        (false, true) => Decision::Pull,
-        _ => resolve_both_changed(present(local), present(remote), sides),
+    let wanted = if sides.local_force != sides.remote_force {
+        if sides.local_force {
+            Decision::Push
+        } else {
+            Decision::Pull
+        }
+    } else {
+        match (local_changed, remote_changed) {
+            (true, false) => Decision::Push,
+            (false, true) => Decision::Pull,
+            _ => resolve_both_changed(present(local), present(remote), sides),
+        }
     };
     // A slave never sends.
     match wanted {
@@ -123,13 +133,6 @@ fn resolve_both_changed(
     {
         // Identical change (or a directory on both sides): only metadata differs.
         return if meta_key(l) >= meta_key(r) {
-            Decision::Push
-        } else {
-            Decision::Pull
-        };
-    }
-    if sides.local_force != sides.remote_force {
-        return if sides.local_force {
             Decision::Push
         } else {
             Decision::Pull
@@ -456,6 +459,16 @@ mod tests {
         let mut s = sides(AutoPolicy::None);
         s.local_force = true;
         assert_eq!(decide(Some(&l), Some(&r), Some(&base), s), Push);
+        // Force wins over a change made on the peer only (undoing a bad edit there).
+        assert_eq!(decide(Some(&base), Some(&r), Some(&base), s), Push);
+        assert_eq!(
+            decide(Some(&base), None, Some(&base), s),
+            Push,
+            "a deletion too"
+        );
+        let mut theirs = sides(AutoPolicy::None);
+        theirs.remote_force = true;
+        assert_eq!(decide(Some(&l), Some(&base), Some(&base), theirs), Pull);
         s.remote_force = true;
         assert_eq!(
             decide(Some(&l), Some(&r), Some(&base), s),
@@ -557,8 +570,11 @@ mod tests {
             prop_assert_eq!(d == InSync, equivalent(l.as_ref(), r.as_ref()));
             if s.local_slave { prop_assert_ne!(d, Push); }
             if s.remote_slave { prop_assert_ne!(d, Pull); }
-            // an unchanged side never overwrites a changed one
-            if equivalent(l.as_ref(), b.as_ref()) && !equivalent(r.as_ref(), b.as_ref()) { prop_assert!(d == Pull || d == Hold); }
+            // an unchanged side never overwrites a changed one, unless it alone holds a force mark
+            let forced = s.local_force && !s.remote_force;
+            if !forced && equivalent(l.as_ref(), b.as_ref()) && !equivalent(r.as_ref(), b.as_ref()) { prop_assert!(d == Pull || d == Hold); }
+            // a force mark on one side only wins, unless that side is a slave (never sends)
+            if forced && d != InSync { prop_assert!(d == Push || (s.local_slave && d == Hold)); }
         }
     }
 }

@@ -578,6 +578,25 @@ mod tests {
     }
 
     #[test]
+    fn a_fifo_is_skipped_with_an_error_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        std::fs::write(d.path().join("a/f"), b"x").unwrap();
+        let fifo = std::ffi::CString::new(d.path().join("a/pipe").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        // Opening the FIFO for reading would block for ever (no writer).
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(run(&c, &s)).unwrap());
+        let r = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the scan blocked on the FIFO");
+        assert_eq!(r.new, vec!["%d%", "%d%/f"], "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("FIFO"), "{r:?}");
+    }
+
+    #[test]
     fn only_scans_given_paths() {
         let d = tempfile::tempdir().unwrap();
         let (c, s) = setup(d.path());
