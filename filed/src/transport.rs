@@ -502,6 +502,27 @@ async fn read_verdict<S: AsyncRead + Unpin>(
     })
 }
 
+/// How long a peer may leave sent data unacknowledged, or stay silent to keepalive probes,
+/// before its link fails: a peer that lost power or its network mid-session ends the session
+/// (and frees the group) instead of leaving it waiting for ever.
+pub const PEER_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Keepalive probes on an idle link and a bound on unacknowledged data ([`PEER_DEAD_AFTER`]).
+/// Best effort: a socket that refuses them works as before.
+fn watch_liveness(tcp: &TcpStream) {
+    let sock = socket2::SockRef::from(tcp);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10))
+        .with_retries(9);
+    if let Err(e) = sock
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| sock.set_tcp_user_timeout(Some(PEER_DEAD_AFTER)))
+    {
+        tracing::warn!(error = %e, "cannot set keepalive on a peer link");
+    }
+}
+
 /// Opens an authenticated link to `addr` ("host:port") for `group`; the peer must prove the name
 /// `expected_peer` both by its certificate and by the group key.
 pub async fn connect(
@@ -524,6 +545,7 @@ pub async fn connect(
             source,
         })?;
     let _ = tcp.set_nodelay(true);
+    watch_liveness(&tcp);
     let counters = ByteCounters::default();
     let counted = Counted {
         inner: tcp,
@@ -590,6 +612,7 @@ pub async fn accept(
     groups: impl Fn(&str) -> Option<GroupAccess>,
 ) -> Result<Connection, TransportError> {
     let _ = tcp.set_nodelay(true);
+    watch_liveness(&tcp);
     let peer_addr = tcp
         .peer_addr()
         .map(|a| a.to_string())
@@ -903,6 +926,18 @@ mod tests {
             "{:?}",
             c.err()
         );
+    }
+
+    #[tokio::test]
+    async fn peer_links_detect_a_dead_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        watch_liveness(&tcp);
+        let sock = socket2::SockRef::from(&tcp);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_user_timeout().unwrap(), Some(PEER_DEAD_AFTER));
     }
 
     #[tokio::test]
