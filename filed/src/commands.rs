@@ -41,6 +41,9 @@ pub enum Command {
     Check {
         group: Option<String>,
         rehash: bool,
+        /// Scan include roots found empty though files are recorded under them.
+        #[serde(default)]
+        allow_empty_roots: bool,
     },
     Dirty {
         group: Option<String>,
@@ -84,7 +87,17 @@ impl Outcome {
 pub async fn run(node: &Node, cmd: &Command) -> Outcome {
     match cmd {
         Command::Sync { group, peers } => sync(node, group.as_deref(), peers).await,
-        Command::Check { group, rehash } => check(node, group.as_deref(), *rehash).await,
+        Command::Check {
+            group,
+            rehash,
+            allow_empty_roots,
+        } => {
+            let opts = ScanOptions {
+                rehash: *rehash,
+                allow_empty_roots: *allow_empty_roots,
+            };
+            check(node, group.as_deref(), opts).await
+        }
         Command::Dirty { group } => dirty(node, group.as_deref()),
         Command::Compare { group, peer } => compare(node, group.as_deref(), peer.as_deref()).await,
         Command::Resolve { path, keep } => resolve(node, path, *keep).await,
@@ -110,7 +123,7 @@ fn dirty_peers(node: &Node, g: &Group) -> Vec<String> {
     }
 }
 
-fn scan_one(node: &Node, g: &Group, rehash: bool) -> Result<ScanReport, String> {
+fn scan_one(node: &Node, g: &Group, opts: ScanOptions) -> Result<ScanReport, String> {
     let t0 = std::time::Instant::now();
     let r = scan_group(
         node.store.as_ref(),
@@ -118,7 +131,7 @@ fn scan_one(node: &Node, g: &Group, rehash: bool) -> Result<ScanReport, String> 
         g,
         &dirty_peers(node, g),
         None,
-        ScanOptions { rehash },
+        opts,
     )
     .map_err(|e| error_chain(&e));
     let ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -147,7 +160,7 @@ fn print_scan(out: &mut String, g: &Group, r: &ScanReport) {
     }
 }
 
-async fn check(node: &Node, group: Option<&str>, rehash: bool) -> Outcome {
+async fn check(node: &Node, group: Option<&str>, opts: ScanOptions) -> Outcome {
     let mut out = String::new();
     let gs = match groups(node, group) {
         Ok(g) => g,
@@ -157,7 +170,7 @@ async fn check(node: &Node, group: Option<&str>, rehash: bool) -> Outcome {
     for g in gs {
         let lock = node.group_lock(&g.name);
         let _guard = lock.lock().await;
-        match scan_one(node, g, rehash) {
+        match scan_one(node, g, opts) {
             Ok(r) => {
                 print_scan(&mut out, g, &r);
                 let _ = writeln!(
@@ -271,7 +284,7 @@ pub async fn sync(node: &Node, group: Option<&str>, only_peers: &[String]) -> Ou
         {
             let lock = node.group_lock(&g.name);
             let _guard = lock.lock().await;
-            match scan_one(node, g, false) {
+            match scan_one(node, g, ScanOptions::default()) {
                 Ok(r) => print_scan(&mut out, g, &r),
                 Err(e) => return Outcome::error(out, format!("{}: {e}", g.name)),
             }
@@ -368,7 +381,7 @@ async fn compare(node: &Node, group: Option<&str>, only_peer: Option<&str>) -> O
         {
             let lock = node.group_lock(&g.name);
             let _guard = lock.lock().await;
-            if let Err(e) = scan_one(node, g, false) {
+            if let Err(e) = scan_one(node, g, ScanOptions::default()) {
                 return Outcome::error(out, e);
             }
         }

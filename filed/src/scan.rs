@@ -23,6 +23,9 @@ pub enum ScanError {
 pub struct ScanOptions {
     /// Hash every regular file even when size and mtime are unchanged.
     pub rehash: bool,
+    /// Scan include roots that are empty although files are recorded under them (see
+    /// [`empty_root`]); otherwise they are skipped with an error.
+    pub allow_empty_roots: bool,
 }
 
 /// What a scan found.
@@ -103,7 +106,15 @@ pub fn scan_group(
                     rehash: opts.rehash,
                 })
                 .collect();
-            scan_impl(store, host, group, peers, roots, false)
+            scan_impl(
+                store,
+                host,
+                group,
+                peers,
+                roots,
+                false,
+                opts.allow_empty_roots,
+            )
         }
         Some(paths) => {
             let roots = paths
@@ -114,7 +125,15 @@ pub fn scan_group(
                     rehash: opts.rehash,
                 })
                 .collect();
-            scan_impl(store, host, group, peers, roots, true)
+            scan_impl(
+                store,
+                host,
+                group,
+                peers,
+                roots,
+                true,
+                opts.allow_empty_roots,
+            )
         }
     }
 }
@@ -129,7 +148,24 @@ pub fn scan_paths(
     peers: &[String],
     paths: Vec<ScanPath>,
 ) -> Result<ScanReport, ScanError> {
-    scan_impl(store, host, group, peers, reduce_paths(paths), true)
+    scan_impl(store, host, group, peers, reduce_paths(paths), true, false)
+}
+
+/// Whether scanning include root `root` (at `phys`) would turn everything recorded under it
+/// into deletions because the directory is empty: what an unmounted filesystem looks like (its
+/// empty mountpoint). Such a root is not scanned unless the admin says so
+/// (`filed check --allow-empty-root`), so a filesystem that is not mounted when filed starts or
+/// scans never deletes the files on every peer.
+fn empty_root(root: &str, phys: &Path, recorded: &HashMap<String, FileState>) -> Option<usize> {
+    let mut entries = std::fs::read_dir(phys).ok()?;
+    if entries.next().is_some() {
+        return None;
+    }
+    let below = recorded
+        .iter()
+        .filter(|(p, st)| p.as_str() != root && is_under(p, root) && st.kind != Kind::Deleted)
+        .count();
+    (below > 0).then_some(below)
 }
 
 fn scan_impl(
@@ -139,6 +175,7 @@ fn scan_impl(
     peers: &[String],
     roots: Vec<ScanPath>,
     explicit: bool,
+    allow_empty_roots: bool,
 ) -> Result<ScanReport, ScanError> {
     let recorded: HashMap<String, FileState> = if explicit {
         let mut m = HashMap::new();
@@ -203,6 +240,19 @@ fn scan_impl(
                 continue;
             }
             _ => {}
+        }
+        if *deep
+            && !allow_empty_roots
+            && config_roots.iter().any(|r| r == root)
+            && let Some(n) = empty_root(root, &phys, &recorded)
+        {
+            report.errors.push(format!(
+                "{root}: include root {} is empty but {n} recorded entries are under it (an \
+                 unmounted filesystem?); not scanned, nothing deleted. If they were removed on \
+                 purpose: filed check --allow-empty-root",
+                phys.display()
+            ));
+            continue;
         }
         scanned_roots.push((root.clone(), *deep));
         walk(
@@ -575,6 +625,41 @@ mod tests {
         let r = run(&c, &s);
         assert!(r.deleted.is_empty());
         assert_eq!(r.errors.len(), 1);
+    }
+
+    #[test]
+    fn an_empty_include_root_is_not_a_mass_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        std::fs::create_dir(d.path().join("a/sub")).unwrap();
+        std::fs::write(d.path().join("a/sub/f"), b"x").unwrap();
+        std::fs::write(d.path().join("a/g"), b"y").unwrap();
+        run(&c, &s);
+        // The filesystem is unmounted: its mountpoint is an empty directory.
+        std::fs::remove_dir_all(d.path().join("a/sub")).unwrap();
+        std::fs::remove_file(d.path().join("a/g")).unwrap();
+        let r = run(&c, &s);
+        assert!(r.deleted.is_empty(), "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("--allow-empty-root"), "{r:?}");
+        // A watcher's scan of the root does not delete them either.
+        let paths = vec![ScanPath {
+            logical: "%d%".into(),
+            deep: true,
+            rehash: false,
+        }];
+        let r = scan_paths(&s, &c.hosts["a"], &c.groups["g"], &["b".into()], paths).unwrap();
+        assert!(r.deleted.is_empty(), "{r:?}");
+        // The admin confirms: the deletions are recorded.
+        let opts = ScanOptions {
+            allow_empty_roots: true,
+            ..ScanOptions::default()
+        };
+        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &["b".into()], None, opts);
+        let r = r.unwrap();
+        assert_eq!(r.deleted, vec!["%d%/g", "%d%/sub", "%d%/sub/f"], "{r:?}");
+        // Nothing recorded under it any more: an empty root is scanned as usual.
+        assert!(run(&c, &s).errors.is_empty());
     }
 
     #[test]

@@ -58,6 +58,10 @@ enum Cmd {
         /// Hash every file even when size and mtime are unchanged.
         #[arg(long)]
         rehash: bool,
+        /// Scan include roots that are empty although files are recorded under them (they are
+        /// skipped otherwise: an unmounted filesystem must not delete the files on every peer).
+        #[arg(long = "allow-empty-root")]
+        allow_empty_roots: bool,
     },
     /// List paths waiting to be sent, per peer (csync2 -M).
     Dirty {
@@ -260,7 +264,15 @@ fn run() -> Result<i32> {
         }
         Cmd::Keygen { .. } => unreachable!("handled above"),
         Cmd::Sync { group, peers } => Command::Sync { group, peers },
-        Cmd::Check { group, rehash } => Command::Check { group, rehash },
+        Cmd::Check {
+            group,
+            rehash,
+            allow_empty_roots,
+        } => Command::Check {
+            group,
+            rehash,
+            allow_empty_roots,
+        },
         Cmd::Dirty { group } => Command::Dirty { group },
         Cmd::Compare { peer, group } => Command::Compare { group, peer },
         Cmd::Resolve { path, keep } => Command::Resolve {
