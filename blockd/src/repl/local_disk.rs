@@ -323,6 +323,13 @@ impl Resource {
             st.disk = DiskState::Failed;
         }
         self.disk_rt.epoch.fetch_add(1, Ordering::SeqCst);
+        // The snapshots froze this disk: once it is detached (failed, or to be repaired or
+        // replaced), nothing says the disk attached later holds the same blocks, so
+        // preserving from it would make them silently wrong.
+        let gone = self.snapshots.set.invalidate_all(&format!(
+            "the local disk was detached ({why}); the frozen image was on it"
+        ));
+        self.snapshots_invalidated(&gone);
         *self.disk_rt.last_error.lock().expect("last error") = Some(why);
         if let Some(a) = self.disk_rt.attach.lock().expect("attach").as_mut()
             && a.state == "resyncing"
@@ -431,6 +438,13 @@ impl Resource {
     pub async fn reattach(self: &Arc<Self>) -> Result<(), ResourceError> {
         let _detaching = self.disk_rt.detaching.lock().await;
         may_attach(self.disk()).map_err(|r| ResourceError::Refused(r.to_string()))?;
+        // Snapshots still valid here were reloaded over a disk that failed at start: the disk
+        // attached now may not be the one they froze, and its resync would overwrite their
+        // blocks (see `detach_local`).
+        let gone = self.snapshots.set.invalidate_all(
+            "the local disk was attached again; the frozen image was on the disk as it was before",
+        );
+        self.snapshots_invalidated(&gone);
         self.set_disk(DiskState::Attaching);
         match self.reopen().await {
             Ok(()) => {}
@@ -622,10 +636,17 @@ impl Resource {
                 Ok(_) => return Err(ChunkError::NoPeer("short or unexpected answer".into())),
                 Err(e) => return Err(ChunkError::NoPeer(e)),
             };
-            self.store
+            // Like every change of the replica: under the freeze gate, after open snapshots
+            // preserved what it overwrites (none normally: attaching invalidated them, and a
+            // Primary or an Inconsistent disk takes no new one), and never after `close_all`.
+            let store = self.store.current();
+            let change = self.snapshots.set.change(&store, o, l).await;
+            self.snapshots_invalidated(&change.invalidated);
+            store
                 .write(o, data, false)
                 .await
                 .map_err(ChunkError::Local)?;
+            drop(change);
             fetched += l;
         }
         Ok((fetched, digest_bytes))

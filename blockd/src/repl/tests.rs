@@ -421,3 +421,59 @@ async fn a_replicated_request_past_the_end_is_refused() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.status().disk, "inconsistent", "the disk stays attached");
 }
+
+/// The snapshot events seen so far.
+fn snapshot_events(
+    rx: &mut tokio::sync::broadcast::Receiver<crate::repl::resource::Event>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        if e.what == "snapshot" {
+            out.push(e.value);
+        }
+    }
+    out
+}
+
+/// A snapshot froze the local disk: detaching it invalidates every snapshot with a clear
+/// reason (the disk attached later may hold other blocks, and its resync would overwrite the
+/// frozen ones unpreserved), and so does attaching a disk under snapshots that are still valid
+/// (reloaded over a disk that failed at start). Readers get an error, never other data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detaching_or_attaching_the_disk_invalidates_the_snapshots() {
+    let mut c = cluster(2, "C").await;
+    let r = c.start(0);
+    let mut events = r.subscribe();
+    let store = r.store();
+    let snap = r.snapshots.set.open("s1", 1 << 20, 1, "").unwrap();
+    assert!(snap.read(&store, 0, 4096).await.is_ok());
+    r.detach().await.unwrap();
+    let e = snap.read(&store, 0, 4096).await.unwrap_err().to_string();
+    assert!(e.contains("detached"), "{e}");
+    let ev = snapshot_events(&mut events);
+    assert!(
+        ev.iter()
+            .any(|v| v.starts_with("invalidated s1:") && v.contains("detached")),
+        "{ev:?}"
+    );
+    let st = r.snapshots();
+    assert!(
+        st[0].invalid.as_deref().unwrap().contains("detached"),
+        "{st:?}"
+    );
+    // As if reloaded at a start where the disk failed: attaching invalidates it.
+    let snap2 = r.snapshots.set.open("s2", 1 << 20, 1, "").unwrap();
+    r.reattach().await.unwrap();
+    let e = snap2
+        .read(&r.store(), 0, 4096)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("attached again"), "{e}");
+    let ev = snapshot_events(&mut events);
+    assert_eq!(
+        ev.iter().filter(|v| v.starts_with("invalidated")).count(),
+        1,
+        "only the snapshot still valid is reported: {ev:?}"
+    );
+}

@@ -574,6 +574,28 @@ impl Snapshots {
         }
     }
 
+    /// Gives up on every open snapshot that is still valid, for `reason`: their readers get it
+    /// from now on and their areas are removed (they stay listed, like a snapshot whose area
+    /// filled, until dropped). For when the replica they froze is gone, e.g. its disk was
+    /// detached: preserving from another disk would make them silently wrong. Returns the
+    /// snapshots invalidated by this call.
+    pub fn invalidate_all(&self, reason: &str) -> Vec<Invalidated> {
+        let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").clone();
+        let mut out = Vec::new();
+        for snap in snaps {
+            let mut frozen = snap.frozen();
+            if frozen.area.is_none() {
+                continue;
+            }
+            let reason = snap.invalidate(&mut frozen, reason.to_owned());
+            out.push(Invalidated {
+                name: snap.name.clone(),
+                reason,
+            });
+        }
+        out
+    }
+
     /// Preserves, in every open snapshot, the frozen contents of the blocks a change of
     /// `len` bytes at `offset` is about to alter. Never fails the change: a snapshot that
     /// cannot preserve (area full, I/O error) is invalidated and returned. Overlapping changes
