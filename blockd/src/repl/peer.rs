@@ -575,6 +575,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         hearing: Hearing::default(),
         unstable: UnstableWrites::default(),
         written_acks: false,
+        flush_session: res.snapshots.boundaries.session_started(),
     };
     let end = tokio::select! {
         biased;
@@ -598,6 +599,9 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         session.finish_applies(&peer.name).await;
     }
     session.ops.abort_all();
+    res.snapshots
+        .boundaries
+        .session_ended(session.flush_session);
     // Acknowledged writes of the Primary this node never received (see `repl::lost_writes`).
     let lost = session.hearing.never_received();
     if !lost.is_zero() && res.role() != Role::Primary {
@@ -919,6 +923,8 @@ struct Session {
     unstable: UnstableWrites,
     /// Write acknowledgements arrived in this batch (we are Primary): announce what is stable.
     written_acks: bool,
+    /// This session's key for `--consistent` flush boundaries (its flush numbers are its own).
+    flush_session: u64,
 }
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
@@ -1205,7 +1211,10 @@ impl Session {
         match done {
             Done::Written => self.write_acks.push(seq),
             Done::Flushed => {
-                self.res.snapshots.boundaries.flush_applied(seq);
+                self.res
+                    .snapshots
+                    .boundaries
+                    .flush_applied(self.flush_session, seq);
                 self.other_acks.push(Message::FlushAck { seq });
             }
             Done::Resynced { offset, len } => {
@@ -1553,7 +1562,9 @@ impl Session {
                 self.arrive(seq, after, op).await?;
             }
             Message::Flush { seq } => {
-                res.snapshots.boundaries.flush_received(seq);
+                res.snapshots
+                    .boundaries
+                    .flush_received(self.flush_session, seq);
                 self.arrive(seq, seq, Op::Flush).await?;
             }
             Message::SnapshotFlush { id } => {
@@ -1570,7 +1581,9 @@ impl Session {
                     });
                 }
             }
-            Message::SnapshotFlushDone { id } => res.snapshots.boundaries.answered(id),
+            Message::SnapshotFlushDone { id } => {
+                res.snapshots.boundaries.answered(self.flush_session, id)
+            }
             Message::ResyncData {
                 seq,
                 after,

@@ -55,46 +55,118 @@ pub struct SnapshotService {
 }
 
 /// `--consistent`: flushes this Secondary asked its Primary for, and how far the replica has
-/// applied the Primary's flushes.
+/// applied the Primary's flushes, per replication session. Flush sequence numbers compare only
+/// within one session: a Primary that restarted, or another node promoted after a failover,
+/// numbers its requests from 0 again.
 #[derive(Default)]
 pub(crate) struct FlushBoundaries {
     next_id: std::sync::atomic::AtomicU64,
-    /// Asked-for flushes: id → where to send the seq of the last `Flush` received before the
-    /// answer.
-    waiting: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<u64>>>,
-    /// Seq of the last `Flush` received from the Primary.
-    received: std::sync::atomic::AtomicU64,
+    next_session: std::sync::atomic::AtomicU64,
+    /// Asked-for flushes: id → where to send the boundary to wait for (the seq of the last
+    /// `Flush` received on the session that answered, before the answer).
+    waiting: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Boundary>>>,
+    /// The flushes of each live session (removed when it ends).
+    sessions: watch::Sender<HashMap<u64, SessionFlushes>>,
+}
+
+/// Flushes of one replication session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SessionFlushes {
+    /// Seq of the last `Flush` received from the peer.
+    received: u64,
     /// Seq of the last `Flush` applied (every earlier request done, disk flushed) + 1.
-    applied: watch::Sender<u64>,
+    applied: u64,
+}
+
+/// Where a `--consistent` freeze may happen: once `Flush { seq }` of `session` is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Boundary {
+    session: u64,
+    seq: u64,
 }
 
 impl FlushBoundaries {
-    /// A `Flush { seq }` arrived from the Primary.
-    pub(crate) fn flush_received(&self, seq: u64) {
-        self.received
-            .fetch_max(seq, std::sync::atomic::Ordering::AcqRel);
+    /// A replication session starts: the key of its flushes.
+    pub(crate) fn session_started(&self) -> u64 {
+        let session = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sessions.send_modify(|m| {
+            m.insert(session, SessionFlushes::default());
+        });
+        session
     }
 
-    /// The replica applied `Flush { seq }`.
-    pub(crate) fn flush_applied(&self, seq: u64) {
-        self.applied.send_modify(|a| *a = (*a).max(seq + 1));
+    /// The session ended (and applied everything it will): a boundary of it is never reached.
+    pub(crate) fn session_ended(&self, session: u64) {
+        self.sessions.send_modify(|m| {
+            m.remove(&session);
+        });
     }
 
-    /// The Primary answered `SnapshotFlush { id }`: the `Flush` it caused arrived before.
-    pub(crate) fn answered(&self, id: u64) {
+    /// A `Flush { seq }` arrived from the peer of `session`.
+    pub(crate) fn flush_received(&self, session: u64, seq: u64) {
+        // Nobody waits on this: no wake-up.
+        self.sessions.send_if_modified(|m| {
+            if let Some(s) = m.get_mut(&session) {
+                s.received = s.received.max(seq);
+            }
+            false
+        });
+    }
+
+    /// The replica applied `Flush { seq }` of `session`.
+    pub(crate) fn flush_applied(&self, session: u64, seq: u64) {
+        self.sessions
+            .send_if_modified(|m| match m.get_mut(&session) {
+                Some(s) if s.applied <= seq => {
+                    s.applied = seq + 1;
+                    true
+                }
+                _ => false,
+            });
+    }
+
+    /// The peer of `session` answered `SnapshotFlush { id }`: the `Flush` it caused arrived
+    /// before, on the same session.
+    pub(crate) fn answered(&self, session: u64, id: u64) {
         let waiter = self.waiting.lock().expect("waiting").remove(&id);
-        if let Some(tx) = waiter {
-            let _ = tx.send(self.received.load(std::sync::atomic::Ordering::Acquire));
+        let received = self.sessions.borrow().get(&session).map(|s| s.received);
+        if let (Some(tx), Some(seq)) = (waiter, received) {
+            let _ = tx.send(Boundary { session, seq });
         }
     }
 
-    fn ask(&self) -> (u64, tokio::sync::oneshot::Receiver<u64>) {
+    fn ask(&self) -> (u64, tokio::sync::oneshot::Receiver<Boundary>) {
         let id = self
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiting.lock().expect("waiting").insert(id, tx);
         (id, rx)
+    }
+
+    /// Forgets an asked-for flush that is no longer waited for.
+    fn forget(&self, id: u64) {
+        self.waiting.lock().expect("waiting").remove(&id);
+    }
+
+    /// Waits until the replica applied the flush at `target`; an error once its session ended
+    /// (a later session's flushes, numbered anew, say nothing about it).
+    async fn reached(&self, target: Boundary) -> Result<(), &'static str> {
+        let mut rx = self.sessions.subscribe();
+        let m = rx
+            .wait_for(|m| {
+                m.get(&target.session)
+                    .is_none_or(|s| s.applied > target.seq)
+            })
+            .await
+            .map_err(|_| "the resource stopped")?;
+        if m.contains_key(&target.session) {
+            Ok(())
+        } else {
+            Err("the replication session with the Primary ended")
+        }
     }
 }
 
@@ -283,14 +355,11 @@ impl Resource {
             let target = answer
                 .await
                 .map_err(|_| "the link to the Primary was lost")?;
-            let mut applied = b.applied.subscribe();
-            applied
-                .wait_for(|a| *a > target)
-                .await
-                .map_err(|_| "the resource stopped")?;
-            Ok::<(), &str>(())
+            b.reached(target).await
         };
-        match tokio::time::timeout(FLUSH_BOUNDARY_TIMEOUT, wait).await {
+        let waited = tokio::time::timeout(FLUSH_BOUNDARY_TIMEOUT, wait).await;
+        b.forget(id);
+        match waited {
             Ok(Ok(())) => Ok(()),
             Ok(Err(why)) => Err(ResourceError::SnapshotRefused(format!(
                 "no flush boundary from the Primary: {why}"
@@ -381,5 +450,66 @@ impl Resource {
                     "snapshot export failed: {}", error_chain(&e));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Whether `reached(target)` completes within a short while, and how.
+    async fn reached_soon(b: &FlushBoundaries, target: Boundary) -> Option<Result<(), &str>> {
+        tokio::time::timeout(Duration::from_millis(50), b.reached(target))
+            .await
+            .ok()
+    }
+
+    /// A Primary that restarted (or another node promoted) numbers its flushes from 0 again:
+    /// the flushes a replica applied in an earlier session must not satisfy a boundary of the
+    /// new one, and a boundary of a session that ended is an error, not a freeze.
+    #[tokio::test]
+    async fn a_flush_boundary_is_reached_only_in_its_own_session() {
+        let b = FlushBoundaries::default();
+        let old = b.session_started();
+        b.flush_received(old, 1000);
+        b.flush_applied(old, 1000);
+        b.session_ended(old);
+        let new = b.session_started();
+        b.flush_received(new, 3);
+        let (id, answer) = b.ask();
+        b.answered(new, id);
+        let target = answer.await.unwrap();
+        assert_eq!(
+            target,
+            Boundary {
+                session: new,
+                seq: 3
+            }
+        );
+        assert_eq!(
+            reached_soon(&b, target).await,
+            None,
+            "flush 3 of the new session is not applied yet"
+        );
+        b.flush_applied(new, 2);
+        assert_eq!(reached_soon(&b, target).await, None);
+        b.flush_applied(new, 3);
+        assert_eq!(reached_soon(&b, target).await, Some(Ok(())));
+        // The session ends before its flush is applied: the wait fails at once.
+        b.flush_received(new, 9);
+        let (id, answer) = b.ask();
+        b.answered(new, id);
+        let target = answer.await.unwrap();
+        let waiting = b.reached(target);
+        b.session_ended(new);
+        assert_eq!(
+            waiting.await,
+            Err("the replication session with the Primary ended")
+        );
+        // An answer on a session that is gone gives no boundary.
+        let (id, answer) = b.ask();
+        b.answered(new, id);
+        assert!(answer.await.is_err());
     }
 }
