@@ -232,6 +232,22 @@ impl SnapshotExport {
     }
 }
 
+/// Why this node may not freeze its replica now, or `None`: snapshots are taken on a
+/// Secondary whose local data is consistent (a state some Primary had: up to date, consistent
+/// or outdated); not on a Primary, nor while the data is Inconsistent (a sync target in the
+/// middle of a resync), being attached or negotiated, failed, or absent.
+pub(crate) fn snapshot_refusal(role: Role, disk: DiskState) -> Option<String> {
+    if role == Role::Primary {
+        return Some("this node is Primary; snapshots are taken on a Secondary".into());
+    }
+    if !disk.is_consistent() {
+        return Some(format!(
+            "the local data is {disk}: a snapshot would not be a state the Primary passed through"
+        ));
+    }
+    None
+}
+
 fn snap_err(res: &Resource, source: SnapshotError) -> ResourceError {
     ResourceError::Snapshot {
         resource: res.name().to_string(),
@@ -251,20 +267,19 @@ impl Resource {
         self: &Arc<Self>,
         req: OpenRequest,
     ) -> Result<SnapshotInfo, ResourceError> {
-        let (role, disk) = {
-            let st = self.state.lock().expect("state");
-            (st.role, st.disk)
+        // Asked now (a quick refusal) and again by the freeze with no change in flight: up to
+        // 30 s of `--consistent` may pass in between, and a resync may start meanwhile.
+        let may_freeze = || {
+            let (role, disk) = {
+                let st = self.state.lock().expect("state");
+                (st.role, st.disk)
+            };
+            match snapshot_refusal(role, disk) {
+                Some(why) => Err(why),
+                None => Ok(self.meta.lock().expect("meta").sb.generations.current.0),
+            }
         };
-        if role == Role::Primary {
-            return Err(ResourceError::SnapshotRefused(
-                "this node is Primary; snapshots are taken on a Secondary".into(),
-            ));
-        }
-        if disk == DiskState::Inconsistent || disk == DiskState::Diskless {
-            return Err(ResourceError::SnapshotRefused(format!(
-                "the local data is {disk}: a snapshot would not be a state the Primary passed through"
-            )));
-        }
+        may_freeze().map_err(ResourceError::SnapshotRefused)?;
         let name = req
             .name
             .clone()
@@ -296,13 +311,15 @@ impl Resource {
             .cow_size
             .unwrap_or_else(|| self.spec.snapshot_cow_size.unwrap_or(self.size() / 4))
             .max(1 << 20);
-        let generation = self.meta.lock().expect("meta").sb.generations.current.0;
         let snap = self
             .snapshots
             .set
-            .freeze(&name, capacity, generation, &bound.to_string())
+            .freeze(&name, capacity, &bound.to_string(), may_freeze)
             .await
-            .map_err(|e| snap_err(self, e))?;
+            .map_err(|e| match e {
+                SnapshotError::Refused { reason, .. } => ResourceError::SnapshotRefused(reason),
+                e => snap_err(self, e),
+            })?;
         self.serve_snapshot(snap, listener);
         self.emit(
             None,
@@ -463,6 +480,20 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), b.reached(target))
             .await
             .ok()
+    }
+
+    #[test]
+    fn only_a_secondary_with_consistent_data_takes_snapshots() {
+        for disk in DiskState::ALL.iter().copied() {
+            assert!(snapshot_refusal(Role::Primary, disk).is_some());
+            let why = snapshot_refusal(Role::Secondary, disk);
+            assert_eq!(why.is_none(), disk.is_consistent(), "{disk}: {why:?}");
+            if let Some(why) = why {
+                assert!(why.contains(disk.as_str()), "{why}");
+            }
+        }
+        assert!(snapshot_refusal(Role::Secondary, DiskState::UpToDate).is_none());
+        assert!(snapshot_refusal(Role::Secondary, DiskState::Inconsistent).is_some());
     }
 
     /// A Primary that restarted (or another node promoted) numbers its flushes from 0 again:

@@ -65,6 +65,8 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    #[error("snapshot {name:?} refused: {reason}")]
+    Refused { name: String, reason: String },
     #[error("snapshot {name:?} is no longer valid: {reason}")]
     Invalid { name: String, reason: String },
     #[error("snapshot {name:?}: cannot read the replica")]
@@ -475,15 +477,31 @@ impl Snapshots {
 
     /// Freezes the replica as it is once the changes in flight are done, as snapshot `name`
     /// with an area of at most `capacity_bytes`; changes that arrive meanwhile wait.
+    ///
+    /// `may_freeze` decides, with no change in flight, whether the replica may be frozen now
+    /// (`Ok` with its data generation, or `Err` with the reason): whatever was checked before
+    /// waiting for the gate may have changed meanwhile (a resync started). It is asked again
+    /// once the snapshot is listed, so a state change racing with the freeze is either seen
+    /// here or made after the snapshot was listed (where its invalidation finds it).
     pub async fn freeze(
         &self,
         name: &str,
         capacity_bytes: u64,
-        generation: u64,
         listen: &str,
+        may_freeze: impl Fn() -> Result<u64, String>,
     ) -> Result<Arc<Snapshot>, SnapshotError> {
         let _quiet = self.gate.write().await;
-        self.open(name, capacity_bytes, generation, listen)
+        let refused = |reason| SnapshotError::Refused {
+            name: name.to_owned(),
+            reason,
+        };
+        let generation = may_freeze().map_err(refused)?;
+        let snap = self.open(name, capacity_bytes, generation, listen)?;
+        if let Err(reason) = may_freeze() {
+            self.drop_snapshot(name).await?;
+            return Err(refused(reason));
+        }
+        Ok(snap)
     }
 
     /// Opens snapshot `name` with an area of at most `capacity_bytes`, freezing the replica as
@@ -817,7 +835,8 @@ mod tests {
         let set = Arc::new(set);
         let guard = set.change(&store, 0, 4096).await;
         let s2 = set.clone();
-        let freeze = tokio::spawn(async move { s2.freeze("f", 1 << 20, 1, "").await.map(|_| ()) });
+        let freeze =
+            tokio::spawn(async move { s2.freeze("f", 1 << 20, "", || Ok(1)).await.map(|_| ()) });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
             !freeze.is_finished(),
@@ -839,6 +858,61 @@ mod tests {
             .unwrap();
         drop(g);
         assert_eq!(&snap.read(&store, 0, 2).await.unwrap()[..], &[9u8; 2]);
+    }
+
+    /// The freeze decides whether the replica may be frozen with no change in flight: a state
+    /// change made while it waited for the gate (a resync started, the disk went Inconsistent)
+    /// refuses it, and so does one seen right after the snapshot was listed. Nothing is left.
+    #[tokio::test]
+    async fn a_freeze_rechecks_the_state_under_the_gate() {
+        use std::sync::atomic::AtomicBool;
+        let size = 1 << 20;
+        let (dir, store) = setup("recheck", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let set = Arc::new(set);
+        let consistent = Arc::new(AtomicBool::new(true));
+        let guard = set.change(&store, 0, 4096).await;
+        let (s2, c2) = (set.clone(), consistent.clone());
+        let freeze = tokio::spawn(async move {
+            s2.freeze("f", 1 << 20, "", || {
+                if c2.load(Ordering::SeqCst) {
+                    Ok(7)
+                } else {
+                    Err("the local data is inconsistent".into())
+                }
+            })
+            .await
+            .map(|_| ())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!freeze.is_finished(), "the freeze waits for the change");
+        // The change in flight was the first write of a resync: Inconsistent before it.
+        consistent.store(false, Ordering::SeqCst);
+        drop(guard);
+        let e = freeze.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&e, SnapshotError::Refused { reason, .. } if reason.contains("inconsistent")),
+            "{e}"
+        );
+        assert!(set.get("f").is_none() && set.is_empty());
+        assert!(!dir.join("r0.f.snap").exists());
+        // The state changes between the first check and the listing: the second check sees it.
+        let calls = AtomicUsize::new(0);
+        let e = set
+            .freeze("g", 1 << 20, "", || {
+                match calls.fetch_add(1, Ordering::SeqCst) {
+                    0 => Ok(7),
+                    _ => Err("the local disk failed".into()),
+                }
+            })
+            .await
+            .err()
+            .expect("refused");
+        assert!(matches!(e, SnapshotError::Refused { .. }), "{e}");
+        assert!(set.get("g").is_none() && set.is_empty());
+        assert!(!dir.join("r0.g.snap").exists());
+        let snap = set.freeze("h", 1 << 20, "", || Ok(9)).await.unwrap();
+        assert_eq!(snap.status().generation, 9);
     }
 
     /// Drops the store's cached pages (clean after `sync_all`), so reads must wait for the disk.
