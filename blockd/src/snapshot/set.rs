@@ -575,12 +575,19 @@ impl Snapshots {
                     name: name.to_owned(),
                 });
             };
+            // Invalid before it is unlisted (lock order: `open`, then the snapshot's): a change
+            // that no longer finds it, and so preserves nothing for it, can only come after
+            // every reader's last check fails.
+            {
+                let mut frozen = open[i].frozen();
+                frozen.area = None;
+                frozen.invalid = Some("dropped".into());
+                *open[i].invalid.lock().expect("not poisoned") = Some("dropped".into());
+            }
             let snap = open.remove(i);
             self.count.store(open.len(), Ordering::Release);
             snap
         };
-        snap.frozen().area = None;
-        *snap.invalid.lock().expect("not poisoned") = Some("dropped".into());
         match std::fs::remove_file(&snap.path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -913,6 +920,44 @@ mod tests {
         assert!(!dir.join("r0.g.snap").exists());
         let snap = set.freeze("h", 1 << 20, "", || Ok(9)).await.unwrap();
         assert_eq!(snap.status().generation, 9);
+    }
+
+    /// A dropped snapshot is invalid before a change can stop preserving for it: never
+    /// unlisted (so skipped by changes) while a reader could still trust it. The drop is held
+    /// inside, between its two steps, by holding the snapshot's lock here.
+    #[tokio::test]
+    async fn a_dropped_snapshot_is_invalid_before_it_is_unlisted() {
+        let size = 1 << 20;
+        let (dir, store) = setup("droprace", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let set = Arc::new(set);
+        let snap = set.open("s", 1 << 20, 1, "").unwrap();
+        let held = snap.frozen();
+        let s2 = set.clone();
+        let dropping = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(s2.drop_snapshot("s"))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // A change lists the open snapshots under `open`: if it can, the snapshot must be
+        // either still listed or already invalid.
+        if let Ok(open) = set.open.try_lock() {
+            let listed = open.iter().any(|s| s.name == "s");
+            assert!(
+                listed || snap.invalid_reason().is_some(),
+                "unlisted (changes no longer preserve for it) while readers still trust it"
+            );
+        }
+        drop(held);
+        dropping.join().unwrap().unwrap();
+        assert!(set.get("s").is_none());
+        assert!(matches!(
+            snap.read(&store, 0, 1).await,
+            Err(SnapshotError::Invalid { .. })
+        ));
+        assert!(!dir.join("r0.s.snap").exists());
     }
 
     /// Drops the store's cached pages (clean after `sync_all`), so reads must wait for the disk.
