@@ -1147,8 +1147,12 @@ impl Session {
             return Ok(false);
         };
         let store = self.res.store.current();
-        let Some(change) = self.res.snapshots.set.try_change_now(&store, offset, len) else {
-            return Ok(false);
+        let change = match self.res.snapshots.set.try_change_now(&store, offset, len) {
+            Ok(change) => change,
+            Err(not_now) => {
+                self.res.snapshots_invalidated(&not_now.invalidated);
+                return Ok(false);
+            }
         };
         self.res.snapshots_invalidated(&change.invalidated);
         self.res

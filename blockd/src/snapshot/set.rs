@@ -362,6 +362,14 @@ pub struct Snapshots {
     gate: tokio::sync::RwLock<()>,
 }
 
+/// [`Snapshots::try_change_now`] could not make the change at once.
+#[derive(Debug, Default)]
+pub struct NotNow {
+    /// Snapshots it had to invalidate before it found out (area full or failing): reported by
+    /// no one else.
+    pub invalidated: Vec<Invalidated>,
+}
+
 /// Held while one change of the replica runs (see [`Snapshots::change`]).
 pub struct ChangeGuard<'a> {
     _gate: tokio::sync::RwLockReadGuard<'a, ()>,
@@ -445,15 +453,18 @@ impl Snapshots {
 
     /// For a change made without waiting (on the caller's thread): preserves what the change
     /// will overwrite in every open snapshot if the old contents are cached, and returns the
-    /// guard to hold until the change is done. `None` (nothing was preserved that would not
-    /// be again) when a freeze is under way or a read would wait: use [`change`](Self::change).
+    /// guard to hold until the change is done. [`NotNow`] (nothing was preserved that would
+    /// not be again) when a freeze is under way or a read would wait: use
+    /// [`change`](Self::change), and report the snapshots it says were invalidated meanwhile.
     pub fn try_change_now(
         &self,
         store: &BlockStore,
         offset: u64,
         len: u64,
-    ) -> Option<ChangeGuard<'_>> {
-        let gate = self.gate.try_read().ok()?;
+    ) -> Result<ChangeGuard<'_>, NotNow> {
+        let Ok(gate) = self.gate.try_read() else {
+            return Err(NotNow::default());
+        };
         let mut invalidated = Vec::new();
         if !self.is_empty() && len > 0 {
             // Held across the (non-waiting) preserves: lock order is `open`, then a snapshot's.
@@ -465,11 +476,13 @@ impl Snapshots {
                         name: snap.name.clone(),
                         reason,
                     }),
-                    PreservedNow::WouldBlock => return None,
+                    // Snapshots invalidated by now are not seen again by `change`: the caller
+                    // reports them.
+                    PreservedNow::WouldBlock => return Err(NotNow { invalidated }),
                 }
             }
         }
-        Some(ChangeGuard {
+        Ok(ChangeGuard {
             _gate: gate,
             invalidated,
         })
@@ -1004,11 +1017,11 @@ mod tests {
         // then the change is made at once, and the outcome below must be the same.
         evict(&dir);
         let g = match set.try_change_now(&store, 8 * 4096, 4096) {
-            None => {
+            Err(_) => {
                 assert_eq!(set.status()[0].cow_used_bytes, area_bytes(3, 4096));
                 set.change(&store, 8 * 4096, 4096).await
             }
-            Some(g) => {
+            Ok(g) => {
                 eprintln!("the evicted block was cached again: the change was made at once");
                 g
             }
@@ -1026,7 +1039,7 @@ mod tests {
         );
         // A freeze under way holds off changes made at once.
         let freeze = set.gate.write().await;
-        assert!(set.try_change_now(&store, 0, 1).is_none());
+        assert!(set.try_change_now(&store, 0, 1).is_err());
         drop(freeze);
         // A full area invalidates the snapshot, and the change goes on.
         let small = set.open("small", area_bytes(1, 4096), 2, "").unwrap();
@@ -1038,6 +1051,32 @@ mod tests {
         assert!(small.read(&store, 0, 1).await.is_err());
         assert!(!dir.join("r0.small.snap").exists(), "its area is removed");
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
+    }
+
+    /// A change that cannot be made at once still reports the snapshots it invalidated before
+    /// it found out: `change` will not see them again (their areas are gone).
+    #[tokio::test]
+    async fn a_change_not_made_at_once_reports_what_it_invalidated() {
+        let size = 1 << 20;
+        let (dir, store) = setup("notnow", size);
+        fill(&store, 1, size).await;
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let _small = set.open("small", area_bytes(1, 4096), 1, "").unwrap();
+        let _big = set.open("big", 1 << 20, 1, "").unwrap();
+        // Too large to preserve at once for "big"; too large to fit at all in "small".
+        let len = crate::store::DEFAULT_INLINE_MAX as u64 + 4096;
+        let not_now = set
+            .try_change_now(&store, 0, len)
+            .err()
+            .expect("too large to preserve at once");
+        assert_eq!(not_now.invalidated.len(), 1, "{not_now:?}");
+        assert_eq!(not_now.invalidated[0].name, "small");
+        assert!(not_now.invalidated[0].reason.contains("full"));
+        let g = set.change(&store, 0, len).await;
+        assert!(
+            g.invalidated.is_empty(),
+            "already invalid: not reported again"
+        );
     }
 
     /// CPU time of this thread, in microseconds.
@@ -1124,7 +1163,7 @@ mod tests {
                     if len == 0 {
                         continue;
                     }
-                    let g = match now.then(|| set.try_change_now(&store, off, len)).flatten() {
+                    let g = match now.then(|| set.try_change_now(&store, off, len).ok()).flatten() {
                         Some(g) => g,
                         None => set.change(&store, off, len).await,
                     };
