@@ -14,7 +14,8 @@
 //!
 //! Preserving costs little: only the first change of a block since the freeze copies it (a
 //! hash lookup decides), the old contents of a change's blocks are read with one store read
-//! (from the page cache, without waiting, on the apply path), checksummed once and kept, not
+//! (from the page cache, without waiting, on the apply path; through the engine, a large
+//! change is read and preserved 1 MiB at a time), checksummed once and kept, not
 //! copied, until [`WRITE_BATCH`](super::area::WRITE_BATCH) of them go to their page-aligned slots
 //! with one `pwritev`; nothing is synced (an area is trusted after a restart only when a clean
 //! shutdown synced and closed it). A snapshot's lock is never held across an `.await`.
@@ -126,6 +127,9 @@ pub struct Snapshot {
     /// Copy of the area's usage, for status without taking the lock.
     used_bytes: std::sync::atomic::AtomicU64,
     invalid: Mutex<Option<String>>,
+    /// Most bytes one [`preserve`](Self::preserve) step read (the memory it held).
+    #[cfg(test)]
+    largest_read: std::sync::atomic::AtomicU64,
 }
 
 impl Snapshot {
@@ -267,22 +271,37 @@ impl Snapshot {
     /// Preserves the blocks a change of `offset..offset+len` would alter, waiting for the
     /// engine if their old contents are not cached. On failure the snapshot is invalidated (and
     /// its area removed) and the reason returned.
+    ///
+    /// The whole change is planned at once (an area too small for it is found before anything
+    /// is read), then preserved in pieces of at most [`PRESERVE_PIECE`] bytes, each appended
+    /// before the next is read: a large trim or zeroing never holds its range in memory.
     async fn preserve(&self, store: &BlockStore, offset: u64, len: u64) -> Option<String> {
         let run = match self.plan(&mut self.frozen(), offset, len) {
             Ok(run) => run?,
             Err(reason) => return Some(reason),
         };
-        // The blocks cannot change meanwhile: overlapping changes are never in flight together.
-        let old = store.read(run.start, run.len as usize).await;
-        let mut frozen = self.frozen();
-        match old {
-            Ok(old) => self.append(&mut frozen, run, &old.freeze()),
-            Err(e) => {
-                frozen.area.as_ref()?;
-                let reason = format!("cannot read the blocks to preserve: {}", chain(&e));
-                Some(self.invalidate(&mut frozen, reason))
+        let bs = u64::from(self.header.block_size);
+        for piece in run.pieces(bs, PRESERVE_PIECE) {
+            #[cfg(test)]
+            self.largest_read.fetch_max(piece.len, Ordering::Relaxed);
+            // The blocks cannot change meanwhile: overlapping changes are never in flight
+            // together.
+            let old = store.read(piece.start, piece.len as usize).await;
+            let mut frozen = self.frozen();
+            // Invalidated or dropped meanwhile: nothing more to preserve, nothing to report.
+            frozen.area.as_ref()?;
+            let failed = match old {
+                Ok(old) => self.append(&mut frozen, piece, &old.freeze()),
+                Err(e) => {
+                    let reason = format!("cannot read the blocks to preserve: {}", chain(&e));
+                    Some(self.invalidate(&mut frozen, reason))
+                }
+            };
+            if failed.is_some() {
+                return failed;
             }
         }
+        None
     }
 
     /// Like [`preserve`](Self::preserve), but only if the old contents can be read without
@@ -319,7 +338,36 @@ struct Run {
     len: u64,
 }
 
+/// Most bytes of old contents [`Snapshot::preserve`] reads at once (a multiple of
+/// [`COW_BLOCK_SIZE`]).
+const PRESERVE_PIECE: u64 = 1 << 20;
+
 impl Run {
+    /// This run split into runs whose blocks lie within one `piece`-aligned stretch of the
+    /// device each, so each reads at most `piece` bytes (`piece` a multiple of `bs`, the block
+    /// size); in order, together the same blocks.
+    fn pieces(self, bs: u64, piece: u64) -> Vec<Run> {
+        let end = self.start + self.len;
+        let mut out: Vec<Run> = Vec::new();
+        for block in self.blocks {
+            let at = block * bs;
+            match out.last_mut() {
+                Some(r) if r.start / piece == at / piece => r.blocks.push(block),
+                _ => out.push(Run {
+                    blocks: vec![block],
+                    start: at,
+                    len: 0,
+                }),
+            }
+        }
+        for r in &mut out {
+            let last = *r.blocks.last().expect("a piece has a block");
+            // Only the device's last block is short: it ends where the whole run ends.
+            r.len = (last * bs + bs).min(end) - r.start;
+        }
+        out
+    }
+
     fn of(area: &CowArea, blocks: Vec<u64>) -> Option<Run> {
         let (&first, &last) = (blocks.first()?, blocks.last()?);
         let bs = area.index().block_size();
@@ -433,6 +481,8 @@ impl Snapshots {
                 invalid: None,
             }),
             invalid: Mutex::new(None),
+            #[cfg(test)]
+            largest_read: std::sync::atomic::AtomicU64::new(0),
         });
         let mut open = self.open.lock().expect("not poisoned");
         open.push(snap);
@@ -1077,6 +1127,71 @@ mod tests {
             g.invalidated.is_empty(),
             "already invalid: not reported again"
         );
+    }
+
+    #[test]
+    fn a_run_is_split_into_pieces_of_at_most_the_piece_size() {
+        // Blocks 0-1, 255-257 (across a 1 MiB boundary), 600 (in the third MiB), and the
+        // device's short last block 1000 (100 bytes).
+        let blocks = vec![0, 1, 255, 256, 257, 600, 1000];
+        let run = Run {
+            blocks: blocks.clone(),
+            start: 0,
+            len: 1000 * 4096 + 100,
+        };
+        let pieces = run.pieces(4096, 1 << 20);
+        let got: Vec<(Vec<u64>, u64, u64)> = pieces
+            .iter()
+            .map(|p| (p.blocks.clone(), p.start, p.len))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (vec![0, 1, 255], 0, 256 * 4096),
+                (vec![256, 257], 256 * 4096, 2 * 4096),
+                (vec![600], 600 * 4096, 4096),
+                (vec![1000], 1000 * 4096, 100),
+            ]
+        );
+        assert!(pieces.iter().all(|p| p.len <= 1 << 20));
+        let all: Vec<u64> = pieces.into_iter().flat_map(|p| p.blocks).collect();
+        assert_eq!(all, blocks);
+    }
+
+    /// A large zeroing is preserved a bounded piece at a time, and the image stays whole.
+    #[tokio::test]
+    async fn a_large_change_is_preserved_in_bounded_pieces() {
+        let size = (5 << 20) + 100;
+        let (dir, store) = setup("pieces", size);
+        let frozen: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8).collect();
+        store
+            .write(0, Bytes::from(frozen.clone()), false)
+            .await
+            .unwrap();
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let snap = set.open("z", 8 << 20, 1, "").unwrap();
+        // One block preserved already, in the middle of the first piece.
+        let g = set.change(&store, 8192, 1).await;
+        store
+            .write(8192, Bytes::from_static(b"x"), false)
+            .await
+            .unwrap();
+        drop(g);
+        let g = set.change(&store, 100, size - 100).await;
+        assert!(g.invalidated.is_empty());
+        store
+            .write_zeroes(100, size - 100, true, false)
+            .await
+            .unwrap();
+        drop(g);
+        let largest = snap.largest_read.load(Ordering::Relaxed);
+        assert!(largest <= PRESERVE_PIECE, "{largest} bytes read at once");
+        assert_eq!(
+            &snap.read(&store, 0, size as usize).await.unwrap()[..],
+            &frozen[..]
+        );
+        let blocks = size.div_ceil(4096);
+        assert_eq!(set.status()[0].cow_used_bytes, area_bytes(blocks, 4096));
     }
 
     /// CPU time of this thread, in microseconds.
