@@ -188,6 +188,20 @@ impl CowArea {
         Ok(area)
     }
 
+    /// The header of the area at `path` (any state), read without changing the file.
+    pub fn read_header(path: &Path) -> Result<AreaHeader, AreaError> {
+        let file = File::open(path).map_err(|source| AreaError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut buf = vec![0u8; HEADER_SIZE];
+        read_exact_at(&file, path, &mut buf, 0)?;
+        cow_record::decode_header(&buf).map_err(|source| AreaError::Record {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
     /// Reopens an area closed cleanly by [`close`](Self::close), checks every table and every
     /// block's data and marks it Open again. An area left Open (a crash) is refused: blocks
     /// overwritten after their preserved copy was last written out would read back wrong.

@@ -34,8 +34,46 @@ use crate::store::{BlockStore, StoreError};
 
 /// Granularity of copy-on-write (bytes per preserved block).
 pub const COW_BLOCK_SIZE: u32 = 4096;
-/// File-name suffix of an area: `<resource>.<name>.snap`.
+/// File-name suffix of an area: `<resource>@<name>.snap`.
 const AREA_SUFFIX: &str = ".snap";
+/// Between the resource and the snapshot name in an area's file name. Neither name may contain
+/// it (both use A-Z a-z 0-9 _ . -), so a file name says whose area it is; earlier builds used
+/// '.', which both names may contain (see [`AreaFile::Legacy`]).
+const AREA_SEP: char = '@';
+
+/// What a file of the area directory is to the snapshots of one resource.
+#[derive(Debug, PartialEq, Eq)]
+enum AreaFile {
+    /// `RES@NAME.snap`: the area of this resource's snapshot NAME.
+    Ours(String),
+    /// `RES.REST.snap`, as earlier builds named areas: ambiguous (`r0.x.y.snap` is snapshot
+    /// `x.y` of resource `r0` or snapshot `y` of resource `r0.x`). This resource's snapshot
+    /// REST only if the area's header records REST as its name: then no other resource can
+    /// have written it.
+    Legacy(String),
+    /// Not an area of this resource.
+    Other,
+}
+
+/// Classifies the file named `file` for `resource` (see [`AreaFile`]).
+fn classify_area_file(resource: &str, file: &str) -> AreaFile {
+    let Some(rest) = file
+        .strip_suffix(AREA_SUFFIX)
+        .and_then(|stem| stem.strip_prefix(resource))
+    else {
+        return AreaFile::Other;
+    };
+    if let Some(name) = rest.strip_prefix(AREA_SEP) {
+        if valid_name(name) {
+            return AreaFile::Ours(name.to_owned());
+        }
+    } else if let Some(name) = rest.strip_prefix('.')
+        && valid_name(name)
+    {
+        return AreaFile::Legacy(name.to_owned());
+    }
+    AreaFile::Other
+}
 
 /// Why a snapshot could not be opened, dropped or read.
 #[derive(Debug, thiserror::Error)]
@@ -438,24 +476,38 @@ impl Snapshots {
             gate: tokio::sync::RwLock::new(()),
         };
         let mut dropped = Vec::new();
-        let prefix = format!("{resource}.");
-        let mut names: Vec<String> = std::fs::read_dir(dir)
+        let mut files: Vec<String> = std::fs::read_dir(dir)
             .into_iter()
             .flatten()
             .flatten()
             .filter_map(|e| e.file_name().into_string().ok())
-            .filter_map(|f| {
-                f.strip_prefix(&prefix)?
-                    .strip_suffix(AREA_SUFFIX)
-                    .map(str::to_owned)
-            })
-            .filter(|n| valid_name(n))
             .collect();
-        names.sort();
-        for name in names {
+        files.sort();
+        for file in files {
+            let name = match classify_area_file(resource, &file) {
+                AreaFile::Other => continue,
+                AreaFile::Ours(name) => name,
+                AreaFile::Legacy(name) => match set.adopt_legacy(&dir.join(&file), &name) {
+                    Ok(true) => name,
+                    Ok(false) => continue,
+                    Err(why) => {
+                        dropped.push(why);
+                        continue;
+                    }
+                },
+            };
             let path = set.area_path(&name);
             match CowArea::reopen(&path, device_size) {
-                Ok(area) => set.insert(name, path, area),
+                Ok(area) if area.header().name == name => set.insert(name, path, area),
+                Ok(area) => {
+                    let recorded = area.header().name.clone();
+                    drop(area);
+                    let _ = std::fs::remove_file(&path);
+                    dropped.push(format!(
+                        "snapshot {name:?} dropped: its area {} records snapshot {recorded:?}",
+                        path.display()
+                    ));
+                }
                 Err(e) => {
                     let _ = std::fs::remove_file(&path);
                     dropped.push(format!("snapshot {name:?} dropped: {}", chain(&e)));
@@ -465,9 +517,44 @@ impl Snapshots {
         (set, dropped)
     }
 
+    /// An area named as by earlier builds (`RES.NAME.snap`, see [`AreaFile::Legacy`]): when
+    /// its header records `name`, it is this resource's and is renamed to `RES@NAME.snap`
+    /// (`Ok(true)`); when it records another name it is another resource's (`Ok(false)`).
+    /// One whose header cannot be read may be another resource's: it is left in place, and
+    /// the message says so.
+    fn adopt_legacy(&self, path: &Path, name: &str) -> Result<bool, String> {
+        match CowArea::read_header(path) {
+            Ok(h) if h.name == name => {}
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                return Err(format!(
+                    "snapshot area {} left in place: it may be another resource's, and its header                      cannot be read ({}); remove it by hand if it is not",
+                    path.display(),
+                    chain(&e)
+                ));
+            }
+        }
+        let to = self.area_path(name);
+        if to.exists() {
+            return Err(format!(
+                "snapshot {name:?}: area {} left in place: {} exists",
+                path.display(),
+                to.display()
+            ));
+        }
+        std::fs::rename(path, &to).map_err(|e| {
+            format!(
+                "snapshot {name:?}: cannot rename area {} to {}: {e}",
+                path.display(),
+                to.display()
+            )
+        })?;
+        Ok(true)
+    }
+
     fn area_path(&self, name: &str) -> PathBuf {
         self.dir
-            .join(format!("{}.{name}{AREA_SUFFIX}", self.resource))
+            .join(format!("{}{AREA_SEP}{name}{AREA_SUFFIX}", self.resource))
     }
 
     fn insert(&self, name: String, path: PathBuf, area: CowArea) {
@@ -965,7 +1052,7 @@ mod tests {
             "{e}"
         );
         assert!(set.get("f").is_none() && set.is_empty());
-        assert!(!dir.join("r0.f.snap").exists());
+        assert!(!dir.join("r0@f.snap").exists());
         // The state changes between the first check and the listing: the second check sees it.
         let calls = AtomicUsize::new(0);
         let e = set
@@ -980,7 +1067,7 @@ mod tests {
             .expect("refused");
         assert!(matches!(e, SnapshotError::Refused { .. }), "{e}");
         assert!(set.get("g").is_none() && set.is_empty());
-        assert!(!dir.join("r0.g.snap").exists());
+        assert!(!dir.join("r0@g.snap").exists());
         let snap = set.freeze("h", 1 << 20, "", || Ok(9)).await.unwrap();
         assert_eq!(snap.status().generation, 9);
     }
@@ -1020,7 +1107,7 @@ mod tests {
             snap.read(&store, 0, 1).await,
             Err(SnapshotError::Invalid { .. })
         ));
-        assert!(!dir.join("r0.s.snap").exists());
+        assert!(!dir.join("r0@s.snap").exists());
     }
 
     /// Drops the store's cached pages (clean after `sync_all`), so reads must wait for the disk.
@@ -1099,7 +1186,7 @@ mod tests {
         assert!(g.invalidated[0].reason.contains("full"));
         drop(g);
         assert!(small.read(&store, 0, 1).await.is_err());
-        assert!(!dir.join("r0.small.snap").exists(), "its area is removed");
+        assert!(!dir.join("r0@small.snap").exists(), "its area is removed");
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
     }
 
@@ -1192,6 +1279,89 @@ mod tests {
         );
         let blocks = size.div_ceil(4096);
         assert_eq!(set.status()[0].cow_used_bytes, area_bytes(blocks, 4096));
+    }
+
+    #[test]
+    fn an_area_file_is_a_resources_only_by_its_own_name() {
+        use AreaFile::*;
+        let c = classify_area_file;
+        assert_eq!(c("r0", "r0@s1.snap"), Ours("s1".into()));
+        assert_eq!(c("r0", "r0@x.y.snap"), Ours("x.y".into()));
+        assert_eq!(c("r0.x", "r0.x@y.snap"), Ours("y".into()));
+        assert_eq!(c("r0", "r0.x@y.snap"), Other, "r0.x's area");
+        assert_eq!(c("r0", "r0.x.y.snap"), Legacy("x.y".into()));
+        assert_eq!(c("r0.x", "r0.x.y.snap"), Legacy("y".into()));
+        assert_eq!(c("r0", "r0@.hidden.snap"), Other);
+        assert_eq!(c("r0", "r0@.snap"), Other);
+        assert_eq!(c("r0", "r0.snap"), Other);
+        assert_eq!(c("r0", "r1@s.snap"), Other);
+        assert_eq!(c("r0", "r0@s.snap.tmp"), Other);
+        assert_eq!(c("r0", "r0-meta"), Other);
+    }
+
+    /// Resources `r0` and `r0.x` share the directory: each creates, keeps, reloads and removes
+    /// only its own areas, also those named as by earlier builds (`RES.NAME.snap`, adopted
+    /// only when their header records that name; one that cannot be read is left alone).
+    #[tokio::test]
+    async fn resources_whose_names_share_a_prefix_keep_to_their_own_areas() {
+        let size = 1 << 20;
+        let (dir, store) = setup("prefix", size);
+        fill(&store, 1, size).await;
+        let (r0, _) = Snapshots::load(&dir, "r0", size);
+        let (r0x, _) = Snapshots::load(&dir, "r0.x", size);
+        // The same file name under the old scheme: r0.x.y.snap.
+        r0.open("x.y", 1 << 20, 1, "").unwrap();
+        r0x.open("y", 1 << 20, 2, "").unwrap();
+        r0x.open("z", 1 << 20, 3, "").unwrap();
+        r0.before_write(&store, 0, 4096).await;
+        r0x.before_write(&store, 0, 4096).await;
+        assert!(r0.close_all(async { Ok(()) }).await.is_empty());
+        assert!(r0x.close_all(async { Ok(()) }).await.is_empty());
+        let names = |s: &Snapshots| s.status().into_iter().map(|s| s.name).collect::<Vec<_>>();
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        assert_eq!(names(&r0), ["x.y"]);
+        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        assert_eq!(names(&r0x), ["y", "z"]);
+        // Areas named by an earlier build: r0's "x.y" and r0.x's "z" (r0.x's "y" cannot have
+        // existed beside r0's "x.y": one file name), and an unreadable one.
+        assert!(r0.close_all(async { Ok(()) }).await.is_empty());
+        assert!(r0x.close_all(async { Ok(()) }).await.is_empty());
+        std::fs::remove_file(dir.join("r0.x@y.snap")).unwrap();
+        std::fs::rename(dir.join("r0@x.y.snap"), dir.join("r0.x.y.snap")).unwrap();
+        std::fs::rename(dir.join("r0.x@z.snap"), dir.join("r0.x.z.snap")).unwrap();
+        std::fs::write(dir.join("r0.x.bad.snap"), b"not an area").unwrap();
+        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size);
+        assert_eq!(names(&r0x), ["z"], "r0's x.y is not r0.x's y");
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        assert!(dropped[0].contains("left in place"), "{dropped:?}");
+        assert!(dir.join("r0.x.y.snap").exists(), "r0's area is left alone");
+        assert!(
+            dir.join("r0.x@z.snap").exists(),
+            "renamed to the new scheme"
+        );
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        assert_eq!(names(&r0), ["x.y"]);
+        assert_eq!(dropped.len(), 1, "{dropped:?}");
+        assert!(
+            dir.join("r0.x.bad.snap").exists(),
+            "never removed: not provably ours"
+        );
+        assert!(dir.join("r0@x.y.snap").exists() && !dir.join("r0.x.y.snap").exists());
+        assert_eq!(
+            &r0.get("x.y").unwrap().read(&store, 0, 4).await.unwrap()[..],
+            &[1u8; 4]
+        );
+        assert_eq!(r0.get("x.y").unwrap().status().generation, 1);
+        assert_eq!(r0x.get("z").unwrap().status().generation, 3);
+        // An area of ours left open by a crash is removed; the other resource's is not touched.
+        drop(r0);
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(r0.is_empty());
+        assert_eq!(dropped.len(), 2, "{dropped:?}");
+        assert!(!dir.join("r0@x.y.snap").exists());
+        assert!(dir.join("r0.x@z.snap").exists());
     }
 
     /// CPU time of this thread, in microseconds.
