@@ -145,6 +145,9 @@ pub enum MetaPlacement {
     External(PathBuf),
 }
 
+/// Snapshot areas of nodes whose metadata is on a block device and that name no `snapshot-dir`.
+pub const DEFAULT_SNAPSHOT_DIR: &str = "/var/lib/blockd/snapshots";
+
 /// One node of a resource.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Node {
@@ -163,6 +166,9 @@ pub struct Node {
     /// Prometheus endpoint of this node for this resource (`metrics-listen`; default: the
     /// `[global]` one; none: no endpoint).
     pub metrics_listen: Option<SocketAddr>,
+    /// Directory of this node's snapshot areas (`snapshot-dir`; default: see
+    /// [`Node::snapshot_dir`]).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl Node {
@@ -171,6 +177,27 @@ impl Node {
         match &self.meta {
             MetaPlacement::Internal => MetaLocation::Internal(self.backing.clone()),
             MetaPlacement::External(p) => MetaLocation::External(p.clone()),
+        }
+    }
+
+    /// Where this node keeps its snapshot areas: `snapshot-dir`, else beside the metadata
+    /// (internal metadata: beside the backing file), unless the metadata is on a block device:
+    /// its directory, `/dev`, is a memory filesystem that a reboot empties, so then
+    /// [`DEFAULT_SNAPSHOT_DIR`].
+    pub fn snapshot_dir(&self) -> PathBuf {
+        if let Some(d) = &self.snapshot_dir {
+            return d.clone();
+        }
+        let meta = match self.meta_location() {
+            MetaLocation::Internal(p) | MetaLocation::External(p) => p,
+        };
+        let on_device = std::fs::metadata(&meta)
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        match meta.parent().filter(|p| !p.as_os_str().is_empty()) {
+            _ if on_device || meta.starts_with("/dev") => PathBuf::from(DEFAULT_SNAPSHOT_DIR),
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from("."),
         }
     }
 
@@ -542,6 +569,7 @@ fn read_node(name: String, mut sec: Section<'_>) -> Result<Node, ConfigError> {
     }
     let hostname = sec.string("hostname")?;
     let metrics_listen = optional_socket_addr(&mut sec, "metrics-listen")?;
+    let snapshot_dir = sec.path("snapshot-dir")?;
     sec.finish()?;
     Ok(Node {
         name,
@@ -552,6 +580,7 @@ fn read_node(name: String, mut sec: Section<'_>) -> Result<Node, ConfigError> {
         meta,
         hostname,
         metrics_listen,
+        snapshot_dir,
     })
 }
 

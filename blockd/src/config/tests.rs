@@ -617,3 +617,21 @@ fn sndbuf_size_per_resource_with_a_global_default() {
         "at least 1M",
     );
 }
+
+#[test]
+fn snapshot_areas_never_default_to_dev() {
+    // Beside a backing file; a node's own `snapshot-dir` wins; never in /dev.
+    let cfg = parse(&two_nodes("", "snapshot-dir = \"snaps\"")).unwrap();
+    let r = &cfg.resources[0];
+    assert_eq!(r.node("alpha").unwrap().snapshot_dir(), Path::new("/data"));
+    assert_eq!(
+        r.node("beta").unwrap().snapshot_dir(),
+        Path::new("/etc/blockd/snaps")
+    );
+    let on_lvm = two_nodes("", "").replace("/data/alpha.img", "/dev/vg0/r0");
+    let cfg = parse(&on_lvm).unwrap();
+    assert_eq!(
+        cfg.resources[0].node("alpha").unwrap().snapshot_dir(),
+        Path::new(DEFAULT_SNAPSHOT_DIR)
+    );
+}

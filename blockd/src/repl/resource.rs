@@ -635,7 +635,7 @@ impl Resource {
         tracing::info!(resource = %spec.name, node = %spec.me.name, size = g.data_size,
             disk = %disk, current = %sb.generations.current, "attached");
         let snapshots = crate::repl::snapshot::SnapshotService::load(
-            &snapshot_dir(&loc),
+            &spec.me.snapshot_dir(),
             &spec.name,
             g.data_size,
         );
@@ -1510,18 +1510,4 @@ pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceE
         source,
     })?;
     Ok(())
-}
-
-/// Snapshot areas live beside the metadata (internal metadata: beside the backing file).
-fn snapshot_dir(loc: &crate::meta::file::MetaLocation) -> std::path::PathBuf {
-    let path = match loc {
-        crate::meta::file::MetaLocation::Internal(p)
-        | crate::meta::file::MetaLocation::External(p) => p,
-    };
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map_or_else(
-            || std::path::PathBuf::from("."),
-            std::path::Path::to_path_buf,
-        )
 }

@@ -33,6 +33,15 @@ const KEEP_BUFFER_MAX: usize = 64 << 10;
 /// Why an area could not be created, written, read or reopened.
 #[derive(Debug, thiserror::Error)]
 pub enum AreaError {
+    #[error(
+        "cannot reserve {bytes} bytes for snapshot area {path} (a smaller --cow-size, or free space)"
+    )]
+    Reserve {
+        path: PathBuf,
+        bytes: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot create snapshot area {path}")]
     Create {
         path: PathBuf,
@@ -184,8 +193,40 @@ impl CowArea {
             waiting: Vec::new(),
         };
         area.write_at(&buf, 0)?;
+        if let Err(e) = area.reserve() {
+            let _ = std::fs::remove_file(path);
+            return Err(e);
+        }
         area.sync()?;
+        // The new name is durable too: a power cut cannot lose an area its snapshot relies on.
+        if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+            let _ = dir.sync_all();
+        }
         Ok(area)
+    }
+
+    /// Allocates the whole area on its filesystem now (the file's size is unchanged): a
+    /// filesystem without room refuses the snapshot at once, instead of its growing area later
+    /// taking the space the replica's own writes need. Filesystems without `fallocate` skip it.
+    fn reserve(&self) -> Result<(), AreaError> {
+        let bytes = HEADER_SIZE as u64
+            + cow_record::area_bytes(self.header.capacity_blocks, self.header.block_size);
+        let len = libc::off_t::try_from(bytes).unwrap_or(libc::off_t::MAX);
+        // SAFETY: fallocate on a descriptor this area owns; no pointers involved.
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(());
+        }
+        Err(AreaError::Reserve {
+            path: self.path.clone(),
+            bytes,
+            source,
+        })
     }
 
     /// The header of the area at `path` (any state), read without changing the file.
@@ -661,6 +702,28 @@ mod tests {
         let len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(len, cow_record::data_offset(total - 1, 4096) + 4096);
         assert_eq!(len % 4096, 0);
+    }
+
+    #[test]
+    fn a_new_area_is_allocated_whole_up_front() {
+        use std::os::unix::fs::MetadataExt;
+        let path = tmp("reserved");
+        let cap = 3 * GROUP_SLOTS;
+        let a = CowArea::create(&path, header(cap)).unwrap();
+        let whole = HEADER_SIZE as u64 + cow_record::area_bytes(cap, 4096);
+        let md = std::fs::metadata(&path).unwrap();
+        assert!(
+            md.blocks() * 512 >= whole,
+            "{} bytes allocated for an area of {whole}",
+            md.blocks() * 512
+        );
+        assert!(md.len() < whole, "the file's size is unchanged");
+        drop(a);
+        // More than the filesystem holds: refused at once, and no file is left behind.
+        let huge = tmp("huge");
+        let e = CowArea::create(&huge, header(1 << 40)).unwrap_err();
+        assert!(matches!(e, AreaError::Reserve { .. }), "{e}");
+        assert!(!huge.exists());
     }
 
     #[test]

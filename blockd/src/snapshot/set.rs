@@ -680,6 +680,14 @@ impl Snapshots {
             });
         }
         let path = self.area_path(name);
+        // The default directory of a node without one beside its metadata may not exist yet.
+        std::fs::create_dir_all(&self.dir).map_err(|source| SnapshotError::Area {
+            name: name.to_owned(),
+            source: AreaError::Create {
+                path: self.dir.clone(),
+                source,
+            },
+        })?;
         let header = AreaHeader {
             state: AreaState::Open,
             block_size: COW_BLOCK_SIZE,
