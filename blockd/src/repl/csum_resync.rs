@@ -101,7 +101,7 @@ impl AnswerRoutes {
 /// Reads and hashes `[offset, offset + len)` while holding the range, remembers the per-block
 /// digests in `tracker` and asks the peer about the run (in stream order).
 pub(crate) async fn ask_run(
-    res: &Resource,
+    res: &Arc<Resource>,
     conn: &Conn,
     tracker: &mut ChecksumTracker,
     offset: u64,
@@ -109,12 +109,14 @@ pub(crate) async fn ask_run(
     purpose: ChecksumPurpose,
 ) -> Result<(), String> {
     let range = res.ranges.lock(offset, len).await;
-    let data = res
-        .store
-        .read(offset, len as usize)
-        .await
-        .map_err(|e| format!("checksum read at {offset}: {}", error_chain(&e)))?
-        .freeze();
+    let data = match res.store.read(offset, len as usize).await {
+        Ok(d) => d.freeze(),
+        // A resync hands a failure of its disk to the on-io-error policy like the plain one.
+        Err(e) if purpose == ChecksumPurpose::Resync => {
+            return Err(res.apply_failed(&format!("checksum resync read at {offset} failed"), &e));
+        }
+        Err(e) => return Err(format!("checksum read at {offset}: {}", error_chain(&e))),
+    };
     let bs = tracker.block_size() as usize;
     let (digest, blocks) = tokio::task::spawn_blocking(move || checksum::digests(&data, bs))
         .await
@@ -141,7 +143,7 @@ pub(crate) async fn ask_run(
 /// Sends `[offset, offset + len)` as resync data (read while holding the range; a hole goes as
 /// a zero range). Its `ResyncAck` clears the bits and returns the window space.
 pub(crate) async fn send_data(
-    res: &Resource,
+    res: &Arc<Resource>,
     conn: &Conn,
     offset: u64,
     len: u64,
@@ -155,7 +157,7 @@ pub(crate) async fn send_data(
         res.store
             .read(offset, len as usize)
             .await
-            .map_err(|e| format!("resync read failed: {}", error_chain(&e)))?
+            .map_err(|e| res.apply_failed("resync read failed", &e))?
             .freeze()
     };
     {
@@ -219,8 +221,10 @@ impl Walk {
 }
 
 /// Runs a checksum resync towards peer `i` until every dirty block is equal or acknowledged,
-/// then ends it like `repl::resync::run_source`.
-pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
+/// then ends it like `repl::resync::run_source`. `Ok` also when the link closed; `Err` is a
+/// local failure (a read, a checksum answer that does not fit, persisting the end) that must
+/// end the session.
+pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result<(), String> {
     let slot = res.peers[i].slot;
     let (total, bs) = {
         let m = res.meta.lock().expect("meta");
@@ -327,14 +331,18 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
     }
     .await;
     if let Err(e) = r {
-        tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
-            "checksum resync stopped: {e}");
-        return;
+        if *closed.borrow() {
+            // The session is over anyway; the next one resumes.
+            tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
+                "checksum resync stopped: {e}");
+            return Ok(());
+        }
+        return Err(e);
     }
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name,
         equal = w.equal_bytes, sent = w.data_bytes,
         "checksum resync compared every dirty block");
-    resync::finish_source(res, i, conn, w.data_bytes, start).await;
+    resync::finish_source(res, i, conn, w.data_bytes, start).await
 }
 
 impl Resource {

@@ -58,7 +58,7 @@ impl LocalStore {
         self.current.read().expect("local store").clone()
     }
 
-    fn replace(&self, store: BlockStore) {
+    pub(crate) fn replace(&self, store: BlockStore) {
         *self.current.write().expect("local store") = store;
     }
 

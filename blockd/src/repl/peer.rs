@@ -556,6 +556,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     tracing::info!(resource = %res.name(), peer = %peer.name, "link up");
 
     let (io, buf) = reader.into_parts();
+    let (resync_failed, mut resync_failure) = tokio::sync::mpsc::unbounded_channel();
     let mut rx = Rx {
         io,
         buf,
@@ -572,6 +573,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         write_acks: Vec::new(),
         other_acks: Vec::new(),
         resync: None,
+        resync_failed,
         hearing: Hearing::default(),
         unstable: UnstableWrites::default(),
         written_acks: false,
@@ -584,6 +586,9 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         }
         end = session.run(&mut rx, report) => end,
         _ = res.peers[i].kill.notified() => SessionEnd::Killed,
+        // A resync that cannot go on ends the session: the next handshake redoes it (never
+        // SyncSource/SyncTarget forever without a worker).
+        Some(why) = resync_failure.recv() => SessionEnd::Lost(why),
         w = &mut writer_task.0 => SessionEnd::Lost(match w {
             Ok(Ok(())) => "writer stopped".into(),
             Ok(Err(e)) => e,
@@ -916,6 +921,8 @@ struct Session {
     write_acks: Vec<u64>,
     other_acks: Vec<Message>,
     resync: Option<AbortOnDrop<()>>,
+    /// Where the resync source reports a local failure that ends the session.
+    resync_failed: tokio::sync::mpsc::UnboundedSender<String>,
     /// What the peer (as Primary) reported as acknowledged, and the writes that arrived.
     hearing: Hearing,
     /// The peer's (a Primary's) writes received and not yet announced as written on every
@@ -1469,11 +1476,19 @@ impl Session {
         if enter == ReplState::SyncSource {
             let (res2, conn) = (res.clone(), self.conn.clone());
             let summed = res.checksum_resync(i, untrusted);
+            let failed = self.resync_failed.clone();
             self.resync = Some(AbortOnDrop(tokio::spawn(async move {
-                if summed {
-                    csum_resync::run_source(res2, i, conn).await;
+                let r = if summed {
+                    csum_resync::run_source(res2.clone(), i, conn).await
                 } else {
-                    resync::run_source(res2, i, conn).await;
+                    resync::run_source(res2.clone(), i, conn).await
+                };
+                if let Err(why) = r {
+                    let why = format!("resync failed: {why}");
+                    tracing::error!(resource = %res2.name(), peer = %res2.peers[i].node.name,
+                        "{why}; ending the session (the next one resyncs again)");
+                    res2.emit(Some(i), "error", why.clone());
+                    let _ = failed.send(why);
                 }
             })));
         }

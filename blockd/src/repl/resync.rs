@@ -4,6 +4,10 @@
 //! queued, behind a barrier: no stale block ever overwrites a newer write). Acknowledged
 //! chunks are cleared from the bitmap, which is persisted as the walk advances, so a crash of
 //! either side resumes from where it was rather than restarting.
+//!
+//! A local failure (a read of the source's disk, persisting the end of the resync) stops the
+//! walk with an error: the session then ends (see `repl::peer`), so the resync is redone by
+//! the next handshake instead of staying SyncSource/SyncTarget forever.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +16,7 @@ use bytes::Bytes;
 
 use crate::repl::pacer::Pacer;
 use crate::repl::peer::{Conn, RESYNC_WINDOW};
-use crate::repl::resource::Resource;
+use crate::repl::resource::{Resource, error_chain};
 use crate::repl::state::{DiskState, ReplState};
 use crate::repl::wire::Message;
 
@@ -22,7 +26,9 @@ pub const CHUNK: u64 = 1 << 20;
 const PERSIST_EVERY: u64 = 16 << 20;
 
 /// Runs the resync towards peer `i` until every dirty block is acknowledged, then ends it.
-pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
+/// `Ok` also when the link closed (the session is over); `Err` is a local failure that must
+/// end the session: its text says why.
+pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result<(), String> {
     let slot = res.peers[i].slot;
     let total = res.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
     res.update_peer(i, |s| {
@@ -49,13 +55,13 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
         let mut persisted_to = 0;
         loop {
             if *closed.borrow() {
-                return;
+                return Ok(());
             }
             let next = res.meta.lock().expect("meta").bitmaps[slot].dirty_extent_from(pos, CHUNK);
             let Some((off, len)) = next else { break };
             pacer.admit(len, &progress).await;
             let Ok(permits) = conn.resync_window.acquire_many(len as u32).await else {
-                return;
+                return Ok(());
             };
             permits.forget();
             let range = res.ranges.lock(off, len).await;
@@ -66,10 +72,8 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             } else {
                 match res.store.read(off, len as usize).await {
                     Ok(b) => b.freeze(),
-                    Err(e) => {
-                        tracing::error!(resource = %res.name(), "resync read failed: {e}");
-                        return;
-                    }
+                    // The on-io-error policy decides about the disk (detach, or pass-on).
+                    Err(e) => return Err(res.apply_failed("resync read failed", &e)),
                 }
             };
             {
@@ -92,20 +96,26 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             pos = off + len;
             if pos - persisted_to >= PERSIST_EVERY {
                 let from = persisted_to;
-                let _ = res
+                // Best effort: a failed save only loses how far a later resync resumes from
+                // (the end of the resync persists the whole bitmap, and fails the session).
+                if let Err(e) = res
                     .meta_io(move |m| m.save_bitmap_range(slot, from, pos - from))
-                    .await;
+                    .await
+                {
+                    tracing::warn!(resource = %res.name(), "cannot persist resync progress: {}",
+                        error_chain(&e));
+                }
                 persisted_to = pos;
             }
         }
         // Wait for every chunk in flight to be acknowledged, then look again (bits that were
         // in flight, or set behind the walk).
         let Ok(all) = conn.resync_window.acquire_many(RESYNC_WINDOW as u32).await else {
-            return;
+            return Ok(());
         };
         drop(all);
         if *closed.borrow() {
-            return;
+            return Ok(());
         }
         if res.meta.lock().expect("meta").bitmaps[slot]
             .dirty_extent_from(0, 1)
@@ -114,18 +124,19 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) {
             break;
         }
     }
-    finish_source(res, i, conn, sent, start).await;
+    finish_source(res, i, conn, sent, start).await
 }
 
 /// Ends a resync as its source: `ResyncDone` (applied after every earlier request), the peer's
-/// bitmap cleared and persisted, and this node UpToDate when it was Consistent.
+/// bitmap cleared and persisted, and this node UpToDate when it was Consistent. `Err` (the
+/// end could not be persisted) must end the session.
 pub(crate) async fn finish_source(
     res: Arc<Resource>,
     i: usize,
     conn: Arc<Conn>,
     sent: u64,
     start: Instant,
-) {
+) -> Result<(), String> {
     let slot = res.peers[i].slot;
     let peer_id = res.peers[i].node.id;
     {
@@ -141,8 +152,10 @@ pub(crate) async fn finish_source(
         })
         .await;
     if let Err(e) = r {
-        tracing::error!(resource = %res.name(), "cannot persist the resync end: {e}");
-        return;
+        return Err(format!(
+            "cannot persist the resync end: {}",
+            error_chain(&e)
+        ));
     }
     // The source's data is what the peer now holds: a Consistent source (e.g. a restarted
     // crashed primary) is UpToDate from here on.
@@ -169,6 +182,7 @@ pub(crate) async fn finish_source(
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = sent,
         secs = start.elapsed().as_secs_f64(), "resync finished (source)");
     res.emit(Some(i), "resync-done", "source");
+    Ok(())
 }
 
 /// The target wrote a chunk: clear its bits, return its window space, count progress.

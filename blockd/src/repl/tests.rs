@@ -22,6 +22,11 @@ struct Cluster {
 }
 
 async fn cluster(nodes: usize, protocol: &str) -> Cluster {
+    cluster_with(nodes, protocol, "").await
+}
+
+/// Like [`cluster`], with `extra` lines in the `[global]` section.
+async fn cluster_with(nodes: usize, protocol: &str, extra: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let ca = common::tls::generate_ca("test").unwrap();
     ca.write(&dir.path().join("ca.pem"), &dir.path().join("ca.key"))
@@ -33,7 +38,7 @@ async fn cluster(nodes: usize, protocol: &str) -> Cluster {
         .collect();
     let mut text = format!(
         "[global]\nprotocol = \"{protocol}\"\nsecret-file = \"secret\"\nresync-rate = \"1G\"\n\
-         al-extents = 64\n[global.tls]\nca = \"ca.pem\"\ncert = \"{{node}}.pem\"\nkey = \"{{node}}.key\"\n"
+         al-extents = 64\n{extra}[global.tls]\nca = \"ca.pem\"\ncert = \"{{node}}.pem\"\nkey = \"{{node}}.key\"\n"
     );
     let mut listeners = Vec::new();
     for (id, n) in names.iter().enumerate() {
@@ -476,4 +481,93 @@ async fn detaching_or_attaching_the_disk_invalidates_the_snapshots() {
         1,
         "only the snapshot still valid is reported: {ev:?}"
     );
+}
+
+/// A read error of the resync source's disk ends the session, and the next one resyncs again
+/// (before: the worker stopped quietly and both sides stayed SyncSource/SyncTarget forever).
+/// Once the resync has started, the source's store is swapped for a real, much smaller one:
+/// the reads of the dirty blocks fail (out of range, not a disk failure, so the disk stays
+/// attached; until the good store is back the handshakes fail on the size); the good store
+/// back, the resync completes.
+async fn resync_read_error_ends_the_session(extra: &str) {
+    let mut c = cluster_with(2, "C", extra).await;
+    let a = c.start(0);
+    let b = c.start(1);
+    wait_for("link", || {
+        a.status().peers[0].connection == "connected"
+            && b.status().peers[0].connection == "connected"
+    })
+    .await;
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    a.disconnect(Some("beta")).unwrap();
+    wait_for("disconnect", || {
+        a.status().peers[0].connection == "standalone"
+    })
+    .await;
+    for k in 0..8u64 {
+        let off = (8 << 20) + k * (4 << 20);
+        a.write(off, pattern(100 + k, 8192), false).await.unwrap();
+    }
+    a.flush().await.unwrap();
+    assert!(a.status().peers[0].out_of_sync_bytes >= 8 * 8192);
+    let good = a.store.current();
+    let small = c.dir.path().join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let small =
+        crate::store::BlockStore::open(&small, &crate::store::OpenOptions::default()).unwrap();
+    // The first dirty run waits for this range: the store is swapped before it is read.
+    let hold = a.ranges.lock(8 << 20, 4096).await;
+    let mut events = a.subscribe();
+    a.connect(Some("beta"), false).unwrap();
+    wait_for("resync started", || {
+        a.status().peers[0].replication == "sync-source"
+    })
+    .await;
+    a.store.replace(small);
+    drop(hold);
+    let failed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ev = events.recv().await.unwrap();
+            if ev.what == "error" && ev.value.contains("resync failed") {
+                return ev.value;
+            }
+        }
+    })
+    .await
+    .expect("the failed resync ends the session");
+    assert!(failed.contains("resync read"), "{failed}");
+    assert_eq!(
+        a.status().disk,
+        "up-to-date",
+        "not a disk failure: attached"
+    );
+    // The disk readable again: the next session's resync completes (a handshake that saw the
+    // small store refused the size and left the link StandAlone: connect again).
+    a.store.replace(good);
+    a.connect(None, false).unwrap();
+    b.connect(None, false).unwrap();
+    wait_for("resync", || all_established(&a) && all_established(&b)).await;
+    assert_eq!(a.status().peers[0].out_of_sync_bytes, 0);
+    b.store().flush().await.unwrap();
+    let size = a.size();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_read_error_ends_the_session_plain() {
+    resync_read_error_ends_the_session("csums = \"no\"\n").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_read_error_ends_the_session_checksum() {
+    resync_read_error_ends_the_session("csums = \"yes\"\n").await;
 }
