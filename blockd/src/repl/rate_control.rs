@@ -84,6 +84,9 @@ pub struct RateController {
     /// The plan: extra bytes to issue in each coming tick.
     plan: VecDeque<i64>,
     plan_total: i64,
+    /// The fraction of a byte of the cap not granted yet: a rate below 10 B/s is less than a
+    /// byte per tick, and would otherwise never grant anything.
+    cap_frac: f64,
     last_decision: TickDecision,
 }
 
@@ -104,6 +107,7 @@ impl RateController {
             credit: 0,
             plan: VecDeque::from(vec![0; steps]),
             plan_total: 0,
+            cap_frac: 0.0,
             last_decision: TickDecision {
                 budget: 0,
                 throttled: false,
@@ -141,7 +145,7 @@ impl RateController {
             .clamp(Duration::from_millis(1), Duration::from_secs(1));
         self.last = now;
         let throttled = seen.app_bytes > self.s.app_idle_bytes;
-        let cap = per_dt(self.cap_rate(throttled), dt);
+        let cap = self.cap(throttled, dt);
         let mut want = if self.s.dynamic() {
             self.plan_step(dt, seen)
         } else {
@@ -160,6 +164,20 @@ impl RateController {
             throttled,
         };
         self.last_decision
+    }
+
+    /// This tick's cap in whole bytes; the fraction left over is carried to the next tick, so
+    /// any rate above zero grants bytes at that rate on average (also below 10 B/s).
+    fn cap(&mut self, throttled: bool, dt: Duration) -> i64 {
+        const LIMIT: f64 = i64::MAX as f64 / 4.0;
+        let exact = self.cap_rate(throttled) as f64 * dt.as_secs_f64() + self.cap_frac;
+        if exact >= LIMIT {
+            self.cap_frac = 0.0;
+            return LIMIT as i64;
+        }
+        let whole = exact.floor();
+        self.cap_frac = exact - whole;
+        whole as i64
     }
 
     /// DRBD's fill-target controller (drbd_rs_controller): the bytes to issue this tick.
@@ -363,6 +381,28 @@ mod tests {
         let (_, _, d) = simulate(dynamic(100 * MIB, 0), 4, MIB, u64::MAX, busy);
         assert!(d[..20].iter().all(|d| d.budget == 0 && d.throttled));
         assert!(d[21..].iter().any(|d| d.budget > 0));
+    }
+
+    #[test]
+    fn rates_below_a_byte_per_tick_still_progress() {
+        // Before: 1-9 B/s is 0 bytes per 100 ms tick, and the resync never issued anything.
+        for rate in [1, 5, 9, 15, 25] {
+            let (got, _, _) = simulate(RateSettings::fixed(rate), 100, 1, u64::MAX, |_| 0);
+            let want = rate as f64;
+            assert!(
+                (got - want).abs() <= 0.05 * want + 0.02,
+                "{rate} B/s: {got}"
+            );
+        }
+        // The same for c-min-rate while the application is busy.
+        // (Counted from the ticks' budgets: the dynamic start-up credit is not paced.)
+        let (_, _, d) = simulate(dynamic(100 * MIB, 5), 100, 1, u64::MAX, |_| MIB);
+        assert!(d.iter().all(|d| d.throttled));
+        let granted: u64 = d.iter().map(|d| d.budget).sum();
+        assert!(granted.abs_diff(500) <= 5, "{granted}");
+        // A real request (4 KiB) at 5 B/s goes out too, then its debt is paid at that rate.
+        let (got, _, _) = simulate(RateSettings::fixed(5), 3000, 4096, u64::MAX, |_| 0);
+        assert!(got > 0.0 && got <= 2.0 * 5.0, "{got}");
     }
 
     #[test]
