@@ -596,7 +596,12 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         }),
     };
     drop(writer_task);
-    drop(session.resync.take());
+    // The checksum resync clears bits of runs it found equal: it must be over before the
+    // unacknowledged writes are marked below (`conn.close()`), or a clear could come after
+    // the mark of a write to that run and lose it.
+    if let Some(task) = session.resync.take() {
+        task.stop().await;
+    }
     if res.peers[i].protocol.peer_ack() != PeerAck::Written {
         // Under A and B the Primary may have acknowledged what this node received: apply it
         // before the link is reported down (promotion and new handshakes wait for this).
@@ -936,6 +941,16 @@ struct Session {
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> AbortOnDrop<T> {
+    /// Aborts the task and waits until it no longer runs: abort only takes effect at the
+    /// task's next await, and it may be in the middle of a poll on another worker. Whatever
+    /// it does is done when this returns.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
@@ -1749,6 +1764,39 @@ mod tests {
             waiter: None,
             client_acked: false,
         }
+    }
+
+    /// A stopped task does nothing afterwards, even when it was in the middle of a poll on
+    /// another worker (the checksum resync must not clear bits after the session's loss
+    /// bookkeeping marked them).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_task_is_over_when_stop_returns() {
+        use std::sync::atomic::AtomicBool;
+        let in_poll = Arc::new(AtomicBool::new(false));
+        let steps = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (in_poll, steps) = (in_poll.clone(), steps.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    in_poll.store(true, Ordering::SeqCst);
+                    // Busy inside one poll (like bitmap work between awaits).
+                    std::thread::sleep(Duration::from_millis(50));
+                    steps.fetch_add(1, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+            }))
+        };
+        while !in_poll.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        task.stop().await;
+        let at_stop = steps.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            steps.load(Ordering::SeqCst),
+            at_stop,
+            "the task ran after stop"
+        );
     }
 
     #[test]
