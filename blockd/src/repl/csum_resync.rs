@@ -321,6 +321,10 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
                     _ = closed.changed() => return Err("link closed".into()),
                 }
             }
+            // Runs found equal and blocks written: cleared once durable on the target.
+            if !resync::settle_acked(&res, i, &conn).await {
+                return Err("link closed".into());
+            }
             if res.meta.lock().expect("meta").bitmaps[slot]
                 .dirty_extent_from(0, 1)
                 .is_none()

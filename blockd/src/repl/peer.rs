@@ -158,6 +158,10 @@ pub struct Conn {
     on_congestion: OnCongestion,
     /// Resync window in bytes (see [`RESYNC_WINDOW`]).
     pub(crate) resync_window: Arc<Semaphore>,
+    /// Resync ranges the peer acknowledged (written, or found equal) and not yet known durable
+    /// there: cleared from the bitmap only after a later flush is acknowledged
+    /// (`repl::resync::settle_acked`). Dropped with the session: the bits stay set.
+    pub(crate) resync_acked: Mutex<Vec<(u64, u64)>>,
     pub(crate) closed: watch::Sender<bool>,
     /// Wire bytes sent (frames), for status.
     pub(crate) sent: AtomicU64,
@@ -171,7 +175,7 @@ pub struct Conn {
 
 impl Conn {
     /// A session whose send buffer holds `sndbuf_size` bytes (see `repl::congestion`).
-    fn new(sndbuf_size: u64, on_congestion: OnCongestion) -> Conn {
+    pub(crate) fn new(sndbuf_size: u64, on_congestion: OnCongestion) -> Conn {
         Conn {
             out: Outbox::default(),
             pending: Mutex::new(Pending {
@@ -181,6 +185,7 @@ impl Conn {
             room: Notify::new(),
             on_congestion,
             resync_window: Arc::new(Semaphore::new(RESYNC_WINDOW)),
+            resync_acked: Mutex::new(Vec::new()),
             closed: watch::channel(false).0,
             sent: AtomicU64::new(0),
             answers: AnswerRoutes::default(),
@@ -328,6 +333,13 @@ impl Conn {
         })
     }
 
+    /// The flushes waiting for their acknowledgement (tests).
+    #[cfg(test)]
+    pub(crate) fn awaited_flushes(&self) -> Vec<u64> {
+        let p = self.pending.lock().expect("pending");
+        p.flushes.keys().copied().collect()
+    }
+
     /// Requests and bytes sent to the peer and not yet acknowledged (replication lag).
     pub(crate) fn in_flight_with_bytes(&self) -> (usize, u64) {
         let p = self.pending.lock().expect("pending");
@@ -397,14 +409,14 @@ impl Conn {
         }
     }
 
-    fn flush_ack(&self, seq: u64) {
+    pub(crate) fn flush_ack(&self, seq: u64) {
         if let Some(tx) = self.pending.lock().expect("pending").flushes.remove(&seq) {
             let _ = tx.send(());
         }
     }
 
     /// Closes the session for the write path; returns the unacknowledged ranges.
-    fn close(&self) -> Vec<(u64, u64)> {
+    pub(crate) fn close(&self) -> Vec<(u64, u64)> {
         let mut p = self.pending.lock().expect("pending");
         p.closed = true;
         p.flushes.clear();

@@ -2,8 +2,11 @@
 //! window of unacknowledged bytes; each chunk is read while its range is held (so an
 //! application write in flight finishes first and a later one waits until the chunk is
 //! queued, behind a barrier: no stale block ever overwrites a newer write). Acknowledged
-//! chunks are cleared from the bitmap, which is persisted as the walk advances, so a crash of
-//! either side resumes from where it was rather than restarting.
+//! chunks are cleared from the bitmap once they are durable on the peer (a flush sent after
+//! their acknowledgement was acknowledged, see [`settle_acked`]), and the bitmap is persisted
+//! as the walk advances, so a crash of either side resumes from where it was rather than
+//! restarting, and a power loss of the target never leaves a block cleared here that its
+//! disk lost.
 //!
 //! A local failure (a read of the source's disk, persisting the end of the resync) stops the
 //! walk with an error: the session then ends (see `repl::peer`), so the resync is redone by
@@ -95,6 +98,9 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
             sent += len;
             pos = off + len;
             if pos - persisted_to >= PERSIST_EVERY {
+                if !settle_acked(&res, i, &conn).await {
+                    return Ok(());
+                }
                 let from = persisted_to;
                 // Best effort: a failed save only loses how far a later resync resumes from
                 // (the end of the resync persists the whole bitmap, and fails the session).
@@ -114,7 +120,7 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
             return Ok(());
         };
         drop(all);
-        if *closed.borrow() {
+        if *closed.borrow() || !settle_acked(&res, i, &conn).await {
             return Ok(());
         }
         if res.meta.lock().expect("meta").bitmaps[slot]
@@ -185,10 +191,45 @@ pub(crate) async fn finish_source(
     Ok(())
 }
 
-/// The target wrote a chunk: clear its bits, return its window space, count progress.
+/// The target wrote a chunk (or found it equal): return its window space, count progress. Its
+/// bits are cleared by the next [`settle_acked`], once the target's disk holds it for sure.
 pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32) {
-    let slot = res.peers[i].slot;
-    res.meta.lock().expect("meta").bitmaps[slot].clear_range(offset, u64::from(len));
+    conn.resync_acked
+        .lock()
+        .expect("resync acked")
+        .push((offset, u64::from(len)));
     conn.resync_window.add_permits(len as usize);
     res.state.lock().expect("state").peers[i].resync_done += u64::from(len);
+}
+
+/// Makes the resync ranges acknowledged so far durable on the target, then clears them from the
+/// bitmap: a `Flush` numbered after them (the target applies it once every earlier request is
+/// done, then flushes its store) and its `FlushAck`. The target writes resync data without
+/// FUA; without this, a bitmap persisted with those bits cleared (here, or at the end of the
+/// session) would outlive blocks a power loss of the target took back. `false`: the link
+/// closed first (nothing cleared: the next session sends those blocks again).
+pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool {
+    let acked = std::mem::take(&mut *conn.resync_acked.lock().expect("resync acked"));
+    if acked.is_empty() {
+        return true;
+    }
+    let (seq, ack) = {
+        let mut order = res.order.lock().expect("order");
+        let (seq, _) = order.issue();
+        (seq, conn.track_flush(seq, true))
+    };
+    let flushed = match ack {
+        Some(rx) => rx.await.is_ok(),
+        None => false,
+    };
+    res.completed(seq);
+    if !flushed {
+        return false;
+    }
+    let slot = res.peers[i].slot;
+    let mut m = res.meta.lock().expect("meta");
+    for (offset, len) in acked {
+        m.bitmaps[slot].clear_range(offset, len);
+    }
+    true
 }

@@ -571,3 +571,52 @@ async fn resync_read_error_ends_the_session_plain() {
 async fn resync_read_error_ends_the_session_checksum() {
     resync_read_error_ends_the_session("csums = \"yes\"\n").await;
 }
+
+/// Resync data the target acknowledged is cleared from the source's bitmap (which is persisted
+/// as the walk goes and at the session's end) only once a flush sent after the acknowledgement
+/// was acknowledged: the target writes resync data without FUA, and a power loss of the target
+/// must not leave blocks it lost cleared on the source. Before, `acked` cleared at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_bits_are_cleared_only_after_the_targets_flush() {
+    use crate::repl::peer::Conn;
+    use crate::repl::resync;
+    let mut c = cluster(2, "C").await;
+    let a = c.start(0);
+    let slot = a.peers[0].slot;
+    let dirty = |r: &Resource| r.meta.lock().unwrap().bitmaps[slot].count_dirty_bytes();
+    a.meta.lock().unwrap().bitmaps[slot].set_range(1 << 20, 2 << 20);
+    assert_eq!(dirty(&a), 2 << 20);
+    let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+    resync::acked(&a, 0, &conn, 1 << 20, 1 << 20);
+    assert_eq!(
+        dirty(&a),
+        2 << 20,
+        "acknowledged, not yet durable: still dirty"
+    );
+    let settle = {
+        let (a, conn) = (a.clone(), conn.clone());
+        tokio::spawn(async move { resync::settle_acked(&a, 0, &conn).await })
+    };
+    wait_for("the flush sent", || conn.awaited_flushes().len() == 1).await;
+    // Acknowledged after the flush was sent: not covered by it.
+    resync::acked(&a, 0, &conn, 2 << 20, 1 << 20);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(dirty(&a), 2 << 20, "flush not acknowledged: still dirty");
+    conn.flush_ack(conn.awaited_flushes()[0]);
+    assert!(settle.await.unwrap(), "settled");
+    assert_eq!(
+        dirty(&a),
+        1 << 20,
+        "only the range acknowledged before the flush is cleared"
+    );
+    // A session that closes first clears nothing.
+    let settle = {
+        let (a, conn) = (a.clone(), conn.clone());
+        tokio::spawn(async move { resync::settle_acked(&a, 0, &conn).await })
+    };
+    wait_for("the flush sent", || conn.awaited_flushes().len() == 1).await;
+    conn.close();
+    assert!(!settle.await.unwrap(), "link closed");
+    assert_eq!(dirty(&a), 1 << 20);
+    a.shutdown().await;
+}
