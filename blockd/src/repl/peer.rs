@@ -333,6 +333,13 @@ impl Conn {
         })
     }
 
+    /// Resync bytes the peer acknowledged whose bits wait for its flush
+    /// (`resync::settle_acked`).
+    pub(crate) fn resync_unsettled_bytes(&self) -> u64 {
+        let acked = self.resync_acked.lock().expect("resync acked");
+        acked.iter().map(|&(_, len)| len).sum()
+    }
+
     /// The flushes waiting for their acknowledgement (tests).
     #[cfg(test)]
     pub(crate) fn awaited_flushes(&self) -> Vec<u64> {

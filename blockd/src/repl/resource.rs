@@ -884,7 +884,11 @@ impl Resource {
                     replication: ps.repl.as_str().to_string(),
                     role: ps.role.as_str().to_string(),
                     disk: ps.disk.as_str().to_string(),
-                    out_of_sync_bytes: m.bitmaps[p.slot].count_dirty_bytes(),
+                    // Blocks the peer acknowledged are in sync for the user, though their bits
+                    // stay set until its flush makes them durable (`resync::settle_acked`).
+                    out_of_sync_bytes: m.bitmaps[p.slot]
+                        .count_dirty_bytes()
+                        .saturating_sub(conn.as_ref().map_or(0, |c| c.resync_unsettled_bytes())),
                     in_flight,
                     in_flight_bytes,
                     resync,

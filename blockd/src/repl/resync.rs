@@ -209,8 +209,10 @@ pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32
 /// session) would outlive blocks a power loss of the target took back. `false`: the link
 /// closed first (nothing cleared: the next session sends those blocks again).
 pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool {
-    let acked = std::mem::take(&mut *conn.resync_acked.lock().expect("resync acked"));
-    if acked.is_empty() {
+    // The ranges stay listed until cleared (status counts them as in sync meanwhile); those
+    // acknowledged after the flush is sent wait for the next one.
+    let count = conn.resync_acked.lock().expect("resync acked").len();
+    if count == 0 {
         return true;
     }
     let (seq, ack) = {
@@ -228,7 +230,8 @@ pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool 
     }
     let slot = res.peers[i].slot;
     let mut m = res.meta.lock().expect("meta");
-    for (offset, len) in acked {
+    let mut acked = conn.resync_acked.lock().expect("resync acked");
+    for (offset, len) in acked.drain(..count) {
         m.bitmaps[slot].clear_range(offset, len);
     }
     true
