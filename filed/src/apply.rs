@@ -603,6 +603,9 @@ impl Applier {
     }
 
     /// Keeps the current regular file at the target as backup generation 1 (older ones shift).
+    /// The copy is made under a temporary name first: generations are rotated only once it
+    /// exists, so a backup that fails (a full backup filesystem) leaves the older ones as they
+    /// were and no partial copy behind.
     fn backup(&self, t: &Target) -> Result<(), ApplyError> {
         let Some(dir) = &self.backup else {
             return Ok(());
@@ -613,14 +616,29 @@ impl Applier {
         std::fs::create_dir_all(dir).map_err(io_err(&t.logical, "create backup directory"))?;
         let base = t.logical.replace('/', "_");
         let gen_path = |n: u32| dir.join(format!("{base}.{n}"));
+        let tmp = dir.join(format!(
+            "{TEMP_PREFIX}{}.{}.backup",
+            std::process::id(),
+            rand_suffix()
+        ));
+        if let Err(e) = self.copy_for_backup(t, &tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         let _ = std::fs::remove_file(gen_path(self.generations));
         for n in (1..self.generations).rev() {
             let _ = std::fs::rename(gen_path(n), gen_path(n + 1));
         }
-        let dest = gen_path(1);
+        std::fs::rename(&tmp, gen_path(1)).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(&t.logical, "rename backup")(e)
+        })
+    }
+
+    /// The current file at `t` as `dest`: a hard link (cheap, same filesystem) or a synced copy.
+    fn copy_for_backup(&self, t: &Target, dest: &std::path::Path) -> Result<(), ApplyError> {
         let dest_c = CString::new(dest.as_os_str().as_bytes())
             .map_err(|_| io_err(&t.logical, "backup")(io::ErrorKind::InvalidInput.into()))?;
-        // Hard link first (cheap, same filesystem); copy otherwise.
         // SAFETY: valid descriptor, NUL-terminated names; AT_FDCWD with an absolute/relative path.
         let rc = unsafe {
             libc::linkat(
@@ -643,7 +661,7 @@ impl Applier {
             )
             .map_err(io_err(&t.logical, "open for backup"))?,
         );
-        let mut out = File::create(&dest).map_err(io_err(&t.logical, "create backup"))?;
+        let mut out = File::create(dest).map_err(io_err(&t.logical, "create backup"))?;
         io::copy(&mut src, &mut out).map_err(io_err(&t.logical, "copy to backup"))?;
         out.sync_all().map_err(io_err(&t.logical, "fsync backup"))?;
         Ok(())

@@ -60,6 +60,14 @@ pub enum SessionError {
     },
     #[error("{peer} sent a path refused here: {path:?}")]
     BadPath { peer: String, path: String },
+    #[error(
+        "{peer} is a slave of group {group} and may not send changes (it decided to send {path:?})"
+    )]
+    SlaveSends {
+        peer: String,
+        group: String,
+        path: String,
+    },
 }
 
 /// What one session did.
@@ -509,6 +517,14 @@ async fn receive_content(
                 }
             }
             Message::Data { bytes } if started && !delta => {
+                if failure.is_none() && written + bytes.len() as u64 > w.size {
+                    // More than the agreed size: stop writing (a sender that does not stop
+                    // cannot fill this disk); the file is refused at its end.
+                    failure = Some(format!(
+                        "the sender sent more than the {} bytes agreed",
+                        w.size
+                    ));
+                }
                 if failure.is_none()
                     && let Some(p) = pending.as_mut()
                 {
@@ -843,6 +859,38 @@ fn record(
     Ok(())
 }
 
+/// Refuses a listener's decision this side must not carry out: a path outside the group, a
+/// rename from one, or a change sent by a slave (a slave's changes are never applied
+/// elsewhere, whatever the slave decided).
+fn check_decision(
+    group: &Group,
+    peer: &str,
+    path: &str,
+    decision: WireDecision,
+    transfer: &WireTransfer,
+) -> Result<(), SessionError> {
+    let bad_path = |path: &str| SessionError::BadPath {
+        peer: peer.to_string(),
+        path: path.to_string(),
+    };
+    if group.filter.check(path).is_err() {
+        return Err(bad_path(path));
+    }
+    if let WireTransfer::Rename { from } = transfer
+        && group.filter.check(from).is_err()
+    {
+        return Err(bad_path(from));
+    }
+    if decision == WireDecision::Pull && group.is_slave(peer) {
+        return Err(SessionError::SlaveSends {
+            peer: peer.to_string(),
+            group: group.name.clone(),
+            path: path.to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn mirror(d: WireDecision) -> WireDecision {
     match d {
         WireDecision::Push => WireDecision::Pull,
@@ -937,17 +985,7 @@ pub async fn run_client(
                 remote,
                 winner,
             } => {
-                if group.filter.check(&path).is_err() {
-                    return Err(SessionError::BadPath { peer, path });
-                }
-                if let WireTransfer::Rename { from } = &transfer
-                    && group.filter.check(from).is_err()
-                {
-                    return Err(SessionError::BadPath {
-                        peer,
-                        path: from.clone(),
-                    });
-                }
+                check_decision(group, &peer, &path, decision, &transfer)?;
                 items.push(Item {
                     path,
                     decision,
@@ -1571,5 +1609,32 @@ mod tests {
             order,
             vec!["/new", "/old/child", "/old", "/d", "/d/f", "/x"]
         );
+    }
+
+    #[test]
+    fn a_slave_listener_cannot_send_changes() {
+        let text = "[hosts.a]\nprefix={d=\"/tmp/a\"}\n[hosts.s]\nprefix={d=\"/tmp/s\"}\n\
+                    [groups.g]\nhosts=[\"a\"]\nslaves=[\"s\"]\nkey=\"k\"\ninclude=[\"%d%\"]\n";
+        let c = crate::config::Config::parse(text, std::path::Path::new("/tmp/f.toml")).unwrap();
+        let g = &c.groups["g"];
+        let pull =
+            |peer: &str| check_decision(g, peer, "%d%/f", WireDecision::Pull, &WireTransfer::Full);
+        assert!(matches!(pull("s"), Err(SessionError::SlaveSends { .. })));
+        assert!(pull("a").is_ok(), "a master may");
+        let push = check_decision(g, "s", "%d%/f", WireDecision::Push, &WireTransfer::Full);
+        assert!(push.is_ok(), "a slave receives");
+        let outside = check_decision(
+            g,
+            "a",
+            "/etc/passwd",
+            WireDecision::Pull,
+            &WireTransfer::Full,
+        );
+        assert!(matches!(outside, Err(SessionError::BadPath { .. })));
+        let rename = WireTransfer::Rename {
+            from: "/etc/shadow".into(),
+        };
+        let from_outside = check_decision(g, "a", "%d%/f", WireDecision::Pull, &rename);
+        assert!(matches!(from_outside, Err(SessionError::BadPath { .. })));
     }
 }

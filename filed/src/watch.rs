@@ -10,7 +10,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -98,18 +98,17 @@ impl RootMap {
 }
 
 /// Which paths of a `notify` event to look at: (index into `paths`, deep). Empty: ignore it.
+/// A path renamed away or removed is looked at deep: when it was a directory, everything
+/// recorded under it went with it (a shallow look would tombstone the directory alone and
+/// leave its files recorded, so peers could not delete it and a move could not be paired as
+/// renames of its files).
 pub fn classify(kind: &EventKind, n_paths: usize) -> Vec<(usize, bool)> {
     let all = |deep: bool| (0..n_paths).map(|i| (i, deep)).collect();
     match kind {
         EventKind::Create(_) => all(true),
-        EventKind::Modify(ModifyKind::Name(RenameMode::From)) => all(false),
-        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => all(true),
-        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
-            (0..n_paths).map(|i| (i, i > 0)).collect()
-        }
         EventKind::Modify(ModifyKind::Name(_)) => all(true),
         EventKind::Modify(_) => all(false),
-        EventKind::Remove(_) => all(false),
+        EventKind::Remove(_) => all(true),
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => all(false),
         EventKind::Access(_) => Vec::new(),
         EventKind::Any | EventKind::Other => all(true),
@@ -206,7 +205,7 @@ pub fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{CreateKind, DataChange, RemoveKind};
+    use notify::event::{CreateKind, DataChange, RemoveKind, RenameMode};
 
     fn map() -> RootMap {
         let d = Path::new("/tmp/filed-watch-test");
@@ -254,11 +253,16 @@ mod tests {
         );
         assert_eq!(
             classify(&EventKind::Modify(ModifyKind::Name(RenameMode::Both)), 2),
-            vec![(0, false), (1, true)]
+            vec![(0, true), (1, true)]
         );
         assert_eq!(
-            classify(&EventKind::Remove(RemoveKind::File), 1),
-            vec![(0, false)]
+            classify(&EventKind::Modify(ModifyKind::Name(RenameMode::From)), 1),
+            vec![(0, true)],
+            "a directory moved away takes its files with it"
+        );
+        assert_eq!(
+            classify(&EventKind::Remove(RemoveKind::Folder), 1),
+            vec![(0, true)]
         );
         assert!(classify(&EventKind::Access(AccessKind::Read), 1).is_empty());
     }
