@@ -94,48 +94,28 @@ pub fn scan_group(
     only: Option<&[String]>,
     opts: ScanOptions,
 ) -> Result<ScanReport, ScanError> {
-    match only {
-        None => {
-            let roots = group
-                .filter
-                .roots()
-                .into_iter()
-                .map(|logical| ScanPath {
-                    logical,
-                    deep: true,
-                    rehash: opts.rehash,
-                })
-                .collect();
-            scan_impl(
-                store,
-                host,
-                group,
-                peers,
-                roots,
-                false,
-                opts.allow_empty_roots,
-            )
-        }
-        Some(paths) => {
-            let roots = paths
-                .iter()
-                .map(|p| ScanPath {
-                    logical: p.clone(),
-                    deep: true,
-                    rehash: opts.rehash,
-                })
-                .collect();
-            scan_impl(
-                store,
-                host,
-                group,
-                peers,
-                roots,
-                true,
-                opts.allow_empty_roots,
-            )
-        }
-    }
+    // Explicit paths read only their own records; the include roots read the group's.
+    let (logicals, explicit) = match only {
+        None => (group.filter.roots(), false),
+        Some(paths) => (paths.to_vec(), true),
+    };
+    let roots = logicals
+        .into_iter()
+        .map(|logical| ScanPath {
+            logical,
+            deep: true,
+            rehash: opts.rehash,
+        })
+        .collect();
+    scan_impl(
+        store,
+        host,
+        group,
+        peers,
+        roots,
+        explicit,
+        opts.allow_empty_roots,
+    )
 }
 
 /// Scans just `paths` (deep ones with everything below them): what a watcher reports. Only the

@@ -416,71 +416,53 @@ async fn run_verify(
                 res.set_verify(i, VerifyStatus::new("running", tracker.report()));
                 last_status = tokio::time::Instant::now();
             }
-            match next_step(pos, size, tracker.pending(), tracker.pending_bytes()) {
+            let ask = match next_step(pos, size, tracker.pending(), tracker.pending_bytes()) {
                 WalkStep::Done => break,
-                WalkStep::Ask(len) => {
-                    // Answers are handled while waiting: they are the progress the pace follows.
-                    loop {
-                        let done = tracker.report().done_bytes;
-                        let pending = tracker.pending_bytes();
-                        let stalls_at = progress + VERIFY_STALL;
-                        tokio::select! {
-                            () = pacer.admit(len, move || (done, pending)) => break,
-                            a = answers.recv() => match a {
-                                Some(a) => {
-                                    on_answer(&res, slot, &mut tracker, a)?;
-                                    progress = tokio::time::Instant::now();
-                                }
-                                None => return Err("link closed".into()),
-                            },
-                            _ = closed.changed() => return Err("link closed".into()),
-                            () = tokio::time::sleep_until(stalls_at) => {
-                                return Err(stall(tracker.pending()));
-                            }
-                        }
-                    }
-                    // Holding the range, reading and hashing it: bounded too (a stuck local read
-                    // would hold the range and the verify forever).
-                    let ask = csum_resync::ask_run(
-                        &res,
-                        &conn,
-                        &mut tracker,
-                        pos,
-                        len,
-                        ChecksumPurpose::Verify,
-                    );
-                    match tokio::time::timeout(VERIFY_STALL, ask).await {
-                        Ok(r) => {
-                            r?;
-                            progress = tokio::time::Instant::now();
-                        }
-                        Err(_) => {
-                            return Err(format!(
-                                "reading and hashing the run at {pos} ({len} bytes) took over \
-                                 {} s: verify aborted",
-                                VERIFY_STALL.as_secs()
-                            ));
-                        }
-                    }
-                    pos += len;
+                WalkStep::Ask(len) => Some(len),
+                WalkStep::Wait => None,
+            };
+            // Wait for the pace to admit the next run (when there is one to ask) or for an
+            // answer: answers are the progress the pace follows, and the walk decides again
+            // after each.
+            let done = tracker.report().done_bytes;
+            let pending = tracker.pending_bytes();
+            let stalls_at = progress + VERIFY_STALL;
+            let admitted = tokio::select! {
+                () = pacer.admit(ask.unwrap_or(0), move || (done, pending)), if ask.is_some() => {
+                    true
                 }
-                WalkStep::Wait => {
-                    let stalls_at = progress + VERIFY_STALL;
-                    tokio::select! {
-                        a = answers.recv() => match a {
-                            Some(a) => {
-                                on_answer(&res, slot, &mut tracker, a)?;
-                                progress = tokio::time::Instant::now();
-                            }
-                            None => return Err("link closed".into()),
-                        },
-                        _ = closed.changed() => return Err("link closed".into()),
-                        () = tokio::time::sleep_until(stalls_at) => {
-                            return Err(stall(tracker.pending()));
-                        }
+                a = answers.recv() => match a {
+                    Some(a) => {
+                        on_answer(&res, slot, &mut tracker, a)?;
+                        progress = tokio::time::Instant::now();
+                        false
                     }
+                    None => return Err("link closed".into()),
+                },
+                _ = closed.changed() => return Err("link closed".into()),
+                () = tokio::time::sleep_until(stalls_at) => return Err(stall(tracker.pending())),
+            };
+            let Some(len) = ask.filter(|_| admitted) else {
+                continue;
+            };
+            // Holding the range, reading and hashing it: bounded too (a stuck local read would
+            // hold the range and the verify forever).
+            let ask =
+                csum_resync::ask_run(&res, &conn, &mut tracker, pos, len, ChecksumPurpose::Verify);
+            match tokio::time::timeout(VERIFY_STALL, ask).await {
+                Ok(r) => {
+                    r?;
+                    progress = tokio::time::Instant::now();
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "reading and hashing the run at {pos} ({len} bytes) took over {} s: \
+                         verify aborted",
+                        VERIFY_STALL.as_secs()
+                    ));
                 }
             }
+            pos += len;
         }
         Ok(())
     }
