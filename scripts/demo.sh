@@ -25,7 +25,8 @@ PROFILE=${PROFILE:-release}
 if [ "$PROFILE" = release ]; then
   cargo build --release -p blockd --bins
 else
-  cargo build -p blockd --bins
+  # The whole workspace, like the test command's build (same dependency features: no rebuild).
+  cargo build --workspace --bins
 fi
 BIN_DIR="${CARGO_TARGET_DIR:-target}/$PROFILE"
 BLOCKD="$BIN_DIR/blockd"

@@ -27,11 +27,11 @@ pub fn filed_bin() -> PathBuf {
             .unwrap()
             .to_path_buf();
         let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "filed", "--bin", "filed"])
+            .args(["build", "--workspace", "--bins"])
             .current_dir(&root)
             .status()
-            .expect("running cargo build -p filed");
-        assert!(st.success(), "cargo build -p filed failed");
+            .expect("running cargo build --workspace --bins");
+        assert!(st.success(), "cargo build --workspace --bins failed");
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));

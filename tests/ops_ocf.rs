@@ -29,11 +29,11 @@ fn filed_bin() -> PathBuf {
         return PathBuf::from(b);
     }
     let st = Command::new(env!("CARGO"))
-        .args(["build", "-p", "filed", "--bin", "filed"])
+        .args(["build", "--workspace", "--bins"])
         .current_dir(workspace_root())
         .status()
-        .expect("run cargo build -p filed");
-    assert!(st.success(), "cargo build -p filed failed");
+        .expect("run cargo build --workspace --bins");
+    assert!(st.success(), "cargo build --workspace --bins failed");
     blockd_bin().with_file_name("filed")
 }
 

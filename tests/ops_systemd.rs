@@ -58,11 +58,11 @@ fn units_verify() {
     verify(dir.path(), "blockd@r0.service");
     if checked.iter().any(|n| n == "filed.service") {
         let st = Command::new(env!("CARGO"))
-            .args(["build", "-p", "filed", "--bin", "filed"])
+            .args(["build", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()
-            .expect("run cargo build -p filed");
-        assert!(st.success(), "cargo build -p filed failed");
+            .expect("run cargo build --workspace --bins");
+        assert!(st.success(), "cargo build --workspace --bins failed");
         assert!(bin_dir.join("filed").is_file());
         verify(dir.path(), "filed.service");
     }

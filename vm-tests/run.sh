@@ -10,7 +10,7 @@
 #   --blockd-arg ARG   extra argument for every blockd the host starts (repeatable): the hook
 #                      for running a scenario against a deliberately broken server, e.g.
 #                      `--blockd-arg --debug-drop-flush 2` (replicated scenarios only) must FAIL
-#   --no-build         do not run `cargo build -p blockd --bins` (use the existing binary)
+#   --no-build         do not run `cargo build --workspace --bins` (use the existing binary)
 #   --strict           a SKIP counts as a failure
 # Environment: VMTESTS_BLOCKD (blockd binary), VMTESTS_CACHE (cache dir, default vm-tests/.cache).
 #
@@ -66,8 +66,8 @@ if [[ -n ${VMTESTS_BLOCKD:-} ]]; then
     BLOCKD=$VMTESTS_BLOCKD
 else
     if ((build)); then
-        vmt_log "cargo build -p blockd --bins"
-        (cd "$VMT_ROOT" && cargo build -q -p blockd --bins) || vmt_die "building blockd failed"
+        vmt_log "cargo build --workspace --bins"
+        (cd "$VMT_ROOT" && cargo build -q --workspace --bins) || vmt_die "building blockd failed"
     fi
     BLOCKD=${CARGO_TARGET_DIR:-$VMT_ROOT/target}/debug/blockd
 fi

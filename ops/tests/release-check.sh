@@ -2,8 +2,16 @@
 # The release build: the workspace release profile uses LTO; `cargo install --path blockd` and
 # `--path filed` install blockd, blockctl and filed (into a temp root, reusing the workspace
 # target dir); the installed binaries need nothing beyond the libc family (ldd).
-#   ops/tests/release-check.sh
+#   ops/tests/release-check.sh           the release profile (LTO: about 5 minutes here)
+#   ops/tests/release-check.sh --debug   the same install and link check on the dev profile (the
+#                                        test suite's run: it skips the LTO build, not the checks)
 set -euo pipefail
+PROFILE_ARGS=()
+case "${1:-}" in
+  --debug) PROFILE_ARGS=(--debug) ;;
+  "") ;;
+  *) echo "usage: $0 [--debug]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 grep -A4 '^\[profile.release\]' Cargo.toml | grep -Eq '^lto = ("thin"|"fat"|true)' ||
@@ -13,7 +21,7 @@ ROOT=$(mktemp -d /tmp/release-check.XXXXXX)
 trap 'rm -rf "$ROOT"' EXIT
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 for crate in blockd filed; do
-  cargo install --quiet --locked --path "$crate" --root "$ROOT" --target-dir "$TARGET"
+  cargo install --quiet --locked "${PROFILE_ARGS[@]}" --path "$crate" --root "$ROOT" --target-dir "$TARGET"
 done
 status=0
 for bin in blockd blockctl filed; do

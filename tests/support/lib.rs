@@ -42,7 +42,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Path of the `blockd` binary: `$BLOCKD_BIN` when set (used as is), else the debug build in the workspace
-/// target directory, built with `cargo build -p blockd --bins` when it is missing or older than a source file of
+/// target directory, built with `cargo build --workspace --bins` when it is missing or older than a source file of
 /// `blockd/` or `common/`. Built at most once per test process (a failed build fails every later caller with
 /// the same message); a file lock in the target directory serialises builds across test binaries.
 pub fn blockd_bin() -> PathBuf {
@@ -64,7 +64,7 @@ pub fn blockd_bin() -> PathBuf {
             Ok(bin)
         } else {
             Err(format!(
-                "{} does not exist after `cargo build -p blockd --bins`",
+                "{} does not exist after `cargo build --workspace --bins`",
                 bin.display()
             ))
         }
@@ -115,17 +115,19 @@ fn build_blockd() -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
+    // The whole workspace, as the test command builds it: `-p blockd` alone would unify the
+    // dependencies' features differently and rebuild tokio, blockd and the rest for nothing.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "-p", "blockd", "--bins"])
+        .args(["build", "--workspace", "--bins"])
         .current_dir(workspace_root())
         .status()
-        .map_err(|e| format!("run cargo build -p blockd --bins: {e}"))?;
+        .map_err(|e| format!("run cargo build --workspace --bins: {e}"))?;
     drop(lock);
     if status.success() {
         Ok(())
     } else {
-        Err(format!("cargo build -p blockd --bins failed: {status}"))
+        Err(format!("cargo build --workspace --bins failed: {status}"))
     }
 }
 
@@ -773,6 +775,6 @@ mod tests {
         assert!((0..1000).all(|_| a.below(10) < 10));
     }
 }
-pub mod repl;
-pub mod link_proxy;
 pub mod faults;
+pub mod link_proxy;
+pub mod repl;
