@@ -400,11 +400,17 @@ impl Track {
 }
 
 /// The connection's write half, shared by the writer task and the request tasks that write a
-/// large reply themselves (see [`Ctx::deliver`]). A write that fails marks the stream broken:
-/// nothing is written after a reply that went out in part.
+/// large reply themselves (see [`Ctx::deliver`]). A write that fails or is cut short marks the
+/// stream broken: nothing is written after a reply that went out in part.
 struct ReplySink {
     stream: tokio::sync::Mutex<SinkState>,
     metrics: Arc<NbdMetrics>,
+    /// Wakes the writer when a request task's own write failed: the connection ends at once
+    /// rather than at the writer's next batch.
+    direct_failed: tokio::sync::Notify,
+    /// Set when [`serve`] gives up on a client that takes no replies (past the shutdown grace):
+    /// a request task blocked writing its own reply stops, and the socket closes.
+    abandoned: tokio::sync::watch::Sender<bool>,
 }
 
 struct SinkState {
@@ -424,15 +430,22 @@ impl ReplySink {
 }
 
 impl SinkState {
-    /// Writes `batch`, unless an earlier write broke the stream; the first error is kept.
+    /// Writes `batch`, unless an earlier write broke the stream; the first error is kept. The
+    /// stream counts as broken while the write is under way, so a write whose future is
+    /// dropped part way leaves it broken.
     async fn write(&mut self, batch: &[Outgoing]) -> io::Result<()> {
         if let Some(e) = &self.broken {
             return Err(io::Error::new(e.kind(), e.to_string()));
         }
+        self.broken = Some(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "a reply write was cut short",
+        ));
         let result = write_batch(&mut self.writer, batch).await;
-        if let Err(e) = &result {
-            self.broken = Some(io::Error::new(e.kind(), e.to_string()));
-        }
+        self.broken = match &result {
+            Ok(()) => None,
+            Err(e) => Some(io::Error::new(e.kind(), e.to_string())),
+        };
         result
     }
 }
@@ -456,7 +469,14 @@ impl Ctx {
             if let Ok(mut sink) = self.sink.stream.try_lock() {
                 if sink.broken.is_none() {
                     self.sink.record(&track, ok, Instant::now());
-                    let _ = sink.write(std::slice::from_ref(&reply)).await;
+                    let mut abandoned = self.sink.abandoned.subscribe();
+                    let written = tokio::select! {
+                        r = sink.write(std::slice::from_ref(&reply)) => r.is_ok(),
+                        _ = abandoned.wait_for(|gone| *gone) => false,
+                    };
+                    if !written {
+                        self.sink.direct_failed.notify_one();
+                    }
                     return;
                 }
             }
@@ -684,6 +704,9 @@ async fn structured_read(
     }
     let mut body = Vec::with_capacity(runs.len() * 2);
     let last = runs.len() - 1;
+    // Every run is awaited even after one failed: their buffers belong to this request's
+    // budget, which is given back when its reply goes out.
+    let mut failed = None;
     for (i, run) in runs.into_iter().enumerate() {
         match run {
             Run::Hole(at, n) => {
@@ -691,13 +714,18 @@ async fn structured_read(
                 proto::encode_hole_chunk(cookie, i == last, at, n, &mut buf);
                 body.push(buf.freeze());
             }
-            Run::Data(at, task) => {
-                let pieces = task.await.map_err(|_| StoreError::EngineGone)??;
-                body.extend(data_chunks(cookie, at, pieces, i == last));
-            }
+            Run::Data(at, task) => match task.await.map_err(|_| StoreError::EngineGone) {
+                Ok(Ok(pieces)) => body.extend(data_chunks(cookie, at, pieces, i == last)),
+                Ok(Err(e)) | Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            },
         }
     }
-    Ok((Head::default(), body))
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok((Head::default(), body)),
+    }
 }
 
 /// OFFSET_DATA chunks for consecutive `pieces` starting at `offset`; DONE on the last if `done`.
@@ -918,6 +946,8 @@ where
             broken: None,
         }),
         metrics,
+        direct_failed: tokio::sync::Notify::new(),
+        abandoned: tokio::sync::watch::Sender::new(false),
     });
     let writer_task = tokio::spawn(write_replies(sink.clone(), rx));
     let ctx = Ctx {
@@ -925,7 +955,7 @@ where
         session,
         limits,
         replies: tx,
-        sink,
+        sink: sink.clone(),
         span: Span::current(),
     };
     // Room for the largest payload beside the reply share of the request it belongs to.
@@ -968,6 +998,7 @@ where
             w = &mut writer_task => w,
             () = writer_grace_over(stop_rx, limits.shutdown_grace) => {
                 writer_task.abort();
+                sink.abandoned.send_replace(true);
                 Ok(Err(TransmissionError::ShutdownStalled(limits.shutdown_grace)))
             }
             () = &mut shutdown => unreachable!("the shutdown future never completes"),
@@ -1418,7 +1449,15 @@ async fn write_replies(
     let mut batch: Vec<Outgoing> = Vec::with_capacity(MAX_BATCH);
     let mut tracks: Vec<(Track, bool)> = Vec::with_capacity(MAX_BATCH);
     let mut result = Ok(());
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            r = rx.recv() => match r {
+                Some(first) => first,
+                None => break,
+            },
+            // A request task's own write failed: its error is taken below.
+            () = sink.direct_failed.notified() => break,
+        };
         let mut bytes = first.reply.len();
         tracks.push((first.track, first.ok));
         batch.push(first.reply);

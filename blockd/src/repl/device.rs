@@ -595,9 +595,21 @@ impl Resource {
         len: u64,
         may_punch: bool,
     ) -> Result<(), StoreError> {
-        if !self.store.supports_fast_zero() {
+        if !self.store.can_fast_zero(offset, len, may_punch) {
             return Err(StoreError::NotFast);
         }
+        // The peers are asked to zero the range at once, so the local side must zero it too: a
+        // fast way found unsupported only now (its first EOPNOTSUPP) is replaced by writing
+        // zeroes. The client then waited longer than it asked, but every replica holds zeroes
+        // (a `NotFast` here would leave the peers zeroed and this disk not).
+        let local = || async move {
+            match self.store.fast_zero(offset, len, may_punch).await {
+                Err(StoreError::NotFast) => {
+                    self.store.write_zeroes(offset, len, may_punch, false).await
+                }
+                done => done,
+            }
+        };
         self.replicated(
             offset,
             len,
@@ -610,7 +622,7 @@ impl Resource {
                 trim: may_punch,
                 fua: false,
             },
-            || self.store.fast_zero(offset, len, may_punch),
+            local,
         )
         .await
     }

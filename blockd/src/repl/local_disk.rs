@@ -112,8 +112,8 @@ impl LocalStore {
         self.current().fast_zero(offset, len, may_punch).await
     }
 
-    pub fn supports_fast_zero(&self) -> bool {
-        self.current().supports_fast_zero()
+    pub fn can_fast_zero(&self, offset: u64, len: u64, may_punch: bool) -> bool {
+        self.current().can_fast_zero(offset, len, may_punch)
     }
 
     pub async fn cache(&self, offset: u64, len: u64) -> Result<(), StoreError> {

@@ -27,7 +27,11 @@ async fn cluster(nodes: usize, protocol: &str) -> Cluster {
 
 /// Like [`cluster`], with `extra` lines in the `[global]` section.
 async fn cluster_with(nodes: usize, protocol: &str, extra: &str) -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
+    cluster_in(nodes, protocol, extra, tempfile::tempdir().unwrap()).await
+}
+
+/// Like [`cluster_with`], with the backing files and metadata in `dir`.
+async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::TempDir) -> Cluster {
     let ca = common::tls::generate_ca("test").unwrap();
     ca.write(&dir.path().join("ca.pem"), &dir.path().join("ca.key"))
         .unwrap();
@@ -425,6 +429,39 @@ async fn a_replicated_request_past_the_end_is_refused() {
     // A disk failure would detach in the background: give it the time to show.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(r.status().disk, "inconsistent", "the disk stays attached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_zero_the_local_disk_cannot_do_fast_is_refused_before_the_peers_zero() {
+    // tmpfs punches holes but has no zero-range: with NBD's NO_HOLE nothing is fast there.
+    let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+    let mut c = cluster_in(2, "C", "", dir).await;
+    let a = c.start(0);
+    let b = c.start(1);
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    a.write(0, pattern(5, 1 << 20), false).await.unwrap();
+    let err = a.fast_zero(0, 65536, false).await.unwrap_err();
+    assert!(matches!(err, crate::store::StoreError::NotFast), "{err}");
+    // Punching is fast, on both sides.
+    a.fast_zero(65536, 65536, true).await.unwrap();
+    a.flush().await.unwrap();
+    settle(&a).await;
+    b.store().flush().await.unwrap();
+    let size = a.size();
+    let (da, db) = (data_of(&c.image(0), size), data_of(&c.image(1), size));
+    assert_eq!(
+        &da[..65536],
+        &pattern(5, 65536)[..],
+        "the refused range is unchanged"
+    );
+    assert!(da[65536..131072].iter().all(|&x| x == 0));
+    assert!(da == db, "the replicas are the same");
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// The snapshot events seen so far.

@@ -397,6 +397,46 @@ impl fmt::Debug for BlockStore {
     }
 }
 
+/// A fast way to zero a range: `fallocate` zero-range or punch-hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FastZero {
+    ZeroRange,
+    Punch,
+}
+
+/// The fast ways to zero `offset..offset + len`, in the order to try, given what the backing
+/// supports (`punch`, `zero_range`: the probed flags). Empty: only writing zeroes would do.
+/// A device's zero-range may fall back to writing zeroes, so only its punch-hole (aligned to the
+/// logical block) counts; punching is allowed only when `may_punch` (NBD's `NO_HOLE` keeps the
+/// range allocated).
+fn fast_zero_modes(
+    backing: Backing,
+    punch: bool,
+    zero_range: bool,
+    offset: u64,
+    len: u64,
+    may_punch: bool,
+) -> Vec<FastZero> {
+    let mut ways = Vec::with_capacity(2);
+    match backing {
+        Backing::File => {
+            if zero_range {
+                ways.push(FastZero::ZeroRange);
+            }
+            if punch && may_punch {
+                ways.push(FastZero::Punch);
+            }
+        }
+        Backing::Device { logical_block } => {
+            let aligned = offset % logical_block == 0 && len % logical_block == 0;
+            if aligned && punch && may_punch {
+                ways.push(FastZero::Punch);
+            }
+        }
+    }
+    ways
+}
+
 const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
@@ -472,11 +512,31 @@ impl BlockStore {
             }
     }
 
-    /// Zeroing a range is fast (zero-range or punch-hole) rather than writing zeroes.
+    /// Zeroing a range is fast (zero-range or punch-hole) rather than writing zeroes, for some
+    /// ranges at least (`can_fast_zero` says which).
     pub fn supports_fast_zero(&self) -> bool {
-        !self.inner.read_only
-            && (self.inner.punch.load(Ordering::Relaxed)
-                || self.inner.zero_range.load(Ordering::Relaxed))
+        let any = match self.inner.backing {
+            Backing::File => 0,
+            Backing::Device { logical_block } => logical_block,
+        };
+        self.can_fast_zero(0, any, true)
+    }
+
+    /// `fast_zero` of this range would try a fast way (it can still find it unsupported on its
+    /// first try): a replicated zeroing asks before the peers zero anything.
+    pub fn can_fast_zero(&self, offset: u64, len: u64, may_punch: bool) -> bool {
+        !self.inner.read_only && !self.fast_zero_modes(offset, len, may_punch).is_empty()
+    }
+
+    fn fast_zero_modes(&self, offset: u64, len: u64, may_punch: bool) -> Vec<FastZero> {
+        fast_zero_modes(
+            self.inner.backing,
+            self.inner.punch.load(Ordering::Relaxed),
+            self.inner.zero_range.load(Ordering::Relaxed),
+            offset,
+            len,
+            may_punch,
+        )
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
@@ -746,23 +806,11 @@ impl BlockStore {
         if len == 0 {
             return Ok(());
         }
-        let modes: &[(libc::c_int, &AtomicBool)] = match self.inner.backing {
-            Backing::File => &[
-                (ZERO_RANGE, &self.inner.zero_range),
-                (PUNCH, &self.inner.punch),
-            ],
-            Backing::Device { logical_block } => {
-                // Device ZERO_RANGE may fall back to writing zeroes; PUNCH_HOLE never does.
-                if offset % logical_block != 0 || len % logical_block != 0 {
-                    return Err(StoreError::NotFast);
-                }
-                &[(PUNCH, &self.inner.punch)]
-            }
-        };
-        for &(mode, flag) in modes {
-            if !flag.load(Ordering::Relaxed) || (mode == PUNCH && !may_punch) {
-                continue;
-            }
+        for way in self.fast_zero_modes(offset, len, may_punch) {
+            let (mode, flag) = match way {
+                FastZero::ZeroRange => (ZERO_RANGE, &self.inner.zero_range),
+                FastZero::Punch => (PUNCH, &self.inner.punch),
+            };
             match self.inner.engine.fallocate(mode, offset, len).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_unsupported() => {

@@ -984,3 +984,27 @@ fn inline_path_serves_cached_and_memory_backed_io() {
         assert!(big[123..123 + data.len()] == data[..], "{fs:?}");
     }
 }
+
+#[test]
+fn fast_zero_ways_follow_the_backing_and_no_hole() {
+    use FastZero::{Punch, ZeroRange};
+    let file = Backing::File;
+    assert_eq!(
+        fast_zero_modes(file, true, true, 1, 3, true),
+        [ZeroRange, Punch]
+    );
+    // NO_HOLE: punching is out; a file that can only punch (tmpfs) has no fast way left.
+    assert_eq!(
+        fast_zero_modes(file, true, true, 0, 4096, false),
+        [ZeroRange]
+    );
+    assert!(fast_zero_modes(file, true, false, 0, 4096, false).is_empty());
+    assert!(fast_zero_modes(file, false, false, 0, 4096, true).is_empty());
+    // A device: only an aligned punch (its zero-range may write zeroes).
+    let dev = Backing::Device { logical_block: 512 };
+    assert_eq!(fast_zero_modes(dev, true, true, 512, 1024, true), [Punch]);
+    assert!(fast_zero_modes(dev, true, true, 512, 1000, true).is_empty());
+    assert!(fast_zero_modes(dev, true, true, 100, 512, true).is_empty());
+    assert!(fast_zero_modes(dev, true, true, 0, 512, false).is_empty());
+    assert!(fast_zero_modes(dev, false, true, 0, 512, true).is_empty());
+}

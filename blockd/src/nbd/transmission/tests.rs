@@ -616,6 +616,69 @@ async fn a_stalled_client_cannot_hold_a_shutdown() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_dropped_when_its_large_replies_block() {
+    // Replies of 128 KiB and more are written by their request's task: one blocked in that
+    // write must not keep the socket open after the grace.
+    let limits = Limits {
+        shutdown_grace: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let (client, server_end) = tokio::io::duplex(4096);
+    let (r, w) = tokio::io::split(server_end);
+    let h = start_on(Box::new(client), r, w, open_store(false), false, limits);
+    let mut client = h.client;
+    for cookie in 0..4 {
+        client
+            .write_all(&req(CMD_READ, 0, cookie, 0, 256 << 10).encode())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    h.stop.unwrap().send(()).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), h.server).await;
+    let end = end.expect("the connection ended within the grace").unwrap();
+    assert!(
+        matches!(end, Err(TransmissionError::ShutdownStalled(_))),
+        "{end:?}"
+    );
+    // The server's end is gone (the client still reads nothing): a write to it fails.
+    let closed = async {
+        loop {
+            if client.write_all(&[0u8; 16]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), closed)
+        .await
+        .expect("the server closed its end of the connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_large_reply_write_ends_the_connection() {
+    // A large READ reply is written by the request's own task; its failure ends the
+    // connection at once, though the client stays connected and idle.
+    let (client, server_end) = tokio::io::duplex(1 << 20);
+    let (r, _w) = tokio::io::split(server_end);
+    let mut h = start_on(
+        Box::new(client),
+        r,
+        BrokenWriter,
+        open_store(false),
+        false,
+        Limits::default(),
+    );
+    h.send(req(CMD_READ, 0, 1, 0, 256 << 10), &[]).await;
+    let end = tokio::time::timeout(Duration::from_secs(5), h.server).await;
+    let end = end.expect("the connection ended").unwrap();
+    assert!(
+        matches!(end, Err(TransmissionError::WriteReply(_))),
+        "{end:?}"
+    );
+}
+
 /// A write half that fails every write.
 struct BrokenWriter;
 
