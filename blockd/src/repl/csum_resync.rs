@@ -109,6 +109,10 @@ pub(crate) async fn ask_run(
     purpose: ChecksumPurpose,
 ) -> Result<(), String> {
     let range = res.ranges.lock(offset, len).await;
+    if purpose == ChecksumPurpose::Resync {
+        // Runs found equal are cleared like acknowledged chunks.
+        resync::reading(conn, offset, len);
+    }
     let data = match res.store.read(offset, len as usize).await {
         Ok(d) => d.freeze(),
         // A resync hands a failure of its disk to the on-io-error policy like the plain one.
@@ -149,6 +153,7 @@ pub(crate) async fn send_data(
     len: u64,
 ) -> Result<(), String> {
     let range = res.ranges.lock(offset, len).await;
+    resync::reading(conn, offset, len);
     let zero = matches!(res.store.block_status(offset, len).await.as_deref(),
         Ok([e, ..]) if e.zero && e.length >= len);
     let payload = if zero {
@@ -413,9 +418,15 @@ mod tests {
         // A second worker asks about the same offsets again.
         let mut next = routes.open(ChecksumPurpose::Verify);
         for at in 3..5 {
-            assert!(routes.deliver(ChecksumPurpose::Verify, answer(at)), "dropped");
+            assert!(
+                routes.deliver(ChecksumPurpose::Verify, answer(at)),
+                "dropped"
+            );
         }
-        assert!(next.try_recv().is_err(), "an old answer reached the new worker");
+        assert!(
+            next.try_recv().is_err(),
+            "an old answer reached the new worker"
+        );
         assert!(routes.deliver(ChecksumPurpose::Verify, answer(0)));
         assert_eq!(next.try_recv().unwrap().offset, 0);
         // Other purposes are not affected.

@@ -288,7 +288,7 @@ impl Resource {
         if !untracked.is_empty() {
             let mut m = self.meta.lock().expect("meta");
             for s in untracked {
-                m.bitmaps[s].set_range(offset, len);
+                self.mark_out_of_sync(&mut m, s, offset, len);
             }
         }
         (seq, waits, queued)

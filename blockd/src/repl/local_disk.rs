@@ -276,8 +276,8 @@ impl Resource {
                 if diverged && len > 0 {
                     // Peers may hold the new data and this disk not: never diverge silently.
                     let mut m = self.meta.lock().expect("meta");
-                    for b in &mut m.bitmaps {
-                        b.set_range(offset, len);
+                    for slot in 0..m.bitmaps.len() {
+                        self.mark_out_of_sync(&mut m, slot, offset, len);
                     }
                 }
             }

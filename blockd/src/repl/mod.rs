@@ -30,6 +30,7 @@ pub mod peer;
 pub mod ranges;
 pub mod resource;
 pub mod resync;
+pub mod resync_claims;
 #[cfg(test)]
 mod tests;
 pub mod node;

@@ -30,6 +30,7 @@ use crate::repl::lost_writes::{Hearing, KnownLoss, Ledger, Tally};
 use crate::repl::outbox::{Frames, Outbox, encode_frame};
 use crate::repl::resource::{Resource, error_chain};
 use crate::repl::resync;
+use crate::repl::resync_claims::Claims;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
 use crate::repl::sync_decision::{Refusal, SyncRule};
@@ -158,10 +159,12 @@ pub struct Conn {
     on_congestion: OnCongestion,
     /// Resync window in bytes (see [`RESYNC_WINDOW`]).
     pub(crate) resync_window: Arc<Semaphore>,
-    /// Resync ranges the peer acknowledged (written, or found equal) and not yet known durable
-    /// there: cleared from the bitmap only after a later flush is acknowledged
-    /// (`repl::resync::settle_acked`). Dropped with the session: the bits stay set.
-    pub(crate) resync_acked: Mutex<Vec<(u64, u64)>>,
+    /// Resync ranges read for the peer, then acknowledged (written, or found equal) and not yet
+    /// known durable there: cleared from the bitmap only after a later flush is acknowledged
+    /// (`repl::resync::settle_acked`), and never when marked out of sync again since their read
+    /// (`Resource::mark_out_of_sync`). Locked after the metadata. Dropped with the session: the
+    /// bits stay set.
+    pub(crate) resync_claims: Mutex<Claims>,
     pub(crate) closed: watch::Sender<bool>,
     /// Wire bytes sent (frames), for status.
     pub(crate) sent: AtomicU64,
@@ -185,7 +188,7 @@ impl Conn {
             room: Notify::new(),
             on_congestion,
             resync_window: Arc::new(Semaphore::new(RESYNC_WINDOW)),
-            resync_acked: Mutex::new(Vec::new()),
+            resync_claims: Mutex::new(Claims::default()),
             closed: watch::channel(false).0,
             sent: AtomicU64::new(0),
             answers: AnswerRoutes::default(),
@@ -336,8 +339,10 @@ impl Conn {
     /// Resync bytes the peer acknowledged whose bits wait for its flush
     /// (`resync::settle_acked`).
     pub(crate) fn resync_unsettled_bytes(&self) -> u64 {
-        let acked = self.resync_acked.lock().expect("resync acked");
-        acked.iter().map(|&(_, len)| len).sum()
+        self.resync_claims
+            .lock()
+            .expect("resync claims")
+            .unsettled_bytes()
     }
 
     /// The flushes waiting for their acknowledgement (tests).
@@ -671,7 +676,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     {
         let mut m = res.meta.lock().expect("meta");
         for (o, l) in &lost {
-            m.bitmaps[slot].set_range(*o, *l);
+            res.mark_out_of_sync(&mut m, slot, *o, *l);
         }
     }
     if primary {
@@ -1124,7 +1129,7 @@ impl Session {
             let mut m = res.meta.lock().expect("meta");
             for r in &left {
                 if let Some((o, l)) = changed_range(&r.op) {
-                    m.bitmaps[slot].set_range(o, l);
+                    res.mark_out_of_sync(&mut m, slot, o, l);
                 }
             }
         }

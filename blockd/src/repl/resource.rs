@@ -967,6 +967,23 @@ impl Resource {
         }
     }
 
+    /// Marks `[offset, offset + len)` out of sync in bitmap `slot`, `m` being the locked
+    /// metadata. Every path that sets bits while a resync to the peer of that slot may run goes
+    /// through here: the range is withdrawn from that resync's claims, so the acknowledgement of
+    /// a chunk read before the mark never clears it (`repl::resync_claims`; lock order: meta,
+    /// then the peer's session, then its claims).
+    pub(crate) fn mark_out_of_sync(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
+        m.bitmaps[slot].set_range(offset, len);
+        for p in self.peers.iter().filter(|p| p.slot == slot) {
+            if let Some(c) = p.conn.lock().expect("conn").as_ref() {
+                c.resync_claims
+                    .lock()
+                    .expect("resync claims")
+                    .marked(offset, len);
+            }
+        }
+    }
+
     /// The session with peer `i`, our Primary, ended with writes of it (`ranges`) not yet known
     /// to be on the other peers: they are marked out of sync for each of them (and persisted),
     /// so whoever becomes Primary next resyncs those blocks (see `promote`).
@@ -983,7 +1000,7 @@ impl Resource {
             let mut m = self.meta.lock().expect("meta");
             for &slot in &slots {
                 for &(o, l) in ranges {
-                    m.bitmaps[slot].set_range(o, l);
+                    self.mark_out_of_sync(&mut m, slot, o, l);
                 }
             }
         }

@@ -8,6 +8,11 @@
 //! restarting, and a power loss of the target never leaves a block cleared here that its
 //! disk lost.
 //!
+//! A range marked out of sync for the peer again after its chunk was read (a write that did
+//! not reach the peer, a pass-on local failure...) keeps its bits: the chunk's acknowledgement
+//! and settle only clear what is still claimed (`repl::resync_claims`), and the next pass sends
+//! it again.
+//!
 //! A local failure (a read of the source's disk, persisting the end of the resync) stops the
 //! walk with an error: the session then ends (see `repl::peer`), so the resync is redone by
 //! the next handshake instead of staying SyncSource/SyncTarget forever.
@@ -68,6 +73,7 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
             };
             permits.forget();
             let range = res.ranges.lock(off, len).await;
+            reading(&conn, off, len);
             let zero = matches!(res.store.block_status(off, len).await.as_deref(),
                 Ok([e, ..]) if e.zero && e.length >= len);
             let payload = if zero {
@@ -191,13 +197,24 @@ pub(crate) async fn finish_source(
     Ok(())
 }
 
-/// The target wrote a chunk (or found it equal): return its window space, count progress. Its
-/// bits are cleared by the next [`settle_acked`], once the target's disk holds it for sure.
-pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32) {
-    conn.resync_acked
+/// A chunk's read is about to start, its range held: its bits may be cleared once the target
+/// acknowledged it and a later flush, unless the range is marked out of sync again first (see
+/// `repl::resync_claims`). Called before every read whose acknowledgement clears bits.
+pub(crate) fn reading(conn: &Conn, offset: u64, len: u64) {
+    conn.resync_claims
         .lock()
-        .expect("resync acked")
-        .push((offset, u64::from(len)));
+        .expect("resync claims")
+        .reading(offset, len);
+}
+
+/// The target wrote a chunk (or found it equal): return its window space, count progress. Its
+/// bits are cleared by the next [`settle_acked`], once the target's disk holds it for sure
+/// (the part of it not marked out of sync again since its read).
+pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32) {
+    conn.resync_claims
+        .lock()
+        .expect("resync claims")
+        .acked(offset, u64::from(len));
     conn.resync_window.add_permits(len as usize);
     res.state.lock().expect("state").peers[i].resync_done += u64::from(len);
 }
@@ -211,10 +228,13 @@ pub(crate) fn acked(res: &Resource, i: usize, conn: &Conn, offset: u64, len: u32
 pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool {
     // The ranges stay listed until cleared (status counts them as in sync meanwhile); those
     // acknowledged after the flush is sent wait for the next one.
-    let count = conn.resync_acked.lock().expect("resync acked").len();
-    if count == 0 {
-        return true;
-    }
+    let point = {
+        let claims = conn.resync_claims.lock().expect("resync claims");
+        if !claims.has_acked() {
+            return true;
+        }
+        claims.flush_point()
+    };
     let (seq, ack) = {
         let mut order = res.order.lock().expect("order");
         let (seq, _) = order.issue();
@@ -229,9 +249,15 @@ pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool 
         return false;
     }
     let slot = res.peers[i].slot;
+    // Under the metadata lock, like every mark: a range marked since its read is no longer
+    // listed (`Resource::mark_out_of_sync`).
     let mut m = res.meta.lock().expect("meta");
-    let mut acked = conn.resync_acked.lock().expect("resync acked");
-    for (offset, len) in acked.drain(..count) {
+    let settled = conn
+        .resync_claims
+        .lock()
+        .expect("resync claims")
+        .settle(point);
+    for (offset, len) in settled {
         m.bitmaps[slot].clear_range(offset, len);
     }
     true

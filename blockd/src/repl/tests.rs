@@ -624,6 +624,7 @@ async fn resync_bits_are_cleared_only_after_the_targets_flush() {
     a.meta.lock().unwrap().bitmaps[slot].set_range(1 << 20, 2 << 20);
     assert_eq!(dirty(&a), 2 << 20);
     let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+    resync::reading(&conn, 1 << 20, 2 << 20);
     resync::acked(&a, 0, &conn, 1 << 20, 1 << 20);
     assert_eq!(
         dirty(&a),
@@ -655,5 +656,65 @@ async fn resync_bits_are_cleared_only_after_the_targets_flush() {
     conn.close();
     assert!(!settle.await.unwrap(), "link closed");
     assert_eq!(dirty(&a), 1 << 20);
+    a.shutdown().await;
+}
+
+/// A range marked out of sync for the peer again after its resync chunk was read (here: the
+/// unstable writes of a lost Primary, marked for the other peers) keeps its bits through that
+/// chunk's acknowledgement and settle, whether the mark comes before the acknowledgement or
+/// after it; the rest of the chunk is cleared. Before, the settle cleared the new mark and the
+/// peer kept the older data of that block with nothing left to resync it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_after_the_resync_read_survives_the_settle() {
+    use crate::repl::peer::Conn;
+    use crate::repl::resync;
+    let mut c = cluster(3, "C").await;
+    let a = c.start(0);
+    let slot = a.peers[0].slot;
+    let bits = |r: &Resource| {
+        r.meta.lock().unwrap().bitmaps[slot]
+            .dirty_extents()
+            .collect::<Vec<_>>()
+    };
+    let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+    // The session with peer 0 (beta), a resync to it running.
+    *a.peers[0].conn.lock().unwrap() = Some(conn.clone());
+    let settle = |a: &Arc<Resource>, conn: &Arc<Conn>| {
+        let (a, conn) = (a.clone(), conn.clone());
+        async move {
+            let t = tokio::spawn({
+                let (a, conn) = (a.clone(), conn.clone());
+                async move { resync::settle_acked(&a, 0, &conn).await }
+            });
+            wait_for("the flush sent", || conn.awaited_flushes().len() == 1).await;
+            conn.flush_ack(conn.awaited_flushes()[0]);
+            assert!(t.await.unwrap(), "settled");
+        }
+    };
+    a.meta.lock().unwrap().bitmaps[slot].set_range(1 << 20, 2 << 20);
+    // Chunk 1: read, acknowledged, then a block of it marked again (the session with gamma,
+    // peer 1, ended with that write not known to be on beta).
+    resync::reading(&conn, 1 << 20, 1 << 20);
+    resync::acked(&a, 0, &conn, 1 << 20, 1 << 20);
+    a.mark_unstable(1, &[((1 << 20) + 4096, 4096)]).await;
+    // Chunk 2: read, a block of it marked while in flight, then acknowledged.
+    resync::reading(&conn, 2 << 20, 1 << 20);
+    a.mark_unstable(1, &[((3 << 20) - 4096, 4096)]).await;
+    resync::acked(&a, 0, &conn, 2 << 20, 1 << 20);
+    settle(&a, &conn).await;
+    assert_eq!(
+        bits(&a),
+        [((1 << 20) + 4096, 4096), ((3 << 20) - 4096, 4096)],
+        "the blocks marked after their read are still out of sync, the rest is cleared"
+    );
+    assert_eq!(conn.resync_unsettled_bytes(), 0);
+    // The next pass reads them after the mark: cleared.
+    for (o, l) in bits(&a) {
+        resync::reading(&conn, o, l);
+        resync::acked(&a, 0, &conn, o, l as u32);
+    }
+    settle(&a, &conn).await;
+    assert_eq!(bits(&a), []);
+    *a.peers[0].conn.lock().unwrap() = None;
     a.shutdown().await;
 }

@@ -305,10 +305,14 @@ impl Resource {
                 "no connected UpToDate peer to resync from".into(),
             ));
         }
-        self.meta_io(|m| {
-            for b in m.bitmaps.iter_mut() {
-                b.set_all();
+        {
+            // Withdrawn from a resync this node runs as a source (its data is discarded).
+            let mut m = self.meta.lock().expect("meta");
+            for slot in 0..m.bitmaps.len() {
+                self.mark_out_of_sync(&mut m, slot, 0, u64::MAX);
             }
+        }
+        self.meta_io(|m| {
             for slot in 0..m.bitmaps.len() {
                 m.save_bitmap(slot)?;
             }
@@ -553,7 +557,7 @@ fn on_answer(
         RunOutcome::Differ(cmp) => {
             let mut m = res.meta.lock().expect("meta");
             for (o, l) in cmp.differ {
-                m.bitmaps[slot].set_range(o, l);
+                res.mark_out_of_sync(&mut m, slot, o, l);
             }
         }
     }
