@@ -405,6 +405,9 @@ fn print_status(s: &Status) {
                 " resync:{}% ({}/{} bytes, {} B/s)",
                 r.percent, r.done_bytes, r.total_bytes, r.rate
             );
+            if let Some(s) = r.retry_in_secs {
+                print!(" resync-retry-in:{s}s");
+            }
         }
         if let Some(v) = &p.verify {
             print!(

@@ -32,6 +32,7 @@ fn status() -> Status {
                 done_bytes: 53248,
                 percent: 81.3,
                 rate: 1_000_000,
+                retry_in_secs: None,
             }),
             last_error: None,
             verify: None,

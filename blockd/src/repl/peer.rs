@@ -1489,6 +1489,7 @@ impl Session {
             s.conn = ConnState::Connected;
             s.repl = enter;
             s.last_error = None;
+            s.resync_retry_at = None;
             // Whatever a Primary lost before reaches this node by the resync now.
             s.known_loss = None;
             s.marks_wait = out.marks_wait;
@@ -1516,16 +1517,50 @@ impl Session {
             let (res2, conn) = (res.clone(), self.conn.clone());
             let summed = res.checksum_resync(i, untrusted);
             let failed = self.resync_failed.clone();
+            let failed_sessions = res.state.lock().expect("state").peers[i].resync_failed_sessions;
             self.resync = Some(AbortOnDrop(tokio::spawn(async move {
+                // After sessions whose resync failed (and cleared nothing), wait before trying
+                // again: a failure that persists must not loop at the speed of the link.
+                let delay = resync::retry_delay(failed_sessions);
+                if !delay.is_zero() {
+                    tracing::warn!(resource = %res2.name(), peer = %res2.peers[i].node.name,
+                        failed_sessions, delay_secs = delay.as_secs(),
+                        "the last {failed_sessions} resync sessions failed: resync starts in {} s",
+                        delay.as_secs());
+                    let slot = res2.peers[i].slot;
+                    let total = res2.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
+                    // Status: this session's resync, not started yet.
+                    res2.update_peer(i, |s| {
+                        s.resync_retry_at = Some(Instant::now() + delay);
+                        s.resync_total = total;
+                        s.resync_done = 0;
+                        s.resync_started = Some(Instant::now());
+                    });
+                    tokio::time::sleep(delay).await;
+                    res2.update_peer(i, |s| s.resync_retry_at = None);
+                }
                 let r = if summed {
-                    csum_resync::run_source(res2.clone(), i, conn).await
+                    csum_resync::run_source(res2.clone(), i, conn.clone()).await
                 } else {
-                    resync::run_source(res2.clone(), i, conn).await
+                    resync::run_source(res2.clone(), i, conn.clone()).await
                 };
                 if let Err(why) = r {
                     let why = format!("resync failed: {why}");
+                    let progressed = conn
+                        .resync_claims
+                        .lock()
+                        .expect("resync claims")
+                        .settled_bytes()
+                        > 0;
+                    let next = {
+                        let mut st = res2.state.lock().expect("state");
+                        let n = &mut st.peers[i].resync_failed_sessions;
+                        *n = resync::failed_sessions_after(*n, progressed);
+                        resync::retry_delay(*n)
+                    };
                     tracing::error!(resource = %res2.name(), peer = %res2.peers[i].node.name,
-                        "{why}; ending the session (the next one resyncs again)");
+                        "{why}; ending the session (the next one resyncs again, in {} s)",
+                        next.as_secs());
                     res2.emit(Some(i), "error", why.clone());
                     let _ = failed.send(why);
                 }

@@ -150,6 +150,11 @@ pub(crate) struct PeerState {
     pub resync_total: u64,
     pub resync_done: u64,
     pub resync_started: Option<Instant>,
+    /// Consecutive sessions whose resync (this node the source) failed without clearing a bit
+    /// (`repl::resync::retry_delay`).
+    pub resync_failed_sessions: u32,
+    /// When the delayed resync of this session starts (status), while it waits.
+    pub resync_retry_at: Option<Instant>,
     pub discard_my_data: bool,
     /// Online verify with this peer: progress, then the result.
     pub verify: Option<crate::repl::verify::VerifyStatus>,
@@ -241,6 +246,10 @@ pub struct ResyncStatus {
     pub percent: f64,
     /// Bytes per second since the resync started.
     pub rate: u64,
+    /// Seconds (rounded up) until the resync starts: it waits after consecutive failed
+    /// sessions (`repl::resync::retry_delay`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_secs: Option<u64>,
 }
 
 /// Status of one peer.
@@ -625,6 +634,8 @@ impl Resource {
                 resync_total: 0,
                 resync_done: 0,
                 resync_started: None,
+                resync_failed_sessions: 0,
+                resync_retry_at: None,
                 discard_my_data: false,
                 verify: None,
                 checksum_next: false,
@@ -874,6 +885,11 @@ impl Resource {
                                 / 10.0
                         },
                         rate: (ps.resync_done as f64 / secs) as u64,
+                        retry_in_secs: ps.resync_retry_at.map(|t| {
+                            t.saturating_duration_since(Instant::now())
+                                .as_millis()
+                                .div_ceil(1000) as u64
+                        }),
                     }
                 });
                 PeerStatus {

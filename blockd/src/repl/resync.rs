@@ -15,10 +15,14 @@
 //!
 //! A local failure (a read of the source's disk, persisting the end of the resync) stops the
 //! walk with an error: the session then ends (see `repl::peer`), so the resync is redone by
-//! the next handshake instead of staying SyncSource/SyncTarget forever.
+//! the next handshake instead of staying SyncSource/SyncTarget forever. A failure that persists
+//! (a bad block read under `on-io-error = pass-on`) would make that a loop of sessions as fast
+//! as the link comes back: after consecutive failed sessions that cleared nothing, the next
+//! resync starts only after [`retry_delay`] (1 s, doubling, at most [`RETRY_MAX`]; reset by a
+//! session that clears bits or completes).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -32,6 +36,32 @@ use crate::repl::wire::Message;
 pub const CHUNK: u64 = 1 << 20;
 /// Bitmap progress is persisted at least every this many bytes of walk.
 const PERSIST_EVERY: u64 = 16 << 20;
+/// Delay before the resync that follows one failed session.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest delay before a resync, however many sessions failed before.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Consecutive failed resync sessions after one more failed: `progressed` (it cleared bits from
+/// the bitmap before failing) starts the count again.
+pub fn failed_sessions_after(failed: u32, progressed: bool) -> u32 {
+    if progressed {
+        0
+    } else {
+        failed.saturating_add(1)
+    }
+}
+
+/// How long a session waits before it starts its resync as the source, after `failed`
+/// consecutive failed resync sessions: none after none, then [`RETRY_FIRST`], doubling with
+/// each further one, at most [`RETRY_MAX`].
+pub fn retry_delay(failed: u32) -> Duration {
+    match failed {
+        0 => Duration::ZERO,
+        n => RETRY_FIRST
+            .saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX))
+            .min(RETRY_MAX),
+    }
+}
 
 /// Runs the resync towards peer `i` until every dirty block is acknowledged, then ends it.
 /// `Ok` also when the link closed (the session is over); `Err` is a local failure that must
@@ -190,6 +220,7 @@ pub(crate) async fn finish_source(
     res.update_peer(i, |s| {
         s.repl = ReplState::Established;
         s.resync_done = s.resync_total;
+        s.resync_failed_sessions = 0;
     });
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = sent,
         secs = start.elapsed().as_secs_f64(), "resync finished (source)");
@@ -257,8 +288,44 @@ pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool 
         .lock()
         .expect("resync claims")
         .settle(point);
+    let progressed = !settled.is_empty();
     for (offset, len) in settled {
         m.bitmaps[slot].clear_range(offset, len);
     }
+    drop(m);
+    if progressed {
+        // The resync moves: a later failure starts the count of failed sessions again.
+        res.state.lock().expect("state").peers[i].resync_failed_sessions = 0;
+    }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_retry_delay_doubles_up_to_its_bound() {
+        let secs = |n| retry_delay(n).as_secs();
+        assert_eq!(retry_delay(0), Duration::ZERO, "no failure: at once");
+        assert_eq!(
+            (1..=8).map(secs).collect::<Vec<_>>(),
+            [1, 2, 4, 8, 16, 32, 60, 60]
+        );
+        assert_eq!(retry_delay(31), RETRY_MAX);
+        assert_eq!(retry_delay(32), RETRY_MAX, "no overflow");
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
+
+    #[test]
+    fn failed_sessions_count_up_until_one_progresses() {
+        let mut failed = 0;
+        for expect in 1..=3 {
+            failed = failed_sessions_after(failed, false);
+            assert_eq!(failed, expect);
+        }
+        assert_eq!(retry_delay(failed), Duration::from_secs(4));
+        assert_eq!(failed_sessions_after(failed, true), 0, "cleared bits first");
+        assert_eq!(failed_sessions_after(u32::MAX, false), u32::MAX);
+    }
 }

@@ -585,12 +585,30 @@ async fn resync_read_error_ends_the_session(extra: &str) {
         "up-to-date",
         "not a disk failure: attached"
     );
+    assert_eq!(
+        a.state.lock().unwrap().peers[0].resync_failed_sessions,
+        1,
+        "a failed session that cleared nothing counts"
+    );
     // The disk readable again: the next session's resync completes (a handshake that saw the
     // small store refused the size and left the link StandAlone: connect again).
     a.store.replace(good);
     a.connect(None, false).unwrap();
     b.connect(None, false).unwrap();
+    // After one failed session the next resync waits a second, shown in the status.
+    wait_for("the delayed resync", || {
+        a.status().peers[0]
+            .resync
+            .as_ref()
+            .is_some_and(|r| r.retry_in_secs == Some(1))
+    })
+    .await;
     wait_for("resync", || all_established(&a) && all_established(&b)).await;
+    assert_eq!(
+        a.state.lock().unwrap().peers[0].resync_failed_sessions,
+        0,
+        "a completed resync resets the count"
+    );
     assert_eq!(a.status().peers[0].out_of_sync_bytes, 0);
     b.store().flush().await.unwrap();
     let size = a.size();
