@@ -437,10 +437,8 @@ impl SinkState {
         if let Some(e) = &self.broken {
             return Err(io::Error::new(e.kind(), e.to_string()));
         }
-        self.broken = Some(io::Error::new(
-            io::ErrorKind::Interrupted,
-            "a reply write was cut short",
-        ));
+        // (A bare kind: no allocation on this path.)
+        self.broken = Some(io::ErrorKind::Interrupted.into());
         let result = write_batch(&mut self.writer, batch).await;
         self.broken = match &result {
             Ok(()) => None,
