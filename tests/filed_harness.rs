@@ -26,7 +26,7 @@ pub fn filed_bin() -> PathBuf {
             .parent()
             .unwrap()
             .to_path_buf();
-        let st = Command::new(env!("CARGO"))
+        let st = integration_tests::without_test_env(&mut Command::new(env!("CARGO")))
             .args(["build", "--workspace", "--bins"])
             .current_dir(&root)
             .status()

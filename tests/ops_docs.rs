@@ -26,9 +26,12 @@ fn free_block(n: u16) -> u16 {
 
 fn script(name: &str, args: &[&std::ffi::OsStr], timeout: Duration) -> (Output, String) {
     let out = run_timeout(
-        Command::new(workspace_root().join("ops/tests").join(name))
-            .args(args)
-            .env("RUST_BACKTRACE", "0"),
+        // The scripts run cargo (release-check.sh): see `without_test_env`.
+        integration_tests::without_test_env(&mut Command::new(
+            workspace_root().join("ops/tests").join(name),
+        ))
+        .args(args)
+        .env("RUST_BACKTRACE", "0"),
         timeout,
     );
     let text = format!(
@@ -40,7 +43,7 @@ fn script(name: &str, args: &[&std::ffi::OsStr], timeout: Duration) -> (Output, 
 }
 
 fn filed_bin() -> PathBuf {
-    let st = Command::new(env!("CARGO"))
+    let st = integration_tests::without_test_env(&mut Command::new(env!("CARGO")))
         .args(["build", "--workspace", "--bins"])
         .current_dir(workspace_root())
         .status()

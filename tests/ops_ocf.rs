@@ -28,7 +28,7 @@ fn filed_bin() -> PathBuf {
     if let Some(b) = std::env::var_os("FILED_BIN") {
         return PathBuf::from(b);
     }
-    let st = Command::new(env!("CARGO"))
+    let st = integration_tests::without_test_env(&mut Command::new(env!("CARGO")))
         .args(["build", "--workspace", "--bins"])
         .current_dir(workspace_root())
         .status()

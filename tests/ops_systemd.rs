@@ -57,7 +57,7 @@ fn units_verify() {
     }
     verify(dir.path(), "blockd@r0.service");
     if checked.iter().any(|n| n == "filed.service") {
-        let st = Command::new(env!("CARGO"))
+        let st = integration_tests::without_test_env(&mut Command::new(env!("CARGO")))
             .args(["build", "--workspace", "--bins"])
             .current_dir(workspace_root())
             .status()

@@ -101,6 +101,28 @@ fn binary_is_stale(bin: &Path, crates: &[&str]) -> bool {
     false
 }
 
+/// Removes from `cmd` the variables `cargo test` sets for a test (`CARGO_MANIFEST_DIR`,
+/// `CARGO_PKG_*`, ...), for a `cargo` run from a test: build scripts such as ring's rerun when
+/// they change, so a build from inside a test would rebuild ring, rustls and everything above
+/// them (and the test command's next build all of it again).
+pub fn without_test_env(cmd: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        let set_by_cargo_test = key == "OUT_DIR"
+            || key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR"
+            );
+        if set_by_cargo_test {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 fn build_blockd() -> Result<(), String> {
     std::fs::create_dir_all(target_dir()).map_err(|e| format!("create target dir: {e}"))?;
     let lock_path = target_dir().join("integration-tests-build.lock");
@@ -118,7 +140,7 @@ fn build_blockd() -> Result<(), String> {
     // The whole workspace, as the test command builds it: `-p blockd` alone would unify the
     // dependencies' features differently and rebuild tokio, blockd and the rest for nothing.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let status = without_test_env(&mut Command::new(cargo))
         .args(["build", "--workspace", "--bins"])
         .current_dir(workspace_root())
         .status()
