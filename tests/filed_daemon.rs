@@ -4,7 +4,8 @@
 //! threads; an inotify queue overflow (a real one: the kernel's `max_queued_events` shrunk while
 //! the daemon starts, the daemon stopped while files are created) is recovered by a rescan; a
 //! peer that was down catches up, and so does a daemon that was down; a concurrent edit of one
-//! file on two nodes becomes a conflict; SIGTERM exits 0; the metrics endpoint parses.
+//! file on two nodes becomes a conflict; an include root removed and recreated is watched again at
+//! once; SIGTERM exits 0; the metrics endpoint parses.
 
 #[path = "filed_harness.rs"]
 mod harness;
@@ -405,4 +406,55 @@ fn concurrent_edit_on_two_nodes_is_a_conflict() {
         std::fs::read(b.join("shared.conf")).unwrap(),
         b"alpha's edit"
     );
+}
+
+/// An include root removed while the daemon runs, then created again with a file in it, is
+/// watched again and scanned at once: the file (and a later one) reaches the peer long before
+/// the full check (an hour away here).
+#[test]
+fn recreated_include_root_is_watched_again() {
+    let mut c = Cluster::new(
+        2,
+        "[daemon]\nbatch-delay-ms = 100\nfull-check-interval-secs = 3600\n",
+    );
+    c.start_all_daemons(&[]);
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    write(&a.join("before.txt"), b"before");
+    wait_converged(&c, "start");
+    std::fs::remove_dir_all(&a).unwrap();
+    assert!(
+        wait_until(CONVERGE, || c.log("alpha").contains("include root is gone")),
+        "alpha did not notice its root went away:\n{}",
+        c.log("alpha")
+    );
+    let t0 = Instant::now();
+    std::fs::create_dir(&a).unwrap();
+    write(&a.join("made-with-the-root.txt"), b"early");
+    let arrived = |name: &str, data: &[u8]| {
+        wait_until(Duration::from_secs(20), || {
+            std::fs::read(b.join(name)).ok().as_deref() == Some(data)
+        })
+    };
+    assert!(
+        arrived("made-with-the-root.txt", b"early"),
+        "a file in the recreated root did not arrive:\n{}\n{}",
+        c.log("alpha"),
+        c.log("beta")
+    );
+    let took = t0.elapsed();
+    // the watch is back: a later change goes out by itself too
+    write(&a.join("sub/later.txt"), b"later");
+    assert!(
+        arrived("sub/later.txt", b"later"),
+        "a change in the recreated root did not arrive:\n{}",
+        c.log("alpha")
+    );
+    eprintln!("recreated root: first file arrived after {took:?}");
+    assert_eq!(
+        watch_counter(&c, "alpha", "full_checks"),
+        1,
+        "only the one at start"
+    );
+    assert!(c.log("alpha").contains("include root is back"));
+    wait_converged(&c, "recreated root");
 }

@@ -4,7 +4,8 @@
 //! changes go out through one runner per (group, peer), which never runs two sessions at once.
 //! Nothing is missed: the daemon checks every group fully at start (what changed while it was
 //! down), after lost events (queue overflow, watch limit: with a warning) and periodically
-//! (default hourly); a peer that cannot be reached is retried with backoff, and a session it
+//! (default hourly). Include roots that are missing, removed, replaced or mounted over are watched
+//! again as soon as they are back (and scanned deep at once); a peer that cannot be reached is retried with backoff, and a session it
 //! starts itself (it is back) wakes the runner for it at once. On shutdown the batch and the
 //! sessions in flight finish first.
 
@@ -24,7 +25,7 @@ use crate::node::Node;
 use crate::scan::{ScanOptions, ScanPath, ScanReport, scan_group, scan_paths};
 use crate::server::{self, ServeError};
 use crate::session::{ServeOptions, error_chain, record_failure};
-use crate::watch::{self as fwatch, RootMap, WatchEvent};
+use crate::watch::{RootMap, Watch, WatchEvent};
 use crate::written::{FileId, Verdict};
 
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +114,11 @@ pub async fn run(
     // The watcher starts before the first full check, so nothing between them is missed.
     let (tx, rx) = mpsc::unbounded_channel();
     let roots = RootMap::new(&node.me, node.my_groups());
-    let (watch, watch_errors) = fwatch::start(roots, tx).map_err(DaemonError::Watch)?;
+    let (watch, watch_errors) = Watch::start(roots, tx).map_err(DaemonError::Watch)?;
     for e in &watch_errors {
-        tracing::warn!(error = %e, "watch failed; relying on rescans and the periodic check");
+        tracing::warn!(error = %e, "watch incomplete; relying on rescans and the periodic check");
     }
+    let watch = Arc::new(std::sync::Mutex::new(watch));
 
     let mut tasks = tokio::task::JoinSet::new();
     for (g, p) in runners.keys() {
@@ -132,6 +134,7 @@ pub async fn run(
     }
     tasks.spawn(watch_loop(
         node.clone(),
+        watch.clone(),
         rx,
         runners.clone(),
         opts.clone(),
@@ -252,10 +255,22 @@ async fn runner(
     }
 }
 
+/// How often the include roots are stat'ed, to watch again one that came back without an event
+/// the watches could see (a mount on top of it, a parent directory replaced).
+const ROOT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Whether the include roots must be checked before the next batch.
+#[derive(Default)]
+struct RootCheck {
+    due: bool,
+    dropped: Vec<std::path::PathBuf>,
+}
+
 /// Gathers watch events into batches per group and scans them; full checks at start, after lost
-/// events and periodically.
+/// events and periodically; re-arms the watch of include roots that came back.
 async fn watch_loop(
     node: Arc<Node>,
+    watch: Arc<std::sync::Mutex<Watch>>,
     mut rx: mpsc::UnboundedReceiver<WatchEvent>,
     runners: Runners,
     opts: DaemonOptions,
@@ -272,6 +287,8 @@ async fn watch_loop(
         wake_group(&runners, &g.name, None);
     }
     let mut next_full = Instant::now() + opts.full_check_interval;
+    let mut next_roots = Instant::now() + ROOT_CHECK_INTERVAL;
+    let mut roots = RootCheck::default();
     let mut open = true;
     loop {
         let deadline = batchers
@@ -280,20 +297,59 @@ async fn watch_loop(
             .min()
             .map(Instant::from_std)
             .unwrap_or(next_full)
-            .min(next_full);
+            .min(next_full)
+            .min(next_roots);
         tokio::select! {
             ev = rx.recv(), if open => match ev {
                 Some(ev) => {
                     let now = std::time::Instant::now();
-                    add_event(&node, &mut batchers, now, ev);
+                    add_event(&node, &mut batchers, &mut roots, now, ev);
                     while let Ok(ev) = rx.try_recv() {
-                        add_event(&node, &mut batchers, now, ev);
+                        add_event(&node, &mut batchers, &mut roots, now, ev);
                     }
                 }
                 None => open = false,
             },
             _ = tokio::time::sleep_until(deadline) => {}
             _ = stop.wait_for(|s| *s) => return,
+        }
+        if roots.due || Instant::now() >= next_roots {
+            let dropped = std::mem::take(&mut roots).dropped;
+            let w = watch.clone();
+            match tokio::task::spawn_blocking(move || {
+                w.lock().expect("lock poisoned").check_roots(&dropped)
+            })
+            .await
+            {
+                Ok(report) => {
+                    let now = std::time::Instant::now();
+                    for e in &report.errors {
+                        tracing::warn!(error = %e, "watch incomplete; relying on the periodic check");
+                    }
+                    for r in &report.gone {
+                        tracing::warn!(root = %r.display(), "include root is gone; waiting for it to come back");
+                    }
+                    for ev in report.lost {
+                        add_event(&node, &mut batchers, &mut roots, now, ev);
+                    }
+                    for (group, logical) in report.appeared {
+                        tracing::info!(%group, root = %logical, "include root is back; watching and scanning it");
+                        add_event(
+                            &node,
+                            &mut batchers,
+                            &mut roots,
+                            now,
+                            WatchEvent::Changed {
+                                group,
+                                logical,
+                                deep: true,
+                            },
+                        );
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "checking the include roots panicked"),
+            }
+            next_roots = Instant::now() + ROOT_CHECK_INTERVAL;
         }
         let now = std::time::Instant::now();
         for g in &groups {
@@ -319,10 +375,15 @@ async fn watch_loop(
 fn add_event(
     node: &Node,
     batchers: &mut HashMap<String, Batcher>,
+    roots: &mut RootCheck,
     now: std::time::Instant,
     ev: WatchEvent,
 ) {
     match ev {
+        WatchEvent::RootsMoved { dropped } => {
+            roots.due = true;
+            roots.dropped.extend(dropped);
+        }
         WatchEvent::Changed {
             group,
             logical,

@@ -4,10 +4,18 @@
 //! watch for every directory created below a root; a directory that appears is reported "deep",
 //! so the files created in it before its watch was in place are found by walking it.
 //!
+//! Include roots are re-armed: a root that is missing at start, removed, renamed away, replaced
+//! (another inode) or covered by a mount is noticed — from the root's own events, from a
+//! non-recursive watch of the nearest existing ancestor of a missing root (its creation or
+//! move-in), and from a cheap periodic stat of every root ([`Watch::check_roots`]) — and watched
+//! again; the daemon then scans it deep, so files created before the watch was back are found.
+//!
 //! Why not notify-debouncer-full: it debounces per path and walks the whole tree at start to
 //! build its file-id cache; filed needs one batch per group with a latency bounded from the first
 //! event (see [`crate::batch`]) and finds renames itself (same content hash).
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -31,6 +39,10 @@ pub enum WatchEvent {
         group: Option<String>,
         reason: String,
     },
+    /// An include root (or an ancestor of one) was created, removed or renamed: check the roots
+    /// ([`Watch::check_roots`]) and watch again what came back. `dropped`: roots that were
+    /// removed or renamed away themselves (their watch is gone or follows the old directory).
+    RootsMoved { dropped: Vec<PathBuf> },
 }
 
 /// Include roots on this host: physical directory → (group, logical root).
@@ -91,6 +103,25 @@ impl RootMap {
         out
     }
 
+    /// Whether `phys` is one of the physical include roots.
+    pub fn is_root(&self, phys: &Path) -> bool {
+        self.roots.iter().any(|(p, _, _)| p == phys)
+    }
+
+    /// Whether `phys` is an include root or one of its ancestors.
+    pub fn leads_to_root(&self, phys: &Path) -> bool {
+        self.roots.iter().any(|(p, _, _)| p.starts_with(phys))
+    }
+
+    /// The (group, logical root) pairs of one physical root directory.
+    pub fn roots_at(&self, phys: &Path) -> Vec<(String, String)> {
+        self.roots
+            .iter()
+            .filter(|(p, _, _)| p == phys)
+            .map(|(_, g, l)| (g.clone(), l.clone()))
+            .collect()
+    }
+
     /// The groups a physical path belongs to (for errors).
     pub fn groups_of(&self, phys: &Path) -> Vec<String> {
         self.map(phys).into_iter().map(|(g, _)| g).collect()
@@ -130,6 +161,18 @@ pub fn translate(map: &RootMap, res: notify::Result<notify::Event>) -> Vec<Watch
         }],
         Ok(ev) => {
             let mut out = Vec::new();
+            if moves_roots(&ev.kind) && ev.paths.iter().any(|p| map.is_root(p)) {
+                let dropped = match ev.kind {
+                    EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_)) => ev
+                        .paths
+                        .iter()
+                        .filter(|p| map.is_root(p))
+                        .cloned()
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                out.push(WatchEvent::RootsMoved { dropped });
+            }
             for (i, deep) in classify(&ev.kind, ev.paths.len()) {
                 let p = &ev.paths[i];
                 if is_temp(p) {
@@ -166,40 +209,280 @@ pub fn translate(map: &RootMap, res: notify::Result<notify::Event>) -> Vec<Watch
     }
 }
 
-/// A running watch; dropping it stops the watch thread.
-pub struct Watch {
-    _inner: notify::RecommendedWatcher,
+/// Whether an event of this kind may mean its path was created, removed or renamed (an include
+/// root coming or going).
+pub fn moves_roots(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Any
+            | EventKind::Other
+    )
 }
 
-/// Starts watching every root of `map`; events go to `tx`. A root that cannot be watched (absent,
-/// watch limit) is reported as a `Lost` event for its groups (they are then checked by the
-/// periodic full check) and returned as an error text.
-pub fn start(
-    map: RootMap,
-    tx: UnboundedSender<WatchEvent>,
-) -> notify::Result<(Watch, Vec<String>)> {
-    let dirs = map.dirs();
-    let map2 = map.clone();
-    let tx2 = tx.clone();
-    let mut w = notify::recommended_watcher(move |res| {
-        for ev in translate(&map2, res) {
-            let _ = tx2.send(ev);
+/// Turns one event of the ancestors' watch into watch events: anything happening to an include
+/// root or one of its ancestors (created, moved in, removed) means the roots must be checked.
+pub fn translate_ancestor(map: &RootMap, res: notify::Result<notify::Event>) -> Vec<WatchEvent> {
+    match res {
+        Ok(ev) if ev.need_rescan() => vec![WatchEvent::RootsMoved {
+            dropped: Vec::new(),
+        }],
+        Ok(ev) if moves_roots(&ev.kind) && ev.paths.iter().any(|p| map.leads_to_root(p)) => {
+            vec![WatchEvent::RootsMoved {
+                dropped: Vec::new(),
+            }]
         }
-    })?;
-    let mut errors = Vec::new();
-    for d in dirs {
-        if let Err(e) = w.watch(&d, RecursiveMode::Recursive) {
-            let msg = format!("cannot watch {}: {e}", d.display());
-            for g in map.groups_of(&d) {
-                let _ = tx.send(WatchEvent::Lost {
-                    group: Some(g),
-                    reason: msg.clone(),
-                });
+        Ok(_) => Vec::new(),
+        Err(_) => vec![WatchEvent::RootsMoved {
+            dropped: Vec::new(),
+        }],
+    }
+}
+
+/// What identifies the object at a path: device and inode. A directory removed and recreated, a
+/// mount on top of it or one taken away all change it.
+pub type NodeId = (u64, u64);
+
+fn node_id(p: &Path) -> Option<NodeId> {
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// What to do about one include root, from what is watched (`None`: nothing) and what is at the
+/// root's path now (`None`: nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootAction {
+    /// Still the same (or still missing).
+    Keep,
+    /// It appeared: watch it and scan it.
+    Watch,
+    /// Another object is there now (recreated, moved in, a mount came or went): drop the old
+    /// watch, watch it and scan it.
+    Rewatch,
+    /// It is gone: drop the old watch and wait for it to come back.
+    Unwatch,
+}
+
+pub fn root_action(watched: Option<NodeId>, now: Option<NodeId>) -> RootAction {
+    match (watched, now) {
+        (None, None) => RootAction::Keep,
+        (None, Some(_)) => RootAction::Watch,
+        (Some(a), Some(b)) if a == b => RootAction::Keep,
+        (Some(_), Some(_)) => RootAction::Rewatch,
+        (Some(_), None) => RootAction::Unwatch,
+    }
+}
+
+/// The nearest ancestor of `root` that `exists` (the directory whose events tell when the root
+/// comes back); `None` when not even `/` does.
+pub fn nearest_ancestor(root: &Path, exists: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+    root.ancestors()
+        .skip(1)
+        .find(|a| !a.as_os_str().is_empty() && exists(a))
+        .map(Path::to_path_buf)
+}
+
+/// What [`Watch::check_roots`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RootReport {
+    /// (group, logical root) of every root watched anew: scan them deep, since files may have
+    /// been created in them before the watch was in place.
+    pub appeared: Vec<(String, String)>,
+    /// Roots that went away (their watch is dropped; their nearest ancestor is watched).
+    pub gone: Vec<PathBuf>,
+    /// Roots that could not be watched, as `Lost` events for their groups (rescan them).
+    pub lost: Vec<WatchEvent>,
+    /// Ancestors of missing roots that could not be watched (the periodic check finds the root).
+    pub errors: Vec<String>,
+}
+
+/// A running watch; dropping it stops the watch threads.
+pub struct Watch {
+    map: RootMap,
+    /// The recursive watch of the include roots.
+    roots: notify::RecommendedWatcher,
+    /// Non-recursive watches of the nearest existing ancestor of every missing root (a separate
+    /// inotify instance, so it never touches the recursive watches of roots nested in others).
+    ancestors: notify::RecommendedWatcher,
+    /// Per physical root: what its watch was added on (`None`: not watched, missing).
+    watched: BTreeMap<PathBuf, Option<NodeId>>,
+    /// Ancestors watched, with what their watch was added on.
+    watched_ancestors: BTreeMap<PathBuf, NodeId>,
+}
+
+impl Watch {
+    /// Starts watching every root of `map`; events go to `tx`. A root that is missing is waited
+    /// for (its nearest existing ancestor is watched); one that cannot be watched (watch limit)
+    /// is reported as a `Lost` event for its groups (they are then checked by the periodic full
+    /// check). Returns the watch and the roots that are missing or could not be watched.
+    pub fn start(
+        map: RootMap,
+        tx: UnboundedSender<WatchEvent>,
+    ) -> notify::Result<(Watch, Vec<String>)> {
+        let (map2, tx2) = (map.clone(), tx.clone());
+        let roots = notify::recommended_watcher(move |res| {
+            for ev in translate(&map2, res) {
+                let _ = tx2.send(ev);
             }
-            errors.push(msg);
+        })?;
+        let (map3, tx3) = (map.clone(), tx.clone());
+        let ancestors = notify::recommended_watcher(move |res| {
+            for ev in translate_ancestor(&map3, res) {
+                let _ = tx3.send(ev);
+            }
+        })?;
+        let watched = map.dirs().into_iter().map(|d| (d, None)).collect();
+        let mut w = Watch {
+            map,
+            roots,
+            ancestors,
+            watched,
+            watched_ancestors: BTreeMap::new(),
+        };
+        let report = w.check_roots(&[]);
+        let mut errors = Vec::new();
+        for (root, id) in &w.watched {
+            if id.is_none() {
+                errors.push(format!(
+                    "include root {} is missing; watching for it to appear",
+                    root.display()
+                ));
+            }
+        }
+        for ev in report.lost {
+            if let WatchEvent::Lost { reason, .. } = &ev
+                && !errors.contains(reason)
+            {
+                errors.push(reason.clone());
+            }
+            let _ = tx.send(ev);
+        }
+        errors.extend(report.errors);
+        Ok((w, errors))
+    }
+
+    /// Compares every include root with what is watched and re-arms: watches a root that
+    /// appeared or was replaced (recreated, moved in, mounted over or unmounted), drops the watch
+    /// of one that is gone, and watches the nearest existing ancestor of every missing root.
+    /// Cheap when nothing changed (a stat per root). `dropped`: roots removed or renamed away
+    /// since the last check (see [`WatchEvent::RootsMoved`]), watched again even when the
+    /// object at their path looks the same (an inode number reused).
+    pub fn check_roots(&mut self, dropped: &[PathBuf]) -> RootReport {
+        let mut report = RootReport::default();
+        for root in dropped {
+            if let Some(id) = self.watched.get_mut(root)
+                && id.is_some()
+            {
+                let _ = self.roots.unwatch(root);
+                *id = None;
+                if node_id(root).is_none() {
+                    report.gone.push(root.clone());
+                }
+            }
+        }
+        let roots: Vec<PathBuf> = self.watched.keys().cloned().collect();
+        let mut rewatched: Vec<PathBuf> = Vec::new();
+        for root in &roots {
+            let now = node_id(root);
+            match root_action(self.watched[root], now) {
+                RootAction::Keep => {}
+                RootAction::Unwatch => {
+                    // notify may have dropped it already (the root's own removal).
+                    let _ = self.roots.unwatch(root);
+                    self.watched.insert(root.clone(), None);
+                    report.gone.push(root.clone());
+                }
+                action @ (RootAction::Watch | RootAction::Rewatch) => {
+                    if action == RootAction::Rewatch {
+                        let _ = self.roots.unwatch(root);
+                    }
+                    self.add_root(root, now, &mut report);
+                    rewatched.push(root.clone());
+                }
+            }
+        }
+        // A root re-armed inside another one dropped the nested roots' watches with its own:
+        // add them again (the kernel merges a watch added twice).
+        for root in &roots {
+            if rewatched.iter().any(|r| r != root && root.starts_with(r))
+                && !rewatched.contains(root)
+                && let Some(id) = self.watched[root]
+            {
+                let _ = self.roots.watch(root, RecursiveMode::Recursive);
+                self.watched.insert(root.clone(), Some(id));
+            }
+        }
+        self.arm_ancestors(&mut report);
+        report
+    }
+
+    fn add_root(&mut self, root: &Path, now: Option<NodeId>, report: &mut RootReport) {
+        match self.roots.watch(root, RecursiveMode::Recursive) {
+            Ok(()) => {
+                self.watched.insert(root.to_path_buf(), now);
+                report.appeared.extend(self.map.roots_at(root));
+            }
+            Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {
+                // Gone again before the watch was in place.
+                let _ = self.roots.unwatch(root);
+                self.watched.insert(root.to_path_buf(), None);
+            }
+            Err(e) => {
+                // Watch limit or unreadable: the groups are rescanned now and checked by the
+                // periodic full check; not retried until the root changes.
+                self.watched.insert(root.to_path_buf(), now);
+                let reason = format!("cannot watch {}: {e}", root.display());
+                for g in self.map.groups_of(root) {
+                    report.lost.push(WatchEvent::Lost {
+                        group: Some(g),
+                        reason: reason.clone(),
+                    });
+                }
+            }
         }
     }
-    Ok((Watch { _inner: w }, errors))
+
+    /// Watches exactly the nearest existing ancestors of the missing roots.
+    fn arm_ancestors(&mut self, report: &mut RootReport) {
+        let mut want: BTreeMap<PathBuf, NodeId> = BTreeMap::new();
+        for (root, id) in &self.watched {
+            if id.is_none()
+                && let Some(a) = nearest_ancestor(root, |a| node_id(a).is_some())
+                && let Some(aid) = node_id(&a)
+            {
+                want.insert(a, aid);
+            }
+        }
+        let stale: Vec<PathBuf> = self
+            .watched_ancestors
+            .iter()
+            .filter(|(a, id)| want.get(*a) != Some(id))
+            .map(|(a, _)| a.clone())
+            .collect();
+        for a in stale {
+            let _ = self.ancestors.unwatch(&a);
+            self.watched_ancestors.remove(&a);
+        }
+        for (a, id) in want {
+            if self.watched_ancestors.contains_key(&a) {
+                continue;
+            }
+            if let Err(e) = self.ancestors.watch(&a, RecursiveMode::NonRecursive) {
+                // The periodic check of the roots finds the root instead; not retried until
+                // the ancestor changes.
+                report
+                    .errors
+                    .push(format!("cannot watch {}: {e}", a.display()));
+            }
+            self.watched_ancestors.insert(a, id);
+        }
+    }
+
+    /// The directories watched while waiting for missing roots (for tests and logs).
+    pub fn waiting_on(&self) -> Vec<PathBuf> {
+        self.watched_ancestors.keys().cloned().collect()
+    }
 }
 
 #[cfg(test)]
@@ -287,5 +570,197 @@ mod tests {
             &translate(&m, Err(err))[..],
             [WatchEvent::Lost { group: Some(g), .. }] if g == "g"
         ));
+    }
+
+    #[test]
+    fn root_actions() {
+        assert_eq!(root_action(None, None), RootAction::Keep);
+        assert_eq!(root_action(None, Some((1, 2))), RootAction::Watch);
+        assert_eq!(root_action(Some((1, 2)), Some((1, 2))), RootAction::Keep);
+        assert_eq!(
+            root_action(Some((1, 2)), Some((1, 3))),
+            RootAction::Rewatch,
+            "recreated"
+        );
+        assert_eq!(
+            root_action(Some((1, 2)), Some((7, 2))),
+            RootAction::Rewatch,
+            "a mount on top"
+        );
+        assert_eq!(root_action(Some((1, 2)), None), RootAction::Unwatch);
+    }
+
+    #[test]
+    fn nearest_existing_ancestor() {
+        let exists = |p: &Path| p == Path::new("/srv") || p == Path::new("/");
+        assert_eq!(
+            nearest_ancestor(Path::new("/srv/www/site"), exists),
+            Some(PathBuf::from("/srv"))
+        );
+        assert_eq!(
+            nearest_ancestor(Path::new("/srv/www"), exists),
+            Some(PathBuf::from("/srv"))
+        );
+        assert_eq!(
+            nearest_ancestor(Path::new("/opt/x"), exists),
+            Some(PathBuf::from("/"))
+        );
+        assert_eq!(nearest_ancestor(Path::new("/opt/x"), |_| false), None);
+    }
+
+    #[test]
+    fn root_events_ask_for_a_root_check() {
+        let m = map();
+        let root = PathBuf::from("/tmp/filed-watch-test/a");
+        let ev = notify::Event::new(EventKind::Remove(RemoveKind::Folder)).add_path(root.clone());
+        assert_eq!(
+            translate(&m, Ok(ev)),
+            vec![
+                WatchEvent::RootsMoved {
+                    dropped: vec![root.clone()]
+                },
+                WatchEvent::Changed {
+                    group: "g".into(),
+                    logical: "%d%".into(),
+                    deep: true
+                }
+            ]
+        );
+        // the nested root of group h created inside g's root
+        let sub = root.join("sub");
+        let ev = notify::Event::new(EventKind::Create(CreateKind::Folder)).add_path(sub.clone());
+        assert_eq!(
+            translate(&m, Ok(ev))[0],
+            WatchEvent::RootsMoved { dropped: vec![] }
+        );
+        // an ordinary path, and the root's own attribute change: no check
+        let ev = notify::Event::new(EventKind::Create(CreateKind::File)).add_path(root.join("f"));
+        assert!(
+            !translate(&m, Ok(ev))
+                .iter()
+                .any(|e| matches!(e, WatchEvent::RootsMoved { .. }))
+        );
+        let ev = notify::Event::new(EventKind::Modify(ModifyKind::Metadata(
+            notify::event::MetadataKind::Any,
+        )))
+        .add_path(root.clone());
+        assert!(
+            !translate(&m, Ok(ev))
+                .iter()
+                .any(|e| matches!(e, WatchEvent::RootsMoved { .. }))
+        );
+    }
+
+    #[test]
+    fn ancestor_events_about_a_root_ask_for_a_check() {
+        let m = map();
+        let created = |p: &str| {
+            translate_ancestor(
+                &m,
+                Ok(notify::Event::new(EventKind::Create(CreateKind::Folder))
+                    .add_path(PathBuf::from(p))),
+            )
+        };
+        let check = vec![WatchEvent::RootsMoved { dropped: vec![] }];
+        assert_eq!(created("/tmp/filed-watch-test/a"), check);
+        assert_eq!(created("/tmp/filed-watch-test"), check, "an ancestor");
+        assert_eq!(created("/tmp/filed-watch-test/b"), vec![], "a sibling");
+        assert_eq!(created("/tmp/other"), vec![]);
+        let ev = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::To)))
+            .add_path(PathBuf::from("/tmp/filed-watch-test/a"));
+        assert_eq!(translate_ancestor(&m, Ok(ev)), check, "moved in");
+    }
+
+    /// A real watch: a root missing at start, created, removed and recreated, moved away and
+    /// replaced, is watched again each time (its events arrive) and reported as appeared.
+    #[test]
+    fn roots_are_rearmed() {
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("srv");
+        std::fs::create_dir(&base).unwrap();
+        let text = format!(
+            "[hosts.a]\nprefix={{d=\"{0}/www\"}}\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%d%\"]\n",
+            base.display()
+        );
+        let c = crate::config::Config::parse(&text, &d.path().join("f.toml")).unwrap();
+        let m = RootMap::new(&c.hosts["a"], c.groups.values());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (mut w, errors) = Watch::start(m, tx).unwrap();
+        let root = base.join("www");
+        assert_eq!(
+            errors,
+            vec![format!(
+                "include root {} is missing; watching for it to appear",
+                root.display()
+            )]
+        );
+        assert_eq!(w.waiting_on(), vec![base.clone()]);
+        let appeared = vec![("g".to_string(), "%d%".to_string())];
+        // Waits for the watch to report `want`; returns the roots dropped meanwhile.
+        let mut wait_for = |want: &WatchEvent| -> Vec<PathBuf> {
+            let mut dropped = Vec::new();
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_secs(10) {
+                match rx.try_recv() {
+                    Ok(WatchEvent::RootsMoved { dropped: d }) => {
+                        dropped.extend(d);
+                        if want == &(WatchEvent::RootsMoved { dropped: vec![] }) {
+                            return dropped;
+                        }
+                    }
+                    Ok(ev) if &ev == want => return dropped,
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+                }
+            }
+            panic!("no {want:?}");
+        };
+        let file_event = |name: &str| WatchEvent::Changed {
+            group: "g".into(),
+            logical: format!("%d%/{name}"),
+            deep: false,
+        };
+        let check = WatchEvent::RootsMoved { dropped: vec![] };
+
+        // Created: the ancestor's watch sees it; the root is watched again.
+        std::fs::create_dir(&root).unwrap();
+        wait_for(&check);
+        let r = w.check_roots(&[]);
+        assert_eq!((r.appeared, r.gone), (appeared.clone(), vec![]));
+        assert!(w.waiting_on().is_empty());
+        std::fs::write(root.join("one"), b"1").unwrap();
+        wait_for(&file_event("one"));
+
+        // Removed and recreated.
+        std::fs::remove_dir_all(&root).unwrap();
+        let dropped = wait_for(&WatchEvent::Changed {
+            group: "g".into(),
+            logical: "%d%".into(),
+            deep: true,
+        });
+        assert_eq!(dropped, vec![root.clone()]);
+        let r = w.check_roots(&dropped);
+        assert_eq!(r.gone, vec![root.clone()]);
+        assert_eq!(w.waiting_on(), vec![base.clone()]);
+        std::fs::create_dir(&root).unwrap();
+        wait_for(&check);
+        assert_eq!(w.check_roots(&[]).appeared, appeared);
+        std::fs::write(root.join("two"), b"2").unwrap();
+        wait_for(&file_event("two"));
+
+        // Moved away and replaced by another directory (no check in between): found by the
+        // check, events of the old directory no longer count for the root.
+        std::fs::rename(&root, base.join("old")).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        let r = w.check_roots(&[]);
+        assert_eq!((r.appeared, r.gone), (appeared.clone(), vec![]));
+        std::fs::write(base.join("old/stale"), b"x").unwrap();
+        std::fs::write(root.join("three"), b"3").unwrap();
+        wait_for(&file_event("three"));
+        while let Ok(ev) = rx.try_recv() {
+            assert_ne!(ev, file_event("stale"));
+        }
+        // Nothing changed: nothing to do.
+        assert_eq!(w.check_roots(&[]), RootReport::default());
     }
 }
