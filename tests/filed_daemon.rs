@@ -5,7 +5,8 @@
 //! the daemon starts, the daemon stopped while files are created) is recovered by a rescan; a
 //! peer that was down catches up, and so does a daemon that was down; a concurrent edit of one
 //! file on two nodes becomes a conflict; an include root removed and recreated is watched again at
-//! once; SIGTERM exits 0; the metrics endpoint parses.
+//! once; a chmod/chown right after a received write propagates back; SIGTERM exits 0; the metrics
+//! endpoint parses.
 
 #[path = "filed_harness.rs"]
 mod harness;
@@ -457,4 +458,57 @@ fn recreated_include_root_is_watched_again() {
     );
     assert!(c.log("alpha").contains("include root is back"));
     wait_converged(&c, "recreated root");
+}
+
+/// A `chmod` or `chown` on the receiver right after filed wrote the file (same inode, size and
+/// mtime as filed's own write) is a change: it goes back to the sender at once, not at the full
+/// check (an hour away here).
+#[test]
+fn chmod_and_chown_right_after_a_received_write_propagate() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mut c = Cluster::new(
+        2,
+        "[daemon]\nbatch-delay-ms = 100\nfull-check-interval-secs = 3600\n",
+    );
+    c.start_all_daemons(&[]);
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    for round in 0..3u32 {
+        let name = format!("f{round}.txt");
+        write(&a.join(&name), format!("round {round}").as_bytes());
+        std::fs::set_permissions(a.join(&name), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (fa, fb) = (a.join(&name), b.join(&name));
+        assert!(
+            wait_until(CONVERGE, || std::fs::metadata(&fb)
+                .is_ok_and(|m| m.mode() & 0o7777 == 0o644)),
+            "round {round}: the file did not arrive"
+        );
+        // at once, while beta's watcher holds filed's own write of it
+        let mode = 0o600 + round;
+        std::fs::set_permissions(&fb, std::fs::Permissions::from_mode(mode)).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || std::fs::metadata(&fa)
+                .is_ok_and(|m| m.mode() & 0o7777 == mode)),
+            "round {round}: the chmod on beta was swallowed:\n{}",
+            c.log("beta")
+        );
+        if root {
+            let (uid, gid) = (20_000 + round, 30_000 + round);
+            std::os::unix::fs::chown(&fb, Some(uid), Some(gid)).unwrap();
+            assert!(
+                wait_until(Duration::from_secs(20), || std::fs::metadata(&fa)
+                    .is_ok_and(|m| (m.uid(), m.gid()) == (uid, gid))),
+                "round {round}: the chown on beta was swallowed:\n{}",
+                c.log("beta")
+            );
+        }
+        wait_converged(&c, "metadata back");
+    }
+    assert_eq!(
+        watch_counter(&c, "beta", "full_checks"),
+        1,
+        "only the one at start"
+    );
+    assert!(watch_counter(&c, "beta", "suppressed") > 0);
 }

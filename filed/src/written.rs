@@ -1,9 +1,11 @@
 //! What filed itself wrote while applying a peer's changes, so the watcher can tell its own writes
 //! from a user's (no sync loops). A write is identified by what it left on disk — device, inode,
-//! size and mtime (ns) — captured from the written file itself before it was renamed into place;
-//! the content hash of the write is what the state database records for the path. No time window
-//! is involved: a user edit made at the same moment changes the identity (new inode, or new size
-//! or mtime) and is treated as a change, and one that keeps all four is caught by the hash check.
+//! size, mtime (ns), mode and owner — captured from the written file itself before it was renamed
+//! into place; the content hash of the write is what the state database records for the path. No
+//! time window is involved: a user edit made at the same moment changes the identity (new inode,
+//! or new size or mtime) and is treated as a change, and one that keeps all of them is caught by
+//! the hash check. A `chmod`/`chown` right after filed's write changes only the mode or owner
+//! (and the ctime): it is a change too, not filed's own write.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -16,6 +18,10 @@ pub struct FileId {
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
+    /// Permission bits (`mode & 0o7777`), as [`crate::entry::FileState`] records them.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 impl FileId {
@@ -28,6 +34,9 @@ impl FileId {
                 .st_mtime
                 .saturating_mul(1_000_000_000)
                 .saturating_add(st.st_mtime_nsec),
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
         }
     }
 
@@ -37,6 +46,9 @@ impl FileId {
             ino: m.ino(),
             size: m.size(),
             mtime_ns: m.mtime().saturating_mul(1_000_000_000) + m.mtime_nsec(),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
         }
     }
 
@@ -55,8 +67,8 @@ impl FileId {
 pub enum Verdict {
     /// The path is exactly what filed wrote: its own write, nothing to do.
     Own,
-    /// filed wrote the path, but something else changed it since: a local change; hash it even
-    /// when size and mtime look the same.
+    /// filed wrote the path, but something else changed it since (content, inode, mode or
+    /// owner): a local change; hash it even when size and mtime look the same.
     ChangedSince,
     /// filed did not write the path (recently): an ordinary local change to check.
     NotOurs,
@@ -125,6 +137,9 @@ mod tests {
             ino,
             size,
             mtime_ns,
+            mode: 0o644,
+            uid: 1000,
+            gid: 1000,
         }
     }
 
@@ -157,6 +172,30 @@ mod tests {
     }
 
     #[test]
+    fn chmod_or_chown_after_the_write_is_a_change() {
+        let mut w = WrittenLog::new(10);
+        w.record("g", "/f", id(5, 10, 100));
+        // chmod: same inode, size and mtime
+        let chmod = FileId {
+            mode: 0o600,
+            ..id(5, 10, 100)
+        };
+        assert_eq!(w.check("g", "/f", Some(chmod)), Verdict::ChangedSince);
+        w.record("g", "/f", id(5, 10, 100));
+        let chown = FileId {
+            uid: 33,
+            ..id(5, 10, 100)
+        };
+        assert_eq!(w.check("g", "/f", Some(chown)), Verdict::ChangedSince);
+        w.record("g", "/f", id(5, 10, 100));
+        let chgrp = FileId {
+            gid: 33,
+            ..id(5, 10, 100)
+        };
+        assert_eq!(w.check("g", "/f", Some(chgrp)), Verdict::ChangedSince);
+    }
+
+    #[test]
     fn bounded() {
         let mut w = WrittenLog::new(2);
         w.record("g", "/a", id(1, 1, 1));
@@ -176,5 +215,10 @@ mod tests {
         let a = FileId::of_path(&p).unwrap().unwrap();
         assert_eq!(a.size, 3);
         assert_eq!(a, FileId::of_path(&p).unwrap().unwrap());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = a.mode ^ 0o070;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        let b = FileId::of_path(&p).unwrap().unwrap();
+        assert_eq!(b, FileId { mode, ..a }, "a chmod changes the mode only");
     }
 }
