@@ -173,18 +173,27 @@ impl Cluster {
 
     /// Starts `filed serve` on a node and waits until it accepts connections.
     pub fn start(&mut self, node: &str) {
+        self.start_as(node, None);
+    }
+
+    /// Starts `filed serve` on a node as user and group `ids` (`None`: as this process), and
+    /// waits until it accepts connections.
+    pub fn start_as(&mut self, node: &str, ids: Option<(u32, u32)>) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::File::create(self.dir.path().join(format!("{node}.log"))).unwrap();
-        let child = Command::new(filed_bin())
-            .arg("--config")
+        let mut cmd = Command::new(filed_bin());
+        cmd.arg("--config")
             .arg(&self.config)
             .arg("--node")
             .arg(node)
             .arg("serve")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd.spawn().unwrap();
         self.servers.insert(node.to_string(), child);
         let addr = self.addr(node);
         let start = Instant::now();

@@ -1,6 +1,7 @@
 //! filed with two and three real `filed serve` processes: new, changed, renamed and deleted files,
 //! directories, symlinks, permissions and mtimes propagate; conflicts are detected and resolved per
-//! auto policy; a peer that was down gets what it missed.
+//! auto policy; a peer that was down gets what it missed; a peer running as an ordinary user (it
+//! cannot set owners) has no false conflicts over them.
 
 #[path = "filed_harness.rs"]
 mod harness;
@@ -258,4 +259,67 @@ fn slaves_only_receive() {
     let r = c.sync("alpha");
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(std::fs::read(b.join("f")).unwrap(), b"master edit");
+}
+
+/// filed running as an ordinary user cannot give a received file the sender's owner. That is no
+/// change: later syncs report no false conflict and send nothing back and forth, and that host's
+/// own edits go out without changing the owner on the other host.
+#[test]
+fn a_peer_that_cannot_set_owners_has_no_false_conflicts() {
+    use std::os::unix::fs::{MetadataExt, chown};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run beta as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let mut c = Cluster::new(2, "auto = \"none\"");
+    // beta runs as nobody: its tree, state, certificate and the group key are its own
+    for p in [c.dir.path().to_path_buf(), c.path("pki")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut own = vec![c.path("beta"), c.data("beta")];
+    own.extend(["pki/beta.key", "pki/beta.pem", "pki/data.key"].map(|p| c.path(p)));
+    for p in own {
+        chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    c.start("alpha");
+    c.start_as("beta", Some((NOBODY, NOBODY)));
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    let owner = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid())
+    };
+    let settled = |what: &str| {
+        for node in ["alpha", "beta"] {
+            let r = c.sync(node);
+            assert_eq!(r.code, 0, "{what}: sync on {node}: {r:?}");
+            assert!(!r.stdout.contains("f.txt"), "{what}: sent again: {r:?}");
+            let r = c.filed(node, &["dirty"]);
+            assert_eq!(r.code, 0, "{what}: still queued on {node}: {r:?}");
+        }
+    };
+
+    write(&a.join("f.txt"), b"version 1");
+    chown(a.join("f.txt"), Some(4242), Some(4343)).unwrap();
+    let r = c.sync("alpha");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(b.join("f.txt")).unwrap(), b"version 1");
+    assert_eq!(owner(&b.join("f.txt")), (NOBODY, NOBODY), "could not chown");
+    settled("after the first copy");
+
+    // alpha changes it: beta takes it (beta's owner is not a change of its own, no conflict)
+    write(&a.join("f.txt"), b"version 2");
+    let r = c.sync("alpha");
+    assert_eq!(r.code, 0, "a false conflict: {r:?}\n{}", c.log("beta"));
+    assert_eq!(std::fs::read(b.join("f.txt")).unwrap(), b"version 2");
+    settled("after alpha's change");
+
+    // beta changes it: alpha takes the content and keeps its owner
+    write(&b.join("f.txt"), b"version 3, beta");
+    let r = c.sync("beta");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(a.join("f.txt")).unwrap(), b"version 3, beta");
+    assert_eq!(owner(&a.join("f.txt")), (4242, 4343), "beta's user leaked");
+    settled("after beta's change");
 }

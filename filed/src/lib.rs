@@ -1,9 +1,10 @@
 //! filed: csync2-style group file synchronisation. Read the modules in the order a change flows:
-//! `config` and `filter` (what is synced), `entry` (the state of one path), `store` (the state
-//! database), `scan` (find local changes), `plan` (pure sync decisions), `proto` and `session`
-//! (the exchange with a peer over `transport`, file data via `delta`), `apply` (safe writes).
-//! `filed daemon` adds `watch` (recursive inotify), `batch` (event aggregation), `written` (its
-//! own writes, so they never come back as changes), `daemon` (the runners), `stats` and `metrics`.
+//! `config` and `filter` (what is synced), `entry` (the state of one path; `owner` when filed
+//! cannot set owners), `store` (the state database), `scan` (find local changes), `plan` (pure
+//! sync decisions), `proto` and `session` (the exchange with a peer over `transport`, file data
+//! via `delta`), `apply` (safe writes). `filed daemon` adds `watch` (recursive inotify), `batch`
+//! (event aggregation), `written` (its own writes, so they never come back as changes), `daemon`
+//! (the runners), `stats` and `metrics`.
 
 pub mod actions;
 pub mod apply;
@@ -18,6 +19,7 @@ pub mod filter;
 pub mod keygen;
 pub mod metrics;
 pub mod node;
+pub mod owner;
 pub mod plan;
 pub mod proto;
 pub mod scan;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use crate::config::{Group, Host};
 use crate::entry::{FileState, Kind, now_ns, read_state};
 use crate::filter::{is_path_pattern, is_under};
+use crate::owner::keep_owner;
 use crate::store::{Batch, Op, StateStore, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -261,6 +262,12 @@ fn scan_impl(
             )),
             Err(e) => report.errors.push(format!("{}: {e}", pending.logical)),
         }
+    }
+    // A host that cannot set owners keeps the owners the group has for known paths: its files
+    // carry its own user, which is no change (see `crate::owner`).
+    let can_set_owner = crate::owner::can_set_owner();
+    for (path, st) in seen.iter_mut() {
+        keep_owner(st, recorded.get(path), can_set_owner);
     }
 
     let mut batch = Batch::new();

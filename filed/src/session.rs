@@ -806,7 +806,6 @@ fn record(
                 }
                 agree(&mut b, &it.winner);
                 clear(&mut b);
-                // Record what is on disk now (owner may differ when not root) with the winner's hash.
                 // What was written (captured from the written inode itself, so a user edit
                 // right after the rename is not mistaken for it), with the winner's hash.
                 let local = match it.winner.as_ref().filter(|w| w.exists()) {
@@ -823,6 +822,13 @@ fn record(
                         Ok(mut st) => {
                             st.hash = w.hash;
                             st.target = w.target.clone();
+                            // Not root: the owner could not be applied; the group's owner
+                            // is recorded, so it is not a local change (`crate::owner`).
+                            crate::owner::keep_owner(
+                                &mut st,
+                                Some(w),
+                                crate::owner::can_set_owner(),
+                            );
                             st
                         }
                         _ => w.clone(),
