@@ -21,6 +21,7 @@
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
 
+mod in_flight;
 mod inline;
 mod os;
 pub mod probe;
@@ -38,6 +39,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 
+use in_flight::WriteGuard;
+
+pub use in_flight::WritesInFlight;
 pub use os::set_receive_low_water;
 pub use sync::{SyncConfig, SyncEngine};
 pub use uring::{UringConfig, UringEngine};
@@ -307,10 +311,17 @@ impl Engine {
         }
     }
 
-    async fn write(&self, offset: u64, data: Bytes, dsync: bool) -> Result<(), EngineError> {
+    /// Writes `data`; `guard` counts the write until the engine is done with it.
+    async fn write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        dsync: bool,
+        guard: WriteGuard,
+    ) -> Result<(), EngineError> {
         match self {
-            Engine::Uring(e) => e.write(offset, data, dsync).await,
-            Engine::Sync(e) => e.write(offset, data, dsync).await,
+            Engine::Uring(e) => e.write(offset, data, dsync, guard).await,
+            Engine::Sync(e) => e.write(offset, data, dsync, guard).await,
         }
     }
 
@@ -321,10 +332,17 @@ impl Engine {
         }
     }
 
-    async fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> Result<(), EngineError> {
+    /// `fallocate` (punch hole, zero range); `guard` counts it until the engine is done.
+    async fn fallocate(
+        &self,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+        guard: WriteGuard,
+    ) -> Result<(), EngineError> {
         match self {
-            Engine::Uring(e) => e.fallocate(mode, offset, len).await,
-            Engine::Sync(e) => e.fallocate(mode, offset, len).await,
+            Engine::Uring(e) => e.fallocate(mode, offset, len, guard).await,
+            Engine::Sync(e) => e.fallocate(mode, offset, len, guard).await,
         }
     }
 
@@ -378,6 +396,8 @@ struct Inner {
     discard: bool,
     /// tmpfs/ramfs: page-cache operations never wait for a device.
     memory_backed: bool,
+    /// Changes the engine is executing (see [`in_flight`]).
+    writes: Arc<WritesInFlight>,
 }
 
 /// The block store. Cheap to clone; all clones share one file and one engine.
@@ -485,6 +505,7 @@ impl BlockStore {
                 zero_range: AtomicBool::new(zero_range),
                 discard,
                 memory_backed,
+                writes: Arc::default(),
             }),
         })
     }
@@ -557,6 +578,18 @@ impl BlockStore {
         self.check_range(offset, len)
     }
 
+    /// Changes of the file the engine is still executing, whoever asked for them: a caller
+    /// whose future was dropped leaves its write running there. Wait for
+    /// [`WritesInFlight::idle`] (with new changes held off) to see the file quiet.
+    pub fn writes_in_flight(&self) -> &WritesInFlight {
+        &self.inner.writes
+    }
+
+    /// Counts one change handed to the engine (moved into its request).
+    fn begin_write(&self) -> WriteGuard {
+        self.inner.writes.begin()
+    }
+
     /// Reads exactly `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
         self.read_inline_up_to(offset, len, false).await
@@ -622,13 +655,17 @@ impl BlockStore {
             return Ok(());
         }
         let (at, rest) = (offset + done as u64, data.slice(done..));
+        let guard = self.begin_write();
         let written = if self.inner.memory_backed {
             // As for reads: a worker's pwrite, not an io-wq punt behind the ring thread.
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            let write = move |f: &File| os::pwrite_full(f, &rest, at, flags);
+            let write = move |f: &File| {
+                let _counted = guard;
+                os::pwrite_full(f, &rest, at, flags)
+            };
             self.inner.engine.blocking(write).await
         } else {
-            self.inner.engine.write(at, rest, fua).await
+            self.inner.engine.write(at, rest, fua, guard).await
         };
         written.map_err(|e| {
             e.into_store(|source| StoreError::Write {
@@ -684,7 +721,8 @@ impl BlockStore {
                 if !self.inner.punch.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                match self.inner.engine.fallocate(PUNCH, offset, len).await {
+                let guard = self.begin_write();
+                match self.inner.engine.fallocate(PUNCH, offset, len, guard).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.is_unsupported() => {
                         self.inner.punch.store(false, Ordering::Relaxed);
@@ -700,12 +738,12 @@ impl BlockStore {
                 if !self.inner.discard {
                     return Ok(());
                 }
-                match self
-                    .inner
-                    .engine
-                    .blocking(move |f| os::block_discard(f, start, end - start))
-                    .await
-                {
+                let guard = self.begin_write();
+                let discard = move |f: &File| {
+                    let _counted = guard;
+                    os::block_discard(f, start, end - start)
+                };
+                match self.inner.engine.blocking(discard).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.is_unsupported() => Ok(()),
                     Err(e) => Err(e.into_store(wrap)),
@@ -751,7 +789,13 @@ impl BlockStore {
                 modes.push((ZERO_RANGE, &self.inner.zero_range));
             }
             for (mode, flag) in modes {
-                match self.inner.engine.fallocate(mode, start, end - start).await {
+                let guard = self.begin_write();
+                match self
+                    .inner
+                    .engine
+                    .fallocate(mode, start, end - start, guard)
+                    .await
+                {
                     Ok(()) => {
                         done = true;
                         break;
@@ -787,7 +831,8 @@ impl BlockStore {
         while pos < to {
             let n = (to - pos).min(ZERO_CHUNK as u64) as usize;
             let chunk = Bytes::from_static(&ZEROES[..n]);
-            self.inner.engine.write(pos, chunk, fua).await?;
+            let guard = self.begin_write();
+            self.inner.engine.write(pos, chunk, fua, guard).await?;
             pos += n as u64;
         }
         Ok(())
@@ -811,7 +856,8 @@ impl BlockStore {
                 FastZero::ZeroRange => (ZERO_RANGE, &self.inner.zero_range),
                 FastZero::Punch => (PUNCH, &self.inner.punch),
             };
-            match self.inner.engine.fallocate(mode, offset, len).await {
+            let guard = self.begin_write();
+            match self.inner.engine.fallocate(mode, offset, len, guard).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_unsupported() => {
                     if matches!(self.inner.backing, Backing::File) {

@@ -13,6 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::oneshot;
 
+use super::in_flight::WriteGuard;
 use super::{EngineError, os};
 
 /// Where the sync engine runs blocking calls.
@@ -210,10 +211,16 @@ impl SyncEngine {
         offset: u64,
         data: Bytes,
         dsync: bool,
+        guard: WriteGuard,
     ) -> Result<(), EngineError> {
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-        self.blocking(move |f| os::pwrite_full(f, &data, offset, flags))
-            .await
+        // The guard goes with the job: dropped once the worker wrote (or the job is dropped
+        // unrun), whether or not the caller still waits.
+        self.blocking(move |f| {
+            let _counted = guard;
+            os::pwrite_full(f, &data, offset, flags)
+        })
+        .await
     }
 
     pub(crate) async fn fdatasync(&self) -> Result<(), EngineError> {
@@ -225,9 +232,13 @@ impl SyncEngine {
         mode: libc::c_int,
         offset: u64,
         len: u64,
+        guard: WriteGuard,
     ) -> Result<(), EngineError> {
-        self.blocking(move |f| os::fallocate(f, mode, offset, len))
-            .await
+        self.blocking(move |f| {
+            let _counted = guard;
+            os::fallocate(f, mode, offset, len)
+        })
+        .await
     }
 
     /// Test hook: stops the dedicated workers as if they had died.

@@ -485,6 +485,47 @@ async fn engine_gone(engine: Setup) {
     assert!(matches!(r, Err(StoreError::EngineGone)), "got {r:?}");
 }
 
+/// Polls `fut` once, as a caller that goes away right after would.
+fn poll_once<F: Future>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+}
+
+/// Changes whose callers went away (their futures dropped once the change was handed to the
+/// engine) still land, and the store counts them in flight until they did: once
+/// `writes_in_flight` is idle, they are in the file.
+async fn abandoned_changes(engine: Setup, fs: Fs) {
+    let dir = tempdir(fs);
+    let store = engine
+        .open(&dir.path().join("disk"), &opts(4 << 20, engine))
+        .unwrap();
+    let mib = 1usize << 20;
+    let old = pattern(1, mib);
+    store
+        .write(2 << 20, Bytes::from(old.clone()), false)
+        .await
+        .unwrap();
+    let data = pattern(2, mib);
+    // Larger than the inline path takes: handed to the engine at the first poll.
+    for (at, fua) in [(0u64, false), (1 << 20, true)] {
+        let mut write = std::pin::pin!(store.write(at, Bytes::from(data.clone()), fua));
+        let _ = poll_once(write.as_mut());
+    }
+    {
+        let mut zero = std::pin::pin!(store.write_zeroes(2 << 20, mib as u64, false, false));
+        let _ = poll_once(zero.as_mut());
+    }
+    tokio::time::timeout(Duration::from_secs(10), store.writes_in_flight().idle())
+        .await
+        .expect("the engine finishes the changes");
+    assert_eq!(store.writes_in_flight().count(), 0);
+    assert_eq!(&store.read(0, mib).await.unwrap()[..], &data[..]);
+    assert_eq!(&store.read(1 << 20, mib).await.unwrap()[..], &data[..]);
+    assert_eq!(
+        &store.read(2 << 20, mib).await.unwrap()[..],
+        &vec![0u8; mib][..]
+    );
+}
+
 /// Runs `cmd`, returning trimmed stdout, or a description of why it failed.
 fn run(cmd: &mut Command) -> Result<String, String> {
     match cmd.output() {
@@ -753,6 +794,14 @@ macro_rules! engine_suite {
             async fn loop_block_device() {
                 block_device(E).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn abandoned_changes_tmpfs() {
+                abandoned_changes(E, Fs::Tmpfs).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn abandoned_changes_disk() {
+                abandoned_changes(E, Fs::Disk).await
+            }
         }
     };
 }
@@ -761,6 +810,57 @@ engine_suite!(uring, EngineKind::Uring, 0);
 engine_suite!(sync, EngineKind::Sync, 0);
 // The default configuration: inline RWF_NOWAIT path in front of the probed engine.
 engine_suite!(auto_inline, EngineKind::Auto, DEFAULT_INLINE_MAX);
+
+/// A change queued in the engine is counted in flight from the moment its caller handed it
+/// over until the engine did it, even though the caller went away at once; waiting for the
+/// count to be idle waits for it. The sync engine's only worker is held busy meanwhile.
+#[tokio::test]
+async fn a_change_is_in_flight_until_the_engine_did_it() {
+    let dir = tempdir(Fs::Disk);
+    let store = BlockStore::open_with(
+        &dir.path().join("disk"),
+        &opts(1 << 20, None),
+        EngineConfig {
+            inline_max: 0,
+            sync: SyncConfig::Threads(1),
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(store.engine_name(), "sync");
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let mut blocker = std::pin::pin!(store.inner.engine.blocking(move |_| {
+        let _ = started_tx.send(());
+        let _ = held.recv();
+        Ok(())
+    }));
+    assert!(poll_once(blocker.as_mut()).is_pending());
+    started.recv().unwrap();
+    assert_eq!(store.writes_in_flight().count(), 0, "not a change");
+    {
+        let mut write = std::pin::pin!(store.write(0, Bytes::from(vec![7u8; 8192]), false));
+        assert!(poll_once(write.as_mut()).is_pending());
+        let mut zero = std::pin::pin!(store.write_zeroes(65536, 4096, false, false));
+        assert!(poll_once(zero.as_mut()).is_pending());
+        let mut trim = std::pin::pin!(store.trim(131072, 4096));
+        assert!(poll_once(trim.as_mut()).is_pending());
+    }
+    assert_eq!(
+        store.writes_in_flight().count(),
+        3,
+        "their callers are gone, the engine has them queued"
+    );
+    let mut idle = std::pin::pin!(store.writes_in_flight().idle());
+    assert!(poll_once(idle.as_mut()).is_pending());
+    release.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), idle)
+        .await
+        .expect("idle once the engine did them");
+    assert_eq!(store.writes_in_flight().count(), 0);
+    assert_eq!(&store.read(0, 8192).await.unwrap()[..], &[7u8; 8192][..]);
+    blocker.await.unwrap();
+}
 
 #[tokio::test]
 async fn sync_engine_on_tokio_blocking_pool() {

@@ -20,6 +20,7 @@ use bytes::{Bytes, BytesMut};
 use io_uring::{IoUring, opcode, squeue, types};
 use tokio::sync::oneshot;
 
+use super::in_flight::WriteGuard;
 use super::{EngineError, os};
 
 /// Kernel limit for one read/write (`MAX_RW_COUNT`); longer requests go in several pieces.
@@ -57,6 +58,7 @@ enum Request {
         data: Bytes,
         flags: i32,
         reply: Reply<()>,
+        guard: WriteGuard,
     },
     Fdatasync {
         reply: Reply<()>,
@@ -66,6 +68,7 @@ enum Request {
         offset: u64,
         len: u64,
         reply: Reply<()>,
+        guard: WriteGuard,
     },
     /// Makes the ring thread exit immediately (tests of the "engine died" path).
     #[cfg(test)]
@@ -163,6 +166,7 @@ impl UringEngine {
         offset: u64,
         data: Bytes,
         dsync: bool,
+        guard: WriteGuard,
     ) -> Result<(), EngineError> {
         let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         self.call(|reply| Request::Write {
@@ -170,6 +174,7 @@ impl UringEngine {
             data,
             flags,
             reply,
+            guard,
         })
         .await
     }
@@ -183,12 +188,14 @@ impl UringEngine {
         mode: libc::c_int,
         offset: u64,
         len: u64,
+        guard: WriteGuard,
     ) -> Result<(), EngineError> {
         self.call(|reply| Request::Fallocate {
             mode,
             offset,
             len,
             reply,
+            guard,
         })
         .await
     }
@@ -242,7 +249,8 @@ fn build_ring(entries: u32) -> io::Result<IoUring> {
     }
 }
 
-/// An operation submitted to the kernel, with the buffer it reads into or writes from.
+/// An operation submitted to the kernel, with the buffer it reads into or writes from. A
+/// change holds its [`WriteGuard`] until its final completion.
 enum Op {
     Read {
         /// Filled up to `buf.len()`; the kernel writes into the spare capacity.
@@ -256,6 +264,7 @@ enum Op {
         done: usize,
         flags: i32,
         reply: Reply<()>,
+        guard: WriteGuard,
     },
     Fdatasync {
         reply: Reply<()>,
@@ -264,6 +273,7 @@ enum Op {
         mode: libc::c_int,
         len: u64,
         reply: Reply<()>,
+        guard: WriteGuard,
     },
 }
 
@@ -306,20 +316,26 @@ impl InFlight {
         entry.user_data(slot as u64)
     }
 
-    /// Sends the final result to the caller (who may have gone away: ignored).
+    /// Sends the final result to the caller (who may have gone away: ignored); a change is no
+    /// longer counted in flight from here on.
     fn finish(self, result: io::Result<()>) {
         match self.op {
             Op::Read { buf, reply, .. } => {
                 let _ = reply.send(result.map(|()| buf));
             }
-            Op::Write { reply, .. } | Op::Fdatasync { reply } | Op::Fallocate { reply, .. } => {
+            Op::Write { reply, guard, .. } | Op::Fallocate { reply, guard, .. } => {
+                let _ = reply.send(result);
+                drop(guard);
+            }
+            Op::Fdatasync { reply } => {
                 let _ = reply.send(result);
             }
         }
     }
 
     /// Drops the reply sender (caller sees `Gone`) but leaks the buffer: the kernel may still
-    /// write into it after the ring thread stopped reaping.
+    /// write into it after the ring thread stopped reaping. A change stops being counted: the
+    /// engine is dead, and a freeze waiting for it would wait forever.
     fn abandon(self) {
         match self.op {
             Op::Read { buf, reply, .. } => {
@@ -497,12 +513,14 @@ impl RingThread {
                     data,
                     flags,
                     reply,
+                    guard,
                 } => InFlight {
                     op: Op::Write {
                         data,
                         done: 0,
                         flags,
                         reply,
+                        guard,
                     },
                     offset,
                     retries: 0,
@@ -517,8 +535,14 @@ impl RingThread {
                     offset,
                     len,
                     reply,
+                    guard,
                 } => InFlight {
-                    op: Op::Fallocate { mode, len, reply },
+                    op: Op::Fallocate {
+                        mode,
+                        len,
+                        reply,
+                        guard,
+                    },
                     offset,
                     retries: 0,
                 },
@@ -621,5 +645,60 @@ impl Drop for RingThread {
         if leaked > 0 {
             tracing::error!(leaked, "io_uring thread stopped with operations in flight");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::WritesInFlight;
+
+    /// A write stays counted in flight through its partial completions until its final one,
+    /// whether or not its caller still waits; a read is never counted.
+    #[test]
+    fn a_change_is_counted_until_its_final_completion() {
+        let writes = Arc::new(WritesInFlight::default());
+        let (reply, rx) = oneshot::channel();
+        drop(rx);
+        let mut write = InFlight {
+            op: Op::Write {
+                data: Bytes::from_static(b"abcd"),
+                done: 0,
+                flags: 0,
+                reply,
+                guard: writes.begin(),
+            },
+            offset: 0,
+            retries: 0,
+        };
+        assert!(matches!(
+            apply_completion(&mut write, 2),
+            Progress::Resubmit
+        ));
+        assert_eq!(writes.count(), 1, "half written");
+        assert!(matches!(
+            apply_completion(&mut write, -libc::EAGAIN),
+            Progress::Resubmit
+        ));
+        let Progress::Done(result) = apply_completion(&mut write, 2) else {
+            panic!("all written");
+        };
+        assert_eq!(writes.count(), 1, "until it is finished");
+        write.finish(result);
+        assert_eq!(writes.count(), 0);
+        let (reply, _rx) = oneshot::channel();
+        let zeroing = InFlight {
+            op: Op::Fallocate {
+                mode: 0,
+                len: 4096,
+                reply,
+                guard: writes.begin(),
+            },
+            offset: 0,
+            retries: 0,
+        };
+        assert_eq!(writes.count(), 1);
+        zeroing.abandon();
+        assert_eq!(writes.count(), 0, "a dead engine holds nothing up");
     }
 }
