@@ -159,7 +159,9 @@ impl AreaReader {
 }
 
 impl CowArea {
-    /// Creates a new area (the file must not exist) in state Open, synced.
+    /// Creates a new area (the file must not exist) in state Open, allocated whole and synced.
+    /// Slow for a large area (the allocation): create it before freezing anything. When any
+    /// step fails, the file is removed again, so the name stays free for a retry.
     pub fn create(path: &Path, header: AreaHeader) -> Result<CowArea, AreaError> {
         let header = AreaHeader {
             state: AreaState::Open,
@@ -192,17 +194,41 @@ impl CowArea {
             written: 0,
             waiting: Vec::new(),
         };
-        area.write_at(&buf, 0)?;
-        if let Err(e) = area.reserve() {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
+        area.initialized(&buf)
+    }
+
+    /// This new area with its header written, allocated and durable; its file removed when any
+    /// step fails.
+    fn initialized(self, header: &[u8]) -> Result<CowArea, AreaError> {
+        match self.initialize(header) {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                let path = self.path.clone();
+                drop(self);
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
         }
-        area.sync()?;
+    }
+
+    /// Writes the header of a new area, allocates it and makes it durable.
+    fn initialize(&self, header: &[u8]) -> Result<(), AreaError> {
+        self.write_at(header, 0)?;
+        self.reserve()?;
+        self.sync()?;
         // The new name is durable too: a power cut cannot lose an area its snapshot relies on.
-        if let Some(dir) = path.parent().and_then(|d| File::open(d).ok()) {
+        if let Some(dir) = self.path.parent().and_then(|d| File::open(d).ok()) {
             let _ = dir.sync_all();
         }
-        Ok(area)
+        Ok(())
+    }
+
+    /// Records the point the area was frozen at (the replica's data generation then, and the
+    /// time), decided after the area was created. Only in memory: the header on disk says Open
+    /// (never trusted after a restart) until [`close`](Self::close) writes it whole.
+    pub fn set_frozen_at(&mut self, generation: u64, created_unix_ms: u64) {
+        self.header.generation = generation;
+        self.header.created_unix_ms = created_unix_ms;
     }
 
     /// Allocates the whole area on its filesystem now (the file's size is unchanged): a
@@ -889,6 +915,23 @@ mod tests {
         ));
         assert_eq!(&a.read_block(slot).unwrap()[..], &[3u8; 4096][..]);
         assert!(a.preserved(slot + 1).is_none());
+    }
+
+    /// A new area whose header cannot be written (here: through a read-only descriptor) is
+    /// removed again, like one that cannot be allocated: a retry of the name is not refused.
+    #[test]
+    fn a_new_area_that_fails_is_removed() {
+        let path = tmp("failed-create");
+        let a = CowArea::create(&path, header(4)).unwrap();
+        let ro = CowArea {
+            file: Arc::new(File::open(&path).unwrap()),
+            ..a
+        };
+        let buf = cow_record::encode_header(&header(4)).unwrap();
+        let e = ro.initialized(&buf).unwrap_err();
+        assert!(matches!(e, AreaError::Write { offset: 0, .. }), "{e}");
+        assert!(!path.exists());
+        CowArea::create(&path, header(4)).expect("the name is free again");
     }
 
     #[test]
