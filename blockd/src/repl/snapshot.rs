@@ -314,7 +314,13 @@ impl Resource {
         let snap = self
             .snapshots
             .set
-            .freeze(&name, capacity, &bound.to_string(), may_freeze)
+            .freeze(
+                &self.store.current(),
+                &name,
+                capacity,
+                &bound.to_string(),
+                may_freeze,
+            )
             .await
             .map_err(|e| match e {
                 SnapshotError::Refused { reason, .. } => ResourceError::SnapshotRefused(reason),

@@ -6,8 +6,10 @@
 //! Every change of the replica (replicated data, trim, zeroes, resync, and the Primary's own
 //! writes) runs under a [`ChangeGuard`] from [`Snapshots::change`] (or, for a change applied at
 //! once on the caller's thread, [`Snapshots::try_change_now`]): it preserves what the change will
-//! overwrite and holds the freeze gate shared until the change is done. [`Snapshots::open`]
-//! takes the gate exclusively, so a snapshot freezes the replica with no change in flight. The
+//! overwrite and holds the freeze gate shared until the change is done. [`Snapshots::freeze`]
+//! takes the gate exclusively and waits for the writes the store's engine still runs (a
+//! change whose caller went away released its gate, not its write), so a snapshot freezes the
+//! replica with no change in flight; its area is created before, and removed after. The
 //! replica applies epochs in order, so that image is every earlier epoch plus some writes of
 //! the current one — writes the Primary had in flight together, any subset of which a power cut
 //! could leave: a state the disk may be found in after a crash, never a torn one.
@@ -140,6 +142,62 @@ pub struct SnapshotStatus {
 struct Frozen {
     area: Option<CowArea>,
     invalid: Option<String>,
+    /// The removal of the area, under way off the async threads since the snapshot was
+    /// invalidated. The snapshot stays listed until it is done (see
+    /// [`Snapshots::drop_snapshot`]): its file name is not taken again before.
+    removing: Option<Removing>,
+    /// A drop of this snapshot is under way.
+    dropping: bool,
+}
+
+/// Creates the area of a new snapshot at `path` in `dir` (see [`CowArea::create`]). Blocking
+/// and slow for a large area: never under the gate.
+fn create_area(dir: &Path, path: &Path, header: AreaHeader) -> Result<CowArea, AreaError> {
+    // The default directory of a node without one beside its metadata may not exist yet.
+    std::fs::create_dir_all(dir).map_err(|source| AreaError::Create {
+        path: dir.to_owned(),
+        source,
+    })?;
+    CowArea::create(path, header)
+}
+
+/// Unlinks an area file (gone already is fine), then closes its descriptor with `area`.
+/// Blocking: closing the last descriptor of a large allocated, unlinked file frees all its
+/// extents, which ext4 does synchronously.
+fn remove_area(area: Option<CowArea>, path: &Path) -> std::io::Result<()> {
+    let removed = match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    };
+    drop(area);
+    removed
+}
+
+/// An area being removed by [`remove_area_later`].
+#[derive(Clone)]
+struct Removing(tokio::sync::watch::Receiver<bool>);
+
+impl Removing {
+    /// Waits until the removal is done (or was dropped unrun with the runtime).
+    async fn done(mut self) {
+        let _ = self.0.wait_for(|done| *done).await;
+    }
+}
+
+/// Runs [`remove_area`] off the calling thread (tokio's blocking pool; on this thread when
+/// there is no runtime, as at start). A failure is not reported: an area left behind is Open
+/// and removed, with a message, at the next start.
+fn remove_area_later(area: Option<CowArea>, path: PathBuf) -> Removing {
+    let (done, removing) = tokio::sync::watch::channel(false);
+    let job = move || {
+        let _ = remove_area(area, &path);
+        let _ = done.send(true);
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn_blocking(job)),
+        Err(_) => job(),
+    }
+    Removing(removing)
 }
 
 /// What [`Snapshot::preserve_now`] did.
@@ -171,6 +229,24 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    fn new(name: String, path: PathBuf, area: CowArea) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            name,
+            header: area.header().clone(),
+            path,
+            used_bytes: std::sync::atomic::AtomicU64::new(area.used_bytes()),
+            frozen: Mutex::new(Frozen {
+                area: Some(area),
+                invalid: None,
+                removing: None,
+                dropping: false,
+            }),
+            invalid: Mutex::new(None),
+            #[cfg(test)]
+            largest_read: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -274,13 +350,23 @@ impl Snapshot {
         }
     }
 
-    /// Gives up on the snapshot: its readers get `reason` from now on and its area is removed.
+    /// Gives up on the snapshot: its readers get `reason` from now on and its area is removed,
+    /// off this thread (the caller may be a receive task, and holds the snapshot's lock).
     fn invalidate(&self, frozen: &mut Frozen, reason: String) -> String {
-        frozen.area = None;
+        let area = frozen.area.take();
         frozen.invalid = Some(reason.clone());
         *self.invalid.lock().expect("not poisoned") = Some(reason.clone());
-        let _ = std::fs::remove_file(&self.path);
+        frozen.removing = Some(remove_area_later(area, self.path.clone()));
         reason
+    }
+
+    /// Waits until the area of an invalidated snapshot is removed (tests).
+    #[cfg(test)]
+    async fn area_removed(&self) {
+        let removing = self.frozen().removing.clone();
+        if let Some(r) = removing {
+            r.done().await;
+        }
     }
 
     /// The blocks a change of `offset..offset+len` must preserve and the device range holding
@@ -438,14 +524,80 @@ pub struct Invalidated {
 }
 
 /// The snapshots of one replica.
+///
+/// The area file of snapshot NAME is only created, written or removed by whoever holds the
+/// name: the freeze that reserved it in `creating`, then the listed snapshot until its drop
+/// unlists it, which is after its area is removed. So a drop never removes the area of a
+/// new snapshot of the same name.
 pub struct Snapshots {
     dir: PathBuf,
     resource: String,
     device_size: u64,
-    open: Mutex<Vec<Arc<Snapshot>>>,
-    count: AtomicUsize,
+    open: Arc<Mutex<Vec<Arc<Snapshot>>>>,
+    count: Arc<AtomicUsize>,
+    /// Names of the snapshots being frozen (not listed yet). Lock order: `open`, then this.
+    creating: Arc<Mutex<Vec<String>>>,
     /// Held shared by every change of the replica, exclusively by a freeze.
     gate: tokio::sync::RwLock<()>,
+}
+
+/// A snapshot name taken by a freeze under way, with the area created for it: listed by
+/// [`Snapshots::list`], or given up ([`give_up`](Self::give_up), or dropped when the freeze is
+/// cancelled): then the area is removed, off the async threads, before the name is free again.
+struct Reservation {
+    creating: Arc<Mutex<Vec<String>>>,
+    name: String,
+    path: PathBuf,
+    area: Option<CowArea>,
+    /// A removal of the area that began while it was listed, to wait for.
+    removing: Option<Removing>,
+    listed: bool,
+}
+
+impl Reservation {
+    /// Removes the area (waiting for it), then frees the name.
+    async fn give_up(mut self) {
+        if let Some(r) = self.removing.take() {
+            r.done().await;
+        }
+        remove_area_later(self.area.take(), self.path.clone())
+            .done()
+            .await;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.listed {
+            return;
+        }
+        let (creating, name) = (self.creating.clone(), std::mem::take(&mut self.name));
+        let release = move || {
+            creating
+                .lock()
+                .expect("not poisoned")
+                .retain(|n| *n != name);
+        };
+        if self.area.is_none() && self.removing.is_none() {
+            return release();
+        }
+        // Cancelled with an area still there: removed in the background, then released.
+        let (area, path, removing) = (self.area.take(), self.path.clone(), self.removing.take());
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn(async move {
+                if let Some(r) = removing {
+                    r.done().await;
+                }
+                remove_area_later(area, path).done().await;
+                release();
+            })),
+            // No runtime, so no removal under way either.
+            Err(_) => {
+                let _ = remove_area(area, &path);
+                release();
+            }
+        }
+    }
 }
 
 /// [`Snapshots::try_change_now`] could not make the change at once.
@@ -471,8 +623,9 @@ impl Snapshots {
             dir: dir.to_owned(),
             resource: resource.to_owned(),
             device_size,
-            open: Mutex::new(Vec::new()),
-            count: AtomicUsize::new(0),
+            open: Arc::default(),
+            count: Arc::default(),
+            creating: Arc::default(),
             gate: tokio::sync::RwLock::new(()),
         };
         let mut dropped = Vec::new();
@@ -557,22 +710,10 @@ impl Snapshots {
             .join(format!("{}{AREA_SEP}{name}{AREA_SUFFIX}", self.resource))
     }
 
+    /// Lists a reloaded area (at start: nothing else runs).
     fn insert(&self, name: String, path: PathBuf, area: CowArea) {
-        let snap = Arc::new(Snapshot {
-            name,
-            header: area.header().clone(),
-            path,
-            used_bytes: std::sync::atomic::AtomicU64::new(area.used_bytes()),
-            frozen: Mutex::new(Frozen {
-                area: Some(area),
-                invalid: None,
-            }),
-            invalid: Mutex::new(None),
-            #[cfg(test)]
-            largest_read: std::sync::atomic::AtomicU64::new(0),
-        });
         let mut open = self.open.lock().expect("not poisoned");
-        open.push(snap);
+        open.push(Snapshot::new(name, path, area));
         self.count.store(open.len(), Ordering::Release);
     }
 
@@ -628,6 +769,12 @@ impl Snapshots {
     /// Freezes the replica as it is once the changes in flight are done, as snapshot `name`
     /// with an area of at most `capacity_bytes`; changes that arrive meanwhile wait.
     ///
+    /// The area is created, allocated whole and synced first, while changes go on (allocating
+    /// a large area takes long); under the gate the freeze only waits for the changes in
+    /// flight, including those still running in `store`'s engine after their caller went
+    /// away (an apply aborted at the end of a session), decides and lists. An area given up
+    /// is removed after the gate is released, off the async threads.
+    ///
     /// `may_freeze` decides, with no change in flight, whether the replica may be frozen now
     /// (`Ok` with its data generation, or `Err` with the reason): whatever was checked before
     /// waiting for the gate may have changed meanwhile (a resync started). It is asked again
@@ -635,41 +782,90 @@ impl Snapshots {
     /// here or made after the snapshot was listed (where its invalidation finds it).
     pub async fn freeze(
         &self,
+        store: &BlockStore,
         name: &str,
         capacity_bytes: u64,
         listen: &str,
         may_freeze: impl Fn() -> Result<u64, String>,
     ) -> Result<Arc<Snapshot>, SnapshotError> {
-        let _quiet = self.gate.write().await;
+        let (reserved, header) = self.reserve(name, capacity_bytes, listen)?;
+        let dir = self.dir.clone();
+        // The reservation goes with the job: if this freeze is cancelled meanwhile, the area
+        // is removed once created, and only then is the name free again.
+        let (mut reserved, created) = tokio::task::spawn_blocking(move || {
+            let mut reserved = reserved;
+            let created = create_area(&dir, &reserved.path, header).map(|area| {
+                reserved.area = Some(area);
+            });
+            (reserved, created)
+        })
+        .await
+        .expect("area creation panicked");
+        created.map_err(|source| SnapshotError::Area {
+            name: name.to_owned(),
+            source,
+        })?;
         let refused = |reason| SnapshotError::Refused {
             name: name.to_owned(),
             reason,
         };
-        let generation = may_freeze().map_err(refused)?;
-        let snap = self.open(name, capacity_bytes, generation, listen)?;
-        if let Err(reason) = may_freeze() {
-            self.drop_snapshot(name).await?;
-            return Err(refused(reason));
+        let outcome = {
+            let _quiet = self.gate.write().await;
+            store.writes_in_flight().idle().await;
+            match may_freeze() {
+                Err(reason) => Err(reason),
+                Ok(generation) => {
+                    let snap = self.list(&mut reserved, generation);
+                    match may_freeze() {
+                        Ok(_) => Ok(snap),
+                        Err(reason) => {
+                            self.unlist_refused(&snap, &mut reserved);
+                            Err(reason)
+                        }
+                    }
+                }
+            }
+        };
+        match outcome {
+            Ok(snap) => Ok(snap),
+            Err(reason) => {
+                reserved.give_up().await;
+                Err(refused(reason))
+            }
         }
-        Ok(snap)
     }
 
-    /// Opens snapshot `name` with an area of at most `capacity_bytes`, freezing the replica as
-    /// it is now: call only with no change in flight (see [`freeze`](Self::freeze)).
-    pub fn open(
+    /// Opens snapshot `name` at once with the given generation, as [`freeze`](Self::freeze)
+    /// does but on this thread and without the gate: call only with no change in flight.
+    #[cfg(test)]
+    pub(crate) fn open(
         &self,
         name: &str,
         capacity_bytes: u64,
         generation: u64,
         listen: &str,
     ) -> Result<Arc<Snapshot>, SnapshotError> {
+        let (mut reserved, header) = self.reserve(name, capacity_bytes, listen)?;
+        let area = create_area(&self.dir, &reserved.path, header).map_err(|source| {
+            SnapshotError::Area {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        reserved.area = Some(area);
+        Ok(self.list(&mut reserved, generation))
+    }
+
+    /// Takes the name for a new snapshot (refused when invalid, listed or being frozen) and
+    /// says what its area's header is.
+    fn reserve(
+        &self,
+        name: &str,
+        capacity_bytes: u64,
+        listen: &str,
+    ) -> Result<(Reservation, AreaHeader), SnapshotError> {
         if !valid_name(name) {
             return Err(SnapshotError::BadName {
-                name: name.to_owned(),
-            });
-        }
-        if self.get(name).is_some() {
-            return Err(SnapshotError::Exists {
                 name: name.to_owned(),
             });
         }
@@ -679,35 +875,81 @@ impl Snapshots {
                 name: name.to_owned(),
             });
         }
-        let path = self.area_path(name);
-        // The default directory of a node without one beside its metadata may not exist yet.
-        std::fs::create_dir_all(&self.dir).map_err(|source| SnapshotError::Area {
-            name: name.to_owned(),
-            source: AreaError::Create {
-                path: self.dir.clone(),
-                source,
-            },
-        })?;
+        {
+            let open = self.open.lock().expect("not poisoned");
+            let mut creating = self.creating.lock().expect("not poisoned");
+            if open.iter().any(|s| s.name == name) || creating.iter().any(|n| n == name) {
+                return Err(SnapshotError::Exists {
+                    name: name.to_owned(),
+                });
+            }
+            creating.push(name.to_owned());
+        }
         let header = AreaHeader {
             state: AreaState::Open,
             block_size: COW_BLOCK_SIZE,
             device_size: self.device_size,
             capacity_blocks,
-            created_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            generation,
+            // Both decided at the freeze (`list`).
+            created_unix_ms: 0,
+            generation: 0,
             preserved_blocks: 0,
             name: name.to_owned(),
             listen: listen.to_owned(),
         };
-        let area = CowArea::create(&path, header).map_err(|source| SnapshotError::Area {
+        let reserved = Reservation {
+            creating: self.creating.clone(),
             name: name.to_owned(),
-            source,
-        })?;
-        self.insert(name.to_owned(), path, area);
-        Ok(self.get(name).expect("just inserted"))
+            path: self.area_path(name),
+            area: None,
+            removing: None,
+            listed: false,
+        };
+        Ok((reserved, header))
+    }
+
+    /// Lists the reserved snapshot, frozen now at `generation`: call with no change in flight.
+    fn list(&self, reserved: &mut Reservation, generation: u64) -> Arc<Snapshot> {
+        let mut area = reserved
+            .area
+            .take()
+            .expect("a reserved snapshot's area is created");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        area.set_frozen_at(generation, now);
+        let snap = Snapshot::new(reserved.name.clone(), reserved.path.clone(), area);
+        let mut open = self.open.lock().expect("not poisoned");
+        open.push(snap.clone());
+        self.count.store(open.len(), Ordering::Release);
+        self.creating
+            .lock()
+            .expect("not poisoned")
+            .retain(|n| *n != reserved.name);
+        reserved.listed = true;
+        snap
+    }
+
+    /// Takes back a snapshot [`list`](Self::list) listed that the freeze then refused: invalid
+    /// before it is unlisted (as in a drop), its name reserved again and its area (or its
+    /// removal under way, if it was invalidated meanwhile) back in `reserved`.
+    fn unlist_refused(&self, snap: &Arc<Snapshot>, reserved: &mut Reservation) {
+        let mut open = self.open.lock().expect("not poisoned");
+        {
+            let mut frozen = snap.frozen();
+            reserved.area = frozen.area.take();
+            reserved.removing = frozen.removing.take();
+            frozen.invalid = Some("refused".into());
+            *snap.invalid.lock().expect("not poisoned") = Some("refused".into());
+        }
+        open.retain(|s| !Arc::ptr_eq(s, snap));
+        self.count.store(open.len(), Ordering::Release);
+        self.creating
+            .lock()
+            .expect("not poisoned")
+            .push(reserved.name.clone());
+        reserved.listed = false;
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Snapshot>> {
@@ -724,11 +966,14 @@ impl Snapshots {
         self.count.load(Ordering::Acquire) == 0
     }
 
-    /// Ends snapshot `name`: its readers get errors from now on and its area is removed.
+    /// Ends snapshot `name`: its readers get errors from now on and its area is removed. The
+    /// snapshot is unlisted only once its area is gone (until then a new snapshot cannot take
+    /// its name and file); this is done to the end even if the caller goes away meanwhile. A
+    /// drop while another one of the same snapshot is under way finds nothing to drop.
     pub async fn drop_snapshot(&self, name: &str) -> Result<(), SnapshotError> {
-        let snap = {
-            let mut open = self.open.lock().expect("not poisoned");
-            let Some(i) = open.iter().position(|s| s.name == name) else {
+        let (snap, area, removing) = {
+            let open = self.open.lock().expect("not poisoned");
+            let Some(snap) = open.iter().find(|s| s.name == name).cloned() else {
                 return Err(SnapshotError::Unknown {
                     name: name.to_owned(),
                 });
@@ -736,25 +981,41 @@ impl Snapshots {
             // Invalid before it is unlisted (lock order: `open`, then the snapshot's): a change
             // that no longer finds it, and so preserves nothing for it, can only come after
             // every reader's last check fails.
-            {
-                let mut frozen = open[i].frozen();
-                frozen.area = None;
-                frozen.invalid = Some("dropped".into());
-                *open[i].invalid.lock().expect("not poisoned") = Some("dropped".into());
+            let mut frozen = snap.frozen();
+            if frozen.dropping {
+                return Err(SnapshotError::Unknown {
+                    name: name.to_owned(),
+                });
             }
-            let snap = open.remove(i);
-            self.count.store(open.len(), Ordering::Release);
-            snap
+            frozen.dropping = true;
+            frozen.invalid = Some("dropped".into());
+            *snap.invalid.lock().expect("not poisoned") = Some("dropped".into());
+            let (area, removing) = (frozen.area.take(), frozen.removing.take());
+            drop(frozen);
+            (snap, area, removing)
         };
-        match std::fs::remove_file(&snap.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(SnapshotError::Remove {
-                name: name.to_owned(),
-                path: snap.path.clone(),
-                source,
-            }),
-        }
+        let (open, count) = (self.open.clone(), self.count.clone());
+        let path = snap.path.clone();
+        let dropping = tokio::spawn(async move {
+            if let Some(r) = removing {
+                r.done().await;
+            }
+            let removed = tokio::task::spawn_blocking(move || remove_area(area, &path))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let mut open = open.lock().expect("not poisoned");
+            open.retain(|s| !Arc::ptr_eq(s, &snap));
+            count.store(open.len(), Ordering::Release);
+            removed
+        });
+        let removed = dropping
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        removed.map_err(|source| SnapshotError::Remove {
+            name: name.to_owned(),
+            path: self.area_path(name),
+            source,
+        })
     }
 
     /// Gives up on every open snapshot that is still valid, for `reason`: their readers get it
@@ -818,6 +1079,14 @@ impl Snapshots {
         std::mem::forget(self.gate.write().await);
         let snaps: Vec<Arc<Snapshot>> = self.open.lock().expect("not poisoned").drain(..).collect();
         self.count.store(0, Ordering::Release);
+        // Areas of invalidated snapshots still being removed: gone before the node stops.
+        let removing: Vec<Removing> = snaps
+            .iter()
+            .filter_map(|s| s.frozen().removing.clone())
+            .collect();
+        for r in removing {
+            r.done().await;
+        }
         let mut errors = Vec::new();
         if let Err(e) = flush_replica.await {
             for snap in snaps {
@@ -999,9 +1268,12 @@ mod tests {
         let (set, _) = Snapshots::load(&dir, "r0", size);
         let set = Arc::new(set);
         let guard = set.change(&store, 0, 4096).await;
-        let s2 = set.clone();
-        let freeze =
-            tokio::spawn(async move { s2.freeze("f", 1 << 20, "", || Ok(1)).await.map(|_| ()) });
+        let (s2, st2) = (set.clone(), store.clone());
+        let freeze = tokio::spawn(async move {
+            s2.freeze(&st2, "f", 1 << 20, "", || Ok(1))
+                .await
+                .map(|_| ())
+        });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         assert!(
             !freeze.is_finished(),
@@ -1037,9 +1309,9 @@ mod tests {
         let set = Arc::new(set);
         let consistent = Arc::new(AtomicBool::new(true));
         let guard = set.change(&store, 0, 4096).await;
-        let (s2, c2) = (set.clone(), consistent.clone());
+        let (s2, c2, st2) = (set.clone(), consistent.clone(), store.clone());
         let freeze = tokio::spawn(async move {
-            s2.freeze("f", 1 << 20, "", || {
+            s2.freeze(&st2, "f", 1 << 20, "", || {
                 if c2.load(Ordering::SeqCst) {
                     Ok(7)
                 } else {
@@ -1064,7 +1336,7 @@ mod tests {
         // The state changes between the first check and the listing: the second check sees it.
         let calls = AtomicUsize::new(0);
         let e = set
-            .freeze("g", 1 << 20, "", || {
+            .freeze(&store, "g", 1 << 20, "", || {
                 match calls.fetch_add(1, Ordering::SeqCst) {
                     0 => Ok(7),
                     _ => Err("the local disk failed".into()),
@@ -1076,8 +1348,164 @@ mod tests {
         assert!(matches!(e, SnapshotError::Refused { .. }), "{e}");
         assert!(set.get("g").is_none() && set.is_empty());
         assert!(!dir.join("r0@g.snap").exists());
-        let snap = set.freeze("h", 1 << 20, "", || Ok(9)).await.unwrap();
+        let snap = set
+            .freeze(&store, "h", 1 << 20, "", || Ok(9))
+            .await
+            .unwrap();
         assert_eq!(snap.status().generation, 9);
+    }
+
+    /// A change whose caller went away (an apply aborted at the end of a replication session)
+    /// released its gate, but its write may still be running in the engine: the freeze waits
+    /// for it, holding new changes off meanwhile, and the image holds the write.
+    #[tokio::test]
+    async fn a_freeze_waits_for_writes_still_running_in_the_engine() {
+        let size = 1 << 20;
+        let (dir, store) = setup("engine", size);
+        fill(&store, 1, size).await;
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let set = Arc::new(set);
+        let g = set.change(&store, 0, 4096).await;
+        let running = store.begin_write_for_test();
+        drop(g);
+        let (s2, st2) = (set.clone(), store.clone());
+        let freeze = tokio::spawn(async move { s2.freeze(&st2, "f", 1 << 20, "", || Ok(1)).await });
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while set.gate.try_read().is_ok() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the freeze takes the gate");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!freeze.is_finished(), "the freeze waits for the write");
+        assert!(
+            set.try_change_now(&store, 4096, 1).is_err(),
+            "new changes wait for the freeze"
+        );
+        // The engine writes, then is done.
+        store
+            .write(0, Bytes::from(vec![9u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(running);
+        let snap = freeze.await.unwrap().unwrap();
+        let g = set.change(&store, 0, 4096).await;
+        store
+            .write(0, Bytes::from(vec![7u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(g);
+        assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[9u8; 4]);
+    }
+
+    /// The area is created and allocated before the freeze takes the gate: changes go on
+    /// meanwhile, and one that fails (no room for the area) never held them up.
+    #[tokio::test]
+    async fn a_freeze_creates_its_area_before_taking_the_gate() {
+        let size = 1 << 20;
+        let (dir, store) = setup("early", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let g = set.change(&store, 0, 4096).await;
+        let e = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            set.freeze(&store, "huge", 1 << 60, "", || Ok(1)),
+        )
+        .await
+        .expect("not waiting for the change in flight")
+        .err()
+        .expect("no room");
+        assert!(
+            matches!(
+                &e,
+                SnapshotError::Area {
+                    source: AreaError::Reserve { .. },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!dir.join("r0@huge.snap").exists(), "nothing left");
+        drop(g);
+        set.freeze(&store, "huge", 1 << 20, "", || Ok(1))
+            .await
+            .expect("the name is free again");
+    }
+
+    /// A snapshot's name is taken from the start of its freeze until its drop removed its area:
+    /// a freeze of the same name meanwhile is refused, so no drop or invalidation removes the
+    /// area of a newer snapshot of that name. A freeze that is cancelled gives its name back
+    /// once its area is removed; a second drop under way finds nothing to drop.
+    #[tokio::test]
+    async fn a_name_is_taken_until_its_area_is_gone() {
+        let size = 1 << 20;
+        let (dir, store) = setup("names", size);
+        fill(&store, 1, size).await;
+        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let set = Arc::new(set);
+        let exists = |e: Result<Arc<Snapshot>, SnapshotError>| {
+            matches!(e, Err(SnapshotError::Exists { .. }))
+        };
+        // Being frozen (waiting for a change in flight, its area created).
+        let g = set.change(&store, 0, 4096).await;
+        let (s2, st2) = (set.clone(), store.clone());
+        let freeze = tokio::spawn(async move { s2.freeze(&st2, "s", 1 << 20, "", || Ok(1)).await });
+        let area = dir.join("r0@s.snap");
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !area.exists() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the area is created before the gate");
+        assert!(exists(set.open("s", 1 << 20, 1, "")));
+        // Cancelled: the area is removed and the name given back.
+        freeze.abort();
+        assert!(matches!(freeze.await, Err(e) if e.is_cancelled()));
+        drop(g);
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while !set.creating.lock().unwrap().is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the name is given back");
+        assert!(!area.exists(), "the cancelled freeze's area is removed");
+        // Invalidated (area full): listed, its name taken, until dropped.
+        let small = set.open("s", area_bytes(1, 4096), 1, "").unwrap();
+        let g = set.change(&store, 0, 8192).await;
+        assert_eq!(g.invalidated.len(), 1);
+        drop(g);
+        assert!(exists(set.open("s", 1 << 20, 1, "")));
+        // Two drops at once: one drops it, the other finds nothing.
+        let (d1, d2) = tokio::join!(set.drop_snapshot("s"), set.drop_snapshot("s"));
+        assert!(
+            matches!(
+                (&d1, &d2),
+                (Ok(()), Err(SnapshotError::Unknown { .. }))
+                    | (Err(SnapshotError::Unknown { .. }), Ok(()))
+            ),
+            "{d1:?} {d2:?}"
+        );
+        assert!(small.read(&store, 0, 1).await.is_err());
+        // Taken again at once: nothing of the old one removes the new area.
+        let snap = set
+            .freeze(&store, "s", 1 << 20, "", || Ok(2))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(area.exists());
+        let g = set.change(&store, 0, 4096).await;
+        store
+            .write(0, Bytes::from(vec![5u8; 4096]), false)
+            .await
+            .unwrap();
+        drop(g);
+        assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
+        assert!(set.close_all(async { Ok(()) }).await.is_empty());
+        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(dropped.is_empty(), "{dropped:?}");
+        assert_eq!(set.get("s").unwrap().status().generation, 2);
     }
 
     /// A dropped snapshot is invalid before a change can stop preserving for it: never
@@ -1194,6 +1622,7 @@ mod tests {
         assert!(g.invalidated[0].reason.contains("full"));
         drop(g);
         assert!(small.read(&store, 0, 1).await.is_err());
+        small.area_removed().await;
         assert!(!dir.join("r0@small.snap").exists(), "its area is removed");
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
     }

@@ -937,6 +937,12 @@ impl BlockStore {
             })
     }
 
+    /// Test hook: counts a change in flight as the engine would while it executes one.
+    #[cfg(test)]
+    pub(crate) fn begin_write_for_test(&self) -> WriteGuard {
+        self.begin_write()
+    }
+
     /// Test hook: makes the engine's worker thread(s) exit as if they had crashed.
     #[cfg(test)]
     pub(crate) fn kill_engine_for_test(&self) {
