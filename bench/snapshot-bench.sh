@@ -132,7 +132,8 @@ for rep in $(seq "$REPEAT"); do
     [ -z "$invalid" ] || { echo "snapshot invalidated: $invalid" >&2; exit 1; }
     # Blocks preserved, from the area's format version (offset 8 of its header; the area is
     # `bench@bN.snap`, `bench.bN.snap` with older builds): version 1 (older builds) spends 4160
-    # bytes per block; version 2 a 4 KiB page per block and a 4 KiB table page per 256 blocks.
+    # bytes per block; versions 2 and 3 a 4 KiB page per block and a 4 KiB table page per 256
+    # blocks.
     version=$(od -An -t u4 -j 8 -N 4 "$(find "$WORK" \( -name "bench@b$rep.snap" -o -name "bench.b$rep.snap" \) | head -1)" | tr -d ' ')
     ctl n1 snapshot bench --drop "b$rep" >/dev/null
     if [ "$version" = 1 ]; then

@@ -649,6 +649,7 @@ impl Resource {
             &spec.me.snapshot_dir(),
             &spec.name,
             g.data_size,
+            &sb.generations,
         );
         Ok(Arc::new(Resource {
             store: crate::repl::local_disk::LocalStore::new(store),
@@ -1337,7 +1338,8 @@ impl Resource {
             p.kill.notify_one();
         }
         let flush = async { self.store.flush().await.map_err(|e| error_chain(&e)) };
-        for e in self.snapshots.set.close_all(flush).await {
+        let generation = || self.meta.lock().expect("meta").sb.generations.current.0;
+        for e in self.snapshots.set.close_all(flush, generation).await {
             tracing::error!(resource = %self.spec.name, "cannot keep a snapshot: {e}");
         }
         let primary = self.role() == Role::Primary;

@@ -11,6 +11,7 @@ use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::meta::generation::{GenerationIds, Uuid};
 use crate::nbd::export::Export;
 use crate::nbd::server::{self, Listener, ServerOptions};
 use crate::repl::device::Device;
@@ -174,10 +175,17 @@ impl FlushBoundaries {
 const FLUSH_BOUNDARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl SnapshotService {
-    /// Reloads the snapshots a clean shutdown left in `dir`; untrusted ones are removed and
-    /// reported.
-    pub fn load(dir: &std::path::Path, resource: &str, size: u64) -> SnapshotService {
-        let (set, dropped) = Snapshots::load(dir, resource, size);
+    /// Reloads the snapshots a clean shutdown left in `dir` over this replica (`size` bytes,
+    /// metadata generations `generations`); untrusted ones are removed and reported.
+    pub fn load(
+        dir: &std::path::Path,
+        resource: &str,
+        size: u64,
+        generations: &GenerationIds,
+    ) -> SnapshotService {
+        let generations = generations.clone();
+        let (set, dropped) =
+            Snapshots::load(dir, resource, size, |g| knows_generation(&generations, g));
         for d in dropped {
             tracing::warn!(resource, "{d}");
             eprintln!("blockd: resource {resource}: {d}");
@@ -230,6 +238,18 @@ impl SnapshotExport {
                 source: std::io::Error::other(error_chain(&e)),
             })
     }
+}
+
+/// Whether metadata with `generations` knows data generation `g` — its current one, one in its
+/// history, or one a peer's bitmap tracks from (where the current one goes when it is
+/// replaced): an area closed over `g` was closed over this replica. Recreated metadata, or
+/// another disk's, knows none of this replica's generations.
+pub(crate) fn knows_generation(generations: &GenerationIds, g: u64) -> bool {
+    let g = Uuid(g);
+    !g.is_zero()
+        && (g.same(generations.current)
+            || generations.in_history(g)
+            || generations.bitmap.iter().any(|b| !b.is_zero() && b.same(g)))
 }
 
 /// Why this node may not freeze its replica now, or `None`: snapshots are taken on a
@@ -486,6 +506,30 @@ mod tests {
         tokio::time::timeout(Duration::from_millis(50), b.reached(target))
             .await
             .ok()
+    }
+
+    /// An area closed over a generation is reopened over the metadata that still knows it:
+    /// current (Primary bit aside), rotated into a peer's bitmap or into the history; not over
+    /// recreated metadata or another replica's generations.
+    #[test]
+    fn an_area_is_reopened_only_over_metadata_that_knows_its_generation() {
+        let mut g = GenerationIds::just_created();
+        assert!(!knows_generation(&g, 0));
+        g.new_current(0x1000, false, &[]);
+        assert!(knows_generation(&g, 0x1000));
+        assert!(
+            knows_generation(&g, 0x1001),
+            "the Primary bit is not identity"
+        );
+        g.new_current(0x2000, true, &[1]);
+        assert!(knows_generation(&g, 0x1000), "in peer 1's bitmap");
+        assert!(knows_generation(&g, 0x2000));
+        g.new_current(0x3000, true, &[]);
+        assert!(knows_generation(&g, 0x2000), "in the history");
+        assert!(!knows_generation(&g, 0x4000));
+        assert!(!knows_generation(&g, 0));
+        let recreated = GenerationIds::just_created();
+        assert!(!knows_generation(&recreated, 0x3000));
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub enum AreaError {
         found: u64,
         expected: u64,
     },
+    #[error(
+        "snapshot area {path} was closed over data generation {generation:016X}, which this replica's metadata does not know (another disk or recreated metadata)"
+    )]
+    OtherReplica { path: PathBuf, generation: u64 },
     #[error("snapshot {name:?}: {source}")]
     Full {
         name: String,
@@ -271,8 +275,14 @@ impl CowArea {
 
     /// Reopens an area closed cleanly by [`close`](Self::close), checks every table and every
     /// block's data and marks it Open again. An area left Open (a crash) is refused: blocks
-    /// overwritten after their preserved copy was last written out would read back wrong.
-    pub fn reopen(path: &Path, device_size: u64) -> Result<CowArea, AreaError> {
+    /// overwritten after their preserved copy was last written out would read back wrong. So
+    /// is one for another device size, or closed over a data generation `known` says the
+    /// replica's metadata does not know: it was not closed over this replica.
+    pub fn reopen(
+        path: &Path,
+        device_size: u64,
+        known: impl Fn(u64) -> bool,
+    ) -> Result<CowArea, AreaError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -299,6 +309,12 @@ impl CowArea {
                 path: path.to_owned(),
                 found: header.device_size,
                 expected: device_size,
+            });
+        }
+        if !known(header.closed_generation) {
+            return Err(AreaError::OtherReplica {
+                path: path.to_owned(),
+                generation: header.closed_generation,
             });
         }
         let bs = header.block_size;
@@ -517,8 +533,10 @@ impl CowArea {
     }
 
     /// Writes the waiting blocks and the last group's table, syncs everything and marks the
-    /// area Closed, so a restart can reopen it.
-    pub fn close(mut self) -> Result<(), AreaError> {
+    /// area Closed over the replica's data generation now, `generation`, so a restart can
+    /// reopen it over the same replica.
+    pub fn close(mut self, generation: u64) -> Result<(), AreaError> {
+        self.header.closed_generation = generation;
         self.write_waiting()?;
         let used = self.index.used();
         if !used.is_multiple_of(GROUP_SLOTS) {
@@ -635,7 +653,16 @@ mod tests {
             preserved_blocks: 0,
             name: "nightly".into(),
             listen: String::new(),
+            closed_generation: 0,
         }
+    }
+
+    /// The data generation these tests close areas over.
+    const GEN: u64 = 0xfeed_0000_0002;
+
+    /// The generations the replica's metadata knows, in these tests.
+    fn known(g: u64) -> bool {
+        g == GEN
     }
 
     fn tmp(name: &str) -> PathBuf {
@@ -662,8 +689,8 @@ mod tests {
         assert!(a.preserve(0, &[3u8; 4096]).is_err());
         assert_eq!(a.used_bytes(), 2 * 4096 + 4096);
         assert_eq!(&a.read_block(0).unwrap()[..], &[1u8; 4096][..], "waiting");
-        a.close().unwrap();
-        let b = CowArea::reopen(&path, 1 << 30).unwrap();
+        a.close(GEN).unwrap();
+        let b = CowArea::reopen(&path, 1 << 30, known).unwrap();
         assert_eq!(b.index().slot_of(1), Some(0));
         assert_eq!(&b.read_block(1).unwrap()[..], &[2u8; 4096][..]);
         assert_eq!(&b.read_block(0).unwrap()[..], &[1u8; 4096][..]);
@@ -707,8 +734,8 @@ mod tests {
             a.used_bytes(),
             used * 4096 + used.div_ceil(GROUP_SLOTS) * 4096
         );
-        a.close().unwrap();
-        let mut b = CowArea::reopen(&path, 1 << 30).unwrap();
+        a.close(GEN).unwrap();
+        let mut b = CowArea::reopen(&path, 1 << 30, known).unwrap();
         assert_eq!(b.index().used(), used);
         for slot in 0..used {
             assert_eq!(&b.read_block(slot).unwrap()[..], &content(2 * slot)[..]);
@@ -716,8 +743,8 @@ mod tests {
         for blk in (2 * used + 1)..(2 * used + 1 + total - used) {
             b.preserve(blk, &content(blk)).unwrap();
         }
-        b.close().unwrap();
-        let c = CowArea::reopen(&path, 1 << 30).unwrap();
+        b.close(GEN).unwrap();
+        let c = CowArea::reopen(&path, 1 << 30, known).unwrap();
         assert_eq!(c.index().used(), total);
         for slot in used..total {
             let blk = 2 * used + 1 + (slot - used);
@@ -758,7 +785,7 @@ mod tests {
         let mut a = CowArea::create(&path, header(4)).unwrap();
         a.preserve(3, &[9u8; 4096]).unwrap();
         drop(a);
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(matches!(e, AreaError::Unclean { .. }), "{e}");
         assert!(e.to_string().contains("not closed cleanly"));
     }
@@ -770,7 +797,7 @@ mod tests {
         for b in 0..n {
             a.preserve(b * 3, &content(b * 3)).unwrap();
         }
-        a.close().unwrap();
+        a.close(GEN).unwrap();
         path
     }
 
@@ -789,33 +816,48 @@ mod tests {
     fn corruption_and_foreign_devices_are_refused() {
         let path = closed_area("corrupt", GROUP_SLOTS + 3);
         assert!(matches!(
-            CowArea::reopen(&path, 2 << 30),
+            CowArea::reopen(&path, 2 << 30, known),
             Err(AreaError::WrongDevice { .. })
         ));
-        CowArea::reopen(&path, 1 << 30).unwrap().close().unwrap();
+        let e = CowArea::reopen(&path, 1 << 30, |g| g == GEN + 2).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                AreaError::OtherReplica {
+                    generation: GEN,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("does not know"), "{e}");
+        CowArea::reopen(&path, 1 << 30, known)
+            .unwrap()
+            .close(GEN)
+            .unwrap();
         // Data of a slot in the second group.
         flip(&path, cow_record::data_offset(GROUP_SLOTS + 1, 4096) + 100);
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(e.to_string().contains("data CRC-32"), "{e}");
         // A table entry.
         let path = closed_area("corrupt-table", 5);
         flip(&path, cow_record::table_offset(0, 4096) + 40);
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(e.to_string().contains("table 0 fails its CRC-32"), "{e}");
         // The area header.
         let path = closed_area("corrupt-header", 5);
         flip(&path, 30);
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(e.to_string().contains("header fails its CRC-32"), "{e}");
         // Not an area at all, or cut short.
         let path = tmp("foreign");
         std::fs::write(&path, vec![7u8; 8192]).unwrap();
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(e.to_string().contains("not a blockd snapshot area"), "{e}");
         let path = closed_area("short", 5);
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(cow_record::data_offset(4, 4096) + 10).unwrap();
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         assert!(matches!(e, AreaError::Read { .. }), "{e}");
     }
 
@@ -832,7 +874,7 @@ mod tests {
         let crc = crc32fast::hash(&v1[..HEADER_SIZE - 4]);
         v1[HEADER_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&path, &v1).unwrap();
-        let e = CowArea::reopen(&path, 1 << 30).unwrap_err();
+        let e = CowArea::reopen(&path, 1 << 30, known).unwrap_err();
         let chain = crate::repl::resource::error_chain(&e);
         assert!(chain.contains("format version 1"), "{chain}");
     }
@@ -872,8 +914,8 @@ mod tests {
         }
         assert_eq!(a.index().used(), 2, "refused runs change nothing");
         a.preserve_run(&[], 0, &Bytes::new()).unwrap();
-        a.close().unwrap();
-        let mut b = CowArea::reopen(&path, 3 * 4096 + 100).unwrap();
+        a.close(GEN).unwrap();
+        let mut b = CowArea::reopen(&path, 3 * 4096 + 100, known).unwrap();
         assert_eq!(b.read_block(0).unwrap(), old[4096..8192]);
         let mut last = old[3 * 4096..].to_vec();
         last.resize(4096, 0);

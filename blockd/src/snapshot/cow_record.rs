@@ -7,14 +7,16 @@
 //!
 //! ```text
 //! area header (4 KiB, at offset 0):
-//!    0 magic "BLKDSNAP"       8 version u32 (2)      12 state u32 (1 open, 2 closed cleanly)
+//!    0 magic "BLKDSNAP"       8 version u32 (3)      12 state u32 (1 open, 2 closed cleanly)
 //!   16 block_size u32        20 name_len u16         22 listen_len u16
 //!   24 device_size u64       32 capacity_blocks u64  40 created_unix_ms u64
 //!   48 generation u64 (current data generation of the replica at the freeze)
 //!   56 preserved_blocks u64 (meaningful when closed)
 //!   64 name (name_len bytes of UTF-8, at most 128)
 //!  192 NBD listen address (listen_len bytes of UTF-8, at most 64; empty: none)
-//!  256 zero                  4092 crc32 over 0..4092
+//!  256 closed_generation u64 (the replica's data generation when the area was closed cleanly;
+//!      meaningful when closed: an area is reopened only over metadata that knows it)
+//!  264 zero                  4092 crc32 over 0..4092
 //! group g (slots g*256 .. g*256+255), at 4096 + g * (4096 + 256 * block_size):
 //!   table page (4 KiB):
 //!      0 magic "COWTABLE"     8 group u64 (= g)      16 slots in use u32 (1..=256)
@@ -26,14 +28,15 @@
 //!
 //! A group's table is written when its last slot fills and, for the last group, when the area
 //! is closed: like every record, it is trusted only in an area closed cleanly.
-//! Version 1 (one 64-byte header before each block's data, unaligned) is refused.
+//! Version 1 (one 64-byte header before each block's data, unaligned) and version 2 (the same
+//! as 3 without `closed_generation`: nothing tied it to the replica it froze) are refused.
 
 /// Magic at offset 0 of an area header.
 pub const AREA_MAGIC: [u8; 8] = *b"BLKDSNAP";
 /// Magic at offset 0 of every table page.
 pub const TABLE_MAGIC: [u8; 8] = *b"COWTABLE";
 /// The format version this build reads and writes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Bytes of the area header.
 pub const HEADER_SIZE: usize = 4096;
 /// Bytes of a group's table page.
@@ -47,6 +50,7 @@ pub const MAX_LISTEN_LEN: usize = 64;
 
 const NAME_AT: usize = 64;
 const LISTEN_AT: usize = 192;
+const CLOSED_GENERATION_AT: usize = 256;
 const CRC_AT: usize = HEADER_SIZE - 4;
 const TABLE_CRC_AT: usize = TABLE_SIZE - 4;
 const TABLE_ENTRIES_AT: usize = 32;
@@ -74,6 +78,8 @@ pub struct AreaHeader {
     pub name: String,
     /// Where the snapshot is served over NBD (`ADDR:PORT`), kept across restarts.
     pub listen: String,
+    /// The replica's data generation when the area was closed (meaningful when closed).
+    pub closed_generation: u64,
 }
 
 /// Why a record could not be decoded or trusted.
@@ -217,6 +223,7 @@ pub fn encode_header(h: &AreaHeader) -> Result<[u8; HEADER_SIZE], CowRecordError
     put_u64(&mut buf, 56, h.preserved_blocks);
     buf[NAME_AT..NAME_AT + h.name.len()].copy_from_slice(h.name.as_bytes());
     buf[LISTEN_AT..LISTEN_AT + h.listen.len()].copy_from_slice(h.listen.as_bytes());
+    put_u64(&mut buf, CLOSED_GENERATION_AT, h.closed_generation);
     let crc = crc32fast::hash(&buf[..CRC_AT]);
     put_u32(&mut buf, CRC_AT, crc);
     Ok(buf)
@@ -310,6 +317,7 @@ pub fn decode_header(buf: &[u8]) -> Result<AreaHeader, CowRecordError> {
         preserved_blocks: get_u64(buf, 56),
         name,
         listen,
+        closed_generation: get_u64(buf, CLOSED_GENERATION_AT),
     };
     validate(&h)?;
     Ok(h)
@@ -395,13 +403,15 @@ mod tests {
             preserved_blocks: 0,
             name: name.into(),
             listen: "127.0.0.1:10900".into(),
+            closed_generation: 0x1234_5678_9abc_def0,
         }
     }
 
     proptest! {
         #[test]
         fn header_round_trips(name in "[a-zA-Z0-9_.-]{1,128}", listen in "[0-9.:]{0,64}", closed: bool, bs_shift in 9u32..=20,
-                              dev: u64, cap in 0u64..1 << 40, gen_id: u64, ms: u64, used_frac in 0.0f64..=1.0) {
+                              dev: u64, cap in 0u64..1 << 40, gen_id: u64, ms: u64, used_frac in 0.0f64..=1.0,
+                              closed_gen: u64) {
             let h = AreaHeader {
                 state: if closed { AreaState::Closed } else { AreaState::Open },
                 block_size: 1 << bs_shift,
@@ -412,6 +422,7 @@ mod tests {
                 preserved_blocks: (cap as f64 * used_frac) as u64,
                 name,
                 listen,
+                closed_generation: closed_gen,
             };
             let buf = encode_header(&h).unwrap();
             prop_assert_eq!(decode_header(&buf).unwrap(), h);
@@ -530,13 +541,21 @@ mod tests {
     }
 
     #[test]
-    fn version_1_areas_are_refused_with_a_clear_message() {
-        let mut buf = encode_header(&header("old")).unwrap();
-        put_u32(&mut buf, 8, 1);
-        let crc = crc32fast::hash(&buf[..CRC_AT]);
-        put_u32(&mut buf, CRC_AT, crc);
-        let e = decode_header(&buf).unwrap_err();
-        assert_eq!(e, CowRecordError::UnsupportedVersion { found: 1 });
-        assert!(e.to_string().contains("version 1"), "{e}");
+    fn older_versions_are_refused_with_a_clear_message() {
+        for version in [1, 2] {
+            let mut buf = encode_header(&header("old")).unwrap();
+            put_u32(&mut buf, 8, version);
+            let crc = crc32fast::hash(&buf[..CRC_AT]);
+            put_u32(&mut buf, CRC_AT, crc);
+            let e = decode_header(&buf).unwrap_err();
+            assert_eq!(e, CowRecordError::UnsupportedVersion { found: version });
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!(
+                    "format version {version}; this build reads version 3"
+                )),
+                "{msg}"
+            );
+        }
     }
 }

@@ -617,8 +617,15 @@ pub struct ChangeGuard<'a> {
 
 impl Snapshots {
     /// The snapshots of `resource` whose areas live in `dir`, reloading every area a clean
-    /// shutdown left; an area that cannot be trusted is removed, with the reason returned.
-    pub fn load(dir: &Path, resource: &str, device_size: u64) -> (Snapshots, Vec<String>) {
+    /// shutdown left over this replica (a device of `device_size` bytes whose metadata
+    /// `known`s the data generation the area was closed over); an area that cannot be trusted
+    /// is removed, with the reason returned.
+    pub fn load(
+        dir: &Path,
+        resource: &str,
+        device_size: u64,
+        known: impl Fn(u64) -> bool,
+    ) -> (Snapshots, Vec<String>) {
         let set = Snapshots {
             dir: dir.to_owned(),
             resource: resource.to_owned(),
@@ -650,7 +657,7 @@ impl Snapshots {
                 },
             };
             let path = set.area_path(&name);
-            match CowArea::reopen(&path, device_size) {
+            match CowArea::reopen(&path, device_size, &known) {
                 Ok(area) if area.header().name == name => set.insert(name, path, area),
                 Ok(area) => {
                     let recorded = area.header().name.clone();
@@ -896,6 +903,8 @@ impl Snapshots {
             preserved_blocks: 0,
             name: name.to_owned(),
             listen: listen.to_owned(),
+            // Set by `close`.
+            closed_generation: 0,
         };
         let reserved = Reservation {
             creating: self.creating.clone(),
@@ -1071,8 +1080,14 @@ impl Snapshots {
     /// did not see would make a reloaded snapshot silently wrong. `flush_replica` runs between
     /// the two: an area marked closed over replica writes still in the page cache would, after
     /// a machine crash, describe data that is not on disk; when it fails, no area is marked
-    /// closed (they are dropped with a message at the next start).
-    pub async fn close_all<F>(&self, flush_replica: F) -> Vec<String>
+    /// closed (they are dropped with a message at the next start). Areas are marked closed
+    /// over the replica's data generation `generation` gives then: the next start reopens
+    /// them only over metadata that knows it.
+    pub async fn close_all<F>(
+        &self,
+        flush_replica: F,
+        generation: impl FnOnce() -> u64,
+    ) -> Vec<String>
     where
         F: std::future::Future<Output = Result<(), String>>,
     {
@@ -1097,10 +1112,11 @@ impl Snapshots {
             }
             return errors;
         }
+        let generation = generation();
         for snap in snaps {
             let area = snap.frozen().area.take();
             if let Some(area) = area
-                && let Err(e) = area.close()
+                && let Err(e) = area.close(generation)
             {
                 errors.push(format!("snapshot {:?}: {}", snap.name, chain(&e)));
             }
@@ -1133,6 +1149,14 @@ mod tests {
     use crate::store::OpenOptions;
     use bytes::Bytes;
 
+    /// The replica's data generation when these tests close areas.
+    const GEN: u64 = 0xfeed_0000_0002;
+
+    /// The generations the replica's metadata knows, in these tests.
+    fn known(g: u64) -> bool {
+        g == GEN
+    }
+
     fn setup(name: &str, size: u64) -> (PathBuf, BlockStore) {
         let dir =
             std::env::temp_dir().join(format!("blockd-snapset-{}-{name}", std::process::id()));
@@ -1158,7 +1182,7 @@ mod tests {
         let size = 64 * 1024 + 100;
         let (dir, store) = setup("image", size);
         fill(&store, 1, size).await;
-        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(dropped.is_empty());
         assert!(set.is_empty());
         let snap = set.open("s1", 1 << 20, 7, "").unwrap();
@@ -1218,7 +1242,7 @@ mod tests {
     async fn a_full_area_invalidates_the_snapshot_not_the_write() {
         let size = 1 << 20;
         let (dir, store) = setup("full", size);
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let snap = set.open("small", area_bytes(2, 4096), 1, "").unwrap();
         assert!(set.before_write(&store, 0, 8192).await.is_empty());
         let inv = set.before_write(&store, 8192, 1).await;
@@ -1238,34 +1262,47 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("restart", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         set.open("kept", 1 << 20, 1, "").unwrap();
         set.before_write(&store, 0, 4096).await;
         store
             .write(0, Bytes::from(vec![2u8; 4096]), false)
             .await
             .unwrap();
-        assert!(set.close_all(async { Ok(()) }).await.is_empty());
-        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(set.close_all(async { Ok(()) }, || GEN).await.is_empty());
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(dropped.is_empty(), "{dropped:?}");
         let snap = set.get("kept").unwrap();
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
         // Now "crash": no close_all.
         drop(snap);
         drop(set);
-        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(set.is_empty());
         assert_eq!(dropped.len(), 1);
         assert!(dropped[0].contains("not closed cleanly"), "{}", dropped[0]);
-        let (_, dropped) = Snapshots::load(&dir, "r0", size);
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(dropped.is_empty(), "the untrusted area was removed");
+        // Closed cleanly, then reloaded over metadata that does not know the data generation
+        // it was closed over (recreated, or another disk's): dropped.
+        set.open("other", 1 << 20, 1, "").unwrap();
+        assert!(set.close_all(async { Ok(()) }, || GEN).await.is_empty());
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, |g| g == GEN + 2);
+        assert!(set.is_empty());
+        assert_eq!(dropped.len(), 1);
+        assert!(
+            dropped[0].contains("does not know") && dropped[0].contains("\"other\""),
+            "{}",
+            dropped[0]
+        );
+        assert!(!dir.join("r0@other.snap").exists());
     }
 
     #[tokio::test]
     async fn a_freeze_waits_for_changes_in_flight_and_holds_new_ones() {
         let size = 1 << 20;
         let (dir, store) = setup("gate", size);
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let set = Arc::new(set);
         let guard = set.change(&store, 0, 4096).await;
         let (s2, st2) = (set.clone(), store.clone());
@@ -1305,7 +1342,7 @@ mod tests {
         use std::sync::atomic::AtomicBool;
         let size = 1 << 20;
         let (dir, store) = setup("recheck", size);
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let set = Arc::new(set);
         let consistent = Arc::new(AtomicBool::new(true));
         let guard = set.change(&store, 0, 4096).await;
@@ -1363,7 +1400,7 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("engine", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let set = Arc::new(set);
         let g = set.change(&store, 0, 4096).await;
         let running = store.begin_write_for_test();
@@ -1405,7 +1442,7 @@ mod tests {
     async fn a_freeze_creates_its_area_before_taking_the_gate() {
         let size = 1 << 20;
         let (dir, store) = setup("early", size);
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let g = set.change(&store, 0, 4096).await;
         let e = tokio::time::timeout(
             std::time::Duration::from_secs(10),
@@ -1441,7 +1478,7 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("names", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let set = Arc::new(set);
         let exists = |e: Result<Arc<Snapshot>, SnapshotError>| {
             matches!(e, Err(SnapshotError::Exists { .. }))
@@ -1502,8 +1539,8 @@ mod tests {
             .unwrap();
         drop(g);
         assert_eq!(&snap.read(&store, 0, 4).await.unwrap()[..], &[1u8; 4]);
-        assert!(set.close_all(async { Ok(()) }).await.is_empty());
-        let (set, dropped) = Snapshots::load(&dir, "r0", size);
+        assert!(set.close_all(async { Ok(()) }, || GEN).await.is_empty());
+        let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(dropped.is_empty(), "{dropped:?}");
         assert_eq!(set.get("s").unwrap().status().generation, 2);
     }
@@ -1515,7 +1552,7 @@ mod tests {
     async fn a_dropped_snapshot_is_invalid_before_it_is_unlisted() {
         let size = 1 << 20;
         let (dir, store) = setup("droprace", size);
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let set = Arc::new(set);
         let snap = set.open("s", 1 << 20, 1, "").unwrap();
         let held = snap.frozen();
@@ -1561,7 +1598,7 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("now", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let g = set
             .try_change_now(&store, 0, 4096)
             .expect("no snapshot: at once");
@@ -1634,7 +1671,7 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("notnow", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let _small = set.open("small", area_bytes(1, 4096), 1, "").unwrap();
         let _big = set.open("big", 1 << 20, 1, "").unwrap();
         // Too large to preserve at once for "big"; too large to fit at all in "small".
@@ -1692,7 +1729,7 @@ mod tests {
             .write(0, Bytes::from(frozen.clone()), false)
             .await
             .unwrap();
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let snap = set.open("z", 8 << 20, 1, "").unwrap();
         // One block preserved already, in the middle of the first piece.
         let g = set.change(&store, 8192, 1).await;
@@ -1744,32 +1781,32 @@ mod tests {
         let size = 1 << 20;
         let (dir, store) = setup("prefix", size);
         fill(&store, 1, size).await;
-        let (r0, _) = Snapshots::load(&dir, "r0", size);
-        let (r0x, _) = Snapshots::load(&dir, "r0.x", size);
+        let (r0, _) = Snapshots::load(&dir, "r0", size, known);
+        let (r0x, _) = Snapshots::load(&dir, "r0.x", size, known);
         // The same file name under the old scheme: r0.x.y.snap.
         r0.open("x.y", 1 << 20, 1, "").unwrap();
         r0x.open("y", 1 << 20, 2, "").unwrap();
         r0x.open("z", 1 << 20, 3, "").unwrap();
         r0.before_write(&store, 0, 4096).await;
         r0x.before_write(&store, 0, 4096).await;
-        assert!(r0.close_all(async { Ok(()) }).await.is_empty());
-        assert!(r0x.close_all(async { Ok(()) }).await.is_empty());
+        assert!(r0.close_all(async { Ok(()) }, || GEN).await.is_empty());
+        assert!(r0x.close_all(async { Ok(()) }, || GEN).await.is_empty());
         let names = |s: &Snapshots| s.status().into_iter().map(|s| s.name).collect::<Vec<_>>();
-        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(dropped.is_empty(), "{dropped:?}");
         assert_eq!(names(&r0), ["x.y"]);
-        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size);
+        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size, known);
         assert!(dropped.is_empty(), "{dropped:?}");
         assert_eq!(names(&r0x), ["y", "z"]);
         // Areas named by an earlier build: r0's "x.y" and r0.x's "z" (r0.x's "y" cannot have
         // existed beside r0's "x.y": one file name), and an unreadable one.
-        assert!(r0.close_all(async { Ok(()) }).await.is_empty());
-        assert!(r0x.close_all(async { Ok(()) }).await.is_empty());
+        assert!(r0.close_all(async { Ok(()) }, || GEN).await.is_empty());
+        assert!(r0x.close_all(async { Ok(()) }, || GEN).await.is_empty());
         std::fs::remove_file(dir.join("r0.x@y.snap")).unwrap();
         std::fs::rename(dir.join("r0@x.y.snap"), dir.join("r0.x.y.snap")).unwrap();
         std::fs::rename(dir.join("r0.x@z.snap"), dir.join("r0.x.z.snap")).unwrap();
         std::fs::write(dir.join("r0.x.bad.snap"), b"not an area").unwrap();
-        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size);
+        let (r0x, dropped) = Snapshots::load(&dir, "r0.x", size, known);
         assert_eq!(names(&r0x), ["z"], "r0's x.y is not r0.x's y");
         assert_eq!(dropped.len(), 1, "{dropped:?}");
         assert!(dropped[0].contains("left in place"), "{dropped:?}");
@@ -1778,7 +1815,7 @@ mod tests {
             dir.join("r0.x@z.snap").exists(),
             "renamed to the new scheme"
         );
-        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert_eq!(names(&r0), ["x.y"]);
         assert_eq!(dropped.len(), 1, "{dropped:?}");
         assert!(
@@ -1794,7 +1831,7 @@ mod tests {
         assert_eq!(r0x.get("z").unwrap().status().generation, 3);
         // An area of ours left open by a crash is removed; the other resource's is not touched.
         drop(r0);
-        let (r0, dropped) = Snapshots::load(&dir, "r0", size);
+        let (r0, dropped) = Snapshots::load(&dir, "r0", size, known);
         assert!(r0.is_empty());
         assert_eq!(dropped.len(), 2, "{dropped:?}");
         assert!(!dir.join("r0@x.y.snap").exists());
@@ -1824,7 +1861,7 @@ mod tests {
         let blocks = size / 4096;
         let (dir, store) = setup("cost", size);
         fill(&store, 1, size).await;
-        let (set, _) = Snapshots::load(&dir, "r0", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
         let data = vec![7u8; 4096];
         // A permutation of the blocks (odd multiplier modulo a power of two).
         let order = |i: u64, salt: u64| (i.wrapping_mul(2_654_435_761) + salt) % blocks;
@@ -1877,7 +1914,7 @@ mod tests {
                 let (dir, store) = setup("model", size);
                 let frozen: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
                 store.write(0, Bytes::from(frozen.clone()), false).await.unwrap();
-                let (set, _) = Snapshots::load(&dir, "r0", size);
+                let (set, _) = Snapshots::load(&dir, "r0", size, known);
                 let snap = set.open("m", 1 << 20, 1, "").unwrap();
                 let mut live = frozen.clone();
                 for (off, len, byte, now) in writes {
@@ -1897,8 +1934,8 @@ mod tests {
                 assert_eq!(&store.read(0, size as usize).await.unwrap()[..], &live[..]);
                 assert_eq!(&snap.read(&store, 0, size as usize).await.unwrap()[..], &frozen[..]);
                 drop(snap);
-                assert!(set.close_all(async { Ok(()) }).await.is_empty());
-                let (set, dropped) = Snapshots::load(&dir, "r0", size);
+                assert!(set.close_all(async { Ok(()) }, || GEN).await.is_empty());
+                let (set, dropped) = Snapshots::load(&dir, "r0", size, known);
                 assert!(dropped.is_empty(), "{dropped:?}");
                 let snap = set.get("m").unwrap();
                 assert_eq!(&snap.read(&store, 0, size as usize).await.unwrap()[..], &frozen[..]);
