@@ -799,19 +799,25 @@ impl Snapshots {
         let dir = self.dir.clone();
         // The reservation goes with the job: if this freeze is cancelled meanwhile, the area
         // is removed once created, and only then is the name free again.
-        let (mut reserved, created) = tokio::task::spawn_blocking(move || {
+        let creating = tokio::task::spawn_blocking(move || {
             let mut reserved = reserved;
             let created = create_area(&dir, &reserved.path, header).map(|area| {
                 reserved.area = Some(area);
             });
             (reserved, created)
-        })
-        .await
-        .expect("area creation panicked");
-        created.map_err(|source| SnapshotError::Area {
+        });
+        let area_error = |source| SnapshotError::Area {
             name: name.to_owned(),
             source,
+        };
+        // Not run (the runtime is stopping) or panicked: the reservation went with the job.
+        let (mut reserved, created) = creating.await.map_err(|e| {
+            area_error(AreaError::Create {
+                path: self.area_path(name),
+                source: std::io::Error::other(e.to_string()),
+            })
         })?;
+        created.map_err(area_error)?;
         let refused = |reason| SnapshotError::Refused {
             name: name.to_owned(),
             reason,

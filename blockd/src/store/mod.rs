@@ -20,6 +20,10 @@
 //! them to its io-wq).
 //! All clones share one file, so `flush` (fdatasync) covers every write completed through any
 //! connection (what NBD `CAN_MULTI_CONN` promises).
+//!
+//! Every change handed to the engine is counted until the engine is done with it, whether or
+//! not its caller still waits ([`BlockStore::writes_in_flight`]): a snapshot's freeze waits
+//! for them.
 
 mod in_flight;
 mod inline;
