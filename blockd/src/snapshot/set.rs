@@ -38,6 +38,11 @@ use crate::store::{BlockStore, StoreError};
 pub const COW_BLOCK_SIZE: u32 = 4096;
 /// File-name suffix of an area: `<resource>@<name>.snap`.
 const AREA_SUFFIX: &str = ".snap";
+
+/// How long a freeze waits for the changes in flight to finish. Replicated writes that arrive
+/// meanwhile wait behind it, so a disk that does not complete a write cannot hold them longer
+/// than this: the freeze is refused instead.
+pub const FREEZE_QUIET_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Between the resource and the snapshot name in an area's file name. Neither name may contain
 /// it (both use A-Z a-z 0-9 _ . -), so a file name says whose area it is; earlier builds used
 /// '.', which both names may contain (see [`AreaFile::Legacy`]).
@@ -822,10 +827,18 @@ impl Snapshots {
             name: name.to_owned(),
             reason,
         };
-        let outcome = {
-            let _quiet = self.gate.write().await;
+        let quiet = tokio::time::timeout(FREEZE_QUIET_LIMIT, async {
+            let gate = self.gate.write().await;
             store.writes_in_flight().idle().await;
-            match may_freeze() {
+            gate
+        });
+        let outcome = match quiet.await {
+            Err(_) => Err(format!(
+                "the writes in flight did not finish within {} s (a slow or stuck disk); \
+                 try again",
+                FREEZE_QUIET_LIMIT.as_secs()
+            )),
+            Ok(_quiet) => match may_freeze() {
                 Err(reason) => Err(reason),
                 Ok(generation) => {
                     let snap = self.list(&mut reserved, generation);
@@ -837,7 +850,7 @@ impl Snapshots {
                         }
                     }
                 }
-            }
+            },
         };
         match outcome {
             Ok(snap) => Ok(snap),
@@ -1338,6 +1351,46 @@ mod tests {
             .unwrap();
         drop(g);
         assert_eq!(&snap.read(&store, 0, 2).await.unwrap()[..], &[9u8; 2]);
+    }
+
+    /// A change that never finishes (a stuck disk) cannot hold a freeze, nor the changes that
+    /// queue behind it, for longer than the limit: the freeze is refused, its area removed, and
+    /// the changes go on.
+    #[tokio::test]
+    async fn a_freeze_behind_a_stuck_change_is_refused_after_the_limit() {
+        let size = 1 << 20;
+        let (dir, store) = setup("stuck", size);
+        let (set, _) = Snapshots::load(&dir, "r0", size, known);
+        let set = Arc::new(set);
+        let stuck = set.change(&store, 0, 4096).await;
+        let (s2, st2) = (set.clone(), store.clone());
+        let freeze = tokio::spawn(async move {
+            s2.freeze(&st2, "f", 1 << 20, "", || Ok(1))
+                .await
+                .map(|_| ())
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let (s3, st3) = (set.clone(), store.clone());
+        let queued = tokio::spawn(async move { s3.change(&st3, 8192, 4096).await.invalidated });
+        let started = std::time::Instant::now();
+        let err = freeze.await.unwrap().unwrap_err();
+        assert!(started.elapsed() < FREEZE_QUIET_LIMIT + std::time::Duration::from_secs(1));
+        assert!(
+            matches!(&err, SnapshotError::Refused { reason, .. } if reason.contains("did not finish")),
+            "{err}"
+        );
+        let invalidated = tokio::time::timeout(std::time::Duration::from_secs(1), queued)
+            .await
+            .expect("the change queued behind the freeze goes on")
+            .unwrap();
+        assert!(invalidated.is_empty());
+        assert!(set.get("f").is_none());
+        assert!(!dir.join("r0@f.snap").exists(), "the area was removed");
+        drop(stuck);
+        // The name is free again.
+        set.freeze(&store, "f", 1 << 20, "", || Ok(1))
+            .await
+            .unwrap();
     }
 
     /// The freeze decides whether the replica may be frozen with no change in flight: a state
