@@ -454,6 +454,10 @@ impl Resource {
             }
         }
         *self.disk_rt.last_error.lock().expect("last error") = None;
+        // A new disk: the resync failures of the old one say nothing about it.
+        for i in 0..self.peers.len() {
+            self.update_peer(i, |p| p.resync_retry_reset());
+        }
         let epoch = self.disk_rt.epoch.load(Ordering::SeqCst);
         let total = self.size();
         *self.disk_rt.attach.lock().expect("attach") = Some(AttachStatus {

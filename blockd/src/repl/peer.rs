@@ -1515,13 +1515,18 @@ impl Session {
         res.broadcast_state();
         if enter == ReplState::SyncSource {
             let (res2, conn) = (res.clone(), self.conn.clone());
-            let summed = res.checksum_resync(i, untrusted);
             let failed = self.resync_failed.clone();
-            let failed_sessions = res.state.lock().expect("state").peers[i].resync_failed_sessions;
+            let (failed_sessions, not_before) = {
+                let st = res.state.lock().expect("state");
+                let p = &st.peers[i];
+                (p.resync_failed_sessions, p.resync_not_before)
+            };
             self.resync = Some(AbortOnDrop(tokio::spawn(async move {
                 // After sessions whose resync failed (and cleared nothing), wait before trying
-                // again: a failure that persists must not loop at the speed of the link.
-                let delay = resync::retry_delay(failed_sessions);
+                // again: a failure that persists must not loop at the speed of the link. The
+                // wait runs from that failure, not from each new session, so a link that
+                // drops while it waits does not start it over.
+                let delay = resync::resync_wait(not_before, Instant::now());
                 if !delay.is_zero() {
                     tracing::warn!(resource = %res2.name(), peer = %res2.peers[i].node.name,
                         failed_sessions, delay_secs = delay.as_secs(),
@@ -1539,6 +1544,9 @@ impl Session {
                     tokio::time::sleep(delay).await;
                     res2.update_peer(i, |s| s.resync_retry_at = None);
                 }
+                // After the wait: a `connect --checksum` request stays pending for the next
+                // session if this one ends while waiting.
+                let summed = res2.checksum_resync(i, untrusted);
                 let r = if summed {
                     csum_resync::run_source(res2.clone(), i, conn.clone()).await
                 } else {
@@ -1554,9 +1562,12 @@ impl Session {
                         > 0;
                     let next = {
                         let mut st = res2.state.lock().expect("state");
-                        let n = &mut st.peers[i].resync_failed_sessions;
-                        *n = resync::failed_sessions_after(*n, progressed);
-                        resync::retry_delay(*n)
+                        let p = &mut st.peers[i];
+                        p.resync_failed_sessions =
+                            resync::failed_sessions_after(p.resync_failed_sessions, progressed);
+                        let next = resync::retry_delay(p.resync_failed_sessions);
+                        p.resync_not_before = Some(Instant::now() + next);
+                        next
                     };
                     tracing::error!(resource = %res2.name(), peer = %res2.peers[i].node.name,
                         "{why}; ending the session (the next one resyncs again, in {} s)",

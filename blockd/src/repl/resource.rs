@@ -155,6 +155,10 @@ pub(crate) struct PeerState {
     pub resync_failed_sessions: u32,
     /// When the delayed resync of this session starts (status), while it waits.
     pub resync_retry_at: Option<Instant>,
+    /// The earliest start of the next resync as the source, set when a session's resync failed
+    /// (`retry_delay` of the count from then on): a session that ends while it waits leaves it
+    /// as it was, so the next one waits only for the rest.
+    pub resync_not_before: Option<Instant>,
     pub discard_my_data: bool,
     /// Online verify with this peer: progress, then the result.
     pub verify: Option<crate::repl::verify::VerifyStatus>,
@@ -165,6 +169,15 @@ pub(crate) struct PeerState {
     pub known_loss: Option<crate::repl::lost_writes::KnownLoss>,
     /// The last handshake kept blocks marked for the next Primary (`handshake::marks_wait`).
     pub marks_wait: bool,
+}
+
+impl PeerState {
+    /// The resync moved, completed, or an admin started over (`connect`, `attach`): the count
+    /// of failed resync sessions and the wait it imposes are gone.
+    pub(crate) fn resync_retry_reset(&mut self) {
+        self.resync_failed_sessions = 0;
+        self.resync_not_before = None;
+    }
 }
 
 pub(crate) struct State {
@@ -636,6 +649,7 @@ impl Resource {
                 resync_started: None,
                 resync_failed_sessions: 0,
                 resync_retry_at: None,
+                resync_not_before: None,
                 discard_my_data: false,
                 verify: None,
                 checksum_next: false,
@@ -1323,7 +1337,11 @@ impl Resource {
             None => (0..self.peers.len()).collect(),
         };
         for i in which {
-            self.update_peer(i, |p| p.discard_my_data = discard_my_data);
+            self.update_peer(i, |p| {
+                p.discard_my_data = discard_my_data;
+                // An admin asking again (after a repair): resync at once.
+                p.resync_retry_reset();
+            });
             self.peers[i].admin_down.store(false, Ordering::SeqCst);
             self.peers[i].wake.notify_one();
         }

@@ -63,6 +63,12 @@ pub fn retry_delay(failed: u32) -> Duration {
     }
 }
 
+/// How long a session still waits before its resync as the source: until `not_before` (set
+/// when the last one failed), nothing once that has passed or without a failure.
+pub fn resync_wait(not_before: Option<Instant>, now: Instant) -> Duration {
+    not_before.map_or(Duration::ZERO, |t| t.saturating_duration_since(now))
+}
+
 /// Runs the resync towards peer `i` until every dirty block is acknowledged, then ends it.
 /// `Ok` also when the link closed (the session is over); `Err` is a local failure that must
 /// end the session: its text says why.
@@ -220,7 +226,7 @@ pub(crate) async fn finish_source(
     res.update_peer(i, |s| {
         s.repl = ReplState::Established;
         s.resync_done = s.resync_total;
-        s.resync_failed_sessions = 0;
+        s.resync_retry_reset();
     });
     tracing::info!(resource = %res.name(), peer = %res.peers[i].node.name, bytes = sent,
         secs = start.elapsed().as_secs_f64(), "resync finished (source)");
@@ -295,7 +301,7 @@ pub(crate) async fn settle_acked(res: &Resource, i: usize, conn: &Conn) -> bool 
     drop(m);
     if progressed {
         // The resync moves: a later failure starts the count of failed sessions again.
-        res.state.lock().expect("state").peers[i].resync_failed_sessions = 0;
+        res.state.lock().expect("state").peers[i].resync_retry_reset();
     }
     true
 }
@@ -327,5 +333,18 @@ mod tests {
         assert_eq!(retry_delay(failed), Duration::from_secs(4));
         assert_eq!(failed_sessions_after(failed, true), 0, "cleared bits first");
         assert_eq!(failed_sessions_after(u32::MAX, false), u32::MAX);
+    }
+
+    #[test]
+    fn a_session_waits_only_for_the_rest_of_the_delay() {
+        let failed_at = Instant::now();
+        let not_before = Some(failed_at + retry_delay(3));
+        assert_eq!(resync_wait(None, failed_at), Duration::ZERO, "no failure");
+        assert_eq!(resync_wait(not_before, failed_at), Duration::from_secs(4));
+        // A session that started after a link drop 3 s into the wait waits 1 s more.
+        let later = failed_at + Duration::from_secs(3);
+        assert_eq!(resync_wait(not_before, later), Duration::from_secs(1));
+        let past = failed_at + Duration::from_secs(60);
+        assert_eq!(resync_wait(not_before, past), Duration::ZERO);
     }
 }
