@@ -149,7 +149,16 @@ impl Cluster {
     }
 
     pub fn run_raw(&self, node: Option<&str>, args: &[&str]) -> Run {
+        self.run_raw_as(node, None, args)
+    }
+
+    /// [`Cluster::run_raw`] as user and group `ids` (`None`: as this process).
+    pub fn run_raw_as(&self, node: Option<&str>, ids: Option<(u32, u32)>, args: &[&str]) -> Run {
+        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(filed_bin());
+        if let Some((uid, gid)) = ids {
+            cmd.uid(uid).gid(gid);
+        }
         cmd.arg("--config").arg(&self.config);
         if let Some(n) = node {
             cmd.arg("--node").arg(n);

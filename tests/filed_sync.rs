@@ -261,6 +261,60 @@ fn slaves_only_receive() {
     assert_eq!(std::fs::read(b.join("f")).unwrap(), b"master edit");
 }
 
+/// A directory the scanning host cannot list (mode 000 for a filed running as an ordinary user,
+/// like a crashed FUSE mount) hides its files: they are not deleted on the peer, and come back to
+/// normal once it is readable again.
+#[test]
+fn an_unreadable_directory_is_not_deleted_on_the_peers() {
+    use std::os::unix::fs::chown;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run alpha as another user");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let mut c = Cluster::new(2, "auto = \"none\"");
+    for p in [c.dir.path().to_path_buf(), c.path("pki")] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    std::fs::create_dir(a.join("sub")).unwrap();
+    write(&a.join("sub/f"), b"kept");
+    write(&a.join("top"), b"top");
+    let mut own = vec![c.path("alpha"), a.clone(), a.join("sub"), a.join("sub/f")];
+    own.push(a.join("top"));
+    own.extend(["pki/alpha.key", "pki/alpha.pem", "pki/data.key"].map(|p| c.path(p)));
+    for p in own {
+        chown(&p, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    c.start("beta");
+    let sync_alpha = || c.run_raw_as(Some("alpha"), Some((NOBODY, NOBODY)), &["sync"]);
+    let r = sync_alpha();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(b.join("sub/f")).unwrap(), b"kept");
+
+    std::fs::set_permissions(a.join("sub"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    let r = sync_alpha();
+    assert!(
+        r.stdout
+            .contains("%data%/sub: cannot list the directory: Permission denied"),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains("sub/f"), "{r:?}");
+    assert_eq!(
+        std::fs::read(b.join("sub/f")).unwrap(),
+        b"kept",
+        "deleted on the peer"
+    );
+    assert_eq!(std::fs::read(b.join("top")).unwrap(), b"top");
+
+    std::fs::set_permissions(a.join("sub"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    write(&a.join("sub/f"), b"changed");
+    let r = sync_alpha();
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(std::fs::read(b.join("sub/f")).unwrap(), b"changed");
+}
+
 /// filed running as an ordinary user cannot give a received file the sender's owner. That is no
 /// change: later syncs report no false conflict and send nothing back and forth, and that host's
 /// own edits go out without changing the owner on the other host.

@@ -41,11 +41,65 @@ pub struct ScanReport {
     pub hashed: usize,
     /// Paths that could not be read, with the reason (they keep their recorded state).
     pub errors: Vec<String>,
+    /// Paths that could not be read or listed in this scan: nothing recorded at or under them is
+    /// taken as deleted (see [`under_unreadable`]).
+    pub unreadable: Vec<String>,
 }
 
 impl ScanReport {
     pub fn changes(&self) -> usize {
         self.new.len() + self.changed.len() + self.deleted.len()
+    }
+
+    /// Records that `path` could not be read (`why`): an error, and nothing under it deleted.
+    fn unreadable(&mut self, path: &str, why: impl std::fmt::Display) {
+        self.errors.push(format!("{path}: {why}"));
+        self.unreadable.push(path.to_string());
+    }
+}
+
+/// Whether recorded `path` lies at or under a path that could not be read in this scan. Its
+/// absence from what the scan saw then says nothing: a directory that cannot be listed (no
+/// permission, a crashed FUSE or stale NFS mount) hides everything below it, which must keep its
+/// recorded state instead of being deleted on every peer.
+pub fn under_unreadable(path: &str, unreadable: &[String]) -> bool {
+    unreadable.iter().any(|u| is_under(path, u))
+}
+
+/// What a scan does with one of its starting paths, from its `symlink_metadata`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Start {
+    /// Walk it (a path that is gone is recorded as deleted).
+    Scan,
+    /// An include root that does not exist (an unmounted filesystem?): skipped, nothing deleted.
+    Missing,
+    /// It cannot be examined (permission, ENOTCONN/ESTALE/EIO of a broken mount): skipped,
+    /// nothing at or under it deleted.
+    Unreadable,
+    /// An include root recorded as a directory is now something else (a symlink put in its
+    /// place): skipped, nothing deleted, unless the admin confirms.
+    NotADirectory(Kind),
+}
+
+/// Decides [`Start`] for a starting path: `found` is the kind on disk or the stat error,
+/// `explicit` whether the paths were given (a watcher's or `--only` scan: a given path that is gone
+/// is a deletion), `config_root` whether it is an include root, `recorded` the kind recorded for
+/// it and `allow` the admin's `--allow-empty-root`.
+fn start_decision(
+    found: Result<Kind, std::io::ErrorKind>,
+    explicit: bool,
+    config_root: bool,
+    recorded: Option<Kind>,
+    allow: bool,
+) -> Start {
+    match found {
+        Err(std::io::ErrorKind::NotFound) if explicit => Start::Scan,
+        Err(std::io::ErrorKind::NotFound) => Start::Missing,
+        Err(_) => Start::Unreadable,
+        Ok(k) if config_root && !allow && recorded == Some(Kind::Dir) && k != Kind::Dir => {
+            Start::NotADirectory(k)
+        }
+        Ok(_) => Start::Scan,
     }
 }
 
@@ -210,8 +264,28 @@ fn scan_impl(
         let phys = host
             .physical(root)
             .ok_or_else(|| ScanError::NoPrefix(root.clone()))?;
-        match std::fs::symlink_metadata(&phys) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+        let found = std::fs::symlink_metadata(&phys)
+            .map(|m| {
+                let t = m.file_type();
+                if t.is_dir() {
+                    Kind::Dir
+                } else if t.is_symlink() {
+                    Kind::Symlink
+                } else {
+                    Kind::File
+                }
+            })
+            .map_err(|e| (e.kind(), e));
+        let is_config_root = config_roots.iter().any(|r| r == root);
+        match start_decision(
+            found.as_ref().map(|k| *k).map_err(|(k, _)| *k),
+            explicit,
+            is_config_root,
+            recorded.get(root).map(|st| st.kind),
+            allow_empty_roots,
+        ) {
+            Start::Scan => {}
+            Start::Missing => {
                 // A missing include root is probably an unmounted filesystem: never turn it into
                 // a mass deletion.
                 report.errors.push(format!(
@@ -220,7 +294,33 @@ fn scan_impl(
                 ));
                 continue;
             }
-            _ => {}
+            Start::Unreadable => {
+                let e = found.err().map(|(_, e)| e.to_string()).unwrap_or_default();
+                report.unreadable(
+                    root,
+                    format_args!(
+                        "cannot read {}: {e}; not scanned, nothing under it deleted",
+                        phys.display()
+                    ),
+                );
+                continue;
+            }
+            Start::NotADirectory(k) => {
+                report.unreadable(
+                    root,
+                    format_args!(
+                        "include root {} is recorded as a directory but is now a {}; not \
+                         scanned, nothing deleted. If it was replaced on purpose: filed check \
+                         --allow-empty-root",
+                        phys.display(),
+                        match k {
+                            Kind::Symlink => "symlink",
+                            _ => "file",
+                        }
+                    ),
+                );
+                continue;
+            }
         }
         if *deep
             && !allow_empty_roots
@@ -256,11 +356,11 @@ fn scan_impl(
                 report.hashed += 1;
                 seen.insert(pending.logical.clone(), st);
             }
-            Ok(None) => report.errors.push(format!(
-                "{}: changed while being read; will retry next check",
-                pending.logical
-            )),
-            Err(e) => report.errors.push(format!("{}: {e}", pending.logical)),
+            Ok(None) => report.unreadable(
+                &pending.logical,
+                "changed while being read; will retry next check",
+            ),
+            Err(e) => report.unreadable(&pending.logical, e),
         }
     }
     // A host that cannot set owners keeps the owners the group has for known paths: its files
@@ -313,12 +413,8 @@ fn scan_impl(
         .collect();
     gone.sort();
     for path in gone {
-        if report
-            .errors
-            .iter()
-            .any(|e| e.starts_with(&format!("{path}:")))
-        {
-            continue; // unreadable, not deleted
+        if under_unreadable(path, &report.unreadable) {
+            continue; // unreadable, or below a directory that could not be listed: not deleted
         }
         report.deleted.push(path.clone());
         batch.push(Op::SetFile {
@@ -407,7 +503,7 @@ fn walk(
             Ok(Some(st)) => st,
             Ok(None) => return,
             Err(e) => {
-                report.errors.push(format!("{logical}: {e}"));
+                report.unreadable(logical, e);
                 return;
             }
         };
@@ -451,7 +547,7 @@ fn walk(
     let entries = match std::fs::read_dir(phys) {
         Ok(e) => e,
         Err(e) => {
-            report.errors.push(format!("{logical}: {e}"));
+            report.unreadable(logical, format_args!("cannot list the directory: {e}"));
             return;
         }
     };
@@ -468,7 +564,7 @@ fn walk(
                     n.to_string_lossy()
                 )),
             },
-            Err(e) => report.errors.push(format!("{logical}: {e}")),
+            Err(e) => report.unreadable(logical, format_args!("cannot list the directory: {e}")),
         }
     }
     names.sort();
@@ -736,5 +832,121 @@ mod tests {
         let r = scan(vec![sp("%d%/sub", true)]);
         assert_eq!(r.new, vec!["%d%/sub/new"]);
         assert_eq!(r.deleted, vec!["%d%/sub/f"]);
+    }
+
+    #[test]
+    fn nothing_at_or_under_an_unreadable_path_is_deleted() {
+        let u = vec!["%d%/sub".to_string(), "%d%/x/f".to_string()];
+        assert!(under_unreadable("%d%/sub", &u));
+        assert!(under_unreadable("%d%/sub/f", &u));
+        assert!(under_unreadable("%d%/sub/a/b", &u));
+        assert!(under_unreadable("%d%/x/f", &u));
+        assert!(!under_unreadable("%d%/subway", &u));
+        assert!(!under_unreadable("%d%/x", &u));
+        assert!(!under_unreadable("%d%/x/g", &u));
+        assert!(!under_unreadable("%d%/sub", &[]));
+        assert!(under_unreadable("/etc/f", &["/".to_string()]));
+    }
+
+    #[test]
+    fn start_decisions() {
+        use std::io::ErrorKind::{
+            NotConnected, NotFound, PermissionDenied, StaleNetworkFileHandle,
+        };
+        let d =
+            |found, explicit, root, rec, allow| start_decision(found, explicit, root, rec, allow);
+        let dir = Some(Kind::Dir);
+        assert_eq!(d(Ok(Kind::Dir), false, true, dir, false), Start::Scan);
+        assert_eq!(d(Err(NotFound), false, true, dir, false), Start::Missing);
+        assert_eq!(d(Err(NotFound), true, true, dir, false), Start::Scan);
+        for e in [NotConnected, StaleNetworkFileHandle, PermissionDenied] {
+            assert_eq!(d(Err(e), false, true, dir, false), Start::Unreadable);
+            assert_eq!(d(Err(e), true, false, dir, true), Start::Unreadable);
+        }
+        let sym = Start::NotADirectory(Kind::Symlink);
+        assert_eq!(d(Ok(Kind::Symlink), false, true, dir, false), sym);
+        assert_eq!(d(Ok(Kind::Symlink), true, true, dir, false), sym);
+        assert_eq!(
+            d(Ok(Kind::File), false, true, dir, false),
+            Start::NotADirectory(Kind::File)
+        );
+        // confirmed by the admin; a root not recorded as a directory; a path that is no root
+        assert_eq!(d(Ok(Kind::Symlink), false, true, dir, true), Start::Scan);
+        assert_eq!(d(Ok(Kind::Symlink), false, true, None, false), Start::Scan);
+        let link = Some(Kind::Symlink);
+        assert_eq!(d(Ok(Kind::Symlink), false, true, link, false), Start::Scan);
+        assert_eq!(d(Ok(Kind::Symlink), true, false, dir, false), Start::Scan);
+    }
+
+    #[test]
+    fn an_include_root_that_cannot_be_examined_is_not_a_mass_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[hosts.a]\nprefix={{d=\"{0}/p/a\"}}\n[hosts.b]\nprefix={{d=\"{0}/b\"}}\n[groups.g]\nhosts=[\"a\",\"b\"]\nkey=\"k\"\ninclude=[\"%d%\"]\n",
+            d.path().display()
+        );
+        let c = Config::parse(&text, &d.path().join("f.toml")).unwrap();
+        let s = RedbStore::open(&d.path().join("a.redb"), Duration::ZERO).unwrap();
+        std::fs::create_dir_all(d.path().join("p/a/sub")).unwrap();
+        std::fs::write(d.path().join("p/a/sub/f"), b"x").unwrap();
+        assert_eq!(run(&c, &s).new, vec!["%d%", "%d%/sub", "%d%/sub/f"]);
+        // stat of the root fails with ENOTDIR, not NotFound (as ENOTCONN of a crashed FUSE mount)
+        std::fs::rename(d.path().join("p"), d.path().join("p.old")).unwrap();
+        std::fs::write(d.path().join("p"), b"").unwrap();
+        let r = run(&c, &s);
+        assert!(r.deleted.is_empty(), "{r:?}");
+        assert_eq!(r.unreadable, vec!["%d%"], "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("nothing under it deleted"), "{r:?}");
+        let scan = |p| scan_paths(&s, &c.hosts["a"], &c.groups["g"], &["b".into()], vec![p]);
+        let r = scan(sp("%d%", true)).unwrap();
+        assert!(r.deleted.is_empty(), "{r:?}");
+        assert_eq!(r.unreadable, vec!["%d%"], "{r:?}");
+        let r = scan(sp("%d%/sub/f", false)).unwrap();
+        assert!(r.deleted.is_empty(), "{r:?}");
+        assert_eq!(r.unreadable, vec!["%d%/sub/f"], "{r:?}");
+        assert_eq!(s.file("g", "%d%/sub/f").unwrap().unwrap().kind, Kind::File);
+        assert!(s.dirty("g", "b").unwrap().len() == 3, "nothing new to send");
+    }
+
+    #[test]
+    fn an_include_root_replaced_by_a_symlink_is_not_scanned() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        let a = d.path().join("a");
+        std::fs::create_dir(a.join("sub")).unwrap();
+        std::fs::write(a.join("sub/f"), b"x").unwrap();
+        run(&c, &s);
+        std::fs::rename(&a, d.path().join("a.old")).unwrap();
+        std::fs::create_dir(d.path().join("elsewhere")).unwrap();
+        std::fs::write(d.path().join("elsewhere/g"), b"y").unwrap();
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &a).unwrap();
+        let r = run(&c, &s);
+        assert!(
+            r.deleted.is_empty() && r.new.is_empty() && r.changed.is_empty(),
+            "{r:?}"
+        );
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("is now a symlink"), "{r:?}");
+        // a watcher's deep scan of the root neither
+        let r = scan_paths(
+            &s,
+            &c.hosts["a"],
+            &c.groups["g"],
+            &["b".into()],
+            vec![sp("%d%", true)],
+        )
+        .unwrap();
+        assert!(r.deleted.is_empty() && r.changed.is_empty(), "{r:?}");
+        assert_eq!(s.file("g", "%d%").unwrap().unwrap().kind, Kind::Dir);
+        // the admin confirms: the root is recorded as the symlink, what was under it deleted
+        let opts = ScanOptions {
+            allow_empty_roots: true,
+            ..ScanOptions::default()
+        };
+        let r = scan_group(&s, &c.hosts["a"], &c.groups["g"], &["b".into()], None, opts).unwrap();
+        assert_eq!(r.changed, vec!["%d%"], "{r:?}");
+        assert_eq!(r.deleted, vec!["%d%/sub", "%d%/sub/f"], "{r:?}");
+        assert_eq!(s.file("g", "%d%").unwrap().unwrap().kind, Kind::Symlink);
     }
 }
