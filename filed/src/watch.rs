@@ -249,6 +249,37 @@ fn node_id(p: &Path) -> Option<NodeId> {
     std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
+/// What is at include root `p`, as [`root_id_of`] decides from its `symlink_metadata`.
+fn root_id(p: &Path) -> Option<NodeId> {
+    root_id_of(std::fs::symlink_metadata(p).ok().map(|m| RootStat {
+        id: (m.dev(), m.ino()),
+        symlink: m.file_type().is_symlink(),
+    }))
+}
+
+fn replaced_by_symlink(root: &Path) -> String {
+    format!(
+        "include root {} is a symlink, not a directory; not watched or scanned until it is a \
+         directory again",
+        root.display()
+    )
+}
+
+/// What `symlink_metadata` says about an include root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootStat {
+    pub id: NodeId,
+    pub symlink: bool,
+}
+
+/// The object watched for an include root, `None` when it is missing. A symlink put in place of
+/// the root counts as missing: following it would watch and deep-scan the tree it points to (and
+/// record everything under the root as deleted); the root is waited for until it is a directory
+/// again (the scan refuses it too, see `crate::scan`).
+pub fn root_id_of(stat: Option<RootStat>) -> Option<NodeId> {
+    stat.filter(|s| !s.symlink).map(|s| s.id)
+}
+
 /// What to do about one include root, from what is watched (`None`: nothing) and what is at the
 /// root's path now (`None`: nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,7 +374,9 @@ impl Watch {
         let report = w.check_roots(&[]);
         let mut errors = Vec::new();
         for (root, id) in &w.watched {
-            if id.is_none() {
+            if id.is_none() && root.is_symlink() {
+                errors.push(replaced_by_symlink(root));
+            } else if id.is_none() {
                 errors.push(format!(
                     "include root {} is missing; watching for it to appear",
                     root.display()
@@ -376,7 +409,10 @@ impl Watch {
             {
                 let _ = self.roots.unwatch(root);
                 *id = None;
-                if node_id(root).is_none() {
+                if root_id(root).is_none() {
+                    if root.is_symlink() {
+                        report.errors.push(replaced_by_symlink(root));
+                    }
                     report.gone.push(root.clone());
                 }
             }
@@ -384,10 +420,13 @@ impl Watch {
         let roots: Vec<PathBuf> = self.watched.keys().cloned().collect();
         let mut rewatched: Vec<PathBuf> = Vec::new();
         for root in &roots {
-            let now = node_id(root);
+            let now = root_id(root);
             match root_action(self.watched[root], now) {
                 RootAction::Keep => {}
                 RootAction::Unwatch => {
+                    if root.is_symlink() {
+                        report.errors.push(replaced_by_symlink(root));
+                    }
                     // notify may have dropped it already (the root's own removal).
                     let _ = self.roots.unwatch(root);
                     self.watched.insert(root.clone(), None);
@@ -697,7 +736,9 @@ mod tests {
         assert_eq!(w.waiting_on(), vec![base.clone()]);
         let appeared = vec![("g".to_string(), "%d%".to_string())];
         // Waits for the watch to report `want`; returns the roots dropped meanwhile.
-        let mut wait_for = |want: &WatchEvent| -> Vec<PathBuf> {
+        let wait_for = |rx: &mut tokio::sync::mpsc::UnboundedReceiver<WatchEvent>,
+                        want: &WatchEvent|
+         -> Vec<PathBuf> {
             let mut dropped = Vec::new();
             let t0 = std::time::Instant::now();
             while t0.elapsed() < std::time::Duration::from_secs(10) {
@@ -724,29 +765,32 @@ mod tests {
 
         // Created: the ancestor's watch sees it; the root is watched again.
         std::fs::create_dir(&root).unwrap();
-        wait_for(&check);
+        wait_for(&mut rx, &check);
         let r = w.check_roots(&[]);
         assert_eq!((r.appeared, r.gone), (appeared.clone(), vec![]));
         assert!(w.waiting_on().is_empty());
         std::fs::write(root.join("one"), b"1").unwrap();
-        wait_for(&file_event("one"));
+        wait_for(&mut rx, &file_event("one"));
 
         // Removed and recreated.
         std::fs::remove_dir_all(&root).unwrap();
-        let dropped = wait_for(&WatchEvent::Changed {
-            group: "g".into(),
-            logical: "%d%".into(),
-            deep: true,
-        });
+        let dropped = wait_for(
+            &mut rx,
+            &WatchEvent::Changed {
+                group: "g".into(),
+                logical: "%d%".into(),
+                deep: true,
+            },
+        );
         assert_eq!(dropped, vec![root.clone()]);
         let r = w.check_roots(&dropped);
         assert_eq!(r.gone, vec![root.clone()]);
         assert_eq!(w.waiting_on(), vec![base.clone()]);
         std::fs::create_dir(&root).unwrap();
-        wait_for(&check);
+        wait_for(&mut rx, &check);
         assert_eq!(w.check_roots(&[]).appeared, appeared);
         std::fs::write(root.join("two"), b"2").unwrap();
-        wait_for(&file_event("two"));
+        wait_for(&mut rx, &file_event("two"));
 
         // Moved away and replaced by another directory (no check in between): found by the
         // check, events of the old directory no longer count for the root.
@@ -756,11 +800,58 @@ mod tests {
         assert_eq!((r.appeared, r.gone), (appeared.clone(), vec![]));
         std::fs::write(base.join("old/stale"), b"x").unwrap();
         std::fs::write(root.join("three"), b"3").unwrap();
-        wait_for(&file_event("three"));
+        wait_for(&mut rx, &file_event("three"));
         while let Ok(ev) = rx.try_recv() {
             assert_ne!(ev, file_event("stale"));
         }
         // Nothing changed: nothing to do.
         assert_eq!(w.check_roots(&[]), RootReport::default());
+
+        // Swapped for a symlink to another tree: missing, not watched (nothing there is seen).
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::rename(&root, base.join("old2")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &root).unwrap();
+        let r = w.check_roots(&[]);
+        assert_eq!(
+            r,
+            RootReport {
+                gone: vec![root.clone()],
+                errors: vec![replaced_by_symlink(&root)],
+                ..RootReport::default()
+            }
+        );
+        assert_eq!(w.waiting_on(), vec![base.clone()]);
+        assert_eq!(w.check_roots(&[]), RootReport::default(), "reported once");
+        // A directory again: watched and scanned.
+        std::fs::remove_file(&root).unwrap();
+        std::fs::create_dir(&root).unwrap();
+        assert_eq!(w.check_roots(&[]).appeared, appeared);
+        std::fs::write(elsewhere.join("not-ours"), b"x").unwrap();
+        std::fs::write(root.join("four"), b"4").unwrap();
+        wait_for(&mut rx, &file_event("four"));
+        while let Ok(ev) = rx.try_recv() {
+            assert_ne!(ev, file_event("not-ours"));
+        }
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_a_root_is_no_root() {
+        let dir = RootStat {
+            id: (1, 2),
+            symlink: false,
+        };
+        assert_eq!(root_id_of(Some(dir)), Some((1, 2)));
+        let link = RootStat {
+            id: (1, 3),
+            symlink: true,
+        };
+        assert_eq!(root_id_of(Some(link)), None);
+        assert_eq!(root_id_of(None), None);
+        // the watched directory replaced by a symlink: dropped like a removed root
+        assert_eq!(
+            root_action(Some((1, 2)), root_id_of(Some(link))),
+            RootAction::Unwatch
+        );
     }
 }
