@@ -927,10 +927,13 @@ fn lchown_times(dir: &OwnedFd, name: &CStr, state: &FileState) -> io::Result<()>
     .map(|_| ())
 }
 
-/// Not being root is not an error for ownership: the file keeps this process's owner.
+/// Not being allowed to set the owner is not an error: the file keeps this process's owner.
+/// EPERM: not root (or root without `CAP_CHOWN`, root_squash NFS). EINVAL: an id with no mapping
+/// in this user namespace (root in a container has `CAP_CHOWN` but cannot give ids it does not
+/// map), which otherwise failed that file's apply at every session.
 fn chown_ok(r: io::Result<()>) -> io::Result<()> {
     match r {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) => Ok(()),
         r => r,
     }
 }
@@ -953,6 +956,18 @@ fn rand_suffix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_that_cannot_be_set_is_no_error() {
+        let os = |n| Err(io::Error::from_raw_os_error(n));
+        assert!(chown_ok(Ok(())).is_ok());
+        assert!(chown_ok(os(libc::EPERM)).is_ok(), "not root");
+        assert!(chown_ok(os(libc::EINVAL)).is_ok(), "id unmapped here");
+        let e = chown_ok(os(libc::EIO)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+        let e = chown_ok(os(libc::ENOENT)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
     use crate::config::Config;
     use crate::entry::read_state;
     use std::io::Write;

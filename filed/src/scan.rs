@@ -366,8 +366,11 @@ fn scan_impl(
     // A host that cannot set owners keeps the owners the group has for known paths: its files
     // carry its own user, which is no change (see `crate::owner`).
     let can_set_owner = crate::owner::can_set_owner();
-    for (path, st) in seen.iter_mut() {
-        keep_owner(st, recorded.get(path), can_set_owner);
+    if !can_set_owner {
+        let agreed = agreed_states(store, host, group, &seen)?;
+        for (path, st) in seen.iter_mut() {
+            keep_owner(st, agreed.get(path), recorded.get(path), can_set_owner);
+        }
     }
 
     let mut batch = Batch::new();
@@ -442,6 +445,31 @@ fn scan_impl(
     report.renamed = renamed;
     store.commit(batch).map_err(ScanError::Store)?;
     Ok(report)
+}
+
+/// For each of `seen`, the existing state last agreed with one of this host's peers in the group
+/// (the first peer that has one): the owner the group agreed on (see [`keep_owner`]).
+fn agreed_states(
+    store: &dyn StateStore,
+    host: &Host,
+    group: &Group,
+    seen: &BTreeMap<String, FileState>,
+) -> Result<HashMap<String, FileState>, ScanError> {
+    let paths: Vec<&str> = seen.keys().map(String::as_str).collect();
+    let mut out: HashMap<String, FileState> = HashMap::new();
+    for peer in group.peers_of(&host.name) {
+        let found = store
+            .lookup(&group.name, Some(&peer), &paths)
+            .map_err(ScanError::Store)?;
+        for (p, (_, agreed)) in paths.iter().zip(found) {
+            if let Some(a) = agreed.filter(|a| a.exists())
+                && !out.contains_key(*p)
+            {
+                out.insert(p.to_string(), a);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A regular file whose content must be hashed (new, or size/mtime changed).

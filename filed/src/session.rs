@@ -827,6 +827,7 @@ fn record(
                             crate::owner::keep_owner(
                                 &mut st,
                                 Some(w),
+                                None,
                                 crate::owner::can_set_owner(),
                             );
                             st
