@@ -316,13 +316,25 @@ async fn watch_loop(
         if roots.due || Instant::now() >= next_roots {
             let dropped = std::mem::take(&mut roots).dropped;
             let w = watch.clone();
-            match tokio::task::spawn_blocking(move || {
+            // Bounded: a root whose stat hangs is skipped after ROOT_STAT_LIMIT; stop is still
+            // obeyed while the check runs.
+            let check = tokio::task::spawn_blocking(move || {
                 w.lock().expect("lock poisoned").check_roots(&dropped)
-            })
-            .await
-            {
+            });
+            let checked = tokio::select! {
+                r = check => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match checked {
                 Ok(report) => {
                     let now = std::time::Instant::now();
+                    for r in &report.slow {
+                        tracing::warn!(
+                            root = %r.display(),
+                            limit = ?crate::watch::ROOT_STAT_LIMIT,
+                            "include root does not answer a stat (a hung mount?); skipped this round"
+                        );
+                    }
                     for e in &report.errors {
                         tracing::warn!(error = %e, "watch incomplete; relying on the periodic check");
                     }

@@ -305,6 +305,76 @@ pub fn root_action(watched: Option<NodeId>, now: Option<NodeId>) -> RootAction {
     }
 }
 
+/// How long [`Watch::check_roots`] waits for the stat of an include root. A root on a hung NFS
+/// server or a crashed FUSE mount may never answer: it is reported and skipped for the round
+/// (its watch stays as it is), so one such root does not stall the daemon.
+pub const ROOT_STAT_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The stat of every root, each on its own thread, waiting at most `limit` in all. Returns the
+/// answers that came in time (`Some(None)`: missing) and the roots whose stat was started now and
+/// did not answer in time. A root whose stat from an earlier round has not returned yet is not
+/// stat'ed again (no thread piles up behind a hung mount) and is neither answered nor reported
+/// again.
+pub fn stat_roots(
+    roots: &[PathBuf],
+    in_flight: &std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+    limit: std::time::Duration,
+    stat: fn(&Path) -> Option<NodeId>,
+) -> (BTreeMap<PathBuf, Option<NodeId>>, Vec<PathBuf>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut started = Vec::new();
+    for root in roots {
+        if !in_flight
+            .lock()
+            .expect("lock poisoned")
+            .insert(root.clone())
+        {
+            continue;
+        }
+        let (tx2, root2, in_flight2) = (tx.clone(), root.clone(), in_flight.clone());
+        let spawned = std::thread::Builder::new()
+            .name("filed-root-stat".into())
+            .spawn(move || {
+                let id = stat(&root2);
+                in_flight2.lock().expect("lock poisoned").remove(&root2);
+                let _ = tx2.send((root2, id));
+            });
+        match spawned {
+            Ok(_) => started.push(root.clone()),
+            // No thread now: not checked this round.
+            Err(_) => {
+                in_flight.lock().expect("lock poisoned").remove(root);
+            }
+        }
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + limit;
+    let mut answers = BTreeMap::new();
+    while answers.len() < started.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((root, id)) => {
+                answers.insert(root, id);
+            }
+            Err(_) => break,
+        }
+    }
+    let slow = started
+        .into_iter()
+        .filter(|r| !answers.contains_key(r))
+        .collect();
+    (answers, slow)
+}
+
+/// [`root_action`] for a root whose stat may not have answered this round (`None`): such a root
+/// is left as it is.
+pub fn root_action_if_answered(watched: Option<NodeId>, now: Option<Option<NodeId>>) -> RootAction {
+    match now {
+        Some(now) => root_action(watched, now),
+        None => RootAction::Keep,
+    }
+}
+
 /// The nearest ancestor of `root` that `exists` (the directory whose events tell when the root
 /// comes back); `None` when not even `/` does.
 pub fn nearest_ancestor(root: &Path, exists: impl Fn(&Path) -> bool) -> Option<PathBuf> {
@@ -326,6 +396,8 @@ pub struct RootReport {
     pub lost: Vec<WatchEvent>,
     /// Ancestors of missing roots that could not be watched (the periodic check finds the root).
     pub errors: Vec<String>,
+    /// Roots whose stat did not answer within [`ROOT_STAT_LIMIT`] (a hung mount): skipped.
+    pub slow: Vec<PathBuf>,
 }
 
 /// A running watch; dropping it stops the watch threads.
@@ -340,6 +412,8 @@ pub struct Watch {
     watched: BTreeMap<PathBuf, Option<NodeId>>,
     /// Ancestors watched, with what their watch was added on.
     watched_ancestors: BTreeMap<PathBuf, NodeId>,
+    /// Roots whose stat has not returned yet (see [`stat_roots`]).
+    stats_in_flight: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
 }
 
 impl Watch {
@@ -370,6 +444,7 @@ impl Watch {
             ancestors,
             watched,
             watched_ancestors: BTreeMap::new(),
+            stats_in_flight: Default::default(),
         };
         let report = w.check_roots(&[]);
         let mut errors = Vec::new();
@@ -403,13 +478,16 @@ impl Watch {
     /// object at their path looks the same (an inode number reused).
     pub fn check_roots(&mut self, dropped: &[PathBuf]) -> RootReport {
         let mut report = RootReport::default();
+        let roots: Vec<PathBuf> = self.watched.keys().cloned().collect();
+        let (ids, slow) = stat_roots(&roots, &self.stats_in_flight, ROOT_STAT_LIMIT, root_id);
+        report.slow = slow;
         for root in dropped {
             if let Some(id) = self.watched.get_mut(root)
                 && id.is_some()
             {
                 let _ = self.roots.unwatch(root);
                 *id = None;
-                if root_id(root).is_none() {
+                if ids.get(root).is_none_or(|id| id.is_none()) {
                     if root.is_symlink() {
                         report.errors.push(replaced_by_symlink(root));
                     }
@@ -417,11 +495,10 @@ impl Watch {
                 }
             }
         }
-        let roots: Vec<PathBuf> = self.watched.keys().cloned().collect();
         let mut rewatched: Vec<PathBuf> = Vec::new();
         for root in &roots {
-            let now = root_id(root);
-            match root_action(self.watched[root], now) {
+            let now = ids.get(root).copied();
+            match root_action_if_answered(self.watched[root], now) {
                 RootAction::Keep => {}
                 RootAction::Unwatch => {
                     if root.is_symlink() {
@@ -436,7 +513,7 @@ impl Watch {
                     if action == RootAction::Rewatch {
                         let _ = self.roots.unwatch(root);
                     }
-                    self.add_root(root, now, &mut report);
+                    self.add_root(root, now.flatten(), &mut report);
                     rewatched.push(root.clone());
                 }
             }
@@ -853,5 +930,76 @@ mod tests {
             root_action(Some((1, 2)), root_id_of(Some(link))),
             RootAction::Unwatch
         );
+    }
+
+    #[test]
+    fn a_root_whose_stat_hangs_is_skipped_not_waited_for() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        static RELEASE: AtomicBool = AtomicBool::new(false);
+        static HUNG_CALLS: AtomicUsize = AtomicUsize::new(0);
+        fn stat(p: &Path) -> Option<NodeId> {
+            match p.to_str() {
+                Some("/hung") => {
+                    HUNG_CALLS.fetch_add(1, Ordering::SeqCst);
+                    while !RELEASE.load(Ordering::SeqCst) {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    Some((9, 9))
+                }
+                Some("/ok") => Some((1, 1)),
+                _ => None,
+            }
+        }
+        let roots: Vec<PathBuf> = ["/hung", "/ok", "/gone"].map(PathBuf::from).to_vec();
+        let in_flight = std::sync::Arc::default();
+        let limit = std::time::Duration::from_millis(200);
+        let t0 = std::time::Instant::now();
+        let (ids, slow) = stat_roots(&roots, &in_flight, limit, stat);
+        assert!(t0.elapsed() < std::time::Duration::from_secs(2));
+        let want: BTreeMap<PathBuf, Option<NodeId>> = [
+            (PathBuf::from("/ok"), Some((1, 1))),
+            (PathBuf::from("/gone"), None),
+        ]
+        .into();
+        assert_eq!(ids, want);
+        assert_eq!(slow, vec![PathBuf::from("/hung")]);
+        // Next round: not stat'ed again while the first stat hangs, nor reported again.
+        let (ids, slow) = stat_roots(&roots, &in_flight, limit, stat);
+        assert_eq!(ids, want);
+        assert!(slow.is_empty());
+        assert_eq!(HUNG_CALLS.load(Ordering::SeqCst), 1);
+        // It answers at last: checked as usual again.
+        RELEASE.store(true, Ordering::SeqCst);
+        assert!(wait_until_empty(&in_flight));
+        let (ids, slow) = stat_roots(&roots, &in_flight, limit, stat);
+        assert_eq!(ids.get(Path::new("/hung")), Some(&Some((9, 9))));
+        assert!(slow.is_empty());
+        // A root that did not answer is left as it is.
+        assert_eq!(
+            root_action_if_answered(Some((9, 9)), None),
+            RootAction::Keep
+        );
+        assert_eq!(root_action_if_answered(None, None), RootAction::Keep);
+        assert_eq!(
+            root_action_if_answered(Some((9, 9)), Some(None)),
+            RootAction::Unwatch
+        );
+        assert_eq!(
+            root_action_if_answered(Some((9, 9)), Some(Some((9, 8)))),
+            RootAction::Rewatch
+        );
+    }
+
+    fn wait_until_empty(
+        in_flight: &std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<PathBuf>>>,
+    ) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < std::time::Duration::from_secs(5) {
+            if in_flight.lock().unwrap().is_empty() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
     }
 }
