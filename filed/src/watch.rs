@@ -366,6 +366,14 @@ pub fn stat_roots(
     (answers, slow)
 }
 
+/// Whether adding the recursive watch of a root failed because the root itself is gone
+/// (`not_found`: notify said PathNotFound; `root_now`: what is at the root's path now). A path
+/// not found while a root is still there is a directory below it that vanished during notify's
+/// walk: the root stays watched.
+pub fn add_failed_on_gone_root(not_found: bool, root_now: Option<NodeId>) -> bool {
+    not_found && root_now.is_none()
+}
+
 /// [`root_action`] for a root whose stat may not have answered this round (`None`): such a root
 /// is left as it is.
 pub fn root_action_if_answered(watched: Option<NodeId>, now: Option<Option<NodeId>>) -> RootAction {
@@ -539,10 +547,29 @@ impl Watch {
                 self.watched.insert(root.to_path_buf(), now);
                 report.appeared.extend(self.map.roots_at(root));
             }
-            Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {
+            Err(e)
+                if add_failed_on_gone_root(
+                    matches!(e.kind, notify::ErrorKind::PathNotFound),
+                    root_id(root),
+                ) =>
+            {
                 // Gone again before the watch was in place.
                 let _ = self.roots.unwatch(root);
                 self.watched.insert(root.to_path_buf(), None);
+            }
+            Err(e) if matches!(e.kind, notify::ErrorKind::PathNotFound) => {
+                // A directory below the root vanished during notify's walk: the root is there
+                // and keeps what was added; its groups are rescanned (the directories after the
+                // vanished one may not be watched) and the periodic full check covers the rest.
+                self.watched.insert(root.to_path_buf(), now);
+                report.appeared.extend(self.map.roots_at(root));
+                let reason = format!("incomplete watch of {}: {e}", root.display());
+                for g in self.map.groups_of(root) {
+                    report.lost.push(WatchEvent::Lost {
+                        group: Some(g),
+                        reason: reason.clone(),
+                    });
+                }
             }
             Err(e) => {
                 // Watch limit or unreadable: the groups are rescanned now and checked by the
@@ -910,6 +937,20 @@ mod tests {
         while let Ok(ev) = rx.try_recv() {
             assert_ne!(ev, file_event("not-ours"));
         }
+    }
+
+    #[test]
+    fn a_vanished_subdirectory_does_not_unwatch_the_root() {
+        assert!(
+            add_failed_on_gone_root(true, None),
+            "the root itself is gone"
+        );
+        assert!(
+            !add_failed_on_gone_root(true, Some((1, 2))),
+            "a subdirectory"
+        );
+        assert!(!add_failed_on_gone_root(false, None), "another error");
+        assert!(!add_failed_on_gone_root(false, Some((1, 2))));
     }
 
     #[test]
