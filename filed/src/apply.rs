@@ -429,11 +429,7 @@ impl Applier {
     pub fn begin_file(&self, logical: &str) -> Result<PendingFile, ApplyError> {
         let target = self.need_target(logical)?;
         for attempt in 0..100u32 {
-            let tmp = cstr(&format!(
-                "{TEMP_PREFIX}{}.{}.{attempt}",
-                std::process::id(),
-                rand_suffix()
-            ));
+            let tmp = cstr(&temp_name(attempt));
             match openat(
                 &target.dir,
                 &tmp,
@@ -616,11 +612,7 @@ impl Applier {
         std::fs::create_dir_all(dir).map_err(io_err(&t.logical, "create backup directory"))?;
         let base = t.logical.replace('/', "_");
         let gen_path = |n: u32| dir.join(format!("{base}.{n}"));
-        let tmp = dir.join(format!(
-            "{TEMP_PREFIX}{}.{}.backup",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let tmp = dir.join(temp_name("backup"));
         if let Err(e) = self.copy_for_backup(t, &tmp) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -703,11 +695,7 @@ impl Applier {
         let t = self.need_target(logical)?;
         let target = CString::new(state.target.as_deref().unwrap_or(""))
             .map_err(|_| io_err(logical, "create symlink")(io::ErrorKind::InvalidInput.into()))?;
-        let tmp = cstr(&format!(
-            "{TEMP_PREFIX}{}.{}.l",
-            std::process::id(),
-            rand_suffix()
-        ));
+        let tmp = cstr(&temp_name("l"));
         // SAFETY: valid descriptor and NUL-terminated strings.
         cvt(unsafe { libc::symlinkat(target.as_ptr(), t.dir.as_raw_fd(), tmp.as_ptr()) })
             .map_err(io_err(logical, "create symlink"))?;
@@ -941,6 +929,16 @@ fn chown_ok(r: io::Result<()>) -> io::Result<()> {
 fn fsync_dir(dir: &OwnedFd) -> io::Result<()> {
     // SAFETY: valid descriptor.
     cvt(unsafe { libc::fsync(dir.as_raw_fd()) }).map(|_| ())
+}
+
+/// A temporary name filed writes under before renaming into place (`TEMP_PREFIX`, the pid, a
+/// random part, then `tag`): the watcher and the scan skip such names.
+fn temp_name(tag: impl std::fmt::Display) -> String {
+    format!(
+        "{TEMP_PREFIX}{}.{}.{tag}",
+        std::process::id(),
+        rand_suffix()
+    )
 }
 
 fn rand_suffix() -> u64 {

@@ -19,6 +19,17 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind of an existing path, from its `lstat` file type.
+    pub fn of(ft: std::fs::FileType) -> Kind {
+        if ft.is_dir() {
+            Kind::Dir
+        } else if ft.is_symlink() {
+            Kind::Symlink
+        } else {
+            Kind::File
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             Kind::File => 1,
@@ -121,14 +132,7 @@ impl FileState {
 
     /// Builds a state from `lstat` metadata; the hash is left empty (see [`hash_file`]).
     pub fn from_metadata(md: &Metadata, target: Option<String>) -> FileState {
-        let ft = md.file_type();
-        let kind = if ft.is_dir() {
-            Kind::Dir
-        } else if ft.is_symlink() {
-            Kind::Symlink
-        } else {
-            Kind::File
-        };
+        let kind = Kind::of(md.file_type());
         FileState {
             kind,
             size: if kind == Kind::File { md.size() } else { 0 },

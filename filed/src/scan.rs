@@ -264,21 +264,10 @@ fn scan_impl(
         let phys = host
             .physical(root)
             .ok_or_else(|| ScanError::NoPrefix(root.clone()))?;
-        let found = std::fs::symlink_metadata(&phys)
-            .map(|m| {
-                let t = m.file_type();
-                if t.is_dir() {
-                    Kind::Dir
-                } else if t.is_symlink() {
-                    Kind::Symlink
-                } else {
-                    Kind::File
-                }
-            })
-            .map_err(|e| (e.kind(), e));
+        let found = std::fs::symlink_metadata(&phys).map(|m| Kind::of(m.file_type()));
         let is_config_root = config_roots.iter().any(|r| r == root);
         match start_decision(
-            found.as_ref().map(|k| *k).map_err(|(k, _)| *k),
+            found.as_ref().map(|k| *k).map_err(std::io::Error::kind),
             explicit,
             is_config_root,
             recorded.get(root).map(|st| st.kind),
@@ -295,7 +284,7 @@ fn scan_impl(
                 continue;
             }
             Start::Unreadable => {
-                let e = found.err().map(|(_, e)| e.to_string()).unwrap_or_default();
+                let e = found.err().map(|e| e.to_string()).unwrap_or_default();
                 report.unreadable(
                     root,
                     format_args!(
@@ -324,7 +313,7 @@ fn scan_impl(
         }
         if *deep
             && !allow_empty_roots
-            && config_roots.iter().any(|r| r == root)
+            && is_config_root
             && let Some(n) = empty_root(root, &phys, &recorded)
         {
             report.errors.push(format!(

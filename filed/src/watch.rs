@@ -385,7 +385,7 @@ pub fn root_action_if_answered(watched: Option<NodeId>, now: Option<Option<NodeI
 
 /// The nearest ancestor of `root` that `exists` (the directory whose events tell when the root
 /// comes back); `None` when not even `/` does.
-pub fn nearest_ancestor(root: &Path, exists: impl Fn(&Path) -> bool) -> Option<PathBuf> {
+pub fn nearest_ancestor(root: &Path, mut exists: impl FnMut(&Path) -> bool) -> Option<PathBuf> {
     root.ancestors()
         .skip(1)
         .find(|a| !a.as_os_str().is_empty() && exists(a))
@@ -406,6 +406,17 @@ pub struct RootReport {
     pub errors: Vec<String>,
     /// Roots whose stat did not answer within [`ROOT_STAT_LIMIT`] (a hung mount): skipped.
     pub slow: Vec<PathBuf>,
+}
+
+impl RootReport {
+    /// `root` is gone (its watch dropped): listed, with a note when a symlink stands in its
+    /// place.
+    fn root_gone(&mut self, root: &Path) {
+        if root.is_symlink() {
+            self.errors.push(replaced_by_symlink(root));
+        }
+        self.gone.push(root.to_path_buf());
+    }
 }
 
 /// A running watch; dropping it stops the watch threads.
@@ -496,10 +507,7 @@ impl Watch {
                 let _ = self.roots.unwatch(root);
                 *id = None;
                 if ids.get(root).is_none_or(|id| id.is_none()) {
-                    if root.is_symlink() {
-                        report.errors.push(replaced_by_symlink(root));
-                    }
-                    report.gone.push(root.clone());
+                    report.root_gone(root);
                 }
             }
         }
@@ -509,13 +517,10 @@ impl Watch {
             match root_action_if_answered(self.watched[root], now) {
                 RootAction::Keep => {}
                 RootAction::Unwatch => {
-                    if root.is_symlink() {
-                        report.errors.push(replaced_by_symlink(root));
-                    }
                     // notify may have dropped it already (the root's own removal).
                     let _ = self.roots.unwatch(root);
                     self.watched.insert(root.clone(), None);
-                    report.gone.push(root.clone());
+                    report.root_gone(root);
                 }
                 action @ (RootAction::Watch | RootAction::Rewatch) => {
                     if action == RootAction::Rewatch {
@@ -590,9 +595,14 @@ impl Watch {
     fn arm_ancestors(&mut self, report: &mut RootReport) {
         let mut want: BTreeMap<PathBuf, NodeId> = BTreeMap::new();
         for (root, id) in &self.watched {
+            // The ancestor's id is kept from the stat that found it.
+            let mut aid = None;
             if id.is_none()
-                && let Some(a) = nearest_ancestor(root, |a| node_id(a).is_some())
-                && let Some(aid) = node_id(&a)
+                && let Some(a) = nearest_ancestor(root, |a| {
+                    aid = node_id(a);
+                    aid.is_some()
+                })
+                && let Some(aid) = aid
             {
                 want.insert(a, aid);
             }

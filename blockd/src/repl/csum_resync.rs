@@ -14,7 +14,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::repl::checksum::{
@@ -144,50 +143,6 @@ pub(crate) async fn ask_run(
     Ok(())
 }
 
-/// Sends `[offset, offset + len)` as resync data (read while holding the range; a hole goes as
-/// a zero range). Its `ResyncAck` clears the bits and returns the window space.
-pub(crate) async fn send_data(
-    res: &Arc<Resource>,
-    conn: &Conn,
-    offset: u64,
-    len: u64,
-) -> Result<(), String> {
-    let range = res.ranges.lock(offset, len).await;
-    resync::reading(conn, offset, len);
-    let zero = matches!(res.store.block_status(offset, len).await.as_deref(),
-        Ok([e, ..]) if e.zero && e.length >= len);
-    let payload = if zero {
-        Bytes::new()
-    } else {
-        res.store
-            .read(offset, len as usize)
-            .await
-            .map_err(|e| res.apply_failed("resync read failed", &e))?
-            .freeze()
-    };
-    {
-        let mut order = res.order.lock().expect("order");
-        let (seq, after) = order.issue();
-        conn.send(Message::ResyncData {
-            seq,
-            after,
-            offset,
-            len: len as u32,
-            zero,
-            payload,
-        });
-        order.completed(seq);
-    }
-    drop(range);
-    Ok(())
-}
-
-/// Whether `[offset, offset + len)` reads as zeroes on this node without reading it.
-async fn is_hole(res: &Resource, offset: u64, len: u64) -> bool {
-    matches!(res.store.block_status(offset, len).await.as_deref(),
-        Ok([e, ..]) if e.zero && e.length >= len)
-}
-
 struct Walk {
     res: Arc<Resource>,
     i: usize,
@@ -217,7 +172,7 @@ impl Walk {
                 }
                 for (o, l) in cmp.differ {
                     self.data_bytes += l;
-                    send_data(&self.res, &self.conn, o, l).await?;
+                    resync::send_chunk(&self.res, &self.conn, o, l).await?;
                 }
             }
         }
@@ -299,9 +254,9 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
                     }
                 };
                 permits.forget();
-                if is_hole(&res, off, len).await {
+                if resync::is_hole(&res, off, len).await {
                     w.data_bytes += len;
-                    send_data(&res, &conn, off, len).await?;
+                    resync::send_chunk(&res, &conn, off, len).await?;
                 } else {
                     ask_run(
                         &res,

@@ -108,35 +108,7 @@ pub async fn run_source(res: Arc<Resource>, i: usize, conn: Arc<Conn>) -> Result
                 return Ok(());
             };
             permits.forget();
-            let range = res.ranges.lock(off, len).await;
-            reading(&conn, off, len);
-            let zero = matches!(res.store.block_status(off, len).await.as_deref(),
-                Ok([e, ..]) if e.zero && e.length >= len);
-            let payload = if zero {
-                Bytes::new()
-            } else {
-                match res.store.read(off, len as usize).await {
-                    Ok(b) => b.freeze(),
-                    // The on-io-error policy decides about the disk (detach, or pass-on).
-                    Err(e) => return Err(res.apply_failed("resync read failed", &e)),
-                }
-            };
-            {
-                // Numbered like a write that completes now: application writes issued later
-                // are applied after this chunk on the target.
-                let mut order = res.order.lock().expect("order");
-                let (seq, after) = order.issue();
-                conn.send(Message::ResyncData {
-                    seq,
-                    after,
-                    offset: off,
-                    len: len as u32,
-                    zero,
-                    payload,
-                });
-                order.completed(seq);
-            }
-            drop(range);
+            send_chunk(&res, &conn, off, len).await?;
             sent += len;
             pos = off + len;
             if pos - persisted_to >= PERSIST_EVERY {
@@ -232,6 +204,53 @@ pub(crate) async fn finish_source(
         secs = start.elapsed().as_secs_f64(), "resync finished (source)");
     res.emit(Some(i), "resync-done", "source");
     Ok(())
+}
+
+/// Sends `[offset, offset + len)` as resync data, read while holding the range and claimed
+/// before the read ([`reading`]); a hole goes as a zero range. Its `ResyncAck` returns the
+/// window space, and a later settle clears the bits. `Err`: the local read failed (the
+/// on-io-error policy has decided about the disk: detach, or pass-on).
+pub(crate) async fn send_chunk(
+    res: &Arc<Resource>,
+    conn: &Conn,
+    offset: u64,
+    len: u64,
+) -> Result<(), String> {
+    let range = res.ranges.lock(offset, len).await;
+    reading(conn, offset, len);
+    let zero = is_hole(res, offset, len).await;
+    let payload = if zero {
+        Bytes::new()
+    } else {
+        res.store
+            .read(offset, len as usize)
+            .await
+            .map_err(|e| res.apply_failed("resync read failed", &e))?
+            .freeze()
+    };
+    {
+        // Numbered like a write that completes now: application writes issued later are
+        // applied after this chunk on the target.
+        let mut order = res.order.lock().expect("order");
+        let (seq, after) = order.issue();
+        conn.send(Message::ResyncData {
+            seq,
+            after,
+            offset,
+            len: len as u32,
+            zero,
+            payload,
+        });
+        order.completed(seq);
+    }
+    drop(range);
+    Ok(())
+}
+
+/// Whether `[offset, offset + len)` reads as zeroes on this node without reading it.
+pub(crate) async fn is_hole(res: &Resource, offset: u64, len: u64) -> bool {
+    matches!(res.store.block_status(offset, len).await.as_deref(),
+        Ok([e, ..]) if e.zero && e.length >= len)
 }
 
 /// A chunk's read is about to start, its range held: its bits may be cleared once the target

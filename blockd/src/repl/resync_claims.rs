@@ -75,16 +75,9 @@ impl Claims {
             return;
         }
         self.reading = subtract(&self.reading, start, end);
-        let mut kept = Vec::with_capacity(self.acked.len() + 1);
-        for &(n, a, b) in &self.acked {
-            if a < start.min(b) {
-                kept.push((n, a, start.min(b)));
-            }
-            if end.max(a) < b {
-                kept.push((n, end.max(a), b));
-            }
-        }
-        self.acked = kept;
+        self.acked = (self.acked.iter())
+            .flat_map(|&(n, a, b)| outside(a, b, start, end).map(move |(s, e)| (n, s, e)))
+            .collect();
     }
 
     /// Where the acknowledgements covered by a flush sent now end (see [`Claims::settle`]).
@@ -126,16 +119,16 @@ impl Claims {
 
 /// `ranges` (sorted, disjoint) without `[start, end)`.
 fn subtract(ranges: &[(u64, u64)], start: u64, end: u64) -> Vec<(u64, u64)> {
-    let mut out = Vec::with_capacity(ranges.len() + 1);
-    for &(a, b) in ranges {
-        if a < start.min(b) {
-            out.push((a, start.min(b)));
-        }
-        if end.max(a) < b {
-            out.push((end.max(a), b));
-        }
-    }
-    out
+    (ranges.iter())
+        .flat_map(|&(a, b)| outside(a, b, start, end))
+        .collect()
+}
+
+/// The parts of `[a, b)` outside `[start, end)`: none, one or two, in order.
+fn outside(a: u64, b: u64, start: u64, end: u64) -> impl Iterator<Item = (u64, u64)> {
+    [(a, start.min(b)), (end.max(a), b)]
+        .into_iter()
+        .filter(|&(s, e)| s < e)
 }
 
 #[cfg(test)]

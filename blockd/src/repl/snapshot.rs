@@ -183,9 +183,8 @@ impl SnapshotService {
         size: u64,
         generations: &GenerationIds,
     ) -> SnapshotService {
-        let generations = generations.clone();
         let (set, dropped) =
-            Snapshots::load(dir, resource, size, |g| knows_generation(&generations, g));
+            Snapshots::load(dir, resource, size, |g| knows_generation(generations, g));
         for d in dropped {
             tracing::warn!(resource, "{d}");
             eprintln!("blockd: resource {resource}: {d}");

@@ -205,6 +205,21 @@ fn remove_area_later(area: Option<CowArea>, path: PathBuf) -> Removing {
     Removing(removing)
 }
 
+/// Waits for a removal of the area already under way (`removing`), then runs [`remove_area`]
+/// on tokio's blocking pool and reports how it went.
+async fn remove_area_after(
+    removing: Option<Removing>,
+    area: Option<CowArea>,
+    path: PathBuf,
+) -> std::io::Result<()> {
+    if let Some(r) = removing {
+        r.done().await;
+    }
+    tokio::task::spawn_blocking(move || remove_area(area, &path))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+}
+
 /// What [`Snapshot::preserve_now`] did.
 enum PreservedNow {
     /// Nothing to preserve, or preserved.
@@ -562,12 +577,8 @@ struct Reservation {
 impl Reservation {
     /// Removes the area (waiting for it), then frees the name.
     async fn give_up(mut self) {
-        if let Some(r) = self.removing.take() {
-            r.done().await;
-        }
-        remove_area_later(self.area.take(), self.path.clone())
-            .done()
-            .await;
+        let (area, removing) = (self.area.take(), self.removing.take());
+        let _ = remove_area_after(removing, area, self.path.clone()).await;
     }
 }
 
@@ -590,10 +601,7 @@ impl Drop for Reservation {
         let (area, path, removing) = (self.area.take(), self.path.clone(), self.removing.take());
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn(async move {
-                if let Some(r) = removing {
-                    r.done().await;
-                }
-                remove_area_later(area, path).done().await;
+                let _ = remove_area_after(removing, area, path).await;
                 release();
             })),
             // No runtime, so no removal under way either.
@@ -1025,12 +1033,7 @@ impl Snapshots {
         let (open, count) = (self.open.clone(), self.count.clone());
         let path = snap.path.clone();
         let dropping = tokio::spawn(async move {
-            if let Some(r) = removing {
-                r.done().await;
-            }
-            let removed = tokio::task::spawn_blocking(move || remove_area(area, &path))
-                .await
-                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let removed = remove_area_after(removing, area, path).await;
             let mut open = open.lock().expect("not poisoned");
             open.retain(|s| !Arc::ptr_eq(s, &snap));
             count.store(open.len(), Ordering::Release);

@@ -440,25 +440,21 @@ fn fast_zero_modes(
     offset: u64,
     len: u64,
     may_punch: bool,
-) -> Vec<FastZero> {
-    let mut ways = Vec::with_capacity(2);
+) -> &'static [FastZero] {
+    use FastZero::{Punch, ZeroRange};
+    let punch = punch && may_punch;
     match backing {
-        Backing::File => {
-            if zero_range {
-                ways.push(FastZero::ZeroRange);
-            }
-            if punch && may_punch {
-                ways.push(FastZero::Punch);
-            }
-        }
+        Backing::File => match (zero_range, punch) {
+            (true, true) => &[ZeroRange, Punch],
+            (true, false) => &[ZeroRange],
+            (false, true) => &[Punch],
+            (false, false) => &[],
+        },
         Backing::Device { logical_block } => {
             let aligned = offset % logical_block == 0 && len % logical_block == 0;
-            if aligned && punch && may_punch {
-                ways.push(FastZero::Punch);
-            }
+            if aligned && punch { &[Punch] } else { &[] }
         }
     }
-    ways
 }
 
 const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -553,7 +549,7 @@ impl BlockStore {
         !self.inner.read_only && !self.fast_zero_modes(offset, len, may_punch).is_empty()
     }
 
-    fn fast_zero_modes(&self, offset: u64, len: u64, may_punch: bool) -> Vec<FastZero> {
+    fn fast_zero_modes(&self, offset: u64, len: u64, may_punch: bool) -> &'static [FastZero] {
         fast_zero_modes(
             self.inner.backing,
             self.inner.punch.load(Ordering::Relaxed),
@@ -589,9 +585,34 @@ impl BlockStore {
         &self.inner.writes
     }
 
-    /// Counts one change handed to the engine (moved into its request).
-    fn begin_write(&self) -> WriteGuard {
-        self.inner.writes.begin()
+    /// Writes `data` through the engine, counted until the engine is done with it.
+    async fn engine_write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let guard = self.inner.writes.begin();
+        self.inner.engine.write(offset, data, fua, guard).await
+    }
+
+    /// `fallocate` through the engine, counted until the engine is done with it.
+    async fn engine_fallocate(
+        &self,
+        mode: libc::c_int,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), EngineError> {
+        let guard = self.inner.writes.begin();
+        self.inner.engine.fallocate(mode, offset, len, guard).await
+    }
+
+    /// Runs the change `f` on the engine's blocking pool, counted until it is done.
+    async fn engine_blocking_change<F>(&self, f: F) -> Result<(), EngineError>
+    where
+        F: FnOnce(&File) -> io::Result<()> + Send + 'static,
+    {
+        let guard = self.inner.writes.begin();
+        let counted = move |file: &File| {
+            let _counted = guard;
+            f(file)
+        };
+        self.inner.engine.blocking(counted).await
     }
 
     /// Reads exactly `len` bytes at `offset`.
@@ -659,17 +680,13 @@ impl BlockStore {
             return Ok(());
         }
         let (at, rest) = (offset + done as u64, data.slice(done..));
-        let guard = self.begin_write();
         let written = if self.inner.memory_backed {
             // As for reads: a worker's pwrite, not an io-wq punt behind the ring thread.
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
-            let write = move |f: &File| {
-                let _counted = guard;
-                os::pwrite_full(f, &rest, at, flags)
-            };
-            self.inner.engine.blocking(write).await
+            self.engine_blocking_change(move |f| os::pwrite_full(f, &rest, at, flags))
+                .await
         } else {
-            self.inner.engine.write(at, rest, fua, guard).await
+            self.engine_write(at, rest, fua).await
         };
         written.map_err(|e| {
             e.into_store(|source| StoreError::Write {
@@ -725,8 +742,7 @@ impl BlockStore {
                 if !self.inner.punch.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let guard = self.begin_write();
-                match self.inner.engine.fallocate(PUNCH, offset, len, guard).await {
+                match self.engine_fallocate(PUNCH, offset, len).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.is_unsupported() => {
                         self.inner.punch.store(false, Ordering::Relaxed);
@@ -742,12 +758,8 @@ impl BlockStore {
                 if !self.inner.discard {
                     return Ok(());
                 }
-                let guard = self.begin_write();
-                let discard = move |f: &File| {
-                    let _counted = guard;
-                    os::block_discard(f, start, end - start)
-                };
-                match self.inner.engine.blocking(discard).await {
+                let discard = move |f: &File| os::block_discard(f, start, end - start);
+                match self.engine_blocking_change(discard).await {
                     Ok(()) => Ok(()),
                     Err(e) if e.is_unsupported() => Ok(()),
                     Err(e) => Err(e.into_store(wrap)),
@@ -793,13 +805,7 @@ impl BlockStore {
                 modes.push((ZERO_RANGE, &self.inner.zero_range));
             }
             for (mode, flag) in modes {
-                let guard = self.begin_write();
-                match self
-                    .inner
-                    .engine
-                    .fallocate(mode, start, end - start, guard)
-                    .await
-                {
+                match self.engine_fallocate(mode, start, end - start).await {
                     Ok(()) => {
                         done = true;
                         break;
@@ -835,8 +841,7 @@ impl BlockStore {
         while pos < to {
             let n = (to - pos).min(ZERO_CHUNK as u64) as usize;
             let chunk = Bytes::from_static(&ZEROES[..n]);
-            let guard = self.begin_write();
-            self.inner.engine.write(pos, chunk, fua, guard).await?;
+            self.engine_write(pos, chunk, fua).await?;
             pos += n as u64;
         }
         Ok(())
@@ -856,12 +861,11 @@ impl BlockStore {
             return Ok(());
         }
         for way in self.fast_zero_modes(offset, len, may_punch) {
-            let (mode, flag) = match way {
+            let (mode, flag) = match *way {
                 FastZero::ZeroRange => (ZERO_RANGE, &self.inner.zero_range),
                 FastZero::Punch => (PUNCH, &self.inner.punch),
             };
-            let guard = self.begin_write();
-            match self.inner.engine.fallocate(mode, offset, len, guard).await {
+            match self.engine_fallocate(mode, offset, len).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_unsupported() => {
                     if matches!(self.inner.backing, Backing::File) {
@@ -944,7 +948,7 @@ impl BlockStore {
     /// Test hook: counts a change in flight as the engine would while it executes one.
     #[cfg(test)]
     pub(crate) fn begin_write_for_test(&self) -> WriteGuard {
-        self.begin_write()
+        self.inner.writes.begin()
     }
 
     /// Test hook: makes the engine's worker thread(s) exit as if they had crashed.
