@@ -214,6 +214,13 @@ fn detected_left_standalone_then_manual_discard_my_data() {
 
     // Manual recovery: n1 is the victim.
     let before = snapshot(&c, 1, &changed(true));
+    // Not while it is Primary: the resync would write under its users.
+    let out = c.blockctl(Some(1), &["connect", RESOURCE, "--discard-my-data"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("demote this node first"),
+        "{err}"
+    );
     c.blockctl_ok(Some(1), &["demote", RESOURCE]);
     connect(&c, 1, true);
     connect(&c, 0, false);

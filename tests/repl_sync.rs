@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use integration_tests::repl::tail;
 use integration_tests::repl::{Cluster, ClusterOptions, RESOURCE};
 
 const SYNC: Duration = Duration::from_secs(60);
@@ -55,6 +56,10 @@ fn replicate(nodes: usize, protocol: &str, seed: u64) {
     c.wait_synced(0, SYNC);
     c.assert_identical(0);
 
+    if nodes == 2 && protocol == "C" {
+        second_instance_is_refused(&c, last);
+    }
+
     // Clean shutdown of every node: exit status 0.
     for i in (0..nodes).rev() {
         c.stop(i);
@@ -89,4 +94,32 @@ fn three_nodes_protocol_b() {
 #[test]
 fn three_nodes_protocol_c() {
     replicate(3, "C", 600);
+}
+
+/// A second blockd for a node that is running (a systemd unit started beside a cluster
+/// manager's), and `create-md --force` against it, are refused before they touch its metadata:
+/// the running node stays connected, in sync and consistent.
+fn second_instance_is_refused(c: &Cluster, i: usize) {
+    let out = std::process::Command::new(integration_tests::blockd_bin())
+        .arg("--config")
+        .arg(&c.config)
+        .args(["--node", &c.nodes[i].name])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run a second blockd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second blockd started: {err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    let out = c.blockctl(Some(i), &["create-md", RESOURCE, "--force"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "create-md overwrote live metadata: {err}"
+    );
+    assert!(err.contains("in use by another process"), "{err}");
+    let st = c.status(i);
+    assert_eq!(st["disk"], "up-to-date", "{st}");
+    c.wait_synced(0, SYNC);
+    c.assert_identical(0);
+    assert!(!c.log(i).contains("unclean"), "{}", tail(&c.log(i), 20));
 }

@@ -370,9 +370,18 @@ mod tests {
         let mut b = Bitmap::new(100 * 4096, 4096);
         b.set_range(10 * 4096, 20 * 4096);
         b.set_range(90 * 4096, 4096);
-        assert_eq!(b.dirty_extent_from(0, 8 * 4096), Some((10 * 4096, 8 * 4096)));
-        assert_eq!(b.dirty_extent_from(18 * 4096, 1 << 20), Some((18 * 4096, 12 * 4096)));
-        assert_eq!(b.dirty_extent_from(30 * 4096, 1 << 20), Some((90 * 4096, 4096)));
+        assert_eq!(
+            b.dirty_extent_from(0, 8 * 4096),
+            Some((10 * 4096, 8 * 4096))
+        );
+        assert_eq!(
+            b.dirty_extent_from(18 * 4096, 1 << 20),
+            Some((18 * 4096, 12 * 4096))
+        );
+        assert_eq!(
+            b.dirty_extent_from(30 * 4096, 1 << 20),
+            Some((90 * 4096, 4096))
+        );
         assert_eq!(b.dirty_extent_from(91 * 4096, 1 << 20), None);
     }
 

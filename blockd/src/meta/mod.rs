@@ -11,6 +11,7 @@ pub mod bitmap;
 pub mod file;
 pub mod generation;
 pub mod layout;
+pub mod lock;
 pub mod superblock;
 
 use std::fmt;
@@ -89,6 +90,17 @@ pub enum MetaError {
     ActivityLog(String),
     #[error("bitmap geometry differs: {0}")]
     BitmapGeometry(String),
+    #[error(
+        "metadata {path} is in use by another process (a blockd already running this resource, \
+         or blockctl create-md)"
+    )]
+    InUse { path: PathBuf },
+    #[error("cannot lock metadata {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open metadata {path}")]
     Open {
         path: PathBuf,

@@ -18,6 +18,7 @@ use crate::meta::activity_log::ActivityLog;
 use crate::meta::bitmap::Bitmap;
 use crate::meta::file::{MetaFile, OnDamagedPage};
 use crate::meta::generation::Uuid;
+use crate::meta::lock::MetaLock;
 use crate::meta::superblock::{Superblock, flags};
 use crate::repl::handshake::HandshakeSide;
 use crate::repl::link::{self, Link, LinkError, LinkNode, LinkSettings};
@@ -443,6 +444,8 @@ impl ResourceSpec {
 
 /// One replicated resource on this node.
 pub struct Resource {
+    /// Held for the resource's life: no other process attaches to or recreates its metadata.
+    _meta_lock: MetaLock,
     pub(crate) spec: ResourceSpec,
     /// The backing store (replaced by `blockctl attach`, see `repl::local_disk`).
     pub(crate) store: crate::repl::local_disk::LocalStore,
@@ -517,6 +520,9 @@ impl Resource {
             source,
         };
         let loc = spec.me.meta_location();
+        // Before anything is read: another blockd attached to this metadata would otherwise
+        // look like an unclean shutdown, and we would rewrite its bitmaps and snapshot areas.
+        let meta_lock = MetaLock::take(loc.path()).map_err(meta_err)?;
         let opened = MetaFile::open(&loc, Some(spec.me.id)).map_err(meta_err)?;
         if let Some(w) = &opened.warning {
             tracing::warn!(resource = %spec.name, "metadata: {w} (using the other superblock copy)");
@@ -666,6 +672,7 @@ impl Resource {
             &sb.generations,
         );
         Ok(Arc::new(Resource {
+            _meta_lock: meta_lock,
             store: crate::repl::local_disk::LocalStore::new(store),
             disk_rt: crate::repl::local_disk::DiskRuntime::at_start(failed),
             meta: Arc::new(Mutex::new(meta)),
@@ -1332,6 +1339,13 @@ impl Resource {
     /// `blockctl connect`: (re)enables connecting; `discard_my_data` marks this node the victim
     /// of a split brain.
     pub fn connect(&self, peer: Option<&str>, discard_my_data: bool) -> Result<(), ResourceError> {
+        if discard_my_data && self.role() == Role::Primary {
+            // The resync would write the peer's blocks under the Primary's users (DRBD
+            // refuses the same: "I shall become SyncTarget, but I am primary!").
+            return Err(ResourceError::Refused(
+                "--discard-my-data on a Primary: demote this node first".into(),
+            ));
+        }
         let which: Vec<usize> = match peer {
             Some(n) => vec![self.peer_index(n)?],
             None => (0..self.peers.len()).collect(),
@@ -1538,11 +1552,27 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// metadata covers the whole backing device.
 pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceError> {
     let r = local.resource;
+    let meta_err = |source| ResourceError::Meta {
+        resource: r.name.clone(),
+        source,
+    };
+    let loc = local.me.meta_location();
+    // A running blockd holds this lock: its live metadata is never overwritten. (Metadata
+    // that does not exist yet cannot be in use.)
+    let _lock = if loc.path().exists() {
+        Some(MetaLock::take(loc.path()).map_err(meta_err)?)
+    } else {
+        None
+    };
     let data_size = match &local.me.meta {
         crate::config::MetaPlacement::Internal => None,
         crate::config::MetaPlacement::External(_) => {
-            let len = std::fs::metadata(&local.me.backing)
-                .map(|m| m.len())
+            // Seek to the end: a block device's file metadata says 0 bytes.
+            let len = std::fs::File::open(&local.me.backing)
+                .and_then(|mut f| {
+                    use std::io::Seek;
+                    f.seek(std::io::SeekFrom::End(0))
+                })
                 .map_err(|source| ResourceError::Store {
                     resource: r.name.clone(),
                     source: StoreError::Open {
@@ -1562,9 +1592,6 @@ pub fn create_md(local: &LocalResource<'_>, force: bool) -> Result<(), ResourceE
         data_size,
         force,
     };
-    MetaFile::create(&local.me.meta_location(), &opts).map_err(|source| ResourceError::Meta {
-        resource: r.name.clone(),
-        source,
-    })?;
+    MetaFile::create(&loc, &opts).map_err(meta_err)?;
     Ok(())
 }
