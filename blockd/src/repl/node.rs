@@ -5,8 +5,10 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 
 use crate::config::ClusterConfig;
 use crate::repl::resource::{Resource, ResourceError, ResourceSpec};
@@ -34,17 +36,34 @@ where
     F: Fn(Arc<Resource>, std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut role = res.watch_role();
+    let role = res.watch_role();
+    each_primary_term(role, move |demoted| service(res.clone(), demoted)).await
+}
+
+/// Runs `service(demoted)` for every term in which `role` is Primary. A service that ends
+/// after its demotion (draining its clients may take a while) is started again at once if the
+/// node was promoted again meanwhile; one that ends by itself (it could not start) is not
+/// restarted before the next promotion.
+async fn each_primary_term<F, Fut>(mut role: watch::Receiver<Role>, service: F)
+where
+    F: Fn(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     loop {
         if role.wait_for(|r| *r == Role::Primary).await.is_err() {
             return;
         }
         let mut watch = role.clone();
+        let demoted_seen = Arc::new(AtomicBool::new(false));
+        let seen = demoted_seen.clone();
         let demoted = Box::pin(async move {
             let _ = watch.wait_for(|r| *r != Role::Primary).await;
+            seen.store(true, Ordering::SeqCst);
         });
-        service(res.clone(), demoted).await;
-        if role.wait_for(|r| *r != Role::Primary).await.is_err() {
+        service(demoted).await;
+        if !demoted_seen.load(Ordering::SeqCst)
+            && role.wait_for(|r| *r != Role::Primary).await.is_err()
+        {
             return;
         }
     }
@@ -141,4 +160,67 @@ fn bind_control(path: &Path) -> Result<UnixListener, NodeError> {
         }
     }
     UnixListener::bind(path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// A promotion while the last term's service still drains its clients starts a new term
+    /// once it is done; before, the node stayed Primary without an export until it was demoted.
+    #[tokio::test]
+    async fn a_quick_promotion_after_a_demotion_serves_again() {
+        let (tx, rx) = watch::channel(Role::Secondary);
+        let starts = Arc::new(AtomicUsize::new(0));
+        let s = starts.clone();
+        let runner = tokio::spawn(each_primary_term(rx, move |demoted| {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                demoted.await;
+                // Draining the clients (up to the shutdown grace).
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }));
+        tx.send_replace(Role::Primary);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        tx.send_replace(Role::Secondary);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(Role::Primary);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert_eq!(
+            starts.load(Ordering::SeqCst),
+            2,
+            "no service in the second term"
+        );
+        drop(tx);
+        runner.abort();
+    }
+
+    /// A service that ends by itself (its export could not listen) is not restarted in a loop:
+    /// the next promotion starts it again.
+    #[tokio::test]
+    async fn a_service_that_fails_waits_for_the_next_term() {
+        let (tx, rx) = watch::channel(Role::Primary);
+        let starts = Arc::new(AtomicUsize::new(0));
+        let s = starts.clone();
+        let runner = tokio::spawn(each_primary_term(rx, move |_demoted| {
+            let s = s.clone();
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        tx.send_replace(Role::Secondary);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        tx.send_replace(Role::Primary);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+        drop(tx);
+        runner.abort();
+    }
 }
