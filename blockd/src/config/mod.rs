@@ -936,11 +936,20 @@ fn with_file(e: ConfigError, file: &Path) -> ConfigError {
     }
 }
 
+/// Two listen addresses of one host collide: the same port on the same address, or on the
+/// wildcard address of either.
+fn listen_collides(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Replication addresses are unique across the cluster (each resource listens on its own
-/// port); a node's backing devices and external metadata files are unique across resources.
+/// port); on each node, no two listeners (replication and NBD, of any resources) collide; a
+/// node's backing devices and external metadata files are unique across resources.
 fn check_across_resources(resources: &[Resource], file: &Path) -> Result<(), ConfigError> {
     let mut addrs: HashMap<SocketAddr, String> = HashMap::new();
     let mut disks: HashMap<(String, PathBuf), String> = HashMap::new();
+    // Per node: every listen address seen so far, with its key.
+    let mut listens: HashMap<String, Vec<(SocketAddr, String)>> = HashMap::new();
     for r in resources {
         for n in &r.nodes {
             let key = |k: &str| format!("resource.{}.node.{}.{k}", r.name, n.name);
@@ -956,6 +965,19 @@ fn check_across_resources(resources: &[Resource], file: &Path) -> Result<(), Con
                     "address",
                     format!("{} is also used by {other}", n.address),
                 ));
+            }
+            let mine = listens.entry(n.name.clone()).or_default();
+            for (k, a) in [("address", n.address), ("nbd", n.nbd)] {
+                if let Some((_, other)) = mine
+                    .iter()
+                    .find(|(b, other)| *other != key(k) && listen_collides(a, *b))
+                {
+                    return Err(err(
+                        k,
+                        format!("{a} collides with {other} on the same node"),
+                    ));
+                }
+                mine.push((a, key(k)));
             }
             let mut paths = vec![("backing", n.backing.clone())];
             if let MetaPlacement::External(p) = &n.meta {

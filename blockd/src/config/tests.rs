@@ -449,6 +449,19 @@ fn across_resources() {
         "resource.r1.node.alpha.address",
         "also used by resource r0",
     );
+    // One node's NBD export of r1 on r0's NBD address, on the wildcard address with r0's NBD
+    // port, or on r0's replication address: refused (the second export could never listen).
+    for nbd in ["127.0.0.1:8000", "0.0.0.0:8000", "127.0.0.1:7000"] {
+        let r1 = resource("r1", 7001, "/a1").replace("127.0.0.1:8001", nbd);
+        invalid(
+            &format!("{global}{}{r1}", resource("r0", 7000, "/a0")),
+            "resource.r1.node.alpha.nbd",
+            "on the same node",
+        );
+    }
+    // The same port on another node's address is fine (another host).
+    let r1 = resource("r1", 7001, "/a1").replace("127.0.0.1:8001", "127.0.0.2:8000");
+    assert!(parse(&format!("{global}{}{r1}", resource("r0", 7000, "/a0"))).is_ok());
 }
 
 #[test]
