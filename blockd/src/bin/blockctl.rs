@@ -134,6 +134,9 @@ enum Cmd {
     Detach {
         /// Resource name.
         resource: String,
+        /// Detach even the only up-to-date copy in reach (it comes back Inconsistent).
+        #[arg(long)]
+        force: bool,
     },
     /// Drop the link(s) and stay StandAlone.
     Disconnect {
@@ -629,12 +632,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         )
         .await
         .map(drop),
-        Cmd::Detach { resource } => call(
-            &socket(&cli, resource)?,
-            &Request::new("detach", Some(resource)),
-        )
-        .await
-        .map(drop),
+        Cmd::Detach { resource, force } => {
+            let mut req = Request::new("detach", Some(resource));
+            req.force = *force;
+            call(&socket(&cli, resource)?, &req).await.map(drop)
+        }
         Cmd::Disconnect { resource, peer } => {
             let mut req = Request::new("disconnect", Some(resource));
             req.peer = peer.clone();

@@ -216,7 +216,10 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                 Err(e) => e,
             },
             "detach" => match one() {
-                Ok(r) => r.detach().await.map_or_else(failure, |()| Response::ok()),
+                Ok(r) => r
+                    .detach(req.force)
+                    .await
+                    .map_or_else(failure, |()| Response::ok()),
                 Err(e) => e,
             },
             "disconnect" => match one() {

@@ -197,6 +197,13 @@ pub enum AdminRefusal {
     NotAttached(DiskState),
     #[error("a Primary cannot detach without a connected up-to-date peer to serve its I/O")]
     NoPeerForPrimary,
+    /// A disk comes back from `attach` Inconsistent (it may be a replacement): detaching the
+    /// last up-to-date copy in reach would leave no node to resync anyone from.
+    #[error(
+        "no connected peer is up to date: this disk holds the only up-to-date copy in reach \
+         (use --force to detach it anyway)"
+    )]
+    LastUpToDate,
 }
 
 /// What a Diskless Primary does with the blocks marked in its bitmap for a peer that
@@ -234,12 +241,23 @@ pub fn may_attach(disk: DiskState) -> Result<(), AdminRefusal> {
 }
 
 /// `blockctl detach`: an attached disk detaches; a Primary only while a peer can serve.
-pub fn may_detach(disk: DiskState, primary: bool, peers: &[PeerView]) -> Result<(), AdminRefusal> {
+pub fn may_detach(
+    disk: DiskState,
+    primary: bool,
+    peers: &[PeerView],
+    force: bool,
+) -> Result<(), AdminRefusal> {
     if !disk.has_disk() {
         return Err(AdminRefusal::NotAttached(disk));
     }
     if primary && read_peer(disk, peers).is_err() {
         return Err(AdminRefusal::NoPeerForPrimary);
+    }
+    let up_to_date_peer = peers
+        .iter()
+        .any(|p| p.conn == ConnState::Connected && p.disk == DiskState::UpToDate);
+    if disk == DiskState::UpToDate && !up_to_date_peer && !force {
+        return Err(AdminRefusal::LastUpToDate);
     }
     Ok(())
 }
@@ -492,19 +510,38 @@ mod tests {
             Err(AdminRefusal::Attached(DiskState::UpToDate))
         );
         assert!(may_attach(DiskState::Failed).is_err());
-        assert_eq!(may_detach(DiskState::UpToDate, false, &[]), Ok(()));
         assert_eq!(
-            may_detach(DiskState::Inconsistent, true, &[good(0)]),
+            may_detach(DiskState::UpToDate, false, &[good(0)], false),
             Ok(())
         );
         assert_eq!(
-            may_detach(DiskState::UpToDate, true, &[]),
+            may_detach(DiskState::Inconsistent, true, &[good(0)], false),
+            Ok(())
+        );
+        assert_eq!(
+            may_detach(DiskState::UpToDate, true, &[], true),
             Err(AdminRefusal::NoPeerForPrimary)
         );
         assert_eq!(
-            may_detach(DiskState::Diskless, false, &[good(0)]),
+            may_detach(DiskState::Diskless, false, &[good(0)], false),
             Err(AdminRefusal::NotAttached(DiskState::Diskless))
         );
+        // The only up-to-date copy in reach: a sync source of an Inconsistent peer, or a
+        // Secondary whose peers are gone. Its disk would come back Inconsistent.
+        let mut target = good(0);
+        target.disk = DiskState::Inconsistent;
+        target.repl = ReplState::SyncTarget;
+        let mut gone = good(0);
+        gone.conn = ConnState::Connecting;
+        for peers in [&[target][..], &[gone], &[]] {
+            assert_eq!(
+                may_detach(DiskState::UpToDate, false, peers, false),
+                Err(AdminRefusal::LastUpToDate)
+            );
+            assert_eq!(may_detach(DiskState::UpToDate, false, peers, true), Ok(()));
+        }
+        // A disk that is not up to date loses nobody anything.
+        assert_eq!(may_detach(DiskState::Outdated, false, &[], false), Ok(()));
     }
 
     #[test]

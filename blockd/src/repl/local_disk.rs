@@ -419,12 +419,12 @@ impl Resource {
     }
 
     /// `blockctl detach`: detaches the local disk (a Primary keeps serving through a peer).
-    pub async fn detach(&self) -> Result<(), ResourceError> {
+    pub async fn detach(&self, force: bool) -> Result<(), ResourceError> {
         let (disk, primary) = {
             let st = self.state.lock().expect("state");
             (st.disk, st.role == Role::Primary)
         };
-        may_detach(disk, primary, &self.peer_views())
+        may_detach(disk, primary, &self.peer_views(), force)
             .map_err(|r| ResourceError::Refused(r.to_string()))?;
         let _ = self.store.flush().await;
         tracing::info!(resource = %self.spec.name, "detaching the local disk (blockctl detach)");

@@ -489,7 +489,7 @@ async fn detaching_or_attaching_the_disk_invalidates_the_snapshots() {
     let store = r.store();
     let snap = r.snapshots.set.open("s1", 1 << 20, 1, "").unwrap();
     assert!(snap.read(&store, 0, 4096).await.is_ok());
-    r.detach().await.unwrap();
+    r.detach(true).await.unwrap();
     let e = snap.read(&store, 0, 4096).await.unwrap_err().to_string();
     assert!(e.contains("detached"), "{e}");
     let ev = snapshot_events(&mut events);
