@@ -17,7 +17,8 @@
 //! memory is one window plus the signature index; a literal run at the end of a window that
 //! could still start a match is carried into the next window, so window edges do not break
 //! matching. The receiver never maps or reads the whole base: each chunk is split into segments
-//! whose copy commands span at most [`SEGMENT_SPAN`] bytes of the base, that span is read with
+//! whose copy commands span at most [`SEGMENT_SPAN`] bytes of the base (built one at a time, after
+//! the chunk's whole output is checked against the announced length), that span is read with
 //! `pread`, and the segment is applied with `fast_rsync::apply_limited`. A base that shrinks
 //! underneath is a clear error, not a `SIGBUS`.
 //!
@@ -492,47 +493,68 @@ pub fn encode_chunk(ops: &[Op<'_>], out: &mut Vec<u8>) {
 }
 
 /// Splits commands into segments whose copies span at most `span` bytes of the base; copies
-/// longer than `span` are cut. Returns each segment's commands with the base range `lo..hi` its
-/// copies read.
-fn segments<'a>(ops: Vec<Op<'a>>, span: u64) -> Vec<(Vec<Op<'a>>, u64, u64)> {
-    let mut out = Vec::new();
-    let mut current: Vec<Op<'a>> = Vec::new();
-    let mut range: Option<(u64, u64)> = None;
-    let mut flush = |current: &mut Vec<Op<'a>>, range: &mut Option<(u64, u64)>| {
-        if !current.is_empty() {
-            let (lo, hi) = range.unwrap_or((0, 0));
-            out.push((std::mem::take(current), lo, hi));
-        }
-        *range = None;
-    };
-    for op in ops {
-        match op {
-            Op::Literal(_) => current.push(op),
-            Op::Copy {
-                mut offset,
-                mut len,
-            } => {
-                while len > 0 {
-                    let piece = len.min(span);
-                    let (lo, hi) = match range {
-                        Some((lo, hi)) => (lo.min(offset), hi.max(offset + piece)),
-                        None => (offset, offset + piece),
-                    };
-                    if hi - lo > span {
-                        flush(&mut current, &mut range);
-                        range = Some((offset, offset + piece));
-                    } else {
-                        range = Some((lo, hi));
-                    }
-                    current.push(Op::Copy { offset, len: piece });
-                    offset += piece;
-                    len -= piece;
-                }
-            }
+/// longer than `span` are cut. Yields each segment's commands with the base range `lo..hi` its
+/// copies read. Lazy: one segment exists at a time, so a chunk of a few bytes per copy that each
+/// copy a whole large base (thousands of segments per copy) costs no more memory than one.
+struct Segments<'a> {
+    ops: std::vec::IntoIter<Op<'a>>,
+    /// The uncut rest of a copy that did not fit the previous segment.
+    pending: Option<(u64, u64)>,
+    span: u64,
+}
+
+impl<'a> Segments<'a> {
+    fn new(ops: Vec<Op<'a>>, span: u64) -> Self {
+        Self {
+            ops: ops.into_iter(),
+            pending: None,
+            span,
         }
     }
-    flush(&mut current, &mut range);
-    out
+}
+
+impl<'a> Iterator for Segments<'a> {
+    type Item = (Vec<Op<'a>>, u64, u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut current: Vec<Op<'a>> = Vec::new();
+        let mut range: Option<(u64, u64)> = None;
+        loop {
+            let (mut offset, mut len) = match self.pending.take() {
+                Some(copy) => copy,
+                None => match self.ops.next() {
+                    Some(Op::Copy { offset, len }) => (offset, len),
+                    Some(literal) => {
+                        current.push(literal);
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            while len > 0 {
+                let piece = len.min(self.span);
+                let (lo, hi) = match range {
+                    Some((lo, hi)) => (lo.min(offset), hi.max(offset + piece)),
+                    None => (offset, offset + piece),
+                };
+                if hi - lo > self.span {
+                    // Starts the next segment; `range` is only set once a copy is in `current`.
+                    self.pending = Some((offset, len));
+                    let (lo, hi) = range.unwrap_or((0, 0));
+                    return Some((current, lo, hi));
+                }
+                range = Some((lo, hi));
+                current.push(Op::Copy { offset, len: piece });
+                offset += piece;
+                len -= piece;
+            }
+        }
+        if current.is_empty() {
+            return None;
+        }
+        let (lo, hi) = range.unwrap_or((0, 0));
+        Some((current, lo, hi))
+    }
 }
 
 /// Writes through to `inner`, hashing and counting.
@@ -591,18 +613,31 @@ impl<W: Write> DeltaApplier<W> {
     /// Applies the next chunk in order.
     pub fn apply_chunk(&mut self, chunk: &[u8]) -> Result<(), DeltaError> {
         let ops = parse_chunk(chunk).map_err(DeltaError::Malformed)?;
+        // The chunk's whole output is known before anything is read or written: one that would
+        // pass the announced length is refused at once, not after writing up to it.
+        let mut output: u64 = 0;
         for op in &ops {
-            if let Op::Copy { offset, len } = *op {
-                if offset + len > self.base_len {
-                    return Err(DeltaError::CopyOutOfBounds {
-                        offset,
-                        len,
-                        base_len: self.base_len,
-                    });
+            let len = match *op {
+                Op::Copy { offset, len } => {
+                    if offset + len > self.base_len {
+                        return Err(DeltaError::CopyOutOfBounds {
+                            offset,
+                            len,
+                            base_len: self.base_len,
+                        });
+                    }
+                    len
                 }
-            }
+                Op::Literal(data) => data.len() as u64,
+            };
+            output = output.saturating_add(len);
         }
-        for (ops, lo, hi) in segments(ops, SEGMENT_SPAN) {
+        if output > self.expected_len - self.written {
+            return Err(DeltaError::OutputTooLong {
+                expected: self.expected_len,
+            });
+        }
+        for (ops, lo, hi) in Segments::new(ops, SEGMENT_SPAN) {
             let span = (hi - lo) as usize;
             self.base_buf.resize(span, 0);
             if span > 0 {
@@ -945,7 +980,7 @@ mod tests {
                 len: 10,
             },
         ];
-        let segs = segments(ops, SEGMENT_SPAN);
+        let segs: Vec<_> = Segments::new(ops, SEGMENT_SPAN).collect();
         for (ops, lo, hi) in &segs {
             assert!(hi - lo <= SEGMENT_SPAN);
             for op in ops {
@@ -963,6 +998,91 @@ mod tests {
             })
             .sum();
         assert_eq!(total, 3 * SEGMENT_SPAN + 5 + 1 + 20);
+    }
+
+    #[test]
+    fn a_chunk_longer_than_announced_is_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = noise(1 << 20, 9);
+        let mut chunk = Vec::new();
+        let copy = Op::Copy {
+            offset: 0,
+            len: base.len() as u64,
+        };
+        encode_chunk(&[Op::Literal(b"12345"), copy], &mut chunk);
+        let mut applier = DeltaApplier::new(base_file(dir.path(), &base), Vec::new(), 10).unwrap();
+        let err = applier.apply_chunk(&chunk).unwrap_err();
+        assert!(
+            matches!(err, DeltaError::OutputTooLong { expected: 10 }),
+            "{err}"
+        );
+        assert_eq!(applier.written(), 0);
+        assert!(
+            applier.out.is_empty(),
+            "nothing of the refused chunk is written"
+        );
+    }
+
+    /// A writer whose every write fails (a full disk).
+    struct FullDisk;
+
+    impl Write for FullDisk {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("no space left"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Set in the child process that runs the memory measurement alone.
+    const MEMORY_CHILD: &str = "FILED_DELTA_MEMORY_CHILD";
+
+    /// A peer's chunk of 10000 copies of a whole 1 GiB base (9 bytes each, 256 segments each)
+    /// must not build its 2.56 million segments up front (about 250 MiB): the peer controls the
+    /// count, and with a larger base and a full frame it is about 100 GB. Measured in a child
+    /// process running only this test, so other tests do not move the peak.
+    #[test]
+    fn whole_base_copies_cost_one_segment_of_memory() {
+        const NAME: &str = "delta::tests::whole_base_copies_cost_one_segment_of_memory";
+        if std::env::var_os(MEMORY_CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(MEMORY_CHILD, "1")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+                "child failed: {}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("base");
+        File::create(&path).unwrap().set_len(1 << 30).unwrap();
+        let copies = vec![
+            Op::Copy {
+                offset: 0,
+                len: 1 << 30,
+            };
+            10_000
+        ];
+        let mut chunk = Vec::new();
+        encode_chunk(&copies, &mut chunk);
+        drop(copies);
+        let before = peak_rss();
+        let mut applier =
+            DeltaApplier::new(File::open(&path).unwrap(), FullDisk, u64::MAX).unwrap();
+        let err = applier.apply_chunk(&chunk).unwrap_err();
+        assert!(matches!(err, DeltaError::Write(_)), "{err}");
+        let grown = peak_rss().saturating_sub(before);
+        assert!(
+            grown < 32 << 20,
+            "applying grew the peak RSS by {} MiB",
+            grown >> 20
+        );
     }
 
     fn arb_op() -> impl Strategy<Value = (bool, Vec<u8>, u64, u64)> {

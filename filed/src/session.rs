@@ -5,7 +5,7 @@
 //! what they receive with [`Applier`], then record agreed states, clear dirty marks and keep
 //! conflicts in the store.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::sync::Arc;
 
@@ -60,6 +60,10 @@ pub enum SessionError {
     },
     #[error("{peer} sent a path refused here: {path:?}")]
     BadPath { peer: String, path: String },
+    #[error(
+        "{peer} sent a signature for {path:?}, which expects none (no delta of it is sent here, or its signature came already)"
+    )]
+    UnexpectedSignature { peer: String, path: String },
     #[error(
         "{peer} is a slave of group {group} and may not send changes (it decided to send {path:?})"
     )]
@@ -234,6 +238,40 @@ impl Link<'_> {
             got: got.name(),
             expected,
         }
+    }
+}
+
+/// The peer's signatures for the deltas this side sends: accepted only for a path a delta is
+/// sent for, once each, so the peer cannot make this side keep signatures (up to a frame, 16 MiB,
+/// each) for paths it never needs them for.
+#[derive(Debug, Default)]
+struct Signatures {
+    /// Paths a delta is sent for whose signature has not come yet.
+    awaited: HashSet<String>,
+    received: HashMap<String, Vec<u8>>,
+}
+
+impl Signatures {
+    /// A delta of `path` is sent: its signature is awaited.
+    fn expect(&mut self, path: &str) {
+        if !self.received.contains_key(path) {
+            self.awaited.insert(path.to_string());
+        }
+    }
+
+    /// Takes the peer's signature of `path`; one not awaited is a protocol error
+    /// ([`SessionError::UnexpectedSignature`] with the path given back).
+    fn accept(&mut self, path: String, bytes: Vec<u8>) -> Result<(), String> {
+        if !self.awaited.remove(&path) {
+            return Err(path);
+        }
+        self.received.insert(path, bytes);
+        Ok(())
+    }
+
+    /// The signature received for `path`, if any.
+    fn take(&mut self, path: &str) -> Option<Vec<u8>> {
+        self.received.remove(path)
     }
 }
 
@@ -982,7 +1020,7 @@ pub async fn run_client(
     timer.mark("send entries");
     // Step 3: decisions and signatures for our delta pushes.
     let mut items = Vec::new();
-    let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut sigs = Signatures::default();
     loop {
         match link.recv().await? {
             Message::Decision {
@@ -993,6 +1031,9 @@ pub async fn run_client(
                 winner,
             } => {
                 check_decision(group, &peer, &path, decision, &transfer)?;
+                if decision == WireDecision::Push && transfer == WireTransfer::Delta {
+                    sigs.expect(&path);
+                }
                 items.push(Item {
                     path,
                     decision,
@@ -1003,7 +1044,11 @@ pub async fn run_client(
                 });
             }
             Message::Signature { path, bytes } => {
-                sigs.insert(path, bytes);
+                sigs.accept(path, bytes)
+                    .map_err(|path| SessionError::UnexpectedSignature {
+                        peer: peer.clone(),
+                        path,
+                    })?
             }
             Message::End => break,
             other => return Err(link.unexpected(&other, "Decision")),
@@ -1024,7 +1069,7 @@ pub async fn run_client(
         .iter()
         .filter(|i| i.decision == WireDecision::Push && has_data(&i.transfer))
     {
-        send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
+        send_data(&mut link, &applier, it, sigs.take(&it.path)).await?;
     }
     for it in items
         .iter()
@@ -1507,11 +1552,21 @@ pub async fn run_server(
     )
     .await;
     timer.mark("finish receive");
-    let mut sigs: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut sigs = Signatures::default();
+    for it in items
+        .iter()
+        .filter(|i| i.decision == WireDecision::Pull && i.transfer == WireTransfer::Delta)
+    {
+        sigs.expect(&it.path);
+    }
     loop {
         match link.recv().await? {
             Message::Signature { path, bytes } => {
-                sigs.insert(path, bytes);
+                sigs.accept(path, bytes)
+                    .map_err(|path| SessionError::UnexpectedSignature {
+                        peer: peer.clone(),
+                        path,
+                    })?
             }
             Message::End => break,
             other => return Err(link.unexpected(&other, "Signature or End")),
@@ -1529,7 +1584,7 @@ pub async fn run_server(
         .iter()
         .filter(|i| i.decision == WireDecision::Pull && has_data(&i.transfer))
     {
-        send_data(&mut link, &applier, it, sigs.remove(&it.path)).await?;
+        send_data(&mut link, &applier, it, sigs.take(&it.path)).await?;
     }
     link.send(&Message::End).await?;
     // Step 6: the initiator's outcomes.
@@ -1594,6 +1649,76 @@ mod tests {
             server: None,
             winner: None,
         }
+    }
+
+    /// A node `me` ("alpha" or "beta") of group "web" (the group of
+    /// [`crate::transport::tests::loopback_pair`]), its tree and state under `dir`.
+    fn test_node(dir: &std::path::Path, me: &str) -> Node {
+        let text = format!(
+            "[hosts.alpha]\nprefix={{d=\"{d}/alpha\"}}\n[hosts.beta]\nprefix={{d=\"{d}/beta\"}}\n\
+             [groups.web]\nhosts=[\"alpha\",\"beta\"]\nkey=\"k\"\ninclude=[\"%d%\"]\n",
+            d = dir.display()
+        );
+        let config = crate::config::Config::parse(&text, &dir.join("filed.toml")).unwrap();
+        for host in ["alpha", "beta"] {
+            std::fs::create_dir_all(dir.join(host)).unwrap();
+        }
+        let store = crate::store::RedbStore::open(
+            &dir.join(format!("{me}.redb")),
+            std::time::Duration::from_secs(1),
+        )
+        .unwrap();
+        let host = config.hosts[me].clone();
+        Node::new(Arc::new(config), host, Arc::new(store))
+    }
+
+    #[test]
+    fn signatures_are_taken_once_for_awaited_deltas_only() {
+        let mut sigs = Signatures::default();
+        assert_eq!(sigs.accept("/none".into(), vec![1]), Err("/none".into()));
+        sigs.expect("/d");
+        sigs.accept("/d".into(), vec![2]).unwrap();
+        assert!(sigs.accept("/d".into(), vec![3]).is_err(), "twice");
+        sigs.expect("/d");
+        assert!(
+            sigs.accept("/d".into(), vec![4]).is_err(),
+            "a repeated decision does not take another"
+        );
+        assert_eq!(sigs.take("/d"), Some(vec![2]));
+        assert_eq!(sigs.take("/none"), None);
+    }
+
+    #[tokio::test]
+    async fn an_initiator_refuses_a_signature_for_no_delta() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path(), "alpha");
+        let group = node.group("web").unwrap().clone();
+        let (mut alpha, mut beta) = crate::transport::tests::loopback_pair().await;
+        // Owns its end: it closes after the signature, so nothing waits for more.
+        let listener = async move {
+            let _hello = beta.recv().await.unwrap().unwrap();
+            let ok = Message::HelloOk {
+                name: "beta".into(),
+            };
+            beta.send(&ok.encode()).await.unwrap();
+            loop {
+                let m = Message::decode(&beta.recv().await.unwrap().unwrap()).unwrap();
+                if matches!(m, Message::End) {
+                    break;
+                }
+            }
+            let sig = Message::Signature {
+                path: "%d%/never-decided".into(),
+                bytes: vec![0; 1 << 20],
+            };
+            beta.send(&sig.encode()).await.unwrap();
+            beta.close().await.unwrap();
+        };
+        let (res, ()) = tokio::join!(run_client(&node, &group, &mut alpha), listener);
+        assert!(
+            matches!(res, Err(SessionError::UnexpectedSignature { ref path, .. }) if path == "%d%/never-decided"),
+            "{res:?}"
+        );
     }
 
     #[test]

@@ -700,7 +700,7 @@ pub async fn accept(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use common::tls::{PemPair, generate_ca, issue_cert};
     use std::path::PathBuf;
@@ -784,6 +784,16 @@ mod tests {
         let client_key = key(client_key);
         let client_side = connect(&addr, client, group, &client_key, expected_peer);
         tokio::join!(client_side, server_side)
+    }
+
+    /// An authenticated loopback link of group "web" for tests of the layers above: (initiator
+    /// "alpha", listener "beta").
+    pub(crate) async fn loopback_pair() -> (Connection, Connection) {
+        let pki = Pki::new();
+        let client = pki.client("alpha", &["alpha"], "alpha");
+        let server = pki.server("beta", &["beta", "127.0.0.1"], "beta");
+        let (c, s) = link(&client, &server, "web", "k", "beta", web_group("k")).await;
+        (c.unwrap(), s.unwrap())
     }
 
     #[tokio::test]
