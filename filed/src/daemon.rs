@@ -149,6 +149,7 @@ pub async fn run(
         scan_first: false,
         scan_entries: true,
         busy_wait: Duration::from_secs(1),
+        ..ServeOptions::default()
     };
     let mut stop_rx2 = stop_rx.clone();
     let serve = server::serve(node.clone(), listener, control, serve_opts, async move {

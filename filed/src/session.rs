@@ -8,6 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{BufWriter, Read, Write};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -32,6 +33,8 @@ pub enum SessionError {
     },
     #[error("{peer} closed the connection during the session")]
     Closed { peer: String },
+    #[error("{peer} sent nothing for {after:?}; session abandoned")]
+    Idle { peer: String, after: Duration },
     #[error("malformed message from {peer}")]
     Decode {
         peer: String,
@@ -179,10 +182,20 @@ impl PhaseTimer {
     }
 }
 
+/// How long a session waits for the peer's next message before giving up. A peer that stalls
+/// mid-session (its kernel still answering keepalives, so [`crate::transport::PEER_DEAD_AFTER`]
+/// never fires) would otherwise hold the group here for ever: syncs of it would wait and other
+/// peers would get "busy". Longer than the longest legitimate silence: the listener's scan before
+/// it answers the hello (`filed serve` scans the whole group) or a signature of a large base, and
+/// enough to receive a largest frame (16 MiB) at about 60 KB/s.
+pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// A framed message link with the peer's name for errors.
 struct Link<'a> {
     conn: &'a mut Connection,
     peer: String,
+    /// Longest wait for one message ([`SESSION_IDLE_TIMEOUT`]).
+    idle: Duration,
 }
 
 impl Link<'_> {
@@ -209,14 +222,16 @@ impl Link<'_> {
         self.flush().await
     }
     async fn recv(&mut self) -> Result<Message, SessionError> {
-        let frame: Option<Bytes> =
-            self.conn
-                .recv()
-                .await
-                .map_err(|source| SessionError::Transport {
-                    peer: self.peer.clone(),
-                    source,
-                })?;
+        let frame: Option<Bytes> = tokio::time::timeout(self.idle, self.conn.recv())
+            .await
+            .map_err(|_| SessionError::Idle {
+                peer: self.peer.clone(),
+                after: self.idle,
+            })?
+            .map_err(|source| SessionError::Transport {
+                peer: self.peer.clone(),
+                source,
+            })?;
         let frame = frame.ok_or_else(|| SessionError::Closed {
             peer: self.peer.clone(),
         })?;
@@ -976,6 +991,7 @@ pub async fn run_client(
     let mut link = Link {
         conn,
         peer: peer.clone(),
+        idle: SESSION_IDLE_TIMEOUT,
     };
     let mut report = SessionReport {
         group: group.name.clone(),
@@ -1183,6 +1199,7 @@ pub async fn fetch_listing(
     let mut link = Link {
         conn,
         peer: peer.clone(),
+        idle: SESSION_IDLE_TIMEOUT,
     };
     link.send(&Message::Hello {
         version: PROTOCOL_VERSION,
@@ -1223,6 +1240,9 @@ pub struct ServeOptions {
     pub scan_entries: bool,
     /// How long to wait for the group while another sync of it runs here, before "busy".
     pub busy_wait: std::time::Duration,
+    /// How long to wait for the peer's next message before ending the session
+    /// ([`SESSION_IDLE_TIMEOUT`]).
+    pub idle: Duration,
 }
 
 impl Default for ServeOptions {
@@ -1231,6 +1251,7 @@ impl Default for ServeOptions {
             scan_first: true,
             scan_entries: false,
             busy_wait: BUSY_WAIT,
+            idle: SESSION_IDLE_TIMEOUT,
         }
     }
 }
@@ -1246,6 +1267,7 @@ pub async fn run_server(
     let mut link = Link {
         conn,
         peer: peer.clone(),
+        idle: opts.idle,
     };
     let group = match link.recv().await? {
         Message::Hello {
@@ -1663,13 +1685,43 @@ mod tests {
         for host in ["alpha", "beta"] {
             std::fs::create_dir_all(dir.join(host)).unwrap();
         }
-        let store = crate::store::RedbStore::open(
-            &dir.join(format!("{me}.redb")),
-            std::time::Duration::from_secs(1),
-        )
-        .unwrap();
+        let store =
+            crate::store::RedbStore::open(&dir.join(format!("{me}.redb")), Duration::from_secs(1))
+                .unwrap();
         let host = config.hosts[me].clone();
         Node::new(Arc::new(config), host, Arc::new(store))
+    }
+
+    fn hello() -> Vec<u8> {
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            group: "web".into(),
+            from: "alpha".into(),
+        }
+        .encode()
+    }
+
+    #[tokio::test]
+    async fn a_peer_silent_mid_session_ends_it_and_frees_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path(), "beta");
+        let (mut alpha, mut beta) = crate::transport::tests::loopback_pair().await;
+        // The peer says hello, then stalls with its connection open.
+        alpha.send(&hello()).await.unwrap();
+        let opts = ServeOptions {
+            scan_first: false,
+            idle: Duration::from_millis(300),
+            ..ServeOptions::default()
+        };
+        let res = tokio::time::timeout(Duration::from_secs(10), run_server(&node, &mut beta, opts))
+            .await
+            .expect("the session must end by itself");
+        assert!(
+            matches!(res, Err(SessionError::Idle { ref peer, .. }) if peer == "alpha"),
+            "{res:?}"
+        );
+        assert!(node.group_lock("web").try_lock().is_ok(), "group released");
+        drop(alpha);
     }
 
     #[test]
