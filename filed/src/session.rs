@@ -67,6 +67,8 @@ pub enum SessionError {
         "{peer} sent a signature for {path:?}, which expects none (no delta of it is sent here, or its signature came already)"
     )]
     UnexpectedSignature { peer: String, path: String },
+    #[error("{peer} decided to transfer the content of {path:?} without the file's state")]
+    NoState { peer: String, path: String },
     #[error(
         "{peer} is a slave of group {group} and may not send changes (it decided to send {path:?})"
     )]
@@ -489,8 +491,14 @@ async fn receive_item(
             }))
         }
         WireTransfer::Full | WireTransfer::Delta => {
+            // The sender streams the data whatever happens here; skipping it would read the
+            // next item's messages as this one's. Without the state (size, hash) the data
+            // cannot be checked: the decision is malformed and the session ends.
             let Some(w) = winner else {
-                return Ok(Err("no state".into()));
+                return Err(SessionError::NoState {
+                    peer: link.peer.clone(),
+                    path: path.to_string(),
+                });
             };
             receive_content(
                 link,
@@ -1722,6 +1730,30 @@ mod tests {
         );
         assert!(node.group_lock("web").try_lock().is_ok(), "group released");
         drop(alpha);
+    }
+
+    #[tokio::test]
+    async fn a_content_transfer_without_a_state_fails_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = test_node(dir.path(), "beta");
+        let (_alpha, mut beta) = crate::transport::tests::loopback_pair().await;
+        let applier = Applier::new(&node.me, node.group("web").unwrap()).unwrap();
+        let mut link = Link {
+            conn: &mut beta,
+            peer: "alpha".into(),
+            idle: Duration::from_secs(5),
+        };
+        for transfer in [WireTransfer::Full, WireTransfer::Delta] {
+            // No winner: the data the peer streams for it could not be checked, nor skipped.
+            let it = item("%d%/f", WireDecision::Push, transfer);
+            let (mut dirs, mut queue) = (Vec::new(), Vec::new());
+            let res =
+                receive_item(&mut link, &applier, &it, None, None, &mut dirs, &mut queue).await;
+            assert!(
+                matches!(res, Err(SessionError::NoState { ref path, .. }) if path == "%d%/f"),
+                "{res:?}"
+            );
+        }
     }
 
     #[test]
