@@ -7,22 +7,12 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::config::{Action, Group, Host};
-use crate::filter::glob_match;
+use crate::filter::pattern_matches;
 
-/// Whether an action's patterns match a logical path (the path or one of its parents).
+/// Whether an action's patterns match a logical path (the path or one of its parents; a basename
+/// pattern one of its components, as in include/exclude rules).
 pub fn matches(action: &Action, path: &str) -> bool {
-    action.patterns.iter().any(|p| {
-        let mut cur = path;
-        loop {
-            if glob_match(p, cur) {
-                return true;
-            }
-            match cur.rfind('/') {
-                Some(i) if i > 0 => cur = &cur[..i],
-                _ => return false,
-            }
-        }
-    })
+    action.patterns.iter().any(|p| pattern_matches(p, path))
 }
 
 /// Paths an action runs for: received changes always (unless `do-local-only`), local changes sent

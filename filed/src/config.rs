@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::filter::{Filter, Rule, check_syntax, is_path_pattern};
+use crate::filter::{Filter, Rule, check_syntax, is_path_pattern, normalize_pattern};
 
 /// csync2's port.
 pub const DEFAULT_PORT: u16 = 30865;
@@ -387,19 +387,10 @@ impl Config {
                     return Err(invalid(key("hosts"), format!("host {m:?} is listed twice")));
                 }
             }
-            let mut rules = Vec::new();
-            for p in &g.include {
-                rules.push(Rule {
-                    include: true,
-                    pattern: p.clone(),
-                });
-            }
-            for p in &g.exclude {
-                rules.push(Rule {
-                    include: false,
-                    pattern: p.clone(),
-                });
-            }
+            // (configuration key, include?, pattern as written), in rule order.
+            let mut written: Vec<(&str, bool, &str)> = Vec::new();
+            written.extend(g.include.iter().map(|p| ("include", true, p.as_str())));
+            written.extend(g.exclude.iter().map(|p| ("exclude", false, p.as_str())));
             for r in &g.rules {
                 let (inc, pat) = if let Some(p) = r.strip_prefix("include ") {
                     (true, p.trim())
@@ -411,28 +402,21 @@ impl Config {
                         format!("{r:?} must start with \"include \" or \"exclude \""),
                     ));
                 };
-                rules.push(Rule {
-                    include: inc,
-                    pattern: pat.to_string(),
-                });
+                written.push(("rules", inc, pat));
+            }
+            let mut rules = Vec::new();
+            for (k, include, p) in written {
+                let pattern = normalize_pattern(p).map_err(|e| invalid(key(k), e.to_string()))?;
+                if is_path_pattern(&pattern) {
+                    check_prefix_use(&pattern, &g, &hosts).map_err(|p| invalid(key(k), p))?;
+                }
+                rules.push(Rule { include, pattern });
             }
             if !rules.iter().any(|r| r.include && r.is_path_pattern()) {
                 return Err(invalid(
                     key("include"),
                     "no include path (starting with / or %prefix%)".into(),
                 ));
-            }
-            for r in &rules {
-                if r.pattern.is_empty() || r.pattern.contains('\0') {
-                    return Err(invalid(
-                        key("include"),
-                        format!("bad pattern {:?}", r.pattern),
-                    ));
-                }
-                if r.is_path_pattern() {
-                    check_prefix_use(&r.pattern, &g, &hosts)
-                        .map_err(|p| invalid(key("include"), p))?;
-                }
             }
             let filter = Filter::new(rules);
             for root in filter.roots() {
@@ -451,16 +435,24 @@ impl Config {
                 }
             }
             let mut actions = Vec::new();
-            for (i, a) in g.action.into_iter().enumerate() {
-                let patterns = match a.pattern {
-                    OneOrMany::One(s) => vec![s],
+            for (i, a) in g.action.iter().enumerate() {
+                let written: &[String] = match &a.pattern {
+                    OneOrMany::One(s) => std::slice::from_ref(s),
                     OneOrMany::Many(v) => v,
                 };
-                if patterns.is_empty() {
-                    return Err(invalid(
-                        format!("groups.{name}.action[{i}].pattern"),
-                        "no pattern".into(),
-                    ));
+                let pattern_key = format!("groups.{name}.action[{i}].pattern");
+                if written.is_empty() {
+                    return Err(invalid(pattern_key, "no pattern".into()));
+                }
+                // The same pattern rules as include/exclude: a pattern written like one but never
+                // matching would silently never run the action.
+                let mut patterns = Vec::with_capacity(written.len());
+                for p in written {
+                    let p = normalize_pattern(p)
+                        .map_err(|e| invalid(pattern_key.clone(), e.to_string()))?;
+                    check_prefix_use(&p, &g, &hosts)
+                        .map_err(|problem| invalid(pattern_key.clone(), problem))?;
+                    patterns.push(p);
                 }
                 if a.exec.trim().is_empty() {
                     return Err(invalid(
@@ -470,7 +462,7 @@ impl Config {
                 }
                 actions.push(Action {
                     patterns,
-                    exec: a.exec,
+                    exec: a.exec.clone(),
                     logfile: a.logfile.as_deref().map(abs),
                     do_local: a.do_local || a.do_local_only,
                     do_local_only: a.do_local_only,
@@ -721,6 +713,63 @@ mod tests {
             "[hosts.a]\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"/x\"]\nbackup-directory=\"/x/bak\"\n",
         );
         assert!(e.contains("backup-directory"), "{e}");
+    }
+
+    #[test]
+    fn patterns_normalized_or_refused_by_key() {
+        let group = |rules: &str| {
+            format!(
+                "[hosts.a]\nprefix={{data=\"/srv\"}}\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\n{rules}\n"
+            )
+        };
+        let c = Config::parse(
+            &group(
+                "include=[\"/etc/\", \"%data%/\"]\nexclude=[\"/etc/ssl/private/\", \"cache/\"]\n\
+                 [[groups.g.action]]\npattern=[\"*.conf\", \"%data%/www/\"]\nexec=\"true\"\n",
+            ),
+            Path::new("/f.toml"),
+        )
+        .unwrap();
+        let g = &c.groups["g"];
+        assert!(g.filter.included("/etc/hosts"));
+        assert!(
+            !g.filter.included("/etc/ssl/private/key.pem"),
+            "a trailing slash must not void an exclude"
+        );
+        assert!(g.filter.included("%data%/x"));
+        assert!(!g.filter.included("%data%/app/cache/x"));
+        let a = &g.actions[0];
+        assert_eq!(a.patterns, vec!["*.conf".to_string(), "%data%/www".into()]);
+        assert!(crate::actions::matches(a, "/etc/nginx/site.conf"));
+        assert!(crate::actions::matches(a, "%data%/www/index.html"));
+        assert!(!crate::actions::matches(a, "%data%/other"));
+
+        for (rules, key, pattern) in [
+            (
+                "include=[\"/x\"]\nexclude=[\"tmp/cache\"]",
+                "groups.g.exclude",
+                "tmp/cache",
+            ),
+            ("include=[\"/x//y\"]", "groups.g.include", "/x//y"),
+            (
+                "include=[\"/x\"]\nrules=[\"exclude /x/../y\"]",
+                "groups.g.rules",
+                "/x/../y",
+            ),
+            (
+                "include=[\"/x\"]\n[[groups.g.action]]\npattern=\"nginx/*.conf\"\nexec=\"true\"",
+                "groups.g.action[0].pattern",
+                "nginx/*.conf",
+            ),
+            (
+                "include=[\"/x\"]\n[[groups.g.action]]\npattern=\"%nope%/x\"\nexec=\"true\"",
+                "groups.g.action[0].pattern",
+                "%nope%",
+            ),
+        ] {
+            let e = err(&group(rules));
+            assert!(e.contains(key) && e.contains(pattern), "{rules}: {e}");
+        }
     }
 
     #[test]

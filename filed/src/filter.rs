@@ -28,6 +28,68 @@ fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
+/// Why a configured include, exclude or action pattern was refused: it could never match a path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatternError {
+    #[error("empty pattern")]
+    Empty,
+    #[error("pattern {0:?} contains a NUL byte")]
+    Nul(String),
+    #[error(
+        "basename pattern {0:?} contains '/' but is matched against one file name, so it never \
+         matches; start it with / or %prefix% to match a path"
+    )]
+    SlashInBasename(String),
+    #[error("pattern {0:?} can never match: no path has an empty, `.` or `..` component")]
+    BadComponent(String),
+}
+
+/// A configured pattern in the form the matchers compare: trailing slashes removed (csync2 strips
+/// them too; `/etc/ssl/private/` names that directory, and matched paths never end in `/`).
+/// Patterns no path can match are refused, since a silently dead exclude syncs what it was meant
+/// to keep out.
+pub fn normalize_pattern(pattern: &str) -> Result<String, PatternError> {
+    if pattern.contains('\0') {
+        return Err(PatternError::Nul(pattern.into()));
+    }
+    let trimmed = pattern.trim_end_matches('/');
+    let p = if trimmed.is_empty() && !pattern.is_empty() {
+        "/"
+    } else {
+        trimmed
+    };
+    if p.is_empty() {
+        return Err(PatternError::Empty);
+    }
+    if is_path_pattern(p) {
+        let body = p.strip_prefix('/').unwrap_or(p);
+        if p != "/"
+            && body
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(PatternError::BadComponent(pattern.into()));
+        }
+    } else if p.contains('/') {
+        return Err(PatternError::SlashInBasename(pattern.into()));
+    } else if p == "." || p == ".." {
+        return Err(PatternError::BadComponent(pattern.into()));
+    }
+    Ok(p.to_string())
+}
+
+/// Whether one pattern matches `path`: a path pattern the path or one of its parent directories, a
+/// basename pattern any component (the file's own name or a parent directory's).
+pub fn pattern_matches(pattern: &str, path: &str) -> bool {
+    if is_path_pattern(pattern) {
+        ancestors(path).any(|a| glob_match(pattern, a))
+    } else {
+        path.split('/')
+            .filter(|c| !c.is_empty())
+            .any(|c| glob_match(pattern, c))
+    }
+}
+
 /// Why a peer-supplied path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathRejected {
@@ -162,12 +224,14 @@ pub fn is_under(path: &str, root: &str) -> bool {
     path == root || (path.starts_with(root) && path.as_bytes().get(root.len()) == Some(&b'/'))
 }
 
-/// The path itself and each parent directory, longest first (`/a/b/c`, `/a/b`, `/a`).
+/// The path itself and each parent directory, longest first (`/a/b/c`, `/a/b`, `/a`, `/`: the
+/// root too, or an `include = ["/"]` would match nothing).
 fn ancestors(path: &str) -> impl Iterator<Item = &str> {
     let mut cur = Some(path);
     std::iter::from_fn(move || {
         let p = cur?;
         cur = match p.rfind('/') {
+            Some(0) if p.len() > 1 => Some("/"),
             Some(0) | None => None,
             Some(i) => Some(&p[..i]),
         };
@@ -362,6 +426,78 @@ mod tests {
         ));
         assert!(matches!(flt.check("%d%/a\0"), Err(PathRejected::Nul(_))));
         assert!(matches!(flt.check(""), Err(PathRejected::Empty)));
+    }
+
+    #[test]
+    fn patterns_are_normalized_or_refused() {
+        assert_eq!(
+            normalize_pattern("/etc/ssl/private/"),
+            Ok("/etc/ssl/private".into())
+        );
+        assert_eq!(normalize_pattern("%data%/"), Ok("%data%".into()));
+        assert_eq!(normalize_pattern("tmp//"), Ok("tmp".into()));
+        assert_eq!(normalize_pattern("/"), Ok("/".into()));
+        assert_eq!(normalize_pattern("//"), Ok("/".into()));
+        assert_eq!(normalize_pattern("*.conf"), Ok("*.conf".into()));
+        assert_eq!(normalize_pattern("/srv/*/www"), Ok("/srv/*/www".into()));
+        assert_eq!(normalize_pattern(".*"), Ok(".*".into()));
+        assert_eq!(normalize_pattern(""), Err(PatternError::Empty));
+        assert_eq!(
+            normalize_pattern("tmp/cache"),
+            Err(PatternError::SlashInBasename("tmp/cache".into()))
+        );
+        assert_eq!(
+            normalize_pattern("*/cache/"),
+            Err(PatternError::SlashInBasename("*/cache/".into()))
+        );
+        for dead in ["/a//b", "/a/./b", "%d%/../x", "/a/..", ".", ".."] {
+            assert_eq!(
+                normalize_pattern(dead),
+                Err(PatternError::BadComponent(dead.into())),
+                "{dead}"
+            );
+        }
+        assert_eq!(
+            normalize_pattern("a\0"),
+            Err(PatternError::Nul("a\0".into()))
+        );
+        assert!(
+            PatternError::SlashInBasename("tmp/cache".into())
+                .to_string()
+                .contains("\"tmp/cache\"")
+        );
+    }
+
+    #[test]
+    fn directory_patterns_match_once_normalized() {
+        let n = |p: &str| normalize_pattern(p).unwrap();
+        let flt = f(&[
+            (true, &n("/etc/")),
+            (false, &n("/etc/ssl/private/")),
+            (false, &n("cache/")),
+        ]);
+        assert!(flt.included("/etc/ssl/cert.pem"));
+        assert!(!flt.included("/etc/ssl/private"));
+        assert!(!flt.included("/etc/ssl/private/key.pem"));
+        assert!(!flt.included("/etc/app/cache/x"));
+        let everything = f(&[(true, &n("/")), (false, &n("/tmp/"))]);
+        assert!(everything.included("/etc/x"));
+        assert!(everything.included("/"));
+        assert!(!everything.included("/tmp/x"));
+        assert!(flt.check("/etc/hosts").is_ok());
+        assert_eq!(flt.roots(), vec!["/etc".to_string()]);
+    }
+
+    #[test]
+    fn one_pattern_matches_path_or_parent_or_component() {
+        assert!(pattern_matches("%d%/nginx", "%d%/nginx/a.conf"));
+        assert!(pattern_matches("%d%/nginx/*.conf", "%d%/nginx/a.conf"));
+        assert!(!pattern_matches("%d%/nginx/*.conf", "%d%/other/a.conf"));
+        assert!(!pattern_matches("%d%/ngin", "%d%/nginx/a.conf"));
+        assert!(pattern_matches("/", "/etc/x"));
+        assert!(pattern_matches("*.conf", "%d%/nginx/a.conf"));
+        assert!(pattern_matches("conf.d", "/etc/conf.d/x"));
+        assert!(!pattern_matches("*.conf", "%d%/nginx/a.confx"));
     }
 
     #[test]
