@@ -454,12 +454,12 @@ impl Config {
                         .map_err(|problem| invalid(pattern_key.clone(), problem))?;
                     patterns.push(p);
                 }
+                let exec_key = format!("groups.{name}.action[{i}].exec");
                 if a.exec.trim().is_empty() {
-                    return Err(invalid(
-                        format!("groups.{name}.action[{i}].exec"),
-                        "empty command".into(),
-                    ));
+                    return Err(invalid(exec_key, "empty command".into()));
                 }
+                crate::actions::check_exec(&a.exec)
+                    .map_err(|e| invalid(exec_key, e.to_string()))?;
                 actions.push(Action {
                     patterns,
                     exec: a.exec.clone(),
