@@ -377,3 +377,63 @@ fn a_peer_that_cannot_set_owners_has_no_false_conflicts() {
     assert_eq!(owner(&a.join("f.txt")), (4242, 4343), "beta's user leaked");
     settled("after beta's change");
 }
+
+#[test]
+fn a_slow_action_does_not_make_the_group_busy() {
+    // Received `slow*` files run a slow action on the receiver (inside its listener's session);
+    // local `local*` changes run one on the sender (after its `filed sync` session). While either
+    // sleeps, another session for the group with that host must go through at once: the group lock
+    // is not held by a running action (a listener waits 5 s for it, then answers "busy").
+    let extra = "[[groups.data.action]]\npattern = \"%data%/slow*\"\nexec = \"echo started; sleep 8\"\nlogfile = \"action.log\"\n\n\
+                 [[groups.data.action]]\npattern = \"%data%/local*\"\nexec = \"echo local; sleep 8\"\nlogfile = \"action.log\"\ndo-local-only = true\n";
+    let mut c = Cluster::new(2, extra);
+    c.start_all();
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    let log = |what: &str| {
+        std::fs::read_to_string(c.path("action.log"))
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let timed_sync = |node: &str| {
+        let t = std::time::Instant::now();
+        let r = c.sync(node);
+        (r, t.elapsed())
+    };
+
+    // The listener side: beta runs the action for a received file.
+    write(&a.join("slow1"), b"1");
+    assert_eq!(c.sync("alpha").code, 0);
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || log("started")),
+        "the action did not start"
+    );
+    write(&a.join("f2"), b"2");
+    let (r, took) = timed_sync("alpha");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(b.join("f2").exists());
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "a sync waited {took:?} for beta's action:\n{r:?}"
+    );
+
+    // The initiator side: beta's own `filed sync` runs its do-local action after the session.
+    write(&b.join("local1"), b"3");
+    std::thread::scope(|s| {
+        let bg = s.spawn(|| c.sync("beta"));
+        assert!(
+            wait_until(std::time::Duration::from_secs(10), || log("local")),
+            "the local action did not start"
+        );
+        write(&a.join("f3"), b"4");
+        let (r, took) = timed_sync("alpha");
+        assert_eq!(r.code, 0, "{r:?}");
+        assert!(b.join("f3").exists());
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "a sync waited {took:?} for beta's local action:\n{r:?}"
+        );
+        let r = bg.join().unwrap();
+        assert_eq!(r.code, 0, "{r:?}");
+    });
+    assert_same_tree(&a, &b);
+}

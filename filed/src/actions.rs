@@ -3,7 +3,7 @@
 //! as `sh -c SCRIPT filed-action FILE...` with each `%%` replaced by `"$@"`, so a file name reaches
 //! the command as one argument and is never parsed by the shell (names come from peers and from
 //! anyone who can create files in a synced tree). Output is appended to the action's logfile (or
-//! discarded).
+//! discarded). Commands run on a blocking thread: an action may take long.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -219,6 +219,25 @@ fn run(group: &str, inv: &Invocation) {
 pub fn run_for(host: &Host, group: &Group, received: &[String], sent: &[String]) {
     for inv in invocations(host, group, received, sent) {
         run(&group.name, &inv);
+    }
+}
+
+/// [`run_for`] on a blocking thread, so a slow action holds no async worker; callers run it after
+/// releasing the group lock, so peers' sessions for the group are not refused as busy meanwhile.
+pub async fn run_after_session(host: &Host, group: &Group, received: &[String], sent: &[String]) {
+    let invocations = invocations(host, group, received, sent);
+    if invocations.is_empty() {
+        return;
+    }
+    let name = group.name.clone();
+    let ran = tokio::task::spawn_blocking(move || {
+        for inv in &invocations {
+            run(&name, inv);
+        }
+    })
+    .await;
+    if let Err(e) = ran {
+        tracing::error!(group = %group.name, error = %e, "actions panicked");
     }
 }
 

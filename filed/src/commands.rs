@@ -225,7 +225,11 @@ pub async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionR
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
             }
             Err(e) => return Err(error_chain(&e)),
-            Ok(r) => return Ok(r),
+            Ok(r) => {
+                // After the group lock is released: a slow action must not make the group busy.
+                crate::actions::run_after_session(&node.me, g, &r.pulled, &r.pushed).await;
+                return Ok(r);
+            }
         }
     }
 }

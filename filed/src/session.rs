@@ -983,7 +983,8 @@ pub fn record_failure(node: &Node, group: &str, peer: &str, error: &str) {
     let _ = node.store.commit(b);
 }
 
-/// The initiator's side of a session with `peer` for `group` (the local scan is done by the caller).
+/// The initiator's side of a session with `peer` for `group` (the local scan is done by the caller,
+/// and so are the actions, after releasing the group lock: [`crate::actions::run_after_session`]).
 pub async fn run_client(
     node: &Node,
     group: &Group,
@@ -1192,7 +1193,6 @@ pub async fn run_client(
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();
     node.session_done(&report);
-    crate::actions::run_for(&node.me, group, &report.pulled, &report.pushed);
     Ok(report)
 }
 
@@ -1311,7 +1311,7 @@ pub async fn run_server(
         other => return Err(link.unexpected(&other, "Hello")),
     };
     let lock = node.group_lock(&group.name);
-    let _guard = match tokio::time::timeout(opts.busy_wait, lock.lock()).await {
+    let guard = match tokio::time::timeout(opts.busy_wait, lock.lock()).await {
         Ok(g) => g,
         Err(_) => {
             let message = format!(
@@ -1650,7 +1650,9 @@ pub async fn run_server(
     report.bytes_sent = c.sent();
     report.bytes_received = c.received();
     node.session_done(&report);
-    crate::actions::run_for(&node.me, &group, &report.pulled, &report.pushed);
+    // Actions may take long: without the lock, peers' sessions for the group are not "busy".
+    drop(guard);
+    crate::actions::run_after_session(&node.me, &group, &report.pulled, &report.pushed).await;
     Ok(report)
 }
 
