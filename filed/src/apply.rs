@@ -5,7 +5,7 @@
 //! renamed over the target; the old version first goes to the backup directory (N generations).
 //! A crash at any point leaves the old or the new file, never a partial one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Group, Host};
 use crate::entry::{FileState, Kind};
 use crate::filter::{PathRejected, is_under};
+use crate::scan::RootContents;
+use crate::store::{StateStore, StoreError};
 use crate::written::FileId;
 
 /// Prefix of temp files; scans skip these names.
@@ -48,6 +50,36 @@ pub enum ApplyError {
     NotEmpty { path: String },
     #[error("{path}: refusing to remove an include root")]
     RootRemoval { path: String },
+    #[error(
+        "{path}: include root {} is missing (an unmounted filesystem?); not created, nothing \
+         written or deleted under it",
+        root.display()
+    )]
+    RootMissing { path: String, root: PathBuf },
+    #[error(
+        "{path}: include root {} is not a directory (a symlink is never followed); nothing \
+         written or deleted under it",
+        root.display()
+    )]
+    RootNotADirectory { path: String, root: PathBuf },
+    #[error(
+        "{path}: include root {} holds none of the {recorded} entries recorded at its top level \
+         (an unmounted filesystem?); nothing written or deleted under it",
+        root.display()
+    )]
+    RootLooksUnmounted {
+        path: String,
+        root: PathBuf,
+        recorded: usize,
+    },
+    #[error("{path}: reading what is recorded under the include root failed")]
+    RootRecords {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{path}: an include root can only be a directory; refusing to put a {kind} there")]
+    RootReplacement { path: String, kind: &'static str },
     #[error("{path}: rename source changed (expected size {size}, mtime {mtime_ns})")]
     RenameSourceChanged {
         path: String,
@@ -108,6 +140,11 @@ fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     })?;
     // SAFETY: fd was just returned by open.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A path that reaches the directory open as `dir` (for std calls that take a path).
+fn fd_path(dir: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()))
 }
 
 fn fstatat(dir: &OwnedFd, name: &CStr) -> io::Result<Option<libc::stat>> {
@@ -216,6 +253,12 @@ impl Drop for PendingFile {
 pub struct Applier {
     group: Group,
     roots: Vec<(String, PathBuf)>,
+    /// The state database: what is recorded under an include root tells an unmounted
+    /// filesystem's mount point from the tree (see [`RootContents::looks_unmounted`]).
+    store: Arc<dyn StateStore>,
+    /// Include roots found usable by this applier (device and inode of the directory opened):
+    /// checked once, again only when another directory is at the root's path.
+    usable_roots: Mutex<HashSet<(u64, u64)>>,
     backup: Option<PathBuf>,
     generations: u32,
     /// Parent directories already walked safely (logical path → descriptor), so a batch of files
@@ -247,7 +290,11 @@ fn fstat(f: &impl AsRawFd) -> io::Result<libc::stat> {
 const DIR_CACHE_MAX: usize = 4096;
 
 impl Applier {
-    pub fn new(host: &Host, group: &Group) -> Result<Applier, ApplyError> {
+    pub fn new(
+        host: &Host,
+        group: &Group,
+        store: Arc<dyn StateStore>,
+    ) -> Result<Applier, ApplyError> {
         let mut roots = Vec::new();
         for r in group.filter.roots() {
             let phys = host
@@ -267,6 +314,8 @@ impl Applier {
         Ok(Applier {
             group: group.clone(),
             roots,
+            store,
+            usable_roots: Mutex::new(HashSet::new()),
             backup,
             generations: group.backup_generations,
             dir_cache: Mutex::new(HashMap::new()),
@@ -312,23 +361,11 @@ impl Applier {
             .ok_or_else(|| ApplyError::Rejected(PathRejected::Outside(logical.into())))?;
         let rel = logical[root.len()..].trim_start_matches('/');
         if rel.is_empty() {
-            // The include root itself: address it from its parent directory (set up by the admin).
-            let parent = phys.parent().unwrap_or(Path::new("/"));
-            if create {
-                std::fs::create_dir_all(phys).map_err(io_err(logical, "create include root"))?;
-            }
-            let dir = match open_dir_path(parent) {
-                Ok(d) => d,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(io_err(logical, "open parent")(e)),
-            };
-            let name = phys
-                .file_name()
-                .map(|n| CString::new(n.as_bytes()).expect("no NUL"))
-                .unwrap_or_else(|| cstr("."));
+            // The include root itself: addressed from its parent directory (set up by the admin).
+            let (parent, name, _) = self.open_root(logical, root, phys)?;
             return Ok(Some(Target {
                 logical: logical.into(),
-                dir: Arc::new(dir),
+                dir: Arc::new(parent),
                 name,
             }));
         }
@@ -342,15 +379,7 @@ impl Applier {
                 name: cstr(last),
             }));
         }
-        let mut dir = match open_dir_path(phys) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                std::fs::create_dir_all(phys).map_err(io_err(logical, "create include root"))?;
-                open_dir_path(phys).map_err(io_err(logical, "open include root"))?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(logical, "open include root")(e)),
-        };
+        let (_, _, mut dir) = self.open_root(logical, root, phys)?;
         for c in parents {
             let name = cstr(c);
             let flags = libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY;
@@ -394,6 +423,130 @@ impl Applier {
         }))
     }
 
+    /// Opens include root `root` (at `phys`) for a path at or under it: the root's parent
+    /// directory (the admin's, followed like any configured path), the root's name in it and the
+    /// root itself, opened without following a symlink in its place (one could lead anywhere).
+    /// Refused, like the scan skips it: a root that is missing (never created here: it may be
+    /// the mount point of an unmounted filesystem, or be unmounted), not a directory, or holding
+    /// none of what is recorded under it (an unmounted filesystem's mount point: a file written
+    /// there would make the next scan take every recorded file as deleted, on every peer).
+    fn open_root(
+        &self,
+        logical: &str,
+        root: &str,
+        phys: &Path,
+    ) -> Result<(OwnedFd, CString, OwnedFd), ApplyError> {
+        let missing = || ApplyError::RootMissing {
+            path: logical.into(),
+            root: phys.to_path_buf(),
+        };
+        let (parent_path, name) = match phys.file_name() {
+            Some(n) => (
+                phys.parent().unwrap_or(Path::new("/")),
+                CString::new(n.as_bytes()).expect("paths hold no NUL"),
+            ),
+            None => (phys, cstr(".")),
+        };
+        let parent = match open_dir_path(parent_path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(io_err(logical, "open the include root's parent")(e)),
+        };
+        let flags = libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY;
+        let dir = match openat(&parent, &name, flags, 0) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                return Err(ApplyError::RootNotADirectory {
+                    path: logical.into(),
+                    root: phys.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(io_err(logical, "open include root")(e)),
+        };
+        let st = fstat(&dir).map_err(io_err(logical, "stat include root"))?;
+        let id = (st.st_dev, st.st_ino);
+        if !self.usable().contains(&id) {
+            if let Some(c) = self.unmounted_root(logical, root, &dir)? {
+                return Err(ApplyError::RootLooksUnmounted {
+                    path: logical.into(),
+                    root: phys.to_path_buf(),
+                    recorded: c.recorded,
+                });
+            }
+            self.usable().insert(id);
+        }
+        Ok((parent, name, dir))
+    }
+
+    /// What is recorded at the top level of include root `root` (open as `dir`) when none of it
+    /// is there ([`RootContents::looks_unmounted`]); `None` when the root holds some of it or
+    /// nothing is recorded. The names in the root are looked up first: one recorded name present
+    /// settles it, so a usable root costs a few lookups, not a read of all its records.
+    fn unmounted_root(
+        &self,
+        logical: &str,
+        root: &str,
+        dir: &OwnedFd,
+    ) -> Result<Option<RootContents>, ApplyError> {
+        let listing =
+            crate::scan::dir_names(&fd_path(dir)).map_err(io_err(logical, "list include root"))?;
+        let records = |source| ApplyError::RootRecords {
+            path: logical.into(),
+            source,
+        };
+        let paths: Vec<String> = listing
+            .iter()
+            .map(|n| {
+                if root == "/" {
+                    format!("/{n}")
+                } else {
+                    format!("{root}/{n}")
+                }
+            })
+            .collect();
+        for chunk in paths.chunks(256) {
+            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            let found = self
+                .store
+                .lookup(&self.group.name, None, &chunk)
+                .map_err(records)?;
+            if found
+                .iter()
+                .any(|(st, _)| st.as_ref().is_some_and(|s| s.exists()))
+            {
+                return Ok(None);
+            }
+        }
+        let recorded = self
+            .store
+            .files_under(&self.group.name, root)
+            .map_err(records)?;
+        let contents = RootContents::of(
+            root,
+            &listing,
+            recorded.iter().map(|(p, s)| (p.as_str(), s)),
+        );
+        Ok(contents.looks_unmounted().then_some(contents))
+    }
+
+    fn usable(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u64)>> {
+        self.usable_roots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Refuses to put anything but a directory at an include root's own path: a symlink there
+    /// would lead every later write wherever it points, a file would take the tree's place (and
+    /// an emptied root directory would be removed for it).
+    fn refuse_root_replacement(&self, logical: &str, kind: Kind) -> Result<(), ApplyError> {
+        if kind != Kind::Dir && self.roots.iter().any(|(r, _)| r == logical) {
+            return Err(ApplyError::RootReplacement {
+                path: logical.into(),
+                kind: kind.name(),
+            });
+        }
+        Ok(())
+    }
+
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OwnedFd>>> {
         self.dir_cache.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -427,6 +580,7 @@ impl Applier {
 
     /// Starts receiving a regular file: a temp file in the target's directory.
     pub fn begin_file(&self, logical: &str) -> Result<PendingFile, ApplyError> {
+        self.refuse_root_replacement(logical, Kind::File)?;
         let target = self.need_target(logical)?;
         for attempt in 0..100u32 {
             let tmp = cstr(&temp_name(attempt));
@@ -692,6 +846,7 @@ impl Applier {
 
     /// Creates or replaces a symlink atomically (temp link + rename) and sets its owner and mtime.
     pub fn make_symlink(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
+        self.refuse_root_replacement(logical, Kind::Symlink)?;
         let t = self.need_target(logical)?;
         let target = CString::new(state.target.as_deref().unwrap_or(""))
             .map_err(|_| io_err(logical, "create symlink")(io::ErrorKind::InvalidInput.into()))?;
@@ -735,6 +890,9 @@ impl Applier {
     pub fn set_meta(&self, logical: &str, state: &FileState) -> Result<(), ApplyError> {
         // Never creates parents: the path exists (or the call fails), e.g. a parent whose mtime
         // is restored after its children were deleted with it.
+        if state.exists() {
+            self.refuse_root_replacement(logical, state.kind)?;
+        }
         let t = self
             .target(logical, false)?
             .ok_or_else(|| io_err(logical, "open parent")(io::ErrorKind::NotFound.into()))?;
@@ -791,6 +949,10 @@ impl Applier {
         expect: &FileState,
         state: &FileState,
     ) -> Result<(), ApplyError> {
+        if self.roots.iter().any(|(r, _)| r == from) {
+            return Err(ApplyError::RootRemoval { path: from.into() });
+        }
+        self.refuse_root_replacement(to, Kind::File)?;
         let src = self
             .target(from, false)?
             .ok_or_else(|| io_err(from, "rename")(io::ErrorKind::NotFound.into()))?;
@@ -834,8 +996,7 @@ impl Applier {
             return Ok(Some(state_from_stat(&st)));
         }
         // Symlinks (their target is needed) through std, like the scanner.
-        let path = PathBuf::from(format!("/proc/self/fd/{}", t.dir.as_raw_fd()))
-            .join(t.name.to_str().unwrap_or(""));
+        let path = fd_path(&t.dir).join(t.name.to_str().unwrap_or(""));
         crate::entry::read_state(&path, false).map_err(io_err(logical, "stat"))
     }
 }
@@ -968,16 +1129,19 @@ mod tests {
     }
     use crate::config::Config;
     use crate::entry::read_state;
+    use crate::store::RedbStore;
     use std::io::Write;
 
-    fn setup(dir: &Path) -> (Config, Applier) {
+    fn setup(dir: &Path) -> (Config, Applier, Arc<RedbStore>) {
         let text = format!(
             "[hosts.a]\nprefix={{d=\"{0}/a\", b=\"{0}/bak\"}}\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%d%\"]\nbackup-directory=\"%b%\"\nbackup-generations=2\n",
             dir.display()
         );
         let c = Config::parse(&text, &dir.join("f.toml")).unwrap();
-        let a = Applier::new(&c.hosts["a"], &c.groups["g"]).unwrap();
-        (c, a)
+        std::fs::create_dir_all(dir.join("a")).unwrap();
+        let store = Arc::new(RedbStore::open(&dir.join("a.redb"), Duration::ZERO).unwrap());
+        let a = Applier::new(&c.hosts["a"], &c.groups["g"], store.clone()).unwrap();
+        (c, a, store)
     }
 
     fn fstate(hash_of: &[u8], mtime: i64, mode: u32) -> FileState {
@@ -1013,7 +1177,7 @@ mod tests {
     #[test]
     fn writes_files_with_meta_and_backups() {
         let d = tempfile::tempdir().unwrap();
-        let (_c, a) = setup(d.path());
+        let (_c, a, _s) = setup(d.path());
         write(&a, "%d%/sub/f", b"one", 1_500_000_000_123_456_789);
         let f = d.path().join("a/sub/f");
         assert_eq!(std::fs::read(&f).unwrap(), b"one");
@@ -1041,7 +1205,7 @@ mod tests {
     #[test]
     fn dirs_symlinks_renames() {
         let d = tempfile::tempdir().unwrap();
-        let (_c, a) = setup(d.path());
+        let (_c, a, _s) = setup(d.path());
         let mut ds = FileState {
             kind: Kind::Dir,
             size: 0,
@@ -1128,7 +1292,7 @@ mod tests {
     #[test]
     fn refuses_traversal_and_symlink_escapes() {
         let d = tempfile::tempdir().unwrap();
-        let (_c, a) = setup(d.path());
+        let (_c, a, _s) = setup(d.path());
         std::fs::create_dir_all(d.path().join("a")).unwrap();
         std::fs::create_dir_all(d.path().join("outside")).unwrap();
         std::os::unix::fs::symlink(d.path().join("outside"), d.path().join("a/link")).unwrap();
@@ -1170,7 +1334,7 @@ mod tests {
         // Both flush paths: one fsync per file (small batch) and one syncfs (large batch).
         for n in [PER_FILE_FSYNC_MAX, PER_FILE_FSYNC_MAX + 4] {
             let d = tempfile::tempdir().unwrap();
-            let (_c, a) = setup(d.path());
+            let (_c, a, _s) = setup(d.path());
             let mut batch = Vec::new();
             for i in 0..n {
                 let path = format!("%d%/f{i}");
@@ -1203,7 +1367,7 @@ mod tests {
     #[test]
     fn dropped_pending_file_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
-        let (_c, a) = setup(d.path());
+        let (_c, a, _s) = setup(d.path());
         write(&a, "%d%/f", b"old", 1);
         {
             let mut p = a.begin_file("%d%/f").unwrap();
@@ -1211,5 +1375,119 @@ mod tests {
         }
         assert_eq!(std::fs::read(d.path().join("a/f")).unwrap(), b"old");
         assert_eq!(std::fs::read_dir(d.path().join("a")).unwrap().count(), 1);
+    }
+
+    /// Records `paths` in the state database as this host's files (a directory for the root).
+    fn record(s: &RedbStore, paths: &[&str]) {
+        let mut b = crate::store::Batch::new();
+        for p in paths {
+            let mut st = fstate(p.as_bytes(), 1, 0o644);
+            if *p == "%d%" {
+                st.kind = Kind::Dir;
+            }
+            b.push(crate::store::Op::SetFile {
+                group: "g".into(),
+                path: p.to_string(),
+                state: st,
+            });
+        }
+        s.commit(b).unwrap();
+    }
+
+    fn dstate() -> FileState {
+        FileState {
+            kind: Kind::Dir,
+            size: 0,
+            mtime_ns: 1,
+            mode: 0o755,
+            uid: nix_uid(),
+            gid: nix_gid(),
+            target: None,
+            hash: [0; 32],
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_into_an_include_root_that_looks_unmounted() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, a, s) = setup(d.path());
+        record(&s, &["%d%", "%d%/etc", "%d%/etc/x", "%d%/f"]);
+        let root = d.path().join("a");
+        // The bare mount point of the unmounted filesystem, holding only entries never recorded:
+        // a temp file and a file something wrote there.
+        std::fs::write(root.join(format!("{TEMP_PREFIX}1.2.3")), b"").unwrap();
+        std::fs::write(root.join("stray"), b"").unwrap();
+        let unmounted = |r: Result<_, ApplyError>| {
+            matches!(r, Err(ApplyError::RootLooksUnmounted { recorded: 2, .. }))
+        };
+        assert!(unmounted(a.begin_file("%d%/new").map(|_| ())));
+        assert!(unmounted(a.begin_file("%d%/etc/new").map(|_| ())));
+        assert!(unmounted(a.make_dir("%d%/etc", &dstate())));
+        assert!(unmounted(a.make_symlink("%d%/l", &fstate(b"", 1, 0o777))));
+        assert!(unmounted(a.delete("%d%/stray")), "deletions neither");
+        assert!(unmounted(a.set_meta("%d%", &dstate())));
+        let mut names: Vec<_> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 2, "nothing written or removed: {names:?}");
+        // Mounted again: one recorded name is there, the root is written into.
+        std::fs::create_dir(root.join("etc")).unwrap();
+        let a = Applier::new(&c.hosts["a"], &c.groups["g"], s.clone()).unwrap();
+        write(&a, "%d%/etc/new", b"n", 1);
+        write(&a, "%d%/new", b"n", 1);
+        // Nothing recorded under a root (a new tree): an empty root is written into.
+        let d2 = tempfile::tempdir().unwrap();
+        let (_c, a, _s) = setup(d2.path());
+        write(&a, "%d%/first", b"1", 1);
+        assert!(d2.path().join("a/first").is_file());
+    }
+
+    #[test]
+    fn a_missing_include_root_is_not_created() {
+        let d = tempfile::tempdir().unwrap();
+        let (_c, a, _s) = setup(d.path());
+        let root = d.path().join("a");
+        std::fs::remove_dir(&root).unwrap();
+        let missing = |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootMissing { .. }));
+        assert!(missing(a.begin_file("%d%/sub/f").map(|_| ())));
+        assert!(missing(a.make_dir("%d%", &dstate())));
+        assert!(missing(a.make_dir("%d%/sub", &dstate())));
+        assert!(missing(a.delete("%d%/f")), "not taken as already deleted");
+        assert!(missing(a.current("%d%/f").map(|_| ())));
+        assert!(!root.exists());
+    }
+
+    #[test]
+    fn an_include_root_is_never_replaced_or_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, a, s) = setup(d.path());
+        let root = d.path().join("a");
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let mut link = fstate(b"", 1, 0o777);
+        link.kind = Kind::Symlink;
+        link.target = Some(outside.display().to_string());
+        let replaced =
+            |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootReplacement { .. }));
+        assert!(replaced(a.make_symlink("%d%", &link)));
+        assert!(replaced(a.begin_file("%d%").map(|_| ())));
+        assert!(replaced(a.set_meta("%d%", &fstate(b"", 1, 0o644))));
+        write(&a, "%d%/f", b"f", 1);
+        let cur = a.current("%d%/f").unwrap().unwrap();
+        assert!(replaced(a.rename("%d%/f", "%d%", &cur, &cur)));
+        assert!(root.is_dir() && !root.is_symlink());
+        // A symlink put in the root's place (locally) is not followed by the next session.
+        std::fs::rename(&root, d.path().join("a.old")).unwrap();
+        std::os::unix::fs::symlink(&outside, &root).unwrap();
+        let a = Applier::new(&c.hosts["a"], &c.groups["g"], s).unwrap();
+        let not_dir =
+            |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootNotADirectory { .. }));
+        assert!(not_dir(a.begin_file("%d%/evil").map(|_| ())));
+        assert!(not_dir(a.make_dir("%d%/evil", &dstate())));
+        assert!(not_dir(a.make_symlink("%d%/evil", &link)));
+        assert!(not_dir(a.make_dir("%d%", &dstate())));
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 }

@@ -3,7 +3,7 @@
 //! peer. Stat-only for files whose size and mtime are unchanged; a file is hashed only when they
 //! differ (or when a full check is asked for).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use crate::config::{Group, Host};
@@ -24,8 +24,8 @@ pub enum ScanError {
 pub struct ScanOptions {
     /// Hash every regular file even when size and mtime are unchanged.
     pub rehash: bool,
-    /// Scan include roots that are empty although files are recorded under them (see
-    /// [`empty_root`]); otherwise they are skipped with an error.
+    /// Scan include roots that hold none of what is recorded under them (see
+    /// [`RootContents::looks_unmounted`]); otherwise they are skipped with an error.
     pub allow_empty_roots: bool,
 }
 
@@ -186,21 +186,95 @@ pub fn scan_paths(
     scan_impl(store, host, group, peers, reduce_paths(paths), true, false)
 }
 
-/// Whether scanning include root `root` (at `phys`) would turn everything recorded under it
-/// into deletions because the directory is empty: what an unmounted filesystem looks like (its
-/// empty mountpoint). Such a root is not scanned unless the admin says so
-/// (`filed check --allow-empty-root`), so a filesystem that is not mounted when filed starts or
-/// scans never deletes the files on every peer.
-fn empty_root(root: &str, phys: &Path, recorded: &HashMap<String, FileState>) -> Option<usize> {
-    let mut entries = std::fs::read_dir(phys).ok()?;
-    if entries.next().is_some() {
+/// An include root's top level compared with the state database: of the names directly in the
+/// root that existing recorded entries lie at or below, how many the directory holds. Shared by
+/// the scan (which skips a root that [`RootContents::looks_unmounted`]) and the receiver
+/// ([`crate::apply::Applier`], which then writes and deletes nothing under it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RootContents {
+    /// Distinct top-level names that existing recorded entries lie at or below.
+    pub recorded: usize,
+    /// How many of those names the directory holds.
+    pub present: usize,
+    /// Existing recorded entries below the root, at any depth.
+    pub below: usize,
+}
+
+impl RootContents {
+    /// Counts, for include root `root`, what `recorded` (paths with their recorded states; others
+    /// than at or below the root are ignored) has at its top level and how many of those names
+    /// `listing` (the names in the root directory) holds.
+    pub fn of<'a>(
+        root: &str,
+        listing: &HashSet<String>,
+        recorded: impl IntoIterator<Item = (&'a str, &'a FileState)>,
+    ) -> RootContents {
+        let mut below = 0;
+        let mut top: HashSet<&str> = HashSet::new();
+        for (path, st) in recorded {
+            if let Some(name) = top_name(root, path)
+                && st.exists()
+            {
+                below += 1;
+                top.insert(name);
+            }
+        }
+        RootContents {
+            recorded: top.len(),
+            present: top.iter().filter(|n| listing.contains(**n)).count(),
+            below,
+        }
+    }
+
+    /// Nothing recorded at the root's top level is there, although something is recorded under
+    /// it: what the mount point of an unmounted filesystem looks like, empty or holding only
+    /// entries that were never recorded (filed's temp files, a file something wrote into the bare
+    /// mount point). Scanning it would record every file under it as deleted on every peer;
+    /// writing into it would put files where the filesystem is not.
+    pub fn looks_unmounted(&self) -> bool {
+        self.recorded > 0 && self.present == 0
+    }
+}
+
+/// The name directly in include root `root` that `path` lies at or below (`None` for the root
+/// itself and paths not under it).
+pub fn top_name<'a>(root: &str, path: &'a str) -> Option<&'a str> {
+    if path == root || !is_under(path, root) {
         return None;
     }
-    let below = recorded
-        .iter()
-        .filter(|(p, st)| p.as_str() != root && is_under(p, root) && st.kind != Kind::Deleted)
-        .count();
-    (below > 0).then_some(below)
+    let rel = path[root.len()..].trim_start_matches('/');
+    rel.split('/').next().filter(|n| !n.is_empty())
+}
+
+/// The names in directory `dir` (names that are not UTF-8 are never recorded: skipped).
+pub fn dir_names(dir: &Path) -> std::io::Result<HashSet<String>> {
+    let mut names = HashSet::new();
+    for e in std::fs::read_dir(dir)? {
+        if let Ok(n) = e?.file_name().into_string() {
+            names.insert(n);
+        }
+    }
+    Ok(names)
+}
+
+/// Whether scanning include root `root` (at `phys`) would turn everything recorded under it
+/// into deletions because none of it is there (see [`RootContents::looks_unmounted`]). Such a
+/// root is not scanned unless the admin says so (`filed check --allow-empty-root`), so a
+/// filesystem that is not mounted when filed starts or scans never deletes the files on every
+/// peer.
+fn unmounted_root(
+    root: &str,
+    phys: &Path,
+    recorded: &HashMap<String, FileState>,
+) -> Option<RootContents> {
+    // A root that cannot be listed is reported by the walk (nothing under it deleted).
+    let listing = dir_names(phys).ok()?;
+    let contents = RootContents::of(
+        root,
+        &listing,
+        recorded.iter().map(|(p, s)| (p.as_str(), s)),
+    );
+    contents.looks_unmounted().then_some(contents)
 }
 
 fn scan_impl(
@@ -314,13 +388,15 @@ fn scan_impl(
         if *deep
             && !allow_empty_roots
             && is_config_root
-            && let Some(n) = empty_root(root, &phys, &recorded)
+            && let Some(c) = unmounted_root(root, &phys, &recorded)
         {
             report.errors.push(format!(
-                "{root}: include root {} is empty but {n} recorded entries are under it (an \
-                 unmounted filesystem?); not scanned, nothing deleted. If they were removed on \
-                 purpose: filed check --allow-empty-root",
-                phys.display()
+                "{root}: include root {} holds none of the {} entries recorded at its top level \
+                 ({} recorded under it; an unmounted filesystem?); not scanned, nothing deleted. \
+                 If they were removed on purpose: filed check --allow-empty-root",
+                phys.display(),
+                c.recorded,
+                c.below
             ));
             continue;
         }
@@ -965,5 +1041,74 @@ mod tests {
         assert_eq!(r.changed, vec!["%d%"], "{r:?}");
         assert_eq!(r.deleted, vec!["%d%/sub", "%d%/sub/f"], "{r:?}");
         assert_eq!(s.file("g", "%d%").unwrap().unwrap().kind, Kind::Symlink);
+    }
+
+    #[test]
+    fn root_contents_count_recorded_top_level_names_present() {
+        let f = |kind| FileState {
+            kind,
+            ..FileState::deleted(1)
+        };
+        let (file, dir, gone) = (f(Kind::File), f(Kind::Dir), f(Kind::Deleted));
+        let recorded = [
+            ("%d%", &dir),
+            ("%d%/etc", &dir),
+            ("%d%/etc/x", &file),
+            ("%d%/f", &file),
+            ("%d%/old", &gone),
+            ("%d%x/y", &file),
+            ("%e%/z", &file),
+        ];
+        let listing = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        let c = RootContents::of("%d%", &listing(&[]), recorded);
+        assert_eq!((c.recorded, c.present, c.below), (2, 0, 3));
+        assert!(c.looks_unmounted());
+        // entries never recorded (a temp file, a file written into the bare mount point) or
+        // recorded as deleted do not make it look mounted
+        let c = RootContents::of(
+            "%d%",
+            &listing(&[".filed.tmp.1.2.3", "stray", "old"]),
+            recorded,
+        );
+        assert!(c.looks_unmounted(), "{c:?}");
+        let c = RootContents::of("%d%", &listing(&["f", "stray"]), recorded);
+        assert_eq!((c.recorded, c.present), (2, 1));
+        assert!(!c.looks_unmounted());
+        // nothing recorded under it: a new tree, not an unmounted one
+        let c = RootContents::of("%e%/z", &listing(&[]), recorded);
+        assert!(!c.looks_unmounted(), "{c:?}");
+        let c = RootContents::of("/", &listing(&["srv"]), [("/srv/www", &file)]);
+        assert_eq!((c.recorded, c.present), (1, 1));
+        assert_eq!(top_name("%d%", "%d%/a/b"), Some("a"));
+        assert_eq!(top_name("%d%", "%d%"), None);
+        assert_eq!(top_name("%d%", "%dx/a"), None);
+    }
+
+    #[test]
+    fn an_include_root_holding_only_unrecorded_entries_is_not_a_mass_deletion() {
+        let d = tempfile::tempdir().unwrap();
+        let (c, s) = setup(d.path());
+        let a = d.path().join("a");
+        std::fs::create_dir(a.join("sub")).unwrap();
+        std::fs::write(a.join("sub/f"), b"x").unwrap();
+        std::fs::write(a.join("g"), b"y").unwrap();
+        run(&c, &s);
+        // Unmounted: the bare mount point holds a temp file of a running filed and a file some
+        // program wrote there, none of them recorded.
+        std::fs::remove_dir_all(a.join("sub")).unwrap();
+        std::fs::remove_file(a.join("g")).unwrap();
+        let temp = format!("{}{}.1.2", crate::apply::TEMP_PREFIX, std::process::id());
+        std::fs::write(a.join(&temp), b"").unwrap();
+        std::fs::write(a.join("stray.pid"), b"1").unwrap();
+        let r = run(&c, &s);
+        assert!(r.deleted.is_empty() && r.new.is_empty(), "{r:?}");
+        assert_eq!(r.errors.len(), 1, "{r:?}");
+        assert!(r.errors[0].contains("--allow-empty-root"), "{r:?}");
+        assert!(s.dirty("g", "b").unwrap().len() == 4, "nothing new to send");
+        // Mounted again: scanned as usual (one recorded name there is enough).
+        std::fs::write(a.join("g"), b"y").unwrap();
+        let r = run(&c, &s);
+        assert_eq!(r.deleted, vec!["%d%/sub", "%d%/sub/f"], "{r:?}");
+        assert_eq!(r.new, vec!["%d%/stray.pid"], "{r:?}");
     }
 }

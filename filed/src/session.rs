@@ -991,7 +991,7 @@ pub async fn run_client(
     conn: &mut Connection,
 ) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
-    let applier = Applier::new(&node.me, group)
+    let applier = Applier::new(&node.me, group, node.store.clone())
         .map(Arc::new)
         .map_err(|source| SessionError::Apply {
             group: group.name.clone(),
@@ -1326,7 +1326,7 @@ pub async fn run_server(
             return Err(SessionError::Refused { peer, message });
         }
     };
-    let applier = Applier::new(&node.me, &group)
+    let applier = Applier::new(&node.me, &group, node.store.clone())
         .map(Arc::new)
         .map_err(|source| SessionError::Apply {
             group: group.name.clone(),
