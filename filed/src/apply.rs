@@ -80,6 +80,8 @@ pub enum ApplyError {
     },
     #[error("{path}: an include root can only be a directory; refusing to put a {kind} there")]
     RootReplacement { path: String, kind: &'static str },
+    #[error("{path} changed here since the decision; kept, will be decided again")]
+    ChangedSinceDecision { path: String },
     #[error("{path}: rename source changed (expected size {size}, mtime {mtime_ns})")]
     RenameSourceChanged {
         path: String,
@@ -230,6 +232,9 @@ pub struct PendingFile {
     pub file: File,
     target: Target,
     tmp: CString,
+    /// What the decision assumed is at the target (`None`: nothing): checked again just before
+    /// the rename, which comes long after the check before the data (a batch of files).
+    expected: Option<FileState>,
     done: bool,
 }
 
@@ -578,8 +583,14 @@ impl Applier {
         }
     }
 
-    /// Starts receiving a regular file: a temp file in the target's directory.
-    pub fn begin_file(&self, logical: &str) -> Result<PendingFile, ApplyError> {
+    /// Starts receiving a regular file: a temp file in the target's directory. `expected` is what
+    /// the decision assumed is at the target (see [`unchanged_since_decision`]): the file
+    /// replaces only that.
+    pub fn begin_file(
+        &self,
+        logical: &str,
+        expected: Option<&FileState>,
+    ) -> Result<PendingFile, ApplyError> {
         self.refuse_root_replacement(logical, Kind::File)?;
         let target = self.need_target(logical)?;
         for attempt in 0..100u32 {
@@ -595,6 +606,7 @@ impl Applier {
                         file: File::from(fd),
                         target,
                         tmp,
+                        expected: expected.cloned(),
                         done: false,
                     });
                 }
@@ -607,27 +619,17 @@ impl Applier {
         ))
     }
 
-    /// Finishes a received file: metadata, fsync, backup of the old version, atomic rename.
-    pub fn commit_file(&self, mut p: PendingFile, state: &FileState) -> Result<(), ApplyError> {
+    /// Finishes a received file: metadata, fsync, backup of the old version, atomic rename, and
+    /// the directory fsynced.
+    pub fn commit_file(&self, p: PendingFile, state: &FileState) -> Result<(), ApplyError> {
         let logical = p.target.logical.clone();
-        set_file_meta(&p.file, state).map_err(io_err(&logical, "set metadata"))?;
-        p.file.sync_all().map_err(io_err(&logical, "fsync"))?;
-        let st = fstat(&p.file).map_err(io_err(&logical, "stat"))?;
-        self.clear_for(&p.target, false)?;
-        // SAFETY: valid descriptors and NUL-terminated names.
-        cvt(unsafe {
-            libc::renameat(
-                p.target.dir.as_raw_fd(),
-                p.tmp.as_ptr(),
-                p.target.dir.as_raw_fd(),
-                p.target.name.as_ptr(),
-            )
-        })
-        .map_err(io_err(&logical, "rename into place"))?;
-        p.done = true;
-        self.note(&logical, &st, true);
-        fsync_dir(&p.target.dir).map_err(io_err(&logical, "fsync directory"))?;
-        Ok(())
+        let dir = p.target.dir.clone();
+        let (_, res) = self
+            .commit_files(vec![(p, state.clone())])
+            .pop()
+            .expect("one result per file");
+        res?;
+        fsync_dir(&dir).map_err(io_err(&logical, "fsync directory"))
     }
 
     /// Finishes many received files with two filesystem flushes instead of two per file: metadata
@@ -678,19 +680,24 @@ impl Applier {
         }
         for (mut p, written) in ready {
             let logical = p.target.logical.clone();
-            let res = self.clear_for(&p.target, false).and_then(|_| {
-                // SAFETY: valid descriptors and NUL-terminated names.
-                cvt(unsafe {
-                    libc::renameat(
-                        p.target.dir.as_raw_fd(),
-                        p.tmp.as_ptr(),
-                        p.target.dir.as_raw_fd(),
-                        p.target.name.as_ptr(),
-                    )
-                })
-                .map(|_| ())
-                .map_err(io_err(&logical, "rename into place"))
-            });
+            // A local change made while the data streamed in is kept (the temp file is dropped):
+            // this is the last moment before the old version is replaced.
+            let res = self
+                .refuse_changed(&p)
+                .and_then(|_| self.clear_for(&p.target, false))
+                .and_then(|_| {
+                    // SAFETY: valid descriptors and NUL-terminated names.
+                    cvt(unsafe {
+                        libc::renameat(
+                            p.target.dir.as_raw_fd(),
+                            p.tmp.as_ptr(),
+                            p.target.dir.as_raw_fd(),
+                            p.target.name.as_ptr(),
+                        )
+                    })
+                    .map(|_| ())
+                    .map_err(io_err(&logical, "rename into place"))
+                });
             if res.is_ok() {
                 p.done = true;
                 self.note(&logical, &written, true);
@@ -698,6 +705,18 @@ impl Applier {
             out.push((logical, res));
         }
         out
+    }
+
+    /// Refuses a received file whose target is no longer what the decision assumed.
+    fn refuse_changed(&self, p: &PendingFile) -> Result<(), ApplyError> {
+        let now = self.state_at(&p.target)?;
+        if unchanged_since_decision(p.expected.as_ref(), now.as_ref()) {
+            Ok(())
+        } else {
+            Err(ApplyError::ChangedSinceDecision {
+                path: p.target.logical.clone(),
+            })
+        }
     }
 
     /// Makes every change so far durable (renames, deletions, directory entries): one `syncfs` per
@@ -989,6 +1008,12 @@ impl Applier {
         let Some(t) = self.target(logical, false)? else {
             return Ok(None);
         };
+        self.state_at(&t)
+    }
+
+    /// The current state of the path at `t` (not hashed).
+    fn state_at(&self, t: &Target) -> Result<Option<FileState>, ApplyError> {
+        let logical = t.logical.as_str();
         let Some(st) = fstatat(&t.dir, &t.name).map_err(io_err(logical, "stat"))? else {
             return Ok(None);
         };
@@ -998,6 +1023,25 @@ impl Applier {
         // Symlinks (their target is needed) through std, like the scanner.
         let path = fd_path(&t.dir).join(t.name.to_str().unwrap_or(""));
         crate::entry::read_state(&path, false).map_err(io_err(logical, "stat"))
+    }
+}
+
+/// Whether the path on disk (`now`) is still what the decision assumed this side has
+/// (`expected`, the recorded state). A local change the scanner has not recorded yet (a
+/// watcher's batch still gathering, an edit while the data streamed in) must not be
+/// overwritten: the item is refused, stays queued on the sender, and the next session sees both
+/// changes (a conflict, or the local one wins).
+pub fn unchanged_since_decision(expected: Option<&FileState>, now: Option<&FileState>) -> bool {
+    match (expected.filter(|s| s.exists()), now) {
+        (None, None) => true,
+        (None, Some(n)) => n.kind == Kind::Dir,
+        (Some(_), None) => false,
+        (Some(e), Some(n)) => match (e.kind, n.kind) {
+            (Kind::Dir, Kind::Dir) => true,
+            (Kind::File, Kind::File) => e.size == n.size && e.mtime_ns == n.mtime_ns,
+            (Kind::Symlink, Kind::Symlink) => e.target == n.target,
+            _ => false,
+        },
     }
 }
 
@@ -1158,7 +1202,8 @@ mod tests {
     }
 
     fn write(a: &Applier, path: &str, data: &[u8], mtime: i64) {
-        let mut p = a.begin_file(path).unwrap();
+        let cur = a.current(path).unwrap();
+        let mut p = a.begin_file(path, cur.as_ref()).unwrap();
         p.file.write_all(data).unwrap();
         let mut st = fstate(data, mtime, 0o640);
         st.uid = nix_uid();
@@ -1297,7 +1342,7 @@ mod tests {
         std::fs::create_dir_all(d.path().join("outside")).unwrap();
         std::os::unix::fs::symlink(d.path().join("outside"), d.path().join("a/link")).unwrap();
         assert!(matches!(
-            a.begin_file("%d%/link/evil"),
+            a.begin_file("%d%/link/evil", None),
             Err(ApplyError::SymlinkEscape { .. })
         ));
         assert!(matches!(
@@ -1305,11 +1350,11 @@ mod tests {
             Err(ApplyError::SymlinkEscape { .. })
         ));
         assert!(matches!(
-            a.begin_file("%d%/../outside/evil"),
+            a.begin_file("%d%/../outside/evil", None),
             Err(ApplyError::Rejected(_))
         ));
         assert!(matches!(
-            a.begin_file("/etc/passwd"),
+            a.begin_file("/etc/passwd", None),
             Err(ApplyError::Rejected(_))
         ));
         assert!(matches!(
@@ -1340,7 +1385,8 @@ mod tests {
                 let path = format!("%d%/f{i}");
                 write(&a, &path, b"old", 1);
                 let data = format!("new {i}");
-                let mut p = a.begin_file(&path).unwrap();
+                let cur = a.current(&path).unwrap();
+                let mut p = a.begin_file(&path, cur.as_ref()).unwrap();
                 p.file.write_all(data.as_bytes()).unwrap();
                 let mut st = fstate(data.as_bytes(), 2_000_000_000, 0o640);
                 st.uid = nix_uid();
@@ -1370,7 +1416,7 @@ mod tests {
         let (_c, a, _s) = setup(d.path());
         write(&a, "%d%/f", b"old", 1);
         {
-            let mut p = a.begin_file("%d%/f").unwrap();
+            let mut p = a.begin_file("%d%/f", None).unwrap();
             p.file.write_all(b"partial").unwrap();
         }
         assert_eq!(std::fs::read(d.path().join("a/f")).unwrap(), b"old");
@@ -1420,8 +1466,8 @@ mod tests {
         let unmounted = |r: Result<_, ApplyError>| {
             matches!(r, Err(ApplyError::RootLooksUnmounted { recorded: 2, .. }))
         };
-        assert!(unmounted(a.begin_file("%d%/new").map(|_| ())));
-        assert!(unmounted(a.begin_file("%d%/etc/new").map(|_| ())));
+        assert!(unmounted(a.begin_file("%d%/new", None).map(|_| ())));
+        assert!(unmounted(a.begin_file("%d%/etc/new", None).map(|_| ())));
         assert!(unmounted(a.make_dir("%d%/etc", &dstate())));
         assert!(unmounted(a.make_symlink("%d%/l", &fstate(b"", 1, 0o777))));
         assert!(unmounted(a.delete("%d%/stray")), "deletions neither");
@@ -1451,7 +1497,7 @@ mod tests {
         let root = d.path().join("a");
         std::fs::remove_dir(&root).unwrap();
         let missing = |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootMissing { .. }));
-        assert!(missing(a.begin_file("%d%/sub/f").map(|_| ())));
+        assert!(missing(a.begin_file("%d%/sub/f", None).map(|_| ())));
         assert!(missing(a.make_dir("%d%", &dstate())));
         assert!(missing(a.make_dir("%d%/sub", &dstate())));
         assert!(missing(a.delete("%d%/f")), "not taken as already deleted");
@@ -1472,7 +1518,7 @@ mod tests {
         let replaced =
             |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootReplacement { .. }));
         assert!(replaced(a.make_symlink("%d%", &link)));
-        assert!(replaced(a.begin_file("%d%").map(|_| ())));
+        assert!(replaced(a.begin_file("%d%", None).map(|_| ())));
         assert!(replaced(a.set_meta("%d%", &fstate(b"", 1, 0o644))));
         write(&a, "%d%/f", b"f", 1);
         let cur = a.current("%d%/f").unwrap().unwrap();
@@ -1484,10 +1530,65 @@ mod tests {
         let a = Applier::new(&c.hosts["a"], &c.groups["g"], s).unwrap();
         let not_dir =
             |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootNotADirectory { .. }));
-        assert!(not_dir(a.begin_file("%d%/evil").map(|_| ())));
+        assert!(not_dir(a.begin_file("%d%/evil", None).map(|_| ())));
         assert!(not_dir(a.make_dir("%d%/evil", &dstate())));
         assert!(not_dir(a.make_symlink("%d%/evil", &link)));
         assert!(not_dir(a.make_dir("%d%", &dstate())));
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_local_change_made_while_receiving_is_not_overwritten() {
+        let d = tempfile::tempdir().unwrap();
+        let (_c, a, _s) = setup(d.path());
+        let root = d.path().join("a");
+        write(&a, "%d%/edited", b"old", 1);
+        write(&a, "%d%/kept", b"old", 1);
+        a.take_written();
+        let mut batch = Vec::new();
+        for path in ["%d%/edited", "%d%/kept", "%d%/created"] {
+            // what the decision assumed: the recorded state (nothing for the new file)
+            let cur = a.current(path).unwrap();
+            let mut p = a.begin_file(path, cur.as_ref()).unwrap();
+            p.file.write_all(b"received").unwrap();
+            let mut st = fstate(b"received", 2_000_000_000, 0o640);
+            (st.uid, st.gid) = (nix_uid(), nix_gid());
+            batch.push((p, st));
+        }
+        // Local edits while the data streamed in (after the check before the data).
+        std::fs::write(root.join("edited"), b"local edit").unwrap();
+        std::fs::write(root.join("created"), b"made here").unwrap();
+        let out: HashMap<String, Result<(), ApplyError>> =
+            a.commit_files(batch).into_iter().collect();
+        let changed = |p: &str| matches!(out[p], Err(ApplyError::ChangedSinceDecision { .. }));
+        assert!(changed("%d%/edited"), "{out:?}");
+        assert!(changed("%d%/created"), "{out:?}");
+        assert!(out["%d%/kept"].is_ok(), "{out:?}");
+        assert_eq!(std::fs::read(root.join("edited")).unwrap(), b"local edit");
+        assert_eq!(std::fs::read(root.join("created")).unwrap(), b"made here");
+        assert_eq!(std::fs::read(root.join("kept")).unwrap(), b"received");
+        // not taken for filed's own writes (the watcher reports the local edits) ...
+        let written: Vec<String> = a.take_written().into_iter().map(|w| w.logical).collect();
+        assert_eq!(written, vec!["%d%/kept"]);
+        // ... and no temp file left
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn unchanged_since_decision_compares_kind_size_mtime_and_link_target() {
+        let f = fstate(b"abc", 5, 0o644);
+        let mut other = f.clone();
+        assert!(unchanged_since_decision(Some(&f), Some(&other)));
+        other.mode = 0o600;
+        assert!(
+            unchanged_since_decision(Some(&f), Some(&other)),
+            "metadata only"
+        );
+        other.mtime_ns = 6;
+        assert!(!unchanged_since_decision(Some(&f), Some(&other)));
+        assert!(!unchanged_since_decision(Some(&f), None));
+        assert!(!unchanged_since_decision(None, Some(&f)));
+        assert!(unchanged_since_decision(None, Some(&dstate())));
+        assert!(unchanged_since_decision(Some(&FileState::deleted(1)), None));
     }
 }

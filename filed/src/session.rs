@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::apply::{Applier, ApplyError, PendingFile};
+use crate::apply::{Applier, ApplyError, PendingFile, unchanged_since_decision};
 use crate::config::Group;
 use crate::delta::{BaseSignature, DeltaApplier, DeltaEncoder, DeltaError, DeltaOptions};
 use crate::entry::{FileState, Kind, now_ns};
@@ -408,36 +408,20 @@ async fn send_delta(
     Ok(Ok(()))
 }
 
-/// Receives and applies one item (this side is the receiver). Always consumes the item's
-/// messages, so a failed item does not desynchronise the stream.
-/// Whether the path on disk is still what the decision assumed this side has (`expected`, the
-/// recorded state). A local change the scanner has not recorded yet (a watcher's batch still
-/// gathering) must not be overwritten: the item is refused, stays queued on the sender, and the
-/// next session sees both changes (a conflict, or the local one wins).
-pub fn unchanged_since_decision(expected: Option<&FileState>, now: Option<&FileState>) -> bool {
-    match (expected.filter(|s| s.exists()), now) {
-        (None, None) => true,
-        (None, Some(n)) => n.kind == Kind::Dir,
-        (Some(_), None) => false,
-        (Some(e), Some(n)) => match (e.kind, n.kind) {
-            (Kind::Dir, Kind::Dir) => true,
-            (Kind::File, Kind::File) => e.size == n.size && e.mtime_ns == n.mtime_ns,
-            (Kind::Symlink, Kind::Symlink) => e.target == n.target,
-            _ => false,
-        },
-    }
-}
-
+/// Why `path` must not be replaced: it is no longer what the decision assumed (`expected`), or
+/// it cannot be examined.
 fn changed_here(applier: &Applier, path: &str, expected: Option<&FileState>) -> Option<String> {
     match applier.current(path) {
         Ok(now) if unchanged_since_decision(expected, now.as_ref()) => None,
-        Ok(_) => Some(format!(
-            "{path} changed here since the decision; kept, will be decided again"
-        )),
+        Ok(_) => Some(error_chain(&ApplyError::ChangedSinceDecision {
+            path: path.into(),
+        })),
         Err(e) => Some(error_chain(&e)),
     }
 }
 
+/// Receives and applies one item (this side is the receiver). Always consumes the item's
+/// messages, so a failed item does not desynchronise the stream.
 #[allow(clippy::too_many_arguments)]
 async fn receive_item(
     link: &mut Link<'_>,
@@ -505,6 +489,7 @@ async fn receive_item(
                 applier,
                 path,
                 &w,
+                expected,
                 it.transfer == WireTransfer::Delta,
                 queue,
                 refuse,
@@ -514,11 +499,13 @@ async fn receive_item(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn receive_content(
     link: &mut Link<'_>,
     applier: &Applier,
     path: &str,
     w: &FileState,
+    expected: Option<&FileState>,
     delta: bool,
     queue: &mut Vec<(PendingFile, FileState)>,
     refuse: Option<String>,
@@ -527,7 +514,7 @@ async fn receive_content(
     let mut failure: Option<String> = refuse;
     let mut pending = match failure {
         Some(_) => None,
-        None => match applier.begin_file(path) {
+        None => match applier.begin_file(path, expected) {
             Ok(p) => Some(p),
             Err(e) => {
                 failure = Some(error_chain(&e));
