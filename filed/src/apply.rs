@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -264,6 +264,9 @@ pub struct Applier {
     /// Include roots found usable by this applier (device and inode of the directory opened):
     /// checked once, again only when another directory is at the root's path.
     usable_roots: Mutex<HashSet<(u64, u64)>>,
+    /// Every filesystem this applier changed since the last [`Applier::sync`] (a root may hold
+    /// mount points): its device, a descriptor on it and a path changed there (for errors).
+    changed: Mutex<HashMap<libc::dev_t, (OwnedFd, String)>>,
     backup: Option<PathBuf>,
     generations: u32,
     /// Parent directories already walked safely (logical path → descriptor), so a batch of files
@@ -321,6 +324,7 @@ impl Applier {
             roots,
             store,
             usable_roots: Mutex::new(HashSet::new()),
+            changed: Mutex::new(HashMap::new()),
             backup,
             generations: group.backup_generations,
             dir_cache: Mutex::new(HashMap::new()),
@@ -391,6 +395,7 @@ impl Applier {
             dir = match openat(&dir, &name, flags, 0) {
                 Ok(d) => d,
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    self.touch_dir(logical, &dir)?;
                     // SAFETY: valid descriptor and NUL-terminated name.
                     let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), 0o755) };
                     if rc < 0 {
@@ -664,17 +669,27 @@ impl Applier {
                 }
             }
             ready = synced;
-        } else if let Some((first, _)) = ready.first() {
-            // SAFETY: valid descriptor.
-            if let Err(e) = cvt(unsafe { libc::syncfs(first.file.as_raw_fd()) }) {
-                for (p, _) in ready.drain(..) {
-                    out.push((
-                        p.target.logical.clone(),
-                        Err(io_err(&p.target.logical, "syncfs")(io::Error::new(
-                            e.kind(),
-                            e.to_string(),
-                        ))),
-                    ));
+        } else {
+            // One syncfs per filesystem written to: the files of one batch may lie on several
+            // (roots on different filesystems, a filesystem mounted inside a root).
+            let mut failed: HashMap<libc::dev_t, io::Error> = HashMap::new();
+            for i in first_per_device(ready.iter().map(|(_, written)| written.st_dev)) {
+                let (p, written) = &ready[i];
+                // SAFETY: valid descriptor.
+                if let Err(e) = cvt(unsafe { libc::syncfs(p.file.as_raw_fd()) }) {
+                    failed.insert(written.st_dev, e);
+                }
+            }
+            if !failed.is_empty() {
+                let (lost, synced): (Vec<_>, Vec<_>) = std::mem::take(&mut ready)
+                    .into_iter()
+                    .partition(|(_, written)| failed.contains_key(&written.st_dev));
+                ready = synced;
+                for (p, written) in lost {
+                    let e = &failed[&written.st_dev];
+                    let e = io::Error::new(e.kind(), e.to_string());
+                    let logical = p.target.logical.clone();
+                    out.push((logical.clone(), Err(io_err(&logical, "syncfs")(e))));
                 }
             }
         }
@@ -684,6 +699,7 @@ impl Applier {
             // this is the last moment before the old version is replaced.
             let res = self
                 .refuse_changed(&p)
+                .and_then(|_| self.touch(&logical, written.st_dev, p.target.dir.as_fd()))
                 .and_then(|_| self.clear_for(&p.target, false))
                 .and_then(|_| {
                     // SAFETY: valid descriptors and NUL-terminated names.
@@ -719,20 +735,46 @@ impl Applier {
         }
     }
 
-    /// Makes every change so far durable (renames, deletions, directory entries): one `syncfs` per
-    /// filesystem holding an include root.
+    /// Makes every change so far durable (renames, deletions, directory entries, metadata): one
+    /// `syncfs` per filesystem this applier changed, include roots' and those mounted inside them.
     pub fn sync(&self) -> Result<(), ApplyError> {
-        for (root, phys) in &self.roots {
-            match open_dir_path(phys) {
-                // SAFETY: valid descriptor.
-                Ok(fd) => cvt(unsafe { libc::syncfs(fd.as_raw_fd()) })
-                    .map(|_| ())
-                    .map_err(io_err(root, "syncfs"))?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(root, "open include root")(e)),
-            }
+        let mut changed = self.changed();
+        for (fd, logical) in changed.values() {
+            // SAFETY: valid descriptor.
+            cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map_err(io_err(logical, "syncfs"))?;
+        }
+        changed.clear();
+        Ok(())
+    }
+
+    /// The devices of the filesystems changed since the last [`Applier::sync`].
+    pub fn changed_filesystems(&self) -> Vec<libc::dev_t> {
+        let mut devs: Vec<libc::dev_t> = self.changed().keys().copied().collect();
+        devs.sort_unstable();
+        devs
+    }
+
+    fn changed(&self) -> std::sync::MutexGuard<'_, HashMap<libc::dev_t, (OwnedFd, String)>> {
+        self.changed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers filesystem `dev` (`fd` is on it) for [`Applier::sync`]: `logical` is about to
+    /// change there.
+    fn touch(&self, logical: &str, dev: libc::dev_t, fd: BorrowedFd<'_>) -> Result<(), ApplyError> {
+        let mut changed = self.changed();
+        if let std::collections::hash_map::Entry::Vacant(e) = changed.entry(dev) {
+            let fd = fd
+                .try_clone_to_owned()
+                .map_err(io_err(logical, "duplicate descriptor"))?;
+            e.insert((fd, logical.to_string()));
         }
         Ok(())
+    }
+
+    /// [`Applier::touch`] for the filesystem of directory `dir`, whose entries are about to change.
+    fn touch_dir(&self, logical: &str, dir: &OwnedFd) -> Result<(), ApplyError> {
+        let st = fstat(dir).map_err(io_err(logical, "stat directory"))?;
+        self.touch(logical, st.st_dev, dir.as_fd())
     }
 
     /// Makes the target free for a new non-directory entry: backs up and removes an old file or
@@ -742,6 +784,7 @@ impl Applier {
             return Ok(());
         };
         if is_dir(&st) {
+            self.touch_dir(&t.logical, &t.dir)?;
             // Cached descriptors may point into the directory being removed.
             self.cache().clear();
             // SAFETY: valid descriptor and NUL-terminated name.
@@ -764,6 +807,7 @@ impl Applier {
             self.backup(t)?;
         }
         if remove_file {
+            self.touch_dir(&t.logical, &t.dir)?;
             // SAFETY: valid descriptor and NUL-terminated name.
             cvt(unsafe { libc::unlinkat(t.dir.as_raw_fd(), t.name.as_ptr(), 0) })
                 .map_err(io_err(&t.logical, "remove"))?;
@@ -840,9 +884,13 @@ impl Applier {
             Some(st) if is_dir(&st) => {}
             Some(_) => {
                 self.clear_for(&t, true)?;
+                self.touch_dir(logical, &t.dir)?;
                 mkdirat(&t, state.mode)?;
             }
-            None => mkdirat(&t, state.mode)?,
+            None => {
+                self.touch_dir(logical, &t.dir)?;
+                mkdirat(&t, state.mode)?
+            }
         }
         let fd = openat(
             &t.dir,
@@ -852,6 +900,9 @@ impl Applier {
         )
         .map_err(io_err(logical, "open directory"))?;
         let f = File::from(fd);
+        // A directory that is a mount point: its metadata is on the filesystem mounted there.
+        let st = fstat(&f).map_err(io_err(logical, "stat"))?;
+        self.touch(logical, st.st_dev, f.as_fd())?;
         f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(state.mode))
             .map_err(io_err(logical, "chmod"))?;
         chown_ok(std::os::unix::fs::fchown(
@@ -870,6 +921,7 @@ impl Applier {
         let target = CString::new(state.target.as_deref().unwrap_or(""))
             .map_err(|_| io_err(logical, "create symlink")(io::ErrorKind::InvalidInput.into()))?;
         let tmp = cstr(&temp_name("l"));
+        self.touch_dir(logical, &t.dir)?;
         // SAFETY: valid descriptor and NUL-terminated strings.
         cvt(unsafe { libc::symlinkat(target.as_ptr(), t.dir.as_raw_fd(), tmp.as_ptr()) })
             .map_err(io_err(logical, "create symlink"))?;
@@ -917,6 +969,7 @@ impl Applier {
             .ok_or_else(|| io_err(logical, "open parent")(io::ErrorKind::NotFound.into()))?;
         match state.kind {
             Kind::Symlink => {
+                self.touch_dir(logical, &t.dir)?;
                 lchown_times(&t.dir, &t.name, state).map_err(io_err(logical, "set metadata"))?;
                 if let Ok(Some(st)) = fstatat(&t.dir, &t.name) {
                     self.note(logical, &st, false);
@@ -938,6 +991,8 @@ impl Applier {
                 )
                 .map_err(io_err(logical, "open"))?;
                 let f = File::from(fd);
+                let st = fstat(&f).map_err(io_err(logical, "stat"))?;
+                self.touch(logical, st.st_dev, f.as_fd())?;
                 set_file_meta(&f, state).map_err(io_err(logical, "set metadata"))?;
                 let st = fstat(&f).map_err(io_err(logical, "stat"))?;
                 self.note(logical, &st, true);
@@ -990,6 +1045,8 @@ impl Applier {
         }
         let dst = self.need_target(to)?;
         self.clear_for(&dst, false)?;
+        self.touch_dir(from, &src.dir)?;
+        self.touch_dir(to, &dst.dir)?;
         // SAFETY: valid descriptors and NUL-terminated names.
         cvt(unsafe {
             libc::renameat(
@@ -1043,6 +1100,18 @@ pub fn unchanged_since_decision(expected: Option<&FileState>, now: Option<&FileS
             _ => false,
         },
     }
+}
+
+/// The index of the first of `devices` on each distinct device, in order: the files of a batch
+/// to `syncfs` through, one per filesystem.
+fn first_per_device(devices: impl IntoIterator<Item = libc::dev_t>) -> Vec<usize> {
+    let mut seen = HashSet::new();
+    devices
+        .into_iter()
+        .enumerate()
+        .filter(|(_, dev)| seen.insert(*dev))
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Raises this process's soft open-file limit to its hard limit (batches of received files keep
@@ -1590,5 +1659,56 @@ mod tests {
         assert!(!unchanged_since_decision(None, Some(&f)));
         assert!(unchanged_since_decision(None, Some(&dstate())));
         assert!(unchanged_since_decision(Some(&FileState::deleted(1)), None));
+    }
+
+    #[test]
+    fn one_syncfs_per_filesystem_of_a_batch() {
+        assert_eq!(first_per_device([5, 5, 7, 5, 9, 7]), vec![0, 2, 4]);
+        assert_eq!(first_per_device([3]), vec![0]);
+        assert!(first_per_device([]).is_empty());
+    }
+
+    #[test]
+    fn every_filesystem_written_to_is_synced() {
+        use std::os::unix::fs::MetadataExt;
+        // Two include roots on two filesystems (tmpfs /dev/shm when there is one).
+        let d = tempfile::tempdir().unwrap();
+        let other =
+            tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let text = format!(
+            "[hosts.a]\nprefix={{d=\"{}/a\", e=\"{}/e\"}}\n[groups.g]\nhosts=[\"a\"]\nkey=\"k\"\ninclude=[\"%d%\", \"%e%\"]\n",
+            d.path().display(),
+            other.path().display()
+        );
+        let c = Config::parse(&text, &d.path().join("f.toml")).unwrap();
+        std::fs::create_dir(d.path().join("a")).unwrap();
+        std::fs::create_dir(other.path().join("e")).unwrap();
+        let store = Arc::new(RedbStore::open(&d.path().join("a.redb"), Duration::ZERO).unwrap());
+        let a = Applier::new(&c.hosts["a"], &c.groups["g"], store).unwrap();
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        let mut devs = vec![dev(&d.path().join("a")), dev(&other.path().join("e"))];
+        devs.sort_unstable();
+        devs.dedup();
+        // A batch large enough for the syncfs path, spread over both roots.
+        let mut batch = Vec::new();
+        for i in 0..PER_FILE_FSYNC_MAX + 2 {
+            let path = format!("{}/f{i}", if i % 2 == 0 { "%d%" } else { "%e%" });
+            let mut p = a.begin_file(&path, None).unwrap();
+            p.file.write_all(b"data").unwrap();
+            let mut st = fstate(b"data", 1, 0o644);
+            (st.uid, st.gid) = (nix_uid(), nix_gid());
+            batch.push((p, st));
+        }
+        let out = a.commit_files(batch);
+        assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+        assert_eq!(a.changed_filesystems(), devs);
+        a.sync().unwrap();
+        assert!(a.changed_filesystems().is_empty());
+        a.make_dir("%e%/sub", &dstate()).unwrap();
+        assert_eq!(a.changed_filesystems(), vec![dev(&other.path().join("e"))]);
+        a.delete("%d%/f0").unwrap();
+        assert_eq!(a.changed_filesystems(), devs);
+        a.sync().unwrap();
+        assert!(a.changed_filesystems().is_empty());
     }
 }
