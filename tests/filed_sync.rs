@@ -261,6 +261,54 @@ fn slaves_only_receive() {
     assert_eq!(std::fs::read(b.join("f")).unwrap(), b"master edit");
 }
 
+/// A peer whose include root is an unmounted filesystem's bare mount point refuses a new file
+/// sent into it (it stays queued on the sender) instead of writing it there: that file would make
+/// the peer's next scan take every recorded file as deleted and delete them on every host.
+#[test]
+fn a_file_is_not_received_into_an_unmounted_include_root() {
+    let mut c = Cluster::new(2, "auto = \"none\"");
+    c.start("beta");
+    let (a, b) = (c.data("alpha"), c.data("beta"));
+    write(&a.join("etc/x.conf"), b"x");
+    write(&a.join("top"), b"top");
+    let r = c.sync("alpha");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_tree(&a, &b);
+    // beta's filesystem is unmounted: its mount point is an empty directory
+    let mounted = c.path("beta/data.mounted");
+    std::fs::rename(&b, &mounted).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    write(&a.join("new"), b"new");
+    let r = c.sync("alpha");
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("holds none of the 2 entries recorded at its top level"),
+        "{r:?}"
+    );
+    assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0, "written into it");
+    let r = c.filed("alpha", &["dirty"]);
+    assert!(
+        r.stdout.contains("%data%/new"),
+        "not queued any more: {r:?}"
+    );
+    // beta's scans skip the root; nothing is deleted anywhere
+    let r = c.filed("beta", &["check"]);
+    assert!(
+        r.stdout.contains("--allow-empty-root") || r.stderr.contains("--allow-empty-root"),
+        "{r:?}"
+    );
+    assert_eq!(c.sync("alpha").code, 3);
+    assert_eq!(std::fs::read(a.join("etc/x.conf")).unwrap(), b"x");
+    assert_eq!(std::fs::read(a.join("top")).unwrap(), b"top");
+    // mounted again: the queued file arrives
+    std::fs::remove_dir(&b).unwrap();
+    std::fs::rename(&mounted, &b).unwrap();
+    let r = c.sync("alpha");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_same_tree(&a, &b);
+}
+
 /// A directory the scanning host cannot list (mode 000 for a filed running as an ordinary user,
 /// like a crashed FUSE mount) hides its files: they are not deleted on the peer, and come back to
 /// normal once it is readable again.

@@ -294,6 +294,10 @@ fn fstat(f: &impl AsRawFd) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// Names of an include root looked up in the state database at a time (see
+/// [`Applier::open_root`]).
+const LOOKUP_CHUNK: usize = 64;
+
 /// Entries kept in [`Applier::dir_cache`] before it is emptied.
 const DIR_CACHE_MAX: usize = 4096;
 
@@ -491,35 +495,46 @@ impl Applier {
 
     /// What is recorded at the top level of include root `root` (open as `dir`) when none of it
     /// is there ([`RootContents::looks_unmounted`]); `None` when the root holds some of it or
-    /// nothing is recorded. The names in the root are looked up first: one recorded name present
-    /// settles it, so a usable root costs a few lookups, not a read of all its records.
+    /// nothing is recorded. The names in the root are looked up first, as the directory is read:
+    /// one recorded name there settles it, so a usable root costs a few lookups, not a read of
+    /// all its records (those are read only when none of its names is recorded).
     fn unmounted_root(
         &self,
         logical: &str,
         root: &str,
         dir: &OwnedFd,
     ) -> Result<Option<RootContents>, ApplyError> {
-        let listing =
-            crate::scan::dir_names(&fd_path(dir)).map_err(io_err(logical, "list include root"))?;
         let records = |source| ApplyError::RootRecords {
             path: logical.into(),
             source,
         };
-        let paths: Vec<String> = listing
-            .iter()
-            .map(|n| {
-                if root == "/" {
-                    format!("/{n}")
-                } else {
-                    format!("{root}/{n}")
+        let mut entries =
+            std::fs::read_dir(fd_path(dir)).map_err(io_err(logical, "list include root"))?;
+        let mut listing = HashSet::new();
+        let mut chunk: Vec<String> = Vec::with_capacity(LOOKUP_CHUNK);
+        let mut listed = false;
+        while !listed {
+            chunk.clear();
+            while chunk.len() < LOOKUP_CHUNK {
+                let Some(entry) = entries.next() else {
+                    listed = true;
+                    break;
+                };
+                let entry = entry.map_err(io_err(logical, "list include root"))?;
+                // Names that are not UTF-8 are never recorded.
+                if let Ok(name) = entry.file_name().into_string() {
+                    chunk.push(if root == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{root}/{name}")
+                    });
+                    listing.insert(name);
                 }
-            })
-            .collect();
-        for chunk in paths.chunks(256) {
-            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            }
+            let paths: Vec<&str> = chunk.iter().map(String::as_str).collect();
             let found = self
                 .store
-                .lookup(&self.group.name, None, &chunk)
+                .lookup(&self.group.name, None, &paths)
                 .map_err(records)?;
             if found
                 .iter()
@@ -1547,8 +1562,12 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names.len(), 2, "nothing written or removed: {names:?}");
-        // Mounted again: one recorded name is there, the root is written into.
+        // Mounted again: one recorded name is there (among many that are not: looked up a
+        // chunk at a time), the root is written into.
         std::fs::create_dir(root.join("etc")).unwrap();
+        for i in 0..3 * LOOKUP_CHUNK {
+            std::fs::write(root.join(format!("unrecorded{i}")), b"").unwrap();
+        }
         let a = Applier::new(&c.hosts["a"], &c.groups["g"], s.clone()).unwrap();
         write(&a, "%d%/etc/new", b"n", 1);
         write(&a, "%d%/new", b"n", 1);

@@ -247,7 +247,7 @@ pub fn top_name<'a>(root: &str, path: &'a str) -> Option<&'a str> {
 }
 
 /// The names in directory `dir` (names that are not UTF-8 are never recorded: skipped).
-pub fn dir_names(dir: &Path) -> std::io::Result<HashSet<String>> {
+fn dir_names(dir: &Path) -> std::io::Result<HashSet<String>> {
     let mut names = HashSet::new();
     for e in std::fs::read_dir(dir)? {
         if let Ok(n) = e?.file_name().into_string() {
