@@ -134,6 +134,7 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
             "promote-check" => match one() {
                 Ok(r) => r
                     .promote_check(req.force)
+                    .await
                     .map_or_else(failure, |losses| Response {
                         losses: Some(losses),
                         ..Response::ok()

@@ -1148,17 +1148,14 @@ impl Resource {
     /// `blockctl promote --dry-run` (and the check `blockctl promote` prints before it
     /// promotes): refuses like [`Resource::promote`] would, else returns what a promotion
     /// would lose. Changes nothing.
-    pub fn promote_check(
+    pub async fn promote_check(
         &self,
         force: bool,
     ) -> Result<Vec<crate::repl::lost_writes::KnownLoss>, ResourceError> {
-        if *self.finishing.borrow() > 0 {
-            // What it would lose is known once they are applied (`promote` itself waits).
-            return Err(ResourceError::Refused(
-                "writes received from a lost peer are still being applied: retry in a moment"
-                    .into(),
-            ));
-        }
+        // What it would lose is known once the writes received from a lost peer are applied:
+        // wait for them as `promote` does (a failover is exactly when they are; refusing made
+        // `blockctl promote` fail there).
+        self.applies_finished().await;
         let (local, views) = self.promote_views();
         match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
             PromoteDecision::AlreadyPrimary => Ok(Vec::new()),

@@ -746,3 +746,22 @@ async fn a_mark_after_the_resync_read_survives_the_settle() {
     *a.peers[0].conn.lock().unwrap() = None;
     a.shutdown().await;
 }
+
+/// `promote-check` (what `blockctl promote` asks first) waits for the writes received from a
+/// lost peer to be applied, as `promote` does, instead of refusing during the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_check_waits_for_received_writes_to_be_applied() {
+    let mut c = cluster(2, "C").await;
+    let r = c.start(0);
+    r.finishing.send_replace(1);
+    let r2 = r.clone();
+    let check = tokio::spawn(async move { r2.promote_check(true).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!check.is_finished(), "answered before the applies finished");
+    r.finishing.send_replace(0);
+    let answer = tokio::time::timeout(Duration::from_secs(5), check)
+        .await
+        .expect("still waiting")
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+}
