@@ -1726,7 +1726,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = test_node(dir.path(), "beta");
         let (_alpha, mut beta) = crate::transport::tests::loopback_pair().await;
-        let applier = Applier::new(&node.me, node.group("web").unwrap()).unwrap();
+        let applier =
+            Applier::new(&node.me, node.group("web").unwrap(), node.store.clone()).unwrap();
         let mut link = Link {
             conn: &mut beta,
             peer: "alpha".into(),
