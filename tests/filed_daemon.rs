@@ -333,6 +333,9 @@ fn peer_down_catches_up_and_a_restarted_daemon_finds_what_changed() {
     c.start_all_daemons(&[]);
     let (a, b) = (c.data("alpha"), c.data("beta"));
     write(&a.join("before.txt"), b"1");
+    // Stays throughout: a root where none of the recorded top-level names is left looks like
+    // an unmounted filesystem's mount point and is not scanned (scan::RootContents).
+    write(&a.join("keep.txt"), b"k");
     wait_converged(&c, "start");
     // beta down: alpha's changes queue
     assert_eq!(c.stop_status("beta"), Some(0));
