@@ -283,6 +283,10 @@ pub struct PendingTransaction {
     pub pos: u32,
     pub tx: Transaction,
     pub evicted: Vec<u32>,
+    /// Per update (same order as `tx.updates`): the extent its slot held before and that
+    /// slot's last use, to undo the update when the transaction cannot be persisted
+    /// ([`ActivityLog::persist_failed`]).
+    previous: Vec<(u32, u64)>,
 }
 
 /// Why a write cannot enter the activity log now.
@@ -309,6 +313,10 @@ pub struct ActivityLog {
     next_pos: u32,
     ring_len: u32,
     next_context: u32,
+    /// Ring positions from `next_pos` on that a failed persist may have written (some of its
+    /// transactions, or a torn record): until transactions are persisted over all of them, no
+    /// write may rely on the in-memory hot set (see [`ActivityLog::persist_failed`]).
+    unsure_positions: usize,
 }
 
 impl ActivityLog {
@@ -332,6 +340,7 @@ impl ActivityLog {
             next_pos: replayed.next_pos,
             ring_len,
             next_context: replayed.next_context,
+            unsure_positions: 0,
         }
     }
 
@@ -355,8 +364,9 @@ impl ActivityLog {
     }
 
     /// Registers a write to extents `first..=last`. Returns the transactions to persist, in
-    /// order, before the write may start (empty when every extent is already hot). On error
-    /// nothing changed.
+    /// order, before the write may start (empty when every extent is already hot and no
+    /// earlier persist failed). On error nothing changed. When they cannot be persisted, give
+    /// them to [`Self::persist_failed`].
     pub fn begin(&mut self, first: u32, last: u32) -> Result<Vec<PendingTransaction>, AlBusy> {
         let count = last - first + 1;
         if count as usize > self.slots.len() {
@@ -365,7 +375,7 @@ impl ActivityLog {
         let cold: Vec<u32> = (first..=last)
             .filter(|e| !self.index.contains_key(e))
             .collect();
-        if cold.is_empty() {
+        if cold.is_empty() && self.unsure_positions == 0 {
             self.touch(first, last);
             return Ok(Vec::new());
         }
@@ -390,26 +400,75 @@ impl ActivityLog {
         for chunk in cold.chunks(MAX_UPDATES) {
             let mut updates = Vec::with_capacity(chunk.len());
             let mut evicted = Vec::new();
+            let mut previous = Vec::with_capacity(chunk.len());
             for (&ext, slot) in chunk.iter().zip(candidates.drain(..chunk.len())) {
                 let old = self.slots[slot as usize];
                 if old != NO_EXTENT {
                     self.index.remove(&old);
                     evicted.push(old);
                 }
+                previous.push((old, self.last_use[slot as usize]));
                 self.slots[slot as usize] = ext;
                 self.index.insert(ext, slot);
                 updates.push((slot, ext));
             }
-            pending.push(self.transaction(updates, evicted));
+            pending.push(self.transaction(updates, evicted, previous));
         }
+        // After a failed persist, the ring positions it may have written are overwritten by
+        // this write's transactions (padded with ones that only repeat context): a stale
+        // transaction of the failed attempt left after them would be the newest, and replay
+        // would restore its slots instead of these.
+        while pending.len() < self.unsure_positions {
+            pending.push(self.transaction(Vec::new(), Vec::new(), Vec::new()));
+        }
+        self.unsure_positions = 0;
         self.touch(first, last);
         Ok(pending)
     }
 
+    /// Transactions `pending` (from the latest [`Self::begin`]) could not be persisted (an I/O
+    /// error; any prefix of them, or a torn record, may be on disk): restores the log as it was
+    /// before that `begin`, counting its write in flight no more in the extents it made hot.
+    /// Its slots, sequence number and ring position are reused, so the ring does not lose a
+    /// transaction (replay would refuse the gap) and no extent stays hot in memory that no
+    /// persisted transaction names. Until a later transaction is persisted over every position
+    /// the failed ones may have reached, every write goes through `begin` again: what replay
+    /// finds now is some prefix of the failed transactions, which evicts extents the restored
+    /// log holds hot (their bitmap pages are written, but a new write to one would not be
+    /// covered).
+    ///
+    /// The caller still ends the write with [`Self::complete`] (for its extents that were hot
+    /// before; the ones made hot are no longer in the log and are skipped).
+    pub fn persist_failed(&mut self, pending: &[PendingTransaction]) {
+        let Some(first) = pending.first() else {
+            return;
+        };
+        for p in pending.iter().rev() {
+            for (&(slot, ext), &(old, used)) in p.tx.updates.iter().zip(&p.previous).rev() {
+                let s = slot as usize;
+                self.index.remove(&ext);
+                self.slots[s] = old;
+                if old != NO_EXTENT {
+                    self.index.insert(old, slot);
+                }
+                // Only a cold slot (nothing in flight) is ever reused, and nothing but the
+                // failed write could register in it while its transaction was being persisted.
+                self.inflight[s] = 0;
+                self.last_use[s] = used;
+            }
+        }
+        self.next_seq = first.tx.seq;
+        self.next_pos = first.pos;
+        self.next_context = first.tx.context_start;
+        // Counted from the same position every time: each retry writes at least as many.
+        self.unsure_positions = self.unsure_positions.max(pending.len());
+    }
+
     /// Registers a write whose extents are all hot already (no transaction needed); returns
-    /// `false`, changing nothing, when one of them is cold.
+    /// `false`, changing nothing, when one of them is cold, or when an earlier persist failed
+    /// and no transaction has been persisted since.
     pub fn begin_hot(&mut self, first: u32, last: u32) -> bool {
-        if !(first..=last).all(|e| self.index.contains_key(&e)) {
+        if self.unsure_positions > 0 || !(first..=last).all(|e| self.index.contains_key(&e)) {
             return false;
         }
         self.touch(first, last);
@@ -435,7 +494,12 @@ impl ActivityLog {
         }
     }
 
-    fn transaction(&mut self, updates: Vec<(u32, u32)>, evicted: Vec<u32>) -> PendingTransaction {
+    fn transaction(
+        &mut self,
+        updates: Vec<(u32, u32)>,
+        evicted: Vec<u32>,
+        previous: Vec<(u32, u64)>,
+    ) -> PendingTransaction {
         let capacity = self.slots.len() as u32;
         let start = self.next_context;
         let n = (MAX_CONTEXT as u32).min(capacity - start);
@@ -452,7 +516,12 @@ impl ActivityLog {
         let pos = self.next_pos;
         self.next_seq += 1;
         self.next_pos = (self.next_pos + 1) % self.ring_len;
-        PendingTransaction { pos, tx, evicted }
+        PendingTransaction {
+            pos,
+            tx,
+            evicted,
+            previous,
+        }
     }
 }
 
@@ -624,8 +693,146 @@ mod tests {
         assert!(replay_ring(capacity, &junk).is_err());
     }
 
+    /// A persist that fails after writing `written` of `pending` (the next one torn when
+    /// `torn`): what reached the ring.
+    fn persist_partly(
+        ring: &mut [[u8; 4096]],
+        pending: &[PendingTransaction],
+        written: usize,
+        torn: bool,
+    ) {
+        persist(ring, &pending[..written.min(pending.len())]);
+        if torn && let Some(p) = pending.get(written) {
+            let mut rec = p.tx.encode();
+            rec[300] ^= 1;
+            ring[p.pos as usize] = rec;
+        }
+    }
+
+    #[test]
+    fn a_failed_persist_restores_the_log_and_the_next_one_rewrites_its_positions() {
+        let capacity = 40; // two transactions for 33 cold extents
+        let len = ring_len_for(capacity);
+        let mut ring = vec![[0u8; 4096]; len as usize];
+        let mut al = ActivityLog::new(replay_ring(capacity, &ring).unwrap(), len);
+        for e in 0..40u32 {
+            persist(&mut ring, &al.begin(e, e).unwrap());
+            al.complete(e, e);
+        }
+        // Extent 7 has a write in flight: never evicted.
+        assert!(al.begin(7, 7).unwrap().is_empty());
+        let before = al.clone();
+        let pending = al.begin(100, 132).unwrap();
+        assert_eq!(pending.len(), 2);
+        // The first transaction reached the disk, the second failed (torn).
+        persist_partly(&mut ring, &pending, 1, true);
+        al.persist_failed(&pending);
+        assert_eq!(al.active_extents(), before.active_extents());
+        assert_eq!(al.slots, before.slots);
+        assert_eq!(al.inflight, before.inflight);
+        assert_eq!(
+            (al.next_seq, al.next_pos, al.next_context),
+            (before.next_seq, before.next_pos, before.next_context)
+        );
+        // What a crash now replays is the persisted prefix: some restored extents are evicted
+        // there, so no write may use the hot set until the log is rewritten.
+        assert!(!al.begin_hot(3, 3));
+        // The failed write ends; extent 7's write is still counted.
+        al.complete(100, 132);
+        assert_eq!(al.inflight(7), 1);
+        assert_eq!(al.inflight(100), 0);
+        // A write to a hot extent persists transactions over both positions the failed
+        // attempt reached before it starts.
+        let again = al.begin(3, 3).unwrap();
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].pos, pending[0].pos);
+        assert_eq!(again[0].tx.seq, pending[0].tx.seq);
+        assert!(again.iter().all(|p| p.tx.updates.is_empty()));
+        persist(&mut ring, &again);
+        al.complete(3, 3);
+        assert_eq!(
+            replay_ring(capacity, &ring).unwrap().active_extents(),
+            al.active_extents()
+        );
+        assert!(
+            al.begin_hot(3, 3),
+            "hot again after a persisted transaction"
+        );
+        al.complete(3, 3);
+    }
+
+    #[test]
+    fn a_persist_that_wrote_nothing_leaves_no_gap_in_the_ring() {
+        let capacity = 8;
+        let len = ring_len_for(capacity);
+        let mut ring = vec![[0u8; 4096]; len as usize];
+        let mut al = ActivityLog::new(replay_ring(capacity, &ring).unwrap(), len);
+        persist(&mut ring, &al.begin(1, 1).unwrap());
+        al.complete(1, 1);
+        let pending = al.begin(2, 2).unwrap();
+        al.persist_failed(&pending);
+        al.complete(2, 2);
+        assert_eq!(al.active_extents(), [1]);
+        persist(&mut ring, &al.begin(3, 3).unwrap());
+        al.complete(3, 3);
+        assert_eq!(
+            replay_ring(capacity, &ring).unwrap().active_extents(),
+            [1, 3]
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Persists fail at random points (any prefix written, the next record maybe torn);
+        /// after each, a crash replays at least every extent a write may use without a new
+        /// transaction (or refuses), and once a later persist succeeded, exactly the hot set.
+        #[test]
+        fn replay_matches_memory_across_failed_persists(
+            capacity in 1u32..120,
+            writes in proptest::collection::vec(
+                (0u32..300, 0u32..40, proptest::option::of((0usize..4, any::<bool>()))),
+                1..150),
+        ) {
+            let len = ring_len_for(capacity);
+            let mut ring = vec![[0u8; 4096]; len as usize];
+            let mut al = ActivityLog::new(replay_ring(capacity, &ring).unwrap(), len);
+            for (e, span, failure) in writes {
+                let last = (e + span).min(e + capacity - 1);
+                let Ok(p) = al.begin(e, last) else {
+                    prop_assert!(last - e + 1 > capacity);
+                    continue;
+                };
+                match failure {
+                    Some((written, torn)) if !p.is_empty() => {
+                        persist_partly(&mut ring, &p, written, torn);
+                        al.persist_failed(&p);
+                        al.complete(e, last);
+                        // Torn records of two failed attempts in a row are refused by replay
+                        // (loudly) until a persist succeeds over them.
+                        let Ok(replayed) = replay_ring(capacity, &ring) else {
+                            continue;
+                        };
+                        let replayed = replayed.active_extents();
+                        for x in al.active_extents() {
+                            let mut probe = al.clone();
+                            prop_assert!(
+                                !probe.begin_hot(x, x) || replayed.contains(&x),
+                                "extent {} usable without a transaction, not replayed", x
+                            );
+                        }
+                    }
+                    _ => {
+                        persist(&mut ring, &p);
+                        al.complete(e, last);
+                        prop_assert_eq!(
+                            replay_ring(capacity, &ring).unwrap().active_extents(),
+                            al.active_extents()
+                        );
+                    }
+                }
+            }
+        }
         #[test]
         fn replay_matches_memory(
             capacity in 1u32..3000,

@@ -169,6 +169,11 @@ impl Resource {
                     let gate = gate.take();
                     self.meta_io(move |m| {
                         let r = persist_al_transactions(m, &pending);
+                        if r.is_err() {
+                            // The write fails: its extents must not stay hot in memory with no
+                            // transaction naming them on disk (see `ActivityLog::persist_failed`).
+                            m.al.persist_failed(&pending);
+                        }
                         m.al_persisting -= 1;
                         drop(gate);
                         r
