@@ -3,18 +3,21 @@
 //!
 //! One write: under protocol A, wait for room in every such peer's send buffer
 //! (`sndbuf-size`, `repl::congestion`; holding nothing) → hold its byte range (overlapping
-//! requests wait) → activity log (persist a transaction first when the extent is cold) → in
-//! one ordered step, number it (`seq`, and `after`: past every request completed so far, see
-//! `repl::wire`) and queue `Data` to every connected peer (disconnected peers get the range set
-//! in their bitmap instead) → local write
+//! requests wait) → per part of at most half the activity log's slots (one part unless the
+//! request is very wide): activity log (persist a transaction first when the extent is cold)
+//! → in one ordered step, number it (`seq`, and `after`: past every request completed so far,
+//! see `repl::wire`) and queue `Data` to every connected peer (disconnected peers get the range
+//! set in their bitmap instead) → local write
 //! → wait for the protocol's ack point of every connected peer (A: queued; B: received; C:
 //! written). A peer lost before acking gets the range in its bitmap (by the session's loss
-//! handler) and the request still completes: degraded mode.
+//! handler) and the request still completes: degraded mode. A part's extents stay in the
+//! activity log until every peer has written it (or its loss handler marked it), whatever
+//! the protocol.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use crate::meta::MetaError;
 use crate::meta::activity_log::{AlBusy, PendingTransaction};
@@ -37,6 +40,14 @@ fn meta_failure(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError 
 /// for, and the sessions it was queued on.
 type Replicated = (u64, Vec<(usize, oneshot::Receiver<()>)>, Vec<Arc<Conn>>);
 
+/// Why a part of a replicated request failed.
+enum PartFailure {
+    /// Its activity-log registration (a metadata error): returned as it is.
+    ActivityLog(StoreError),
+    /// Its local write: handled by `on-io-error`.
+    Local(StoreError),
+}
+
 /// Bytes a message takes in a peer's send buffer (`sndbuf-size`): a write's payload; a
 /// zeroing is a few bytes on the wire whatever its range.
 fn send_cost(msg: &Message) -> u64 {
@@ -47,18 +58,23 @@ fn send_cost(msg: &Message) -> u64 {
 }
 
 /// A write's registration in the activity log: its extents count the write in flight until
-/// this is dropped (the write done or failed, or its task cancelled).
+/// this is dropped (the write done or failed, or its task cancelled). A Primary shares it
+/// with the write's entry on every peer session ([`PendingWrite::al`]): an extent stays in the
+/// log until each peer has written the data or its loss handler has marked the range in the
+/// peer's bitmap, as DRBD keeps it until the peer's ack. Never dropped with the metadata
+/// lock held (releasing takes it).
 #[must_use]
-pub(crate) struct AlHold<'a> {
-    res: &'a Resource,
+pub(crate) struct AlHold {
+    meta: Arc<Mutex<MetaState>>,
+    freed: Arc<Notify>,
     extents: (u32, u32),
 }
 
-impl Drop for AlHold<'_> {
+impl Drop for AlHold {
     fn drop(&mut self) {
         let (first, last) = self.extents;
-        self.res.meta.lock().expect("meta").al.complete(first, last);
-        self.res.al_freed.notify_waiters();
+        self.meta.lock().expect("meta").al.complete(first, last);
+        self.freed.notify_waiters();
     }
 }
 
@@ -117,25 +133,28 @@ impl Resource {
     /// Registers a write in the activity log when every extent it touches is hot (no
     /// transaction needed, none being persisted) and the metadata is not busy; `None`
     /// otherwise: use [`Self::al_begin`].
-    pub(crate) fn al_begin_hot(&self, offset: u64, len: u64) -> Option<AlHold<'_>> {
+    pub(crate) fn al_begin_hot(&self, offset: u64, len: u64) -> Option<AlHold> {
         let (first, last) = self.extents(offset, len);
         let hot = self.meta.try_lock().ok()?.al_begin_hot(first, last);
-        hot.then(|| AlHold {
-            res: self,
+        hot.then(|| self.al_hold(first, last))
+    }
+
+    /// The registration of a write counted in flight in extents `first..=last`.
+    fn al_hold(&self, first: u32, last: u32) -> AlHold {
+        AlHold {
+            meta: self.meta.clone(),
+            freed: self.al_freed.clone(),
             extents: (first, last),
-        })
+        }
     }
 
     /// Registers a write in the activity log, persisting a transaction (and the bitmap pages of
     /// evicted extents) before it may start. Primaries register their clients' writes,
     /// Secondaries the writes their Primary replicates, so a node that crashed in either role
     /// marks those extents when it attaches again.
-    pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold<'_>, StoreError> {
+    pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold, StoreError> {
         let (first, last) = self.extents(offset, len);
-        let hold = || AlHold {
-            res: self,
-            extents: (first, last),
-        };
+        let hold = || self.al_hold(first, last);
         {
             // Fast path: every extent is hot and no transaction is being persisted (a write to
             // an extent whose transaction is not on disk yet must wait for it, below).
@@ -221,14 +240,15 @@ impl Resource {
         len: u64,
         make: impl Fn(u64, u64) -> Message,
     ) -> (u64, Vec<oneshot::Receiver<()>>, Vec<Arc<Conn>>) {
-        let (seq, waits, queued) = self.replicate_to(offset, len, make, false, &mut []);
+        let (seq, waits, queued) = self.replicate_to(offset, len, make, false, &mut [], None);
         (seq, waits.into_iter().map(|(_, w)| w).collect(), queued)
     }
 
     /// [`Resource::replicate`]; with `peer_written` every peer's ack is awaited until it has
     /// written the data, whatever the protocol (a Primary without a usable disk). The acks
     /// come with the index of their peer. A session with room reserved in `room` queues the
-    /// request in it.
+    /// request in it. Each session the request is queued on keeps a share of `al`, the
+    /// request's activity-log registration, until the peer has written it (see [`AlHold`]).
     fn replicate_to(
         &self,
         offset: u64,
@@ -236,6 +256,7 @@ impl Resource {
         make: impl Fn(u64, u64) -> Message,
         peer_written: bool,
         room: &mut [Reservation],
+        al: Option<&Arc<AlHold>>,
     ) -> Replicated {
         let mut waits = Vec::new();
         let mut untracked = Vec::new();
@@ -277,11 +298,12 @@ impl Resource {
                     ack,
                     waiter,
                     client_acked: false,
+                    al: al.cloned(),
                 };
                 let reserved = room.iter_mut().find(|r| r.is_for(&c));
                 if c.track(seq, write, &msg, reserved.is_some()) {
                     if let Some(r) = reserved {
-                        r.used();
+                        r.used(cost);
                     }
                     queued.push(c);
                 } else {
@@ -332,8 +354,15 @@ impl Resource {
         self.order.lock().expect("order").completed(seq);
     }
 
-    /// Runs one modifying request through the replicated path. `local` starts the local part;
-    /// where it goes is decided by [`disk_failure::write_plan`]: a Primary without a usable
+    /// Runs one modifying request through the replicated path. `make(seq, after, offset,
+    /// len)` builds the message of a part and `local(offset, len)` starts its local write:
+    /// a request is replicated and written in parts of at most half the activity log's slots
+    /// ([`Self::al_parts`]; one part unless the log is tiny or the request very wide, e.g. a
+    /// discard of the whole device), each registered in the activity log before it is queued
+    /// to the peers and written here, and kept there until every peer has written it (a
+    /// request wider than the log could never be registered whole, and a part sent ahead of
+    /// its registration could be on a peer and not in the log of a Primary that crashed).
+    /// Where it goes is decided by [`disk_failure::write_plan`]: a Primary without a usable
     /// disk only counts peers that wrote it, and a local I/O error is handled by `on-io-error`
     /// (`detach`: the request is retried through the peers).
     /// `cost`: the bytes the request takes in a peer's send buffer ([`send_cost`]).
@@ -342,8 +371,8 @@ impl Resource {
         offset: u64,
         len: u64,
         cost: u64,
-        make: impl Fn(u64, u64) -> Message,
-        local: impl Fn() -> F,
+        make: impl Fn(u64, u64, u64, u64) -> Message,
+        local: impl Fn(u64, u64) -> F,
     ) -> Result<(), StoreError>
     where
         F: std::future::Future<Output = Result<(), StoreError>>,
@@ -356,7 +385,7 @@ impl Resource {
         if len == 0 {
             return match disk_failure::local_data(self.disk()) {
                 disk_failure::LocalData::Absent => Ok(()),
-                _ => local().await,
+                _ => local(offset, 0).await,
             };
         }
         // Without a disk and without a peer to write to, fail before anything changes (no new
@@ -373,59 +402,101 @@ impl Resource {
                 self.detach_settled().await;
             }
             let range = self.ranges.lock(offset, len).await;
-            let extents = if plan.local {
-                Some(self.al_begin(offset, len).await?)
-            } else {
-                None
-            };
-            let (seq, waits, queued) =
-                self.replicate_to(offset, len, &make, plan.peer_written, &mut room);
+            // Per part: its sequence number, length, acks to wait for, sessions it was queued
+            // on. A part that fails ends the request (the parts after it are not sent).
+            let mut parts = Vec::new();
+            let mut failed = None;
+            for (at, n) in self.al_parts(offset, len) {
+                let al = if plan.local {
+                    match self.al_begin(at, n).await {
+                        Ok(hold) => Some(Arc::new(hold)),
+                        Err(e) => {
+                            failed = Some(PartFailure::ActivityLog(e));
+                            break;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let (seq, waits, queued) = self.replicate_to(
+                    at,
+                    n,
+                    |seq, after| make(seq, after, at, n),
+                    plan.peer_written,
+                    &mut room,
+                    al.as_ref(),
+                );
+                parts.push((seq, n, waits, queued));
+                if plan.local {
+                    // Snapshots taken on this node before it was promoted keep their frozen
+                    // image.
+                    let change = self
+                        .snapshots
+                        .set
+                        .change(&self.store.current(), at, n)
+                        .await;
+                    self.snapshots_invalidated(&change.invalidated);
+                    if let Err(e) = local(at, n).await {
+                        failed = Some(PartFailure::Local(e));
+                        break;
+                    }
+                }
+                // This task's share of the registration ends with the local write; the
+                // sessions keep theirs until their peer wrote the part.
+                drop(al);
+            }
             // Room not used (a session that closed meanwhile, a retry) is given back.
             room.clear();
-            let result = if plan.local {
-                // Snapshots taken on this node before it was promoted keep their frozen image.
-                let change = self
-                    .snapshots
-                    .set
-                    .change(&self.store.current(), offset, len)
-                    .await;
-                self.snapshots_invalidated(&change.invalidated);
-                local().await
-            } else {
-                Ok(())
-            };
-            let mut acks = Vec::with_capacity(waits.len());
-            for (i, w) in waits {
-                // An error means the link dropped: the range is in that peer's bitmap now.
-                acks.push((i, w.await.is_ok()));
+            let mut acks = Vec::with_capacity(parts.len());
+            for (_, _, waits, _) in &mut parts {
+                let mut part = Vec::with_capacity(waits.len());
+                for (i, w) in waits.drain(..) {
+                    // An error means the link dropped: the range is in that peer's bitmap now.
+                    part.push((i, w.await.is_ok()));
+                }
+                acks.push(part);
             }
             // Peers lost meanwhile may have taken quorum with them: the write is not
-            // acknowledged on a minority (suspended until quorum returns, or failed).
-            let quorum = self.quorum_gate(offset, len).await;
-            drop(extents);
-            self.completed(seq);
+            // acknowledged on a minority (suspended until quorum returns, or failed). Nothing
+            // to hold back when not even its first part was sent.
+            let quorum = if parts.is_empty() {
+                Ok(())
+            } else {
+                self.quorum_gate(offset, len).await
+            };
+            for &(seq, ..) in &parts {
+                self.completed(seq);
+            }
             drop(range);
             quorum?;
-            let result = match result {
-                Ok(()) if plan.peer_written => {
+            let result = match failed {
+                None if plan.peer_written => {
                     let views = self.peer_views();
-                    let written: Vec<(bool, bool)> = acks
-                        .iter()
-                        .map(|&(i, ok)| (views[i].serves_data(), ok))
-                        .collect();
-                    disk_failure::peer_write_outcome(&written)
+                    acks.iter()
+                        .try_for_each(|part| {
+                            let written: Vec<(bool, bool)> = part
+                                .iter()
+                                .map(|&(i, ok)| (views[i].serves_data(), ok))
+                                .collect();
+                            disk_failure::peer_write_outcome(&written)
+                        })
                         .map_err(|e| crate::repl::local_disk::no_data_path_write(offset, len, e))
                 }
-                Ok(()) => Ok(()),
-                Err(e) => match self.local_failure(&e, true, offset, len).await {
-                    disk_failure::OnError::Detach => continue,
-                    _ => Err(e),
-                },
+                None => Ok(()),
+                Some(PartFailure::ActivityLog(e)) => Err(e),
+                Some(PartFailure::Local(e)) => {
+                    match self.local_failure(&e, true, offset, len).await {
+                        disk_failure::OnError::Detach => continue,
+                        _ => Err(e),
+                    }
+                }
             };
             if result.is_ok() {
                 // Acknowledged to the client now: counts until each peer confirms it as written.
-                for c in &queued {
-                    c.client_acked(seq, len);
+                for (seq, n, _, queued) in &parts {
+                    for c in queued {
+                        c.client_acked(*seq, *n);
+                    }
                 }
             }
             return result;
@@ -441,14 +512,17 @@ impl Resource {
             offset,
             len,
             len,
-            |seq, after| Message::Data {
+            |seq, after, at, n| Message::Data {
                 seq,
                 after,
-                offset,
+                offset: at,
                 flags,
-                payload: payload.clone(),
+                payload: payload.slice((at - offset) as usize..(at - offset + n) as usize),
             },
-            || self.store.write(offset, data.clone(), fua),
+            |at, n| {
+                let part = data.slice((at - offset) as usize..(at - offset + n) as usize);
+                self.store.write(at, part, fua)
+            },
         )
         .await
     }
@@ -555,15 +629,15 @@ impl Resource {
             offset,
             len,
             0,
-            |seq, after| Message::Zero {
+            |seq, after, at, n| Message::Zero {
                 seq,
                 after,
-                offset,
-                len,
+                offset: at,
+                len: n,
                 trim: true,
                 fua: false,
             },
-            || self.store.trim(offset, len),
+            |at, n| self.store.trim(at, n),
         )
         .await
     }
@@ -579,15 +653,15 @@ impl Resource {
             offset,
             len,
             0,
-            |seq, after| Message::Zero {
+            |seq, after, at, n| Message::Zero {
                 seq,
                 after,
-                offset,
-                len,
+                offset: at,
+                len: n,
                 trim: may_punch,
                 fua,
             },
-            || self.store.write_zeroes(offset, len, may_punch, fua),
+            |at, n| self.store.write_zeroes(at, n, may_punch, fua),
         )
         .await
     }
@@ -607,11 +681,9 @@ impl Resource {
         // fast way found unsupported only now (its first EOPNOTSUPP) is replaced by writing
         // zeroes. The client then waited longer than it asked, but every replica holds zeroes
         // (a `NotFast` here would leave the peers zeroed and this disk not).
-        let local = || async move {
-            match self.store.fast_zero(offset, len, may_punch).await {
-                Err(StoreError::NotFast) => {
-                    self.store.write_zeroes(offset, len, may_punch, false).await
-                }
+        let local = |at, n| async move {
+            match self.store.fast_zero(at, n, may_punch).await {
+                Err(StoreError::NotFast) => self.store.write_zeroes(at, n, may_punch, false).await,
                 done => done,
             }
         };
@@ -619,11 +691,11 @@ impl Resource {
             offset,
             len,
             0,
-            |seq, after| Message::Zero {
+            |seq, after, at, n| Message::Zero {
                 seq,
                 after,
-                offset,
-                len,
+                offset: at,
+                len: n,
                 trim: may_punch,
                 fua: false,
             },

@@ -24,6 +24,7 @@ use crate::repl::apply_order::{ApplyOrder, Ordered};
 use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
 use crate::repl::congestion::{Admission, Change, SendBuffer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
+use crate::repl::device::AlHold;
 use crate::repl::handshake::{Command, DisconnectReason, handshake};
 use crate::repl::link::Link;
 use crate::repl::lost_writes::{Hearing, KnownLoss, Ledger, Tally};
@@ -71,6 +72,12 @@ pub struct PendingWrite {
     pub waiter: Option<oneshot::Sender<()>>,
     /// Acknowledged to the NBD client already (counts in the ledger's `unconfirmed`).
     pub client_acked: bool,
+    /// The write's activity-log registration on the Primary: its extents stay in the log
+    /// until the peer's `WriteAck` (whatever the protocol: under A the client was answered
+    /// while the data may still wait in the outbox) or until the session's loss handler has
+    /// marked the range in the peer's bitmap ([`Conn::close`]). Dropped outside the pending
+    /// lock (releasing it takes the metadata lock).
+    pub(crate) al: Option<Arc<AlHold>>,
 }
 
 #[derive(Default)]
@@ -92,36 +99,36 @@ struct Pending {
 /// Reports a change of a session's congestion (an event).
 type OnCongestion = Box<dyn Fn(Change) + Send + Sync>;
 
-/// Room reserved for one write in a session's send buffer ([`Conn::reserve`]); given back
-/// when dropped unless the write was queued on that session.
+/// Room reserved for one write in a session's send buffer ([`Conn::reserve`]); what its
+/// parts did not use on that session is given back when dropped.
 pub(crate) struct Reservation {
     conn: Arc<Conn>,
-    cost: u64,
-    queued: bool,
+    /// Bytes reserved and not queued yet.
+    left: u64,
 }
 
 impl Reservation {
-    /// Whether this reserves room on session `c` for a write not queued yet.
+    /// Whether this reserves room on session `c` for a write (part) not queued yet.
     pub(crate) fn is_for(&self, c: &Arc<Conn>) -> bool {
-        !self.queued && Arc::ptr_eq(&self.conn, c)
+        self.left > 0 && Arc::ptr_eq(&self.conn, c)
     }
 
-    /// The write was queued with this room.
-    pub(crate) fn used(&mut self) {
-        self.queued = true;
+    /// A part of the write taking `cost` bytes was queued with this room.
+    pub(crate) fn used(&mut self, cost: u64) {
+        self.left = self.left.saturating_sub(cost);
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if !self.queued {
+        if self.left > 0 {
             let change = self
                 .conn
                 .pending
                 .lock()
                 .expect("pending")
                 .buffer
-                .unreserve(self.cost);
+                .unreserve(self.left);
             self.conn.room_changed(change);
         }
     }
@@ -273,8 +280,7 @@ impl Conn {
                     }
                     return Some(Reservation {
                         conn: self.clone(),
-                        cost,
-                        queued: false,
+                        left: cost,
                     });
                 }
                 Some(false) => room.await,
@@ -392,6 +398,8 @@ impl Conn {
     fn ack(&self, seq: u64, count: u32, kind: PeerAck) {
         let mut p = self.pending.lock().expect("pending");
         let mut freed = 0;
+        // Their activity-log registrations are released after the pending lock.
+        let mut written = Vec::new();
         for s in seq..seq.saturating_add(u64::from(count)) {
             match kind {
                 PeerAck::Received => {
@@ -410,13 +418,15 @@ impl Conn {
                         if let Some(tx) = w.waiter.take() {
                             let _ = tx.send(());
                         }
+                        written.push(w);
                     }
                 }
             }
         }
-        if freed > 0 {
-            let change = p.buffer.acked(freed);
-            drop(p);
+        let change = (freed > 0).then(|| p.buffer.acked(freed));
+        drop(p);
+        drop(written);
+        if let Some(change) = change {
             self.room_changed(change);
         }
     }
@@ -427,22 +437,24 @@ impl Conn {
         }
     }
 
-    /// Closes the session for the write path; returns the unacknowledged ranges.
-    pub(crate) fn close(&self) -> Vec<(u64, u64)> {
+    /// Closes the session for the write path; returns the unacknowledged ranges and their
+    /// activity-log registrations, to be dropped only once the ranges are marked in the
+    /// peer's bitmap (until then a crash must still find their extents in the log).
+    pub(crate) fn close(&self) -> (Vec<(u64, u64)>, Vec<Arc<AlHold>>) {
         let mut p = self.pending.lock().expect("pending");
         p.closed = true;
         p.flushes.clear();
         let _ = self.closed.send(true);
         p.bytes = 0;
         let congested = p.buffer.congested();
-        let ranges = std::mem::take(&mut p.writes)
+        let (ranges, holds): (Vec<_>, Vec<_>) = std::mem::take(&mut p.writes)
             .into_values()
-            .map(|w| (w.offset, w.len))
-            .collect();
+            .map(|w| ((w.offset, w.len), w.al))
+            .unzip();
         drop(p);
         // Writes waiting for room go on (to the bitmap).
         self.room_changed(congested.then_some(Change::Uncongested));
-        ranges
+        (ranges, holds.into_iter().flatten().collect())
     }
 }
 
@@ -670,7 +682,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         *res.peers[i].conn.lock().expect("conn") = None;
     }
     res.peer_leaving(i);
-    let lost = conn.close();
+    let (lost, lost_al) = conn.close();
     let slot = res.peers[i].slot;
     let primary = res.role() == Role::Primary;
     {
@@ -679,6 +691,8 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
             res.mark_out_of_sync(&mut m, slot, *o, *l);
         }
     }
+    // Marked: an eviction of their extents now writes the bits to disk first.
+    drop(lost_al);
     if primary {
         // The new generation starts with the next write (see `repl::io_gate`).
         res.peer_lost_while_primary();
@@ -1833,6 +1847,7 @@ mod tests {
             ack,
             waiter: None,
             client_acked: false,
+            al: None,
         }
     }
 
@@ -1924,7 +1939,7 @@ mod tests {
         let mut r = c.reserve(768 << 10).await.expect("room");
         assert!(r.is_for(&c));
         assert!(c.track(1, write(768 << 10), &msg, true));
-        r.used();
+        r.used(768 << 10);
         drop(r);
         assert_eq!(c.send_buffer(), (768 << 10, false, 0));
         // 512 KiB does not fit: it waits; a waiter dropped meanwhile gives its place back.
@@ -1959,7 +1974,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
-        assert_eq!(c.close(), vec![(0, 4096)]);
+        assert_eq!(c.close().0, vec![(0, 4096)]);
         assert!(
             tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await

@@ -459,7 +459,7 @@ pub struct Resource {
     /// Serialises activity-log transactions (a write to an extent whose transaction is being
     /// persisted must wait for it).
     pub(crate) al_gate: Arc<tokio::sync::Mutex<()>>,
-    pub(crate) al_freed: Notify,
+    pub(crate) al_freed: Arc<Notify>,
     /// Bytes per activity-log extent (fixed by the metadata).
     pub(crate) al_extent_size: u32,
     /// Held shared by every request of the Primary; demotion takes it exclusively.
@@ -686,7 +686,7 @@ impl Resource {
             order: Mutex::new(Order::default()),
             ranges: Ranges::default(),
             al_gate: Arc::new(tokio::sync::Mutex::new(())),
-            al_freed: Notify::new(),
+            al_freed: Arc::new(Notify::new()),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
             events: broadcast::channel(1024).0,

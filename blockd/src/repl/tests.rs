@@ -40,9 +40,15 @@ async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::Te
         .iter()
         .map(|s| s.to_string())
         .collect();
+    // 64 activity-log extents unless `extra` sets them.
+    let al = if extra.contains("al-extents") {
+        ""
+    } else {
+        "al-extents = 64\n"
+    };
     let mut text = format!(
         "[global]\nprotocol = \"{protocol}\"\nsecret-file = \"secret\"\nresync-rate = \"1G\"\n\
-         al-extents = 64\n{extra}[global.tls]\nca = \"ca.pem\"\ncert = \"{{node}}.pem\"\nkey = \"{{node}}.key\"\n"
+         {al}{extra}[global.tls]\nca = \"ca.pem\"\ncert = \"{{node}}.pem\"\nkey = \"{{node}}.key\"\n"
     );
     let mut listeners = Vec::new();
     for (id, n) in names.iter().enumerate() {
@@ -391,6 +397,108 @@ async fn activity_log_registrations_are_given_back_when_cancelled() {
     // A range wider than the log is applied in parts of half its slots, ending on extents.
     assert_eq!(r.al_part_len(0), 32 * es);
     assert_eq!(r.al_part_len(es + 4096), 32 * es - 4096);
+}
+
+/// Under protocol A a write's activity-log extent stays registered on the Primary until the
+/// peer has written it (`WriteAck`) or the session's loss handler has marked it in the peer's
+/// bitmap: the client is answered while the data may still wait in the outbox, and an extent
+/// evicted then would be missing from the log a crashed Primary replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extent_stays_in_the_activity_log_until_the_peer_wrote_it() {
+    let mut c = cluster(2, "A").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    let es = 4u64 << 20;
+    let inflight = |e: u32| a.meta.lock().unwrap().al.inflight(e);
+    // The peer cannot register the cold extent in its own log: it does not write or ack.
+    let gate = b.al_gate.clone().lock_owned().await;
+    a.write(5 * es, pattern(1, 4096), false).await.unwrap();
+    assert_eq!(a.status().peers[0].in_flight, 1, "not acknowledged yet");
+    assert_eq!(
+        inflight(5),
+        1,
+        "held for the peer after the client's answer"
+    );
+    drop(gate);
+    wait_for("the peer's ack to release the extent", || inflight(5) == 0).await;
+    // Lost before it acked: released once the range is marked for the peer.
+    let gate = b.al_gate.clone().lock_owned().await;
+    a.write(6 * es, pattern(2, 4096), false).await.unwrap();
+    assert_eq!(inflight(6), 1);
+    a.disconnect(Some("beta")).unwrap();
+    wait_for("disconnect", || {
+        a.status().peers[0].connection == "standalone"
+    })
+    .await;
+    assert_eq!(inflight(6), 0, "released by the loss handler");
+    assert!(
+        a.status().peers[0].out_of_sync_bytes >= 4096,
+        "marked first"
+    );
+    drop(gate);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A request wider than the activity log (here 7 extents of 4 MiB) is registered, replicated
+/// and written in parts of half the log's slots; each part stays registered until the peer
+/// wrote it, so a later part waits for the peer's acks of the earlier ones (protocol A: the
+/// acks of queued data release the extents, nothing deadlocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_wider_than_the_activity_log_is_written_in_parts() {
+    let mut c = cluster_with(2, "A", "al-extents = 7\n").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    let es = 4u64 << 20;
+    assert_eq!(a.al_part_len(0), 3 * es);
+    let held = |r: &Resource| {
+        (0..16u32)
+            .filter(|&e| r.meta.lock().unwrap().al.inflight(e) > 0)
+            .collect::<Vec<_>>()
+    };
+    // 8 extents: parts of 3, 3 and 2. With the peer held back, the first two parts are in
+    // the log for it and the third waits for room.
+    let gate = b.al_gate.clone().lock_owned().await;
+    let write = {
+        let a = a.clone();
+        tokio::spawn(async move { a.write(es, pattern(3, 8 * es as usize), false).await })
+    };
+    wait_for("two parts queued", || a.status().peers[0].in_flight == 2).await;
+    assert_eq!(held(&a), [1, 2, 3, 4, 5, 6]);
+    assert!(!write.is_finished());
+    drop(gate);
+    tokio::time::timeout(Duration::from_secs(30), write)
+        .await
+        .expect("the peer's acks make room")
+        .unwrap()
+        .unwrap();
+    // Zeroing the whole device, discarding half of it.
+    let size = a.size();
+    a.write_zeroes(0, size, false, false).await.unwrap();
+    a.write(9 * es - 4096, pattern(4, 2 * es as usize), true)
+        .await
+        .unwrap();
+    a.trim(0, 8 * es).await.unwrap();
+    a.flush().await.unwrap();
+    settle(&a).await;
+    assert!(held(&a).is_empty());
+    b.store().flush().await.unwrap();
+    let (da, db) = (data_of(&c.image(0), size), data_of(&c.image(1), size));
+    assert!(da[..8 * es as usize].iter().all(|&x| x == 0));
+    assert!(da[9 * es as usize..].iter().any(|&x| x != 0));
+    assert!(da == db, "the replicas are the same");
+    a.shutdown().await;
+    b.shutdown().await;
 }
 
 /// A replicated request past the end of the device (a malformed or hostile peer) is refused
