@@ -8,6 +8,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::control_line::{MAX_CONTROL_LINE, read_control_line};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 
@@ -28,6 +29,8 @@ pub enum ServeError {
     },
     #[error("control request failed")]
     ControlIo(#[source] std::io::Error),
+    #[error("bad control request")]
+    ControlLine(#[source] common::control_line::ControlLineError),
     #[error("malformed control message")]
     ControlJson(#[source] serde_json::Error),
 }
@@ -138,11 +141,10 @@ async fn accept_control(control: &Option<UnixListener>) -> std::io::Result<UnixS
 
 async fn handle_control(node: &Node, stream: UnixStream) -> Result<(), ServeError> {
     let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(r)
-        .read_line(&mut line)
+    let line = read_control_line(&mut BufReader::new(r), MAX_CONTROL_LINE)
         .await
-        .map_err(ServeError::ControlIo)?;
+        .map_err(ServeError::ControlLine)?
+        .unwrap_or_default();
     let cmd: Command = serde_json::from_str(&line).map_err(ServeError::ControlJson)?;
     let out = commands::run(node, &cmd).await;
     let mut reply = serde_json::to_vec(&out).map_err(ServeError::ControlJson)?;

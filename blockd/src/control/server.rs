@@ -3,7 +3,8 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use common::control_line::{ControlLineError, MAX_CONTROL_LINE, read_control_line};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::proto::{ErrorCode, Request, Response, VERSION};
@@ -73,10 +74,36 @@ fn failure(e: ResourceError) -> Response {
     Response::error(code, error_chain(&e))
 }
 
+/// The commands serialised per resource (see `client`).
+const ADMIN_COMMANDS: &[&str] = &[
+    "promote",
+    "demote",
+    "connect",
+    "disconnect",
+    "attach",
+    "detach",
+    "invalidate",
+    "invalidate-remote",
+];
+
 async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::Result<()> {
     let (r, mut w) = s.into_split();
-    let mut lines = BufReader::new(r).lines();
-    while let Some(line) = lines.next_line().await? {
+    let mut reader = BufReader::new(r);
+    loop {
+        let line = match read_control_line(&mut reader, MAX_CONTROL_LINE).await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(ControlLineError::Read(e)) => return Err(e),
+            Err(e) => {
+                // The rest of the stream cannot be framed: answer and close.
+                send(
+                    &mut w,
+                    &Response::error(ErrorCode::BadRequest, e.to_string()),
+                )
+                .await?;
+                return Ok(());
+            }
+        };
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => {
@@ -117,6 +144,14 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
                     "this command needs a resource name",
                 )),
             }
+        };
+        // Commands that change a resource's role or disk run one at a time per resource: each
+        // checks the state, then acts (a flush, a wait), and another one in between would act
+        // on a state the first one is changing (a promote during a detach's flush: a Diskless
+        // Primary).
+        let _admin = match (ADMIN_COMMANDS.contains(&req.cmd.as_str()), one()) {
+            (true, Ok(r)) => Some(r.admin.lock().await),
+            _ => None,
         };
         let resp = match req.cmd.as_str() {
             "status" => Response {

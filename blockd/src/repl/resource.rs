@@ -446,6 +446,8 @@ impl ResourceSpec {
 pub struct Resource {
     /// Held for the resource's life: no other process attaches to or recreates its metadata.
     _meta_lock: MetaLock,
+    /// Serialises the admin commands that change the role or the disk (`control::server`).
+    pub(crate) admin: tokio::sync::Mutex<()>,
     pub(crate) spec: ResourceSpec,
     /// The backing store (replaced by `blockctl attach`, see `repl::local_disk`).
     pub(crate) store: crate::repl::local_disk::LocalStore,
@@ -673,6 +675,7 @@ impl Resource {
         );
         Ok(Arc::new(Resource {
             _meta_lock: meta_lock,
+            admin: tokio::sync::Mutex::new(()),
             store: crate::repl::local_disk::LocalStore::new(store),
             disk_rt: crate::repl::local_disk::DiskRuntime::at_start(failed),
             meta: Arc::new(Mutex::new(meta)),

@@ -873,3 +873,56 @@ async fn promote_check_waits_for_received_writes_to_be_applied() {
         .unwrap();
     assert!(answer.is_ok(), "{answer:?}");
 }
+
+/// The control socket: a request line without an end is refused at 1 MiB (not read without
+/// bound), and commands that change the role or the disk wait for one another per resource.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_requests_are_bounded_and_admin_commands_serialised() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut c = cluster(2, "C").await;
+    let r = c.start(0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::control::server::serve(
+        listener,
+        vec![r.clone()],
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let ask = |line: String| {
+        let path = path.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let (rd, mut wr) = s.into_split();
+            let _ = wr.write_all(line.as_bytes()).await;
+            let mut reply = String::new();
+            BufReader::new(rd).read_line(&mut reply).await.unwrap();
+            reply
+        }
+    };
+    let long = "x".repeat(2 << 20);
+    let reply = tokio::time::timeout(Duration::from_secs(10), ask(long))
+        .await
+        .expect("no answer to an endless line");
+    assert!(reply.contains("longer than"), "{reply}");
+    let admin = r.admin.lock().await;
+    let demote = tokio::spawn(ask(
+        "{\"v\":1,\"cmd\":\"demote\",\"resource\":\"r0\"}\n".to_string()
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!demote.is_finished(), "ran beside another admin command");
+    // Status is not an admin command: answered meanwhile.
+    let status = ask("{\"v\":1,\"cmd\":\"status\"}\n".to_string()).await;
+    assert!(status.contains("\"ok\":true"), "{status}");
+    drop(admin);
+    let reply = tokio::time::timeout(Duration::from_secs(10), demote)
+        .await
+        .expect("demote never ran")
+        .unwrap();
+    assert!(reply.contains("\"ok\""), "{reply}");
+    let _ = stop.send(());
+    let _ = server.await;
+}
