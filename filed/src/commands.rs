@@ -123,17 +123,17 @@ fn dirty_peers(node: &Node, g: &Group) -> Vec<String> {
     }
 }
 
-fn scan_one(node: &Node, g: &Group, opts: ScanOptions) -> Result<ScanReport, String> {
+/// Scans group `g` on a blocking thread: a scan of a large tree (or of a slow mount) must not
+/// hold a runtime worker, which would stall the daemon's sessions and watcher meanwhile.
+async fn scan_one(node: &Node, g: &Group, opts: ScanOptions) -> Result<ScanReport, String> {
     let t0 = std::time::Instant::now();
-    let r = scan_group(
-        node.store.as_ref(),
-        &node.me,
-        g,
-        &dirty_peers(node, g),
-        None,
-        opts,
-    )
-    .map_err(|e| error_chain(&e));
+    let (store, me, group) = (node.store.clone(), node.me.clone(), g.clone());
+    let peers = dirty_peers(node, g);
+    let r = tokio::task::spawn_blocking(move || {
+        scan_group(store.as_ref(), &me, &group, &peers, None, opts).map_err(|e| error_chain(&e))
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("scan task failed: {e}")));
     let ms = t0.elapsed().as_secs_f64() * 1e3;
     tracing::debug!(group = %g.name, ms = format!("{ms:.1}"), "scan");
     r
@@ -170,7 +170,7 @@ async fn check(node: &Node, group: Option<&str>, opts: ScanOptions) -> Outcome {
     for g in gs {
         let lock = node.group_lock(&g.name);
         let _guard = lock.lock().await;
-        match scan_one(node, g, opts) {
+        match scan_one(node, g, opts).await {
             Ok(r) => {
                 print_scan(&mut out, g, &r);
                 let _ = writeln!(
@@ -288,7 +288,7 @@ pub async fn sync(node: &Node, group: Option<&str>, only_peers: &[String]) -> Ou
         {
             let lock = node.group_lock(&g.name);
             let _guard = lock.lock().await;
-            match scan_one(node, g, ScanOptions::default()) {
+            match scan_one(node, g, ScanOptions::default()).await {
                 Ok(r) => print_scan(&mut out, g, &r),
                 Err(e) => return Outcome::error(out, format!("{}: {e}", g.name)),
             }
@@ -385,7 +385,7 @@ async fn compare(node: &Node, group: Option<&str>, only_peer: Option<&str>) -> O
         {
             let lock = node.group_lock(&g.name);
             let _guard = lock.lock().await;
-            if let Err(e) = scan_one(node, g, ScanOptions::default()) {
+            if let Err(e) = scan_one(node, g, ScanOptions::default()).await {
                 return Outcome::error(out, e);
             }
         }
