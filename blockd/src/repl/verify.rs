@@ -337,12 +337,16 @@ impl Resource {
     /// data and resync it from here.
     pub fn invalidate_remote(&self, peer: Option<&str>) -> Result<(), ResourceError> {
         let which = self.peers_named(peer)?;
-        if !self.state.lock().expect("state").disk.is_consistent() {
-            return Err(ResourceError::Refused(
-                "this node's data is not consistent: it cannot be a resync source".into(),
-            ));
+        // The peers resync from this node: only the newest data will do (an Outdated disk is
+        // consistent, but older than the Primary's).
+        let disk = self.state.lock().expect("state").disk;
+        if disk != DiskState::UpToDate {
+            return Err(ResourceError::Refused(format!(
+                "this node's disk is {disk}, not up-to-date: it cannot be the resync source"
+            )));
         }
-        let mut asked = 0;
+        // Every named peer is checked before any is asked: all or none.
+        let mut targets = Vec::new();
         for i in which {
             let ps = self.state.lock().expect("state").peers[i].clone();
             let name = &self.peers[i].node.name;
@@ -353,15 +357,17 @@ impl Resource {
             }
             let conn = self.peers[i].conn.lock().expect("conn").clone();
             match conn {
-                Some(c) if ps.conn == ConnState::Connected => {
-                    c.send(Message::Invalidate);
-                    self.emit(Some(i), "invalidated", "remote");
-                    asked += 1;
-                }
+                Some(c) if ps.conn == ConnState::Connected => targets.push((i, c)),
                 _ => {
                     return Err(ResourceError::Refused(format!("{name} is not connected")));
                 }
             }
+        }
+        let mut asked = 0;
+        for (i, c) in targets {
+            c.send(Message::Invalidate);
+            self.emit(Some(i), "invalidated", "remote");
+            asked += 1;
         }
         if asked == 0 {
             return Err(ResourceError::Refused("no peer to invalidate".into()));
