@@ -63,6 +63,31 @@ pub enum OnDamagedPage {
     MarkDirty,
 }
 
+/// The steps of [`MetaFile::create`], in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum CreateStep {
+    /// Zero both superblock copies already there, then sync.
+    InvalidateOld,
+    /// Zero the activity-log ring.
+    ClearLog,
+    /// Write clean pages into every bitmap slot.
+    ClearBitmaps,
+    /// Write the new superblock into copy 0 (with a sync).
+    FirstSuperblock,
+    /// Write it into copy 1 (with a sync).
+    SecondSuperblock,
+}
+
+impl CreateStep {
+    const ALL: [CreateStep; 5] = [
+        CreateStep::InvalidateOld,
+        CreateStep::ClearLog,
+        CreateStep::ClearBitmaps,
+        CreateStep::FirstSuperblock,
+        CreateStep::SecondSuperblock,
+    ];
+}
+
 /// An open metadata area.
 #[derive(Debug)]
 pub struct MetaFile {
@@ -136,8 +161,19 @@ fn read_superblocks(file: &File, path: &Path, end: u64) -> [Result<Superblock, M
 impl MetaFile {
     /// Initialises metadata (`blockctl create-md`): empty activity log, clean bitmaps, a
     /// just-created superblock in both copies. Refuses when blockd metadata (valid or damaged)
-    /// is already there, unless `force`.
+    /// is already there, unless `force`. A crash part-way leaves either no metadata or the
+    /// new one (see [`CreateStep::InvalidateOld`]), never the old superblock over the cleared
+    /// bitmaps.
     pub fn create(loc: &MetaLocation, opts: &CreateOptions) -> Result<MetaFile, MetaError> {
+        Self::create_until(loc, opts, CreateStep::SecondSuperblock)
+    }
+
+    /// [`Self::create`] stopped after step `last` (tests simulate a crash with it).
+    fn create_until(
+        loc: &MetaLocation,
+        opts: &CreateOptions,
+        last: CreateStep,
+    ) -> Result<MetaFile, MetaError> {
         let path = loc.path().to_path_buf();
         let (file, geometry, area) = match loc {
             MetaLocation::Internal(_) => {
@@ -211,18 +247,49 @@ impl MetaFile {
             sb: sb.clone(),
             copy: 1,
         };
-        let zero = [0u8; RECORD_SIZE as usize];
-        for slot in 0..geometry.al_slots {
-            meta.write_at(geometry.al_offset(slot), &zero)?;
+        for step in CreateStep::ALL {
+            if step > last {
+                break;
+            }
+            meta.create_step(step, &sb)?;
         }
-        let clean = Bitmap::new(geometry.data_size, geometry.bitmap_block_size);
-        for slot in 0..geometry.peer_slots {
-            meta.write_bitmap_pages(slot, &clean, 0..clean.pages())?;
-        }
-        // Both copies, so a fresh area opens without warnings.
-        meta.write_superblock(&sb)?;
-        meta.write_superblock(&sb)?;
         Ok(meta)
+    }
+
+    /// Runs one step of [`Self::create`] on the area `self` describes.
+    fn create_step(&mut self, step: CreateStep, sb: &Superblock) -> Result<(), MetaError> {
+        let geometry = sb.geometry;
+        let zero = [0u8; RECORD_SIZE as usize];
+        match step {
+            CreateStep::InvalidateOld => {
+                // The superblocks sit at the same place whatever the geometry, so these are the
+                // copies a forced create replaces. They usually have a higher seq than the new
+                // ones, and with the same geometry their page tags match the cleared bitmaps:
+                // left valid, a crash before both new copies are durable would reopen the old
+                // generations and flags over all-clear bitmaps. Zeroed and synced first, a
+                // crash leaves no metadata at all (create-md again) instead.
+                for copy in [0u8, 1] {
+                    self.write_at(sb.md_size - Geometry::superblock_from_end(copy), &zero)?;
+                }
+                self.sync()
+            }
+            CreateStep::ClearLog => {
+                for slot in 0..geometry.al_slots {
+                    self.write_at(geometry.al_offset(slot), &zero)?;
+                }
+                Ok(())
+            }
+            CreateStep::ClearBitmaps => {
+                let clean = Bitmap::new(geometry.data_size, geometry.bitmap_block_size);
+                for slot in 0..geometry.peer_slots {
+                    self.write_bitmap_pages(slot, &clean, 0..clean.pages())?;
+                }
+                Ok(())
+            }
+            // Both copies, so a fresh area opens without warnings; the first one's sync makes
+            // the cleared log and bitmaps durable before any superblock vouches for them.
+            CreateStep::FirstSuperblock | CreateStep::SecondSuperblock => self.write_superblock(sb),
+        }
     }
 
     /// Opens existing metadata; `expected_node` refuses metadata of another node id. For
@@ -515,6 +582,53 @@ mod tests {
             meta.write_superblock(&other),
             Err(MetaError::Invalid { .. })
         ));
+    }
+
+    #[test]
+    fn forced_create_interrupted_never_reopens_the_old_superblock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = backing(dir.path(), 64 << 20);
+        let loc = MetaLocation::Internal(path.clone());
+        let mut meta = MetaFile::create(&loc, &opts()).unwrap();
+        // An attached node with history and out-of-sync blocks, updated often (high seq).
+        let mut sb = meta.superblock().clone();
+        sb.flags |= flags::CONSISTENT | flags::ATTACHED;
+        sb.generations.new_current(0xABC0, true, &[0]);
+        for _ in 0..5 {
+            meta.write_superblock(&sb).unwrap();
+        }
+        let (mut bm, _) = meta.read_bitmap(0, OnDamagedPage::Refuse).unwrap();
+        bm.set_range(1 << 20, 1 << 20);
+        meta.write_bitmap_pages(0, &bm, 0..bm.pages()).unwrap();
+        meta.sync().unwrap();
+        drop(meta);
+        let old = std::fs::read(&path).unwrap();
+        let force = CreateOptions {
+            force: true,
+            ..opts()
+        };
+        for step in CreateStep::ALL {
+            std::fs::write(&path, &old).unwrap();
+            // The crash: nothing after `step` reaches the disk.
+            drop(MetaFile::create_until(&loc, &force, step).unwrap());
+            match MetaFile::open(&loc, None) {
+                // No metadata left: create-md again.
+                Err(MetaError::BadMagic { .. }) => assert!(step < CreateStep::FirstSuperblock),
+                Ok(Opened { meta, .. }) => {
+                    // Either the old node, bits intact, or the new one with clean bitmaps:
+                    // never the old generations and flags over cleared bitmaps.
+                    let sb = meta.superblock();
+                    let (now, _) = meta.read_bitmap(0, OnDamagedPage::Refuse).unwrap();
+                    if sb.generations.current == Uuid::JUST_CREATED {
+                        assert_eq!(sb.flags, 0, "after {step:?}");
+                        assert_eq!(now.count_bits(), 0, "after {step:?}");
+                    } else {
+                        assert_eq!(now, bm, "old superblock over new bitmaps after {step:?}");
+                    }
+                }
+                Err(e) => panic!("after {step:?}: {e}"),
+            }
+        }
     }
 
     #[test]
