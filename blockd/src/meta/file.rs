@@ -711,6 +711,20 @@ mod tests {
             MetaFile::create(&loc, &opts()),
             Err(MetaError::Invalid { .. })
         ));
+        // More extents than u32 extent numbers can name: refused before anything is written.
+        let too_many = CreateOptions {
+            data_size: Some(16 << 40),
+            al_extent_size: 4096,
+            ..opts()
+        };
+        assert!(matches!(
+            MetaFile::create(&loc, &too_many),
+            Err(MetaError::Invalid {
+                field: "activity-log extent count",
+                ..
+            })
+        ));
+        assert!(!loc.path().exists());
         let data_size = 3 << 30;
         let meta = MetaFile::create(
             &loc,

@@ -87,7 +87,26 @@ impl Geometry {
         if self.data_size == 0 {
             return bad("data size", "is zero".into());
         }
+        // Extent numbers are u32 with u32::MAX meaning "empty slot" in the log; more extents
+        // would wrap (aliasing far-apart extents, colliding with the empty marker).
+        let extents = self.al_extent_count();
+        if extents >= u64::from(u32::MAX) {
+            return bad(
+                "activity-log extent count",
+                format!(
+                    "{} data bytes in {es}-byte extents are {extents} extents; at most {} fit \
+                     (use a larger al-extent-size)",
+                    self.data_size,
+                    u32::MAX - 1
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// Activity-log extents covering the data.
+    pub fn al_extent_count(&self) -> u64 {
+        self.data_size.div_ceil(u64::from(self.al_extent_size))
     }
 
     /// Bits in one peer's bitmap.
@@ -223,9 +242,45 @@ mod tests {
     }
 
     #[test]
+    fn extent_numbers_fit_below_the_empty_marker() {
+        let max = Geometry {
+            data_size: (u64::from(u32::MAX) - 1) * 4096,
+            al_extent_size: 4096,
+            ..geometry(0)
+        };
+        max.validate().unwrap();
+        assert_eq!(max.al_extent_count(), u64::from(u32::MAX) - 1);
+        // One byte more starts extent u32::MAX - 1 + 1, the empty marker.
+        let over = Geometry {
+            data_size: max.data_size + 1,
+            ..max
+        };
+        let err = over.validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                MetaError::Invalid {
+                    field: "activity-log extent count",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("larger al-extent-size"), "{err}");
+        // The same size in the default 4 MiB extents is fine.
+        Geometry {
+            al_extent_size: 4 << 20,
+            ..over
+        }
+        .validate()
+        .unwrap();
+        assert!(internal_geometry(over.data_size + (1 << 30), 4096, 1, 4096, 1237).is_err());
+    }
+
+    #[test]
     fn validation() {
         let ok = geometry(1 << 20);
-        let cases: [(Geometry, &str); 7] = [
+        let cases: [(Geometry, &str); 8] = [
             (
                 Geometry {
                     bitmap_block_size: 3000,
@@ -263,6 +318,14 @@ mod tests {
             ),
             (Geometry { al_slots: 1, ..ok }, "activity-log slots"),
             (Geometry { data_size: 0, ..ok }, "data size"),
+            (
+                Geometry {
+                    data_size: 16 << 40,
+                    al_extent_size: 4096,
+                    ..ok
+                },
+                "activity-log extent count",
+            ),
         ];
         for (g, field) in cases {
             match g.validate() {

@@ -345,6 +345,14 @@ mod tests {
             "bitmap slot"
         );
         assert_eq!(field(resealed(&|r| r[at + 10] = 0x40)), "peer flags");
+        // Metadata of a device with more extents than u32 extent numbers can name.
+        assert_eq!(
+            field(resealed(&|r| {
+                put64(r, 24, 16 << 40);
+                put32(r, 56, 4096);
+            })),
+            "activity-log extent count"
+        );
         assert!(matches!(
             resealed(&|r| put64(r, 32, 1)),
             Err(MetaError::SizeMismatch { .. })

@@ -127,7 +127,9 @@ impl Resource {
     fn extents(&self, offset: u64, len: u64) -> (u32, u32) {
         let es = u64::from(self.al_extent_size);
         let last = offset + len.max(1) - 1;
-        ((offset / es) as u32, (last / es) as u32)
+        // Geometry::validate keeps every extent number of the data below u32::MAX.
+        let number = |at: u64| u32::try_from(at / es).expect("extent count validated");
+        (number(offset), number(last))
     }
 
     /// Registers a write in the activity log when every extent it touches is hot (no
