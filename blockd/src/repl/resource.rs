@@ -5,6 +5,7 @@
 //! [`super::resync`].
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -108,6 +109,10 @@ pub(crate) struct MetaState {
     pub al: ActivityLog,
     /// Activity-log transactions being persisted (writes then take the slow path).
     pub al_persisting: usize,
+    /// A bitmap save failed since attach: marks it carried (a lost peer's writes, unstable
+    /// writes) may exist only in memory, so the shutdown must not claim a clean detach (see
+    /// [`detach_cleanly`]).
+    pub bitmap_save_failed: bool,
 }
 
 impl MetaState {
@@ -125,19 +130,47 @@ impl MetaState {
     }
 
     /// Writes every page of a bitmap slot and syncs.
-    pub fn save_bitmap(&self, slot: usize) -> Result<(), MetaError> {
+    pub fn save_bitmap(&mut self, slot: usize) -> Result<(), MetaError> {
         let b = &self.bitmaps[slot];
-        self.file.write_bitmap_pages(slot as u32, b, 0..b.pages())?;
-        self.file.sync()
+        let pages = 0..b.pages();
+        self.save_bitmap_pages(slot, pages)
     }
 
     /// Writes the pages of a slot covering a byte range and syncs.
-    pub fn save_bitmap_range(&self, slot: usize, offset: u64, len: u64) -> Result<(), MetaError> {
-        let b = &self.bitmaps[slot];
-        self.file
-            .write_bitmap_pages(slot as u32, b, b.pages_for_range(offset, len))?;
-        self.file.sync()
+    pub fn save_bitmap_range(
+        &mut self,
+        slot: usize,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), MetaError> {
+        let pages = self.bitmaps[slot].pages_for_range(offset, len);
+        self.save_bitmap_pages(slot, pages)
     }
+
+    fn save_bitmap_pages(&mut self, slot: usize, pages: Range<u64>) -> Result<(), MetaError> {
+        let b = &self.bitmaps[slot];
+        let r = self
+            .file
+            .write_bitmap_pages(slot as u32, b, pages)
+            .and_then(|()| self.file.sync());
+        // Callers that cannot act on the failure only log it; remembered for the shutdown.
+        self.bitmap_save_failed |= r.is_err();
+        r
+    }
+}
+
+/// Whether a shutdown may clear `ATTACHED`, telling the next attach that the bitmaps on disk
+/// are complete (no activity-log replay). Not for a Primary (stopping without demotion is
+/// treated like a crash), nor when the data could not be flushed, a bitmap save failed since
+/// attach (marks that lived only in memory are re-derived by the replay), or a session could
+/// still write.
+pub(crate) fn detach_cleanly(
+    primary: bool,
+    sessions_ended: bool,
+    flushed: bool,
+    bitmap_save_failed: bool,
+) -> bool {
+    !primary && sessions_ended && flushed && !bitmap_save_failed
 }
 
 /// What this node knows about one peer (status and decisions).
@@ -476,6 +509,9 @@ pub struct Resource {
     /// Ended sessions still applying what they received (see `repl::peer`): promotion waits.
     pub(crate) finishing: watch::Sender<usize>,
     stop: watch::Sender<bool>,
+    /// Run loops ([`Resource::run_with_listener`]: the listener, the connection managers and
+    /// their sessions) running; the shutdown waits for none.
+    running: watch::Sender<usize>,
     /// Application bytes read and written (the resync backs off while it grows).
     pub(crate) app_io_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots of the replica and their NBD services.
@@ -582,6 +618,7 @@ impl Resource {
             bitmaps,
             al,
             al_persisting: 0,
+            bitmap_save_failed: false,
         };
         if unclean {
             let ext = u64::from(g.al_extent_size);
@@ -703,6 +740,7 @@ impl Resource {
             role_epoch: std::sync::atomic::AtomicU64::new(0),
             finishing: watch::channel(0).0,
             stop: watch::channel(false).0,
+            running: watch::channel(0).0,
             app_io_bytes: std::sync::atomic::AtomicU64::new(0),
             snapshots,
             spec,
@@ -1362,32 +1400,68 @@ impl Resource {
         Ok(())
     }
 
-    /// Stops every task of the resource and marks the metadata cleanly detached (unless
-    /// Primary: a Primary stopping without demotion is treated like a crashed one).
+    /// Stops every task of the resource: ends the sessions and waits for them (under A and B
+    /// a session still applies what it received, and every session persists its loss marks
+    /// when it ends), flushes the data, saves the bitmaps, and marks the metadata cleanly
+    /// detached when [`detach_cleanly`] allows it.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
         for p in &self.peers {
             p.kill.notify_one();
         }
-        let flush = async { self.store.flush().await.map_err(|e| error_chain(&e)) };
+        // The connection managers see `stop` (and their sessions the kill) and return.
+        let mut running = self.running.subscribe();
+        let sessions_ended = matches!(
+            tokio::time::timeout(SESSIONS_END_TIMEOUT, running.wait_for(|n| *n == 0)).await,
+            Ok(Ok(_))
+        );
+        if !sessions_ended {
+            tracing::error!(resource = %self.spec.name,
+                "sessions still running after {SESSIONS_END_TIMEOUT:?}: metadata left attached \
+                 (replayed at the next attach)");
+        }
+        let flush_error = Mutex::new(None);
+        let flush = async {
+            let r = self.store.flush().await.map_err(|e| error_chain(&e));
+            if let Err(e) = &r {
+                *flush_error.lock().expect("flush error") = Some(e.clone());
+            }
+            r
+        };
         let generation = || self.meta.lock().expect("meta").sb.generations.current.0;
         for e in self.snapshots.set.close_all(flush, generation).await {
             tracing::error!(resource = %self.spec.name, "cannot keep a snapshot: {e}");
         }
+        let flush_error = flush_error.into_inner().expect("flush error");
+        if let Some(e) = &flush_error {
+            tracing::error!(resource = %self.spec.name,
+                "cannot flush the data: metadata left attached (replayed at the next attach): {e}");
+        }
         let primary = self.role() == Role::Primary;
+        let flushed = flush_error.is_none();
         let r = self
             .meta_io(move |m| {
+                // Checked before this save: it writes every page, but a failed save's marks
+                // may have been lost on the way (a failed fdatasync may drop dirty pages).
+                let save_failed = m.bitmap_save_failed;
                 for slot in 0..m.bitmaps.len() {
                     m.save_bitmap(slot)?;
                 }
-                if !primary {
+                if detach_cleanly(primary, sessions_ended, flushed, save_failed) {
                     m.sb.flags &= !flags::ATTACHED;
                 }
-                m.save_sb()
+                m.save_sb()?;
+                Ok(save_failed)
             })
             .await;
-        if let Err(e) = r {
-            tracing::error!(resource = %self.spec.name, "cannot mark metadata detached: {e}");
+        match r {
+            Ok(true) if !primary => tracing::warn!(resource = %self.spec.name,
+                "a bitmap save failed since attach: metadata left attached (the next attach \
+                 replays the activity log)"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(resource = %self.spec.name, "cannot mark metadata detached: {e}")
+            }
         }
     }
 
@@ -1408,17 +1482,21 @@ impl Resource {
 
     /// Like [`Resource::run`] with a bound listener.
     pub async fn run_with_listener(self: &Arc<Self>, listener: TcpListener) {
+        let _running = Running::new(&self.running);
         self.serve_reloaded_snapshots().await;
         let mut tasks = tokio::task::JoinSet::new();
         let me = self.clone();
         tasks.spawn(async move { me.accept_loop(listener).await });
+        let mut peer_loops = tokio::task::JoinSet::new();
         for i in 0..self.peers.len() {
             let me = self.clone();
-            tasks.spawn(async move { me.peer_loop(i).await });
+            peer_loops.spawn(async move { me.peer_loop(i).await });
         }
         let mut stop = self.stop.subscribe();
         let _ = stop.wait_for(|s| *s).await;
         tasks.shutdown().await;
+        // Not aborted: each ends its session on its own (see `shutdown`).
+        while peer_loops.join_next().await.is_some() {}
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
@@ -1470,10 +1548,18 @@ impl Resource {
         };
         let mut backoff = Duration::from_millis(100);
         let mut accepted = p.accepted_rx.lock().await;
+        let mut stop = self.stop.subscribe();
         loop {
+            if *stop.borrow_and_update() {
+                self.update_peer(i, |s| s.conn = ConnState::StandAlone);
+                return;
+            }
             if p.admin_down.load(Ordering::SeqCst) {
                 self.update_peer(i, |s| s.conn = ConnState::StandAlone);
-                p.wake.notified().await;
+                tokio::select! {
+                    _ = p.wake.notified() => {}
+                    _ = stop.changed() => {}
+                }
                 continue;
             }
             self.update_peer(i, |s| s.conn = ConnState::Connecting);
@@ -1481,6 +1567,7 @@ impl Resource {
                 tokio::select! {
                     r = link::connect(&self.spec.link, &lnode) => r.map_err(|e| error_chain(&e)),
                     _ = p.wake.notified() => continue,
+                    _ = stop.changed() => continue,
                 }
             } else {
                 tokio::select! {
@@ -1489,6 +1576,7 @@ impl Resource {
                         None => return,
                     },
                     _ = p.wake.notified() => continue,
+                    _ = stop.changed() => continue,
                 }
             };
             match link {
@@ -1501,7 +1589,8 @@ impl Resource {
                         _ = p.kill.notified() => {}
                         _ = std::future::ready(()) => {}
                     }
-                    if p.admin_down.load(Ordering::SeqCst) {
+                    // A shutdown's kill may have been the one just consumed.
+                    if p.admin_down.load(Ordering::SeqCst) || *stop.borrow() {
                         continue;
                     }
                     let end = peer::run_session(&self, i, link).await;
@@ -1527,11 +1616,33 @@ impl Resource {
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = p.wake.notified() => {}
+                        _ = stop.changed() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(3));
                 }
             }
         }
+    }
+}
+
+/// How long a shutdown waits for the sessions to end: under A and B a session may apply what
+/// it received for up to [`peer::FINISH_APPLIES_LIMIT`], then persists its loss marks.
+const SESSIONS_END_TIMEOUT: Duration =
+    Duration::from_secs(peer::FINISH_APPLIES_LIMIT.as_secs() + 15);
+
+/// Counts one run loop as running while it lives (dropped when it returns or is aborted).
+struct Running(watch::Sender<usize>);
+
+impl Running {
+    fn new(count: &watch::Sender<usize>) -> Running {
+        count.send_modify(|n| *n += 1);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }
 
