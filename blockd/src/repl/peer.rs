@@ -56,6 +56,8 @@ const ACK_BATCH: usize = 64;
 /// Plain (non-FUA) writes up to this size are applied with a blocking `pwrite` on the receive
 /// task: a page-cache copy costs less than two thread hops through the engine.
 const APPLY_INLINE_MAX: usize = 1 << 20;
+/// How long a session that refuses its peer waits for what it queued to be sent.
+const REFUSAL_SEND_LIMIT: Duration = Duration::from_secs(2);
 /// How long a session that ended may go on applying the requests it had received (protocols A
 /// and B: see `Session::finish_applies`).
 pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(60);
@@ -181,6 +183,9 @@ pub struct Conn {
     /// its next batch (or at the next ping tick), and the figure last sent.
     stable: AtomicU64,
     stable_sent: AtomicU64,
+    /// Bumped by the writer each time it finds nothing left to send: everything queued before
+    /// is written and flushed.
+    writer_idle: watch::Sender<u64>,
 }
 
 impl Conn {
@@ -201,7 +206,17 @@ impl Conn {
             answers: AnswerRoutes::default(),
             stable: AtomicU64::new(0),
             stable_sent: AtomicU64::new(0),
+            writer_idle: watch::channel(0).0,
         }
+    }
+
+    /// Returns once everything queued so far is written and flushed by the writer.
+    async fn queued_sent(&self) {
+        let mut idle = self.writer_idle.subscribe();
+        // Wakes the writer even when it is idle already: the next time it finds the queue
+        // empty comes after whatever was queued before this call.
+        self.send(Message::Ping);
+        let _ = idle.changed().await;
     }
 
     /// The lowest sequence number of a write queued here and not yet written by the peer
@@ -631,6 +646,12 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
             Err(e) => e.to_string(),
         }),
     };
+    if matches!(end, SessionEnd::StandAlone(_)) && !writer_task.0.is_finished() {
+        // A refusal (a size or protocol mismatch, a split brain...) right after the handshake
+        // may come before the writer sent our state report: let it go out, so the peer
+        // refuses for the same reason instead of seeing a lost connection and retrying.
+        let _ = tokio::time::timeout(REFUSAL_SEND_LIMIT, conn.queued_sent()).await;
+    }
     drop(writer_task);
     // The checksum resync clears bits of runs it found equal: it must be over before the
     // unacknowledged writes are marked below (`conn.close()`), or a clear could come after
@@ -746,6 +767,7 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin>(
             sent_since_tick = true;
             continue;
         }
+        conn.writer_idle.send_modify(|n| *n = n.wrapping_add(1));
         tokio::select! {
             _ = conn.out.wake.notified() => {
                 // Let the tasks that are ready now (more requests being queued) run first, so
@@ -1342,11 +1364,8 @@ impl Session {
             Message::State(r) => r,
             other => return Err(format!("expected state, got {}", other.name())),
         };
-        if theirs.size != mine.size {
-            return Ok(Some(SessionEnd::StandAlone(format!(
-                "size mismatch: ours {} bytes, peer's {} bytes",
-                mine.size, theirs.size
-            ))));
+        if let Some(why) = incompatible_reports(&mine, &theirs) {
+            return Ok(Some(SessionEnd::StandAlone(why)));
         }
         let out = handshake(&mine.side, &theirs.side, &res.spec.split_brain);
         if mine.side.discard_my_data {
@@ -1835,9 +1854,75 @@ impl Session {
     }
 }
 
+/// Why two handshake reports cannot make a session: a different data size, or a different
+/// protocol (a Secondary configured for C skips applying what it received when the session
+/// ends, which an A or B Primary may already have acknowledged).
+pub(crate) fn incompatible_reports(
+    mine: &crate::repl::wire::StateReport,
+    theirs: &crate::repl::wire::StateReport,
+) -> Option<String> {
+    if theirs.size != mine.size {
+        return Some(format!(
+            "size mismatch: ours {} bytes, peer's {} bytes",
+            mine.size, theirs.size
+        ));
+    }
+    if theirs.protocol != mine.protocol {
+        return Some(format!(
+            "protocol mismatch: ours {}, peer's {} (set the same protocol on both nodes)",
+            mine.protocol.as_str(),
+            theirs.protocol.as_str()
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_of_another_size_or_protocol_refuse_the_session() {
+        use crate::meta::generation::GenerationIds;
+        use crate::repl::handshake::HandshakeSide;
+        use crate::repl::state::Protocol;
+        use crate::repl::sync_decision::SideView;
+        use crate::repl::wire::StateReport;
+        let report = |node_id, size, protocol| StateReport {
+            side: HandshakeSide {
+                view: SideView {
+                    node_id,
+                    ids: GenerationIds::just_created(),
+                    crashed_primary: false,
+                    disk: DiskState::UpToDate,
+                    role: Role::Secondary,
+                },
+                dirty_bits: 0,
+                discard_my_data: false,
+                quorum: None,
+                follows_primary: false,
+            },
+            size,
+            protocol,
+        };
+        let mine = report(0, 1 << 30, Protocol::C);
+        assert_eq!(
+            incompatible_reports(&mine, &report(1, 1 << 30, Protocol::C)),
+            None
+        );
+        let size = incompatible_reports(&mine, &report(1, 1 << 29, Protocol::C)).unwrap();
+        assert!(size.starts_with("size mismatch"), "{size}");
+        for theirs in [Protocol::A, Protocol::B] {
+            let why = incompatible_reports(&mine, &report(1, 1 << 30, theirs)).unwrap();
+            assert!(
+                why.contains(&format!(
+                    "protocol mismatch: ours C, peer's {}",
+                    theirs.as_str()
+                )),
+                "{why}"
+            );
+        }
+    }
 
     fn pending(ack: PeerAck) -> PendingWrite {
         PendingWrite {

@@ -910,6 +910,7 @@ impl Resource {
                 follows_primary,
             },
             size: self.store.size(),
+            protocol: self.peers[i].protocol,
         }
     }
 

@@ -91,8 +91,15 @@ async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::Te
 
 impl Cluster {
     fn start(&mut self, i: usize) -> Arc<Resource> {
+        self.start_with(i, |_| {})
+    }
+
+    /// Like [`Cluster::start`], with the spec changed by `change` first.
+    fn start_with(&mut self, i: usize, change: impl FnOnce(&mut ResourceSpec)) -> Arc<Resource> {
         let local = self.config.resources_of(&self.names[i]).remove(0);
-        let res = Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+        let mut spec = ResourceSpec::from_config(&local).unwrap();
+        change(&mut spec);
+        let res = Resource::attach(spec).unwrap();
         let l = match self.listeners[i].take() {
             Some(l) => l,
             None => {
@@ -996,4 +1003,27 @@ async fn a_failed_bitmap_save_keeps_the_metadata_attached() {
         attached_on_disk(&c, 1),
         "unclean: replayed at the next attach"
     );
+}
+
+/// Both sides must replicate with the same protocol: a Secondary configured for C skips
+/// applying what it received when the session ends, which a Primary on A or B has already
+/// acknowledged. A mismatch is refused by the handshake on both sides, like a size mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_mismatch_refuses_the_session() {
+    use crate::repl::state::Protocol;
+    let mut c = cluster(2, "C").await;
+    let a = c.start_with(0, |spec| spec.peers[0].1 = Protocol::A);
+    let b = c.start(1);
+    let refused = |r: &Resource| {
+        let p = &r.status().peers[0];
+        p.connection == "standalone"
+            && p.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("protocol mismatch"))
+    };
+    wait_for("both sides refusing", || refused(&a) && refused(&b)).await;
+    let why = b.status().peers[0].last_error.clone().unwrap();
+    assert!(why.contains("ours C, peer's A"), "{why}");
+    a.shutdown().await;
+    b.shutdown().await;
 }

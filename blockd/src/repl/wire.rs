@@ -22,11 +22,11 @@ use crate::repl::checksum::{
 };
 use crate::repl::handshake::HandshakeSide;
 use crate::repl::lost_writes::Tally;
-use crate::repl::state::{DiskState, Role};
+use crate::repl::state::{DiskState, Protocol, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -54,12 +54,15 @@ pub enum WireError {
     Utf8 { tag: &'static str },
 }
 
-/// The handshake report of one side ([`HandshakeSide`] plus the data size).
+/// The handshake report of one side ([`HandshakeSide`] plus the data size and protocol).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateReport {
     pub side: HandshakeSide,
     /// Usable data bytes of the sender.
     pub size: u64,
+    /// The replication protocol the sender uses on this connection: both sides must agree (a
+    /// Secondary on C would not apply what an A or B Primary already acknowledged).
+    pub protocol: Protocol,
 }
 
 /// One replication message.
@@ -356,6 +359,7 @@ impl Message {
                     Some(true) => 2,
                 });
                 dst.put_u8(u8::from(r.side.follows_primary));
+                dst.put_u8(index_of(Protocol::ALL, r.protocol));
             }
             Message::BitmapChunk { start_word, words } => {
                 dst.put_u8(tag::BITMAP_CHUNK);
@@ -600,6 +604,7 @@ impl Message {
                     v => return Err(c.invalid("quorum", u64::from(v))),
                 };
                 let follows_primary = c.flag("follows_primary")?;
+                let protocol = c.named(Protocol::ALL, "protocol")?;
                 Message::State(StateReport {
                     side: HandshakeSide {
                         view: SideView {
@@ -615,6 +620,7 @@ impl Message {
                         follows_primary,
                     },
                     size,
+                    protocol,
                 })
             }
             tag::BITMAP_CHUNK => {
@@ -1071,9 +1077,10 @@ mod tests {
                 any::<u64>(),
                 any::<bool>(),
                 proptest::option::of(any::<bool>()),
-                any::<bool>()
+                any::<bool>(),
+                0..Protocol::ALL.len()
             )
-                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp)| {
+                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp, p)| {
                     Message::State(StateReport {
                         side: HandshakeSide {
                             view: SideView {
@@ -1089,6 +1096,7 @@ mod tests {
                             follows_primary: fp,
                         },
                         size,
+                        protocol: Protocol::ALL[p],
                     })
                 }),
             (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
