@@ -109,8 +109,7 @@ where
     let control = bind_control(&path)?;
     let mut tasks = tokio::task::JoinSet::new();
     for (r, l) in resources.iter().zip(listeners) {
-        let r2 = r.clone();
-        tasks.spawn(async move { r2.run_with_listener(l).await });
+        tasks.spawn(r.run_with_listener(l));
         let s = service.clone();
         tasks.spawn(while_primary(r.clone(), s));
     }

@@ -1406,7 +1406,9 @@ impl Resource {
     /// when it ends), flushes the data, saves the bitmaps, and marks the metadata cleanly
     /// detached when [`detach_cleanly`] allows it.
     pub async fn shutdown(&self) {
-        let _ = self.stop.send(true);
+        // Stored even with no receiver yet (`send` would drop it): a run loop that starts or
+        // subscribes later must still see it.
+        self.stop.send_replace(true);
         for p in &self.peers {
             p.kill.notify_one();
         }
@@ -1481,9 +1483,21 @@ impl Resource {
         Ok(())
     }
 
-    /// Like [`Resource::run`] with a bound listener.
-    pub async fn run_with_listener(self: &Arc<Self>, listener: TcpListener) {
-        let _running = Running::new(&self.running);
+    /// Like [`Resource::run`] with a bound listener. Counted as running from this call on, not
+    /// from the future's first poll: a shutdown right after a spawn still waits for it.
+    pub fn run_with_listener(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let running = Running::new(&self.running);
+        let me = self.clone();
+        async move {
+            me.run_loops(listener).await;
+            drop(running);
+        }
+    }
+
+    async fn run_loops(self: &Arc<Self>, listener: TcpListener) {
         self.serve_reloaded_snapshots().await;
         let mut tasks = tokio::task::JoinSet::new();
         let me = self.clone();

@@ -108,8 +108,7 @@ impl Cluster {
                 TcpListener::from_std(std).unwrap()
             }
         };
-        let r = res.clone();
-        tokio::spawn(async move { r.run_with_listener(l).await });
+        tokio::spawn(res.run_with_listener(l));
         res
     }
 
@@ -1026,4 +1025,20 @@ async fn a_protocol_mismatch_refuses_the_session() {
     assert!(why.contains("ours C, peer's A"), "{why}");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// A shutdown before the run loop subscribed to the stop signal still stops it (the signal was
+/// dropped when nobody listened yet, and a run loop started afterwards ran forever; a shutdown
+/// right after a start then waited for it in vain and left the metadata attached).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_loop_started_after_the_shutdown_stops() {
+    let mut c = cluster(2, "C").await;
+    let local = c.config.resources_of(&c.names[1]).remove(0);
+    let res = Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+    res.shutdown().await;
+    assert!(!attached_on_disk(&c, 1));
+    let l = c.listeners[1].take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), res.run_with_listener(l))
+        .await
+        .expect("the run loop sees the earlier shutdown");
 }
