@@ -931,6 +931,7 @@ async fn control_requests_are_bounded_and_admin_commands_serialised() {
     assert!(reply.contains("\"ok\""), "{reply}");
     let _ = stop.send(());
     let _ = server.await;
+}
 
 /// Whether the metadata of node `i` on disk says it is attached (the next attach replays).
 fn attached_on_disk(c: &Cluster, i: usize) -> bool {
