@@ -613,23 +613,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         buf,
         last: Instant::now(),
     };
-    let mut session = Session {
-        res: res.clone(),
-        i,
-        conn: conn.clone(),
-        stash: VecDeque::new(),
-        order: ApplyOrder::default(),
-        ops: tokio::task::JoinSet::new(),
-        recv_acks: Vec::new(),
-        write_acks: Vec::new(),
-        other_acks: Vec::new(),
-        resync: None,
-        resync_failed,
-        hearing: Hearing::default(),
-        unstable: UnstableWrites::default(),
-        written_acks: false,
-        flush_session: res.snapshots.boundaries.session_started(),
-    };
+    let mut session = Session::new(res.clone(), i, conn.clone(), resync_failed);
     let end = tokio::select! {
         biased;
         _ = std::future::ready(()), if stale => {
@@ -1042,6 +1026,33 @@ fn push_ack_runs(dst: &mut Frames, seqs: &mut [u64], written: bool) {
 }
 
 impl Session {
+    /// A session with peer `i` on `conn`, before its handshake.
+    fn new(
+        res: Arc<Resource>,
+        i: usize,
+        conn: Arc<Conn>,
+        resync_failed: tokio::sync::mpsc::UnboundedSender<String>,
+    ) -> Session {
+        let flush_session = res.snapshots.boundaries.session_started();
+        Session {
+            res,
+            i,
+            conn,
+            stash: VecDeque::new(),
+            order: ApplyOrder::default(),
+            ops: tokio::task::JoinSet::new(),
+            recv_acks: Vec::new(),
+            write_acks: Vec::new(),
+            other_acks: Vec::new(),
+            resync: None,
+            resync_failed,
+            hearing: Hearing::default(),
+            unstable: UnstableWrites::default(),
+            written_acks: false,
+            flush_session,
+        }
+    }
+
     /// Reads the next handshake message, stashing replication traffic for later.
     async fn next_handshake(&mut self, reader: &mut Rx) -> Result<Message, String> {
         loop {
@@ -1664,6 +1675,10 @@ impl Session {
                 payload,
             } => {
                 self.check_receiving()?;
+                // Refused before anything is recorded for it: a range past the end (or
+                // overflowing) must not reach the acknowledgements, the loss accounting or the
+                // unstable window (marked out of sync when the session ends).
+                self.check_peer_range(offset, payload.len() as u64)?;
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
                     self.recv_acks.push(seq);
                 }
@@ -1685,6 +1700,7 @@ impl Session {
                 fua,
             } => {
                 self.check_receiving()?;
+                self.check_peer_range(offset, len)?;
                 if res.peers[i].protocol.peer_ack() == PeerAck::Received {
                     self.recv_acks.push(seq);
                 }
@@ -1846,6 +1862,14 @@ impl Session {
         Ok(())
     }
 
+    /// A replicated request's range lies within the device; else the session ends (a
+    /// malformed request, not a disk failure: the disk stays attached).
+    fn check_peer_range(&self, offset: u64, len: u64) -> Result<(), String> {
+        self.res
+            .check_range(offset, len)
+            .map_err(|e| self.res.apply_failed("replicated request refused", &e))
+    }
+
     fn check_receiving(&self) -> Result<(), String> {
         if self.res.role() == Role::Primary {
             return Err("peer sent writes while we are Primary (two primaries)".into());
@@ -1967,6 +1991,58 @@ mod tests {
             at_stop,
             "the task ran after stop"
         );
+    }
+
+    /// A replicated write or zeroing whose range is past the end of the device (an overflowing
+    /// one too) is refused before anything is recorded for it: no acknowledgement, nothing
+    /// counted as received, nothing in the unstable window (whose ranges overflowed on
+    /// `offset + len` at the session's end: a panic in debug builds, the whole device marked
+    /// out of sync in release builds).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_past_the_end_is_refused_before_it_is_recorded() {
+        let mut c = crate::repl::tests::cluster(2, "B").await;
+        let res = c.start(0);
+        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Session::new(res.clone(), 0, conn, failed);
+        let zero = |seq, offset, len| Message::Zero {
+            seq,
+            after: 0,
+            offset,
+            len,
+            trim: false,
+            fua: false,
+        };
+        let msgs = [
+            zero(1, 1 << 63, 1 << 63),
+            zero(2, 0, u64::MAX),
+            Message::Data {
+                seq: 3,
+                after: 0,
+                offset: crate::repl::tests::SIZE - 512,
+                flags: 0,
+                payload: Bytes::from_static(&[7; 4096]),
+            },
+        ];
+        for m in msgs {
+            let err = s.handle(m).await.expect_err("refused");
+            assert!(err.contains("replicated request refused"), "{err}");
+        }
+        assert!(s.recv_acks.is_empty(), "{:?}", s.recv_acks);
+        assert!(s.unstable.is_empty(), "{:?}", s.unstable.ranges());
+        // Three acknowledged writes reported, none of them arrived.
+        s.hearing.report(Tally {
+            writes: 3,
+            bytes: 3,
+        });
+        assert_eq!(
+            s.hearing.never_received(),
+            Tally {
+                writes: 3,
+                bytes: 3
+            }
+        );
+        res.shutdown().await;
     }
 
     #[test]

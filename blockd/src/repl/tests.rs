@@ -12,21 +12,21 @@ use crate::config::ClusterConfig;
 use crate::repl::resource::{Resource, ResourceSpec, create_md};
 use crate::repl::state::Role;
 
-const SIZE: u64 = 64 << 20;
+pub(super) const SIZE: u64 = 64 << 20;
 
-struct Cluster {
+pub(super) struct Cluster {
     dir: tempfile::TempDir,
     config: ClusterConfig,
     names: Vec<String>,
     listeners: Vec<Option<TcpListener>>,
 }
 
-async fn cluster(nodes: usize, protocol: &str) -> Cluster {
+pub(super) async fn cluster(nodes: usize, protocol: &str) -> Cluster {
     cluster_with(nodes, protocol, "").await
 }
 
 /// Like [`cluster`], with `extra` lines in the `[global]` section.
-async fn cluster_with(nodes: usize, protocol: &str, extra: &str) -> Cluster {
+pub(super) async fn cluster_with(nodes: usize, protocol: &str, extra: &str) -> Cluster {
     cluster_in(nodes, protocol, extra, tempfile::tempdir().unwrap()).await
 }
 
@@ -90,7 +90,7 @@ async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::Te
 }
 
 impl Cluster {
-    fn start(&mut self, i: usize) -> Arc<Resource> {
+    pub(super) fn start(&mut self, i: usize) -> Arc<Resource> {
         self.start_with(i, |_| {})
     }
 
@@ -123,7 +123,7 @@ fn data_of(path: &Path, len: u64) -> Vec<u8> {
     v
 }
 
-async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+pub(super) async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..1500 {
         if f() {
             return;
@@ -133,14 +133,14 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
-fn all_established(r: &Resource) -> bool {
+pub(super) fn all_established(r: &Resource) -> bool {
     let s = r.status();
     s.peers
         .iter()
         .all(|p| p.replication == "established" && p.disk == "up-to-date")
 }
 
-fn pattern(seed: u64, len: usize) -> Bytes {
+pub(super) fn pattern(seed: u64, len: usize) -> Bytes {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..len)
         .map(|_| {

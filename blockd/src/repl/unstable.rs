@@ -70,7 +70,13 @@ impl UnstableWrites {
 
     /// The byte ranges of the unstable writes, sorted and merged: `(offset, len)`.
     pub fn ranges(&self) -> Vec<(u64, u64)> {
-        let mut r: Vec<(u64, u64)> = self.writes.iter().map(|w| (w.1, w.1 + w.2)).collect();
+        // Saturating: a range is checked before it is recorded, but an end past `u64::MAX`
+        // must not panic (or wrap to a range covering the whole device) here anyway.
+        let mut r: Vec<(u64, u64)> = self
+            .writes
+            .iter()
+            .map(|w| (w.1, w.1.saturating_add(w.2)))
+            .collect();
         r.sort_unstable();
         let mut out: Vec<(u64, u64)> = Vec::with_capacity(r.len());
         for (start, end) in r {
@@ -126,6 +132,14 @@ mod tests {
         u.received(4, 100_000, 512);
         u.received(5, 0, 0);
         assert_eq!(u.ranges(), [(0, 6144), (8192, 4096), (100_000, 512)]);
+    }
+
+    #[test]
+    fn an_end_past_the_largest_offset_does_not_overflow() {
+        let mut u = UnstableWrites::default();
+        u.received(1, 1 << 63, 1 << 63);
+        u.received(2, u64::MAX - 1, 10);
+        assert_eq!(u.ranges(), [(1 << 63, u64::MAX - (1 << 63))]);
     }
 
     proptest! {
