@@ -409,32 +409,36 @@ impl Conn {
     }
 
     /// The peer acknowledged writes `seq .. seq + count` (sequence numbers we never sent it,
-    /// or already acknowledged, are ignored).
+    /// or already acknowledged, are ignored). Only the writes pending in that range are
+    /// visited, never the whole range: a peer's `count` may be up to `u32::MAX`, and this runs
+    /// under the lock the write path takes for every write.
     fn ack(&self, seq: u64, count: u32, kind: PeerAck) {
         let mut p = self.pending.lock().expect("pending");
+        let range = seq..seq.saturating_add(u64::from(count));
         let mut freed = 0;
         // Their activity-log registrations are released after the pending lock.
         let mut written = Vec::new();
-        for s in seq..seq.saturating_add(u64::from(count)) {
-            match kind {
-                PeerAck::Received => {
-                    if let Some(w) = p.writes.get_mut(&s)
-                        && w.ack == PeerAck::Received
+        match kind {
+            PeerAck::Received => {
+                for w in p.writes.range_mut(range).map(|(_, w)| w) {
+                    if w.ack == PeerAck::Received
                         && let Some(tx) = w.waiter.take()
                     {
                         let _ = tx.send(());
                     }
                 }
-                _ => {
-                    if let Some(mut w) = p.writes.remove(&s) {
-                        p.ledger.peer_wrote(w.len, w.client_acked);
-                        p.bytes -= w.len;
-                        freed += w.cost;
-                        if let Some(tx) = w.waiter.take() {
-                            let _ = tx.send(());
-                        }
-                        written.push(w);
+            }
+            _ => {
+                let acked: Vec<u64> = p.writes.range(range).map(|(&s, _)| s).collect();
+                for s in acked {
+                    let mut w = p.writes.remove(&s).expect("pending write");
+                    p.ledger.peer_wrote(w.len, w.client_acked);
+                    p.bytes -= w.len;
+                    freed += w.cost;
+                    if let Some(tx) = w.waiter.take() {
+                        let _ = tx.send(());
                     }
+                    written.push(w);
                 }
             }
         }
@@ -2079,6 +2083,37 @@ mod tests {
         c.ack(1, 2, PeerAck::Written);
         assert_eq!(c.unconfirmed(), Tally::ZERO);
         assert_eq!(c.in_flight_with_bytes(), (0, 0));
+    }
+
+    /// An acknowledgement covering up to `u32::MAX` sequence numbers (a buggy or hostile peer)
+    /// takes time in proportion to the writes pending, not to its count: it used to look up
+    /// every number of the range (about 4.3e9 map lookups) while holding the lock every
+    /// write of the write path takes.
+    #[test]
+    fn a_huge_ack_count_visits_only_the_pending_writes() {
+        let c = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let msg = Message::Ping;
+        for seq in [5, 6, 9] {
+            assert!(c.track(seq, pending(PeerAck::Received), &msg, false));
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let acker = c.clone();
+        std::thread::spawn(move || {
+            acker.ack(0, u32::MAX, PeerAck::Received);
+            assert_eq!(
+                acker.in_flight_with_bytes().0,
+                3,
+                "a received ack frees nothing"
+            );
+            acker.ack(6, u32::MAX, PeerAck::Written);
+            acker.ack(u64::MAX - 1, u32::MAX, PeerAck::Written);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the acks returned at once");
+        assert_eq!(c.in_flight_with_bytes(), (1, 4096), "write 5 is left");
+        assert_eq!(c.lowest_pending(), Some(5));
     }
 
     /// The send buffer (`sndbuf-size`): a write that does not fit waits until acks make room;
