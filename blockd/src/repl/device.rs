@@ -562,10 +562,15 @@ impl Resource {
             }
             seq
         };
+        // What a peer's requests wrote here while Secondary is durable once this succeeds.
+        let mark = self.unflushed.lock().expect("unflushed").flush_started();
         let mut local = match data {
             LocalData::Absent => Ok(()),
             _ => self.store.flush().await,
         };
+        if local.is_ok() && data != LocalData::Absent {
+            self.unflushed.lock().expect("unflushed").flushed(mark);
+        }
         let mut acks = Vec::with_capacity(waits.len());
         for (i, w) in waits {
             acks.push((i, w.await.is_ok()));

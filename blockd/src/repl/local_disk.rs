@@ -300,6 +300,71 @@ impl Resource {
         text
     }
 
+    /// A peer's replicated request of `len` bytes at `offset` completed on the local disk: not
+    /// durable until a flush succeeds (see `repl::unflushed`).
+    pub(crate) fn note_written(&self, offset: u64, len: u64) {
+        self.unflushed
+            .lock()
+            .expect("unflushed")
+            .note_written(offset, len);
+    }
+
+    /// Flushes the local disk for a peer (its `Flush`, the end of its resync). A failed flush
+    /// may have lost any write since the last one that succeeded, writes already acknowledged
+    /// to the peer as written too (in no bitmap: the peer forgot them): their extents are marked
+    /// out of sync for every peer, as a crash would mark the hot activity-log extents, before
+    /// the error ends the session (the next handshake's bitmap exchange resyncs them); then
+    /// `on-io-error` decides as for a failed write.
+    pub(crate) async fn flush_for_peer(self: &Arc<Self>) -> Result<(), String> {
+        let mark = self.unflushed.lock().expect("unflushed").flush_started();
+        match self.store.flush().await {
+            Ok(()) => {
+                self.unflushed.lock().expect("unflushed").flushed(mark);
+                Ok(())
+            }
+            Err(e) => {
+                let lost = self
+                    .unflushed
+                    .lock()
+                    .expect("unflushed")
+                    .ranges(self.size());
+                self.mark_unflushed_lost(&lost, &e).await;
+                Err(self.apply_failed("flush failed", &e))
+            }
+        }
+    }
+
+    /// Marks `ranges` (written, a flush then failed) out of sync for every peer and persists
+    /// the bitmaps as far as the metadata can be written.
+    async fn mark_unflushed_lost(&self, ranges: &[(u64, u64)], e: &StoreError) {
+        let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+        tracing::error!(resource = %self.spec.name, ranges = ranges.len(), bytes,
+            "flush failed: the blocks written since the last successful flush may be lost; \
+             marked out of sync for every peer: {}", error_chain(e));
+        self.emit(
+            None,
+            "error",
+            format!(
+                "flush failed, {bytes} bytes written since the last flush marked out of sync: {}",
+                error_chain(e)
+            ),
+        );
+        let slots = {
+            let mut m = self.meta.lock().expect("meta");
+            for slot in 0..m.bitmaps.len() {
+                for &(o, l) in ranges {
+                    self.mark_out_of_sync(&mut m, slot, o, l);
+                }
+            }
+            m.bitmaps.len()
+        };
+        for slot in 0..slots {
+            if let Err(e) = self.meta_io(move |m| m.save_bitmap(slot)).await {
+                tracing::error!(resource = %self.spec.name, "cannot persist the bitmap: {e}");
+            }
+        }
+    }
+
     async fn detach_after_error(&self, why: String) {
         if !self.disk().has_disk() {
             return;

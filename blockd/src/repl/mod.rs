@@ -16,6 +16,7 @@ pub mod handshake;
 pub mod names;
 pub mod lost_writes;
 pub mod unstable;
+pub mod unflushed;
 pub mod promote;
 pub mod quorum;
 pub mod split_brain;

@@ -866,6 +866,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                         .write(at, part, fua)
                         .await
                         .map_err(|e| res.apply_failed("local write failed", &e))?;
+                    res.note_written(at, n);
                 }
                 Ok(Done::Written)
             }
@@ -884,14 +885,12 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                         .write_zeroes(at, n, trim, fua)
                         .await
                         .map_err(|e| res.apply_failed("local zeroing failed", &e))?;
+                    res.note_written(at, n);
                 }
                 Ok(Done::Written)
             }
             Op::Flush => {
-                res.store
-                    .flush()
-                    .await
-                    .map_err(|e| format!("flush failed: {}", error_chain(&e)))?;
+                res.flush_for_peer().await?;
                 Ok(Done::Flushed)
             }
             Op::Resync {
@@ -908,13 +907,11 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                     res.store.write(offset, payload, false).await
                 };
                 r.map_err(|e| res.apply_failed("resync write failed", &e))?;
+                res.note_written(offset, u64::from(len));
                 Ok(Done::Resynced { offset, len })
             }
             Op::ResyncDone => {
-                res.store
-                    .flush()
-                    .await
-                    .map_err(|e| format!("flush failed: {}", error_chain(&e)))?;
+                res.flush_for_peer().await?;
                 let slot = res.peers[i].slot;
                 res.meta_io(move |m| {
                     m.bitmaps[slot].clear_all();
@@ -1256,6 +1253,7 @@ impl Session {
             .store
             .write_blocking(offset, data, false)
             .map_err(|e| self.res.apply_failed("local write failed", &e))?;
+        self.res.note_written(offset, len);
         Ok(true)
     }
 

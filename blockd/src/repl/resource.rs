@@ -516,6 +516,9 @@ pub struct Resource {
     pub(crate) app_io_bytes: std::sync::atomic::AtomicU64,
     /// Snapshots of the replica and their NBD services.
     pub(crate) snapshots: crate::repl::snapshot::SnapshotService,
+    /// Extents the peers' replicated requests wrote here since the last successful flush
+    /// (marked out of sync when a flush fails, see `repl::unflushed`).
+    pub(crate) unflushed: Mutex<crate::repl::unflushed::UnflushedWrites>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -743,6 +746,9 @@ impl Resource {
             running: watch::channel(0).0,
             app_io_bytes: std::sync::atomic::AtomicU64::new(0),
             snapshots,
+            unflushed: Mutex::new(crate::repl::unflushed::UnflushedWrites::new(u64::from(
+                g.al_extent_size,
+            ))),
             spec,
         }))
     }

@@ -1043,3 +1043,87 @@ async fn a_run_loop_started_after_the_shutdown_stops() {
         .await
         .expect("the run loop sees the earlier shutdown");
 }
+
+/// A flush that fails on a Secondary (fdatasync EIO: the kernel may have dropped the dirty
+/// pages) loses writes it had already acknowledged as written (protocol C: the Primary forgot
+/// them). The Secondary marks the extents it wrote since its last good flush out of sync before
+/// its session ends, so the next handshake resyncs them. Before, the failure ended the session
+/// with a plain error: nothing was marked, both sides reconnected "in sync" and the lost blocks
+/// stayed lost on the Secondary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_on_the_secondary_marks_what_it_may_have_lost() {
+    use std::os::unix::fs::FileExt;
+    let mut c = cluster_with(2, "C", "on-io-error = \"pass-on\"\n").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    wait_for("link", || {
+        a.status().peers[0].connection == "connected"
+            && b.status().peers[0].connection == "connected"
+    })
+    .await;
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    let offsets: Vec<u64> = (0..4).map(|k| (8 << 20) + k * (4 << 20)).collect();
+    for (k, &off) in offsets.iter().enumerate() {
+        a.write(off, pattern(500 + k as u64, 8192), false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.status().peers[0].out_of_sync_bytes, 0, "written on b");
+    // b's disk fails its next flush (the engine is gone), and the blocks it wrote are no
+    // longer on it (the dropped dirty pages).
+    let good = b.store.current();
+    let broken =
+        crate::store::BlockStore::open(&c.image(1), &crate::store::OpenOptions::default()).unwrap();
+    broken.kill_engine_for_test();
+    b.store.replace(broken);
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.image(1))
+            .unwrap();
+        for &off in &offsets {
+            f.write_all_at(&[0; 8192], off).unwrap();
+        }
+    }
+    let mut events = b.subscribe();
+    // The Primary's disk flushed; the peer's flush failed and its session ended.
+    a.flush().await.unwrap();
+    let slot = b.peers[0].slot;
+    let marked = b.meta.lock().unwrap().bitmaps[slot].count_dirty_bytes();
+    assert!(
+        marked >= 4 * 8192,
+        "the written extents are marked for the Primary: {marked}"
+    );
+    assert_eq!(
+        b.status().disk,
+        "up-to-date",
+        "pass-on: the disk stays attached"
+    );
+    b.store.replace(good);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let ev = events.recv().await.unwrap();
+            if ev.what == "resync-done" {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the marked blocks are resynced");
+    wait_for("in sync", || {
+        all_established(&a)
+            && all_established(&b)
+            && a.status().peers[0].out_of_sync_bytes == 0
+            && b.status().peers[0].out_of_sync_bytes == 0
+    })
+    .await;
+    b.store().flush().await.unwrap();
+    let size = a.size();
+    assert_eq!(data_of(&c.image(0), size), data_of(&c.image(1), size));
+    a.shutdown().await;
+    b.shutdown().await;
+}
