@@ -334,8 +334,7 @@ impl Resource {
         }
     }
 
-    /// Marks `ranges` (written, a flush then failed) out of sync for every peer and persists
-    /// the bitmaps as far as the metadata can be written.
+    /// Reports and marks `ranges` (written, a flush then failed) out of sync for every peer.
     async fn mark_unflushed_lost(&self, ranges: &[(u64, u64)], e: &StoreError) {
         let bytes: u64 = ranges.iter().map(|r| r.1).sum();
         tracing::error!(resource = %self.spec.name, ranges = ranges.len(), bytes,
@@ -349,6 +348,12 @@ impl Resource {
                 error_chain(e)
             ),
         );
+        self.mark_for_every_peer(ranges).await;
+    }
+
+    /// Marks `ranges` out of sync for every peer (this disk may not hold them) and persists
+    /// the bitmaps as far as the metadata can be written.
+    async fn mark_for_every_peer(&self, ranges: &[(u64, u64)]) {
         let slots = {
             let mut m = self.meta.lock().expect("meta");
             for slot in 0..m.bitmaps.len() {
@@ -361,6 +366,27 @@ impl Resource {
         for slot in 0..slots {
             if let Err(e) = self.meta_io(move |m| m.save_bitmap(slot)).await {
                 tracing::error!(resource = %self.spec.name, "cannot persist the bitmap: {e}");
+            }
+        }
+    }
+
+    /// Replicated requests of an ended session did not complete on the local disk in time
+    /// (`why`): their writes may still land at any moment. A disk failure for `on-io-error`:
+    /// `detach` stops using the disk; `pass-on` keeps it and marks `ranges` (what they change)
+    /// out of sync for every peer.
+    pub(crate) async fn applies_stuck(self: &Arc<Self>, why: &str, ranges: &[(u64, u64)]) {
+        let class = disk_failure::ErrorClass::Disk { errno: None };
+        match disk_failure::on_local_error(self.spec.on_io_error, class, true) {
+            OnError::Detach => {
+                let me = self.clone();
+                let why = why.to_string();
+                tokio::spawn(async move { me.detach_after_error(why).await });
+            }
+            OnError::PassOn { .. } | OnError::Return => {
+                tracing::error!(resource = %self.spec.name, "{why}: marked out of sync for \
+                    every peer (on-io-error = pass-on)");
+                self.emit(None, "error", format!("local disk stuck: {why}"));
+                self.mark_for_every_peer(ranges).await;
             }
         }
     }

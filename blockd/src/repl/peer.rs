@@ -61,6 +61,9 @@ const REFUSAL_SEND_LIMIT: Duration = Duration::from_secs(2);
 /// How long a session that ended may go on applying the requests it had received (protocols A
 /// and B: see `Session::finish_applies`).
 pub const FINISH_APPLIES_LIMIT: Duration = Duration::from_secs(60);
+/// How long a session that ended waits for the requests still running on the local disk (see
+/// `Session::stop_applies`) before it counts the disk as failed.
+pub const STOP_APPLIES_LIMIT: Duration = Duration::from_secs(20);
 
 /// A write queued to a peer and not yet acknowledged by it.
 pub struct PendingWrite {
@@ -653,7 +656,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         let _finishing = res.finishing_applies();
         session.finish_applies(&peer.name).await;
     }
-    session.ops.abort_all();
+    session.stop_applies(STOP_APPLIES_LIMIT).await;
     res.snapshots
         .boundaries
         .session_ended(session.flush_session);
@@ -966,6 +969,8 @@ struct Session {
     order: ApplyOrder<Op>,
     /// Requests the store did not complete at once: `(seq, outcome)`.
     ops: tokio::task::JoinSet<(u64, Result<Done, String>)>,
+    /// The bytes each request in `ops` changes (`changed_range`), by sequence number.
+    op_ranges: HashMap<u64, (u64, u64)>,
     /// Acknowledgements not sent yet (sent per batch of received frames).
     recv_acks: Vec<u64>,
     write_acks: Vec<u64>,
@@ -1042,6 +1047,7 @@ impl Session {
             stash: VecDeque::new(),
             order: ApplyOrder::default(),
             ops: tokio::task::JoinSet::new(),
+            op_ranges: HashMap::new(),
             recv_acks: Vec::new(),
             write_acks: Vec::new(),
             other_acks: Vec::new(),
@@ -1191,6 +1197,41 @@ impl Session {
         );
     }
 
+    /// The session is over: waits, at most `limit`, for the requests running on the local disk
+    /// (the waiting ones are not started). Aborting one instead would drop its future in the
+    /// middle of its I/O: the engine write goes on (`store::in_flight`) while its activity-log
+    /// hold is given back and the peer marks the range for a resync, so it could land after
+    /// the next session resynced the range, or after a promotion let new writes at it, over
+    /// newer data. A request still running after `limit` counts as a disk failure
+    /// (`on-io-error`: detach; pass-on marks its range out of sync for every peer). What
+    /// completes is booked as usual (its acknowledgement is never sent: the peer marks it).
+    async fn stop_applies(&mut self, limit: Duration) {
+        let drained = tokio::time::timeout(limit, async {
+            while let Some(joined) = self.ops.join_next().await {
+                if let Ok((seq, done)) = joined {
+                    self.op_ranges.remove(&seq);
+                    // A failure already went through `on-io-error` where it happened.
+                    if let Ok(done) = done {
+                        self.complete(seq, done);
+                    }
+                }
+            }
+        })
+        .await;
+        if drained.is_ok() {
+            return;
+        }
+        let stuck = self.ops.len();
+        self.ops.abort_all();
+        let ranges: Vec<(u64, u64)> = self.op_ranges.drain().map(|(_, r)| r).collect();
+        let why = format!(
+            "{stuck} replicated requests still running on the local disk {} s after the \
+             session ended",
+            limit.as_secs()
+        );
+        self.res.applies_stuck(&why, &ranges).await;
+    }
+
     /// Sends the acknowledgements gathered so far (one outbox append for all).
     fn send_acks(&mut self) {
         if std::mem::take(&mut self.written_acks) {
@@ -1275,6 +1316,7 @@ impl Session {
                 self.order.done(seq, &mut todo);
                 continue;
             }
+            let range = changed_range(&r.op);
             let mut fut = execute(self.res.clone(), self.i, r.op);
             match std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await {
                 Poll::Ready(done) => {
@@ -1282,6 +1324,9 @@ impl Session {
                     self.order.done(seq, &mut todo);
                 }
                 Poll::Pending => {
+                    if let Some(range) = range {
+                        self.op_ranges.insert(seq, range);
+                    }
                     self.ops.spawn(async move { (seq, fut.await) });
                 }
             }
@@ -1294,6 +1339,7 @@ impl Session {
         joined: Result<(u64, Result<Done, String>), tokio::task::JoinError>,
     ) -> Result<(), String> {
         let (seq, done) = joined.map_err(|e| format!("apply task failed: {e}"))?;
+        self.op_ranges.remove(&seq);
         self.complete(seq, done?);
         let mut released = Vec::new();
         self.order.done(seq, &mut released);
@@ -2044,6 +2090,74 @@ mod tests {
                 bytes: 3
             }
         );
+        res.shutdown().await;
+    }
+
+    /// A session (with nobody on the other end) of a resource started alone under `extra`.
+    async fn lone_session(extra: &str) -> (crate::repl::tests::Cluster, Arc<Resource>, Session) {
+        let mut c = crate::repl::tests::cluster_with(2, "C", extra).await;
+        let res = c.start(0);
+        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
+        let s = Session::new(res.clone(), 0, conn, failed);
+        (c, res, s)
+    }
+
+    /// An apply that never completes, changing `range`.
+    fn stuck_apply(s: &mut Session, seq: u64, range: (u64, u64)) {
+        s.op_ranges.insert(seq, range);
+        s.ops
+            .spawn(std::future::pending::<(u64, Result<Done, String>)>());
+    }
+
+    /// The requests of an ended session still running on the disk are waited for: aborting
+    /// one dropped its future while its engine write went on, to land later over newer data
+    /// (after the next session resynced the range, or after a promotion). One still running
+    /// after the limit is a disk failure: `on-io-error = detach` detaches.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ended_session_waits_for_its_running_applies() {
+        use std::sync::atomic::AtomicBool;
+        let (_c, res, mut s) = lone_session("").await;
+        let landed = Arc::new(AtomicBool::new(false));
+        s.op_ranges.insert(1, (0, 4096));
+        {
+            let landed = landed.clone();
+            // A slow write, done 300 ms from now.
+            s.ops.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                landed.store(true, Ordering::SeqCst);
+                (1, Ok(Done::Written))
+            });
+        }
+        s.stop_applies(Duration::from_secs(10)).await;
+        assert!(
+            landed.load(Ordering::SeqCst),
+            "the write completed before the session's end went on"
+        );
+        assert!(s.ops.is_empty() && s.op_ranges.is_empty());
+        assert_eq!(res.status().disk, "inconsistent", "not a disk failure");
+        stuck_apply(&mut s, 2, (8192, 4096));
+        s.stop_applies(Duration::from_millis(100)).await;
+        crate::repl::tests::wait_for("detached", || res.status().disk == "diskless").await;
+        res.shutdown().await;
+    }
+
+    /// Under `on-io-error = pass-on` a request still running after the limit keeps the disk
+    /// attached and marks its range out of sync for every peer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stuck_apply_under_pass_on_marks_its_range() {
+        let (_c, res, mut s) = lone_session("on-io-error = \"pass-on\"\n").await;
+        stuck_apply(&mut s, 1, (8192, 4096));
+        s.stop_applies(Duration::from_millis(100)).await;
+        assert!(s.op_ranges.is_empty());
+        {
+            let m = res.meta.lock().unwrap();
+            for b in &m.bitmaps {
+                assert_eq!(b.count_dirty_bytes(), b.block_size().max(4096));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(res.status().disk, "inconsistent", "attached");
         res.shutdown().await;
     }
 
