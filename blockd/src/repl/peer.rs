@@ -497,14 +497,13 @@ impl Resource {
     }
 
     /// Waits until no ended session is applying what it received (at most a little longer
-    /// than [`FINISH_APPLIES_LIMIT`], after which they have given up anyway).
+    /// than [`FINISH_APPLIES_LIMIT`] and [`STOP_APPLIES_LIMIT`], after which they have given
+    /// up anyway).
     pub(crate) async fn applies_finished(&self) {
         let mut rx = self.finishing.subscribe();
         let wait = rx.wait_for(|n| *n == 0);
-        if tokio::time::timeout(FINISH_APPLIES_LIMIT + Duration::from_secs(5), wait)
-            .await
-            .is_err()
-        {
+        let limit = FINISH_APPLIES_LIMIT + STOP_APPLIES_LIMIT + Duration::from_secs(5);
+        if tokio::time::timeout(limit, wait).await.is_err() {
             tracing::warn!(resource = %self.name(), "received writes still being applied");
         }
     }
@@ -650,13 +649,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     if let Some(task) = session.resync.take() {
         task.stop().await;
     }
-    if res.peers[i].protocol.peer_ack() != PeerAck::Written {
-        // Under A and B the Primary may have acknowledged what this node received: apply it
-        // before the link is reported down (promotion and new handshakes wait for this).
-        let _finishing = res.finishing_applies();
-        session.finish_applies(&peer.name).await;
-    }
-    session.stop_applies(STOP_APPLIES_LIMIT).await;
+    session.end_applies(&peer.name).await;
     res.snapshots
         .boundaries
         .session_ended(session.flush_session);
@@ -1195,6 +1188,21 @@ impl Session {
             "error",
             format!("received writes not applied: {running} running, {waiting} waiting ({why})"),
         );
+    }
+
+    /// The session ended: under A and B the Primary may have acknowledged what this node
+    /// received, so it is applied before the link is reported down (`finish_applies`); under
+    /// every protocol the requests running on the disk are waited for (`stop_applies`).
+    /// Promotion waits for both (`Resource::applies_finished`): a write of the lost Primary
+    /// landing after it would overwrite the new Primary's.
+    async fn end_applies(&mut self, peer: &str) {
+        let res = self.res.clone();
+        let acked_early = res.peers[self.i].protocol.peer_ack() != PeerAck::Written;
+        let _finishing = (acked_early || !self.ops.is_empty()).then(|| res.finishing_applies());
+        if acked_early {
+            self.finish_applies(peer).await;
+        }
+        self.stop_applies(STOP_APPLIES_LIMIT).await;
     }
 
     /// The session is over: waits, at most `limit`, for the requests running on the local disk
@@ -2139,6 +2147,39 @@ mod tests {
         stuck_apply(&mut s, 2, (8192, 4096));
         s.stop_applies(Duration::from_millis(100)).await;
         crate::repl::tests::wait_for("detached", || res.status().disk == "diskless").await;
+        res.shutdown().await;
+    }
+
+    /// Promotion waits while an ended protocol C session waits for its running applies (it
+    /// waited only for the applies of protocols A and B).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn promotion_waits_for_the_applies_of_an_ended_session() {
+        use std::sync::atomic::AtomicBool;
+        let (_c, res, mut s) = lone_session("").await;
+        let landed = Arc::new(AtomicBool::new(false));
+        {
+            let landed = landed.clone();
+            s.ops.spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                landed.store(true, Ordering::SeqCst);
+                (1, Ok(Done::Written))
+            });
+        }
+        let ending = tokio::spawn(async move { s.end_applies("beta").await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = res
+            .promote_check(false)
+            .expect_err("refused while applying");
+        assert!(
+            refused.to_string().contains("still being applied"),
+            "{refused}"
+        );
+        res.applies_finished().await;
+        assert!(
+            landed.load(Ordering::SeqCst),
+            "promotion went on before the write landed"
+        );
+        ending.await.unwrap();
         res.shutdown().await;
     }
 
