@@ -374,8 +374,9 @@ impl Applier {
             .ok_or_else(|| ApplyError::Rejected(PathRejected::Outside(logical.into())))?;
         let rel = logical[root.len()..].trim_start_matches('/');
         if rel.is_empty() {
-            // The include root itself: addressed from its parent directory (set up by the admin).
-            let (parent, name, _) = self.open_root(logical, root, phys)?;
+            // The include root itself (a directory, or a file for a single-file include):
+            // addressed from its parent directory (set up by the admin).
+            let (parent, name) = self.open_root_parent(logical, phys)?;
             return Ok(Some(Target {
                 logical: logical.into(),
                 dir: Arc::new(parent),
@@ -392,7 +393,7 @@ impl Applier {
                 name: cstr(last),
             }));
         }
-        let (_, _, mut dir) = self.open_root(logical, root, phys)?;
+        let (_, _, mut dir) = self.open_root(logical, root, phys, create)?;
         for c in parents {
             let name = cstr(c);
             let flags = libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY;
@@ -437,23 +438,13 @@ impl Applier {
         }))
     }
 
-    /// Opens include root `root` (at `phys`) for a path at or under it: the root's parent
-    /// directory (the admin's, followed like any configured path), the root's name in it and the
-    /// root itself, opened without following a symlink in its place (one could lead anywhere).
-    /// Refused, like the scan skips it: a root that is missing (never created here: it may be
-    /// the mount point of an unmounted filesystem, or be unmounted), not a directory, or holding
-    /// none of what is recorded under it (an unmounted filesystem's mount point: a file written
-    /// there would make the next scan take every recorded file as deleted, on every peer).
-    fn open_root(
+    /// The parent directory of include root `phys` (the admin's path, followed like any
+    /// configured path) and the root's name in it.
+    fn open_root_parent(
         &self,
         logical: &str,
-        root: &str,
         phys: &Path,
-    ) -> Result<(OwnedFd, CString, OwnedFd), ApplyError> {
-        let missing = || ApplyError::RootMissing {
-            path: logical.into(),
-            root: phys.to_path_buf(),
-        };
+    ) -> Result<(OwnedFd, CString), ApplyError> {
         let (parent_path, name) = match phys.file_name() {
             Some(n) => (
                 phys.parent().unwrap_or(Path::new("/")),
@@ -461,16 +452,59 @@ impl Applier {
             ),
             None => (phys, cstr(".")),
         };
-        let parent = match open_dir_path(parent_path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
-            Err(e) => return Err(io_err(logical, "open the include root's parent")(e)),
-        };
-        let flags = libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_RDONLY;
-        let dir = match openat(&parent, &name, flags, 0) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(missing()),
+        match open_dir_path(parent_path) {
+            Ok(d) => Ok((d, name)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ApplyError::RootMissing {
+                path: logical.into(),
+                root: phys.to_path_buf(),
+            }),
+            Err(e) => Err(io_err(logical, "open the include root's parent")(e)),
+        }
+    }
+
+    /// Opens include root `root` (at `phys`) for a path under it: the root's parent, the root's
+    /// name in it and the root itself. A symlink there is the admin's (a peer can never put one
+    /// there, see [`Applier::refuse_root_replacement`]) and is followed, as the scan does, unless
+    /// the root is recorded as a directory: then it took the directory's place, and the scan
+    /// skips it too. Refused, like the scan skips it: a root that is missing (not created for a
+    /// path under it: it may be the mount point of an unmounted filesystem) or not a directory;
+    /// and for a write (`create`), a root holding none of what is recorded under it (an
+    /// unmounted filesystem's mount point: a file written there would make the next scan take
+    /// every recorded file as deleted, on every peer). Reads and deletions there find nothing
+    /// and change nothing.
+    fn open_root(
+        &self,
+        logical: &str,
+        root: &str,
+        phys: &Path,
+        create: bool,
+    ) -> Result<(OwnedFd, CString, OwnedFd), ApplyError> {
+        let (parent, name) = self.open_root_parent(logical, phys)?;
+        let flags = libc::O_DIRECTORY | libc::O_RDONLY;
+        let opened = match openat(&parent, &name, flags | libc::O_NOFOLLOW, 0) {
+            // (ELOOP, or ENOTDIR with O_DIRECTORY: a symlink either way, or not a directory.)
             Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                let symlink = fstatat(&parent, &name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                if symlink && !self.recorded_dir(logical, root)? {
+                    openat(&parent, &name, flags, 0)
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        };
+        let dir = match opened {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ApplyError::RootMissing {
+                    path: logical.into(),
+                    root: phys.to_path_buf(),
+                });
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) => {
                 return Err(ApplyError::RootNotADirectory {
                     path: logical.into(),
                     root: phys.to_path_buf(),
@@ -478,6 +512,9 @@ impl Applier {
             }
             Err(e) => return Err(io_err(logical, "open include root")(e)),
         };
+        if !create {
+            return Ok((parent, name, dir));
+        }
         let st = fstat(&dir).map_err(io_err(logical, "stat include root"))?;
         let id = (st.st_dev, st.st_ino);
         if !self.usable().contains(&id) {
@@ -491,6 +528,21 @@ impl Applier {
             self.usable().insert(id);
         }
         Ok((parent, name, dir))
+    }
+
+    /// Whether include root `root` is recorded as a directory.
+    fn recorded_dir(&self, logical: &str, root: &str) -> Result<bool, ApplyError> {
+        let found = self
+            .store
+            .lookup(&self.group.name, None, &[root])
+            .map_err(|source| ApplyError::RootRecords {
+                path: logical.into(),
+                source,
+            })?;
+        Ok(found
+            .first()
+            .and_then(|(st, _)| st.as_ref())
+            .is_some_and(|st| st.exists() && st.kind == Kind::Dir))
     }
 
     /// What is recorded at the top level of include root `root` (open as `dir`) when none of it
@@ -562,14 +614,29 @@ impl Applier {
     /// Refuses to put anything but a directory at an include root's own path: a symlink there
     /// would lead every later write wherever it points, a file would take the tree's place (and
     /// an emptied root directory would be removed for it).
+    ///
+    /// A root that is a regular file here, or missing, is a single-file include: a file may
+    /// replace it. A root that is a directory or a symlink (the admin's) here is never replaced,
+    /// and a symlink is never put at a root's path (later writes under it would follow it).
     fn refuse_root_replacement(&self, logical: &str, kind: Kind) -> Result<(), ApplyError> {
-        if kind != Kind::Dir && self.roots.iter().any(|(r, _)| r == logical) {
-            return Err(ApplyError::RootReplacement {
-                path: logical.into(),
-                kind: kind.name(),
-            });
+        let Some((_, phys)) = self.roots.iter().find(|(r, _)| r == logical) else {
+            return Ok(());
+        };
+        if kind == Kind::Dir {
+            return Ok(());
         }
-        Ok(())
+        let here = std::fs::symlink_metadata(phys);
+        let single_file = match &here {
+            Ok(md) => md.is_file(),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        if single_file && kind == Kind::File {
+            return Ok(());
+        }
+        Err(ApplyError::RootReplacement {
+            path: logical.into(),
+            kind: kind.name(),
+        })
     }
 
     fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<OwnedFd>>> {
@@ -1554,8 +1621,8 @@ mod tests {
         assert!(unmounted(a.begin_file("%d%/etc/new", None).map(|_| ())));
         assert!(unmounted(a.make_dir("%d%/etc", &dstate())));
         assert!(unmounted(a.make_symlink("%d%/l", &fstate(b"", 1, 0o777))));
-        assert!(unmounted(a.delete("%d%/stray")), "deletions neither");
-        assert!(unmounted(a.set_meta("%d%", &dstate())));
+        // Deletions and reads go on: they find nothing recorded there and change nothing.
+        a.delete("%d%/gone").unwrap();
         let mut names: Vec<_> = std::fs::read_dir(&root)
             .unwrap()
             .map(|e| e.unwrap().file_name())
@@ -1586,11 +1653,13 @@ mod tests {
         std::fs::remove_dir(&root).unwrap();
         let missing = |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootMissing { .. }));
         assert!(missing(a.begin_file("%d%/sub/f", None).map(|_| ())));
-        assert!(missing(a.make_dir("%d%", &dstate())));
         assert!(missing(a.make_dir("%d%/sub", &dstate())));
         assert!(missing(a.delete("%d%/f")), "not taken as already deleted");
         assert!(missing(a.current("%d%/f").map(|_| ())));
         assert!(!root.exists());
+        // The root itself, sent as a directory (a new host), is created in its parent.
+        a.make_dir("%d%", &dstate()).unwrap();
+        assert!(root.is_dir());
     }
 
     #[test]
@@ -1612,17 +1681,43 @@ mod tests {
         let cur = a.current("%d%/f").unwrap().unwrap();
         assert!(replaced(a.rename("%d%/f", "%d%", &cur, &cur)));
         assert!(root.is_dir() && !root.is_symlink());
-        // A symlink put in the root's place (locally) is not followed by the next session.
+        // A symlink put in the place of a root recorded as a directory is not followed by the
+        // next session (the scan skips such a root too).
+        record(&s, &["%d%"]);
         std::fs::rename(&root, d.path().join("a.old")).unwrap();
         std::os::unix::fs::symlink(&outside, &root).unwrap();
-        let a = Applier::new(&c.hosts["a"], &c.groups["g"], s).unwrap();
+        let a = Applier::new(&c.hosts["a"], &c.groups["g"], s.clone()).unwrap();
         let not_dir =
             |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootNotADirectory { .. }));
         assert!(not_dir(a.begin_file("%d%/evil", None).map(|_| ())));
         assert!(not_dir(a.make_dir("%d%/evil", &dstate())));
         assert!(not_dir(a.make_symlink("%d%/evil", &link)));
-        assert!(not_dir(a.make_dir("%d%", &dstate())));
+        assert!(replaced(a.make_symlink("%d%", &link)));
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    }
+
+    /// A single-file include (its root is a file) is received like any file, and an admin's
+    /// symlink as a root that was never recorded as a directory (`/home -> var/home`) is
+    /// followed, as the scan follows it.
+    #[test]
+    fn single_file_roots_and_an_admins_root_symlink_are_synced() {
+        let d = tempfile::tempdir().unwrap();
+        let (_c, a, s) = setup(d.path());
+        let root = d.path().join("a");
+        std::fs::remove_dir(&root).unwrap();
+        write(&a, "%d%", b"one file", 1);
+        assert_eq!(std::fs::read(&root).unwrap(), b"one file");
+        write(&a, "%d%", b"changed", 2);
+        assert_eq!(std::fs::read(&root).unwrap(), b"changed");
+        drop(s);
+        let d = tempfile::tempdir().unwrap();
+        let (_c, a, _s) = setup(d.path());
+        let root = d.path().join("a");
+        let real = d.path().join("real");
+        std::fs::rename(&root, &real).unwrap();
+        std::os::unix::fs::symlink(&real, &root).unwrap();
+        write(&a, "%d%/f", b"f", 1);
+        assert_eq!(std::fs::read(real.join("f")).unwrap(), b"f");
     }
 
     #[test]

@@ -192,15 +192,31 @@ impl PhaseTimer {
 /// enough to receive a largest frame (16 MiB) at about 60 KB/s.
 pub const SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// A fed message goes out at the latest this long after the last flush: a long stream of small
+/// messages (delta chunks of a large file that mostly matches its base encode to a few bytes
+/// per 4 MiB read) must keep reaching the peer, which would otherwise sit silent past its
+/// [`SESSION_IDLE_TIMEOUT`] while the buffer fills.
+const FEED_FLUSH_EVERY: Duration = Duration::from_secs(1);
+
 /// A framed message link with the peer's name for errors.
 struct Link<'a> {
     conn: &'a mut Connection,
     peer: String,
     /// Longest wait for one message ([`SESSION_IDLE_TIMEOUT`]).
     idle: Duration,
+    /// When the buffered messages last went out.
+    flushed: std::time::Instant,
 }
 
 impl Link<'_> {
+    fn new(conn: &mut Connection, peer: String, idle: Duration) -> Link<'_> {
+        Link {
+            conn,
+            peer,
+            idle,
+            flushed: std::time::Instant::now(),
+        }
+    }
     async fn feed(&mut self, m: &Message) -> Result<(), SessionError> {
         self.conn
             .feed(&m.encode())
@@ -208,7 +224,11 @@ impl Link<'_> {
             .map_err(|source| SessionError::Transport {
                 peer: self.peer.clone(),
                 source,
-            })
+            })?;
+        if self.flushed.elapsed() >= FEED_FLUSH_EVERY {
+            self.flush().await?;
+        }
+        Ok(())
     }
     async fn flush(&mut self) -> Result<(), SessionError> {
         self.conn
@@ -217,7 +237,9 @@ impl Link<'_> {
             .map_err(|source| SessionError::Transport {
                 peer: self.peer.clone(),
                 source,
-            })
+            })?;
+        self.flushed = std::time::Instant::now();
+        Ok(())
     }
     async fn send(&mut self, m: &Message) -> Result<(), SessionError> {
         self.feed(m).await?;
@@ -984,11 +1006,7 @@ pub async fn run_client(
             group: group.name.clone(),
             source,
         })?;
-    let mut link = Link {
-        conn,
-        peer: peer.clone(),
-        idle: SESSION_IDLE_TIMEOUT,
-    };
+    let mut link = Link::new(conn, peer.clone(), SESSION_IDLE_TIMEOUT);
     let mut report = SessionReport {
         group: group.name.clone(),
         peer: peer.clone(),
@@ -1191,11 +1209,7 @@ pub async fn fetch_listing(
     conn: &mut Connection,
 ) -> Result<Vec<(String, FileState, Option<FileState>)>, SessionError> {
     let peer = conn.peer_name().to_string();
-    let mut link = Link {
-        conn,
-        peer: peer.clone(),
-        idle: SESSION_IDLE_TIMEOUT,
-    };
+    let mut link = Link::new(conn, peer.clone(), SESSION_IDLE_TIMEOUT);
     link.send(&Message::Hello {
         version: PROTOCOL_VERSION,
         group: group.name.clone(),
@@ -1259,11 +1273,7 @@ pub async fn run_server(
 ) -> Result<SessionReport, SessionError> {
     let peer = conn.peer_name().to_string();
     let group_name = conn.group().to_string();
-    let mut link = Link {
-        conn,
-        peer: peer.clone(),
-        idle: opts.idle,
-    };
+    let mut link = Link::new(conn, peer.clone(), opts.idle);
     let group = match link.recv().await? {
         Message::Hello {
             version,
@@ -1728,11 +1738,7 @@ mod tests {
         let (_alpha, mut beta) = crate::transport::tests::loopback_pair().await;
         let applier =
             Applier::new(&node.me, node.group("web").unwrap(), node.store.clone()).unwrap();
-        let mut link = Link {
-            conn: &mut beta,
-            peer: "alpha".into(),
-            idle: Duration::from_secs(5),
-        };
+        let mut link = Link::new(&mut beta, "alpha".into(), Duration::from_secs(5));
         for transfer in [WireTransfer::Full, WireTransfer::Delta] {
             // No winner: the data the peer streams for it could not be checked, nor skipped.
             let it = item("%d%/f", WireDecision::Push, transfer);
@@ -1842,5 +1848,24 @@ mod tests {
         };
         let from_outside = check_decision(g, "a", "%d%/f", WireDecision::Pull, &rename);
         assert!(matches!(from_outside, Err(SessionError::BadPath { .. })));
+    }
+
+    /// Messages only fed (never flushed by the sender's logic: delta chunks of a large file
+    /// that mostly matches its base) still reach the peer within about a second, so its idle
+    /// limit never cuts off a busy sender.
+    #[tokio::test]
+    async fn fed_messages_reach_the_peer_within_a_second() {
+        let (mut alpha, mut beta) = crate::transport::tests::loopback_pair().await;
+        let mut link = Link::new(&mut alpha, "beta".into(), Duration::from_secs(5));
+        let msg = Message::Error {
+            message: "x".into(),
+        };
+        link.feed(&msg).await.unwrap();
+        tokio::time::sleep(FEED_FLUSH_EVERY + Duration::from_millis(100)).await;
+        link.feed(&msg).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), beta.recv())
+            .await
+            .expect("nothing arrived although fed for over a second");
+        assert!(got.unwrap().is_some());
     }
 }
