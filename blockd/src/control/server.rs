@@ -149,7 +149,7 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
         // checks the state, then acts (a flush, a wait), and another one in between would act
         // on a state the first one is changing (a promote during a detach's flush: a Diskless
         // Primary).
-        let _admin = match (ADMIN_COMMANDS.contains(&req.cmd.as_str()), one()) {
+        let admin = match (ADMIN_COMMANDS.contains(&req.cmd.as_str()), one()) {
             (true, Ok(r)) => Some(r.admin.lock().await),
             _ => None,
         };
@@ -304,6 +304,8 @@ async fn client(s: UnixStream, resources: Arc<Vec<Arc<Resource>>>) -> std::io::R
             }
             other => Response::error(ErrorCode::BadRequest, format!("unknown command {other:?}")),
         };
+        // Not held while a client that reads slowly (or never) takes the answer.
+        drop(admin);
         send(&mut w, &resp).await?;
     }
     Ok(())

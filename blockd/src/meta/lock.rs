@@ -6,6 +6,7 @@
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::MetaError;
 
@@ -17,25 +18,48 @@ pub struct MetaLock {
     path: PathBuf,
 }
 
+/// How long [`MetaLock::take`] retries a lock held by someone else: udev holds a shared lock on
+/// a block device for a moment while it handles the device's events (after `lvcreate`, or after
+/// `create-md` closed a device it wrote to); a blockd holds it for good.
+pub const IN_USE_WAIT: Duration = Duration::from_secs(3);
+
 impl MetaLock {
-    /// Takes the lock without waiting: [`MetaError::InUse`] when another process holds it.
+    /// Takes the lock, retrying for [`IN_USE_WAIT`]: [`MetaError::InUse`] when another process
+    /// still holds it then.
     pub fn take(path: &Path) -> Result<MetaLock, MetaError> {
+        Self::take_within(path, IN_USE_WAIT)
+    }
+
+    /// Takes the lock, retrying for `wait`.
+    pub fn take_within(path: &Path, wait: Duration) -> Result<MetaLock, MetaError> {
         let file = File::open(path).map_err(|source| MetaError::Open {
             path: path.to_path_buf(),
             source,
         })?;
-        match file.try_lock() {
-            Ok(()) => Ok(MetaLock {
-                _file: file,
-                path: path.to_path_buf(),
-            }),
-            Err(TryLockError::WouldBlock) => Err(MetaError::InUse {
-                path: path.to_path_buf(),
-            }),
-            Err(TryLockError::Error(source)) => Err(MetaError::Lock {
-                path: path.to_path_buf(),
-                source,
-            }),
+        let deadline = Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => {
+                    return Ok(MetaLock {
+                        _file: file,
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(TryLockError::WouldBlock) => {
+                    return Err(MetaError::InUse {
+                        path: path.to_path_buf(),
+                    });
+                }
+                Err(TryLockError::Error(source)) => {
+                    return Err(MetaError::Lock {
+                        path: path.to_path_buf(),
+                        source,
+                    });
+                }
+            }
         }
     }
 
@@ -58,11 +82,16 @@ mod tests {
         assert_eq!(first.path(), path);
         // Another open file description, as another process would have.
         assert!(matches!(
-            MetaLock::take(&path),
+            MetaLock::take_within(&path, Duration::ZERO),
             Err(MetaError::InUse { path: p }) if p == path
         ));
-        drop(first);
-        MetaLock::take(&path).unwrap();
+        // A holder that lets go within the wait (udev) is waited for.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        MetaLock::take_within(&path, Duration::from_secs(5)).unwrap();
+        t.join().unwrap();
         assert!(matches!(
             MetaLock::take(&dir.path().join("missing")),
             Err(MetaError::Open { .. })

@@ -67,14 +67,26 @@ fn send_cost(msg: &Message) -> u64 {
 pub(crate) struct AlHold {
     meta: Arc<Mutex<MetaState>>,
     freed: Arc<Notify>,
-    extents: (u32, u32),
+    /// `None` once completed some other way ([`AlHold::completed`]).
+    extents: Option<(u32, u32)>,
+}
+
+impl AlHold {
+    /// The write's registration was already ended under the metadata lock (a failed persist):
+    /// dropping the hold must not end it again, which would take the count of a write that
+    /// registered the same extents since.
+    fn completed(mut self) {
+        self.extents = None;
+        self.freed.notify_waiters();
+    }
 }
 
 impl Drop for AlHold {
     fn drop(&mut self) {
-        let (first, last) = self.extents;
-        self.meta.lock().expect("meta").al.complete(first, last);
-        self.freed.notify_waiters();
+        if let Some((first, last)) = self.extents {
+            self.meta.lock().expect("meta").al.complete(first, last);
+            self.freed.notify_waiters();
+        }
     }
 }
 
@@ -146,7 +158,7 @@ impl Resource {
         AlHold {
             meta: self.meta.clone(),
             freed: self.al_freed.clone(),
-            extents: (first, last),
+            extents: Some((first, last)),
         }
     }
 
@@ -188,20 +200,32 @@ impl Resource {
                     // The count of transactions being persisted drops when this one is on
                     // disk (or failed), even if the waiting write was cancelled meanwhile.
                     let gate = gate.take();
-                    self.meta_io(move |m| {
-                        let r = persist_al_transactions(m, &pending);
-                        if r.is_err() {
-                            // The write fails: its extents must not stay hot in memory with no
-                            // transaction naming them on disk (see `ActivityLog::persist_failed`).
-                            m.al.persist_failed(&pending);
-                        }
-                        m.al_persisting -= 1;
-                        drop(gate);
-                        r
-                    })
-                    .await
-                    .map_err(|e| meta_failure(offset, len, e))?;
-                    return Ok(held);
+                    // The hold goes with the closure: a write cancelled meanwhile must not
+                    // end its registration a second time after the closure ended it.
+                    return self
+                        .meta_io(move |m| {
+                            let r = persist_al_transactions(m, &pending);
+                            m.al_persisting -= 1;
+                            match r {
+                                Ok(()) => {
+                                    drop(gate);
+                                    Ok(held)
+                                }
+                                Err(e) => {
+                                    // The write fails: its extents must not stay hot in memory
+                                    // with no transaction naming them on disk (see
+                                    // `ActivityLog::persist_failed`), and it ends here, before
+                                    // the gate lets another write register them.
+                                    m.al.persist_failed(&pending);
+                                    m.al.complete(first, last);
+                                    held.completed();
+                                    drop(gate);
+                                    Err(e)
+                                }
+                            }
+                        })
+                        .await
+                        .map_err(|e| meta_failure(offset, len, e));
                 }
                 Err(AlBusy::Full) => freed.await,
                 Err(e @ AlBusy::TooLarge(_)) => return Err(meta_failure(offset, len, e)),

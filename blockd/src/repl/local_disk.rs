@@ -39,6 +39,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
 const ATTACH_BLOCK: u32 = 4096;
 /// How long the resync after attach waits between tries while no peer can serve.
 const NO_PEER_RETRY: Duration = Duration::from_millis(200);
+/// How long `blockctl detach` waits for its flush before detaching anyway.
+const DETACH_FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
 /// The backing store of a resource; `blockctl attach` replaces it with a freshly opened one.
 /// Every call runs on the store current when it starts.
@@ -378,9 +380,19 @@ impl Resource {
         let class = disk_failure::ErrorClass::Disk { errno: None };
         match disk_failure::on_local_error(self.spec.on_io_error, class, true) {
             OnError::Detach => {
-                let me = self.clone();
-                let why = why.to_string();
-                tokio::spawn(async move { me.detach_after_error(why).await });
+                // Failed at once, before the session's end lets a waiting promotion look at the
+                // disk; the rest of the detach runs on its own task.
+                if self.mark_disk_failed() {
+                    tracing::error!(resource = %self.spec.name, "local disk failed, detaching \
+                        (on-io-error = detach): {why}");
+                    self.emit(None, "error", format!("local disk failed: {why}"));
+                    let me = self.clone();
+                    let why = why.to_string();
+                    tokio::spawn(async move {
+                        let _detaching = me.disk_rt.detaching.lock().await;
+                        me.finish_detach(why).await
+                    });
+                }
             }
             OnError::PassOn { .. } | OnError::Return => {
                 tracing::error!(resource = %self.spec.name, "{why}: marked out of sync for \
@@ -406,13 +418,24 @@ impl Resource {
     /// tracks every write for it in the bitmap meanwhile).
     async fn detach_local(&self, why: String) {
         let _detaching = self.disk_rt.detaching.lock().await;
-        {
-            let mut st = self.state.lock().expect("state");
-            if !st.disk.has_disk() {
-                return;
-            }
-            st.disk = DiskState::Failed;
+        if self.mark_disk_failed() {
+            self.finish_detach(why).await;
         }
+    }
+
+    /// The first step of a detach: the disk is Failed (nothing uses it from here, and no
+    /// promotion is granted on it). `false` when it had no disk to detach.
+    fn mark_disk_failed(&self) -> bool {
+        let mut st = self.state.lock().expect("state");
+        if !st.disk.has_disk() {
+            return false;
+        }
+        st.disk = DiskState::Failed;
+        true
+    }
+
+    /// The rest of a detach, after [`Self::mark_disk_failed`] (holding `detaching`).
+    async fn finish_detach(&self, why: String) {
         self.disk_rt.epoch.fetch_add(1, Ordering::SeqCst);
         // The snapshots froze this disk: once it is detached (failed, or to be repaired or
         // replaced), nothing says the disk attached later holds the same blocks, so
@@ -517,7 +540,9 @@ impl Resource {
         };
         may_detach(disk, primary, &self.peer_views(), force)
             .map_err(|r| ResourceError::Refused(r.to_string()))?;
-        let _ = self.store.flush().await;
+        // Bounded: a hung disk is the usual reason to detach, and this runs under the
+        // resource's admin lock (other admin commands wait for it).
+        let _ = tokio::time::timeout(DETACH_FLUSH_LIMIT, self.store.flush()).await;
         tracing::info!(resource = %self.spec.name, "detaching the local disk (blockctl detach)");
         self.detach_local("detached by the administrator".into())
             .await;

@@ -124,9 +124,14 @@ where
     tracing::info!(node, control = %path.display(), resources = resources.len(), "node running");
     shutdown.await;
     let _ = stop_tx.send(());
+    // Concurrently: each may wait for its sessions to end, and one after another they could
+    // outlast a service manager's stop timeout.
+    let mut stopping = tokio::task::JoinSet::new();
     for r in &resources {
-        r.shutdown().await;
+        let r = r.clone();
+        stopping.spawn(async move { r.shutdown().await });
     }
+    while stopping.join_next().await.is_some() {}
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&path);
     Ok(())

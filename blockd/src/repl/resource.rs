@@ -1647,9 +1647,12 @@ impl Resource {
 }
 
 /// How long a shutdown waits for the sessions to end: under A and B a session may apply what
-/// it received for up to [`peer::FINISH_APPLIES_LIMIT`], then persists its loss marks.
-const SESSIONS_END_TIMEOUT: Duration =
-    Duration::from_secs(peer::FINISH_APPLIES_LIMIT.as_secs() + 15);
+/// it received for up to [`peer::FINISH_APPLIES_LIMIT`], then wait up to
+/// [`peer::STOP_APPLIES_LIMIT`] for the requests still running on the disk, then persists its
+/// loss marks.
+const SESSIONS_END_TIMEOUT: Duration = Duration::from_secs(
+    peer::FINISH_APPLIES_LIMIT.as_secs() + peer::STOP_APPLIES_LIMIT.as_secs() + 15,
+);
 
 /// Counts one run loop as running while it lives (dropped when it returns or is aborted).
 struct Running(watch::Sender<usize>);
