@@ -63,6 +63,41 @@ pub enum DisconnectReason {
     /// Diskless Primary and a peer at another generation). `NoUsableData` is retried (the
     /// connection state stays Connecting); `NotExposedData` goes StandAlone.
     Refused(Refusal),
+    /// The roles forbid the resync the generations ask for (DRBD's `rr-conflict`): StandAlone.
+    RoleConflict(RoleConflict),
+}
+
+/// A live Primary would have its disk overwritten by a resync, or two live Primaries meet
+/// (DRBD: "I shall become SyncTarget, but I am primary!"). "Live": Primary and not without
+/// quorum; a Primary that lost quorum steps down and becomes the target instead (it
+/// acknowledged nothing since). Not applied when a split-brain policy or `--discard-my-data`
+/// decided the direction: those already took the roles into account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RoleConflict {
+    /// I would become the sync target while I am Primary.
+    PrimaryWouldBeTarget,
+    /// The peer would become my sync target while it is Primary.
+    PeerPrimaryWouldBeTarget,
+    /// Both sides are Primary.
+    TwoPrimaries,
+}
+
+impl std::fmt::Display for RoleConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RoleConflict::PrimaryWouldBeTarget => {
+                "this node is Primary but the peer's data is newer (it would become sync \
+                 target under its users): demote it, or resolve by hand"
+            }
+            RoleConflict::PeerPrimaryWouldBeTarget => {
+                "the peer is Primary but this node's data is newer (the peer would become sync \
+                 target under its users): demote the peer, or resolve by hand"
+            }
+            RoleConflict::TwoPrimaries => {
+                "two primaries: both nodes are Primary; demote one of them"
+            }
+        })
+    }
 }
 
 /// The result of a handshake for `me`.
@@ -139,7 +174,18 @@ pub fn handshake(
         decision
     };
     let discarding = split_brain.is_some_and(|r| r.verdict == Verdict::DiscardMine);
+    let resolved = split_brain.is_some_and(|r| r.verdict != Verdict::Disconnect);
     let mut commands = Vec::new();
+    if let Some(c) = role_conflict(me, peer, outcome).filter(|_| !resolved) {
+        commands.push(Command::Disconnect(DisconnectReason::RoleConflict(c)));
+        return HandshakeOutcome {
+            decision,
+            split_brain,
+            conn: ConnState::StandAlone,
+            commands,
+            marks_wait,
+        };
+    }
     let conn = match outcome {
         SyncOutcome::NoSync => {
             commands.push(Command::Enter(ReplState::Established));
@@ -192,6 +238,36 @@ pub fn handshake(
         conn,
         commands,
         marks_wait,
+    }
+}
+
+/// The conflict of roles with the resync `outcome` of a handshake that would connect (see
+/// [`RoleConflict`]); symmetric, so both ends drop the link. A Primary that lost quorum is not
+/// live: it steps down (`peer.rs`).
+fn role_conflict(
+    me: &HandshakeSide,
+    peer: &HandshakeSide,
+    outcome: SyncOutcome,
+) -> Option<RoleConflict> {
+    use super::state::Role;
+    let live_primary = |s: &HandshakeSide| s.view.role == Role::Primary && s.quorum != Some(false);
+    // A split brain, unrelated data or a refusal drops the link anyway, with its own reason.
+    let connects = matches!(
+        outcome,
+        SyncOutcome::NoSync | SyncOutcome::Source(_) | SyncOutcome::Target(_)
+    );
+    if !connects {
+        return None;
+    }
+    if live_primary(me) && live_primary(peer) {
+        return Some(RoleConflict::TwoPrimaries);
+    }
+    match outcome {
+        SyncOutcome::Target(_) if live_primary(me) => Some(RoleConflict::PrimaryWouldBeTarget),
+        SyncOutcome::Source(_) if live_primary(peer) => {
+            Some(RoleConflict::PeerPrimaryWouldBeTarget)
+        }
+        _ => None,
     }
 }
 
@@ -596,6 +672,102 @@ mod tests {
         assert!(
             back.commands
                 .contains(&Command::Enter(ReplState::SyncSource))
+        );
+    }
+
+    /// Two nodes, quorum off. A (node 0) is Primary and idle when the link drops (its new
+    /// generation starts lazily: it stays at 0x100); B (node 1) is promoted (0x200, tracking A
+    /// from 0x100) and writes. At reconnect the generations make A the target: A must not have
+    /// its disk overwritten under its users (DRBD's rr-conflict): both ends drop the link.
+    #[test]
+    fn a_live_primary_never_becomes_sync_target() {
+        let pol = SplitBrainPolicy::default();
+        let mut a = side(0, 0x101);
+        a.view.role = Role::Primary;
+        a.view.crashed_primary = true;
+        let mut b = side(1, 0x200);
+        b.view.ids.bitmap[0] = Uuid(0x100);
+        b.dirty_bits = 8;
+        for quorum in [None, Some(true)] {
+            a.quorum = quorum;
+            b.quorum = quorum;
+            let out = handshake(&a, &b, &pol);
+            assert_eq!(out.decision.rule, SyncRule::BitmapPeer);
+            assert_eq!(
+                out.commands,
+                [Command::Disconnect(DisconnectReason::RoleConflict(
+                    RoleConflict::PrimaryWouldBeTarget
+                ))]
+            );
+            assert_eq!(out.conn, ConnState::StandAlone);
+            let back = handshake(&b, &a, &pol);
+            assert_eq!(
+                back.commands,
+                [Command::Disconnect(DisconnectReason::RoleConflict(
+                    RoleConflict::PeerPrimaryWouldBeTarget
+                ))]
+            );
+            assert_eq!(back.conn, ConnState::StandAlone);
+        }
+        // B Primary too: two live Primaries, whatever the generations say.
+        b.view.role = Role::Primary;
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let out = handshake(x, y, &pol);
+            assert_eq!(
+                out.commands,
+                [Command::Disconnect(DisconnectReason::RoleConflict(
+                    RoleConflict::TwoPrimaries
+                ))]
+            );
+            assert_eq!(out.conn, ConnState::StandAlone);
+        }
+        let mut b_same = b.clone();
+        b_same.view.ids = a.view.ids.clone();
+        assert_eq!(
+            handshake(&a, &b_same, &pol).commands,
+            [Command::Disconnect(DisconnectReason::RoleConflict(
+                RoleConflict::TwoPrimaries
+            ))]
+        );
+        // A Secondary behind is a target as before.
+        a.view.role = Role::Secondary;
+        b.view.role = Role::Secondary;
+        assert!(
+            handshake(&a, &b, &pol)
+                .commands
+                .contains(&Command::Enter(ReplState::SyncTarget))
+        );
+    }
+
+    /// A resolved split brain already weighed the roles (violently-as0p, --discard-my-data,
+    /// quorum): no role conflict then.
+    #[test]
+    fn a_resolved_split_brain_may_make_a_primary_the_target() {
+        use crate::repl::split_brain::After2Pri;
+        let (mut a, mut b) = split(10, 3);
+        a.view.role = Role::Primary;
+        b.view.role = Role::Primary;
+        let pol = SplitBrainPolicy {
+            zero_primaries: After0Pri::DiscardLeastChanges,
+            two_primaries: After2Pri::ViolentlyAs0Pri,
+            ..SplitBrainPolicy::default()
+        };
+        assert!(
+            handshake(&b, &a, &pol)
+                .commands
+                .contains(&Command::Enter(ReplState::SyncTarget))
+        );
+        assert!(
+            handshake(&a, &b, &pol)
+                .commands
+                .contains(&Command::Enter(ReplState::SyncSource))
+        );
+        // Unresolved: the split brain is reported (not a role conflict).
+        assert_eq!(
+            handshake(&a, &b, &SplitBrainPolicy::default()).commands,
+            [Command::Disconnect(DisconnectReason::SplitBrain(
+                SplitBrainKind::BitmapsValid
+            ))]
         );
     }
 

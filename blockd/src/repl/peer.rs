@@ -1544,6 +1544,18 @@ impl Session {
                             res.emit(Some(i), "resync-refused", why.clone());
                             why
                         }
+                        DisconnectReason::RoleConflict(c) => {
+                            let why = format!(
+                                "{c} (rule {:?}, ours {}, peer's {})",
+                                out.decision.rule,
+                                mine.side.view.ids.current,
+                                theirs.side.view.ids.current
+                            );
+                            tracing::warn!(resource = %res.name(), peer = %res.peers[i].node.name,
+                                "role conflict: {why}");
+                            res.emit(Some(i), "role-conflict", why.clone());
+                            why
+                        }
                     };
                     // The peer reaches the same verdict from our state report: let it read
                     // it before the link closes (closing with unread bytes resets the
