@@ -25,7 +25,7 @@ use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
 use crate::repl::congestion::{Admission, Change, SendBuffer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
 use crate::repl::device::AlHold;
-use crate::repl::handshake::{Command, DisconnectReason, handshake};
+use crate::repl::handshake::{Command, DisconnectReason, RoleConflict, handshake};
 use crate::repl::link::Link;
 use crate::repl::lost_writes::{Hearing, KnownLoss, Ledger, Tally};
 use crate::repl::outbox::{Frames, Outbox, encode_frame};
@@ -980,6 +980,8 @@ struct Session {
     written_acks: bool,
     /// This session's key for `--consistent` flush boundaries (its flush numbers are its own).
     flush_session: u64,
+    /// Set when the session must end StandAlone rather than reconnect (two primaries).
+    stand_alone: Option<String>,
 }
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
@@ -1050,6 +1052,7 @@ impl Session {
             unstable: UnstableWrites::default(),
             written_acks: false,
             flush_session,
+            stand_alone: None,
         }
     }
 
@@ -1082,13 +1085,33 @@ impl Session {
         }
         while let Some(m) = self.stash.pop_front() {
             if let Err(e) = self.handle(m).await {
-                return SessionEnd::Lost(e);
+                return self.ended(e);
             }
         }
         match self.receive(reader).await {
             Ok(never) => match never {},
-            Err(e) => SessionEnd::Lost(e),
+            Err(e) => self.ended(e),
         }
+    }
+
+    /// How the session ends after the error `e` of its receive side.
+    fn ended(&mut self, e: String) -> SessionEnd {
+        match self.stand_alone.take() {
+            Some(why) => SessionEnd::StandAlone(why),
+            None => SessionEnd::Lost(e),
+        }
+    }
+
+    /// The peer acts as Primary while this node is Primary (both were promoted at once): the
+    /// session ends StandAlone instead of applying the peer's generation or role over ours
+    /// (reconnecting would only meet the handshake's two-primaries refusal again).
+    fn two_primaries(&mut self, what: &str) -> String {
+        let why = format!("{}: {what}", RoleConflict::TwoPrimaries);
+        tracing::warn!(resource = %self.res.name(), peer = %self.res.peers[self.i].node.name,
+            "role conflict: {why}");
+        self.res.emit(Some(self.i), "role-conflict", why.clone());
+        self.stand_alone = Some(why.clone());
+        why
     }
 
     /// The receive loop: handles every frame already received, takes more bytes while they
@@ -1874,6 +1897,15 @@ impl Session {
             Message::FlushAck { seq } => self.conn.flush_ack(seq),
             Message::ResyncAck { offset, len } => {
                 resync::acked(res, i, &self.conn, offset, len);
+            }
+            Message::NewUuid(_) if res.role() == Role::Primary => {
+                return Err(self.two_primaries("the peer started a new generation"));
+            }
+            Message::PeerState {
+                role: Role::Primary,
+                ..
+            } if res.role() == Role::Primary => {
+                return Err(self.two_primaries("the peer reports itself Primary"));
             }
             Message::NewUuid(u) => {
                 let peer_id = res.peers[i].node.id;

@@ -1127,3 +1127,50 @@ async fn a_failed_flush_on_the_secondary_marks_what_it_may_have_lost() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Two Secondaries promoted at once can both become Primary (each asks the cluster, then
+/// decides: the questions may cross). What the other then announces, its new generation or
+/// its role, must not be applied over a Primary's own: the session ends StandAlone with the
+/// reason instead (`two primaries`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_hearing_another_primary_goes_standalone() {
+    use crate::meta::generation::Uuid;
+    use crate::repl::state::DiskState;
+    use crate::repl::wire::Message;
+    for announce_generation in [true, false] {
+        let mut c = cluster(2, "C").await;
+        let a = c.start(0);
+        let b = c.start(1);
+        a.promote(true).await.unwrap();
+        wait_for("initial sync", || {
+            all_established(&a) && all_established(&b)
+        })
+        .await;
+        // b's own promotion went through at the same moment (its question to a crossed a's).
+        b.state.lock().unwrap().role = Role::Primary;
+        let before = b.meta.lock().unwrap().sb.generations.current;
+        let conn = a.peers[0]
+            .conn
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("a's session");
+        conn.send(if announce_generation {
+            Message::NewUuid(Uuid(0x7777_0001))
+        } else {
+            Message::PeerState {
+                role: Role::Primary,
+                disk: DiskState::UpToDate,
+            }
+        });
+        wait_for("b standalone", || {
+            b.status().peers[0].connection == "standalone"
+        })
+        .await;
+        let why = b.status().peers[0].last_error.clone().unwrap_or_default();
+        assert!(why.contains("two primaries"), "{why}");
+        assert_eq!(b.meta.lock().unwrap().sb.generations.current, before);
+        a.shutdown().await;
+        b.shutdown().await;
+    }
+}
