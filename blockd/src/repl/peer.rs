@@ -917,6 +917,8 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 })
                 .await
                 .map_err(|e| format!("cannot persist resync end: {e}"))?;
+                // Our data is now the source's: a crash as Primary no longer counts.
+                res.crashed_primary_settled().await;
                 Ok(Done::ResyncFinished)
             }
             Op::Checksum {
@@ -1617,7 +1619,7 @@ impl Session {
                 }
                 res.set_disk(DiskState::UpToDate);
             }
-            res.state.lock().expect("state").crashed_primary = false;
+            res.crashed_primary_settled().await;
         }
         let dirty_after = res.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
         res.update_peer(i, |s| {

@@ -1327,6 +1327,37 @@ impl Resource {
         Ok(())
     }
 
+    /// This node's claim to be a crashed Primary is settled (a handshake found both sides in
+    /// sync, or a resync from it finished): forget it, and unless this node is Primary now
+    /// clear the on-disk `PRIMARY` flag too. Left set, every later restart would claim "crashed
+    /// Primary" again (read at attach) and win resyncs with stale blocks. Under the role gate,
+    /// so a promotion (which sets the flag) cannot come in between.
+    pub(crate) async fn crashed_primary_settled(&self) {
+        let _gate = self.role_gate.read().await;
+        let secondary = {
+            let mut st = self.state.lock().expect("state");
+            st.crashed_primary = false;
+            st.role != Role::Primary
+        };
+        if !secondary {
+            return;
+        }
+        let r = self
+            .meta_io(|m| {
+                if !m.sb.has(flags::PRIMARY) {
+                    return Ok(());
+                }
+                m.sb.flags &= !flags::PRIMARY;
+                m.sb.generations.set_primary(false);
+                m.save_sb()
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(resource = %self.spec.name,
+                "cannot clear the Primary flag of a settled crash: {}", error_chain(&e));
+        }
+    }
+
     /// `blockctl demote`: stops accepting writes, waits for those in flight, flushes locally and
     /// on every peer, and becomes Secondary.
     pub async fn demote(&self) -> Result<(), ResourceError> {

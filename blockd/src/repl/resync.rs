@@ -179,9 +179,9 @@ pub(crate) async fn finish_source(
     }
     // The source's data is what the peer now holds: a Consistent source (e.g. a restarted
     // crashed primary) is UpToDate from here on.
+    res.crashed_primary_settled().await;
     let now_up_to_date = {
         let mut st = res.state.lock().expect("state");
-        st.crashed_primary = false;
         let was = st.disk == DiskState::Consistent;
         if was {
             st.disk = DiskState::UpToDate;

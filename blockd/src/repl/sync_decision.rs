@@ -442,9 +442,16 @@ fn decide_same_generation(me: &SideView, peer: &SideView) -> SyncDecision {
             SyncRule::CrashedPrimaryPeer,
         ),
         // Both crashed as Primary of the same generation (common power failure): either copy
-        // is acceptable; the lower node id is the source so both ends agree.
+        // is acceptable; the lower node id is the source so both ends agree. Unless one of
+        // them is Primary now (it lost its peer and kept running, the other restarted): its
+        // disk is what its users read, so it is the source, never the target.
         (true, true) => {
-            let outcome = if me.node_id < peer.node_id {
+            let me_source = match (me.role == Role::Primary, peer.role == Role::Primary) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => me.node_id < peer.node_id,
+            };
+            let outcome = if me_source {
                 SyncOutcome::Source(BitmapPlan::UseBitmap)
             } else {
                 SyncOutcome::Target(BitmapPlan::UseBitmap)
@@ -723,6 +730,15 @@ mod tests {
             &a,
             &b2,
             SyncOutcome::Target(BitmapPlan::UseBitmap),
+            SyncRule::CrashedPrimaryBoth,
+        );
+        // The higher id is Primary now (it lost its peer and kept running; the other restarted
+        // with its crash flag): the running Primary is the source, whatever the ids.
+        a.role = Role::Primary;
+        check(
+            &a,
+            &b2,
+            SyncOutcome::Source(BitmapPlan::UseBitmap),
             SyncRule::CrashedPrimaryBoth,
         );
     }

@@ -1174,3 +1174,72 @@ async fn a_primary_hearing_another_primary_goes_standalone() {
         b.shutdown().await;
     }
 }
+
+/// A node restarted after a crash as Primary (its metadata still says Primary) rejoins, as the
+/// resync source (same generation) or target (the peer was promoted meanwhile): once that
+/// resync is done its on-disk Primary flag is cleared, so a later restart no longer claims to
+/// be a crashed Primary (which wins same-generation resyncs with whatever it holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoined_crashed_primary_forgets_its_primary_flag() {
+    use crate::meta::superblock::flags;
+    let on_disk_primary = |r: &Resource| r.meta.lock().unwrap().sb.has(flags::PRIMARY);
+    let mut c = cluster(2, "C").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    write_some(&a, 7, 50).await;
+    a.flush().await.unwrap();
+
+    // a stops as Primary (as a crash would leave it) and comes back: the sync source.
+    a.shutdown().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = c.start(0);
+    assert!(a.state.lock().unwrap().crashed_primary);
+    assert_eq!(a.role(), Role::Secondary);
+    wait_for("a resynced b", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    wait_for("a's Primary flag cleared", || !on_disk_primary(&a)).await;
+    a.shutdown().await;
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let a = c.start(0);
+    assert!(
+        !a.state.lock().unwrap().crashed_primary,
+        "a claims a crash again"
+    );
+    wait_for("a back", || all_established(&a) && all_established(&b)).await;
+
+    // b becomes Primary and stops as one; a is promoted and writes: b comes back behind, the
+    // sync target.
+    b.promote(false).await.unwrap();
+    write_some(&b, 8, 20).await;
+    b.flush().await.unwrap();
+    b.shutdown().await;
+    drop(b);
+    wait_for("b gone", || a.status().peers[0].connection != "connected").await;
+    a.promote(true).await.unwrap();
+    write_some(&a, 9, 20).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = c.start(1);
+    assert!(b.state.lock().unwrap().crashed_primary);
+    wait_for("b resynced", || all_established(&a) && all_established(&b)).await;
+    wait_for("b's Primary flag cleared", || !on_disk_primary(&b)).await;
+    assert!(on_disk_primary(&a), "the live Primary keeps its flag");
+    b.shutdown().await;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let b = c.start(1);
+    assert!(
+        !b.state.lock().unwrap().crashed_primary,
+        "b claims a crash again"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
