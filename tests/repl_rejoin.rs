@@ -1,8 +1,8 @@
 //! A Secondary rejoining a three-node cluster while the Primary writes (three real `blockd
 //! --config` nodes, protocol C, resyncs slowed to 8 MiB/s so they overlap the writes): n1 is
 //! stopped, the Primary n2 writes (a new generation), n1 comes back under a random-write load.
-//! n1 must end identical to the Primary: no resync from the other Secondary n0 may put a block
-//! over a newer write that reached n1 from the Primary.
+//! n1 must end identical to the Primary: n1 takes one resync at a time (n0's first, then the
+//! Primary's for the writes it missed meanwhile), and none may put a block over a newer write.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -37,7 +37,7 @@ fn writer(c: &Cluster, i: usize, secs: u32) -> integration_tests::ChildGuard {
 }
 
 /// n1 meets n0 (which followed the Primary's new generation) before the Primary: n0 is its
-/// first sync source, and the Primary's writes reach n1 while n0's resync runs.
+/// first sync source; the Primary's link waits until that resync is done.
 #[test]
 fn a_secondary_rejoining_under_writes_ends_identical() {
     let mut opts = ClusterOptions::new(3, "C");
@@ -57,23 +57,33 @@ fn a_secondary_rejoining_under_writes_ends_identical() {
     });
     std::thread::sleep(Duration::from_millis(500));
     proxy1.set(LinkMode::Pass);
-    // n1 is the sync target of both at once, while the writes go on.
-    c.wait_peer(
-        1,
-        2,
-        Duration::from_secs(10),
-        "the Primary resyncing n1 too",
-        |p| p["replication"] == "sync-target",
-    );
-    let both = c.status(1);
-    assert_eq!(
-        peer(&c, &both, 0)["replication"],
-        "sync-target",
-        "n0's resync of n1 ended first: {both:#}"
-    );
+    // One resync toward n1 at a time: while n0's runs, the Primary's link is refused (and
+    // retried), never a second sync source whose end could declare n1 up to date early; the
+    // Primary resyncs what n1 missed meanwhile afterwards.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut refused = false;
+    loop {
+        let st = c.status(1);
+        let (from_n0, from_n2) = (peer(&c, &st, 0), peer(&c, &st, 2));
+        assert!(
+            !(from_n0["replication"] == "sync-target" && from_n2["replication"] == "sync-target"),
+            "n1 the sync target of both at once: {st:#}"
+        );
+        refused |= from_n2["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already resyncing from another node"));
+        if from_n0["replication"] != "sync-target" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n0's resync of n1 did not end"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
-        w.0.try_wait().expect("fio").is_none(),
-        "fio ended before the resyncs overlapped"
+        refused,
+        "the Primary's link was never refused while n0 resynced n1"
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let status = loop {

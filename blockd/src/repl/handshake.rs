@@ -23,6 +23,9 @@ pub struct HandshakeSide {
     /// This side is connected to a Primary (a third node) that replicates to it now (in sync
     /// or resyncing it).
     pub follows_primary: bool,
+    /// This side is the sync target of a third node now (that resync started and is not
+    /// done): it takes no second resync at once ([`Refusal::TargetOfAnother`]).
+    pub resyncing_from_other: bool,
 }
 
 /// One step for the runtime, in order.
@@ -60,8 +63,8 @@ pub enum DisconnectReason {
     /// No common generation: not the same data set.
     UnrelatedData,
     /// No resync is possible now (no usable data where it would have to come from, or a
-    /// Diskless Primary and a peer at another generation). `NoUsableData` is retried (the
-    /// connection state stays Connecting); `NotExposedData` goes StandAlone.
+    /// Diskless Primary and a peer at another generation, a target of another node).
+    /// [`Refusal::retried`] ones stay Connecting; `NotExposedData` goes StandAlone.
     Refused(Refusal),
     /// The roles forbid the resync the generations ask for (DRBD's `rr-conflict`): StandAlone.
     RoleConflict(RoleConflict),
@@ -186,6 +189,19 @@ pub fn handshake(
             marks_wait,
         };
     }
+    // One resync toward a node at a time: a second source's bitmap says nothing of what the
+    // first one still has to send (it may even be empty: a peer that never tracked this node
+    // would declare it up to date at once).
+    let second_target = match outcome {
+        SyncOutcome::Target(_) => me.resyncing_from_other,
+        SyncOutcome::Source(_) => peer.resyncing_from_other,
+        _ => false,
+    };
+    let outcome = if second_target {
+        SyncOutcome::Refused(Refusal::TargetOfAnother)
+    } else {
+        outcome
+    };
     let conn = match outcome {
         SyncOutcome::NoSync => {
             commands.push(Command::Enter(ReplState::Established));
@@ -226,9 +242,10 @@ pub fn handshake(
         }
         SyncOutcome::Refused(r) => {
             commands.push(Command::Disconnect(DisconnectReason::Refused(r)));
-            match r {
-                Refusal::NoUsableData => ConnState::Connecting,
-                Refusal::NotExposedData => ConnState::StandAlone,
+            if r.retried() {
+                ConnState::Connecting
+            } else {
+                ConnState::StandAlone
             }
         }
     };
@@ -339,6 +356,7 @@ mod tests {
             discard_my_data: false,
             quorum: None,
             follows_primary: false,
+            resyncing_from_other: false,
         }
     }
 
@@ -768,6 +786,52 @@ mod tests {
             [Command::Disconnect(DisconnectReason::SplitBrain(
                 SplitBrainKind::BitmapsValid
             ))]
+        );
+    }
+
+    /// Three nodes: P (node 0) Primary at 0x300, A (node 1) in sync with it, T (node 2) behind.
+    /// T's link to P finished its handshake first: T adopted 0x300 and is Inconsistent, P's
+    /// resync running. Then T's link to A: same generation, T Inconsistent. A never tracked T
+    /// (its bitmap for T is empty): made T's source, it would end at once and declare T up to
+    /// date while P's resync still runs.
+    #[test]
+    fn a_sync_target_takes_no_second_resync() {
+        let pol = SplitBrainPolicy::default();
+        let a = side(1, 0x300);
+        let mut t = side(2, 0x300);
+        t.view.disk = DiskState::Inconsistent;
+        t.view.ids.history[0] = Uuid(0x100);
+        t.resyncing_from_other = true;
+        for (x, y) in [(&t, &a), (&a, &t)] {
+            let out = handshake(x, y, &pol);
+            assert_eq!(
+                out.commands,
+                [Command::Disconnect(DisconnectReason::Refused(
+                    Refusal::TargetOfAnother
+                ))]
+            );
+            assert_eq!(out.conn, ConnState::Connecting, "retried");
+        }
+        // P's resync is over (P gone before it finished): A resyncs T, all of it, since A's
+        // bitmap says nothing of what T lacks.
+        t.resyncing_from_other = false;
+        assert_eq!(
+            handshake(&t, &a, &pol).decision.outcome,
+            SyncOutcome::Target(BitmapPlan::FullSync)
+        );
+        assert_eq!(handshake(&a, &t, &pol).commands[0], Command::SetAllBits);
+        // A resync from another node does not stop this node from being a source or in sync.
+        let mut p = side(0, 0x300);
+        p.resyncing_from_other = true;
+        assert_eq!(
+            handshake(&p, &a, &pol).commands,
+            [Command::Enter(ReplState::Established)]
+        );
+        let behind = side(3, Uuid::JUST_CREATED.0);
+        assert!(
+            handshake(&p, &behind, &pol)
+                .commands
+                .contains(&Command::Enter(ReplState::SyncSource))
         );
     }
 

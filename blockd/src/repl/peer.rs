@@ -34,7 +34,7 @@ use crate::repl::resync;
 use crate::repl::resync_claims::Claims;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
-use crate::repl::sync_decision::{Refusal, SyncRule};
+use crate::repl::sync_decision::SyncRule;
 use crate::repl::unstable::UnstableWrites;
 use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
@@ -812,7 +812,10 @@ pub(crate) enum Done {
         offset: u64,
         len: u32,
     },
-    ResyncFinished,
+    /// `up_to_date`: no other source still resyncs this node.
+    ResyncFinished {
+        up_to_date: bool,
+    },
     Checksummed {
         offset: u64,
         len: u32,
@@ -909,17 +912,30 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
             Op::ResyncDone => {
                 res.flush_for_peer().await?;
                 let slot = res.peers[i].slot;
+                // Another source still resyncing this node (two handshakes made it a target at
+                // once): this one's end says nothing of the blocks the other still sends. The
+                // disk becomes consistent when the last of them ends.
+                let up_to_date = !res
+                    .state
+                    .lock()
+                    .expect("state")
+                    .peers
+                    .iter()
+                    .enumerate()
+                    .any(|(j, p)| j != i && p.repl.is_sync_target());
                 res.meta_io(move |m| {
                     m.bitmaps[slot].clear_all();
                     m.save_bitmap(slot)?;
-                    m.sb.flags |= flags::CONSISTENT | flags::WAS_UP_TO_DATE;
+                    if up_to_date {
+                        m.sb.flags |= flags::CONSISTENT | flags::WAS_UP_TO_DATE;
+                    }
                     m.save_sb()
                 })
                 .await
                 .map_err(|e| format!("cannot persist resync end: {e}"))?;
                 // Our data is now the source's: a crash as Primary no longer counts.
                 res.crashed_primary_settled().await;
-                Ok(Done::ResyncFinished)
+                Ok(Done::ResyncFinished { up_to_date })
             }
             Op::Checksum {
                 offset,
@@ -1423,13 +1439,23 @@ impl Session {
                     answer,
                 });
             }
-            Done::ResyncFinished => {
-                res.set_disk(DiskState::UpToDate);
+            Done::ResyncFinished { up_to_date } => {
+                if up_to_date {
+                    res.set_disk(DiskState::UpToDate);
+                }
                 res.update_peer(i, |s| {
                     s.repl = ReplState::Established;
                     s.resync_done = s.resync_total;
                 });
-                res.emit(Some(i), "resync-done", "target");
+                res.emit(
+                    Some(i),
+                    "resync-done",
+                    if up_to_date {
+                        "target"
+                    } else {
+                        "target, another resync toward this node still running"
+                    },
+                );
                 // A resync with another node that waited for this one (Paused*) has nothing
                 // to wait for now: redo its handshake, which decides afresh.
                 for (j, p) in res.peers.iter().enumerate() {
@@ -1479,6 +1505,24 @@ impl Session {
         // The bitmap is untrusted (full sync, crashed primary): checksum resync with `csums = auto`.
         let mut untrusted = mine.side.view.crashed_primary || theirs.side.view.crashed_primary;
         let becomes_target = out.commands.contains(&Command::AdoptSyncUuid);
+        if becomes_target {
+            // One resync toward this node at a time. Our report said no other session was a
+            // target, but one may have become one since (two handshakes at once): check and
+            // claim under one lock, else end this session; the next report says so and both
+            // sides refuse cleanly (`sync_decision::Refusal::TargetOfAnother`).
+            let mut st = res.state.lock().expect("state");
+            let other = st
+                .peers
+                .iter()
+                .enumerate()
+                .any(|(j, p)| j != i && p.repl.is_sync_target());
+            if other {
+                return Ok(Some(SessionEnd::Lost(
+                    "became the sync target of another node during this handshake: retrying".into(),
+                )));
+            }
+            st.peers[i].repl = ReplState::WfBitmapT;
+        }
         if becomes_target && res.role() == Role::Primary && res.quorum.report() == Some(false) {
             // The majority went on without us: step down and take its data.
             res.step_down("without quorum, and the peer's data is newer")
@@ -1592,7 +1636,9 @@ impl Session {
                         }
                     })
                     .await;
-                    if reason == DisconnectReason::Refused(Refusal::NoUsableData) {
+                    if let DisconnectReason::Refused(r) = reason
+                        && r.retried()
+                    {
                         // Retried: it changes once a side has usable data (a resync from a
                         // third node ends, a disk is attached and resynced).
                         tokio::time::sleep(REFUSED_RETRY).await;

@@ -876,7 +876,7 @@ impl Resource {
 
     /// Our handshake report for peer `i`.
     pub(crate) fn state_report(&self, i: usize) -> StateReport {
-        let (role, disk, crashed, discard, follows_primary) = {
+        let (role, disk, crashed, discard, follows_primary, resyncing_from_other) = {
             let st = self.state.lock().expect("state");
             // A third node that is Primary and connected sends its writes here, whether in
             // sync with us or resyncing us.
@@ -884,12 +884,19 @@ impl Resource {
                 st.peers.iter().enumerate().any(|(j, p)| {
                     j != i && p.role == Role::Primary && p.conn == ConnState::Connected
                 });
+            // Another session is (becoming) sync target: one resync toward us at a time.
+            let resyncing_from_other = st
+                .peers
+                .iter()
+                .enumerate()
+                .any(|(j, p)| j != i && p.repl.is_sync_target());
             (
                 st.role,
                 st.disk,
                 st.crashed_primary,
                 st.peers[i].discard_my_data,
                 follows_primary,
+                resyncing_from_other,
             )
         };
         // A Primary whose reattached disk is still being resynced through its own worker (see
@@ -914,6 +921,7 @@ impl Resource {
                 discard_my_data: discard,
                 quorum: self.quorum.report(),
                 follows_primary,
+                resyncing_from_other,
             },
             size: self.store.size(),
             protocol: self.peers[i].protocol,

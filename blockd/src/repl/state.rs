@@ -97,6 +97,15 @@ named_enum! {
 }
 
 impl ReplState {
+    /// This node is, or is becoming, the sync target of that peer (bitmap exchange as target,
+    /// resync running or paused).
+    pub fn is_sync_target(self) -> bool {
+        matches!(
+            self,
+            ReplState::WfBitmapT | ReplState::SyncTarget | ReplState::PausedSyncT
+        )
+    }
+
     /// True while a resync is running or paused in either direction.
     pub fn is_resync(self) -> bool {
         matches!(

@@ -112,6 +112,20 @@ pub enum Refusal {
     /// A Diskless Primary and a peer at another generation: the peer's data is not the data
     /// the Primary exposes, and it has none of its own to give. Needs the administrator.
     NotExposedData,
+    /// The side that would be the target is already the sync target of a third node: a node
+    /// takes one resync at a time (DRBD pauses the second: PausedSyncT). Retried later: once
+    /// that resync is done the sides are in sync or decide afresh.
+    TargetOfAnother,
+}
+
+impl Refusal {
+    /// The link is retried (Connecting) rather than left StandAlone.
+    pub fn retried(self) -> bool {
+        match self {
+            Refusal::NoUsableData | Refusal::TargetOfAnother => true,
+            Refusal::NotExposedData => false,
+        }
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -124,6 +138,10 @@ impl std::fmt::Display for Refusal {
             Refusal::NotExposedData => {
                 "a diskless Primary cannot take the peer's data: the peer's generation differs \
                  from the data the Primary exposes"
+            }
+            Refusal::TargetOfAnother => {
+                "no resync now: the sync target is already resyncing from another node \
+                 (retried until that resync is done)"
             }
         })
     }
@@ -412,18 +430,28 @@ fn decide_same_generation(me: &SideView, peer: &SideView) -> SyncDecision {
     let me_inc = me.disk == DiskState::Inconsistent;
     let peer_inc = peer.disk == DiskState::Inconsistent;
     // Rule inconsistent-self/peer: one side adopted this generation as a sync target and did
-    // not finish. The consistent side resumes with its bitmap (DRBD: decide by disk states).
+    // not finish. The consistent side resumes with its bitmap (DRBD: decide by disk states)
+    // if it tracked the target (a bitmap UUID for it: it was that resync's source, or the
+    // target missed its writes); else its bitmap says nothing about what the target lacks
+    // (e.g. it resynced from a third node that is gone): a full sync.
     // An Inconsistent disk is never a source; both Inconsistent means nobody has good data.
+    let tracked = |source: &SideView, target: &SideView| {
+        if source.ids.bitmap[target.node_id as usize % 32].is_zero() {
+            BitmapPlan::FullSync
+        } else {
+            BitmapPlan::UseBitmap
+        }
+    };
     match (me_inc, peer_inc) {
         (true, false) if peer.disk.is_consistent() => {
             return decision(
-                SyncOutcome::Target(BitmapPlan::UseBitmap),
+                SyncOutcome::Target(tracked(peer, me)),
                 SyncRule::InconsistentSelf,
             );
         }
         (false, true) if me.disk.is_consistent() => {
             return decision(
-                SyncOutcome::Source(BitmapPlan::UseBitmap),
+                SyncOutcome::Source(tracked(me, peer)),
                 SyncRule::InconsistentPeer,
             );
         }
@@ -518,11 +546,27 @@ mod tests {
 
     #[test]
     fn same_generation() {
-        let a = side(0, 0x100);
+        let mut a = side(0, 0x100);
         let mut b = side(1, 0x101); // primary bit differs: same generation
         check(&a, &b, SyncOutcome::NoSync, SyncRule::Reconnected);
 
+        // b resynced from a third node (adopted its generation) that is gone; a never tracked
+        // b (no bitmap UUID for it): its bitmap says nothing of what b lacks, a full sync.
         b.disk = DiskState::Inconsistent;
+        check(
+            &a,
+            &b,
+            SyncOutcome::Source(BitmapPlan::FullSync),
+            SyncRule::InconsistentPeer,
+        );
+        check(
+            &b,
+            &a,
+            SyncOutcome::Target(BitmapPlan::FullSync),
+            SyncRule::InconsistentSelf,
+        );
+        // a was the source of b's interrupted resync (it pinned its bitmap for b): resume.
+        a.ids.bitmap[1] = Uuid(0x100);
         check(
             &a,
             &b,

@@ -1243,3 +1243,28 @@ async fn a_rejoined_crashed_primary_forgets_its_primary_flag() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A node that is the sync target of two peers at once (their handshakes ran together) is made
+/// consistent by the end of the last of those resyncs only: the first `ResyncDone` says
+/// nothing of the blocks the other source still sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_of_two_resyncs_to_end_leaves_the_disk_inconsistent() {
+    use crate::meta::superblock::flags;
+    use crate::repl::peer::{Done, Op, execute};
+    use crate::repl::state::ReplState;
+    let mut c = cluster(3, "C").await;
+    let r = c.start(0);
+    let consistent = |r: &Resource| r.meta.lock().unwrap().sb.has(flags::CONSISTENT);
+    assert!(!consistent(&r));
+    for p in r.state.lock().unwrap().peers.iter_mut() {
+        p.repl = ReplState::SyncTarget;
+    }
+    let done = execute(r.clone(), 0, Op::ResyncDone).await.unwrap();
+    assert!(matches!(done, Done::ResyncFinished { up_to_date: false }));
+    assert!(!consistent(&r), "consistent while peer 1 still resyncs it");
+    r.state.lock().unwrap().peers[0].repl = ReplState::Established;
+    let done = execute(r.clone(), 1, Op::ResyncDone).await.unwrap();
+    assert!(matches!(done, Done::ResyncFinished { up_to_date: true }));
+    assert!(consistent(&r));
+    r.shutdown().await;
+}

@@ -359,6 +359,7 @@ impl Message {
                     Some(true) => 2,
                 });
                 dst.put_u8(u8::from(r.side.follows_primary));
+                dst.put_u8(u8::from(r.side.resyncing_from_other));
                 dst.put_u8(index_of(Protocol::ALL, r.protocol));
             }
             Message::BitmapChunk { start_word, words } => {
@@ -604,6 +605,7 @@ impl Message {
                     v => return Err(c.invalid("quorum", u64::from(v))),
                 };
                 let follows_primary = c.flag("follows_primary")?;
+                let resyncing_from_other = c.flag("resyncing_from_other")?;
                 let protocol = c.named(Protocol::ALL, "protocol")?;
                 Message::State(StateReport {
                     side: HandshakeSide {
@@ -618,6 +620,7 @@ impl Message {
                         discard_my_data,
                         quorum,
                         follows_primary,
+                        resyncing_from_other,
                     },
                     size,
                     protocol,
@@ -1078,9 +1081,10 @@ mod tests {
                 any::<bool>(),
                 proptest::option::of(any::<bool>()),
                 any::<bool>(),
+                any::<bool>(),
                 0..Protocol::ALL.len()
             )
-                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp, p)| {
+                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp, rfo, p)| {
                     Message::State(StateReport {
                         side: HandshakeSide {
                             view: SideView {
@@ -1094,6 +1098,7 @@ mod tests {
                             discard_my_data: dmd,
                             quorum: q,
                             follows_primary: fp,
+                            resyncing_from_other: rfo,
                         },
                         size,
                         protocol: Protocol::ALL[p],
