@@ -26,6 +26,9 @@ pub struct HandshakeSide {
     /// This side is the sync target of a third node now (that resync started and is not
     /// done): it takes no second resync at once ([`Refusal::TargetOfAnother`]).
     pub resyncing_from_other: bool,
+    /// This side is a Secondary with up-to-date data, Established with a Primary (a third
+    /// node) that replicates to it: its data is that Primary's.
+    pub in_sync_with_primary: bool,
 }
 
 /// One step for the runtime, in order.
@@ -38,7 +41,8 @@ pub enum Command {
     SetAllBits,
     /// Copy my bitmap slot of node `0` into my slot for the peer.
     CopyBitmapSlot(u8),
-    /// Clear my bitmap for the peer (the source provides the bitmap).
+    /// Clear my bitmap for the peer (the source provides the bitmap, or the marks are
+    /// obsolete: [`marks_obsolete`]).
     ClearBitmap,
     /// Send my bitmap for the peer, receive the peer's bitmap for me, OR it into mine.
     ExchangeBitmaps,
@@ -128,6 +132,7 @@ pub fn handshake(
     // After a resolved split brain the OR of both bitmaps covers the divergence (UseBitmap), or
     // nothing does (FullSync).
     let mut marks_wait = false;
+    let mut marks_cleared = false;
     let outcome = match decision.outcome {
         SyncOutcome::SplitBrain(kind) => {
             let side = |s: &HandshakeSide, other: &HandshakeSide| SplitBrainSide {
@@ -157,7 +162,10 @@ pub fn handshake(
             if decision.rule == SyncRule::Reconnected
                 && (me.dirty_bits > 0 || peer.dirty_bits > 0) =>
         {
-            if marks_wait_for_the_primary(me, peer) {
+            if marks_obsolete(me, peer) {
+                marks_cleared = true;
+                SyncOutcome::NoSync
+            } else if marks_wait_for_the_primary(me, peer) {
                 marks_wait = true;
                 SyncOutcome::NoSync
             } else if marked_blocks_source(me, peer) {
@@ -204,6 +212,9 @@ pub fn handshake(
     };
     let conn = match outcome {
         SyncOutcome::NoSync => {
+            if marks_cleared {
+                commands.push(Command::ClearBitmap);
+            }
             commands.push(Command::Enter(ReplState::Established));
             ConnState::Connected
         }
@@ -313,6 +324,18 @@ fn marks_wait_for_the_primary(me: &HandshakeSide, peer: &HandshakeSide) -> bool 
         && (me.follows_primary || peer.follows_primary)
 }
 
+/// Two Secondaries both in sync with the live Primary (Established with it, up to date) hold
+/// its data, both: blocks one marked for the other (writes of an earlier time, or a resync
+/// toward one of them that was set up and then refused because it was already resyncing from
+/// the Primary) no longer differ, and they are cleared on both sides.
+fn marks_obsolete(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
+    use super::state::Role;
+    me.view.role != Role::Primary
+        && peer.view.role != Role::Primary
+        && me.in_sync_with_primary
+        && peer.in_sync_with_primary
+}
+
 /// Who sends the marked blocks of a same-generation reconnect: the Primary; else the only side
 /// with marked blocks; else the lower node id (both ends agree).
 fn marked_blocks_source(me: &HandshakeSide, peer: &HandshakeSide) -> bool {
@@ -357,6 +380,7 @@ mod tests {
             quorum: None,
             follows_primary: false,
             resyncing_from_other: false,
+            in_sync_with_primary: false,
         }
     }
 
@@ -579,6 +603,22 @@ mod tests {
                 [Command::Enter(ReplState::Established)]
             );
         }
+        // Both in sync with that Primary (up to date, Established with it): both hold its
+        // data, the marks are obsolete and cleared on both sides.
+        a.in_sync_with_primary = true;
+        b.in_sync_with_primary = true;
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            let d = handshake(x, y, &pol);
+            assert_eq!(
+                d.commands,
+                [Command::ClearBitmap, Command::Enter(ReplState::Established)]
+            );
+            assert!(!d.marks_wait);
+        }
+        // Only one of them: they wait as before.
+        b.in_sync_with_primary = false;
+        assert!(handshake(&a, &b, &pol).marks_wait);
+        a.in_sync_with_primary = false;
         // ...but a Primary among the two sends them even so.
         a.view.role = Role::Primary;
         assert!(!handshake(&a, &b, &pol).marks_wait);

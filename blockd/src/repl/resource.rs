@@ -876,7 +876,7 @@ impl Resource {
 
     /// Our handshake report for peer `i`.
     pub(crate) fn state_report(&self, i: usize) -> StateReport {
-        let (role, disk, crashed, discard, follows_primary, resyncing_from_other) = {
+        let (role, disk, crashed, discard, follows_primary, resyncing_from_other, in_sync) = {
             let st = self.state.lock().expect("state");
             // A third node that is Primary and connected sends its writes here, whether in
             // sync with us or resyncing us.
@@ -890,6 +890,15 @@ impl Resource {
                 .iter()
                 .enumerate()
                 .any(|(j, p)| j != i && p.repl.is_sync_target());
+            // A Secondary whose data is a live Primary's: up to date and Established with it.
+            let in_sync_with_primary = st.role != Role::Primary
+                && st.disk == DiskState::UpToDate
+                && st.peers.iter().enumerate().any(|(j, p)| {
+                    j != i
+                        && p.role == Role::Primary
+                        && p.conn == ConnState::Connected
+                        && p.repl == ReplState::Established
+                });
             (
                 st.role,
                 st.disk,
@@ -897,6 +906,7 @@ impl Resource {
                 st.peers[i].discard_my_data,
                 follows_primary,
                 resyncing_from_other,
+                in_sync_with_primary,
             )
         };
         // A Primary whose reattached disk is still being resynced through its own worker (see
@@ -922,6 +932,7 @@ impl Resource {
                 quorum: self.quorum.report(),
                 follows_primary,
                 resyncing_from_other,
+                in_sync_with_primary: in_sync,
             },
             size: self.store.size(),
             protocol: self.peers[i].protocol,
@@ -1341,20 +1352,22 @@ impl Resource {
     /// Primary" again (read at attach) and win resyncs with stale blocks. Under the role gate,
     /// so a promotion (which sets the flag) cannot come in between.
     pub(crate) async fn crashed_primary_settled(&self) {
-        let _gate = self.role_gate.read().await;
-        let secondary = {
+        {
             let mut st = self.state.lock().expect("state");
             st.crashed_primary = false;
-            st.role != Role::Primary
-        };
-        if !secondary {
+            if st.role == Role::Primary {
+                return;
+            }
+        }
+        if !self.meta.lock().expect("meta").sb.has(flags::PRIMARY) {
+            return;
+        }
+        let _gate = self.role_gate.read().await;
+        if self.role() == Role::Primary {
             return;
         }
         let r = self
             .meta_io(|m| {
-                if !m.sb.has(flags::PRIMARY) {
-                    return Ok(());
-                }
                 m.sb.flags &= !flags::PRIMARY;
                 m.sb.generations.set_primary(false);
                 m.save_sb()

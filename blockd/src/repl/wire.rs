@@ -360,6 +360,7 @@ impl Message {
                 });
                 dst.put_u8(u8::from(r.side.follows_primary));
                 dst.put_u8(u8::from(r.side.resyncing_from_other));
+                dst.put_u8(u8::from(r.side.in_sync_with_primary));
                 dst.put_u8(index_of(Protocol::ALL, r.protocol));
             }
             Message::BitmapChunk { start_word, words } => {
@@ -606,6 +607,7 @@ impl Message {
                 };
                 let follows_primary = c.flag("follows_primary")?;
                 let resyncing_from_other = c.flag("resyncing_from_other")?;
+                let in_sync_with_primary = c.flag("in_sync_with_primary")?;
                 let protocol = c.named(Protocol::ALL, "protocol")?;
                 Message::State(StateReport {
                     side: HandshakeSide {
@@ -621,6 +623,7 @@ impl Message {
                         quorum,
                         follows_primary,
                         resyncing_from_other,
+                        in_sync_with_primary,
                     },
                     size,
                     protocol,
@@ -1080,30 +1083,33 @@ mod tests {
                 any::<u64>(),
                 any::<bool>(),
                 proptest::option::of(any::<bool>()),
-                any::<bool>(),
+                (any::<bool>(), any::<bool>()),
                 any::<bool>(),
                 0..Protocol::ALL.len()
             )
-                .prop_map(|(node_id, size, ids, cp, d, r, dirty, dmd, q, fp, rfo, p)| {
-                    Message::State(StateReport {
-                        side: HandshakeSide {
-                            view: SideView {
-                                node_id,
-                                ids,
-                                crashed_primary: cp,
-                                disk: DiskState::ALL[d],
-                                role: Role::ALL[r],
+                .prop_map(
+                    |(node_id, size, ids, cp, d, r, dirty, dmd, q, (fp, rfo), isp, p)| {
+                        Message::State(StateReport {
+                            side: HandshakeSide {
+                                view: SideView {
+                                    node_id,
+                                    ids,
+                                    crashed_primary: cp,
+                                    disk: DiskState::ALL[d],
+                                    role: Role::ALL[r],
+                                },
+                                dirty_bits: dirty,
+                                discard_my_data: dmd,
+                                quorum: q,
+                                follows_primary: fp,
+                                resyncing_from_other: rfo,
+                                in_sync_with_primary: isp,
                             },
-                            dirty_bits: dirty,
-                            discard_my_data: dmd,
-                            quorum: q,
-                            follows_primary: fp,
-                            resyncing_from_other: rfo,
-                        },
-                        size,
-                        protocol: Protocol::ALL[p],
-                    })
-                }),
+                            size,
+                            protocol: Protocol::ALL[p],
+                        })
+                    },
+                ),
             (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
                 .prop_map(|(start_word, words)| Message::BitmapChunk { start_word, words }),
             any::<u64>().prop_map(|bits| Message::BitmapDone { bits }),
