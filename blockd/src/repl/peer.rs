@@ -34,7 +34,7 @@ use crate::repl::resync;
 use crate::repl::resync_claims::Claims;
 use crate::repl::split_brain::Verdict;
 use crate::repl::state::{ConnState, DiskState, PeerAck, ReplState, Role};
-use crate::repl::sync_decision::SyncRule;
+use crate::repl::sync_decision::{SyncOutcome, SyncRule};
 use crate::repl::unstable::UnstableWrites;
 use crate::repl::victim;
 use crate::repl::wire::{FLAG_FUA, MAX_FRAME, Message};
@@ -605,6 +605,8 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
     // A promotion between the report and publishing `conn` makes the report stale: the
     // session then ends at once and the link is set up again (see `Resource::promote`).
     let role_epoch = res.role_epoch.load(std::sync::atomic::Ordering::SeqCst);
+    // Before the report: a mark made while it is built counts as made after it.
+    let marks_made = res.marks_made.load(std::sync::atomic::Ordering::SeqCst);
     let report = res.state_report(i);
     conn.send(Message::State(report.clone()));
     *res.peers[i].conn.lock().expect("conn") = Some(conn.clone());
@@ -620,6 +622,7 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         last: Instant::now(),
     };
     let mut session = Session::new(res.clone(), i, conn.clone(), resync_failed);
+    session.marks_made = marks_made;
     let end = tokio::select! {
         biased;
         _ = std::future::ready(()), if stale => {
@@ -1000,6 +1003,8 @@ struct Session {
     flush_session: u64,
     /// Set when the session must end StandAlone rather than reconnect (two primaries).
     stand_alone: Option<String>,
+    /// `Resource::marks_made` when our state report was built.
+    marks_made: u64,
 }
 
 /// Aborts a task when dropped (a session's helpers never outlive it).
@@ -1071,6 +1076,7 @@ impl Session {
             written_acks: false,
             flush_session,
             stand_alone: None,
+            marks_made: 0,
         }
     }
 
@@ -1552,7 +1558,17 @@ impl Session {
                         m.bitmaps[slot].set_all();
                     }
                 }
-                Command::ClearBitmap => res.meta.lock().expect("meta").bitmaps[slot].clear_all(),
+                Command::ClearBitmap => {
+                    let mut m = res.meta.lock().expect("meta");
+                    // Obsolete marks (no resync follows, `handshake::marks_obsolete`): only if
+                    // no mark was made since our report, which said we were in sync with the
+                    // Primary (a session with it that ended since marks its unstable writes:
+                    // those must stay). Marks are made under this lock.
+                    let obsolete_only = out.decision.outcome == SyncOutcome::NoSync;
+                    if !obsolete_only || res.marks_made.load(Ordering::SeqCst) == self.marks_made {
+                        m.bitmaps[slot].clear_all();
+                    }
+                }
                 Command::ExchangeBitmaps => self.exchange_bitmaps(reader).await?,
                 Command::PinBitmapUuid => {
                     res.meta_io(move |m| {

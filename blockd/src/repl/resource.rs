@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -499,6 +499,10 @@ pub struct Resource {
     pub(crate) al_extent_size: u32,
     /// Held shared by every request of the Primary; demotion takes it exclusively.
     pub(crate) role_gate: tokio::sync::RwLock<()>,
+    /// Counts the marks made in any bitmap ([`Self::mark_out_of_sync`], under the metadata
+    /// lock): a handshake that clears obsolete marks does so only if none was made since its
+    /// state report.
+    pub(crate) marks_made: AtomicU64,
     events: broadcast::Sender<Event>,
     role_tx: watch::Sender<Role>,
     /// Quorum and the Primary's I/O gate (see `repl::io_gate`).
@@ -732,6 +736,7 @@ impl Resource {
             al_freed: Arc::new(Notify::new()),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
+            marks_made: AtomicU64::new(0),
             events: broadcast::channel(1024).0,
             role_tx: watch::channel(Role::Secondary).0,
             quorum: crate::repl::io_gate::QuorumState::new(
@@ -1079,6 +1084,7 @@ impl Resource {
     /// then the peer's session, then its claims).
     pub(crate) fn mark_out_of_sync(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
         m.bitmaps[slot].set_range(offset, len);
+        self.marks_made.fetch_add(1, Ordering::SeqCst);
         for p in self.peers.iter().filter(|p| p.slot == slot) {
             if let Some(c) = p.conn.lock().expect("conn").as_ref() {
                 c.resync_claims
