@@ -2089,6 +2089,8 @@ mod tests {
                 discard_my_data: false,
                 quorum: None,
                 follows_primary: false,
+                resyncing_from_other: false,
+                in_sync_with_primary: false,
             },
             size,
             protocol,
