@@ -140,7 +140,9 @@ pub fn handshake(
                 role: s.view.role,
                 primary_at_split: s.view.ids.bitmap[other.view.node_id as usize % 32].primary_bit(),
                 changes: s.dirty_bits,
-                discard_my_data: s.discard_my_data,
+                // Never from a Primary: its users would see the data change under them (the
+                // flag may have been given while it was still a Secondary).
+                discard_my_data: s.discard_my_data && s.view.role != super::state::Role::Primary,
                 quorum: s.quorum,
             };
             let r = split_brain::resolve(kind, policy, &side(me, peer), &side(peer, me));
@@ -187,7 +189,11 @@ pub fn handshake(
     let discarding = split_brain.is_some_and(|r| r.verdict == Verdict::DiscardMine);
     let resolved = split_brain.is_some_and(|r| r.verdict != Verdict::Disconnect);
     let mut commands = Vec::new();
-    if let Some(c) = role_conflict(me, peer, outcome).filter(|_| !resolved) {
+    // A resolved split brain weighed the roles (violently-as0p, quorum), except that two live
+    // Primaries never connect: each would refuse the other's writes.
+    if let Some(c) =
+        role_conflict(me, peer, outcome).filter(|c| !resolved || *c == RoleConflict::TwoPrimaries)
+    {
         commands.push(Command::Disconnect(DisconnectReason::RoleConflict(c)));
         return HandshakeOutcome {
             decision,
@@ -797,16 +803,17 @@ mod tests {
         );
     }
 
-    /// A resolved split brain already weighed the roles (violently-as0p, --discard-my-data,
-    /// quorum): no role conflict then.
+    /// A resolved split brain already weighed the roles (violently-as0p, quorum): no role
+    /// conflict then, except between two live Primaries; and `--discard-my-data` never counts
+    /// from a Primary.
     #[test]
     fn a_resolved_split_brain_may_make_a_primary_the_target() {
-        use crate::repl::split_brain::After2Pri;
-        let (mut a, mut b) = split(10, 3);
-        a.view.role = Role::Primary;
+        use crate::repl::split_brain::{After1Pri, After2Pri};
+        let (a, mut b) = split(10, 3);
         b.view.role = Role::Primary;
         let pol = SplitBrainPolicy {
             zero_primaries: After0Pri::DiscardLeastChanges,
+            one_primary: After1Pri::ViolentlyAs0Pri,
             two_primaries: After2Pri::ViolentlyAs0Pri,
             ..SplitBrainPolicy::default()
         };
@@ -819,6 +826,34 @@ mod tests {
             handshake(&a, &b, &pol)
                 .commands
                 .contains(&Command::Enter(ReplState::SyncSource))
+        );
+        // Two live Primaries, even resolved: never connected.
+        let mut a2 = a.clone();
+        a2.view.role = Role::Primary;
+        for (x, y) in [(&a2, &b), (&b, &a2)] {
+            assert_eq!(
+                handshake(x, y, &pol).commands,
+                [Command::Disconnect(DisconnectReason::RoleConflict(
+                    RoleConflict::TwoPrimaries
+                ))]
+            );
+        }
+        // --discard-my-data given on a node that is Primary now (given while it was Secondary,
+        // then promoted) is ignored: the default policies leave the split brain unresolved.
+        let mut discarding = b.clone();
+        discarding.discard_my_data = true;
+        assert_eq!(
+            handshake(&discarding, &a, &SplitBrainPolicy::default()).commands,
+            [Command::Disconnect(DisconnectReason::SplitBrain(
+                SplitBrainKind::BitmapsValid
+            ))]
+        );
+        let mut secondary = discarding.clone();
+        secondary.view.role = Role::Secondary;
+        assert!(
+            handshake(&secondary, &a, &SplitBrainPolicy::default())
+                .commands
+                .contains(&Command::Enter(ReplState::SyncTarget))
         );
         // Unresolved: the split brain is reported (not a role conflict).
         assert_eq!(

@@ -279,7 +279,7 @@ impl Resource {
                     // Peers may hold the new data and this disk not: never diverge silently.
                     let mut m = self.meta.lock().expect("meta");
                     for slot in 0..m.bitmaps.len() {
-                        self.mark_out_of_sync(&mut m, slot, offset, len);
+                        self.mark_for_repair(&mut m, slot, offset, len);
                     }
                 }
             }
@@ -360,7 +360,7 @@ impl Resource {
             let mut m = self.meta.lock().expect("meta");
             for slot in 0..m.bitmaps.len() {
                 for &(o, l) in ranges {
-                    self.mark_out_of_sync(&mut m, slot, o, l);
+                    self.mark_for_repair(&mut m, slot, o, l);
                 }
             }
             m.bitmaps.len()

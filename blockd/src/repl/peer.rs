@@ -646,6 +646,9 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         let _ = tokio::time::timeout(REFUSAL_SEND_LIMIT, conn.queued_sent()).await;
     }
     drop(writer_task);
+    // From here on the peer is no Primary this node follows or is in sync with (a handshake
+    // with a third node during the teardown must not clear marks the teardown makes).
+    res.update_peer(i, |s| s.leaving = true);
     // The checksum resync clears bits of runs it found equal: it must be over before the
     // unacknowledged writes are marked below (`conn.close()`), or a clear could come after
     // the mark of a write to that run and lose it.
@@ -1564,8 +1567,12 @@ impl Session {
                     // no mark was made since our report, which said we were in sync with the
                     // Primary (a session with it that ended since marks its unstable writes:
                     // those must stay). Marks are made under this lock.
+                    // Marks of a verify or a local I/O error are kept: they are real.
                     let obsolete_only = out.decision.outcome == SyncOutcome::NoSync;
-                    if !obsolete_only || res.marks_made.load(Ordering::SeqCst) == self.marks_made {
+                    if !obsolete_only
+                        || (res.marks_made.load(Ordering::SeqCst) == self.marks_made
+                            && !res.has_repair_marks(slot))
+                    {
                         m.bitmaps[slot].clear_all();
                     }
                 }
@@ -1686,6 +1693,7 @@ impl Session {
         let dirty_after = res.meta.lock().expect("meta").bitmaps[slot].count_dirty_bytes();
         res.update_peer(i, |s| {
             s.conn = ConnState::Connected;
+            s.leaving = false;
             s.repl = enter;
             s.last_error = None;
             s.resync_retry_at = None;

@@ -178,6 +178,9 @@ pub(crate) fn detach_cleanly(
 pub(crate) struct PeerState {
     pub conn: ConnState,
     pub repl: ReplState,
+    /// The session is ending (from the start of its teardown until the state says so): its
+    /// Primary no longer counts as one this node follows or is in sync with.
+    pub leaving: bool,
     pub role: Role,
     pub disk: DiskState,
     pub last_error: Option<String>,
@@ -481,6 +484,8 @@ pub struct Resource {
     _meta_lock: MetaLock,
     /// Serialises the admin commands that change the role or the disk (`control::server`).
     pub(crate) admin: tokio::sync::Mutex<()>,
+    /// Bitmap slots holding marks of [`Resource::mark_for_repair`].
+    repair_marks: Mutex<std::collections::HashSet<usize>>,
     pub(crate) spec: ResourceSpec,
     /// The backing store (replaced by `blockctl attach`, see `repl::local_disk`).
     pub(crate) store: crate::repl::local_disk::LocalStore,
@@ -691,6 +696,7 @@ impl Resource {
             .peers
             .iter()
             .map(|_| PeerState {
+                leaving: false,
                 conn: ConnState::Connecting,
                 repl: ReplState::Off,
                 role: Role::Unknown,
@@ -720,6 +726,7 @@ impl Resource {
         Ok(Arc::new(Resource {
             _meta_lock: meta_lock,
             admin: tokio::sync::Mutex::new(()),
+            repair_marks: Mutex::new(std::collections::HashSet::new()),
             store: crate::repl::local_disk::LocalStore::new(store),
             disk_rt: crate::repl::local_disk::DiskRuntime::at_start(failed),
             meta: Arc::new(Mutex::new(meta)),
@@ -885,10 +892,9 @@ impl Resource {
             let st = self.state.lock().expect("state");
             // A third node that is Primary and connected sends its writes here, whether in
             // sync with us or resyncing us.
-            let follows_primary =
-                st.peers.iter().enumerate().any(|(j, p)| {
-                    j != i && p.role == Role::Primary && p.conn == ConnState::Connected
-                });
+            let follows_primary = st.peers.iter().enumerate().any(|(j, p)| {
+                j != i && p.role == Role::Primary && p.conn == ConnState::Connected && !p.leaving
+            });
             // Another session is (becoming) sync target: one resync toward us at a time.
             let resyncing_from_other = st
                 .peers
@@ -903,6 +909,7 @@ impl Resource {
                         && p.role == Role::Primary
                         && p.conn == ConnState::Connected
                         && p.repl == ReplState::Established
+                        && !p.leaving
                 });
             (
                 st.role,
@@ -1082,6 +1089,23 @@ impl Resource {
     /// through here: the range is withdrawn from that resync's claims, so the acknowledgement of
     /// a chunk read before the mark never clears it (`repl::resync_claims`; lock order: meta,
     /// then the peer's session, then its claims).
+    /// Marks `[offset, offset + len)` out of sync in bitmap `slot` because the blocks differ or
+    /// may be bad (online verify, a local I/O error under pass-on): such marks are never
+    /// cleared as obsolete between two Secondaries (`handshake::marks_obsolete`); they wait for
+    /// a resync.
+    pub(crate) fn mark_for_repair(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
+        self.mark_out_of_sync(m, slot, offset, len);
+        self.repair_marks.lock().expect("repair marks").insert(slot);
+    }
+
+    /// Whether bitmap `slot` holds marks of [`Self::mark_for_repair`] (since this start).
+    pub(crate) fn has_repair_marks(&self, slot: usize) -> bool {
+        self.repair_marks
+            .lock()
+            .expect("repair marks")
+            .contains(&slot)
+    }
+
     pub(crate) fn mark_out_of_sync(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
         m.bitmaps[slot].set_range(offset, len);
         self.marks_made.fetch_add(1, Ordering::SeqCst);

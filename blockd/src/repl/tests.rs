@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::config::ClusterConfig;
 use crate::repl::resource::{Resource, ResourceSpec, create_md};
-use crate::repl::state::Role;
+use crate::repl::state::{ConnState, DiskState, ReplState, Role};
 
 pub(super) const SIZE: u64 = 64 << 20;
 
@@ -1266,5 +1266,34 @@ async fn the_first_of_two_resyncs_to_end_leaves_the_disk_inconsistent() {
     let done = execute(r.clone(), 1, Op::ResyncDone).await.unwrap();
     assert!(matches!(done, Done::ResyncFinished { up_to_date: true }));
     assert!(consistent(&r));
+    r.shutdown().await;
+}
+
+/// A Secondary reports itself in sync with the Primary (marks between Secondaries may then be
+/// cleared as obsolete) only while that session is not ending: its teardown marks the Primary's
+/// unstable writes, which a handshake with the other Secondary in that window must not clear.
+/// And marks of a verify or a local I/O error are never obsolete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_primary_and_repair_marks_keep_marks_between_secondaries() {
+    let mut c = cluster(3, "C").await;
+    let r = c.start(0);
+    r.set_disk(DiskState::UpToDate);
+    r.update_peer(0, |s| {
+        s.role = Role::Primary;
+        s.conn = ConnState::Connected;
+        s.repl = ReplState::Established;
+    });
+    assert!(r.state_report(1).side.in_sync_with_primary);
+    assert!(r.state_report(1).side.follows_primary);
+    r.update_peer(0, |s| s.leaving = true);
+    assert!(!r.state_report(1).side.in_sync_with_primary);
+    assert!(!r.state_report(1).side.follows_primary);
+    let slot = r.peers[1].slot;
+    assert!(!r.has_repair_marks(slot));
+    {
+        let mut m = r.meta.lock().unwrap();
+        r.mark_for_repair(&mut m, slot, 0, 4096);
+    }
+    assert!(r.has_repair_marks(slot));
     r.shutdown().await;
 }
