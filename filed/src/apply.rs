@@ -264,6 +264,8 @@ pub struct Applier {
     /// Include roots found usable by this applier (device and inode of the directory opened):
     /// checked once, again only when another directory is at the root's path.
     usable_roots: Mutex<HashSet<(u64, u64)>>,
+    /// Include roots checked for writing by this applier (see [`Applier::target`]).
+    writable_roots: Mutex<HashSet<String>>,
     /// Every filesystem this applier changed since the last [`Applier::sync`] (a root may hold
     /// mount points): its device, a descriptor on it and a path changed there (for errors).
     changed: Mutex<HashMap<libc::dev_t, (OwnedFd, String)>>,
@@ -328,6 +330,7 @@ impl Applier {
             roots,
             store,
             usable_roots: Mutex::new(HashSet::new()),
+            writable_roots: Mutex::new(HashSet::new()),
             changed: Mutex::new(HashMap::new()),
             backup,
             generations: group.backup_generations,
@@ -386,6 +389,12 @@ impl Applier {
         let comps: Vec<&str> = rel.split('/').collect();
         let (last, parents) = comps.split_last().expect("non-empty");
         let parent_key = &logical[..logical.len() - last.len()];
+        if create && !self.writable_roots().contains(root) {
+            // A directory cached by a read does not say the root may be written into: check it
+            // once (the unmounted-root check of `open_root`) before any write under it.
+            self.open_root(logical, root, phys, true)?;
+            self.writable_roots().insert(root.clone());
+        }
         if let Some(dir) = self.cache().get(parent_key) {
             return Ok(Some(Target {
                 logical: logical.into(),
@@ -605,6 +614,12 @@ impl Applier {
             recorded.iter().map(|(p, s)| (p.as_str(), s)),
         );
         Ok(contents.looks_unmounted().then_some(contents))
+    }
+
+    fn writable_roots(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.writable_roots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     fn usable(&self) -> std::sync::MutexGuard<'_, HashSet<(u64, u64)>> {
@@ -1617,6 +1632,9 @@ mod tests {
         let unmounted = |r: Result<_, ApplyError>| {
             matches!(r, Err(ApplyError::RootLooksUnmounted { recorded: 2, .. }))
         };
+        // A read first (it finds nothing, and caches the root's directory): the write after it
+        // is still checked.
+        assert!(a.current("%d%/other").unwrap().is_none());
         assert!(unmounted(a.begin_file("%d%/new", None).map(|_| ())));
         assert!(unmounted(a.begin_file("%d%/etc/new", None).map(|_| ())));
         assert!(unmounted(a.make_dir("%d%/etc", &dstate())));
