@@ -378,8 +378,20 @@ impl Applier {
         let rel = logical[root.len()..].trim_start_matches('/');
         if rel.is_empty() {
             // The include root itself (a directory, or a file for a single-file include):
-            // addressed from its parent directory (set up by the admin).
+            // addressed from its parent directory (set up by the admin). A symlink there is
+            // neither followed nor replaced (the scan records it as a symlink and walks nothing
+            // under it).
             let (parent, name) = self.open_root_parent(logical, phys)?;
+            if fstatat(&parent, &name)
+                .ok()
+                .flatten()
+                .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+            {
+                return Err(ApplyError::RootNotADirectory {
+                    path: logical.into(),
+                    root: phys.to_path_buf(),
+                });
+            }
             return Ok(Some(Target {
                 logical: logical.into(),
                 dir: Arc::new(parent),
@@ -472,10 +484,9 @@ impl Applier {
     }
 
     /// Opens include root `root` (at `phys`) for a path under it: the root's parent, the root's
-    /// name in it and the root itself. A symlink there is the admin's (a peer can never put one
-    /// there, see [`Applier::refuse_root_replacement`]) and is followed, as the scan does, unless
-    /// the root is recorded as a directory: then it took the directory's place, and the scan
-    /// skips it too. Refused, like the scan skips it: a root that is missing (not created for a
+    /// name in it and the root itself, never through a symlink (the scan records a symlinked
+    /// root as a symlink and sees nothing under it: what was written there would be taken as
+    /// deleted and deleted on every peer). Refused, like the scan skips it: a root that is missing (not created for a
     /// path under it: it may be the mount point of an unmounted filesystem) or not a directory;
     /// and for a write (`create`), a root holding none of what is recorded under it (an
     /// unmounted filesystem's mount point: a file written there would make the next scan take
@@ -490,21 +501,7 @@ impl Applier {
     ) -> Result<(OwnedFd, CString, OwnedFd), ApplyError> {
         let (parent, name) = self.open_root_parent(logical, phys)?;
         let flags = libc::O_DIRECTORY | libc::O_RDONLY;
-        let opened = match openat(&parent, &name, flags | libc::O_NOFOLLOW, 0) {
-            // (ELOOP, or ENOTDIR with O_DIRECTORY: a symlink either way, or not a directory.)
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
-                let symlink = fstatat(&parent, &name)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
-                if symlink && !self.recorded_dir(logical, root)? {
-                    openat(&parent, &name, flags, 0)
-                } else {
-                    Err(e)
-                }
-            }
-            other => other,
-        };
+        let opened = openat(&parent, &name, flags | libc::O_NOFOLLOW, 0);
         let dir = match opened {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -537,21 +534,6 @@ impl Applier {
             self.usable().insert(id);
         }
         Ok((parent, name, dir))
-    }
-
-    /// Whether include root `root` is recorded as a directory.
-    fn recorded_dir(&self, logical: &str, root: &str) -> Result<bool, ApplyError> {
-        let found = self
-            .store
-            .lookup(&self.group.name, None, &[root])
-            .map_err(|source| ApplyError::RootRecords {
-                path: logical.into(),
-                source,
-            })?;
-        Ok(found
-            .first()
-            .and_then(|(st, _)| st.as_ref())
-            .is_some_and(|st| st.exists() && st.kind == Kind::Dir))
     }
 
     /// What is recorded at the top level of include root `root` (open as `dir`) when none of it
@@ -1714,9 +1696,9 @@ mod tests {
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
 
-    /// A single-file include (its root is a file) is received like any file, and an admin's
-    /// symlink as a root that was never recorded as a directory (`/home -> var/home`) is
-    /// followed, as the scan follows it.
+    /// A single-file include (its root is a file) is received like any file; a symlink at a
+    /// root's path is neither followed nor replaced (the scan records it as a symlink and walks
+    /// nothing under it: what was written through it would be deleted on every peer).
     #[test]
     fn single_file_roots_and_an_admins_root_symlink_are_synced() {
         let d = tempfile::tempdir().unwrap();
@@ -1734,8 +1716,13 @@ mod tests {
         let real = d.path().join("real");
         std::fs::rename(&root, &real).unwrap();
         std::os::unix::fs::symlink(&real, &root).unwrap();
-        write(&a, "%d%/f", b"f", 1);
-        assert_eq!(std::fs::read(real.join("f")).unwrap(), b"f");
+        let not_dir =
+            |r: Result<_, ApplyError>| matches!(r, Err(ApplyError::RootNotADirectory { .. }));
+        assert!(not_dir(a.begin_file("%d%/f", None).map(|_| ())));
+        assert!(not_dir(a.make_dir("%d%", &dstate())));
+        assert!(not_dir(a.set_meta("%d%", &dstate())));
+        assert!(root.is_symlink(), "the admin's symlink was replaced");
+        assert_eq!(std::fs::read_dir(&real).unwrap().count(), 0);
     }
 
     #[test]

@@ -203,16 +203,14 @@ pub async fn session_with(node: &Node, g: &Group, peer: &str) -> Result<SessionR
     let mut attempt = 0;
     loop {
         let res = async {
-            // The lock first: a local scan holding it may take minutes, and a connected peer
-            // waiting that long for our hello would give the session up as idle.
-            let lock = node.group_lock(&g.name);
-            let _guard = lock.lock().await;
             let mut conn = transport::connect(&host.address, &settings, &g.name, &key, peer)
                 .await
                 .map_err(|source| SessionError::Transport {
                     peer: peer.to_string(),
                     source,
                 })?;
+            let lock = node.group_lock(&g.name);
+            let _guard = lock.lock().await;
             let r = session::run_client(node, g, &mut conn).await;
             let _ = conn.close().await;
             r

@@ -1544,6 +1544,7 @@ impl Session {
             res.emit(Some(i), "split-brain", what);
         }
         let mut save_divergent = false;
+        let mut kept_repair_marks = false;
         for cmd in out.commands {
             match cmd {
                 // After the bitmap exchange: the combined bitmap is what the resync rewrites.
@@ -1569,9 +1570,12 @@ impl Session {
                     // those must stay). Marks are made under this lock.
                     // Marks of a verify or a local I/O error are kept: they are real.
                     let obsolete_only = out.decision.outcome == SyncOutcome::NoSync;
-                    if !obsolete_only
-                        || (res.marks_made.load(Ordering::SeqCst) == self.marks_made
-                            && !res.has_repair_marks(slot))
+                    if obsolete_only && res.has_repair_marks(slot) {
+                        // Kept, and shown as waiting for the next Primary (as marks between
+                        // Secondaries are while a Primary lives).
+                        kept_repair_marks = true;
+                    } else if !obsolete_only
+                        || res.marks_made.load(Ordering::SeqCst) == self.marks_made
                     {
                         m.bitmaps[slot].clear_all();
                     }
@@ -1699,7 +1703,7 @@ impl Session {
             s.resync_retry_at = None;
             // Whatever a Primary lost before reaches this node by the resync now.
             s.known_loss = None;
-            s.marks_wait = out.marks_wait;
+            s.marks_wait = out.marks_wait || kept_repair_marks;
             if enter == ReplState::Established {
                 s.disk = if s.disk.is_consistent() {
                     DiskState::UpToDate

@@ -1098,6 +1098,14 @@ impl Resource {
         self.repair_marks.lock().expect("repair marks").insert(slot);
     }
 
+    /// Bitmap `slot` was emptied by a resync: no repair marks are left in it.
+    pub(crate) fn repaired(&self, slot: usize) {
+        self.repair_marks
+            .lock()
+            .expect("repair marks")
+            .remove(&slot);
+    }
+
     /// Whether bitmap `slot` holds marks of [`Self::mark_for_repair`] (since this start).
     pub(crate) fn has_repair_marks(&self, slot: usize) -> bool {
         self.repair_marks

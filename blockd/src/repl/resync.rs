@@ -171,6 +171,7 @@ pub(crate) async fn finish_source(
             m.save_sb()
         })
         .await;
+    res.repaired(slot);
     if let Err(e) = r {
         return Err(format!(
             "cannot persist the resync end: {}",

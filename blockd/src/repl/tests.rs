@@ -1295,5 +1295,8 @@ async fn a_leaving_primary_and_repair_marks_keep_marks_between_secondaries() {
         r.mark_for_repair(&mut m, slot, 0, 4096);
     }
     assert!(r.has_repair_marks(slot));
+    // A resync that emptied the bitmap leaves none.
+    r.repaired(slot);
+    assert!(!r.has_repair_marks(slot));
     r.shutdown().await;
 }

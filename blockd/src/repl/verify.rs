@@ -309,7 +309,7 @@ impl Resource {
             // Withdrawn from a resync this node runs as a source (its data is discarded).
             let mut m = self.meta.lock().expect("meta");
             for slot in 0..m.bitmaps.len() {
-                self.mark_for_repair(&mut m, slot, 0, u64::MAX);
+                self.mark_out_of_sync(&mut m, slot, 0, u64::MAX);
             }
         }
         self.meta_io(|m| {
