@@ -279,13 +279,18 @@ pub fn differing_ranges(
             continue;
         }
         let start = offset + b as u64 * block_size;
-        let end = (start + block_size).min(offset + len);
-        match out.last_mut() {
-            Some((s, l)) if *s + *l == start => *l = end - *s,
-            _ => out.push((start, end - start)),
-        }
+        push_range(&mut out, start, (start + block_size).min(offset + len));
     }
     out
+}
+
+/// Appends `[start, end)` to ascending `ranges` (offset, length), merged with the last one when
+/// they touch.
+pub(crate) fn push_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    match ranges.last_mut() {
+        Some((s, l)) if *s + *l == start => *l = end - *s,
+        _ => ranges.push((start, end - start)),
+    }
 }
 
 #[cfg(test)]

@@ -499,14 +499,7 @@ impl Resource {
         if let Err(e) = self.store.flush().await {
             tracing::error!(resource = %self.name(), "flush while stepping down failed: {e}");
         }
-        let r = self
-            .meta_io(|m| {
-                m.sb.flags &= !flags::PRIMARY;
-                m.sb.generations.set_primary(false);
-                m.save_sb()
-            })
-            .await;
-        if let Err(e) = r {
+        if let Err(e) = self.persist_not_primary().await {
             tracing::error!(resource = %self.name(), "cannot persist stepping down: {e}");
         }
         self.quorum

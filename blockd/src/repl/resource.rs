@@ -820,6 +820,17 @@ impl Resource {
     }
 
     /// Runs blocking metadata I/O off the async workers.
+    /// Records in the metadata that this node is not Primary (a demotion, a step-down, a
+    /// settled crash): no crashed-Primary claim at the next attach.
+    pub(crate) async fn persist_not_primary(&self) -> Result<(), MetaError> {
+        self.meta_io(|m| {
+            m.sb.flags &= !flags::PRIMARY;
+            m.sb.generations.set_primary(false);
+            m.save_sb()
+        })
+        .await
+    }
+
     pub(crate) async fn meta_io<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut MetaState) -> Result<T, MetaError> + Send + 'static,
@@ -1404,14 +1415,7 @@ impl Resource {
         if self.role() == Role::Primary {
             return;
         }
-        let r = self
-            .meta_io(|m| {
-                m.sb.flags &= !flags::PRIMARY;
-                m.sb.generations.set_primary(false);
-                m.save_sb()
-            })
-            .await;
-        if let Err(e) = r {
+        if let Err(e) = self.persist_not_primary().await {
             tracing::error!(resource = %self.spec.name,
                 "cannot clear the Primary flag of a settled crash: {}", error_chain(&e));
         }
@@ -1436,13 +1440,9 @@ impl Resource {
         }
         drop(gate);
         let flushed = self.flush_everywhere().await;
-        self.meta_io(|m| {
-            m.sb.flags &= !flags::PRIMARY;
-            m.sb.generations.set_primary(false);
-            m.save_sb()
-        })
-        .await
-        .map_err(ResourceError::MetaUpdate)?;
+        self.persist_not_primary()
+            .await
+            .map_err(ResourceError::MetaUpdate)?;
         self.state.lock().expect("state").crashed_primary = false;
         tracing::info!(resource = %self.spec.name, "demoted to Secondary");
         self.emit(None, "role", Role::Secondary.as_str());

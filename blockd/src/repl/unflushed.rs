@@ -105,10 +105,7 @@ impl UnflushedWrites {
                 break;
             }
             let end = start.saturating_add(self.extent_size).min(size);
-            match out.last_mut() {
-                Some((s, l)) if *s + *l == start => *l = end - *s,
-                _ => out.push((start, end - start)),
-            }
+            crate::repl::disk_failure::push_range(&mut out, start, end);
         }
         out
     }
