@@ -68,6 +68,7 @@ C=$WORK/cluster.toml
         echo "address = \"127.0.0.1:$((base + i))\""
         echo "nbd = \"127.0.0.1:$((base + 100 + i))\""
         echo "backing = \"n$i.img\""
+        echo "snapshot-dir = \"$WORK\""
     done
 } >"$C"
 ctl() { "$BLOCKCTL" --config "$C" --node "$@"; }
@@ -104,6 +105,9 @@ measure() {
         perf record -g -o "$PERF.$2.data" -p "${PIDS[1]}" 2>/dev/null &
         perf=$!
     fi
+    # Start each run with nothing left to write back from the previous one (on a disk, the
+    # earlier runs' writeback would otherwise fall into this one).
+    sync
     p0=$(ticks "${PIDS[0]}") s0=$(ticks "${PIDS[1]}")
     run_fio "$1"
     p1=$(ticks "${PIDS[0]}") s1=$(ticks "${PIDS[1]}")
