@@ -584,6 +584,31 @@ mod tests {
         ));
     }
 
+    /// A bitmap slot's repair-marks flag is persisted with the superblock and read back at
+    /// open; a fresh (or forced) create-md starts without it.
+    #[test]
+    fn repair_marks_flag_is_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let loc = MetaLocation::Internal(backing(dir.path(), 32 << 20));
+        let mut meta = MetaFile::create(&loc, &opts()).unwrap();
+        let mut sb = meta.superblock().clone();
+        let slot = usize::from(sb.bitmap_slot_for(0).unwrap());
+        assert!(!sb.has_repair_marks(slot));
+        assert!(sb.set_repair_marks(slot, true));
+        meta.write_superblock(&sb).unwrap();
+        drop(meta);
+        let Opened { meta, warning } = MetaFile::open(&loc, Some(1)).unwrap();
+        assert!(warning.is_none());
+        assert!(meta.superblock().has_repair_marks(slot));
+        drop(meta);
+        let force = CreateOptions {
+            force: true,
+            ..opts()
+        };
+        let fresh = MetaFile::create(&loc, &force).unwrap();
+        assert!(!fresh.superblock().has_repair_marks(slot));
+    }
+
     #[test]
     fn forced_create_interrupted_never_reopens_the_old_superblock() {
         let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 //!  60  al_extents u32          64  current uuid u64
 //!  72  history uuids 8 x u64
 //! 136  peers 32 x { bitmap uuid u64, bitmap slot u16 (0xffff: none), flags u16, 0 u32 }
+//!      (peer flags: bit 0 OUTDATED, bit 1 FULL_SYNC, bit 2 REPAIR_MARKS; see [`peer_flags`])
 //! 648  zero padding           4092  crc32 over bytes 0..4092
 //! ```
 
@@ -46,8 +47,14 @@ pub mod peer_flags {
     pub const OUTDATED: u16 = 1 << 0;
     /// A full sync towards this peer is pending (set all bits when it connects).
     pub const FULL_SYNC: u16 = 1 << 1;
+    /// The peer's bitmap slot holds repair marks (blocks found differing by a verify, or
+    /// possibly bad after a local I/O error): never cleared as obsolete, only by a resync.
+    /// Persisted no later than the bitmap pages holding such marks; metadata written before
+    /// this flag existed has it clear (no repair marks known). Builds that do not know it
+    /// refuse metadata with it set ("unknown bits"), never read such marks as ordinary.
+    pub const REPAIR_MARKS: u16 = 1 << 2;
     /// Every flag this version knows.
-    pub const ALL: u16 = OUTDATED | FULL_SYNC;
+    pub const ALL: u16 = OUTDATED | FULL_SYNC | REPAIR_MARKS;
 }
 
 /// What the superblock records about one peer node id.
@@ -105,6 +112,34 @@ impl Superblock {
         let free = (0..self.geometry.peer_slots as u16).find(|s| !used.contains(s))?;
         self.peers[node_id as usize].bitmap_slot = Some(free);
         Some(free)
+    }
+
+    /// The peer node id whose bitmap is kept in slot `slot`.
+    fn node_of_slot(&self, slot: usize) -> Option<usize> {
+        self.peers
+            .iter()
+            .position(|p| p.bitmap_slot.is_some_and(|s| usize::from(s) == slot))
+    }
+
+    /// Whether bitmap slot `slot` holds repair marks ([`peer_flags::REPAIR_MARKS`] of the
+    /// peer the slot belongs to; false for a slot no peer has).
+    pub fn has_repair_marks(&self, slot: usize) -> bool {
+        self.node_of_slot(slot)
+            .is_some_and(|n| self.peers[n].flags & peer_flags::REPAIR_MARKS != 0)
+    }
+
+    /// Sets or clears [`peer_flags::REPAIR_MARKS`] of the peer whose bitmap is in slot `slot`
+    /// (in memory: persist with the superblock). Returns false when no peer has the slot.
+    pub fn set_repair_marks(&mut self, slot: usize, repair_marks: bool) -> bool {
+        let Some(n) = self.node_of_slot(slot) else {
+            return false;
+        };
+        if repair_marks {
+            self.peers[n].flags |= peer_flags::REPAIR_MARKS;
+        } else {
+            self.peers[n].flags &= !peer_flags::REPAIR_MARKS;
+        }
+        true
     }
 
     /// Encodes into one 4 KiB record.
@@ -345,6 +380,7 @@ mod tests {
             "bitmap slot"
         );
         assert_eq!(field(resealed(&|r| r[at + 10] = 0x40)), "peer flags");
+        assert_eq!(field(resealed(&|r| r[at + 10] = 0x08)), "peer flags");
         // Metadata of a device with more extents than u32 extent numbers can name.
         assert_eq!(
             field(resealed(&|r| {
@@ -372,6 +408,42 @@ mod tests {
         }
     }
 
+    /// The repair-marks fact of a bitmap slot is a flag of the peer owning the slot: it
+    /// survives an encode/decode, leaves the other flags alone, and metadata written before the
+    /// flag existed (peer flags 0..=3 only) reads as holding no repair marks.
+    #[test]
+    fn repair_marks_flag_round_trips_per_slot() {
+        let mut sb = sample();
+        // Node 0 has slot 1 (sample); give node 4 slot 0. Slot 2 belongs to nobody.
+        assert_eq!(sb.bitmap_slot_for(4), Some(0));
+        let old = Superblock::decode(&sb.encode(), 0, 0).unwrap();
+        assert!((0..3).all(|slot| !old.has_repair_marks(slot)));
+
+        assert!(sb.set_repair_marks(1, true));
+        assert!(!sb.set_repair_marks(2, true), "no peer has slot 2");
+        let rec = sb.encode();
+        let at = PEERS_AT;
+        assert_eq!(
+            u16::from_le_bytes([rec[at + 10], rec[at + 11]]),
+            peer_flags::OUTDATED | peer_flags::REPAIR_MARKS
+        );
+        let back = Superblock::decode(&rec, 1, 4096).unwrap();
+        assert_eq!(back, sb);
+        assert!(back.has_repair_marks(1));
+        assert!(!back.has_repair_marks(0));
+        assert!(!back.has_repair_marks(2));
+        assert!(back.peers[0].flags & peer_flags::OUTDATED != 0);
+
+        let mut cleared = back;
+        assert!(cleared.set_repair_marks(1, false));
+        assert!(!cleared.has_repair_marks(1));
+        assert_eq!(cleared.peers[0].flags, peer_flags::OUTDATED);
+        assert_eq!(
+            Superblock::decode(&cleared.encode(), 0, 0).unwrap(),
+            cleared
+        );
+    }
+
     #[test]
     fn bitmap_slot_assignment() {
         let mut sb = sample();
@@ -393,7 +465,7 @@ mod tests {
             current in any::<u64>(),
             history in proptest::collection::vec(any::<u64>(), HISTORY_LEN),
             bitmaps in proptest::collection::vec(any::<u64>(), MAX_NODES),
-            pflags in proptest::collection::vec(0u16..4, MAX_NODES),
+            pflags in proptest::collection::vec(0u16..8, MAX_NODES),
             slots in 0u32..32,
         ) {
             let mut sb = sample();

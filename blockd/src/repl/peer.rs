@@ -1564,21 +1564,12 @@ impl Session {
                 }
                 Command::ClearBitmap => {
                     let mut m = res.meta.lock().expect("meta");
-                    // Obsolete marks (no resync follows, `handshake::marks_obsolete`): only if
-                    // no mark was made since our report, which said we were in sync with the
-                    // Primary (a session with it that ended since marks its unstable writes:
-                    // those must stay). Marks are made under this lock.
-                    // Marks of a verify or a local I/O error are kept: they are real.
+                    // Marks are made under this lock: none made since our report is exact.
                     let obsolete_only = out.decision.outcome == SyncOutcome::NoSync;
-                    if obsolete_only && res.has_repair_marks(slot) {
-                        // Kept, and shown as waiting for the next Primary (as marks between
-                        // Secondaries are while a Primary lives).
-                        kept_repair_marks = true;
-                    } else if !obsolete_only
-                        || res.marks_made.load(Ordering::SeqCst) == self.marks_made
-                    {
-                        m.bitmaps[slot].clear_all();
-                    }
+                    let none_made_since_report =
+                        res.marks_made.load(Ordering::SeqCst) == self.marks_made;
+                    kept_repair_marks |=
+                        m.clear_for_handshake(slot, obsolete_only, none_made_since_report);
                 }
                 Command::ExchangeBitmaps => self.exchange_bitmaps(reader).await?,
                 Command::PinBitmapUuid => {

@@ -129,11 +129,47 @@ impl MetaState {
         Ok(())
     }
 
-    /// Writes every page of a bitmap slot and syncs.
+    /// Writes every page of a bitmap slot and syncs. A slot found empty no longer holds
+    /// repair marks: the flag is cleared in [`Self::sb`] (persisted by the next
+    /// [`Self::save_sb`], never before the empty bitmap is on disk, which it now is).
     pub fn save_bitmap(&mut self, slot: usize) -> Result<(), MetaError> {
         let b = &self.bitmaps[slot];
         let pages = 0..b.pages();
-        self.save_bitmap_pages(slot, pages)
+        self.save_bitmap_pages(slot, pages)?;
+        if self.bitmaps[slot].dirty_extent_from(0, 1).is_none() {
+            self.sb.set_repair_marks(slot, false);
+        }
+        Ok(())
+    }
+
+    /// A handshake's `ClearBitmap` of slot `slot` (in memory). With a resync following
+    /// (`obsolete_only` false) the marks go. Obsolete marks (no resync follows,
+    /// `handshake::marks_obsolete`) go only if no mark was made since our state report
+    /// (`none_made_since_report`), which said we were in sync with the Primary (a session with
+    /// it that ended since marks its unstable writes: those must stay), and never when the slot
+    /// holds repair marks, also ones set before a restart: the blocks really differ or are bad.
+    /// Returns true when repair marks were kept (shown as waiting for the next Primary, as marks
+    /// between Secondaries are while a Primary lives).
+    pub fn clear_for_handshake(
+        &mut self,
+        slot: usize,
+        obsolete_only: bool,
+        none_made_since_report: bool,
+    ) -> bool {
+        if obsolete_only && self.has_repair_marks(slot) {
+            return true;
+        }
+        if !obsolete_only || none_made_since_report {
+            self.bitmaps[slot].clear_all();
+        }
+        false
+    }
+
+    /// Whether bitmap `slot` holds marks of [`Resource::mark_for_repair`]: its flag in the
+    /// superblock (so the answer survives a restart) over a bitmap with bits set (a flag
+    /// left over a bitmap emptied otherwise than by a full save holds nothing).
+    pub fn has_repair_marks(&self, slot: usize) -> bool {
+        self.sb.has_repair_marks(slot) && self.bitmaps[slot].dirty_extent_from(0, 1).is_some()
     }
 
     /// Writes the pages of a slot covering a byte range and syncs.
@@ -148,11 +184,21 @@ impl MetaState {
     }
 
     fn save_bitmap_pages(&mut self, slot: usize, pages: Range<u64>) -> Result<(), MetaError> {
+        // Repair marks on disk must never look ordinary (a restart would let a handshake clear
+        // them as obsolete): the slot's flag reaches the disk before the pages that hold them.
+        // (The other way round, a crash leaves a flag over marks not yet written: harmless.)
+        let r = if self.sb.has_repair_marks(slot) && !self.file.superblock().has_repair_marks(slot)
+        {
+            self.save_sb()
+        } else {
+            Ok(())
+        };
         let b = &self.bitmaps[slot];
-        let r = self
-            .file
-            .write_bitmap_pages(slot as u32, b, pages)
-            .and_then(|()| self.file.sync());
+        let r = r.and_then(|()| {
+            self.file
+                .write_bitmap_pages(slot as u32, b, pages)
+                .and_then(|()| self.file.sync())
+        });
         // Callers that cannot act on the failure only log it; remembered for the shutdown.
         self.bitmap_save_failed |= r.is_err();
         r
@@ -484,8 +530,6 @@ pub struct Resource {
     _meta_lock: MetaLock,
     /// Serialises the admin commands that change the role or the disk (`control::server`).
     pub(crate) admin: tokio::sync::Mutex<()>,
-    /// Bitmap slots holding marks of [`Resource::mark_for_repair`].
-    repair_marks: Mutex<std::collections::HashSet<usize>>,
     pub(crate) spec: ResourceSpec,
     /// The backing store (replaced by `blockctl attach`, see `repl::local_disk`).
     pub(crate) store: crate::repl::local_disk::LocalStore,
@@ -726,7 +770,6 @@ impl Resource {
         Ok(Arc::new(Resource {
             _meta_lock: meta_lock,
             admin: tokio::sync::Mutex::new(()),
-            repair_marks: Mutex::new(std::collections::HashSet::new()),
             store: crate::repl::local_disk::LocalStore::new(store),
             disk_rt: crate::repl::local_disk::DiskRuntime::at_start(failed),
             meta: Arc::new(Mutex::new(meta)),
@@ -1095,36 +1138,24 @@ impl Resource {
         }
     }
 
+    /// Marks `[offset, offset + len)` out of sync in bitmap `slot` because the blocks differ or
+    /// may be bad (online verify, a local I/O error under pass-on): such marks are never
+    /// cleared as obsolete between two Secondaries (`handshake::marks_obsolete`); they wait for
+    /// a resync. The slot's `REPAIR_MARKS` peer flag is set in the superblock, and persisted
+    /// before any page holding the marks ([`MetaState::save_bitmap`]), so the marks keep
+    /// their kind across a restart. It is cleared once a full save finds the slot empty (a
+    /// resync as source ended, `repl::resync::finish_source`).
+    pub(crate) fn mark_for_repair(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
+        self.mark_out_of_sync(m, slot, offset, len);
+        // A slot no peer has (more slots than peers) has no flag; nobody reads its marks.
+        m.sb.set_repair_marks(slot, true);
+    }
+
     /// Marks `[offset, offset + len)` out of sync in bitmap `slot`, `m` being the locked
     /// metadata. Every path that sets bits while a resync to the peer of that slot may run goes
     /// through here: the range is withdrawn from that resync's claims, so the acknowledgement of
     /// a chunk read before the mark never clears it (`repl::resync_claims`; lock order: meta,
     /// then the peer's session, then its claims).
-    /// Marks `[offset, offset + len)` out of sync in bitmap `slot` because the blocks differ or
-    /// may be bad (online verify, a local I/O error under pass-on): such marks are never
-    /// cleared as obsolete between two Secondaries (`handshake::marks_obsolete`); they wait for
-    /// a resync.
-    pub(crate) fn mark_for_repair(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
-        self.mark_out_of_sync(m, slot, offset, len);
-        self.repair_marks.lock().expect("repair marks").insert(slot);
-    }
-
-    /// Bitmap `slot` was emptied by a resync: no repair marks are left in it.
-    pub(crate) fn repaired(&self, slot: usize) {
-        self.repair_marks
-            .lock()
-            .expect("repair marks")
-            .remove(&slot);
-    }
-
-    /// Whether bitmap `slot` holds marks of [`Self::mark_for_repair`] (since this start).
-    pub(crate) fn has_repair_marks(&self, slot: usize) -> bool {
-        self.repair_marks
-            .lock()
-            .expect("repair marks")
-            .contains(&slot)
-    }
-
     pub(crate) fn mark_out_of_sync(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {
         m.bitmaps[slot].set_range(offset, len);
         self.marks_made.fetch_add(1, Ordering::SeqCst);

@@ -164,6 +164,8 @@ pub(crate) async fn finish_source(
         let (seq, _) = order.issue();
         conn.send(Message::ResyncDone { seq });
     }
+    // The saved bitmap, empty unless a mark was made meanwhile, drops its repair-marks flag
+    // (`MetaState::save_bitmap`), which the superblock then persists.
     let r = res
         .meta_io(move |m| {
             m.sb.generations.clear_bitmap(peer_id);
@@ -171,7 +173,6 @@ pub(crate) async fn finish_source(
             m.save_sb()
         })
         .await;
-    res.repaired(slot);
     if let Err(e) = r {
         return Err(format!(
             "cannot persist the resync end: {}",

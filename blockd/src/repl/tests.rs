@@ -1289,14 +1289,89 @@ async fn a_leaving_primary_and_repair_marks_keep_marks_between_secondaries() {
     assert!(!r.state_report(1).side.in_sync_with_primary);
     assert!(!r.state_report(1).side.follows_primary);
     let slot = r.peers[1].slot;
-    assert!(!r.has_repair_marks(slot));
+    assert!(!r.meta.lock().unwrap().has_repair_marks(slot));
     {
         let mut m = r.meta.lock().unwrap();
         r.mark_for_repair(&mut m, slot, 0, 4096);
     }
-    assert!(r.has_repair_marks(slot));
-    // A resync that emptied the bitmap leaves none.
-    r.repaired(slot);
-    assert!(!r.has_repair_marks(slot));
+    assert!(r.meta.lock().unwrap().has_repair_marks(slot));
+    // A resync that emptied the bitmap leaves none (`resync::finish_source` saves it).
+    r.meta.lock().unwrap().bitmaps[slot].clear_all();
+    r.meta_io(move |m| m.save_bitmap(slot)).await.unwrap();
+    assert!(!r.meta.lock().unwrap().has_repair_marks(slot));
     r.shutdown().await;
+}
+
+/// Whether the on-disk superblock of node `i` says bitmap `slot` holds repair marks.
+fn repair_marks_on_disk(c: &Cluster, i: usize, slot: usize) -> bool {
+    use crate::meta::file::MetaFile;
+    let local = c.config.resources_of(&c.names[i]).remove(0);
+    let opened = MetaFile::open(&local.me.meta_location(), None).unwrap();
+    opened.meta.superblock().has_repair_marks(slot)
+}
+
+/// Repair marks (a verify's differing blocks, a local I/O error) keep their kind across a
+/// restart of the node that set them, a crash included: a handshake that finds the marks
+/// between two Secondaries obsolete keeps them (they wait for a resync) while it clears the
+/// ordinary ones. The fact used to live in memory only: after a restart the repair marks were
+/// cleared like ordinary ones and the differing blocks stayed different for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_marks_survive_a_restart_and_are_never_obsolete() {
+    let c = cluster(3, "C").await;
+    let local = c.config.resources_of(&c.names[0]).remove(0);
+    let attach = || Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+    let r = attach();
+    let (repair, ordinary) = (r.peers[0].slot, r.peers[1].slot);
+    {
+        let mut m = r.meta.lock().unwrap();
+        r.mark_for_repair(&mut m, repair, 1 << 20, 3 * 4096);
+        r.mark_out_of_sync(&mut m, ordinary, 2 << 20, 4096);
+    }
+    // Only the bitmaps are saved (as a verify does at its end), then the node crashes: the
+    // flag reached the disk before the pages holding the marks.
+    for slot in [repair, ordinary] {
+        r.meta_io(move |m| m.save_bitmap(slot)).await.unwrap();
+    }
+    drop(r);
+    assert!(repair_marks_on_disk(&c, 0, repair));
+    assert!(!repair_marks_on_disk(&c, 0, ordinary));
+
+    let r = attach();
+    {
+        let mut m = r.meta.lock().unwrap();
+        assert!(m.has_repair_marks(repair), "lost at the restart");
+        assert!(!m.has_repair_marks(ordinary));
+        assert!(
+            m.clear_for_handshake(repair, true, true),
+            "repair marks kept"
+        );
+        assert!(!m.clear_for_handshake(ordinary, true, true));
+        assert_eq!(
+            m.bitmaps[repair].count_bits(),
+            3,
+            "repair marks cleared as obsolete"
+        );
+        assert_eq!(
+            m.bitmaps[ordinary].count_bits(),
+            0,
+            "obsolete marks cleared"
+        );
+    }
+    // A clean restart keeps them too.
+    r.shutdown().await;
+    drop(r);
+    let r = attach();
+    assert!(r.meta.lock().unwrap().has_repair_marks(repair));
+    // A resync as source empties the bitmap: the flag goes with the superblock saved after it.
+    r.meta_io(move |m| {
+        m.bitmaps[repair].clear_all();
+        m.save_bitmap(repair)?;
+        m.save_sb()
+    })
+    .await
+    .unwrap();
+    assert!(!r.meta.lock().unwrap().has_repair_marks(repair));
+    r.shutdown().await;
+    drop(r);
+    assert!(!repair_marks_on_disk(&c, 0, repair));
 }
