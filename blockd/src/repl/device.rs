@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, oneshot};
 
+use crate::config::MetaPlacement;
 use crate::meta::MetaError;
 use crate::meta::activity_log::{AlBusy, PendingTransaction};
 use crate::repl::disk_failure::{self, LocalData, ReadSource};
@@ -46,6 +47,18 @@ enum PartFailure {
     ActivityLog(StoreError),
     /// Its local write: handled by `on-io-error`.
     Local(StoreError),
+}
+
+/// Why a write could not be registered in the activity log.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AlError {
+    /// Making the backing's data durable before a transaction that evicts extents (see
+    /// [`needs_data_preflush`]) failed: a failed flush, a disk failure for `on-io-error`.
+    #[error("flush before an activity-log transaction")]
+    Preflush(#[source] StoreError),
+    /// Persisting the transaction (or registering the write at all) failed: a metadata error.
+    #[error(transparent)]
+    Register(StoreError),
 }
 
 /// Bytes a message takes in a peer's send buffer (`sndbuf-size`): a write's payload; a
@@ -88,6 +101,66 @@ impl Drop for AlHold {
             self.freed.notify_waiters();
         }
     }
+}
+
+/// Whether the backing's data must be made durable (`fdatasync` of the backing) before
+/// transactions `pending` are persisted. A transaction that evicts extents ends their
+/// protection: writes to them completed into the page cache only (buffered, no FUA) that a
+/// power loss then takes are on the peers and in no log or bitmap here, so the copies would
+/// stay different for good (DRBD writes such transactions with a preflush). With internal
+/// metadata (`data_in_meta_file`) the metadata file is the backing file: the `fdatasync`
+/// [`persist_al_transactions`] runs before an evicting transaction already writes back that
+/// file's data pages (the whole inode), so no second one is needed.
+fn needs_data_preflush(pending: &[PendingTransaction], data_in_meta_file: bool) -> bool {
+    !data_in_meta_file && pending.iter().any(|t| !t.evicted.is_empty())
+}
+
+/// Persists the transactions a write's activity-log registration needs (`pending`, `held`
+/// its registration, `gate` the activity-log gate), after making the backing's data durable
+/// when `preflush` is given ([`needs_data_preflush`]). Run as a task of its own, so a waiting
+/// write cancelled meanwhile cannot stop it between the flush and the transaction: the log
+/// is changed in memory already and counted as being persisted. A failed preflush is a disk
+/// failure ([`AlError::Preflush`], for the caller's `on-io-error` handling); the transactions
+/// are then not written, so the extents they would evict stay in the log on disk.
+async fn persist_registration(
+    meta: Arc<Mutex<MetaState>>,
+    preflush: Option<BlockStore>,
+    pending: Vec<PendingTransaction>,
+    held: AlHold,
+    gate: tokio::sync::OwnedMutexGuard<()>,
+    (offset, len): (u64, u64),
+    (first, last): (u32, u32),
+) -> Result<AlHold, AlError> {
+    let flushed = match &preflush {
+        Some(store) => store.flush().await.map_err(AlError::Preflush),
+        None => Ok(()),
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut m = meta.lock().expect("meta");
+        let r = flushed.and_then(|()| {
+            persist_al_transactions(&mut m, &pending)
+                .map_err(|e| AlError::Register(meta_failure(offset, len, e)))
+        });
+        m.al_persisting -= 1;
+        match r {
+            Ok(()) => {
+                drop(gate);
+                Ok(held)
+            }
+            Err(e) => {
+                // The write fails: its extents must not stay hot in memory with no transaction
+                // naming them on disk (see `ActivityLog::persist_failed`), and it ends here,
+                // before the gate lets another write register them.
+                m.al.persist_failed(&pending);
+                m.al.complete(first, last);
+                held.completed();
+                drop(gate);
+                Err(e)
+            }
+        }
+    })
+    .await
+    .expect("activity-log task panicked")
 }
 
 /// Writes activity-log transactions, after the bitmap pages of the extents they evict.
@@ -153,6 +226,12 @@ impl Resource {
         hot.then(|| self.al_hold(first, last))
     }
 
+    /// The metadata is internal: the metadata file is the backing file, so its `fdatasync`
+    /// also writes back the data (see [`needs_data_preflush`]).
+    fn data_in_meta_file(&self) -> bool {
+        self.spec.me.meta == MetaPlacement::Internal
+    }
+
     /// The registration of a write counted in flight in extents `first..=last`.
     fn al_hold(&self, first: u32, last: u32) -> AlHold {
         AlHold {
@@ -163,10 +242,12 @@ impl Resource {
     }
 
     /// Registers a write in the activity log, persisting a transaction (and the bitmap pages of
-    /// evicted extents) before it may start. Primaries register their clients' writes,
-    /// Secondaries the writes their Primary replicates, so a node that crashed in either role
-    /// marks those extents when it attaches again.
-    pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold, StoreError> {
+    /// evicted extents, and with external metadata the backing's data first when it evicts:
+    /// [`needs_data_preflush`]) before it may start. A failed preflush is returned as
+    /// [`AlError::Preflush`]: a disk failure, for `on-io-error`. Primaries register their
+    /// clients' writes, Secondaries the writes their Primary replicates, so a node that crashed
+    /// in either role marks those extents when it attaches again.
+    pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold, AlError> {
         let (first, last) = self.extents(offset, len);
         let hold = || self.al_hold(first, last);
         {
@@ -176,10 +257,10 @@ impl Resource {
                 return Ok(hold());
             }
         }
-        // Held until this write's transaction is on disk (given to the closure below): a
+        // Held until this write's transaction is on disk (given to the task below): a
         // cancelled write must not let the next transaction reach the disk before its own, or
         // the log would not replay.
-        let mut gate = Some(self.al_gate.clone().lock_owned().await);
+        let gate = self.al_gate.clone().lock_owned().await;
         loop {
             let freed = self.al_freed.notified();
             tokio::pin!(freed);
@@ -199,36 +280,34 @@ impl Resource {
                     let held = hold();
                     // The count of transactions being persisted drops when this one is on
                     // disk (or failed), even if the waiting write was cancelled meanwhile.
-                    let gate = gate.take();
-                    // The hold goes with the closure: a write cancelled meanwhile must not
-                    // end its registration a second time after the closure ended it.
-                    return self
-                        .meta_io(move |m| {
-                            let r = persist_al_transactions(m, &pending);
-                            m.al_persisting -= 1;
-                            match r {
-                                Ok(()) => {
-                                    drop(gate);
-                                    Ok(held)
-                                }
-                                Err(e) => {
-                                    // The write fails: its extents must not stay hot in memory
-                                    // with no transaction naming them on disk (see
-                                    // `ActivityLog::persist_failed`), and it ends here, before
-                                    // the gate lets another write register them.
-                                    m.al.persist_failed(&pending);
-                                    m.al.complete(first, last);
-                                    held.completed();
-                                    drop(gate);
-                                    Err(e)
-                                }
-                            }
-                        })
-                        .await
-                        .map_err(|e| meta_failure(offset, len, e));
+                    let preflush = needs_data_preflush(&pending, self.data_in_meta_file())
+                        .then(|| self.store.current());
+                    // What a peer's requests wrote here is durable once the preflush succeeds.
+                    let mark = preflush
+                        .is_some()
+                        .then(|| self.unflushed.lock().expect("unflushed").flush_started());
+                    // The hold goes with the task: a write cancelled meanwhile must not end
+                    // its registration a second time after the task ended it.
+                    let r = tokio::spawn(persist_registration(
+                        self.meta.clone(),
+                        preflush,
+                        pending,
+                        held,
+                        gate,
+                        (offset, len),
+                        (first, last),
+                    ))
+                    .await
+                    .expect("activity-log task panicked");
+                    if let (Some(mark), Ok(_)) = (mark, &r) {
+                        self.unflushed.lock().expect("unflushed").flushed(mark);
+                    }
+                    return r;
                 }
                 Err(AlBusy::Full) => freed.await,
-                Err(e @ AlBusy::TooLarge(_)) => return Err(meta_failure(offset, len, e)),
+                Err(e @ AlBusy::TooLarge(_)) => {
+                    return Err(AlError::Register(meta_failure(offset, len, e)));
+                }
             }
         }
     }
@@ -436,7 +515,12 @@ impl Resource {
                 let al = if plan.local {
                     match self.al_begin(at, n).await {
                         Ok(hold) => Some(Arc::new(hold)),
-                        Err(e) => {
+                        // The backing's preflush failed: a disk failure like a failed write.
+                        Err(AlError::Preflush(e)) => {
+                            failed = Some(PartFailure::Local(e));
+                            break;
+                        }
+                        Err(AlError::Register(e)) => {
                             failed = Some(PartFailure::ActivityLog(e));
                             break;
                         }

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use crate::meta::file::MetaFile;
 use crate::meta::superblock::flags;
 use crate::repl::checksum;
+use crate::repl::device::{AlError, AlHold};
 use crate::repl::disk_failure::{
     self, MAX_FORWARDED_READ, MarkedOnReturn, NoDataPath, OnError, PeerView, may_attach, may_detach,
 };
@@ -324,15 +325,35 @@ impl Resource {
                 self.unflushed.lock().expect("unflushed").flushed(mark);
                 Ok(())
             }
-            Err(e) => {
-                let lost = self
-                    .unflushed
-                    .lock()
-                    .expect("unflushed")
-                    .ranges(self.size());
-                self.mark_unflushed_lost(&lost, &e).await;
-                Err(self.apply_failed("flush failed", &e))
-            }
+            Err(e) => Err(self.peer_flush_failed(&e).await),
+        }
+    }
+
+    /// A flush of the local disk failed while applying a peer's requests (its `Flush`, or the
+    /// preflush of an activity-log transaction): see [`Self::flush_for_peer`]. Returns the
+    /// text that ends the session.
+    pub(crate) async fn peer_flush_failed(self: &Arc<Self>, e: &StoreError) -> String {
+        let lost = self
+            .unflushed
+            .lock()
+            .expect("unflushed")
+            .ranges(self.size());
+        self.mark_unflushed_lost(&lost, e).await;
+        self.apply_failed("flush failed", e)
+    }
+
+    /// Registers a peer's replicated request in the activity log (see
+    /// [`Resource::al_begin`]); a failure returns the text that ends the session. A failed
+    /// preflush of the backing is a failed flush ([`Self::peer_flush_failed`]).
+    pub(crate) async fn al_begin_for_peer(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+    ) -> Result<AlHold, String> {
+        match self.al_begin(offset, len).await {
+            Ok(hold) => Ok(hold),
+            Err(AlError::Preflush(e)) => Err(self.peer_flush_failed(&e).await),
+            Err(AlError::Register(e)) => Err(self.apply_failed("activity log update failed", &e)),
         }
     }
 

@@ -862,10 +862,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
         match op {
             Op::Write { offset, data, fua } => {
                 for (at, n) in res.al_parts(offset, data.len() as u64) {
-                    let _al = res
-                        .al_begin(at, n)
-                        .await
-                        .map_err(|e| res.apply_failed("activity log update failed", &e))?;
+                    let _al = res.al_begin_for_peer(at, n).await?;
                     let part = data.slice((at - offset) as usize..(at - offset + n) as usize);
                     res.store
                         .write(at, part, fua)
@@ -882,10 +879,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 fua,
             } => {
                 for (at, n) in res.al_parts(offset, len) {
-                    let _al = res
-                        .al_begin(at, n)
-                        .await
-                        .map_err(|e| res.apply_failed("activity log update failed", &e))?;
+                    let _al = res.al_begin_for_peer(at, n).await?;
                     res.store
                         .write_zeroes(at, n, trim, fua)
                         .await

@@ -32,6 +32,18 @@ pub(super) async fn cluster_with(nodes: usize, protocol: &str, extra: &str) -> C
 
 /// Like [`cluster_with`], with the backing files and metadata in `dir`.
 async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::TempDir) -> Cluster {
+    cluster_placed(nodes, protocol, extra, dir, &[]).await
+}
+
+/// Like [`cluster_in`]; the nodes numbered in `external_meta` keep their metadata in a file
+/// of their own (`NAME.md`) instead of at the end of the backing file.
+async fn cluster_placed(
+    nodes: usize,
+    protocol: &str,
+    extra: &str,
+    dir: tempfile::TempDir,
+    external_meta: &[usize],
+) -> Cluster {
     let ca = common::tls::generate_ca("test").unwrap();
     ca.write(&dir.path().join("ca.pem"), &dir.path().join("ca.key"))
         .unwrap();
@@ -69,6 +81,9 @@ async fn cluster_in(nodes: usize, protocol: &str, extra: &str, dir: tempfile::Te
              nbd = \"127.0.0.1:{}\"\nbacking = \"{n}.img\"\n",
             20000 + id
         ));
+        if external_meta.contains(&id) {
+            text.push_str(&format!("meta = \"{n}.md\"\n"));
+        }
     }
     let file = dir.path().join("cluster.toml");
     std::fs::write(&file, &text).unwrap();
@@ -403,6 +418,109 @@ async fn activity_log_registrations_are_given_back_when_cancelled() {
     // A range wider than the log is applied in parts of half its slots, ending on extents.
     assert_eq!(r.al_part_len(0), 32 * es);
     assert_eq!(r.al_part_len(es + 4096), 32 * es - 4096);
+}
+
+/// A transaction that evicts an extent ends that extent's protection, so the writes to it that
+/// completed into the page cache only must be durable before it is written: else a power loss
+/// takes them here while the peers have them, and the extent is in no log to resync. With
+/// external metadata the backing is flushed first (the log on disk still names the evicted
+/// extent while that flush runs); with internal metadata the metadata file is the backing file,
+/// whose own `fdatasync` before the transaction covers the data, and nothing more is flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backing_is_flushed_before_a_transaction_evicts_an_extent() {
+    let mut c = cluster_placed(2, "C", "", tempfile::tempdir().unwrap(), &[0]).await;
+    let es = 4u64 << 20;
+    // One node at a time: a connected pair would flush for its resync too.
+    for (node, external) in [(0, true), (1, false)] {
+        let r = c.start(node);
+        // The extents the log on disk names each time a flush of the backing starts.
+        let seen: Arc<std::sync::Mutex<Vec<Vec<u32>>>> = Arc::default();
+        {
+            let meta = r.meta.clone();
+            let seen = seen.clone();
+            r.store().on_flush_for_test(move || {
+                let on_disk = meta.lock().unwrap().file.read_activity_log().unwrap();
+                seen.lock().unwrap().push(on_disk.active_extents());
+            });
+        }
+        let capacity = r.meta.lock().unwrap().al.capacity();
+        // Every slot taken (empty slots first: nothing evicted, nothing flushed).
+        for e in 0..capacity {
+            drop(r.al_begin(u64::from(e) * es, 4096).await.unwrap());
+        }
+        assert_eq!(*seen.lock().unwrap(), Vec::<Vec<u32>>::new(), "node {node}");
+        // A new extent evicts the least recently used one, extent 0.
+        let hold = r.al_begin(u64::from(capacity) * es, 4096).await.unwrap();
+        let on_disk = r.meta.lock().unwrap().file.read_activity_log().unwrap();
+        assert!(
+            !on_disk.active_extents().contains(&0),
+            "node {node}: 0 evicted"
+        );
+        assert!(on_disk.active_extents().contains(&capacity), "node {node}");
+        let flushes = std::mem::take(&mut *seen.lock().unwrap());
+        r.store().on_flush_for_test(|| {});
+        if external {
+            assert_eq!(flushes.len(), 1, "one flush of the backing: {flushes:?}");
+            assert!(
+                flushes[0].contains(&0) && !flushes[0].contains(&capacity),
+                "the backing is flushed before the evicting transaction is written: {flushes:?}"
+            );
+        } else {
+            assert_eq!(
+                flushes,
+                Vec::<Vec<u32>>::new(),
+                "internal metadata: the metadata file's sync covers the data"
+            );
+        }
+        drop(hold);
+        r.shutdown().await;
+    }
+}
+
+/// A failed preflush of the backing is a disk failure ([`AlError::Preflush`], for
+/// `on-io-error`) and the evicting transaction is not written: the extent it would have
+/// evicted stays in the log, on disk and in memory. Once the disk works again the next
+/// registration evicts it as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preflush_keeps_the_extent_in_the_activity_log() {
+    use crate::repl::device::AlError;
+    let mut c = cluster_placed(2, "C", "", tempfile::tempdir().unwrap(), &[0]).await;
+    let r = c.start(0);
+    let es = 4u64 << 20;
+    let capacity = r.meta.lock().unwrap().al.capacity();
+    for e in 0..capacity {
+        drop(r.al_begin(u64::from(e) * es, 4096).await.unwrap());
+    }
+    let before = r.meta.lock().unwrap().al.active_extents();
+    // The disk fails its next flush (the engine is gone).
+    let good = r.store.current();
+    let broken =
+        crate::store::BlockStore::open(&c.image(0), &crate::store::OpenOptions::default()).unwrap();
+    broken.kill_engine_for_test();
+    r.store.replace(broken);
+    let new = u64::from(capacity) * es;
+    let err = r
+        .al_begin(new, 4096)
+        .await
+        .err()
+        .expect("the preflush fails");
+    assert!(matches!(err, AlError::Preflush(_)), "{err:?}");
+    {
+        let m = r.meta.lock().unwrap();
+        assert_eq!(m.al.active_extents(), before, "nothing evicted in memory");
+        assert_eq!(m.al_persisting, 0);
+        let on_disk = m.file.read_activity_log().unwrap();
+        assert_eq!(on_disk.active_extents(), before, "nothing evicted on disk");
+    }
+    r.store.replace(good);
+    drop(r.al_begin(new, 4096).await.unwrap());
+    let on_disk = r.meta.lock().unwrap().file.read_activity_log().unwrap();
+    assert!(
+        !on_disk.active_extents().contains(&0),
+        "extent 0 evicted now"
+    );
+    assert!(on_disk.active_extents().contains(&capacity));
+    r.shutdown().await;
 }
 
 /// Under protocol A a write's activity-log extent stays registered on the Primary until the

@@ -402,7 +402,14 @@ struct Inner {
     memory_backed: bool,
     /// Changes the engine is executing (see [`in_flight`]).
     writes: Arc<WritesInFlight>,
+    /// Test hook: called by every [`BlockStore::flush`] before its `fdatasync`.
+    #[cfg(test)]
+    on_flush: std::sync::Mutex<Option<FlushHook>>,
 }
+
+/// Test hook run when a flush starts ([`BlockStore::on_flush_for_test`]).
+#[cfg(test)]
+type FlushHook = Arc<dyn Fn() + Send + Sync>;
 
 /// The block store. Cheap to clone; all clones share one file and one engine.
 #[derive(Clone)]
@@ -506,6 +513,8 @@ impl BlockStore {
                 discard,
                 memory_backed,
                 writes: Arc::default(),
+                #[cfg(test)]
+                on_flush: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -717,6 +726,13 @@ impl BlockStore {
     pub async fn flush(&self) -> Result<(), StoreError> {
         if self.inner.read_only {
             return Ok(());
+        }
+        #[cfg(test)]
+        {
+            let hook = self.inner.on_flush.lock().expect("flush hook").clone();
+            if let Some(hook) = hook {
+                hook();
+            }
         }
         self.inner
             .engine
@@ -949,6 +965,12 @@ impl BlockStore {
     #[cfg(test)]
     pub(crate) fn begin_write_for_test(&self) -> WriteGuard {
         self.inner.writes.begin()
+    }
+
+    /// Test hook: `hook` runs whenever a flush (of any clone) starts, before its `fdatasync`.
+    #[cfg(test)]
+    pub(crate) fn on_flush_for_test(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self.inner.on_flush.lock().expect("flush hook") = Some(Arc::new(hook));
     }
 
     /// Test hook: makes the engine's worker thread(s) exit as if they had crashed.
