@@ -18,6 +18,7 @@ pub mod lost_writes;
 pub mod unstable;
 pub mod unflushed;
 pub mod promote;
+pub mod promotion_lock;
 pub mod quorum;
 pub mod split_brain;
 pub mod state;

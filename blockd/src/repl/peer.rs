@@ -692,6 +692,9 @@ pub async fn run_session(res: &Arc<Resource>, i: usize, link: Link) -> SessionEn
         }
         *res.peers[i].conn.lock().expect("conn") = None;
     }
+    // A promotion of the peer no longer holds our lock once its session is gone (a hung
+    // promoter's lease ends with `blockctl disconnect`; see `repl::promotion_lock`).
+    res.promotion_lease_ends(i);
     res.peer_leaving(i);
     let (lost, lost_al) = conn.close();
     let slot = res.peers[i].slot;
@@ -1088,6 +1091,7 @@ impl Session {
                 | Message::NewUuid(_)
                 | Message::ViewRequest { .. }
                 | Message::ViewReply { .. }
+                | Message::PromoteEnd { .. }
                 | Message::Stable { .. }
                 | Message::PeerState { .. } => self.stash.push_back(m),
                 Message::Ping => self.conn.send(Message::PingAck),
@@ -1502,6 +1506,9 @@ impl Session {
             s.role = theirs.side.view.role;
             s.disk = theirs.side.view.disk;
         });
+        if theirs.side.view.role == Role::Primary {
+            res.promotion_lease_ends(i);
+        }
         let slot = res.peers[i].slot;
         let peer_id = res.peers[i].node.id;
         let mut enter = ReplState::Established;
@@ -1980,19 +1987,26 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string())?;
             }
-            Message::PeerState { role, disk } => res.update_peer(i, |s| {
-                s.role = role;
-                s.disk = disk;
-            }),
+            Message::PeerState { role, disk } => {
+                res.update_peer(i, |s| {
+                    s.role = role;
+                    s.disk = disk;
+                });
+                // Its promotion is visible now: the role rules refuse others from here on.
+                if role == Role::Primary {
+                    res.promotion_lease_ends(i);
+                }
+            }
             Message::Ping => self.conn.send(Message::PingAck),
             Message::PingAck => {}
-            Message::ViewRequest { id } => self.conn.send(res.view_reply(i, id)),
+            Message::ViewRequest { id, promote } => self.conn.send(res.view_reply(i, id, promote)),
             Message::ViewReply {
                 id,
                 current,
                 primary,
                 history,
                 marked,
+                promoting,
             } => res.view_answered(
                 i,
                 id,
@@ -2001,8 +2015,10 @@ impl Session {
                     history,
                     primary,
                     marked,
+                    promoting,
                 },
             ),
+            Message::PromoteEnd { id } => res.promotion_ended(i, id),
             Message::ClientAcked(t) => self.hearing.report(t),
             Message::ReadRequest {
                 id,

@@ -10,7 +10,10 @@
 //! Before promoting, the node also asks every connected peer for its view of the cluster
 //! ([`decide_cluster`]): a peer connected to a Primary this node cannot see (a partial
 //! partition), a peer whose generation history contains our current generation (it went on
-//! without us), or a peer that did not answer refuses the promotion unless `--force`.
+//! without us), or a peer that did not answer refuses the promotion unless `--force`. A peer
+//! whose promotion lock is held (it is promoting itself, or granted another node's promotion:
+//! `repl::promotion_lock`) refuses it even with `--force`: force is about the data, not about
+//! two Primaries.
 //!
 //! Every promotion starts a new generation (`GenerationIds::new_current`), so any writes made
 //! as Primary are recognisable at the next handshake.
@@ -121,13 +124,15 @@ pub enum ClusterAnswer {
     /// The peer did not answer in time.
     Unknown,
     /// The peer's current generation, its history (newest first), the Primary it is
-    /// connected to (itself included), if any, and whether it has blocks marked out of sync
-    /// for the asker.
+    /// connected to (itself included), if any, whether it has blocks marked out of sync
+    /// for the asker, and the node whose promotion holds its promotion lock (refusing the
+    /// asker's lease), if any.
     View {
         current: Uuid,
         history: Vec<Uuid>,
         primary: Option<u8>,
         marked: bool,
+        promoting: Option<u8>,
     },
 }
 
@@ -146,9 +151,12 @@ pub fn resync_on_promotion(ours: Uuid, answer: &ClusterAnswer, marked_here: bool
     }
 }
 
-/// Why the connected peers' views refuse a promotion (`--force` promotes anyway).
+/// Why the connected peers' views refuse a promotion (`--force` promotes anyway, except
+/// past another node's promotion).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterRefusal {
+    #[error("node {node} is being promoted at the same time; retry (answer of node {peer})")]
+    PeerPromoting { peer: u8, node: u8 },
     #[error("node {peer} is connected to Primary node {primary} (use --force to promote anyway)")]
     PeerSeesPrimary { peer: u8, primary: u8 },
     #[error(
@@ -164,12 +172,25 @@ pub enum ClusterRefusal {
 }
 
 /// Decides from the connected peers' answers (`(node id, answer)`) whether this node, whose
-/// current generation is `ours`, may become Primary. `--force` overrides every refusal.
+/// current generation is `ours`, may become Primary. `--force` overrides every refusal but
+/// another node's promotion in progress (its lease or its own lock: two Primaries).
 pub fn decide_cluster(
     ours: Uuid,
     answers: &[(u8, ClusterAnswer)],
     force: bool,
 ) -> Result<(), ClusterRefusal> {
+    for (peer, a) in answers {
+        if let ClusterAnswer::View {
+            promoting: Some(node),
+            ..
+        } = a
+        {
+            return Err(ClusterRefusal::PeerPromoting {
+                peer: *peer,
+                node: *node,
+            });
+        }
+    }
     if force {
         return Ok(());
     }
@@ -211,6 +232,7 @@ mod tests {
             history: history.iter().map(|&h| Uuid(h)).collect(),
             primary,
             marked: false,
+            promoting: None,
         }
     }
 
@@ -225,6 +247,7 @@ mod tests {
             history: vec![],
             primary: None,
             marked: true,
+            promoting: None,
         };
         assert!(resync_on_promotion(ours, &marked, false));
         assert!(resync_on_promotion(
@@ -288,6 +311,33 @@ mod tests {
         let answers = [(1, view(0x200, &[0x101], None))];
         assert!(decide_cluster(Uuid(0x100), &answers, false).is_err());
         assert_eq!(decide_cluster(Uuid(0x100), &answers, true), Ok(()));
+    }
+
+    #[test]
+    fn cluster_peer_promoting_refuses_even_with_force() {
+        let promoting = |node| ClusterAnswer::View {
+            current: Uuid(0x100),
+            history: vec![],
+            primary: None,
+            marked: false,
+            promoting: Some(node),
+        };
+        // The peer promotes itself, or granted node 2's promotion; the other answers agree.
+        for (answers, node) in [
+            (vec![(1, promoting(1))], 1),
+            (vec![(3, view(0x100, &[], None)), (1, promoting(2))], 2),
+        ] {
+            let want = Err(ClusterRefusal::PeerPromoting { peer: 1, node });
+            assert_eq!(decide_cluster(Uuid(0x100), &answers, false), want);
+            assert_eq!(decide_cluster(Uuid(0x100), &answers, true), want);
+        }
+        let text = decide_cluster(Uuid(0x100), &[(1, promoting(2))], true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.starts_with("node 2 is being promoted at the same time; retry"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::repl::peer::{self, Conn, SessionEnd};
 use crate::repl::promote::{
     self, ClusterAnswer, DataPath, LocalView, PeerView, PromoteDecision, PromoteRefusal,
 };
+use crate::repl::promotion_lock::{PromotionBusy, PromotionLock};
 use crate::repl::ranges::Ranges;
 use crate::repl::split_brain::SplitBrainPolicy;
 use crate::repl::state::{ConnState, DiskState, Protocol, ReplState, Role};
@@ -548,6 +549,9 @@ pub struct Resource {
     pub(crate) al_extent_size: u32,
     /// Held shared by every request of the Primary; demotion takes it exclusively.
     pub(crate) role_gate: tokio::sync::RwLock<()>,
+    /// This node's promotion in progress and the leases granted to promoting peers: at most
+    /// one of concurrent promotions succeeds (`repl::promotion_lock`).
+    pub(crate) promotion_lock: Mutex<PromotionLock>,
     /// Counts the marks made in any bitmap ([`Self::mark_out_of_sync`], under the metadata
     /// lock): a handshake that clears obsolete marks does so only if none was made since its
     /// state report.
@@ -582,6 +586,31 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// This node's promotion in progress (`Resource::promote`): holds its promotion lock and
+/// the sessions asked for a lease. Dropped on every way out of the promotion: the lock is
+/// released and every peer asked gets `PromoteEnd` (queued behind the new role's
+/// announcement when the promotion succeeded, so the peer sees this node Primary first; a
+/// session that ended meanwhile drops it, its lease having ended with it).
+struct PromotionGuard<'a> {
+    res: &'a Resource,
+    /// The request id of this promotion (the lock's and every `ViewRequest`'s).
+    id: u64,
+    asked: Vec<Arc<Conn>>,
+}
+
+impl Drop for PromotionGuard<'_> {
+    fn drop(&mut self) {
+        self.res
+            .promotion_lock
+            .lock()
+            .expect("promotion lock")
+            .finish(self.id);
+        for conn in &self.asked {
+            conn.send(Message::PromoteEnd { id: self.id });
+        }
+    }
 }
 
 /// A random generation identifier (never zero or JUST_CREATED).
@@ -786,6 +815,7 @@ impl Resource {
             al_freed: Arc::new(Notify::new()),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
+            promotion_lock: Mutex::new(PromotionLock::new(spec.me.id)),
             marks_made: AtomicU64::new(0),
             events: broadcast::channel(1024).0,
             role_tx: watch::channel(Role::Secondary).0,
@@ -1200,9 +1230,24 @@ impl Resource {
              for them (resynced by the next Primary)");
     }
 
-    /// Our answer to peer `i`'s `ViewRequest { id }`: our generations, and the Primary we are
-    /// connected to (ourselves included), other than peer `i`.
-    pub(crate) fn view_reply(&self, i: usize, id: u64) -> Message {
+    /// Our answer to peer `i`'s `ViewRequest { id, promote }`: our generations, the Primary we
+    /// are connected to (ourselves included), other than peer `i`, and when the peer is
+    /// promoting, whether it gets a lease of our promotion lock (`repl::promotion_lock`).
+    pub(crate) fn view_reply(&self, i: usize, id: u64, promote: bool) -> Message {
+        let promoting = if promote {
+            let outcome = self
+                .promotion_lock
+                .lock()
+                .expect("promotion lock")
+                .requested(self.peers[i].node.id, id);
+            if let Some(node) = outcome.promoting() {
+                tracing::info!(resource = %self.spec.name, peer = %self.peers[i].node.name,
+                    promoting = node, "refused a peer's promotion: another one is in progress");
+            }
+            outcome.promoting()
+        } else {
+            None
+        };
         let primary = {
             let st = self.state.lock().expect("state");
             if st.role == Role::Primary {
@@ -1225,6 +1270,7 @@ impl Resource {
             marked: m.bitmaps[self.peers[i].slot].count_bits() > 0,
             current: g.current,
             primary,
+            promoting,
             history: g
                 .history
                 .iter()
@@ -1233,6 +1279,37 @@ impl Resource {
                 .take(crate::repl::wire::MAX_VIEW_HISTORY)
                 .collect(),
         }
+    }
+
+    /// Peer `i`'s promotion `id` is over (`PromoteEnd`): its lease is released.
+    pub(crate) fn promotion_ended(&self, i: usize, id: u64) {
+        self.promotion_lock
+            .lock()
+            .expect("promotion lock")
+            .released(self.peers[i].node.id, id);
+    }
+
+    /// Peer `i`'s lease ends whatever its promotion: its session ended, or it reported itself
+    /// Primary (then the role rules refuse other promotions).
+    pub(crate) fn promotion_lease_ends(&self, i: usize) {
+        self.promotion_lock
+            .lock()
+            .expect("promotion lock")
+            .peer_gone(self.peers[i].node.id);
+    }
+
+    /// Takes this node's promotion lock (refused while a peer's promotion holds a lease).
+    fn begin_promotion(&self) -> Result<PromotionGuard<'_>, PromotionBusy> {
+        let id = fresh_uuid();
+        self.promotion_lock
+            .lock()
+            .expect("promotion lock")
+            .begin(id)?;
+        Ok(PromotionGuard {
+            res: self,
+            id,
+            asked: Vec::new(),
+        })
     }
 
     /// Peer `i` answered `ViewRequest { id }`.
@@ -1245,9 +1322,10 @@ impl Resource {
         }
     }
 
-    /// Asks every connected, established peer for its view (bounded by `VIEW_TIMEOUT`; a peer
-    /// that does not answer is `ClusterAnswer::Unknown`).
-    async fn ask_views(&self) -> Vec<(usize, ClusterAnswer)> {
+    /// Asks every connected, established peer for its view and a lease for `promotion`
+    /// (bounded by `VIEW_TIMEOUT`; a peer that does not answer is `ClusterAnswer::Unknown`).
+    /// Every session asked is recorded in `promotion`, which releases the leases when dropped.
+    async fn ask_views(&self, promotion: &mut PromotionGuard<'_>) -> Vec<(usize, ClusterAnswer)> {
         let mut pending = Vec::new();
         for (i, p) in self.peers.iter().enumerate() {
             let established = {
@@ -1259,10 +1337,11 @@ impl Resource {
             let (true, Some(conn)) = (established, conn) else {
                 continue;
             };
-            let id = fresh_uuid();
+            let id = promotion.id;
             let (tx, rx) = tokio::sync::oneshot::channel();
             *p.view_waiter.lock().expect("view waiter") = Some((id, tx));
-            conn.send(Message::ViewRequest { id });
+            conn.send(Message::ViewRequest { id, promote: true });
+            promotion.asked.push(conn);
             pending.push((i, rx));
         }
         let deadline = tokio::time::Instant::now() + VIEW_TIMEOUT;
@@ -1304,7 +1383,18 @@ impl Resource {
         // `blockctl promote` fail there).
         self.applies_finished().await;
         let (local, views) = self.promote_views();
-        match promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)? {
+        let decision =
+            promote::decide(&local, &views, force).map_err(ResourceError::PromoteRefused)?;
+        // A promotion in progress (a peer's lease) would refuse ours; only looked at: a dry
+        // run takes no lock and asks no peer for a lease.
+        let holder = self.promotion_lock.lock().expect("promotion lock").holder();
+        if let (Some(node), false) = (holder, decision == PromoteDecision::AlreadyPrimary) {
+            return Err(ResourceError::Refused(format!(
+                "promotion refused: {}",
+                PromotionBusy::Promoting { node }
+            )));
+        }
+        match decision {
             PromoteDecision::AlreadyPrimary => Ok(Vec::new()),
             PromoteDecision::Promote {
                 data: DataPath::Peer(_),
@@ -1324,8 +1414,15 @@ impl Resource {
         {
             return Ok(());
         }
+        // At most one of concurrent promotions succeeds (`repl::promotion_lock`): this node's
+        // lock first (refused while it granted a peer's promotion), then a lease from every
+        // peer asked below. Released on every way out of here (the guard's drop), after the
+        // new role is announced when the promotion succeeds.
+        let mut promotion = self
+            .begin_promotion()
+            .map_err(|e| ResourceError::Refused(format!("promotion refused: {e}")))?;
         // Promotion is a cluster-wide decision: the connected peers' views may refuse it.
-        let answers = self.ask_views().await;
+        let answers = self.ask_views(&mut promotion).await;
         let ours = self.meta.lock().expect("meta").sb.generations.current;
         let by_node: Vec<(u8, ClusterAnswer)> = answers
             .iter()
@@ -1423,6 +1520,8 @@ impl Resource {
         self.emit(None, "disk", DiskState::UpToDate.as_str());
         self.broadcast_state();
         let _ = self.role_tx.send(Role::Primary);
+        // The peers' leases end behind the announcement of the new role.
+        drop(promotion);
         Ok(())
     }
 

@@ -1493,3 +1493,72 @@ async fn repair_marks_survive_a_restart_and_are_never_obsolete() {
     drop(r);
     assert!(!repair_marks_on_disk(&c, 0, repair));
 }
+
+/// Two connected Secondaries promoted at the same moment: each asks the other for its view
+/// while neither is Primary yet. At most one may succeed (two Primaries would take writes
+/// from their NBD clients before noticing each other); the other is refused with "retry"
+/// (`repl::promotion_lock`). Many rounds, so both interleavings (both locked first, one
+/// request first) come up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_promotions_never_both_succeed() {
+    let mut c = cluster(2, "C").await;
+    let a = c.start(0);
+    let b = c.start(1);
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    a.demote().await.unwrap();
+    wait_for("demotion seen", || b.status().peers[0].role == "secondary").await;
+    let refused_as_expected = |e: &crate::repl::resource::ResourceError| {
+        let text = e.to_string();
+        // Refused by the lock, or (the winner's commit was seen first) by the role rules.
+        text.contains("is being promoted at the same time; retry") || text.contains("is Primary")
+    };
+    let (mut wins, mut both_refused) = (0, 0);
+    for round in 0..20 {
+        let (ra, rb) = tokio::join!(a.promote(false), b.promote(false));
+        assert!(
+            !(ra.is_ok() && rb.is_ok()),
+            "round {round}: both nodes were promoted"
+        );
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert!(refused_as_expected(e), "round {round}: {e}");
+            }
+        }
+        let winner = match (&ra, &rb) {
+            (Ok(()), _) => Some((&a, &b)),
+            (_, Ok(())) => Some((&b, &a)),
+            _ => None,
+        };
+        match winner {
+            Some((w, other)) => {
+                wins += 1;
+                wait_for("the winner seen Primary", || {
+                    other.status().peers[0].role == "primary"
+                })
+                .await;
+                w.demote().await.unwrap();
+                wait_for("demotion seen", || {
+                    other.status().peers[0].role == "secondary"
+                })
+                .await;
+            }
+            None => both_refused += 1,
+        }
+        // Still one cluster: no split brain dropped the link.
+        wait_for("link kept", || all_established(&a) && all_established(&b)).await;
+    }
+    eprintln!("concurrent promotion rounds: {wins} won, {both_refused} both refused");
+    // The locks are free again: a lone promotion succeeds.
+    wait_for("leases released", || {
+        a.promotion_lock.lock().unwrap().holder().is_none()
+            && b.promotion_lock.lock().unwrap().holder().is_none()
+    })
+    .await;
+    a.promote(false).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}

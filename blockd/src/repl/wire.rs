@@ -26,7 +26,7 @@ use crate::repl::state::{DiskState, Protocol, Role};
 use crate::repl::sync_decision::SideView;
 
 /// Version of this message set, exchanged in `Hello`.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 /// Largest frame accepted on a replication link (a 64 MiB write plus headers).
 pub const MAX_FRAME: u32 = (64 << 20) + 4096;
 
@@ -211,6 +211,9 @@ pub enum Message {
     /// A node about to promote asks for the receiver's view (see `repl::promote`).
     ViewRequest {
         id: u64,
+        /// The sender is promoting: the receiver grants it a promotion lease unless a
+        /// promotion holds its lock (`repl::promotion_lock`; answered in `promoting`).
+        promote: bool,
     },
     /// The answer to `ViewRequest { id }`: the sender's current generation and history
     /// (newest first), and the Primary it is connected to (itself included), if any.
@@ -222,6 +225,15 @@ pub enum Message {
         /// The sender has blocks marked out of sync for the asker (e.g. writes of a lost
         /// Primary that may not have reached the asker): a promotion of the asker resyncs them.
         marked: bool,
+        /// The node whose promotion holds the sender's lock (the sender itself, or a peer it
+        /// granted a lease): the asker's promotion is refused. `None`: the lease is granted
+        /// (or none was asked for).
+        promoting: Option<u8>,
+    },
+    /// The promotion that asked `ViewRequest { id, promote: true }` is over (committed and
+    /// announced, or given up): the receiver releases the sender's lease.
+    PromoteEnd {
+        id: u64,
     },
 }
 
@@ -275,6 +287,7 @@ mod tag {
     pub const READ_REPLY: u8 = 61;
     pub const VIEW_REQUEST: u8 = 80;
     pub const VIEW_REPLY: u8 = 81;
+    pub const PROMOTE_END: u8 = 82;
 }
 
 impl Message {
@@ -310,6 +323,7 @@ impl Message {
             Message::ReadReply { .. } => "read-reply",
             Message::ViewRequest { .. } => "view-request",
             Message::ViewReply { .. } => "view-reply",
+            Message::PromoteEnd { .. } => "promote-end",
         }
     }
 
@@ -522,9 +536,10 @@ impl Message {
                     }
                 }
             }
-            Message::ViewRequest { id } => {
+            Message::ViewRequest { id, promote } => {
                 dst.put_u8(tag::VIEW_REQUEST);
                 dst.put_u64(*id);
+                dst.put_u8(u8::from(*promote));
             }
             Message::ViewReply {
                 id,
@@ -532,23 +547,20 @@ impl Message {
                 primary,
                 history,
                 marked,
+                promoting,
             } => {
                 dst.put_u8(tag::VIEW_REPLY);
                 dst.put_u64(*id);
                 dst.put_u64(current.0);
-                match primary {
-                    Some(n) => {
-                        dst.put_u8(1);
-                        dst.put_u8(*n);
-                    }
-                    None => dst.put_u8(0),
-                }
+                put_node(dst, *primary);
                 dst.put_u16(history.len() as u16);
                 for h in history {
                     dst.put_u64(h.0);
                 }
                 dst.put_u8(u8::from(*marked));
+                put_node(dst, *promoting);
             }
+            Message::PromoteEnd { id } => put_seq(dst, tag::PROMOTE_END, *id),
         }
         None
     }
@@ -880,17 +892,16 @@ impl Message {
             }
             tag::VIEW_REQUEST => {
                 c.tag = "view-request";
-                Message::ViewRequest { id: c.u64()? }
+                Message::ViewRequest {
+                    id: c.u64()?,
+                    promote: c.flag("promote")?,
+                }
             }
             tag::VIEW_REPLY => {
                 c.tag = "view-reply";
                 let id = c.u64()?;
                 let current = Uuid(c.u64()?);
-                let primary = if c.flag("primary")? {
-                    Some(c.node_id()?)
-                } else {
-                    None
-                };
+                let primary = c.opt_node_id("primary")?;
                 let n = c.u16()? as usize;
                 if n > MAX_VIEW_HISTORY {
                     return Err(c.invalid("history length", n as u64));
@@ -900,13 +911,19 @@ impl Message {
                     history.push(Uuid(c.u64()?));
                 }
                 let marked = c.flag("marked")?;
+                let promoting = c.opt_node_id("promoting")?;
                 Message::ViewReply {
                     id,
                     current,
                     primary,
                     history,
                     marked,
+                    promoting,
                 }
+            }
+            tag::PROMOTE_END => {
+                c.tag = "promote-end";
+                Message::PromoteEnd { id: c.u64()? }
             }
             other => return Err(WireError::UnknownTag(other)),
         };
@@ -968,6 +985,17 @@ fn put_seq(dst: &mut BytesMut, t: u8, seq: u64) {
     dst.put_u64(seq);
 }
 
+/// An optional node id: a flag byte, then the id when there is one.
+fn put_node(dst: &mut BytesMut, node: Option<u8>) {
+    match node {
+        Some(n) => {
+            dst.put_u8(1);
+            dst.put_u8(n);
+        }
+        None => dst.put_u8(0),
+    }
+}
+
 fn index_of<T: PartialEq>(all: &[T], v: T) -> u8 {
     all.iter().position(|x| *x == v).expect("variant is in ALL") as u8
 }
@@ -1020,6 +1048,14 @@ impl Cursor {
             0 => Ok(false),
             1 => Ok(true),
             v => Err(self.invalid(field, u64::from(v))),
+        }
+    }
+    /// A flag, then a node id when it is set.
+    fn opt_node_id(&mut self, field: &'static str) -> Result<Option<u8>, WireError> {
+        if self.flag(field)? {
+            Ok(Some(self.node_id()?))
+        } else {
+            Ok(None)
         }
     }
     fn node_id(&mut self) -> Result<u8, WireError> {
@@ -1240,23 +1276,27 @@ mod tests {
                 id,
                 answer: ReadAnswer::Error(errno),
             }),
-            any::<u64>().prop_map(|id| Message::ViewRequest { id }),
+            (any::<u64>(), any::<bool>())
+                .prop_map(|(id, promote)| Message::ViewRequest { id, promote }),
             (
                 any::<u64>(),
                 any::<u64>(),
                 proptest::option::of(0u8..crate::meta::generation::MAX_NODES as u8),
                 proptest::collection::vec(any::<u64>(), 0..=MAX_VIEW_HISTORY),
-                any::<bool>()
+                any::<bool>(),
+                proptest::option::of(0u8..crate::meta::generation::MAX_NODES as u8)
             )
-                .prop_map(|(id, current, primary, history, marked)| {
+                .prop_map(|(id, current, primary, history, marked, promoting)| {
                     Message::ViewReply {
                         id,
                         current: Uuid(current),
                         primary,
                         history: history.into_iter().map(Uuid).collect(),
                         marked,
+                        promoting,
                     }
                 }),
+            any::<u64>().prop_map(|id| Message::PromoteEnd { id }),
         ]
     }
 
