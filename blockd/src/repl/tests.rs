@@ -1498,19 +1498,19 @@ async fn repair_marks_survive_a_restart_and_are_never_obsolete() {
 /// while neither is Primary yet. At most one may succeed (two Primaries would take writes
 /// from their NBD clients before noticing each other); the other is refused with "retry"
 /// (`repl::promotion_lock`). Many rounds, so both interleavings (both locked first, one
-/// request first) come up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_promotions_never_both_succeed() {
-    let mut c = cluster(2, "C").await;
-    let a = c.start(0);
-    let b = c.start(1);
+/// request first) come up; with three nodes the third one's lease decides too.
+async fn concurrent_promotions(nodes: usize) {
+    let mut c = cluster(nodes, "C").await;
+    let all: Vec<Arc<Resource>> = (0..nodes).map(|i| c.start(i)).collect();
+    let (a, b) = (&all[0], &all[1]);
+    let everyone_sees = |role: &str| {
+        all.iter()
+            .all(|r| r.status().peers.iter().all(|p| p.role == role))
+    };
     a.promote(true).await.unwrap();
-    wait_for("initial sync", || {
-        all_established(&a) && all_established(&b)
-    })
-    .await;
+    wait_for("initial sync", || all.iter().all(|r| all_established(r))).await;
     a.demote().await.unwrap();
-    wait_for("demotion seen", || b.status().peers[0].role == "secondary").await;
+    wait_for("demotion seen", || everyone_sees("secondary")).await;
     let refused_as_expected = |e: &crate::repl::resource::ResourceError| {
         let text = e.to_string();
         // Refused by the lock, or (the winner's commit was seen first) by the role rules.
@@ -1529,36 +1529,52 @@ async fn concurrent_promotions_never_both_succeed() {
             }
         }
         let winner = match (&ra, &rb) {
-            (Ok(()), _) => Some((&a, &b)),
-            (_, Ok(())) => Some((&b, &a)),
+            (Ok(()), _) => Some(a),
+            (_, Ok(())) => Some(b),
             _ => None,
         };
         match winner {
-            Some((w, other)) => {
+            Some(w) => {
                 wins += 1;
+                let name = w.status().node;
                 wait_for("the winner seen Primary", || {
-                    other.status().peers[0].role == "primary"
+                    all.iter().all(|r| {
+                        r.status()
+                            .peers
+                            .iter()
+                            .all(|p| (p.role == "primary") == (p.node == name))
+                    })
                 })
                 .await;
                 w.demote().await.unwrap();
-                wait_for("demotion seen", || {
-                    other.status().peers[0].role == "secondary"
-                })
-                .await;
+                wait_for("demotion seen", || everyone_sees("secondary")).await;
             }
             None => both_refused += 1,
         }
-        // Still one cluster: no split brain dropped the link.
-        wait_for("link kept", || all_established(&a) && all_established(&b)).await;
+        // Still one cluster: no split brain dropped a link.
+        wait_for("links kept", || all.iter().all(|r| all_established(r))).await;
     }
-    eprintln!("concurrent promotion rounds: {wins} won, {both_refused} both refused");
+    eprintln!(
+        "{nodes} nodes, concurrent promotion rounds: {wins} won, {both_refused} both refused"
+    );
     // The locks are free again: a lone promotion succeeds.
     wait_for("leases released", || {
-        a.promotion_lock.lock().unwrap().holder().is_none()
-            && b.promotion_lock.lock().unwrap().holder().is_none()
+        all.iter()
+            .all(|r| r.promotion_lock.lock().unwrap().holder().is_none())
     })
     .await;
     a.promote(false).await.unwrap();
-    a.shutdown().await;
-    b.shutdown().await;
+    for r in &all {
+        r.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_promotions_of_two_nodes_never_both_succeed() {
+    concurrent_promotions(2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_promotions_among_three_nodes_never_both_succeed() {
+    concurrent_promotions(3).await;
 }
