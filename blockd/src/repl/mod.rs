@@ -4,6 +4,7 @@
 //! executes what these functions decide.
 
 pub mod apply_order;
+pub mod backlog;
 pub mod checksum;
 pub mod csum_resync;
 pub(crate) mod pacer;

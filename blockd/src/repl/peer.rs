@@ -21,6 +21,7 @@ use tokio::sync::{Notify, Semaphore, oneshot, watch};
 
 use crate::meta::superblock::flags;
 use crate::repl::apply_order::{ApplyOrder, Ordered};
+use crate::repl::backlog::{Backlog, RECEIVE_BACKLOG_MAX, REQUEST_OVERHEAD, Step};
 use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
 use crate::repl::congestion::{Admission, Change, SendBuffer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
@@ -523,14 +524,15 @@ pub enum SessionEnd {
 type ReadHalf = tokio::io::ReadHalf<crate::repl::link::Stream>;
 
 /// The receive side of a session: the link's read half and the bytes read but not yet decoded.
-struct Rx {
-    io: ReadHalf,
+/// (Generic over the reader for tests of the receive loop without TLS.)
+struct Rx<R = ReadHalf> {
+    io: R,
     buf: BytesMut,
     /// When bytes last arrived (keepalive).
     last: Instant,
 }
 
-impl Rx {
+impl<R: tokio::io::AsyncRead + Unpin> Rx<R> {
     /// The next complete frame already received, if any.
     fn frame(&mut self) -> Result<Option<Bytes>, String> {
         frame::decode(&mut self.buf, MAX_FRAME).map_err(|e| format!("receive: {}", error_chain(&e)))
@@ -845,6 +847,18 @@ fn changed_range(op: &Op) -> Option<(u64, u64)> {
     }
 }
 
+/// What a received request counts for in the session's backlog (`repl::backlog`): the payload
+/// it holds, or for a checksum request the run it reads into memory, plus its bookkeeping.
+fn backlog_cost(op: &Op) -> u64 {
+    let held = match op {
+        Op::Write { data, .. } => data.len() as u64,
+        Op::Resync { payload, .. } => payload.len() as u64,
+        Op::Checksum { len, .. } => u64::from(*len),
+        Op::Zero { .. } | Op::Flush | Op::ResyncDone => 0,
+    };
+    held + REQUEST_OVERHEAD
+}
+
 /// The I/O of one request on this node's disk.
 pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
     Box::pin(async move {
@@ -981,6 +995,9 @@ struct Session {
     stash: VecDeque<Message>,
     /// The peer's requests: which may start, which wait.
     order: ApplyOrder<Op>,
+    /// The bytes of the requests in `order` (running and waiting): the receive loop stops
+    /// reading above its bound.
+    backlog: Backlog,
     /// Requests the store did not complete at once: `(seq, outcome)`.
     ops: tokio::task::JoinSet<(u64, Result<Done, String>)>,
     /// The bytes each request in `ops` changes (`changed_range`), by sequence number.
@@ -1064,6 +1081,7 @@ impl Session {
             conn,
             stash: VecDeque::new(),
             order: ApplyOrder::default(),
+            backlog: Backlog::new(RECEIVE_BACKLOG_MAX),
             ops: tokio::task::JoinSet::new(),
             op_ranges: HashMap::new(),
             recv_acks: Vec::new(),
@@ -1142,7 +1160,12 @@ impl Session {
     /// The receive loop: handles every frame already received, takes more bytes while they
     /// are there without waiting, and sends the batch's acknowledgements before it waits for
     /// more bytes, for a request the store did not complete at once, or for the keepalive.
-    async fn receive(&mut self, rx: &mut Rx) -> Result<std::convert::Infallible, String> {
+    /// While the requests received and not applied exceed their bound (`repl::backlog`), it
+    /// reads nothing and waits for them only: the peer's writes wait in its send buffer.
+    async fn receive<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        rx: &mut Rx<R>,
+    ) -> Result<std::convert::Infallible, String> {
         let mut tick = tokio::time::interval(PING_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut handled = 0usize;
@@ -1157,6 +1180,27 @@ impl Session {
             }
             // Let other tasks of this worker run between batches of a long stream.
             tokio::task::consume_budget().await;
+            match self.backlog.step(!self.ops.is_empty()) {
+                Step::Read => {}
+                // The peer's frames (its pings too) waited in the socket while we did not read:
+                // that silence is no sign of a dead link. (The peer sees ours: our writer goes
+                // on sending acknowledgements, and pings when idle.)
+                Step::Resume => rx.last = Instant::now(),
+                Step::Pause => {
+                    self.send_acks();
+                    handled = 0;
+                    tokio::select! {
+                        Some(done) = self.ops.join_next() => {
+                            self.op_done(done).await?;
+                            while let Some(done) = self.ops.try_join_next() {
+                                self.op_done(done).await?;
+                            }
+                        }
+                        _ = tick.tick() => {}
+                    }
+                    continue;
+                }
+            }
             let more = {
                 let fill = rx.fill();
                 tokio::pin!(fill);
@@ -1315,6 +1359,7 @@ impl Session {
 
     /// A request of the peer arrived: start it if its order allows.
     async fn arrive(&mut self, seq: u64, after: u64, op: Op) -> Result<(), String> {
+        self.backlog.arrived(seq, backlog_cost(&op));
         match self
             .order
             .arrive(Ordered { seq, after, op })
@@ -1407,6 +1452,7 @@ impl Session {
 
     /// Bookkeeping of an applied request (acknowledgements are gathered for the batch).
     fn complete(&mut self, seq: u64, done: Done) {
+        self.backlog.applied(seq);
         let res = &self.res;
         let i = self.i;
         match done {
@@ -2321,6 +2367,94 @@ mod tests {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert_eq!(res.status().disk, "inconsistent", "attached");
+        res.shutdown().await;
+    }
+
+    /// Above its backlog bound the receive loop stops reading the link (the peer's writes then
+    /// wait in its send buffer: here the sender's writes block) and reads again once its
+    /// requests complete; a pause longer than the keepalive timeout does not end the session
+    /// (the silence was ours). It read everything the peer sent, whatever ran on the disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_receive_loop_stops_reading_above_its_backlog_bound() {
+        use crate::repl::outbox::encode_frame;
+        const FRAMES: u64 = 64;
+        const PAYLOAD: usize = 64 << 10;
+        let mut c = crate::repl::tests::cluster(2, "B").await;
+        let res = c.start(0);
+        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Session::new(res.clone(), 0, conn, failed);
+        let limit = 1 << 20;
+        s.backlog = Backlog::new(limit);
+        // Request 1 runs on the disk until released; the peer's writes were issued after it
+        // completed (`after = 2`), so they wait for it.
+        let (release, released) = oneshot::channel::<()>();
+        let first = Ordered {
+            seq: 1,
+            after: 0,
+            op: Op::Flush,
+        };
+        assert!(s.order.arrive(first).unwrap().is_some(), "1 runs");
+        s.backlog.arrived(1, REQUEST_OVERHEAD);
+        s.ops.spawn(async move {
+            let _ = released.await;
+            (1, Ok(Done::Written))
+        });
+        let (mut peer, ours) = tokio::io::duplex(64 << 10);
+        let mut rx = Rx {
+            io: ours,
+            buf: BytesMut::new(),
+            last: Instant::now(),
+        };
+        let session = tokio::spawn(async move {
+            let end = s.receive(&mut rx).await;
+            (s, end)
+        });
+        let sent = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                for seq in 2..2 + FRAMES {
+                    let m = Message::Data {
+                        seq,
+                        after: 2,
+                        offset: (seq - 2) * PAYLOAD as u64,
+                        flags: 0,
+                        payload: Bytes::from(vec![seq as u8; PAYLOAD]),
+                    };
+                    peer.write_all(&encode_frame(&m)).await?;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, std::io::Error>(peer)
+            })
+        };
+        tokio::time::sleep(KEEPALIVE_TIMEOUT + 2 * PING_INTERVAL).await;
+        // About 16 frames make the bound; a few more sit in the read buffer and the pipe.
+        let at_pause = sent.load(Ordering::SeqCst);
+        assert!(
+            at_pause < FRAMES / 2,
+            "{at_pause} of {FRAMES} frames of {PAYLOAD} bytes read with a bound of {limit}"
+        );
+        assert!(!session.is_finished(), "the session ended while paused");
+        assert!(!sender.is_finished());
+        release.send(()).unwrap();
+        let peer = tokio::time::timeout(Duration::from_secs(20), sender)
+            .await
+            .expect("reading resumed")
+            .unwrap()
+            .expect("the session kept reading");
+        drop(peer);
+        let (mut s, end) = session.await.unwrap();
+        let Err(end) = end;
+        assert_eq!(end, "peer closed the link");
+        // What was received and not applied yet (as when a protocol B session ends).
+        s.finish_applies("beta").await;
+        assert!(s.order.is_idle());
+        assert_eq!(
+            s.backlog.bytes(),
+            0,
+            "every applied request left the backlog"
+        );
         res.shutdown().await;
     }
 
