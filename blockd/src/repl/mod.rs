@@ -5,6 +5,7 @@
 
 pub mod apply_order;
 pub mod backlog;
+pub mod setup_limit;
 pub mod checksum;
 pub mod csum_resync;
 pub(crate) mod pacer;

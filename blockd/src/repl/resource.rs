@@ -29,6 +29,7 @@ use crate::repl::promote::{
 };
 use crate::repl::promotion_lock::{PromotionBusy, PromotionLock};
 use crate::repl::ranges::Ranges;
+use crate::repl::setup_limit::{RefusalLog, SetupLimit};
 use crate::repl::split_brain::SplitBrainPolicy;
 use crate::repl::state::{ConnState, DiskState, Protocol, ReplState, Role};
 use crate::repl::sync_decision::SideView;
@@ -1740,7 +1741,12 @@ impl Resource {
         while peer_loops.join_next().await.is_some() {}
     }
 
+    /// Accepts links on our replication listener, each set up on its own task; setups before
+    /// the peer is authenticated are limited (`repl::setup_limit`): a connection over the
+    /// limit is closed at once.
     async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let setups = SetupLimit::new(self.spec.link.peers.iter().map(|p| p.address.ip()));
+        let mut refusals = RefusalLog::default();
         loop {
             let (tcp, from) = match listener.accept().await {
                 Ok(x) => x,
@@ -1750,9 +1756,20 @@ impl Resource {
                     continue;
                 }
             };
+            let Some(slot) = setups.admit(from.ip()) else {
+                drop(tcp);
+                if let Some(refused) = refusals.refused(Instant::now()) {
+                    tracing::warn!(resource = %self.spec.name, %from,
+                        refused_since_last_report = refused,
+                        "too many replication link setups in progress: connection closed");
+                }
+                continue;
+            };
             let me = self.clone();
             tokio::spawn(async move {
-                match link::accept(&me.spec.link, tcp).await {
+                let accepted = link::accept(&me.spec.link, tcp).await;
+                drop(slot);
+                match accepted {
                     Ok(link) => {
                         let Some(i) = me.peers.iter().position(|p| p.node.name == link.peer.name)
                         else {

@@ -127,6 +127,15 @@ impl Cluster {
         res
     }
 
+    /// Node `i`'s replication address.
+    fn address(&self, i: usize) -> std::net::SocketAddr {
+        self.config
+            .resources_of(&self.names[i])
+            .remove(0)
+            .me
+            .address
+    }
+
     fn image(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("{}.img", self.names[i]))
     }
@@ -1577,4 +1586,56 @@ async fn concurrent_promotions_of_two_nodes_never_both_succeed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_promotions_among_three_nodes_never_both_succeed() {
     concurrent_promotions(3).await;
+}
+
+/// Idle connections to a replication listener (TCP, never a TLS hello) beyond its limit of link
+/// setups are closed at once, and a peer still connects while the ones within the limit hold
+/// their slots (each for up to `SETUP_TIMEOUT`): without the limit every connection held a task
+/// and a socket until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_over_the_setup_limit_are_closed_and_a_peer_still_connects() {
+    use crate::repl::link::SETUP_TIMEOUT;
+    use crate::repl::setup_limit::MAX_OTHER_SETUPS;
+    use tokio::io::AsyncReadExt;
+    let mut c = cluster(2, "C").await;
+    // beta (the higher node id) accepts the link alpha dials.
+    let b = c.start(1);
+    let addr = c.address(1);
+    let opened = std::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..MAX_OTHER_SETUPS * 2 + 8 {
+        // From another loopback address than the peers' (127.0.0.1).
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(s.connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(20), s.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(_)) => panic!("the listener sent bytes before the client's TLS hello"),
+            Err(_) => {} // still in its setup
+        }
+    }
+    assert_eq!(
+        closed,
+        idle.len() - MAX_OTHER_SETUPS,
+        "{} idle connections",
+        idle.len()
+    );
+    let a = c.start(0);
+    wait_for("link", || {
+        a.status().peers[0].connection == "connected"
+            && b.status().peers[0].connection == "connected"
+    })
+    .await;
+    assert!(
+        opened.elapsed() < SETUP_TIMEOUT,
+        "the peer connected only once the idle setups timed out"
+    );
+    drop(idle);
+    a.shutdown().await;
+    b.shutdown().await;
 }
