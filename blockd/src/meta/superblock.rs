@@ -142,6 +142,24 @@ impl Superblock {
         true
     }
 
+    /// This superblock with the [`peer_flags::REPAIR_MARKS`] flags `wanted` has and this one
+    /// lacks added (each with the bitmap slot `wanted` gives its peer), nothing else changed;
+    /// `None` when none is lacking. Persists a repair-marks flag ahead of other changes of
+    /// `wanted` that are not due yet (see `MetaState::persist_repair_flags`).
+    pub fn with_repair_flags_of(&self, wanted: &Superblock) -> Option<Superblock> {
+        let mut next = self.clone();
+        let mut added = false;
+        for (on_disk, w) in next.peers.iter_mut().zip(&wanted.peers) {
+            let has = |p: &PeerSlot| p.flags & peer_flags::REPAIR_MARKS != 0;
+            if has(w) && (!has(on_disk) || on_disk.bitmap_slot != w.bitmap_slot) {
+                on_disk.bitmap_slot = w.bitmap_slot;
+                on_disk.flags |= peer_flags::REPAIR_MARKS;
+                added = true;
+            }
+        }
+        added.then_some(next)
+    }
+
     /// Encodes into one 4 KiB record.
     pub fn encode(&self) -> [u8; RECORD_SIZE as usize] {
         let mut r = [0u8; RECORD_SIZE as usize];

@@ -163,11 +163,17 @@ async fn persist_registration(
     .expect("activity-log task panicked")
 }
 
-/// Writes activity-log transactions, after the bitmap pages of the extents they evict.
-fn persist_al_transactions(
+/// Writes activity-log transactions, after the bitmap pages of the extents they evict (every
+/// slot's, holding marks not saved otherwise yet: a verify saves at its end, a pass-on write
+/// error never), and before those pages the repair-marks flags they need
+/// ([`MetaState::persist_repair_flags`]).
+pub(crate) fn persist_al_transactions(
     m: &mut MetaState,
     pending: &[PendingTransaction],
 ) -> Result<(), MetaError> {
+    if pending.iter().any(|t| !t.evicted.is_empty()) {
+        m.persist_repair_flags()?;
+    }
     let es = u64::from(m.sb.geometry.al_extent_size);
     for t in pending {
         for &e in &t.evicted {

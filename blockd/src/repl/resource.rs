@@ -185,16 +185,24 @@ impl MetaState {
         self.save_bitmap_pages(slot, pages)
     }
 
+    /// Persists the `REPAIR_MARKS` flags set in [`Self::sb`] but not yet on disk; run before
+    /// any bitmap page is written (a save here, an activity-log eviction in
+    /// `repl::device::persist_al_transactions`). Repair marks on disk must never look
+    /// ordinary (a restart would let a handshake clear them as obsolete), so a slot's flag
+    /// reaches the disk before the pages that hold its marks; the other way round, a crash
+    /// leaves a flag over marks not yet written: harmless. Only the flags are added, to the
+    /// superblock on disk: other changes of [`Self::sb`] not persisted yet (a bitmap UUID
+    /// pinned or cleared before its bitmap is saved) must not reach the disk before their
+    /// callers' own [`Self::save_sb`].
+    pub fn persist_repair_flags(&mut self) -> Result<(), MetaError> {
+        match self.file.superblock().with_repair_flags_of(&self.sb) {
+            Some(next) => self.file.write_superblock(&next),
+            None => Ok(()),
+        }
+    }
+
     fn save_bitmap_pages(&mut self, slot: usize, pages: Range<u64>) -> Result<(), MetaError> {
-        // Repair marks on disk must never look ordinary (a restart would let a handshake clear
-        // them as obsolete): the slot's flag reaches the disk before the pages that hold them.
-        // (The other way round, a crash leaves a flag over marks not yet written: harmless.)
-        let r = if self.sb.has_repair_marks(slot) && !self.file.superblock().has_repair_marks(slot)
-        {
-            self.save_sb()
-        } else {
-            Ok(())
-        };
+        let r = self.persist_repair_flags();
         let b = &self.bitmaps[slot];
         let r = r.and_then(|()| {
             self.file
@@ -1173,7 +1181,8 @@ impl Resource {
     /// may be bad (online verify, a local I/O error under pass-on): such marks are never
     /// cleared as obsolete between two Secondaries (`handshake::marks_obsolete`); they wait for
     /// a resync. The slot's `REPAIR_MARKS` peer flag is set in the superblock, and persisted
-    /// before any page holding the marks ([`MetaState::save_bitmap`]), so the marks keep
+    /// before any page holding the marks ([`MetaState::persist_repair_flags`], by a bitmap save or an
+    /// activity-log eviction), so the marks keep
     /// their kind across a restart. It is cleared once a full save finds the slot empty (a
     /// resync as source ended, `repl::resync::finish_source`).
     pub(crate) fn mark_for_repair(&self, m: &mut MetaState, slot: usize, offset: u64, len: u64) {

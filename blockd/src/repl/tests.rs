@@ -1503,6 +1503,59 @@ async fn repair_marks_survive_a_restart_and_are_never_obsolete() {
     assert!(!repair_marks_on_disk(&c, 0, repair));
 }
 
+/// An activity-log eviction writes the bitmap pages of the evicted extent for every slot,
+/// with repair marks not saved otherwise yet (a verify saves at its end, a pass-on write error
+/// never): the slot's repair-marks flag must reach the disk first. It used to be skipped
+/// there, so after a crash the marks looked ordinary and a NoSync handshake between two
+/// Secondaries cleared them. Only the flag goes early: a bitmap UUID pinned in memory but not
+/// saved yet stays off the disk (it must not get there before its bitmap).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_persists_the_repair_flag_before_the_marks() {
+    let c = cluster_with(3, "C", "al-extents = 2\n").await;
+    let local = c.config.resources_of(&c.names[0]).remove(0);
+    let attach = || Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+    let r = attach();
+    let slot = r.peers[0].slot;
+    let peer_id = r.peers[0].node.id;
+    let uuids_on_disk = r.meta.lock().unwrap().file.superblock().generations.clone();
+    {
+        let mut m = r.meta.lock().unwrap();
+        // In extent 0, which the third write's transaction evicts (two extents in the log).
+        r.mark_for_repair(&mut m, slot, 4096, 2 * 4096);
+        m.sb.generations.pin_bitmap(peer_id);
+        let mut evicted = Vec::new();
+        for extent in 0..3 {
+            let pending = m.al.begin(extent, extent).unwrap();
+            evicted.extend(pending.iter().flat_map(|t| t.evicted.clone()));
+            crate::repl::device::persist_al_transactions(&mut m, &pending).unwrap();
+            m.al.complete(extent, extent);
+        }
+        assert_eq!(evicted, [0]);
+    }
+    // A crash: the marks are on disk only through the eviction.
+    drop(r);
+    let r = attach();
+    {
+        let m = r.meta.lock().unwrap();
+        // (The replay marks the two extents still hot, 1 and 2, in every slot.)
+        let b = &m.bitmaps[slot];
+        assert_eq!(
+            b.dirty_extent_from(0, u64::MAX),
+            Some((4096, 2 * 4096)),
+            "the eviction wrote the marks"
+        );
+        assert!(
+            m.has_repair_marks(slot),
+            "repair marks on disk without their flag"
+        );
+        assert_eq!(
+            m.sb.generations, uuids_on_disk,
+            "an unsaved bitmap UUID reached the disk with the flag"
+        );
+    }
+    r.shutdown().await;
+}
+
 /// Two connected Secondaries promoted at the same moment: each asks the other for its view
 /// while neither is Primary yet. At most one may succeed (two Primaries would take writes
 /// from their NBD clients before noticing each other); the other is refused with "retry"
