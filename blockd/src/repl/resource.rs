@@ -144,22 +144,27 @@ impl MetaState {
         Ok(())
     }
 
-    /// A handshake's `ClearBitmap` of slot `slot` (in memory). With a resync following
-    /// (`obsolete_only` false) the marks go. Obsolete marks (no resync follows,
+    /// A handshake's `ClearBitmap` of slot `slot` (in memory); never when the slot holds
+    /// repair marks, also ones set before a restart: the blocks really differ or are bad, and
+    /// only a resync may clear them. With a resync following (`obsolete_only` false: we are
+    /// its target and the source copies its bitmap of another node for us) the marks go,
+    /// except repair marks: the slot is kept whole (its marks cannot be told apart), so the
+    /// bitmap exchange that follows hands them to the source, which ORs them into its bitmap
+    /// for us and resyncs them too (a few ordinary blocks more at worst); the flag goes once a
+    /// full save finds the slot empty (`ResyncDone` here). Obsolete marks (no resync follows,
     /// `handshake::marks_obsolete`) go only if no mark was made since our state report
     /// (`none_made_since_report`), which said we were in sync with the Primary (a session with
-    /// it that ended since marks its unstable writes: those must stay), and never when the slot
-    /// holds repair marks, also ones set before a restart: the blocks really differ or are bad.
-    /// Returns true when repair marks were kept (shown as waiting for the next Primary, as marks
-    /// between Secondaries are while a Primary lives).
+    /// it that ended since marks its unstable writes: those must stay). Returns true when
+    /// repair marks were kept with no resync following (shown as waiting for the next Primary,
+    /// as marks between Secondaries are while a Primary lives).
     pub fn clear_for_handshake(
         &mut self,
         slot: usize,
         obsolete_only: bool,
         none_made_since_report: bool,
     ) -> bool {
-        if obsolete_only && self.has_repair_marks(slot) {
-            return true;
+        if self.has_repair_marks(slot) {
+            return obsolete_only;
         }
         if !obsolete_only || none_made_since_report {
             self.bitmaps[slot].clear_all();

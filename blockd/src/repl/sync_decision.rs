@@ -60,7 +60,8 @@ pub enum BitmapPlan {
     /// (the target is at a generation the source tracked for another node).
     CopySlot(u8),
     /// On the target: the source copies its slot of node `0`; the target clears its own bits
-    /// for the source before the exchange.
+    /// for the source before the exchange, unless they hold repair marks (kept and handed to
+    /// the source: `MetaState::clear_for_handshake`).
     PeerCopiesSlot(u8),
 }
 

@@ -1556,6 +1556,53 @@ async fn an_eviction_persists_the_repair_flag_before_the_marks() {
     r.shutdown().await;
 }
 
+/// A sync target whose source copies its bitmap of another node for it
+/// (`BitmapPlan::PeerCopiesSlot`) clears its own bits for the source before the bitmap exchange
+/// (`Command::ClearBitmap`), but never repair marks: kept, the exchange hands them to the
+/// source, which resyncs them with the rest. They used to be cleared too: the source got an
+/// empty bitmap and, e.g., this node's own pass-on write-error marks were never resynced. The
+/// flag stays until the resync has emptied the slot (`ResyncDone`: cleared and saved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_slot_resync_keeps_repair_marks_for_the_exchange() {
+    let c = cluster(3, "C").await;
+    let local = c.config.resources_of(&c.names[0]).remove(0);
+    let r = Resource::attach(ResourceSpec::from_config(&local).unwrap()).unwrap();
+    let (repair, ordinary) = (r.peers[0].slot, r.peers[1].slot);
+    {
+        let mut m = r.meta.lock().unwrap();
+        r.mark_for_repair(&mut m, repair, 1 << 20, 3 * 4096);
+        r.mark_out_of_sync(&mut m, ordinary, 2 << 20, 4096);
+        // A resync follows (`obsolete_only` false): nothing waits for a Primary.
+        assert!(!m.clear_for_handshake(repair, false, true));
+        assert!(!m.clear_for_handshake(ordinary, false, true));
+        assert_eq!(
+            m.bitmaps[repair].count_bits(),
+            3,
+            "repair marks cleared before the exchange"
+        );
+        assert_eq!(m.bitmaps[ordinary].count_bits(), 0, "ordinary marks kept");
+        // The resync sent part of them, then the session ended: still repair marks.
+        m.bitmaps[repair].clear_range(1 << 20, 4096);
+        m.save_bitmap(repair).unwrap();
+        m.save_sb().unwrap();
+        assert!(m.has_repair_marks(repair));
+    }
+    assert!(
+        repair_marks_on_disk(&c, 0, repair),
+        "flag dropped before the resync ended"
+    );
+    // The resync's end (`ResyncDone` on the target) empties the slot: the flag goes.
+    r.meta_io(move |m| {
+        m.bitmaps[repair].clear_all();
+        m.save_bitmap(repair)?;
+        m.save_sb()
+    })
+    .await
+    .unwrap();
+    assert!(!repair_marks_on_disk(&c, 0, repair));
+    r.shutdown().await;
+}
+
 /// Two connected Secondaries promoted at the same moment: each asks the other for its view
 /// while neither is Primary yet. At most one may succeed (two Primaries would take writes
 /// from their NBD clients before noticing each other); the other is refused with "retry"
