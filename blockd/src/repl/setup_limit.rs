@@ -3,7 +3,8 @@
 //! `SETUP_TIMEOUT`, so without a limit anyone who can reach the port could open thousands. The
 //! limit is split by source address: connections from a configured peer's IP address have a
 //! few slots of their own per address, all others share one pool, so connections from
-//! elsewhere that fill the pool cannot keep a peer from connecting. A connection over its limit
+//! elsewhere that fill the pool cannot keep a peer from connecting. A peer address whose own
+//! slots are full uses the shared pool too. A connection over its limit
 //! is closed at once. Plain bookkeeping, no I/O; refusals are logged at most once per interval
 //! ([`RefusalLog`]).
 
@@ -73,7 +74,8 @@ impl SetupLimit {
     }
 
     /// A slot for a setup of a connection from `from`, `None` when its limit is reached (the
-    /// connection is to be closed).
+    /// connection is to be closed): a configured peer address takes its own slots first, then
+    /// the shared pool.
     pub fn admit(&self, from: IpAddr) -> Option<SetupSlot> {
         let from = canonical(from);
         let mut guard = self.running.lock().expect("setups");
@@ -83,12 +85,14 @@ impl SetupLimit {
                 *n += 1;
                 Some(from)
             }
-            Some(_) => return None,
-            None if r.others < MAX_OTHER_SETUPS => {
+            // A peer address whose own slots are full (several nodes behind one address, or
+            // retries overlapping slow setups) falls back to the shared pool: its own slots
+            // are a reserve the others cannot take, not a cap that locks the peer out.
+            _ if r.others < MAX_OTHER_SETUPS => {
                 r.others += 1;
                 None
             }
-            None => return None,
+            _ => return None,
         };
         Some(SetupSlot {
             running: self.running.clone(),
@@ -157,10 +161,35 @@ mod tests {
     fn a_mapped_ipv4_address_is_the_peer_address() {
         let limit = SetupLimit::new([PEER]);
         let mapped = IpAddr::V6(std::net::Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped());
-        let slots: Vec<SetupSlot> = std::iter::from_fn(|| limit.admit(mapped)).collect();
-        assert_eq!(slots.len(), MAX_SETUPS_PER_PEER_ADDRESS);
-        assert!(limit.admit(PEER).is_none(), "the same address");
-        assert!(limit.admit(OTHER).is_some(), "not from the pool");
+        let slots: Vec<SetupSlot> = (0..MAX_SETUPS_PER_PEER_ADDRESS)
+            .map(|_| limit.admit(mapped).expect("the peer's own slots"))
+            .collect();
+        let flood: Vec<SetupSlot> = std::iter::from_fn(|| limit.admit(OTHER)).collect();
+        assert_eq!(
+            flood.len(),
+            MAX_OTHER_SETUPS,
+            "the mapped address took the peer's own slots, not the pool's"
+        );
+        drop((slots, flood));
+    }
+
+    #[test]
+    fn a_peer_address_with_its_own_slots_full_falls_back_to_the_pool() {
+        let limit = SetupLimit::new([PEER]);
+        let own: Vec<SetupSlot> = (0..MAX_SETUPS_PER_PEER_ADDRESS)
+            .map(|_| limit.admit(PEER).expect("the peer's own slots"))
+            .collect();
+        let more = limit
+            .admit(PEER)
+            .expect("own slots full: the shared pool, not a refusal");
+        let others: Vec<SetupSlot> = std::iter::from_fn(|| limit.admit(OTHER)).collect();
+        assert_eq!(others.len(), MAX_OTHER_SETUPS - 1, "it took a pool slot");
+        assert!(limit.admit(PEER).is_none(), "own slots and pool full");
+        drop(more);
+        let last = limit.admit(OTHER).expect("its pool slot came back");
+        drop(own);
+        drop((others, last));
+        assert!(limit.admit(PEER).is_some(), "its own slots came back");
     }
 
     #[test]
