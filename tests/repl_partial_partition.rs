@@ -4,8 +4,8 @@
 //! that link.
 //!
 //! n2 is Primary and keeps writing (to n1 only) after the cut. Promotion is a cluster-wide
-//! decision: n0, which cannot see n2, is refused because n1 reports that it is connected to
-//! Primary n2; once n2 crashes, n0 is refused again because n1 holds newer data (n0's
+//! decision: n0, which cannot see n2, is refused (even with `--force`) because n1 reports that
+//! it is connected to Primary n2; once n2 crashes, n0 is refused again because n1 holds newer data (n0's
 //! generation is in n1's history); n1 is promoted, restarts its session with n0 (whose
 //! generation differs) and resyncs it, so every write n2 acknowledged ends up on n0 and n1.
 
@@ -147,7 +147,16 @@ fn partial_partition_promotion_is_cluster_wide() {
         "{}",
         text(&o)
     );
-    assert!(text(&o).contains("--force"), "{}", text(&o));
+    assert!(!text(&o).contains("--force"), "{}", text(&o));
+    // Nor with --force: force is about the data; n2 holds quorum through n1, so forcing n0
+    // would make two Primaries, each with quorum.
+    let o = c.blockctl(Some(0), &["promote", RESOURCE, "--force"]);
+    assert_eq!(o.status.code(), Some(3), "{}\n{}", text(&o), logs(&c));
+    assert!(
+        text(&o).contains("connected to Primary node 2"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(c.status(0)["role"], "secondary");
 
     // (b) n2 crashes; n0 is behind n1 and must not be promoted.

@@ -8,11 +8,11 @@
 //! resync); a node without a disk promotes only through a connected UpToDate peer.
 //!
 //! Before promoting, the node also asks every connected peer for its view of the cluster
-//! ([`decide_cluster`]): a peer connected to a Primary this node cannot see (a partial
-//! partition), a peer whose generation history contains our current generation (it went on
-//! without us), or a peer that did not answer refuses the promotion unless `--force`. A peer
-//! whose promotion lock is held (it is promoting itself, or granted another node's promotion:
-//! `repl::promotion_lock`) refuses it even with `--force`: force is about the data, not about
+//! ([`decide_cluster`]): a peer whose generation history contains our current generation (it
+//! went on without us), or a peer that did not answer refuses the promotion unless `--force`.
+//! A peer connected to a Primary this node cannot see (a partial partition), and a peer whose
+//! promotion lock is held (it is promoting itself, or granted another node's promotion:
+//! `repl::promotion_lock`), refuse it even with `--force`: force is about the data, not about
 //! two Primaries.
 //!
 //! Every promotion starts a new generation (`GenerationIds::new_current`), so any writes made
@@ -151,13 +151,16 @@ pub fn resync_on_promotion(ours: Uuid, answer: &ClusterAnswer, marked_here: bool
     }
 }
 
-/// Why the connected peers' views refuse a promotion (`--force` promotes anyway, except
-/// past another node's promotion).
+/// Why the connected peers' views refuse a promotion (`--force` promotes anyway past data
+/// refusals, never past another Primary or another node's promotion).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterRefusal {
     #[error("node {node} is being promoted at the same time; retry (answer of node {peer})")]
     PeerPromoting { peer: u8, node: u8 },
-    #[error("node {peer} is connected to Primary node {primary} (use --force to promote anyway)")]
+    #[error(
+        "node {peer} is connected to Primary node {primary}: demote node {primary} first, or \
+         wait until node {peer} loses it"
+    )]
     PeerSeesPrimary { peer: u8, primary: u8 },
     #[error(
         "node {peer} holds newer data (generation {generation}): promote node {peer} or resync \
@@ -172,8 +175,11 @@ pub enum ClusterRefusal {
 }
 
 /// Decides from the connected peers' answers (`(node id, answer)`) whether this node, whose
-/// current generation is `ours`, may become Primary. `--force` overrides every refusal but
-/// another node's promotion in progress (its lease or its own lock: two Primaries).
+/// current generation is `ours`, may become Primary. `--force` overrides the refusals about
+/// data (a peer ahead, a peer that did not answer) but not those that would make two
+/// Primaries: another node's promotion in progress (its lease or its own lock), or a Primary a
+/// peer is connected to (a partial partition: that Primary may have quorum through the peer,
+/// and forcing past it made two Primaries, each with quorum).
 pub fn decide_cluster(
     ours: Uuid,
     answers: &[(u8, ClusterAnswer)],
@@ -191,6 +197,18 @@ pub fn decide_cluster(
             });
         }
     }
+    for (peer, a) in answers {
+        if let ClusterAnswer::View {
+            primary: Some(primary),
+            ..
+        } = a
+        {
+            return Err(ClusterRefusal::PeerSeesPrimary {
+                peer: *peer,
+                primary: *primary,
+            });
+        }
+    }
     if force {
         return Ok(());
     }
@@ -198,15 +216,6 @@ pub fn decide_cluster(
         let peer = *peer;
         match a {
             ClusterAnswer::Unknown => return Err(ClusterRefusal::PeerUnknown(peer)),
-            ClusterAnswer::View {
-                primary: Some(primary),
-                ..
-            } => {
-                return Err(ClusterRefusal::PeerSeesPrimary {
-                    peer,
-                    primary: *primary,
-                });
-            }
             ClusterAnswer::View {
                 current, history, ..
             } => {
@@ -269,7 +278,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_peer_sees_primary() {
+    fn cluster_peer_sees_primary_refuses_even_with_force() {
         let answers = [(1, view(0x100, &[], Some(2)))];
         let r = decide_cluster(Uuid(0x100), &answers, false);
         assert_eq!(
@@ -284,8 +293,29 @@ mod tests {
             text.contains("node 1 is connected to Primary node 2"),
             "{text}"
         );
-        assert!(text.contains("--force"), "{text}");
-        assert_eq!(decide_cluster(Uuid(0x100), &answers, true), Ok(()));
+        assert!(
+            !text.contains("--force"),
+            "force does not make a second Primary: {text}"
+        );
+        // A partial partition: A is Primary through C, B cannot see A; forcing B refuses,
+        // whatever the other answers say.
+        assert_eq!(
+            decide_cluster(Uuid(0x100), &answers, true),
+            Err(ClusterRefusal::PeerSeesPrimary {
+                peer: 1,
+                primary: 2
+            })
+        );
+        let answers = [(3, ClusterAnswer::Unknown), (1, view(0x100, &[], Some(2)))];
+        for force in [false, true] {
+            assert_eq!(
+                decide_cluster(Uuid(0x100), &answers, force),
+                Err(ClusterRefusal::PeerSeesPrimary {
+                    peer: 1,
+                    primary: 2
+                })
+            );
+        }
     }
 
     #[test]
