@@ -23,7 +23,8 @@
 //! A lease has no time limit on purpose: a promoter whose commit stalls (its metadata disk
 //! hangs) may still become Primary, so expiring its lease could let a second node promote
 //! beside it. Other nodes refuse to promote until the holder finishes or its session ends
-//! (`blockctl disconnect` on either side ends it at once).
+//! (`blockctl disconnect` on the other node ends it at once; on the promoter's own node
+//! `disconnect` waits behind the stuck `promote`, as both take the resource's admin lock).
 //!
 //! Pure state: the caller (`repl::resource`) keeps it under a mutex and does the messaging.
 
