@@ -4,9 +4,20 @@
 //! the data, so without a bound a client faster than this node's disk grows its memory without
 //! limit. Above the bound the receive loop stops reading the link and only waits for its
 //! requests to complete: TCP back-pressure fills the Primary's send buffer and its writes wait.
-//! Pure bookkeeping; the session (`repl::peer`) does the reading and waiting.
+//!
+//! A running request may itself wait for something behind the unread bytes: a peer write whose
+//! activity-log extent waits for room that only the peer's acknowledgements of this node's
+//! earlier writes free (a former Primary under protocol A/B, demoted with writes unacknowledged,
+//! receives writes from the new Primary on the same session). Not reading then waits forever.
+//! So a pause is a stall once no running request completed for [`STALL_LIMIT`]: the loop reads
+//! on, past the bound, until a running request completes again. This covers every such
+//! dependency, known or not, without the store telling why a request waits; a disk merely
+//! slower than that costs at most what arrives until its next completion.
+//! Pure bookkeeping with the clock passed in; the session (`repl::peer`) does the reading and
+//! waiting.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Receive backlog per session, at most (before the request that crosses it). Four times DRBD's
 /// default `max-buffers` (2048 pages, 8 MiB), as one request here may carry 64 MiB where DRBD
@@ -20,6 +31,11 @@ pub const RECEIVE_BACKLOG_MAX: u64 = 32 << 20;
 /// every request held at least one page, at 4 KiB).
 pub const REQUEST_OVERHEAD: u64 = 4096;
 
+/// A pause in which no running request completed for this long is a stall: the loop reads past
+/// the bound (a running request may wait for what is behind the unread bytes). Far above one
+/// request's disk time (a 64 MiB write at 100 MB/s is 0.64 s), far below the keepalive timeout.
+pub const STALL_LIMIT: Duration = Duration::from_secs(1);
+
 /// What the receive loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -28,8 +44,13 @@ pub enum Step {
     /// Read again after a pause: the silence of the pause was ours, not the peer's (its
     /// frames waited in the socket), so the keepalive clock starts anew.
     Resume,
-    /// Do not read: wait for a running request to complete.
+    /// Do not read: wait for a running request to complete, or until
+    /// [`Backlog::stall_deadline`].
     Pause,
+    /// Read again, past the bound: the pause stalled (no running request completed for
+    /// [`STALL_LIMIT`]). Returned once per stall (to log it); [`Step::Read`] follows until a
+    /// running request completes.
+    Stalled,
 }
 
 /// Requests received and not yet applied, with what each counts for.
@@ -38,7 +59,11 @@ pub struct Backlog {
     limit: u64,
     bytes: u64,
     costs: HashMap<u64, u64>,
-    paused: bool,
+    /// While paused: since when no running request completed (the pause's start, or the last
+    /// completion during it).
+    paused: Option<Instant>,
+    /// The pause stalled: the bound does not apply until a running request completes.
+    stalled: bool,
 }
 
 impl Backlog {
@@ -48,7 +73,8 @@ impl Backlog {
             limit,
             bytes: 0,
             costs: HashMap::new(),
-            paused: false,
+            paused: None,
+            stalled: false,
         }
     }
 
@@ -67,23 +93,46 @@ impl Backlog {
         }
     }
 
+    /// A running request (one the loop waits for) completed at `now`: the loop is not stalled.
+    pub fn completed(&mut self, now: Instant) {
+        self.stalled = false;
+        if let Some(since) = &mut self.paused {
+            *since = now;
+        }
+    }
+
+    /// While paused, when the pause becomes a stall if no running request completes.
+    pub fn stall_deadline(&self) -> Option<Instant> {
+        self.paused.map(|since| since + STALL_LIMIT)
+    }
+
     /// Bytes received and not applied.
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
 
-    /// Whether the loop may read, with `completion_pending` telling whether a running request
-    /// will complete (and so bring the backlog down) while it waits. It pauses only at or
-    /// above the limit and only then: below it, a request of any size is read (one larger than
-    /// the limit goes alone), and with nothing to wait for it reads whatever the backlog, so it
-    /// can never wait forever.
-    pub fn step(&mut self, completion_pending: bool) -> Step {
-        let pause = self.bytes >= self.limit && completion_pending;
-        let was_paused = std::mem::replace(&mut self.paused, pause);
-        match (pause, was_paused) {
-            (true, _) => Step::Pause,
-            (false, true) => Step::Resume,
-            (false, false) => Step::Read,
+    /// Whether the loop may read at `now`, with `completion_pending` telling whether a request
+    /// is running (and may complete, bringing the backlog down) while it waits. It pauses only
+    /// at or above the limit and only then: below it, a request of any size is read (one larger
+    /// than the limit goes alone); with nothing to wait for it reads whatever the backlog; and
+    /// a pause in which nothing completed for [`STALL_LIMIT`] reads on until a running request
+    /// completes ([`Backlog::completed`]), so it can never wait forever.
+    pub fn step(&mut self, completion_pending: bool, now: Instant) -> Step {
+        if !completion_pending {
+            self.stalled = false;
+        }
+        if self.bytes >= self.limit && completion_pending && !self.stalled {
+            let since = *self.paused.get_or_insert(now);
+            if now.duration_since(since) < STALL_LIMIT {
+                return Step::Pause;
+            }
+            self.paused = None;
+            self.stalled = true;
+            return Step::Stalled;
+        }
+        match self.paused.take() {
+            Some(_) => Step::Resume,
+            None => Step::Read,
         }
     }
 }
@@ -94,17 +143,23 @@ mod tests {
 
     #[test]
     fn reads_below_the_limit_and_pauses_at_it_while_a_request_runs() {
+        let t0 = Instant::now();
         let mut b = Backlog::new(100);
         b.arrived(1, 60);
-        assert_eq!(b.step(true), Step::Read);
+        assert_eq!(b.step(true, t0), Step::Read);
         b.arrived(2, 40);
         assert_eq!(b.bytes(), 100);
-        assert_eq!(b.step(true), Step::Pause);
-        assert_eq!(b.step(true), Step::Pause);
+        assert_eq!(b.step(true, t0), Step::Pause);
+        assert_eq!(b.step(true, t0), Step::Pause);
         b.applied(1);
+        b.completed(t0);
         assert_eq!(b.bytes(), 40);
-        assert_eq!(b.step(true), Step::Resume, "the pause's silence was ours");
-        assert_eq!(b.step(true), Step::Read);
+        assert_eq!(
+            b.step(true, t0),
+            Step::Resume,
+            "the pause's silence was ours"
+        );
+        assert_eq!(b.step(true, t0), Step::Read);
         b.applied(2);
         b.applied(2);
         b.applied(7);
@@ -117,14 +172,68 @@ mod tests {
 
     #[test]
     fn never_pauses_without_a_completion_to_wait_for() {
+        let t0 = Instant::now();
         let mut b = Backlog::new(100);
         // A request larger than the limit is admitted (below the limit before it).
-        assert_eq!(b.step(true), Step::Read);
+        assert_eq!(b.step(true, t0), Step::Read);
         b.arrived(1, 64 << 20);
-        assert_eq!(b.step(true), Step::Pause);
+        assert_eq!(b.step(true, t0), Step::Pause);
         // Nothing running would bring it down: reading is the only way on.
-        assert_eq!(b.step(false), Step::Resume);
-        assert_eq!(b.step(false), Step::Read);
+        assert_eq!(b.step(false, t0), Step::Resume);
+        assert_eq!(b.step(false, t0), Step::Read);
+    }
+
+    #[test]
+    fn a_pause_without_completions_stalls_and_reads_past_the_bound_until_one() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = Backlog::new(100);
+        b.arrived(1, 100);
+        assert_eq!(b.step(true, t0), Step::Pause);
+        assert_eq!(b.stall_deadline(), Some(t0 + STALL_LIMIT));
+        assert_eq!(b.step(true, t0 + STALL_LIMIT - ms(1)), Step::Pause);
+        // Request 1 waits for something behind the unread bytes: read on, past the bound.
+        assert_eq!(b.step(true, t0 + STALL_LIMIT), Step::Stalled);
+        assert_eq!(b.stall_deadline(), None);
+        b.arrived(2, 500);
+        assert_eq!(
+            b.step(true, t0 + 10 * STALL_LIMIT),
+            Step::Read,
+            "no bound until a running request completes"
+        );
+        // One completes: the bound applies again, a new pause with its own clock.
+        let t1 = t0 + 10 * STALL_LIMIT;
+        b.applied(1);
+        b.completed(t1);
+        assert_eq!(b.step(true, t1), Step::Pause);
+        assert_eq!(
+            b.step(true, t1 + STALL_LIMIT),
+            Step::Stalled,
+            "once per stall"
+        );
+        assert_eq!(b.step(true, t1 + STALL_LIMIT), Step::Read);
+    }
+
+    #[test]
+    fn completions_during_a_pause_keep_it_from_stalling() {
+        let t0 = Instant::now();
+        let mut b = Backlog::new(100);
+        for seq in 1..=4 {
+            b.arrived(seq, 100);
+        }
+        assert_eq!(b.step(true, t0), Step::Pause);
+        // A slow disk: a completion every 0.9 limits, the backlog still above the bound.
+        let mut now = t0;
+        for seq in 1..=2 {
+            now += STALL_LIMIT * 9 / 10;
+            b.applied(seq);
+            b.completed(now);
+            assert_eq!(b.step(true, now), Step::Pause);
+            assert_eq!(b.stall_deadline(), Some(now + STALL_LIMIT));
+        }
+        assert_eq!(b.step(true, now + STALL_LIMIT / 2), Step::Pause);
+        // Nothing running any more: no stall, reading is the only way on.
+        assert_eq!(b.step(false, now + STALL_LIMIT / 2), Step::Resume);
     }
 
     #[test]
@@ -138,14 +247,19 @@ mod tests {
     #[test]
     fn the_default_bound_admits_the_largest_request() {
         // A 64 MiB write (the largest frame) is read whenever the backlog is below the bound.
+        let t0 = Instant::now();
         let mut b = Backlog::new(RECEIVE_BACKLOG_MAX);
         b.arrived(1, RECEIVE_BACKLOG_MAX - 1);
-        assert_eq!(b.step(true), Step::Read);
+        assert_eq!(b.step(true, t0), Step::Read);
         b.arrived(2, (64 << 20) + REQUEST_OVERHEAD);
-        assert_eq!(b.step(true), Step::Pause);
+        assert_eq!(b.step(true, t0), Step::Pause);
         b.applied(1);
-        assert_eq!(b.step(true), Step::Pause, "the large request still runs");
+        assert_eq!(
+            b.step(true, t0),
+            Step::Pause,
+            "the large request still runs"
+        );
         b.applied(2);
-        assert_eq!(b.step(true), Step::Resume);
+        assert_eq!(b.step(true, t0), Step::Resume);
     }
 }

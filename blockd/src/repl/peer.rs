@@ -21,7 +21,7 @@ use tokio::sync::{Notify, Semaphore, oneshot, watch};
 
 use crate::meta::superblock::flags;
 use crate::repl::apply_order::{ApplyOrder, Ordered};
-use crate::repl::backlog::{Backlog, RECEIVE_BACKLOG_MAX, REQUEST_OVERHEAD, Step};
+use crate::repl::backlog::{Backlog, RECEIVE_BACKLOG_MAX, REQUEST_OVERHEAD, STALL_LIMIT, Step};
 use crate::repl::checksum::{self, ChecksumPurpose, PeerAnswer};
 use crate::repl::congestion::{Admission, Change, SendBuffer};
 use crate::repl::csum_resync::{self, Answer, AnswerRoutes};
@@ -1161,7 +1161,9 @@ impl Session {
     /// are there without waiting, and sends the batch's acknowledgements before it waits for
     /// more bytes, for a request the store did not complete at once, or for the keepalive.
     /// While the requests received and not applied exceed their bound (`repl::backlog`), it
-    /// reads nothing and waits for them only: the peer's writes wait in its send buffer.
+    /// reads nothing and waits for them only: the peer's writes wait in its send buffer. A
+    /// pause in which no request completed for `STALL_LIMIT` reads on (a request may wait for
+    /// a frame still unread).
     async fn receive<R: tokio::io::AsyncRead + Unpin>(
         &mut self,
         rx: &mut Rx<R>,
@@ -1180,15 +1182,31 @@ impl Session {
             }
             // Let other tasks of this worker run between batches of a long stream.
             tokio::task::consume_budget().await;
-            match self.backlog.step(!self.ops.is_empty()) {
+            match self.backlog.step(!self.ops.is_empty(), Instant::now()) {
                 Step::Read => {}
                 // The peer's frames (its pings too) waited in the socket while we did not read:
                 // that silence is no sign of a dead link. (The peer sees ours: our writer goes
                 // on sending acknowledgements, and pings when idle.)
                 Step::Resume => rx.last = Instant::now(),
+                // A running request may wait for what is behind the unread bytes (a write
+                // waiting for activity-log room that the peer's acknowledgements free): read
+                // on past the bound until one completes (`repl::backlog`).
+                Step::Stalled => {
+                    tracing::info!(resource = %self.res.name(),
+                        peer = %self.res.peers[self.i].node.name,
+                        running = self.ops.len(), backlog = self.backlog.bytes(),
+                        "receive backlog: no request completed for {STALL_LIMIT:?} while not \
+                         reading; reading past the bound until one does");
+                    rx.last = Instant::now();
+                }
                 Step::Pause => {
                     self.send_acks();
                     handled = 0;
+                    let stall = self
+                        .backlog
+                        .stall_deadline()
+                        .map(tokio::time::Instant::from_std)
+                        .expect("a pause has a stall deadline");
                     tokio::select! {
                         Some(done) = self.ops.join_next() => {
                             self.op_done(done).await?;
@@ -1196,6 +1214,7 @@ impl Session {
                                 self.op_done(done).await?;
                             }
                         }
+                        () = tokio::time::sleep_until(stall) => {}
                         _ = tick.tick() => {}
                     }
                     continue;
@@ -1440,6 +1459,8 @@ impl Session {
         joined: Result<(u64, Result<Done, String>), tokio::task::JoinError>,
     ) -> Result<(), String> {
         let (seq, done) = joined.map_err(|e| format!("apply task failed: {e}"))?;
+        // A running request completed: a paused receive loop is not stalled.
+        self.backlog.completed(Instant::now());
         self.op_ranges.remove(&seq);
         self.complete(seq, done?);
         let mut released = Vec::new();
@@ -2373,7 +2394,8 @@ mod tests {
     /// Above its backlog bound the receive loop stops reading the link (the peer's writes then
     /// wait in its send buffer: here the sender's writes block) and reads again once its
     /// requests complete; a pause longer than the keepalive timeout does not end the session
-    /// (the silence was ours). It read everything the peer sent, whatever ran on the disk.
+    /// (the silence was ours), nor does it stall while requests keep completing (one every half
+    /// `STALL_LIMIT`). It read everything the peer sent, whatever ran on the disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_receive_loop_stops_reading_above_its_backlog_bound() {
         use crate::repl::outbox::encode_frame;
@@ -2386,20 +2408,25 @@ mod tests {
         let mut s = Session::new(res.clone(), 0, conn, failed);
         let limit = 1 << 20;
         s.backlog = Backlog::new(limit);
-        // Request 1 runs on the disk until released; the peer's writes were issued after it
-        // completed (`after = 2`), so they wait for it.
-        let (release, released) = oneshot::channel::<()>();
-        let first = Ordered {
-            seq: 1,
-            after: 0,
-            op: Op::Flush,
-        };
-        assert!(s.order.arrive(first).unwrap().is_some(), "1 runs");
-        s.backlog.arrived(1, REQUEST_OVERHEAD);
-        s.ops.spawn(async move {
-            let _ = released.await;
-            (1, Ok(Done::Written))
-        });
+        // Requests 1..=HELD run on a slow disk, one completing every half `STALL_LIMIT`, for
+        // longer than the keepalive timeout; the peer's writes were issued after they completed
+        // (`after = HELD + 1`), so they wait for them.
+        let pause = KEEPALIVE_TIMEOUT + 3 * PING_INTERVAL;
+        let every = STALL_LIMIT / 2;
+        let held = (pause.as_millis() / every.as_millis()) as u64 + 1;
+        for seq in 1..=held {
+            let op = Ordered {
+                seq,
+                after: 0,
+                op: Op::Flush,
+            };
+            assert!(s.order.arrive(op).unwrap().is_some(), "{seq} runs");
+            s.backlog.arrived(seq, REQUEST_OVERHEAD);
+            s.ops.spawn(async move {
+                tokio::time::sleep(every * seq as u32).await;
+                (seq, Ok(Done::Written))
+            });
+        }
         let (mut peer, ours) = tokio::io::duplex(64 << 10);
         let mut rx = Rx {
             io: ours,
@@ -2414,11 +2441,11 @@ mod tests {
         let sender = {
             let sent = sent.clone();
             tokio::spawn(async move {
-                for seq in 2..2 + FRAMES {
+                for seq in held + 1..held + 1 + FRAMES {
                     let m = Message::Data {
                         seq,
-                        after: 2,
-                        offset: (seq - 2) * PAYLOAD as u64,
+                        after: held + 1,
+                        offset: (seq - held - 1) * PAYLOAD as u64,
                         flags: 0,
                         payload: Bytes::from(vec![seq as u8; PAYLOAD]),
                     };
@@ -2437,7 +2464,6 @@ mod tests {
         );
         assert!(!session.is_finished(), "the session ended while paused");
         assert!(!sender.is_finished());
-        release.send(()).unwrap();
         let peer = tokio::time::timeout(Duration::from_secs(20), sender)
             .await
             .expect("reading resumed")
@@ -2455,6 +2481,84 @@ mod tests {
             0,
             "every applied request left the backlog"
         );
+        res.shutdown().await;
+    }
+
+    /// A running request may wait for something behind the bytes a paused loop does not read
+    /// (a write waiting for activity-log room that only the peer's acknowledgements of this
+    /// node's earlier writes free, after a role switch on a live session). The pause then
+    /// stalls: with no completion for `STALL_LIMIT` the loop reads on past its bound, and the
+    /// request completes. Without that it waited forever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_paused_receive_loop_reads_on_when_a_running_request_waits_for_the_link() {
+        use crate::repl::outbox::encode_frame;
+        const FRAMES: u64 = 64;
+        const PAYLOAD: usize = 64 << 10;
+        let mut c = crate::repl::tests::cluster(2, "B").await;
+        let res = c.start(0);
+        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Session::new(res.clone(), 0, conn, failed);
+        let limit = 1 << 20;
+        s.backlog = Backlog::new(limit);
+        // Request 1 runs until the peer sent its last frame, which the loop reads only past its
+        // bound (four times the frames' bytes); the peer's writes wait for request 1.
+        let (last_sent, heard) = oneshot::channel::<()>();
+        let first = Ordered {
+            seq: 1,
+            after: 0,
+            op: Op::Flush,
+        };
+        assert!(s.order.arrive(first).unwrap().is_some(), "1 runs");
+        s.backlog.arrived(1, REQUEST_OVERHEAD);
+        s.ops.spawn(async move {
+            let _ = heard.await;
+            (1, Ok(Done::Written))
+        });
+        let (mut peer, ours) = tokio::io::duplex(64 << 10);
+        let mut rx = Rx {
+            io: ours,
+            buf: BytesMut::new(),
+            last: Instant::now(),
+        };
+        let session = tokio::spawn(async move {
+            let end = s.receive(&mut rx).await;
+            (s, end)
+        });
+        let started = Instant::now();
+        let sender = tokio::spawn(async move {
+            for seq in 2..2 + FRAMES {
+                let m = Message::Data {
+                    seq,
+                    after: 2,
+                    offset: (seq - 2) * PAYLOAD as u64,
+                    flags: 0,
+                    payload: Bytes::from(vec![seq as u8; PAYLOAD]),
+                };
+                peer.write_all(&encode_frame(&m)).await?;
+            }
+            let _ = last_sent.send(());
+            Ok::<_, std::io::Error>(peer)
+        });
+        let peer = tokio::time::timeout(STALL_LIMIT + KEEPALIVE_TIMEOUT, sender)
+            .await
+            .expect("the paused loop read on past its bound (deadlock)")
+            .unwrap()
+            .expect("the session kept reading");
+        assert!(
+            started.elapsed() >= STALL_LIMIT,
+            "the bound held until the stall"
+        );
+        drop(peer);
+        let (mut s, end) = tokio::time::timeout(Duration::from_secs(20), session)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        let Err(end) = end;
+        assert_eq!(end, "peer closed the link");
+        s.finish_applies("beta").await;
+        assert!(s.order.is_idle());
+        assert_eq!(s.backlog.bytes(), 0);
         res.shutdown().await;
     }
 
