@@ -532,6 +532,173 @@ async fn a_failed_preflush_keeps_the_extent_in_the_activity_log() {
     r.shutdown().await;
 }
 
+/// Node 0 Primary under `pass-on`, node 1 connected (both with external metadata, so the
+/// Primary's evicting transactions preflush the backing): the Primary's
+/// activity log has every slot taken by an extent it wrote (acknowledged by the peer, so in no
+/// bitmap). Returns the cluster, both nodes and the log's capacity.
+async fn pass_on_primary_with_a_full_log() -> (Cluster, Arc<Resource>, Arc<Resource>, u32) {
+    let mut c = cluster_placed(
+        2,
+        "C",
+        // A log smaller than the device.
+        "on-io-error = \"pass-on\"\nal-extents = 7\n",
+        tempfile::tempdir().unwrap(),
+        &[0, 1],
+    )
+    .await;
+    let a = c.start(0);
+    let b = c.start(1);
+    wait_for("link", || {
+        a.status().peers[0].connection == "connected"
+            && b.status().peers[0].connection == "connected"
+    })
+    .await;
+    a.promote(true).await.unwrap();
+    wait_for("initial sync", || {
+        all_established(&a) && all_established(&b)
+    })
+    .await;
+    let es = 4u64 << 20;
+    let capacity = a.meta.lock().unwrap().al.capacity();
+    for e in 0..capacity {
+        a.write(u64::from(e) * es, pattern(u64::from(e), 4096), false)
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.status().peers[0].out_of_sync_bytes, 0, "written on b");
+    (c, a, b, capacity)
+}
+
+/// Replaces `r`'s store by one whose engine is gone (every flush fails); returns the good one.
+fn break_store(c: &Cluster, i: usize, r: &Resource) -> crate::store::BlockStore {
+    let good = r.store.current();
+    let broken =
+        crate::store::BlockStore::open(&c.image(i), &crate::store::OpenOptions::default()).unwrap();
+    broken.kill_engine_for_test();
+    r.store.replace(broken);
+    good
+}
+
+/// Whether every extent `0..extents` is marked out of sync as a repair mark for `r`'s peer 0.
+fn extents_marked_for_repair(r: &Resource, extents: u32) -> bool {
+    let es = 4u64 << 20;
+    let m = r.meta.lock().unwrap();
+    let slot = r.peers[0].slot;
+    let b = &m.bitmaps[slot];
+    m.sb.has_repair_marks(slot) && (0..u64::from(extents)).all(|e| b.get(e * es / b.block_size()))
+}
+
+/// A failed preflush on a `pass-on` Primary may have lost its earlier writes (buffered in the
+/// page cache) in every hot extent, the ones it was about to evict too, while the peer has
+/// them: those extents are marked for the peer as repair marks. Before, only the triggering
+/// request's range (never written) was marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preflush_on_the_primary_marks_its_hot_extents() {
+    let (c, a, b, capacity) = pass_on_primary_with_a_full_log().await;
+    let good = break_store(&c, 0, &a);
+    let new = u64::from(capacity) * (4 << 20);
+    assert!(a.write(new, pattern(99, 4096), false).await.is_err());
+    assert!(
+        extents_marked_for_repair(&a, capacity),
+        "the hot extents are marked for the peer"
+    );
+    assert_eq!(a.status().disk, "up-to-date", "pass-on keeps the disk");
+    a.store.replace(good);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The same for a failed FLUSH of the Primary's client under `pass-on`: before, nothing was
+/// marked, and the next flush succeeded on the writeback error this one consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_on_the_primary_marks_its_hot_extents() {
+    let (c, a, b, capacity) = pass_on_primary_with_a_full_log().await;
+    let good = break_store(&c, 0, &a);
+    assert!(a.flush().await.is_err());
+    assert!(
+        extents_marked_for_repair(&a, capacity),
+        "the hot extents are marked for the peer"
+    );
+    a.store.replace(good);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// The write waiting for a preflush is cancelled (a session's applies are aborted when it
+/// ends, a client goes away): the preflush's task still marks what the failure may have lost.
+/// Before, only the waiting caller handled the failure, so it was dropped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preflush_marks_its_losses_when_the_write_was_cancelled() {
+    let (c, a, b, capacity) = pass_on_primary_with_a_full_log().await;
+    let good = break_store(&c, 0, &a);
+    let new = u64::from(capacity) * (4 << 20);
+    {
+        let fut = a.al_begin(new, 4096);
+        tokio::pin!(fut);
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_ready()))
+                .await;
+        assert!(!polled, "the registration waits for its preflush");
+    }
+    wait_for("losses marked", || extents_marked_for_repair(&a, capacity)).await;
+    a.store.replace(good);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two flushes of a Secondary's backing run at once (a peer's `Flush` and an activity-log
+/// preflush): the first fails, the second succeeds (Linux reports the writeback error once).
+/// The failed one must still mark what was written before it: flushes are serialised with
+/// their bookkeeping. Before, the successful one cleared those extents from the unflushed
+/// bookkeeping before the failed one read it, and nothing was marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrent_successful_flush_does_not_hide_a_failed_ones_losses() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut c = cluster_with(2, "C", "on-io-error = \"pass-on\"\n").await;
+    let r = c.start(0);
+    let at = 9u64 * (4 << 20);
+    r.note_written(at, 4096);
+    let good = break_store(&c, 0, &r);
+    // The failing flush waits, once started, until released.
+    let (entered, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    {
+        let (entered, release) = (entered.clone(), release.clone());
+        r.store.current().on_flush_for_test(move || {
+            entered.store(true, Ordering::SeqCst);
+            while !release.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+    }
+    let failing = tokio::spawn({
+        let r = r.clone();
+        async move { r.flush_for_peer().await }
+    });
+    wait_for("the first flush started", || entered.load(Ordering::SeqCst)).await;
+    r.store.replace(good);
+    let succeeding = tokio::spawn({
+        let r = r.clone();
+        async move { r.flush_for_peer().await }
+    });
+    // Time for the second flush to complete if it does not wait for the first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    release.store(true, Ordering::SeqCst);
+    assert!(failing.await.unwrap().is_err());
+    succeeding.await.unwrap().unwrap();
+    {
+        let m = r.meta.lock().unwrap();
+        let b = &m.bitmaps[r.peers[0].slot];
+        assert!(
+            b.get(at / b.block_size()),
+            "the extent written before the failed flush is marked"
+        );
+    }
+    r.shutdown().await;
+}
+
 /// Under protocol A a write's activity-log extent stays registered on the Primary until the
 /// peer has written it (`WriteAck`) or the session's loss handler has marked it in the peer's
 /// bitmap: the client is answered while the data may still wait in the outbox, and an extent
