@@ -9,10 +9,12 @@
 //! activity-log extent waits for room that only the peer's acknowledgements of this node's
 //! earlier writes free (a former Primary under protocol A/B, demoted with writes unacknowledged,
 //! receives writes from the new Primary on the same session). Not reading then waits forever.
-//! So a pause is a stall once no running request completed for [`STALL_LIMIT`]: the loop reads
-//! on, past the bound, until a running request completes again. This covers every such
-//! dependency, known or not, without the store telling why a request waits; a disk merely
-//! slower than that costs at most what arrives until its next completion.
+//! The session therefore counts only requests that can complete without reading the link as
+//! running: one parked waiting for activity-log room is not (`Resource::al_room_waiters`). As a
+//! safety net for dependencies not known here, a pause is a stall once no running request
+//! completed for [`STALL_LIMIT`]: the loop reads on past the bound, up to twice the bound
+//! (never further: a disk merely slow, e.g. an activity-log preflush of a large page cache,
+//! must not lift the bound), until a running request completes again.
 //! Pure bookkeeping with the clock passed in; the session (`repl::peer`) does the reading and
 //! waiting.
 
@@ -48,8 +50,8 @@ pub enum Step {
     /// [`Backlog::stall_deadline`].
     Pause,
     /// Read again, past the bound: the pause stalled (no running request completed for
-    /// [`STALL_LIMIT`]). Returned once per stall (to log it); [`Step::Read`] follows until a
-    /// running request completes.
+    /// [`STALL_LIMIT`]). Returned once per stall (to log it); [`Step::Read`] follows, up to
+    /// twice the bound, until a running request completes.
     Stalled,
 }
 
@@ -62,7 +64,8 @@ pub struct Backlog {
     /// While paused: since when no running request completed (the pause's start, or the last
     /// completion during it).
     paused: Option<Instant>,
-    /// The pause stalled: the bound does not apply until a running request completes.
+    /// The pause stalled: until a running request completes the bound is twice the limit, and
+    /// a pause at it waits for a completion only (no second stall).
     stalled: bool,
 }
 
@@ -101,9 +104,13 @@ impl Backlog {
         }
     }
 
-    /// While paused, when the pause becomes a stall if no running request completes.
+    /// While paused, when the pause becomes a stall if no running request completes (`None`
+    /// in a pause at twice the bound after a stall: only a completion ends it).
     pub fn stall_deadline(&self) -> Option<Instant> {
-        self.paused.map(|since| since + STALL_LIMIT)
+        match self.stalled {
+            true => None,
+            false => self.paused.map(|since| since + STALL_LIMIT),
+        }
     }
 
     /// Bytes received and not applied.
@@ -115,15 +122,19 @@ impl Backlog {
     /// is running (and may complete, bringing the backlog down) while it waits. It pauses only
     /// at or above the limit and only then: below it, a request of any size is read (one larger
     /// than the limit goes alone); with nothing to wait for it reads whatever the backlog; and
-    /// a pause in which nothing completed for [`STALL_LIMIT`] reads on until a running request
-    /// completes ([`Backlog::completed`]), so it can never wait forever.
+    /// a pause in which nothing completed for [`STALL_LIMIT`] reads on, up to twice the limit,
+    /// until a running request completes ([`Backlog::completed`]).
     pub fn step(&mut self, completion_pending: bool, now: Instant) -> Step {
         if !completion_pending {
             self.stalled = false;
         }
-        if self.bytes >= self.limit && completion_pending && !self.stalled {
+        let bound = match self.stalled {
+            true => self.limit.saturating_mul(2),
+            false => self.limit,
+        };
+        if self.bytes >= bound && completion_pending {
             let since = *self.paused.get_or_insert(now);
-            if now.duration_since(since) < STALL_LIMIT {
+            if self.stalled || now.duration_since(since) < STALL_LIMIT {
                 return Step::Pause;
             }
             self.paused = None;
@@ -195,17 +206,31 @@ mod tests {
         // Request 1 waits for something behind the unread bytes: read on, past the bound.
         assert_eq!(b.step(true, t0 + STALL_LIMIT), Step::Stalled);
         assert_eq!(b.stall_deadline(), None);
-        b.arrived(2, 500);
+        b.arrived(2, 50);
         assert_eq!(
             b.step(true, t0 + 10 * STALL_LIMIT),
             Step::Read,
-            "no bound until a running request completes"
+            "past the bound, up to twice it"
+        );
+        b.arrived(3, 50);
+        assert_eq!(
+            b.step(true, t0 + 10 * STALL_LIMIT),
+            Step::Pause,
+            "at twice the bound a stalled loop waits for a completion only"
+        );
+        assert_eq!(b.stall_deadline(), None);
+        assert_eq!(
+            b.step(true, t0 + 100 * STALL_LIMIT),
+            Step::Pause,
+            "no second stall"
         );
         // One completes: the bound applies again, a new pause with its own clock.
-        let t1 = t0 + 10 * STALL_LIMIT;
+        let t1 = t0 + 100 * STALL_LIMIT;
         b.applied(1);
         b.completed(t1);
+        assert_eq!(b.bytes(), 100);
         assert_eq!(b.step(true, t1), Step::Pause);
+        assert_eq!(b.stall_deadline(), Some(t1 + STALL_LIMIT));
         assert_eq!(
             b.step(true, t1 + STALL_LIMIT),
             Step::Stalled,

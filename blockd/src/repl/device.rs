@@ -14,6 +14,7 @@
 //! activity log until every peer has written it (or its loss handler marked it), whatever
 //! the protocol.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
@@ -192,6 +193,22 @@ async fn persist_registration(
     r
 }
 
+/// Counts itself in a counter while it lives.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(n: &'a AtomicUsize) -> Counted<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        Counted(n)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Writes activity-log transactions, after the bitmap pages of the extents they evict (every
 /// slot's, holding marks not saved otherwise yet: a verify saves at its end, a pass-on write
 /// error never), and before those pages the repair-marks flags they need
@@ -292,6 +309,8 @@ impl Resource {
                 return Ok(hold());
             }
         }
+        // Counted while it waits behind the gate or for room (see `al_room_waiters`).
+        let _slow = Counted::new(&self.al_slow_path);
         // Held until this write's transaction is on disk (given to the task below): a
         // cancelled write must not let the next transaction reach the disk before its own, or
         // the log would not replay.
@@ -336,7 +355,10 @@ impl Resource {
                     .await
                     .expect("activity-log task panicked");
                 }
-                Err(AlBusy::Full) => freed.await,
+                Err(AlBusy::Full) => {
+                    let _waiting = Counted::new(&self.al_room_waiters);
+                    freed.await
+                }
                 Err(e @ AlBusy::TooLarge(_)) => {
                     return Err(AlError::Register(meta_failure(offset, len, e)));
                 }

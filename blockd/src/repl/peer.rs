@@ -1182,7 +1182,15 @@ impl Session {
             }
             // Let other tasks of this worker run between batches of a long stream.
             tokio::task::consume_budget().await;
-            match self.backlog.step(!self.ops.is_empty(), Instant::now()) {
+            // A request waiting for activity-log room may wait for the peer's
+            // acknowledgements behind the unread bytes, and every request in the log's slow
+            // path waits behind it: while one waits, those do not count as running.
+            let blocked = match self.res.al_room_waiters.load(Ordering::Acquire) {
+                0 => 0,
+                _ => self.res.al_slow_path.load(Ordering::Acquire),
+            };
+            let can_complete = self.ops.len() > blocked;
+            match self.backlog.step(can_complete, Instant::now()) {
                 Step::Read => {}
                 // The peer's frames (its pings too) waited in the socket while we did not read:
                 // that silence is no sign of a dead link. (The peer sees ours: our writer goes
@@ -1205,8 +1213,7 @@ impl Session {
                     let stall = self
                         .backlog
                         .stall_deadline()
-                        .map(tokio::time::Instant::from_std)
-                        .expect("a pause has a stall deadline");
+                        .map(tokio::time::Instant::from_std);
                     tokio::select! {
                         Some(done) = self.ops.join_next() => {
                             self.op_done(done).await?;
@@ -1214,7 +1221,13 @@ impl Session {
                                 self.op_done(done).await?;
                             }
                         }
-                        () = tokio::time::sleep_until(stall) => {}
+                        () = async {
+                            match stall {
+                                Some(at) => tokio::time::sleep_until(at).await,
+                                None => std::future::pending().await,
+                            }
+                        } => {}
+                        // Requests parking for activity-log room change what counts as running.
                         _ = tick.tick() => {}
                     }
                     continue;
@@ -2484,13 +2497,25 @@ mod tests {
         res.shutdown().await;
     }
 
-    /// A running request may wait for something behind the bytes a paused loop does not read
-    /// (a write waiting for activity-log room that only the peer's acknowledgements of this
-    /// node's earlier writes free, after a role switch on a live session). The pause then
-    /// stalls: with no completion for `STALL_LIMIT` the loop reads on past its bound, and the
-    /// request completes. Without that it waited forever.
+    /// A running request may wait for something behind the bytes a paused loop does not read:
+    /// a write waiting for activity-log room that only the peer's acknowledgements of this
+    /// node's earlier writes free (after a role switch on a live session). Such a request
+    /// (counted in `al_room_waiters` / `al_slow_path`) is not one the loop waits for: it reads
+    /// on at once, and the request completes. Without that it waited forever.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_paused_receive_loop_reads_on_when_a_running_request_waits_for_the_link() {
+        paused_loop_with_a_request_waiting_for_the_link(true).await;
+    }
+
+    /// A running request waiting for the link for a reason the loop cannot see: the pause
+    /// stalls after `STALL_LIMIT` and the loop reads on, but only up to twice its bound (a
+    /// disk merely slow must not lift the bound); once the request completes it reads the rest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_receive_loop_reads_at_most_twice_its_bound() {
+        paused_loop_with_a_request_waiting_for_the_link(false).await;
+    }
+
+    async fn paused_loop_with_a_request_waiting_for_the_link(room_waiter: bool) {
         use crate::repl::outbox::encode_frame;
         const FRAMES: u64 = 64;
         const PAYLOAD: usize = 64 << 10;
@@ -2501,8 +2526,8 @@ mod tests {
         let mut s = Session::new(res.clone(), 0, conn, failed);
         let limit = 1 << 20;
         s.backlog = Backlog::new(limit);
-        // Request 1 runs until the peer sent its last frame, which the loop reads only past its
-        // bound (four times the frames' bytes); the peer's writes wait for request 1.
+        // Request 1 runs until the peer sent its last frame (four times the loop's bound); the
+        // peer's writes wait for request 1.
         let (last_sent, heard) = oneshot::channel::<()>();
         let first = Ordered {
             seq: 1,
@@ -2511,8 +2536,17 @@ mod tests {
         };
         assert!(s.order.arrive(first).unwrap().is_some(), "1 runs");
         s.backlog.arrived(1, REQUEST_OVERHEAD);
+        if room_waiter {
+            res.al_slow_path.fetch_add(1, Ordering::AcqRel);
+            res.al_room_waiters.fetch_add(1, Ordering::AcqRel);
+        }
+        let waiting = res.clone();
         s.ops.spawn(async move {
             let _ = heard.await;
+            if room_waiter {
+                waiting.al_room_waiters.fetch_sub(1, Ordering::AcqRel);
+                waiting.al_slow_path.fetch_sub(1, Ordering::AcqRel);
+            }
             (1, Ok(Done::Written))
         });
         let (mut peer, ours) = tokio::io::duplex(64 << 10);
@@ -2526,29 +2560,53 @@ mod tests {
             (s, end)
         });
         let started = Instant::now();
-        let sender = tokio::spawn(async move {
-            for seq in 2..2 + FRAMES {
-                let m = Message::Data {
-                    seq,
-                    after: 2,
-                    offset: (seq - 2) * PAYLOAD as u64,
-                    flags: 0,
-                    payload: Bytes::from(vec![seq as u8; PAYLOAD]),
-                };
-                peer.write_all(&encode_frame(&m)).await?;
-            }
+        let written = Arc::new(AtomicU64::new(0));
+        let sender = {
+            let written = written.clone();
+            tokio::spawn(async move {
+                for seq in 2..2 + FRAMES {
+                    let m = Message::Data {
+                        seq,
+                        after: 2,
+                        offset: (seq - 2) * PAYLOAD as u64,
+                        flags: 0,
+                        payload: Bytes::from(vec![seq as u8; PAYLOAD]),
+                    };
+                    peer.write_all(&encode_frame(&m)).await?;
+                    written.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, std::io::Error>(peer)
+            })
+        };
+        let peer = if room_waiter {
+            let peer = tokio::time::timeout(STALL_LIMIT / 2, sender)
+                .await
+                .expect("the loop read on at once (deadlock without it)")
+                .unwrap()
+                .expect("the session kept reading");
             let _ = last_sent.send(());
-            Ok::<_, std::io::Error>(peer)
-        });
-        let peer = tokio::time::timeout(STALL_LIMIT + KEEPALIVE_TIMEOUT, sender)
-            .await
-            .expect("the paused loop read on past its bound (deadlock)")
-            .unwrap()
-            .expect("the session kept reading");
-        assert!(
-            started.elapsed() >= STALL_LIMIT,
-            "the bound held until the stall"
-        );
+            peer
+        } else {
+            tokio::time::sleep(STALL_LIMIT * 3).await;
+            // Read: at most twice the bound (32 frames), plus what the pipe and the read
+            // buffer hold.
+            let n = written.load(Ordering::SeqCst);
+            assert!(
+                n >= (limit / PAYLOAD as u64) + 4,
+                "the stalled loop read past its bound: {n} frames"
+            );
+            assert!(
+                n < FRAMES,
+                "the stalled loop read at most twice its bound: {n} of {FRAMES} frames"
+            );
+            let _ = last_sent.send(());
+            tokio::time::timeout(Duration::from_secs(10), sender)
+                .await
+                .expect("the loop read the rest once the request completed")
+                .unwrap()
+                .expect("the session kept reading")
+        };
+        assert!(room_waiter || started.elapsed() >= STALL_LIMIT);
         drop(peer);
         let (mut s, end) = tokio::time::timeout(Duration::from_secs(20), session)
             .await

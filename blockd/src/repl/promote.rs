@@ -159,7 +159,7 @@ pub enum ClusterRefusal {
     PeerPromoting { peer: u8, node: u8 },
     #[error(
         "node {peer} is connected to Primary node {primary}: demote node {primary} first, or \
-         wait until node {peer} loses it"
+         wait until node {peer} loses it (a dead Primary is noticed within the 5 s keepalive)"
     )]
     PeerSeesPrimary { peer: u8, primary: u8 },
     #[error(

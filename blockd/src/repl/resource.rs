@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -563,6 +563,14 @@ pub struct Resource {
     /// persisted must wait for it).
     pub(crate) al_gate: Arc<tokio::sync::Mutex<()>>,
     pub(crate) al_freed: Arc<Notify>,
+    /// Writes in the activity log's slow path (waiting behind `al_gate`, for room, or for
+    /// their transaction), and of those the ones waiting for room. Room can depend on a peer's
+    /// acknowledgements (extents held by writes this node made as Primary), which a receive
+    /// loop paused at its backlog bound would never read: while one waits for room, every
+    /// write in the slow path is behind it, and none counts as able to complete
+    /// (`repl::backlog`).
+    pub(crate) al_slow_path: AtomicUsize,
+    pub(crate) al_room_waiters: AtomicUsize,
     /// Bytes per activity-log extent (fixed by the metadata).
     pub(crate) al_extent_size: u32,
     /// Held shared by every request of the Primary; demotion takes it exclusively.
@@ -840,6 +848,8 @@ impl Resource {
             ranges: Ranges::default(),
             al_gate: Arc::new(tokio::sync::Mutex::new(())),
             al_freed: Arc::new(Notify::new()),
+            al_slow_path: AtomicUsize::new(0),
+            al_room_waiters: AtomicUsize::new(0),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
             promotion_lock: Mutex::new(PromotionLock::new(spec.me.id)),
@@ -1287,8 +1297,14 @@ impl Resource {
                     .iter()
                     .zip(&st.peers)
                     .enumerate()
+                    // A session tearing down (its Primary lost: applying what it received,
+                    // up to a minute) no longer counts, as in `state_report`: refusing a
+                    // promotion for it, `--force` included, would block a failover.
                     .find(|(j, (_, s))| {
-                        *j != i && s.conn == ConnState::Connected && s.role == Role::Primary
+                        *j != i
+                            && s.conn == ConnState::Connected
+                            && s.role == Role::Primary
+                            && !s.leaving
                     })
                     .map(|(_, (p, _))| p.node.id)
             }

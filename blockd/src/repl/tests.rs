@@ -1596,6 +1596,30 @@ async fn a_leaving_primary_and_repair_marks_keep_marks_between_secondaries() {
     r.shutdown().await;
 }
 
+/// A node whose session with a Primary is tearing down (the Primary is lost; the session
+/// applies what it received, up to a minute) does not answer another node's promotion with
+/// that Primary: the refusal, which `--force` no longer overrides, would block a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_whose_session_is_ending_does_not_refuse_a_promotion() {
+    use crate::repl::wire::Message;
+    let mut c = cluster(3, "C").await;
+    let r = c.start(0);
+    let primary_of = |reply: Message| match reply {
+        Message::ViewReply { primary, .. } => primary,
+        other => panic!("not a view reply: {other:?}"),
+    };
+    r.update_peer(0, |s| {
+        s.role = Role::Primary;
+        s.conn = ConnState::Connected;
+        s.repl = ReplState::Established;
+    });
+    let id = r.peers[0].node.id;
+    assert_eq!(primary_of(r.view_reply(1, 7, false)), Some(id));
+    r.update_peer(0, |s| s.leaving = true);
+    assert_eq!(primary_of(r.view_reply(1, 8, false)), None);
+    r.shutdown().await;
+}
+
 /// Whether the on-disk superblock of node `i` says bitmap `slot` holds repair marks.
 fn repair_marks_on_disk(c: &Cluster, i: usize, slot: usize) -> bool {
     use crate::meta::file::MetaFile;
