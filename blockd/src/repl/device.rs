@@ -122,16 +122,9 @@ fn needs_data_preflush(pending: &[PendingTransaction], data_in_meta_file: bool) 
 /// write cancelled meanwhile cannot stop it between the flush and the transaction: the log
 /// is changed in memory already and counted as being persisted. A failed preflush is a disk
 /// failure ([`AlError::Preflush`], for the caller's `on-io-error` handling); the transactions
-/// are then not written, so the extents they would evict stay in the log on disk, and what
-/// the failed flush may have lost is marked here, by the task (`Resource::mark_flush_losses`):
-/// the waiting write may have been cancelled (a session's applies are aborted when it ends),
-/// and the next flush would succeed on the writeback error this one consumed.
-///
-/// An evicting transaction holds `flush_gate` like every flush of the backing (with internal
-/// metadata the metadata file's sync is that flush): a flush failing meanwhile must find the
-/// extents it evicts still hot or `al_evicting` when it marks its losses.
+/// are then not written, so the extents they would evict stay in the log on disk.
 async fn persist_registration(
-    res: Arc<Resource>,
+    meta: Arc<Mutex<MetaState>>,
     preflush: Option<BlockStore>,
     pending: Vec<PendingTransaction>,
     held: AlHold,
@@ -139,34 +132,17 @@ async fn persist_registration(
     (offset, len): (u64, u64),
     (first, last): (u32, u32),
 ) -> Result<AlHold, AlError> {
-    let evicts = pending.iter().any(|t| !t.evicted.is_empty());
-    let _flushing = if evicts {
-        Some(res.flush_gate.lock().await)
-    } else {
-        None
-    };
     let flushed = match &preflush {
-        Some(store) => {
-            // What was written here is durable once the preflush succeeds.
-            let mark = res.unflushed.lock().expect("unflushed").flush_started();
-            let r = store.flush().await;
-            if r.is_ok() {
-                res.unflushed.lock().expect("unflushed").flushed(mark);
-            }
-            r.map_err(AlError::Preflush)
-        }
+        Some(store) => store.flush().await.map_err(AlError::Preflush),
         None => Ok(()),
     };
-    let meta = res.meta.clone();
-    let r = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut m = meta.lock().expect("meta");
         let r = flushed.and_then(|()| {
             persist_al_transactions(&mut m, &pending)
                 .map_err(|e| AlError::Register(meta_failure(offset, len, e)))
         });
         m.al_persisting -= 1;
-        // Persisted (durable) or, having failed, hot again (`persist_failed`).
-        m.al_evicting.clear();
         match r {
             Ok(()) => {
                 drop(gate);
@@ -185,12 +161,7 @@ async fn persist_registration(
         }
     })
     .await
-    .expect("activity-log task panicked");
-    if let Err(AlError::Preflush(e)) = &r {
-        // The extents the transaction would have evicted are hot again.
-        res.mark_flush_losses(e).await;
-    }
-    r
+    .expect("activity-log task panicked")
 }
 
 /// Counts itself in a counter while it lives.
@@ -322,12 +293,8 @@ impl Resource {
             let r = {
                 let mut m = self.meta.lock().expect("meta");
                 let r = m.al.begin(first, last);
-                if let Ok(p) = &r
-                    && !p.is_empty()
-                {
+                if matches!(&r, Ok(p) if !p.is_empty()) {
                     m.al_persisting += 1;
-                    let evicted = p.iter().flat_map(|t| t.evicted.iter().copied());
-                    m.al_evicting.extend(evicted);
                 }
                 r
             };
@@ -340,11 +307,14 @@ impl Resource {
                     // disk (or failed), even if the waiting write was cancelled meanwhile.
                     let preflush = needs_data_preflush(&pending, self.data_in_meta_file())
                         .then(|| self.store.current());
-                    let res = self.me.upgrade().expect("a resource lives in an Arc");
+                    // What a peer's requests wrote here is durable once the preflush succeeds.
+                    let mark = preflush
+                        .is_some()
+                        .then(|| self.unflushed.lock().expect("unflushed").flush_started());
                     // The hold goes with the task: a write cancelled meanwhile must not end
                     // its registration a second time after the task ended it.
-                    return tokio::spawn(persist_registration(
-                        res,
+                    let r = tokio::spawn(persist_registration(
+                        self.meta.clone(),
                         preflush,
                         pending,
                         held,
@@ -354,6 +324,10 @@ impl Resource {
                     ))
                     .await
                     .expect("activity-log task panicked");
+                    if let (Some(mark), Ok(_)) = (mark, &r) {
+                        self.unflushed.lock().expect("unflushed").flushed(mark);
+                    }
+                    return r;
                 }
                 Err(AlBusy::Full) => {
                     let _waiting = Counted::new(&self.al_room_waiters);
@@ -696,7 +670,7 @@ impl Resource {
     pub async fn flush(&self) -> Result<(), StoreError> {
         let _role = self.role_gate.read().await;
         if self.role() != Role::Primary {
-            return self.flush_local().await;
+            return self.store.flush().await;
         }
         self.quorum_gate(0, 0).await?;
         self.flush_inner().await?;
@@ -724,12 +698,15 @@ impl Resource {
             }
             seq
         };
-        // A failure marks what it may have lost (pass-on keeps the disk; detach makes it
-        // Inconsistent anyway).
+        // What a peer's requests wrote here while Secondary is durable once this succeeds.
+        let mark = self.unflushed.lock().expect("unflushed").flush_started();
         let mut local = match data {
             LocalData::Absent => Ok(()),
-            _ => self.flush_local().await,
+            _ => self.store.flush().await,
         };
+        if local.is_ok() && data != LocalData::Absent {
+            self.unflushed.lock().expect("unflushed").flushed(mark);
+        }
         let mut acks = Vec::with_capacity(waits.len());
         for (i, w) in waits {
             acks.push((i, w.await.is_ok()));

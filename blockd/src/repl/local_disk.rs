@@ -312,66 +312,39 @@ impl Resource {
             .note_written(offset, len);
     }
 
-    /// Flushes the local disk for a peer (its `Flush`, the end of its resync) with
-    /// [`Self::flush_local`]; a failure then ends the session with the returned text and
+    /// Flushes the local disk for a peer (its `Flush`, the end of its resync). A failed flush
+    /// may have lost any write since the last one that succeeded, writes already acknowledged
+    /// to the peer as written too (in no bitmap: the peer forgot them): their extents are marked
+    /// out of sync for every peer, as a crash would mark the hot activity-log extents, before
+    /// the error ends the session (the next handshake's bitmap exchange resyncs them); then
     /// `on-io-error` decides as for a failed write.
     pub(crate) async fn flush_for_peer(self: &Arc<Self>) -> Result<(), String> {
-        self.flush_local()
-            .await
-            .map_err(|e| self.apply_failed("flush failed", &e))
-    }
-
-    /// Flushes the backing, in any role. A failed flush may have lost any write not yet
-    /// durable (Linux may drop the dirty pages), writes already acknowledged to the peers as
-    /// written too (in no bitmap there); and it consumed the writeback error, so the next
-    /// flush succeeds: the extents those writes lie in are marked out of sync for every peer
-    /// as repair marks, as a crash would mark the hot activity-log extents, before the error
-    /// is returned ([`Self::mark_flush_losses`]). Serialised by `flush_gate` from before the
-    /// flush starts until its bookkeeping is done.
-    pub(crate) async fn flush_local(&self) -> Result<(), StoreError> {
-        let _flushing = self.flush_gate.lock().await;
         let mark = self.unflushed.lock().expect("unflushed").flush_started();
         match self.store.flush().await {
             Ok(()) => {
                 self.unflushed.lock().expect("unflushed").flushed(mark);
                 Ok(())
             }
-            Err(e) => {
-                self.mark_flush_losses(&e).await;
-                Err(e)
-            }
+            Err(e) => Err(self.peer_flush_failed(&e).await),
         }
     }
 
-    /// A flush of the backing failed (`e`; the caller holds `flush_gate`): marks what it may
-    /// have lost. Every write not known durable lies in an extent that is hot in the activity
-    /// log or being evicted (an extent leaves the log only after a flush covering its writes
-    /// succeeded: the preflush, or with internal metadata the metadata file's sync), except
-    /// a peer's resync writes, which are not registered in the log: those are in the
-    /// [`UnflushedWrites`](crate::repl::unflushed::UnflushedWrites) of the writes applied
-    /// for peers since the last successful flush. Both are marked: the log's extents cover
-    /// the Primary's own writes and applies cancelled after their write, the bookkeeping the
-    /// resync writes.
-    pub(crate) async fn mark_flush_losses(&self, e: &StoreError) {
-        let al_extents: Vec<u64> = {
-            let m = self.meta.lock().expect("meta");
-            m.al.active_extents()
-                .into_iter()
-                .chain(m.al_evicting.iter().copied())
-                .map(u64::from)
-                .collect()
-        };
+    /// A flush of the local disk failed while applying a peer's requests (its `Flush`, or the
+    /// preflush of an activity-log transaction): see [`Self::flush_for_peer`]. Returns the
+    /// text that ends the session.
+    pub(crate) async fn peer_flush_failed(self: &Arc<Self>, e: &StoreError) -> String {
         let lost = self
             .unflushed
             .lock()
             .expect("unflushed")
-            .ranges_with(al_extents, self.size());
+            .ranges(self.size());
         self.mark_unflushed_lost(&lost, e).await;
+        self.apply_failed("flush failed", e)
     }
 
     /// Registers a peer's replicated request in the activity log (see
     /// [`Resource::al_begin`]); a failure returns the text that ends the session. A failed
-    /// preflush of the backing is a failed flush ([`Self::flush_local`]).
+    /// preflush of the backing is a failed flush ([`Self::peer_flush_failed`]).
     pub(crate) async fn al_begin_for_peer(
         self: &Arc<Self>,
         offset: u64,
@@ -379,8 +352,7 @@ impl Resource {
     ) -> Result<AlHold, String> {
         match self.al_begin(offset, len).await {
             Ok(hold) => Ok(hold),
-            // Its losses are marked already (see `persist_registration`).
-            Err(AlError::Preflush(e)) => Err(self.apply_failed("flush failed", &e)),
+            Err(AlError::Preflush(e)) => Err(self.peer_flush_failed(&e).await),
             Err(AlError::Register(e)) => Err(self.apply_failed("activity log update failed", &e)),
         }
     }

@@ -111,10 +111,6 @@ pub(crate) struct MetaState {
     pub al: ActivityLog,
     /// Activity-log transactions being persisted (writes then take the slow path).
     pub al_persisting: usize,
-    /// Extents a transaction being persisted evicts: no longer hot in `al`, and their writes
-    /// not durable until its flush succeeds (what a failed flush may have lost, see
-    /// `Resource::mark_flush_losses`).
-    pub al_evicting: Vec<u32>,
     /// A bitmap save failed since attach: marks it carried (a lost peer's writes, unstable
     /// writes) may exist only in memory, so the shutdown must not claim a clean detach (see
     /// [`detach_cleanly`]).
@@ -602,14 +598,6 @@ pub struct Resource {
     /// Extents the peers' replicated requests wrote here since the last successful flush
     /// (marked out of sync when a flush fails, see `repl::unflushed`).
     pub(crate) unflushed: Mutex<crate::repl::unflushed::UnflushedWrites>,
-    /// Serialises the flushes of the backing (a client's or a peer's flush, an evicting
-    /// activity-log transaction's) with their bookkeeping, from before the flush starts until
-    /// its success is recorded or its failure's losses are marked: Linux reports a writeback
-    /// error to one of concurrent `fdatasync`s only, so another one succeeding meanwhile must
-    /// not clear or evict what the failed one lost (see `Resource::flush_local`).
-    pub(crate) flush_gate: tokio::sync::Mutex<()>,
-    /// This resource (always in an `Arc`): for the tasks it spawns from `&self` methods.
-    pub(crate) me: std::sync::Weak<Resource>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -737,7 +725,6 @@ impl Resource {
             bitmaps,
             al,
             al_persisting: 0,
-            al_evicting: Vec::new(),
             bitmap_save_failed: false,
         };
         if unclean {
@@ -831,7 +818,7 @@ impl Resource {
             g.data_size,
             &sb.generations,
         );
-        Ok(Arc::new_cyclic(|me| Resource {
+        Ok(Arc::new(Resource {
             _meta_lock: meta_lock,
             admin: tokio::sync::Mutex::new(()),
             store: crate::repl::local_disk::LocalStore::new(store),
@@ -871,8 +858,6 @@ impl Resource {
             unflushed: Mutex::new(crate::repl::unflushed::UnflushedWrites::new(u64::from(
                 g.al_extent_size,
             ))),
-            flush_gate: tokio::sync::Mutex::new(()),
-            me: me.clone(),
             spec,
         }))
     }

@@ -1,11 +1,9 @@
 //! The activity-log extents of the local disk written since the last flush that succeeded, as
 //! pure bookkeeping. A failed flush (`fdatasync` EIO: Linux may drop the dirty pages) may have
 //! lost any of those writes, including ones already acknowledged to the peer as written, which
-//! are then in no bitmap: the runtime marks these extents, with the activity log's hot ones
-//! (which hold every write the log registers and no flush covered yet), out of sync for every
-//! peer as a crash would mark the hot extents, so the next handshake resyncs them
-//! (`Resource::mark_flush_losses`). A resync write is registered in no log: only this
-//! bookkeeping has it.
+//! are then in no bitmap: the runtime marks these extents out of sync for every peer before it
+//! ends the session (as a crash would mark the hot activity-log extents), so the next
+//! handshake resyncs them.
 //!
 //! A write is recorded once it completed (`note_written`), a flush takes a [`FlushMark`]
 //! before it starts and hands it back when it succeeded: every write recorded before the mark
@@ -93,12 +91,6 @@ impl UnflushedWrites {
     /// The byte ranges that may have been lost, merged and sorted, within a device of `size`
     /// bytes.
     pub fn ranges(&self, size: u64) -> Vec<(u64, u64)> {
-        self.ranges_with([], size)
-    }
-
-    /// [`Self::ranges`] together with the extents `also` (numbered like this bookkeeping's,
-    /// e.g. the activity log's hot ones), merged and sorted.
-    pub fn ranges_with(&self, also: impl IntoIterator<Item = u64>, size: u64) -> Vec<(u64, u64)> {
         if self.everything.is_some() {
             return if size > 0 {
                 vec![(0, size)]
@@ -106,10 +98,8 @@ impl UnflushedWrites {
                 Vec::new()
             };
         }
-        let extents: std::collections::BTreeSet<u64> =
-            self.extents.keys().copied().chain(also).collect();
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for e in extents {
+        for &e in self.extents.keys() {
             let start = e.saturating_mul(self.extent_size);
             if start >= size {
                 break;
@@ -158,19 +148,6 @@ mod tests {
         // A later flush that succeeded covers what the failed one did.
         u.flushed(later);
         assert_eq!(u.ranges(1 << 40), [(5 * ES, ES)]);
-    }
-
-    #[test]
-    fn other_extents_are_merged_with_the_written_ones() {
-        let mut u = UnflushedWrites::new(ES);
-        u.note_written(2 * ES, 4096);
-        u.note_written(7 * ES, 4096);
-        // The activity log's hot extents, unsorted, one of them written too, one past the end.
-        assert_eq!(
-            u.ranges_with([3, 2, 0, 40], 10 * ES),
-            [(0, ES), (2 * ES, 2 * ES), (7 * ES, ES)]
-        );
-        assert_eq!(u.ranges_with([], 10 * ES), u.ranges(10 * ES));
     }
 
     #[test]
