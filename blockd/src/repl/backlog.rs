@@ -38,6 +38,12 @@ pub const REQUEST_OVERHEAD: u64 = 4096;
 /// request's disk time (a 64 MiB write at 100 MB/s is 0.64 s), far below the keepalive timeout.
 pub const STALL_LIMIT: Duration = Duration::from_secs(1);
 
+/// A pause at twice the bound after a stall in which no running request completed for this
+/// long ends the session (`Step::Stuck`): the loop reads nothing then, so it would not even
+/// notice a lost peer; the session's end applies or gives up on what it received
+/// (`Session::end_applies`), as for a hung disk.
+pub const STUCK_LIMIT: Duration = Duration::from_secs(30);
+
 /// What the receive loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -53,6 +59,9 @@ pub enum Step {
     /// [`STALL_LIMIT`]). Returned once per stall (to log it); [`Step::Read`] follows, up to
     /// twice the bound, until a running request completes.
     Stalled,
+    /// End the session: paused at twice the bound after a stall, with no running request
+    /// completed for [`STUCK_LIMIT`].
+    Stuck,
 }
 
 /// Requests received and not yet applied, with what each counts for.
@@ -65,7 +74,7 @@ pub struct Backlog {
     /// completion during it).
     paused: Option<Instant>,
     /// The pause stalled: until a running request completes the bound is twice the limit, and
-    /// a pause at it waits for a completion only (no second stall).
+    /// a pause at it waits for a completion only (no second stall; [`STUCK_LIMIT`] at most).
     stalled: bool,
 }
 
@@ -104,13 +113,14 @@ impl Backlog {
         }
     }
 
-    /// While paused, when the pause becomes a stall if no running request completes (`None`
-    /// in a pause at twice the bound after a stall: only a completion ends it).
+    /// While paused, when the pause becomes a stall if no running request completes (in a
+    /// pause at twice the bound after a stall: when it is stuck).
     pub fn stall_deadline(&self) -> Option<Instant> {
-        match self.stalled {
-            true => None,
-            false => self.paused.map(|since| since + STALL_LIMIT),
-        }
+        let limit = match self.stalled {
+            true => STUCK_LIMIT,
+            false => STALL_LIMIT,
+        };
+        self.paused.map(|since| since + limit)
     }
 
     /// Bytes received and not applied.
@@ -134,7 +144,13 @@ impl Backlog {
         };
         if self.bytes >= bound && completion_pending {
             let since = *self.paused.get_or_insert(now);
-            if self.stalled || now.duration_since(since) < STALL_LIMIT {
+            if self.stalled {
+                return match now.duration_since(since) < STUCK_LIMIT {
+                    true => Step::Pause,
+                    false => Step::Stuck,
+                };
+            }
+            if now.duration_since(since) < STALL_LIMIT {
                 return Step::Pause;
             }
             self.paused = None;
@@ -218,12 +234,14 @@ mod tests {
             Step::Pause,
             "at twice the bound a stalled loop waits for a completion only"
         );
-        assert_eq!(b.stall_deadline(), None);
+        let t_pause = t0 + 10 * STALL_LIMIT;
+        assert_eq!(b.stall_deadline(), Some(t_pause + STUCK_LIMIT));
         assert_eq!(
-            b.step(true, t0 + 100 * STALL_LIMIT),
+            b.step(true, t_pause + STUCK_LIMIT - ms(1)),
             Step::Pause,
             "no second stall"
         );
+        assert_eq!(b.step(true, t_pause + STUCK_LIMIT), Step::Stuck);
         // One completes: the bound applies again, a new pause with its own clock.
         let t1 = t0 + 100 * STALL_LIMIT;
         b.applied(1);

@@ -271,6 +271,17 @@ impl Resource {
     /// clients' writes, Secondaries the writes their Primary replicates, so a node that crashed
     /// in either role marks those extents when it attaches again.
     pub(crate) async fn al_begin(&self, offset: u64, len: u64) -> Result<AlHold, AlError> {
+        self.al_begin_counted(offset, len, None).await
+    }
+
+    /// [`Self::al_begin`], counting the write in `slow` while it is in the log's slow path
+    /// (a peer's `PeerRt::al_slow_path`, see [`Resource::al_room_waiters`]).
+    pub(crate) async fn al_begin_counted(
+        &self,
+        offset: u64,
+        len: u64,
+        slow: Option<&AtomicUsize>,
+    ) -> Result<AlHold, AlError> {
         let (first, last) = self.extents(offset, len);
         let hold = || self.al_hold(first, last);
         {
@@ -281,7 +292,7 @@ impl Resource {
             }
         }
         // Counted while it waits behind the gate or for room (see `al_room_waiters`).
-        let _slow = Counted::new(&self.al_slow_path);
+        let _slow = slow.map(Counted::new);
         // Held until this write's transaction is on disk (given to the task below): a
         // cancelled write must not let the next transaction reach the disk before its own, or
         // the log would not replay.

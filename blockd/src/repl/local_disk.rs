@@ -342,15 +342,17 @@ impl Resource {
         self.apply_failed("flush failed", e)
     }
 
-    /// Registers a peer's replicated request in the activity log (see
+    /// Registers peer `i`'s replicated request in the activity log (see
     /// [`Resource::al_begin`]); a failure returns the text that ends the session. A failed
     /// preflush of the backing is a failed flush ([`Self::peer_flush_failed`]).
     pub(crate) async fn al_begin_for_peer(
         self: &Arc<Self>,
+        i: usize,
         offset: u64,
         len: u64,
     ) -> Result<AlHold, String> {
-        match self.al_begin(offset, len).await {
+        let slow = Some(&self.peers[i].al_slow_path);
+        match self.al_begin_counted(offset, len, slow).await {
             Ok(hold) => Ok(hold),
             Err(AlError::Preflush(e)) => Err(self.peer_flush_failed(&e).await),
             Err(AlError::Register(e)) => Err(self.apply_failed("activity log update failed", &e)),

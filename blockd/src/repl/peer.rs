@@ -879,7 +879,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
         match op {
             Op::Write { offset, data, fua } => {
                 for (at, n) in res.al_parts(offset, data.len() as u64) {
-                    let _al = res.al_begin_for_peer(at, n).await?;
+                    let _al = res.al_begin_for_peer(i, at, n).await?;
                     let part = data.slice((at - offset) as usize..(at - offset + n) as usize);
                     res.store
                         .write(at, part, fua)
@@ -896,7 +896,7 @@ pub(crate) fn execute(res: Arc<Resource>, i: usize, op: Op) -> OpFuture {
                 fua,
             } => {
                 for (at, n) in res.al_parts(offset, len) {
-                    let _al = res.al_begin_for_peer(at, n).await?;
+                    let _al = res.al_begin_for_peer(i, at, n).await?;
                     res.store
                         .write_zeroes(at, n, trim, fua)
                         .await
@@ -1187,7 +1187,7 @@ impl Session {
             // path waits behind it: while one waits, those do not count as running.
             let blocked = match self.res.al_room_waiters.load(Ordering::Acquire) {
                 0 => 0,
-                _ => self.res.al_slow_path.load(Ordering::Acquire),
+                _ => self.res.peers[self.i].al_slow_path.load(Ordering::Acquire),
             };
             let can_complete = self.ops.len() > blocked;
             match self.backlog.step(can_complete, Instant::now()) {
@@ -1206,6 +1206,13 @@ impl Session {
                         "receive backlog: no request completed for {STALL_LIMIT:?} while not \
                          reading; reading past the bound until one does");
                     rx.last = Instant::now();
+                }
+                Step::Stuck => {
+                    return Err(format!(
+                        "receive backlog: no request completed for {} s while not reading \
+                         (the disk may be hung); ending the session",
+                        crate::repl::backlog::STUCK_LIMIT.as_secs()
+                    ));
                 }
                 Step::Pause => {
                     self.send_acks();
@@ -2537,7 +2544,7 @@ mod tests {
         assert!(s.order.arrive(first).unwrap().is_some(), "1 runs");
         s.backlog.arrived(1, REQUEST_OVERHEAD);
         if room_waiter {
-            res.al_slow_path.fetch_add(1, Ordering::AcqRel);
+            res.peers[0].al_slow_path.fetch_add(1, Ordering::AcqRel);
             res.al_room_waiters.fetch_add(1, Ordering::AcqRel);
         }
         let waiting = res.clone();
@@ -2545,7 +2552,7 @@ mod tests {
             let _ = heard.await;
             if room_waiter {
                 waiting.al_room_waiters.fetch_sub(1, Ordering::AcqRel);
-                waiting.al_slow_path.fetch_sub(1, Ordering::AcqRel);
+                waiting.peers[0].al_slow_path.fetch_sub(1, Ordering::AcqRel);
             }
             (1, Ok(Done::Written))
         });

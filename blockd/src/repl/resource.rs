@@ -297,6 +297,9 @@ pub(crate) struct PeerRt {
     pub kill: Notify,
     /// The pending `ViewRequest` to this peer (its id) and where its answer goes.
     pub view_waiter: Mutex<Option<(u64, tokio::sync::oneshot::Sender<ClusterAnswer>)>>,
+    /// This peer's replicated writes in the activity log's slow path (see
+    /// [`Resource::al_room_waiters`]).
+    pub al_slow_path: AtomicUsize,
     accepted_tx: mpsc::Sender<Link>,
     accepted_rx: tokio::sync::Mutex<mpsc::Receiver<Link>>,
 }
@@ -559,13 +562,12 @@ pub struct Resource {
     /// persisted must wait for it).
     pub(crate) al_gate: Arc<tokio::sync::Mutex<()>>,
     pub(crate) al_freed: Arc<Notify>,
-    /// Writes in the activity log's slow path (waiting behind `al_gate`, for room, or for
-    /// their transaction), and of those the ones waiting for room. Room can depend on a peer's
+    /// Writes waiting for room in the activity log. Room can depend on a peer's
     /// acknowledgements (extents held by writes this node made as Primary), which a receive
     /// loop paused at its backlog bound would never read: while one waits for room, every
-    /// write in the slow path is behind it, and none counts as able to complete
-    /// (`repl::backlog`).
-    pub(crate) al_slow_path: AtomicUsize,
+    /// write in the log's slow path (waiting behind `al_gate`, for room, or for its
+    /// transaction) is behind it, and a session's writes there (`PeerRt::al_slow_path`) do
+    /// not count as able to complete (`repl::backlog`).
     pub(crate) al_room_waiters: AtomicUsize,
     /// Bytes per activity-log extent (fixed by the metadata).
     pub(crate) al_extent_size: u32,
@@ -715,6 +717,7 @@ impl Resource {
                 wake: Notify::new(),
                 kill: Notify::new(),
                 view_waiter: Mutex::new(None),
+                al_slow_path: AtomicUsize::new(0),
                 accepted_tx,
                 accepted_rx: tokio::sync::Mutex::new(accepted_rx),
             });
@@ -835,7 +838,6 @@ impl Resource {
             ranges: Ranges::default(),
             al_gate: Arc::new(tokio::sync::Mutex::new(())),
             al_freed: Arc::new(Notify::new()),
-            al_slow_path: AtomicUsize::new(0),
             al_room_waiters: AtomicUsize::new(0),
             al_extent_size: g.al_extent_size,
             role_gate: tokio::sync::RwLock::new(()),
