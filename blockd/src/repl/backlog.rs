@@ -41,8 +41,11 @@ pub const STALL_LIMIT: Duration = Duration::from_secs(1);
 /// A pause at twice the bound after a stall in which no running request completed for this
 /// long ends the session (`Step::Stuck`): the loop reads nothing then, so it would not even
 /// notice a lost peer; the session's end applies or gives up on what it received
-/// (`Session::end_applies`), as for a hung disk.
-pub const STUCK_LIMIT: Duration = Duration::from_secs(30);
+/// (`Session::end_applies`), as for a hung disk. Long, because a disk that works can take
+/// tens of seconds for one request: an `fdatasync` (a replicated `Flush`, the one before an
+/// evicting activity-log transaction) writes back every dirty page of the backing, several GB
+/// at 50-150 MB/s; ending the session then would make the link flap at every large writeback.
+pub const STUCK_LIMIT: Duration = Duration::from_secs(120);
 
 /// What the receive loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
