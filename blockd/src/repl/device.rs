@@ -113,7 +113,12 @@ impl Drop for AlHold {
 /// [`persist_al_transactions`] runs before an evicting transaction already writes back that
 /// file's data pages (the whole inode), so no second one is needed.
 fn needs_data_preflush(pending: &[PendingTransaction], data_in_meta_file: bool) -> bool {
-    !data_in_meta_file && pending.iter().any(|t| !t.evicted.is_empty())
+    !data_in_meta_file && evicts(pending)
+}
+
+/// Whether any of transactions `pending` evicts extents.
+fn evicts(pending: &[PendingTransaction]) -> bool {
+    pending.iter().any(|t| !t.evicted.is_empty())
 }
 
 /// Persists the transactions a write's activity-log registration needs (`pending`, `held`
@@ -188,7 +193,7 @@ pub(crate) fn persist_al_transactions(
     m: &mut MetaState,
     pending: &[PendingTransaction],
 ) -> Result<(), MetaError> {
-    if pending.iter().any(|t| !t.evicted.is_empty()) {
+    if evicts(pending) {
         m.persist_repair_flags()?;
     }
     let es = u64::from(m.sb.geometry.al_extent_size);

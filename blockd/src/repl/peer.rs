@@ -2411,6 +2411,89 @@ mod tests {
         res.shutdown().await;
     }
 
+    /// A session of node 0 of a fresh protocol B cluster, its receive backlog bounded by
+    /// `limit` (the cluster holds the node's files).
+    async fn session_with_backlog(
+        limit: u64,
+    ) -> (crate::repl::tests::Cluster, Arc<Resource>, Session) {
+        let mut c = crate::repl::tests::cluster(2, "B").await;
+        let res = c.start(0);
+        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
+        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = Session::new(res.clone(), 0, conn, failed);
+        s.backlog = Backlog::new(limit);
+        (c, res, s)
+    }
+
+    type ReceiveEnd = (Session, Result<std::convert::Infallible, String>);
+
+    /// Runs `s`'s receive loop on one end of a pipe; returns the peer's end.
+    fn receive_on_pipe(
+        mut s: Session,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<ReceiveEnd>) {
+        let (peer, ours) = tokio::io::duplex(64 << 10);
+        let mut rx = Rx {
+            io: ours,
+            buf: BytesMut::new(),
+            last: Instant::now(),
+        };
+        let session = tokio::spawn(async move {
+            let end = s.receive(&mut rx).await;
+            (s, end)
+        });
+        (peer, session)
+    }
+
+    /// The peer sends `frames` writes of `payload` bytes, numbered from `first`, all issued
+    /// after request `first` (`after = first`), counting each one written into the pipe.
+    fn send_writes(
+        mut peer: tokio::io::DuplexStream,
+        first: u64,
+        frames: u64,
+        payload: usize,
+        sent: Arc<AtomicU64>,
+    ) -> tokio::task::JoinHandle<std::io::Result<tokio::io::DuplexStream>> {
+        use crate::repl::outbox::encode_frame;
+        tokio::spawn(async move {
+            for seq in first..first + frames {
+                let m = Message::Data {
+                    seq,
+                    after: first,
+                    offset: (seq - first) * payload as u64,
+                    flags: 0,
+                    payload: Bytes::from(vec![seq as u8; payload]),
+                };
+                peer.write_all(&encode_frame(&m)).await?;
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+            Ok(peer)
+        })
+    }
+
+    /// The peer closes the link: the session ends, applies what it received (as when a
+    /// protocol B session ends), and every applied request left the backlog.
+    async fn close_and_drain(
+        peer: tokio::io::DuplexStream,
+        session: tokio::task::JoinHandle<ReceiveEnd>,
+        res: &Resource,
+    ) {
+        drop(peer);
+        let (mut s, end) = tokio::time::timeout(Duration::from_secs(20), session)
+            .await
+            .expect("the session ended")
+            .unwrap();
+        let Err(end) = end;
+        assert_eq!(end, "peer closed the link");
+        s.finish_applies("beta").await;
+        assert!(s.order.is_idle());
+        assert_eq!(
+            s.backlog.bytes(),
+            0,
+            "every applied request left the backlog"
+        );
+        res.shutdown().await;
+    }
+
     /// Above its backlog bound the receive loop stops reading the link (the peer's writes then
     /// wait in its send buffer: here the sender's writes block) and reads again once its
     /// requests complete; a pause longer than the keepalive timeout does not end the session
@@ -2418,16 +2501,10 @@ mod tests {
     /// `STALL_LIMIT`). It read everything the peer sent, whatever ran on the disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_receive_loop_stops_reading_above_its_backlog_bound() {
-        use crate::repl::outbox::encode_frame;
         const FRAMES: u64 = 64;
         const PAYLOAD: usize = 64 << 10;
-        let mut c = crate::repl::tests::cluster(2, "B").await;
-        let res = c.start(0);
-        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
-        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
-        let mut s = Session::new(res.clone(), 0, conn, failed);
         let limit = 1 << 20;
-        s.backlog = Backlog::new(limit);
+        let (_c, res, mut s) = session_with_backlog(limit).await;
         // Requests 1..=HELD run on a slow disk, one completing every half `STALL_LIMIT`, for
         // longer than the keepalive timeout; the peer's writes were issued after they completed
         // (`after = HELD + 1`), so they wait for them.
@@ -2447,34 +2524,9 @@ mod tests {
                 (seq, Ok(Done::Written))
             });
         }
-        let (mut peer, ours) = tokio::io::duplex(64 << 10);
-        let mut rx = Rx {
-            io: ours,
-            buf: BytesMut::new(),
-            last: Instant::now(),
-        };
-        let session = tokio::spawn(async move {
-            let end = s.receive(&mut rx).await;
-            (s, end)
-        });
+        let (peer, session) = receive_on_pipe(s);
         let sent = Arc::new(AtomicU64::new(0));
-        let sender = {
-            let sent = sent.clone();
-            tokio::spawn(async move {
-                for seq in held + 1..held + 1 + FRAMES {
-                    let m = Message::Data {
-                        seq,
-                        after: held + 1,
-                        offset: (seq - held - 1) * PAYLOAD as u64,
-                        flags: 0,
-                        payload: Bytes::from(vec![seq as u8; PAYLOAD]),
-                    };
-                    peer.write_all(&encode_frame(&m)).await?;
-                    sent.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok::<_, std::io::Error>(peer)
-            })
-        };
+        let sender = send_writes(peer, held + 1, FRAMES, PAYLOAD, sent.clone());
         tokio::time::sleep(KEEPALIVE_TIMEOUT + 2 * PING_INTERVAL).await;
         // About 16 frames make the bound; a few more sit in the read buffer and the pipe.
         let at_pause = sent.load(Ordering::SeqCst);
@@ -2489,19 +2541,7 @@ mod tests {
             .expect("reading resumed")
             .unwrap()
             .expect("the session kept reading");
-        drop(peer);
-        let (mut s, end) = session.await.unwrap();
-        let Err(end) = end;
-        assert_eq!(end, "peer closed the link");
-        // What was received and not applied yet (as when a protocol B session ends).
-        s.finish_applies("beta").await;
-        assert!(s.order.is_idle());
-        assert_eq!(
-            s.backlog.bytes(),
-            0,
-            "every applied request left the backlog"
-        );
-        res.shutdown().await;
+        close_and_drain(peer, session, &res).await;
     }
 
     /// A running request may wait for something behind the bytes a paused loop does not read:
@@ -2523,16 +2563,10 @@ mod tests {
     }
 
     async fn paused_loop_with_a_request_waiting_for_the_link(room_waiter: bool) {
-        use crate::repl::outbox::encode_frame;
         const FRAMES: u64 = 64;
         const PAYLOAD: usize = 64 << 10;
-        let mut c = crate::repl::tests::cluster(2, "B").await;
-        let res = c.start(0);
-        let conn = Arc::new(Conn::new(16 << 20, Box::new(|_| {})));
-        let (failed, _) = tokio::sync::mpsc::unbounded_channel();
-        let mut s = Session::new(res.clone(), 0, conn, failed);
         let limit = 1 << 20;
-        s.backlog = Backlog::new(limit);
+        let (_c, res, mut s) = session_with_backlog(limit).await;
         // Request 1 runs until the peer sent its last frame (four times the loop's bound); the
         // peer's writes wait for request 1.
         let (last_sent, heard) = oneshot::channel::<()>();
@@ -2556,35 +2590,10 @@ mod tests {
             }
             (1, Ok(Done::Written))
         });
-        let (mut peer, ours) = tokio::io::duplex(64 << 10);
-        let mut rx = Rx {
-            io: ours,
-            buf: BytesMut::new(),
-            last: Instant::now(),
-        };
-        let session = tokio::spawn(async move {
-            let end = s.receive(&mut rx).await;
-            (s, end)
-        });
+        let (peer, session) = receive_on_pipe(s);
         let started = Instant::now();
         let written = Arc::new(AtomicU64::new(0));
-        let sender = {
-            let written = written.clone();
-            tokio::spawn(async move {
-                for seq in 2..2 + FRAMES {
-                    let m = Message::Data {
-                        seq,
-                        after: 2,
-                        offset: (seq - 2) * PAYLOAD as u64,
-                        flags: 0,
-                        payload: Bytes::from(vec![seq as u8; PAYLOAD]),
-                    };
-                    peer.write_all(&encode_frame(&m)).await?;
-                    written.fetch_add(1, Ordering::SeqCst);
-                }
-                Ok::<_, std::io::Error>(peer)
-            })
-        };
+        let sender = send_writes(peer, 2, FRAMES, PAYLOAD, written.clone());
         let peer = if room_waiter {
             let peer = tokio::time::timeout(STALL_LIMIT / 2, sender)
                 .await
@@ -2614,17 +2623,7 @@ mod tests {
                 .expect("the session kept reading")
         };
         assert!(room_waiter || started.elapsed() >= STALL_LIMIT);
-        drop(peer);
-        let (mut s, end) = tokio::time::timeout(Duration::from_secs(20), session)
-            .await
-            .expect("the session ended")
-            .unwrap();
-        let Err(end) = end;
-        assert_eq!(end, "peer closed the link");
-        s.finish_applies("beta").await;
-        assert!(s.order.is_idle());
-        assert_eq!(s.backlog.bytes(), 0);
-        res.shutdown().await;
+        close_and_drain(peer, session, &res).await;
     }
 
     #[test]

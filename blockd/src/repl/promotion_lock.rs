@@ -28,22 +28,11 @@
 //!
 //! Pure state: the caller (`repl::resource`) keeps it under a mutex and does the messaging.
 
-use std::collections::BTreeMap;
-
 /// Why this node cannot start a promotion, or refuses a peer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PromotionBusy {
     #[error("node {node} is being promoted at the same time; retry")]
     Promoting { node: u8 },
-}
-
-impl PromotionBusy {
-    /// The node holding the promotion.
-    pub fn node(self) -> u8 {
-        match self {
-            PromotionBusy::Promoting { node } => node,
-        }
-    }
 }
 
 /// The answer to a peer's request to promote.
@@ -75,8 +64,9 @@ pub struct PromotionLock {
     me: u8,
     /// The request id of this node's own promotion in progress.
     mine: Option<u64>,
-    /// Leases granted to promoting peers: node id -> request id.
-    leases: BTreeMap<u8, u64>,
+    /// The lease granted to a promoting peer: its node id and request id. One at a time: a
+    /// second peer asking is refused while it is held.
+    lease: Option<(u8, u64)>,
 }
 
 impl PromotionLock {
@@ -85,17 +75,15 @@ impl PromotionLock {
         PromotionLock {
             me,
             mine: None,
-            leases: BTreeMap::new(),
+            lease: None,
         }
     }
 
     /// The node whose promotion holds the lock: a peer holding a lease, else this node if it
     /// is promoting. Read only (`promote --dry-run`).
     pub fn holder(&self) -> Option<u8> {
-        self.leases
-            .keys()
-            .next()
-            .copied()
+        self.lease
+            .map(|(node, _)| node)
             .or(self.mine.map(|_| self.me))
     }
 
@@ -122,25 +110,27 @@ impl PromotionLock {
         if self.mine.is_some() {
             return RequestOutcome::Conflict(self.me);
         }
-        if let Some(&other) = self.leases.keys().find(|&&n| n != peer) {
+        if let Some((other, _)) = self.lease.filter(|&(n, _)| n != peer) {
             return RequestOutcome::Busy(other);
         }
-        self.leases.insert(peer, id);
+        self.lease = Some((peer, id));
         RequestOutcome::Granted
     }
 
     /// Peer `peer` released the lease of its request `id` (`PromoteEnd`). A release of an
     /// older request leaves a newer lease alone.
     pub fn released(&mut self, peer: u8, id: u64) {
-        if self.leases.get(&peer) == Some(&id) {
-            self.leases.remove(&peer);
+        if self.lease == Some((peer, id)) {
+            self.lease = None;
         }
     }
 
     /// Peer `peer`'s lease ends whatever its request: the session with it ended, or it
     /// reported itself Primary.
     pub fn peer_gone(&mut self, peer: u8) {
-        self.leases.remove(&peer);
+        if self.lease.is_some_and(|(n, _)| n == peer) {
+            self.lease = None;
+        }
     }
 }
 
@@ -296,6 +286,5 @@ mod tests {
     fn the_refusal_names_the_node_and_says_retry() {
         let text = PromotionBusy::Promoting { node: 2 }.to_string();
         assert_eq!(text, "node 2 is being promoted at the same time; retry");
-        assert_eq!(PromotionBusy::Promoting { node: 2 }.node(), 2);
     }
 }

@@ -56,17 +56,14 @@ impl Drop for SetupSlot {
     }
 }
 
-/// IPv4 addresses as such also when a dual-stack listener reports them mapped into IPv6.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
-}
-
 impl SetupLimit {
     /// The limits of a listener whose resource has peers at `peer_addresses`.
     pub fn new(peer_addresses: impl IntoIterator<Item = IpAddr>) -> SetupLimit {
         let peers = peer_addresses
             .into_iter()
-            .map(|ip| (canonical(ip), 0))
+            // IPv4 addresses as such also when a dual-stack listener reports them mapped
+            // into IPv6 (`to_canonical`, here and in `admit`).
+            .map(|ip| (ip.to_canonical(), 0))
             .collect();
         SetupLimit {
             running: Arc::new(Mutex::new(Running { peers, others: 0 })),
@@ -77,7 +74,7 @@ impl SetupLimit {
     /// connection is to be closed): a configured peer address takes its own slots first, then
     /// the shared pool.
     pub fn admit(&self, from: IpAddr) -> Option<SetupSlot> {
-        let from = canonical(from);
+        let from = from.to_canonical();
         let mut guard = self.running.lock().expect("setups");
         let r = &mut *guard;
         let peer = match r.peers.get_mut(&from) {

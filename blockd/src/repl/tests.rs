@@ -1453,6 +1453,18 @@ async fn a_primary_whose_session_is_ending_does_not_refuse_a_promotion() {
     r.shutdown().await;
 }
 
+/// A resync emptied bitmap `slot` of `r` (the end of one as source, or `ResyncDone` on the
+/// target): the bitmap is saved, then the superblock.
+async fn resync_emptied(r: &Resource, slot: usize) {
+    r.meta_io(move |m| {
+        m.bitmaps[slot].clear_all();
+        m.save_bitmap(slot)?;
+        m.save_sb()
+    })
+    .await
+    .unwrap();
+}
+
 /// Whether the on-disk superblock of node `i` says bitmap `slot` holds repair marks.
 fn repair_marks_on_disk(c: &Cluster, i: usize, slot: usize) -> bool {
     use crate::meta::file::MetaFile;
@@ -1514,13 +1526,7 @@ async fn repair_marks_survive_a_restart_and_are_never_obsolete() {
     let r = attach();
     assert!(r.meta.lock().unwrap().has_repair_marks(repair));
     // A resync as source empties the bitmap: the flag goes with the superblock saved after it.
-    r.meta_io(move |m| {
-        m.bitmaps[repair].clear_all();
-        m.save_bitmap(repair)?;
-        m.save_sb()
-    })
-    .await
-    .unwrap();
+    resync_emptied(&r, repair).await;
     assert!(!r.meta.lock().unwrap().has_repair_marks(repair));
     r.shutdown().await;
     drop(r);
@@ -1616,13 +1622,7 @@ async fn a_copied_slot_resync_keeps_repair_marks_for_the_exchange() {
         "flag dropped before the resync ended"
     );
     // The resync's end (`ResyncDone` on the target) empties the slot: the flag goes.
-    r.meta_io(move |m| {
-        m.bitmaps[repair].clear_all();
-        m.save_bitmap(repair)?;
-        m.save_sb()
-    })
-    .await
-    .unwrap();
+    resync_emptied(&r, repair).await;
     assert!(!repair_marks_on_disk(&c, 0, repair));
     r.shutdown().await;
 }
