@@ -583,7 +583,7 @@ async fn read_range(
     chunk: usize,
 ) -> Result<Vec<Bytes>, StoreError> {
     if len <= chunk as u64 {
-        return Ok(vec![store.read(offset, len as usize).await?.freeze()]);
+        return Ok(vec![store.read(offset, len as usize).await?]);
     }
     let mut tasks = Vec::with_capacity(len.div_ceil(chunk as u64) as usize);
     let mut pos = 0u64;
@@ -600,7 +600,7 @@ async fn read_range(
         // After a failure the other pieces are still awaited: their buffers count against the
         // budget the request holds until it replies.
         match task.await.map_err(|_| StoreError::EngineGone) {
-            Ok(Ok(piece)) if failed.is_none() => pieces.push(piece.freeze()),
+            Ok(Ok(piece)) if failed.is_none() => pieces.push(piece),
             Ok(Err(e)) | Err(e) if failed.is_none() => failed = Some(e),
             _ => {}
         }

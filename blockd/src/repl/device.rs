@@ -17,7 +17,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
 use crate::config::MetaPlacement;
@@ -755,26 +755,32 @@ impl Resource {
 
     /// An NBD client's read. A Primary without quorum holds or fails reads too (its data may be
     /// stale).
-    pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+    ///
+    /// A Primary's large read of cached data is a slice of the mapped backing, copied when the
+    /// reply is sent (see [`crate::store::BlockStore::read_for_client_sent`]): its writes come
+    /// from the clients themselves, which may not depend on a read racing their own write.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         self.app_io_bytes
             .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
         if !self.quorum.has_quorum() && self.role() == Role::Primary {
             self.quorum_gate(offset, len as u64).await?;
         }
         if self.role() != Role::Primary {
-            return self.store.read_for_client(offset, len).await;
+            return Ok(self.store.read_for_client(offset, len).await?.freeze());
         }
         let source = disk_failure::read_source(self.disk(), &self.peer_views());
         match source {
-            Ok(ReadSource::Local) => match self.store.read_for_client(offset, len).await {
+            Ok(ReadSource::Local) => match self.store.read_for_client_sent(offset, len).await {
                 Ok(data) => Ok(data),
                 Err(e) => match self.local_failure(&e, false, offset, len as u64).await {
                     // Retried through a peer: the request that hit the error still completes.
-                    disk_failure::OnError::Detach => self.forward_read(offset, len).await,
+                    disk_failure::OnError::Detach => {
+                        Ok(self.forward_read(offset, len).await?.freeze())
+                    }
                     _ => Err(e),
                 },
             },
-            Ok(ReadSource::Peer(_)) => self.forward_read(offset, len).await,
+            Ok(ReadSource::Peer(_)) => Ok(self.forward_read(offset, len).await?.freeze()),
             Err(e) => Err(StoreError::Read {
                 offset,
                 len: len as u64,
@@ -948,11 +954,11 @@ impl Device {
         self.store().supports_fast_zero()
     }
 
-    pub async fn read(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         match self {
-            Device::Snapshot(s) => s.read(offset, len).await,
+            Device::Snapshot(s) => Ok(s.read(offset, len).await?.freeze()),
             Device::Replicated(r) => r.read(offset, len).await,
-            Device::Local(s) => s.read_for_client(offset, len).await,
+            Device::Local(s) => s.read_for_client_sent(offset, len).await,
         }
     }
 

@@ -78,6 +78,12 @@ impl LocalStore {
         self.current().read_for_client(offset, len).await
     }
 
+    /// An NBD client's read of data sent later (see
+    /// [`crate::store::BlockStore::read_for_client_sent`]).
+    pub async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        self.current().read_for_client_sent(offset, len).await
+    }
+
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {
         self.current().write(offset, data, fua).await
     }

@@ -27,6 +27,7 @@
 
 mod in_flight;
 mod inline;
+mod mapped;
 mod os;
 pub mod probe;
 mod sync;
@@ -402,6 +403,8 @@ struct Inner {
     memory_backed: bool,
     /// Changes the engine is executing (see [`in_flight`]).
     writes: Arc<WritesInFlight>,
+    /// Mapped windows of the backing for large client reads of cached data.
+    mapping: mapped::MappedWindows,
     /// Test hook: called by every [`BlockStore::flush`] before its `fdatasync`.
     #[cfg(test)]
     on_flush: std::sync::Mutex<Option<FlushHook>>,
@@ -464,6 +467,10 @@ fn fast_zero_modes(
     }
 }
 
+/// Smallest client read sent from the mapped backing: below it the copy saved is worth less
+/// than the `mincore` call.
+const MAPPED_READ_MIN: usize = 64 << 10;
+
 const PUNCH: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
 const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
 
@@ -499,6 +506,7 @@ impl BlockStore {
         };
         tracing::debug!(path = %path.display(), size, ?backing, engine = engine.name(),
             punch, zero_range, "block store open");
+        let mapping = mapped::MappedWindows::new(size, mapped::WINDOWS_KEPT);
         Ok(BlockStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -513,6 +521,7 @@ impl BlockStore {
                 discard,
                 memory_backed,
                 writes: Arc::default(),
+                mapping,
                 #[cfg(test)]
                 on_flush: std::sync::Mutex::new(None),
             }),
@@ -633,6 +642,22 @@ impl BlockStore {
     /// cached data of any size is copied right here rather than by the engine.
     pub async fn read_for_client(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
         self.read_inline_up_to(offset, len, true).await
+    }
+
+    /// [`Self::read_for_client`] of data sent later, as it is then: a large range whose pages
+    /// are all cached is a slice of the mapped backing, copied once, into the socket.
+    pub async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+        if len >= MAPPED_READ_MIN {
+            self.check_range(offset, len as u64)?;
+            if let Some(data) = self
+                .inner
+                .mapping
+                .cached_range(&self.inner.file, offset, len)
+            {
+                return Ok(data);
+            }
+        }
+        Ok(self.read_for_client(offset, len).await?.freeze())
     }
 
     async fn read_inline_up_to(

@@ -127,6 +127,39 @@ async fn round_trip(engine: Setup, fs: Fs) {
     store.write(5, Bytes::new(), false).await.unwrap();
 }
 
+/// Client reads sent from the mapped backing: cached ranges as they are when sent, uncached
+/// ones (holes, a range across two mapped windows) copied as before.
+async fn client_reads_sent(engine: Setup, fs: Fs) {
+    let dir = tempdir(fs);
+    let size = mapped::WINDOW + (8 << 20);
+    let store = engine
+        .open(&dir.path().join("disk"), &opts(size, engine))
+        .unwrap();
+    let data = pattern(3, 4 << 20);
+    let at = mapped::WINDOW - (2 << 20);
+    store
+        .write(at, Bytes::from(data.clone()), false)
+        .await
+        .unwrap();
+    for (off, len) in [(at, 1 << 20), (at + 12_345, 100_000), (at, 4 << 20)] {
+        let got = store.read_for_client_sent(off, len).await.unwrap();
+        let from = (off - at) as usize;
+        assert!(got[..] == data[from..from + len], "read {off}+{len}");
+    }
+    // A hole: zeroes.
+    let hole = store.read_for_client_sent(1 << 20, 1 << 20).await.unwrap();
+    assert!(hole.iter().all(|&b| b == 0));
+    // Small reads are copied; past the end is an error either way.
+    assert_eq!(
+        &store.read_for_client_sent(at, 10).await.unwrap()[..],
+        &data[..10]
+    );
+    assert!(matches!(
+        store.read_for_client_sent(size - 4096, 1 << 20).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+}
+
 async fn large_request(engine: Setup) {
     let dir = tempdir(Fs::Tmpfs);
     let size = 80 << 20;
@@ -460,6 +493,11 @@ async fn read_past_shrunk_eof(engine: Setup) {
     assert_eq!(got.len(), 1000);
     assert!(got[..500].iter().all(|&b| b == 7));
     assert!(got[500..].iter().all(|&b| b == 0));
+    // A client's large read: the truncated pages are not cached, so it is copied, not mapped
+    // (a mapping past the end of the file would fault).
+    let got = store.read_for_client_sent(0, 65536).await.unwrap();
+    assert!(got[..1000].iter().all(|&b| b == 7));
+    assert!(got[1000..].iter().all(|&b| b == 0));
 }
 
 async fn engine_gone(engine: Setup) {
@@ -725,6 +763,14 @@ macro_rules! engine_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn round_trip_disk() {
                 round_trip(E, Fs::Disk).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn client_reads_sent_tmpfs() {
+                client_reads_sent(E, Fs::Tmpfs).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn client_reads_sent_disk() {
+                client_reads_sent(E, Fs::Disk).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn large_request_64m() {

@@ -1,0 +1,248 @@
+//! Large client reads of cached data as slices of mappings of the backing, so that the data is
+//! copied once, from the page cache into the socket, instead of twice (into a buffer first).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use memmap2::{Mmap, MmapOptions};
+
+/// Size (and alignment) of one mapped window of the backing.
+pub(crate) const WINDOW: u64 = 64 << 20;
+/// Windows kept mapped: 4 GiB of address space, at most 8 MiB of page tables.
+pub(crate) const WINDOWS_KEPT: usize = 64;
+
+/// The mapped windows of one backing, least recently used unmapped first.
+pub(crate) struct MappedWindows {
+    size: u64,
+    page: u64,
+    kept: usize,
+    windows: Mutex<Windows>,
+    /// Mapping failed once (a file system without `mmap`): every read is copied.
+    unmappable: AtomicBool,
+}
+
+#[derive(Default)]
+struct Windows {
+    tick: u64,
+    /// Window index -> (mapping, last use).
+    mapped: HashMap<u64, (Arc<Mmap>, u64)>,
+}
+
+impl MappedWindows {
+    /// Windows over the first `size` bytes of a backing, keeping at most `kept` mapped.
+    pub(crate) fn new(size: u64, kept: usize) -> MappedWindows {
+        MappedWindows {
+            size,
+            page: page_size(),
+            kept: kept.max(1),
+            windows: Mutex::default(),
+            unmappable: AtomicBool::new(false),
+        }
+    }
+
+    /// `offset..offset + len` of `file` as bytes, when the range lies in one window and every
+    /// page of it is in the page cache (so that copying it out does no I/O); `None` otherwise
+    /// (or when mapping fails), for the caller to read it the usual way.
+    ///
+    /// The bytes are those the file holds when they are copied out (when the reply is sent),
+    /// not when this returns.
+    pub(crate) fn cached_range(&self, file: &File, offset: u64, len: usize) -> Option<Bytes> {
+        let end = offset.checked_add(len as u64)?;
+        let index = offset / WINDOW;
+        if len == 0 || end > self.size || (end - 1) / WINDOW != index {
+            return None;
+        }
+        if self.unmappable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let map = self.window(file, index)?;
+        let at = (offset - index * WINDOW) as usize;
+        if !self.resident(&map, at, len).ok()? {
+            return None;
+        }
+        Some(Bytes::from_owner(Window(map)).slice(at..at + len))
+    }
+
+    /// The mapping of window `index`, mapped now if it is not.
+    fn window(&self, file: &File, index: u64) -> Option<Arc<Mmap>> {
+        let mut windows = self.windows.lock().expect("mapped windows");
+        windows.tick += 1;
+        let tick = windows.tick;
+        if let Some((map, used)) = windows.mapped.get_mut(&index) {
+            *used = tick;
+            return Some(Arc::clone(map));
+        }
+        let start = index * WINDOW;
+        let len = (self.size - start).min(WINDOW) as usize;
+        // SAFETY: a read-only shared mapping of a range of the backing (inside its size). Its
+        // contents change when the file is written; slices of it are only handed to the kernel
+        // to be copied into a socket (or copied into an encrypted TLS record), so a change shows
+        // as the newer data of a read that raced a write, which NBD leaves undefined. A backing
+        // in use is not truncated.
+        let map = match unsafe { MmapOptions::new().offset(start).len(len).map(file) } {
+            Ok(map) => Arc::new(map),
+            Err(e) => {
+                tracing::info!(error = %e, "backing cannot be mapped: client reads are copied");
+                self.unmappable.store(true, Ordering::Relaxed);
+                return None;
+            }
+        };
+        if windows.mapped.len() >= self.kept {
+            let oldest = windows
+                .mapped
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(&i, _)| i);
+            // Slices still being sent keep their mapping until they are dropped.
+            oldest.and_then(|i| windows.mapped.remove(&i));
+        }
+        windows.mapped.insert(index, (Arc::clone(&map), tick));
+        Some(map)
+    }
+
+    /// Whether every page of `at..at + len` of `map` is in the page cache (`mincore`).
+    fn resident(&self, map: &Mmap, at: usize, len: usize) -> io::Result<bool> {
+        let first = at as u64 / self.page * self.page;
+        let span = (at + len) as u64 - first;
+        let mut vec = vec![0u8; span.div_ceil(self.page) as usize];
+        // SAFETY: `first..at + len` lies inside the live mapping `map` (its start is page
+        // aligned, and `first` is a multiple of the page size); `vec` has one byte per page of
+        // that range, which is what mincore writes.
+        let ret = unsafe {
+            libc::mincore(
+                map.as_ptr().add(first as usize) as *mut libc::c_void,
+                span as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        if ret != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(vec.iter().all(|b| b & 1 == 1))
+    }
+
+    /// Windows mapped now (tests).
+    #[cfg(test)]
+    pub(crate) fn mapped(&self) -> usize {
+        self.windows.lock().expect("mapped windows").mapped.len()
+    }
+}
+
+/// A mapped window as the owner of the bytes sliced from it.
+struct Window(Arc<Mmap>);
+
+impl AsRef<[u8]> for Window {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A sparse file of `windows` windows with `data` written at `at`.
+    fn file_with(windows: u64, at: u64, data: &[u8]) -> (tempfile::NamedTempFile, u64) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let size = windows * WINDOW;
+        f.as_file().set_len(size).unwrap();
+        f.as_file().write_all_at(data, at).unwrap();
+        (f, size)
+    }
+
+    #[test]
+    fn a_cached_range_is_the_files_bytes() {
+        let data: Vec<u8> = (0..256 << 10).map(|i| (i * 7 % 251) as u8).collect();
+        let at = WINDOW + 12_345;
+        let (f, size) = file_with(2, at, &data);
+        let windows = MappedWindows::new(size, 4);
+        let got = windows.cached_range(f.as_file(), at, data.len()).unwrap();
+        assert_eq!(&got[..], &data[..]);
+        assert_eq!(windows.mapped(), 1);
+    }
+
+    #[test]
+    fn ranges_across_windows_past_the_end_or_uncached_are_not_mapped() {
+        let data = vec![9u8; 8192];
+        let (f, size) = file_with(2, WINDOW - 4096, &data);
+        let windows = MappedWindows::new(size, 4);
+        // Across the boundary of windows 0 and 1.
+        assert!(
+            windows
+                .cached_range(f.as_file(), WINDOW - 4096, 8192)
+                .is_none()
+        );
+        // Past the end, and empty.
+        assert!(
+            windows
+                .cached_range(f.as_file(), size - 4096, 8192)
+                .is_none()
+        );
+        assert!(windows.cached_range(f.as_file(), 0, 0).is_none());
+        // A hole never read is in no cache.
+        assert!(
+            windows
+                .cached_range(f.as_file(), WINDOW + (1 << 20), 1 << 20)
+                .is_none()
+        );
+        // Each half of the written range is.
+        assert_eq!(
+            &windows
+                .cached_range(f.as_file(), WINDOW - 4096, 4096)
+                .unwrap()[..],
+            &data[..4096]
+        );
+        assert_eq!(
+            &windows.cached_range(f.as_file(), WINDOW, 4096).unwrap()[..],
+            &data[..4096]
+        );
+    }
+
+    #[test]
+    fn the_least_recently_used_window_is_unmapped_and_its_slices_stay_valid() {
+        let (f, size) = file_with(3, 0, &[1u8; 4096]);
+        for w in 1..3 {
+            f.as_file()
+                .write_all_at(&[w as u8 + 1; 4096], w * WINDOW)
+                .unwrap();
+        }
+        let windows = MappedWindows::new(size, 2);
+        let first = windows.cached_range(f.as_file(), 0, 4096).unwrap();
+        windows.cached_range(f.as_file(), WINDOW, 4096).unwrap();
+        // Window 0 used again: window 1 is now the oldest.
+        windows.cached_range(f.as_file(), 0, 4096).unwrap();
+        let third = windows.cached_range(f.as_file(), 2 * WINDOW, 4096).unwrap();
+        assert_eq!(windows.mapped(), 2);
+        let kept: Vec<u64> = {
+            let w = windows.windows.lock().unwrap();
+            let mut k: Vec<u64> = w.mapped.keys().copied().collect();
+            k.sort();
+            k
+        };
+        assert_eq!(kept, vec![0, 2]);
+        drop(windows);
+        // Slices keep their own mapping after the windows are gone.
+        assert_eq!(&first[..], &[1u8; 4096][..]);
+        assert_eq!(&third[..], &[3u8; 4096][..]);
+    }
+
+    #[test]
+    fn a_slice_holds_the_data_of_when_it_is_sent() {
+        let (f, size) = file_with(1, 0, &[1u8; 4096]);
+        let windows = MappedWindows::new(size, 1);
+        let slice = windows.cached_range(f.as_file(), 0, 4096).unwrap();
+        f.as_file().write_all_at(&[2u8; 4096], 0).unwrap();
+        assert_eq!(&slice[..], &[2u8; 4096][..]);
+    }
+}
