@@ -18,7 +18,7 @@ use crate::nbd::export::Export;
 use crate::nbd::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT, HandshakeConfig, Negotiated};
 use crate::nbd::tls::{MaybeTls, TlsSettings};
 use crate::nbd::transmission::{self, Limits};
-use crate::store::StoreError;
+use crate::store::{CopyAt, StoreError};
 
 /// A bound listener the server accepts NBD clients on.
 pub enum Listener {
@@ -280,6 +280,16 @@ pub async fn serve_stream<S: Transport>(
         }
     };
     tracing::debug!(tls = stream.is_tls(), ?session, "transmission");
+    let limits = if stream.is_tls() {
+        // The TLS writer reads reply data itself: a fault on a mapped page there would be
+        // SIGBUS for the whole process, where a plain socket's write returns EFAULT.
+        transmission::Limits {
+            copy_at: CopyAt::Read,
+            ..limits
+        }
+    } else {
+        limits
+    };
     let (reader, writer) = split(stream);
     let shutdown = async move {
         let _ = stop.wait_for(|s| *s).await;

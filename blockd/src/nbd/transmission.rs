@@ -39,7 +39,7 @@ use crate::nbd::proto::{
     CMD_WRITE_ZEROES, HeaderError, REQUEST_LEN, Request, STATE_HOLE, STATE_ZERO,
 };
 use crate::repl::device::Device;
-use crate::store::{BlockStore, Extent, StoreError};
+use crate::store::{BlockStore, CopyAt, Extent, StoreError};
 
 /// Tunables of the transmission phase.
 #[derive(Debug, Clone, Copy)]
@@ -55,6 +55,9 @@ pub struct Limits {
     /// How long a connection may take to finish once the server shuts down
     /// ([`SHUTDOWN_GRACE`] by default).
     pub shutdown_grace: std::time::Duration,
+    /// When READ data is copied: [`CopyAt::Send`] (the default) lets a cached range be sent
+    /// from the mapped backing; TLS connections copy at the read.
+    pub copy_at: CopyAt,
 }
 
 impl Default for Limits {
@@ -65,6 +68,7 @@ impl Default for Limits {
             budget: 128 << 20,
             hole_detect_min: 64 << 10,
             shutdown_grace: SHUTDOWN_GRACE,
+            copy_at: CopyAt::Send,
         }
     }
 }
@@ -581,9 +585,10 @@ async fn read_range(
     offset: u64,
     len: u64,
     chunk: usize,
+    copy_at: CopyAt,
 ) -> Result<Vec<Bytes>, StoreError> {
     if len <= chunk as u64 {
-        return Ok(vec![store.read(offset, len as usize).await?]);
+        return Ok(vec![store.read(offset, len as usize, copy_at).await?]);
     }
     let mut tasks = Vec::with_capacity(len.div_ceil(chunk as u64) as usize);
     let mut pos = 0u64;
@@ -591,7 +596,9 @@ async fn read_range(
         let n = (len - pos).min(chunk as u64) as usize;
         let store = store.clone();
         let at = offset + pos;
-        tasks.push(tokio::spawn(async move { store.read(at, n).await }));
+        tasks.push(tokio::spawn(
+            async move { store.read(at, n, copy_at).await },
+        ));
         pos += n as u64;
     }
     let mut pieces = Vec::with_capacity(tasks.len());
@@ -623,9 +630,15 @@ async fn serve_read(
     let result = if ctx.session.structured {
         structured_read(&ctx, cookie, offset, len, df).await
     } else {
-        read_range(&ctx.store, offset, u64::from(len), ctx.limits.chunk)
-            .await
-            .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
+        read_range(
+            &ctx.store,
+            offset,
+            u64::from(len),
+            ctx.limits.chunk,
+            ctx.limits.copy_at,
+        )
+        .await
+        .map(|body| (Head::new(&proto::encode_simple_reply(0, cookie)), body))
     };
     match result {
         Ok((head, body)) => {
@@ -649,7 +662,7 @@ async fn structured_read(
     len: u32,
     df: bool,
 ) -> Result<(Head, Vec<Bytes>), StoreError> {
-    let chunk = ctx.limits.chunk;
+    let (chunk, copy_at) = (ctx.limits.chunk, ctx.limits.copy_at);
     let extents = if !df && len >= ctx.limits.hole_detect_min {
         // Hole detection is an optimisation: if it fails, the read itself reports errors.
         ctx.store
@@ -661,7 +674,7 @@ async fn structured_read(
     };
     let has_hole = extents.iter().any(|e| e.hole && e.zero);
     if !has_hole {
-        let pieces = read_range(&ctx.store, offset, u64::from(len), chunk).await?;
+        let pieces = read_range(&ctx.store, offset, u64::from(len), chunk, copy_at).await?;
         if pieces.len() == 1 || df {
             let head = proto::encode_data_chunk_prefix(cookie, true, offset, len);
             return Ok((Head::new(&head), pieces));
@@ -695,7 +708,7 @@ async fn structured_read(
             let at = pos;
             runs.push(Run::Data(
                 at,
-                tokio::spawn(async move { read_range(&store, at, n, chunk).await }),
+                tokio::spawn(async move { read_range(&store, at, n, chunk, copy_at).await }),
             ));
         }
         pos += n;

@@ -28,7 +28,7 @@ use crate::repl::peer::{Conn, PendingWrite, Reservation};
 use crate::repl::resource::{MetaState, Resource};
 use crate::repl::state::{PeerAck, Protocol, Role};
 use crate::repl::wire::{FLAG_FUA, Message};
-use crate::store::{BlockStore, Extent, StoreError};
+use crate::store::{BlockStore, CopyAt, Extent, StoreError};
 
 fn meta_failure(offset: u64, len: u64, e: impl std::fmt::Display) -> StoreError {
     StoreError::Write {
@@ -759,7 +759,12 @@ impl Resource {
     /// A Primary's large read of cached data is a slice of the mapped backing, copied when the
     /// reply is sent (see [`crate::store::BlockStore::read_for_client_sent`]): its writes come
     /// from the clients themselves, which may not depend on a read racing their own write.
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+    pub async fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        copy_at: CopyAt,
+    ) -> Result<Bytes, StoreError> {
         self.app_io_bytes
             .fetch_add(len as u64, std::sync::atomic::Ordering::Relaxed);
         if !self.quorum.has_quorum() && self.role() == Role::Primary {
@@ -770,16 +775,18 @@ impl Resource {
         }
         let source = disk_failure::read_source(self.disk(), &self.peer_views());
         match source {
-            Ok(ReadSource::Local) => match self.store.read_for_client_sent(offset, len).await {
-                Ok(data) => Ok(data),
-                Err(e) => match self.local_failure(&e, false, offset, len as u64).await {
-                    // Retried through a peer: the request that hit the error still completes.
-                    disk_failure::OnError::Detach => {
-                        Ok(self.forward_read(offset, len).await?.freeze())
-                    }
-                    _ => Err(e),
-                },
-            },
+            Ok(ReadSource::Local) => {
+                match self.store.read_for_client_at(offset, len, copy_at).await {
+                    Ok(data) => Ok(data),
+                    Err(e) => match self.local_failure(&e, false, offset, len as u64).await {
+                        // Retried through a peer: the request that hit the error still completes.
+                        disk_failure::OnError::Detach => {
+                            Ok(self.forward_read(offset, len).await?.freeze())
+                        }
+                        _ => Err(e),
+                    },
+                }
+            }
             Ok(ReadSource::Peer(_)) => Ok(self.forward_read(offset, len).await?.freeze()),
             Err(e) => Err(StoreError::Read {
                 offset,
@@ -954,11 +961,19 @@ impl Device {
         self.store().supports_fast_zero()
     }
 
-    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+    /// An NBD client's read; with [`CopyAt::Send`] a standalone or Primary export may send
+    /// cached data from the mapped backing (a snapshot's and a Secondary's data are copied now:
+    /// they must be what they were when read).
+    pub async fn read(
+        &self,
+        offset: u64,
+        len: usize,
+        copy_at: CopyAt,
+    ) -> Result<Bytes, StoreError> {
         match self {
             Device::Snapshot(s) => Ok(s.read(offset, len).await?.freeze()),
-            Device::Replicated(r) => r.read(offset, len).await,
-            Device::Local(s) => s.read_for_client_sent(offset, len).await,
+            Device::Replicated(r) => r.read(offset, len, copy_at).await,
+            Device::Local(s) => s.read_for_client_at(offset, len, copy_at).await,
         }
     }
 

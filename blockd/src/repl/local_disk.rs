@@ -32,7 +32,7 @@ use crate::repl::peer::Conn;
 use crate::repl::resource::{Resource, ResourceError, error_chain};
 use crate::repl::state::{DiskState, Role};
 use crate::repl::wire::{Message, ReadAnswer};
-use crate::store::{BlockStore, Extent, OpenOptions, StoreError};
+use crate::store::{BlockStore, CopyAt, Extent, OpenOptions, StoreError};
 
 /// How long a forwarded read waits for the peer's answer before it fails with EIO.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(20);
@@ -78,10 +78,17 @@ impl LocalStore {
         self.current().read_for_client(offset, len).await
     }
 
-    /// An NBD client's read of data sent later (see
-    /// [`crate::store::BlockStore::read_for_client_sent`]).
-    pub async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
-        self.current().read_for_client_sent(offset, len).await
+    /// An NBD client's read, copied at `copy_at` (see
+    /// [`crate::store::BlockStore::read_for_client_at`]).
+    pub async fn read_for_client_at(
+        &self,
+        offset: u64,
+        len: usize,
+        copy_at: CopyAt,
+    ) -> Result<Bytes, StoreError> {
+        self.current()
+            .read_for_client_at(offset, len, copy_at)
+            .await
     }
 
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), StoreError> {

@@ -40,7 +40,8 @@ impl MappedWindows {
             page: page_size(),
             kept: kept.max(1),
             windows: Mutex::default(),
-            unmappable: AtomicBool::new(false),
+            // 4 GiB of windows do not fit beside the rest of a 32-bit address space.
+            unmappable: AtomicBool::new(cfg!(not(target_pointer_width = "64"))),
         }
     }
 
@@ -80,14 +81,20 @@ impl MappedWindows {
         let len = (self.size - start).min(WINDOW) as usize;
         // SAFETY: a read-only shared mapping of a range of the backing (inside its size). Its
         // contents change when the file is written; slices of it are only handed to the kernel
-        // to be copied into a socket (or copied into an encrypted TLS record), so a change shows
-        // as the newer data of a read that raced a write, which NBD leaves undefined. A backing
-        // in use is not truncated.
+        // to be copied into a plain socket (`CopyAt::Send`; TLS connections copy at the read),
+        // so a change shows as the newer data of a read that raced a write, which NBD leaves
+        // undefined, and a page that cannot be read back (evicted, then a disk error or a
+        // truncated file) fails that socket write with EFAULT: no access from user space that
+        // could raise SIGBUS.
         let map = match unsafe { MmapOptions::new().offset(start).len(len).map(file) } {
             Ok(map) => Arc::new(map),
             Err(e) => {
-                tracing::info!(error = %e, "backing cannot be mapped: client reads are copied");
-                self.unmappable.store(true, Ordering::Relaxed);
+                // Out of address space or map count is passing; anything else is the file
+                // system (or device) refusing mappings for good.
+                if !matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::EAGAIN)) {
+                    tracing::info!(error = %e, "backing cannot be mapped: client reads are copied");
+                    self.unmappable.store(true, Ordering::Relaxed);
+                }
                 return None;
             }
         };
@@ -152,97 +159,109 @@ mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
 
-    /// A sparse file of `windows` windows with `data` written at `at`.
-    fn file_with(windows: u64, at: u64, data: &[u8]) -> (tempfile::NamedTempFile, u64) {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        let size = windows * WINDOW;
-        f.as_file().set_len(size).unwrap();
-        f.as_file().write_all_at(data, at).unwrap();
-        (f, size)
+    /// A sparse file of `windows` windows with `data` written at `at`, on tmpfs and on disk.
+    fn files_with(windows: u64, at: u64, data: &[u8]) -> Vec<(tempfile::NamedTempFile, u64)> {
+        ["/dev/shm", "/var/tmp"]
+            .iter()
+            .map(|dir| {
+                let f = tempfile::NamedTempFile::new_in(dir).unwrap();
+                let size = windows * WINDOW;
+                f.as_file().set_len(size).unwrap();
+                f.as_file().write_all_at(data, at).unwrap();
+                (f, size)
+            })
+            .collect()
+    }
+
+    /// Whether `bytes` lie in some window `windows` has mapped now.
+    fn in_a_window(windows: &MappedWindows, bytes: &Bytes) -> bool {
+        let w = windows.windows.lock().unwrap();
+        let p = bytes.as_ptr() as usize;
+        w.mapped.values().any(|(m, _)| {
+            let start = m.as_ptr() as usize;
+            p >= start && p + bytes.len() <= start + m.len()
+        })
     }
 
     #[test]
-    fn a_cached_range_is_the_files_bytes() {
+    fn a_cached_range_is_a_slice_of_a_window_holding_the_files_bytes() {
         let data: Vec<u8> = (0..256 << 10).map(|i| (i * 7 % 251) as u8).collect();
         let at = WINDOW + 12_345;
-        let (f, size) = file_with(2, at, &data);
-        let windows = MappedWindows::new(size, 4);
-        let got = windows.cached_range(f.as_file(), at, data.len()).unwrap();
-        assert_eq!(&got[..], &data[..]);
-        assert_eq!(windows.mapped(), 1);
+        for (f, size) in files_with(2, at, &data) {
+            let windows = MappedWindows::new(size, 4);
+            let got = windows.cached_range(f.as_file(), at, data.len()).unwrap();
+            assert_eq!(&got[..], &data[..]);
+            assert!(in_a_window(&windows, &got), "not a slice of a window");
+            assert_eq!(windows.mapped(), 1);
+        }
     }
 
     #[test]
     fn ranges_across_windows_past_the_end_or_uncached_are_not_mapped() {
         let data = vec![9u8; 8192];
-        let (f, size) = file_with(2, WINDOW - 4096, &data);
-        let windows = MappedWindows::new(size, 4);
-        // Across the boundary of windows 0 and 1.
-        assert!(
-            windows
-                .cached_range(f.as_file(), WINDOW - 4096, 8192)
-                .is_none()
-        );
-        // Past the end, and empty.
-        assert!(
-            windows
-                .cached_range(f.as_file(), size - 4096, 8192)
-                .is_none()
-        );
-        assert!(windows.cached_range(f.as_file(), 0, 0).is_none());
-        // A hole never read is in no cache.
-        assert!(
-            windows
-                .cached_range(f.as_file(), WINDOW + (1 << 20), 1 << 20)
-                .is_none()
-        );
-        // Each half of the written range is.
-        assert_eq!(
-            &windows
-                .cached_range(f.as_file(), WINDOW - 4096, 4096)
-                .unwrap()[..],
-            &data[..4096]
-        );
-        assert_eq!(
-            &windows.cached_range(f.as_file(), WINDOW, 4096).unwrap()[..],
-            &data[..4096]
-        );
+        for (f, size) in files_with(2, WINDOW - 4096, &data) {
+            let windows = MappedWindows::new(size, 4);
+            let file = f.as_file();
+            // Across the boundary of windows 0 and 1.
+            assert!(windows.cached_range(file, WINDOW - 4096, 8192).is_none());
+            // Past the end, and empty.
+            assert!(windows.cached_range(file, size - 4096, 8192).is_none());
+            assert!(windows.cached_range(file, 0, 0).is_none());
+            // A hole never read is in no cache (far from the written range, which a huge
+            // page of tmpfs could cover).
+            assert!(
+                windows
+                    .cached_range(file, WINDOW + (32 << 20), 1 << 20)
+                    .is_none()
+            );
+            // Each half of the written range is.
+            assert_eq!(
+                &windows.cached_range(file, WINDOW - 4096, 4096).unwrap()[..],
+                &data[..4096]
+            );
+            assert_eq!(
+                &windows.cached_range(file, WINDOW, 4096).unwrap()[..],
+                &data[..4096]
+            );
+        }
     }
 
     #[test]
     fn the_least_recently_used_window_is_unmapped_and_its_slices_stay_valid() {
-        let (f, size) = file_with(3, 0, &[1u8; 4096]);
-        for w in 1..3 {
-            f.as_file()
-                .write_all_at(&[w as u8 + 1; 4096], w * WINDOW)
-                .unwrap();
+        for (f, size) in files_with(3, 0, &[1u8; 4096]) {
+            let file = f.as_file();
+            for w in 1..3 {
+                file.write_all_at(&[w as u8 + 1; 4096], w * WINDOW).unwrap();
+            }
+            let windows = MappedWindows::new(size, 2);
+            let first = windows.cached_range(file, 0, 4096).unwrap();
+            let second = windows.cached_range(file, WINDOW, 4096).unwrap();
+            // Window 0 used again: window 1 is now the oldest, and goes for window 2.
+            windows.cached_range(file, 0, 4096).unwrap();
+            let third = windows.cached_range(file, 2 * WINDOW, 4096).unwrap();
+            let kept: Vec<u64> = {
+                let w = windows.windows.lock().unwrap();
+                let mut k: Vec<u64> = w.mapped.keys().copied().collect();
+                k.sort();
+                k
+            };
+            assert_eq!(kept, vec![0, 2]);
+            assert!(!in_a_window(&windows, &second));
+            // Slices keep their own mapping after their window is unmapped, or all are.
+            assert_eq!(&second[..], &[2u8; 4096][..]);
+            drop(windows);
+            assert_eq!(&first[..], &[1u8; 4096][..]);
+            assert_eq!(&third[..], &[3u8; 4096][..]);
         }
-        let windows = MappedWindows::new(size, 2);
-        let first = windows.cached_range(f.as_file(), 0, 4096).unwrap();
-        windows.cached_range(f.as_file(), WINDOW, 4096).unwrap();
-        // Window 0 used again: window 1 is now the oldest.
-        windows.cached_range(f.as_file(), 0, 4096).unwrap();
-        let third = windows.cached_range(f.as_file(), 2 * WINDOW, 4096).unwrap();
-        assert_eq!(windows.mapped(), 2);
-        let kept: Vec<u64> = {
-            let w = windows.windows.lock().unwrap();
-            let mut k: Vec<u64> = w.mapped.keys().copied().collect();
-            k.sort();
-            k
-        };
-        assert_eq!(kept, vec![0, 2]);
-        drop(windows);
-        // Slices keep their own mapping after the windows are gone.
-        assert_eq!(&first[..], &[1u8; 4096][..]);
-        assert_eq!(&third[..], &[3u8; 4096][..]);
     }
 
     #[test]
     fn a_slice_holds_the_data_of_when_it_is_sent() {
-        let (f, size) = file_with(1, 0, &[1u8; 4096]);
-        let windows = MappedWindows::new(size, 1);
-        let slice = windows.cached_range(f.as_file(), 0, 4096).unwrap();
-        f.as_file().write_all_at(&[2u8; 4096], 0).unwrap();
-        assert_eq!(&slice[..], &[2u8; 4096][..]);
+        for (f, size) in files_with(1, 0, &[1u8; 4096]) {
+            let windows = MappedWindows::new(size, 1);
+            let slice = windows.cached_range(f.as_file(), 0, 4096).unwrap();
+            f.as_file().write_all_at(&[2u8; 4096], 0).unwrap();
+            assert_eq!(&slice[..], &[2u8; 4096][..]);
+        }
     }
 }

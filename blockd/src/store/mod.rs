@@ -467,6 +467,16 @@ fn fast_zero_modes(
     }
 }
 
+/// When a client's read copies its data out of the page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyAt {
+    /// At the read, into a buffer of its own.
+    Read,
+    /// When the reply is written to a plain socket, by the kernel: a large cached range is a
+    /// slice of the mapped backing ([`BlockStore::read_for_client_sent`]).
+    Send,
+}
+
 /// Smallest client read sent from the mapped backing: below it the copy saved is worth less
 /// than the `mincore` call.
 const MAPPED_READ_MIN: usize = 64 << 10;
@@ -644,9 +654,24 @@ impl BlockStore {
         self.read_inline_up_to(offset, len, true).await
     }
 
-    /// [`Self::read_for_client`] of data sent later, as it is then: a large range whose pages
-    /// are all cached is a slice of the mapped backing, copied once, into the socket.
-    pub async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
+    /// [`Self::read_for_client`], copied at `copy_at`.
+    pub async fn read_for_client_at(
+        &self,
+        offset: u64,
+        len: usize,
+        copy_at: CopyAt,
+    ) -> Result<Bytes, StoreError> {
+        match copy_at {
+            CopyAt::Send => self.read_for_client_sent(offset, len).await,
+            CopyAt::Read => Ok(self.read_for_client(offset, len).await?.freeze()),
+        }
+    }
+
+    /// [`Self::read_for_client`] of data sent later, as it is then: a range of at least
+    /// [`MAPPED_READ_MIN`] bytes inside one mapped window whose pages are all cached is a slice
+    /// of the mapping, copied once, by the kernel into the socket (a page evicted before that
+    /// is read back from the disk inside the socket write).
+    async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
         if len >= MAPPED_READ_MIN {
             self.check_range(offset, len as u64)?;
             if let Some(data) = self
