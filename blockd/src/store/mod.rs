@@ -744,6 +744,12 @@ impl BlockStore {
             let flags = if fua { libc::RWF_DSYNC } else { 0 };
             self.engine_blocking_change(move |f| os::pwrite_full(f, &rest, at, flags))
                 .await
+        } else if let Some(r) = self
+            .inner
+            .inline
+            .write_or_wait(&self.inner.file, at, &rest, fua)
+        {
+            r.map_err(EngineError::Io)
         } else {
             self.engine_write(at, rest, fua).await
         };
