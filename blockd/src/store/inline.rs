@@ -5,8 +5,9 @@
 //! A buffered read whose pages are cached, or a buffered write the filesystem can take without
 //! blocking, costs a memcpy; sending it to another thread costs two wake-ups. Anything the
 //! kernel cannot do without blocking (`EAGAIN`, a short transfer) goes to the engine for the
-//! remainder, as does every FUA write. Filesystems without `RWF_NOWAIT` support disable the
-//! path on the first `EOPNOTSUPP`.
+//! remainder, as does every FUA write, except one small write per file at a time, which waits
+//! in place ([`InlinePath::write_or_wait`]). Filesystems without `RWF_NOWAIT` support disable
+//! the non-blocking path on the first `EOPNOTSUPP`.
 //!
 //! Memory-backed files (tmpfs, ramfs) never wait for a device, but tmpfs rejects `RWF_NOWAIT`:
 //! for them plain (and FUA: `RWF_DSYNC` is free there) reads and writes run inline, bounded by
@@ -14,7 +15,7 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 
@@ -36,8 +37,9 @@ pub(crate) struct InlinePath {
     memory_backed: bool,
     reads: AtomicBool,
     writes: AtomicBool,
-    /// A write is blocking its caller ([`InlinePath::write_or_wait`]).
-    blocking_write: AtomicBool,
+    /// Writes of this file blocking their callers now ([`InlinePath::write_or_wait`] and
+    /// [`InlinePath::blocking`]).
+    blocking_writes: AtomicUsize,
 }
 
 impl InlinePath {
@@ -47,7 +49,7 @@ impl InlinePath {
             memory_backed,
             reads: AtomicBool::new(max > 0),
             writes: AtomicBool::new(max > 0),
-            blocking_write: AtomicBool::new(false),
+            blocking_writes: AtomicUsize::new(0),
         }
     }
 
@@ -107,17 +109,16 @@ impl InlinePath {
 
     /// A write [`Self::write`] could not do without blocking, done anyway with a plain `pwrite`
     /// on the calling thread when it is small (at most `max`), not FUA, and no other write of
-    /// this file is doing so; `None` hands it to the engine.
+    /// this file is blocking its caller; `None` hands it to the engine.
     ///
     /// ext4 has no `RWF_NOWAIT` buffered writes, so every write of a disk-backed file landed
     /// here, and the engine then cost more than the write: io_uring hands each buffered write
-    /// to an io-wq worker (one per file: the writes of a file are serialised there), so a 4 KiB
-    /// write took four thread hops (task, ring thread, worker, ring thread, task), 71 us of
-    /// blockd's CPU per write against 33 us written in place (4k random writes at QD32 over
-    /// NBD, docs/benchmarks-nbd.md, session 13). One writer at a time: ext4 serialises the
-    /// buffered writes of a file on its inode lock anyway, so a second would only sleep on it,
-    /// holding a second runtime thread; this way at most one thread per file waits for the
-    /// page cache (dirty-page throttling), as the receiving task of a large WRITE does.
+    /// to the file's io-wq worker (the writes of a file are serialised there), so a 4 KiB write
+    /// took four thread hops (task, ring thread, worker, ring thread, task): 62 us of blockd's
+    /// CPU per write against 36 us written in place (4k random writes at QD32 over NBD on ext4,
+    /// docs/benchmarks-nbd.md, session 13). Only when no other write is blocking: ext4
+    /// serialises the buffered writes of a file on its inode lock anyway, so a second would
+    /// only sleep on it, holding a second runtime thread (of two on a 2-CPU machine).
     pub(crate) fn write_or_wait(
         &self,
         file: &File,
@@ -128,11 +129,19 @@ impl InlinePath {
         if fua || self.memory_backed || data.len() > self.max {
             return None;
         }
-        self.blocking_write
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+        self.blocking_writes
+            .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
             .ok()?;
-        let _slot = Slot(&self.blocking_write);
+        let _counted = Blocking(&self.blocking_writes);
         Some(os::pwrite_full(file, data, offset, 0))
+    }
+
+    /// Counts a write that blocks its caller by its nature (the pieces of a large NBD WRITE, a
+    /// Secondary's applied writes) until the guard is dropped, so that
+    /// [`Self::write_or_wait`] does not add another.
+    pub(crate) fn blocking(&self) -> Blocking<'_> {
+        self.blocking_writes.fetch_add(1, Ordering::Acquire);
+        Blocking(&self.blocking_writes)
     }
 
     fn nowait(&self) -> libc::c_int {
@@ -152,12 +161,12 @@ impl InlinePath {
     }
 }
 
-/// Frees the blocking-write slot when the write is done (or unwinds).
-struct Slot<'a>(&'a AtomicBool);
+/// Uncounts a blocking write when it is done (or unwinds).
+pub(crate) struct Blocking<'a>(&'a AtomicUsize);
 
-impl Drop for Slot<'_> {
+impl Drop for Blocking<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+        self.0.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -171,23 +180,27 @@ mod tests {
         let f = tempfile::tempfile_in("/var/tmp").unwrap();
         f.set_len(1 << 20).unwrap();
         let path = InlinePath::new(128 << 10, false);
-        assert!(matches!(
-            path.write_or_wait(&f, 4096, &[7; 4096], false),
-            Some(Ok(()))
-        ));
-        let mut back = [0u8; 4096];
-        f.read_exact_at(&mut back, 4096).unwrap();
-        assert_eq!(back, [7; 4096]);
-        // FUA, too large, or another write already waiting: the engine's.
+        // One after the other: each is written in place, and gives the slot back.
+        for (i, at) in [4096u64, 8192].into_iter().enumerate() {
+            let byte = i as u8 + 7;
+            assert!(matches!(
+                path.write_or_wait(&f, at, &[byte; 4096], false),
+                Some(Ok(()))
+            ));
+            let mut back = [0u8; 4096];
+            f.read_exact_at(&mut back, at).unwrap();
+            assert_eq!(back, [byte; 4096]);
+        }
+        assert_eq!(path.blocking_writes.load(Ordering::Relaxed), 0);
+        // FUA, too large, or another write blocking (in place or by nature): the engine's.
         assert!(path.write_or_wait(&f, 0, &[1; 4096], true).is_none());
         assert!(
             path.write_or_wait(&f, 0, &vec![1; (128 << 10) + 1], false)
                 .is_none()
         );
-        let held = Slot(&path.blocking_write);
-        path.blocking_write.store(true, Ordering::Relaxed);
+        let other = path.blocking();
         assert!(path.write_or_wait(&f, 0, &[1; 4096], false).is_none());
-        drop(held);
+        drop(other);
         assert!(path.write_or_wait(&f, 0, &[1; 4096], false).is_some());
         // Off (max 0, the per-engine test suites) and on memory-backed files (written inline
         // by `write` already).
@@ -201,5 +214,20 @@ mod tests {
                 .write_or_wait(&f, 0, &[1; 16], false)
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_failed_write_in_place_is_its_error_and_gives_the_slot_back() {
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, [0u8; 8192]).unwrap();
+        let read_only = File::open(&p).unwrap();
+        let path = InlinePath::new(128 << 10, false);
+        let err = path
+            .write_or_wait(&read_only, 0, &[1; 4096], false)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        assert_eq!(path.blocking_writes.load(Ordering::Relaxed), 0);
     }
 }

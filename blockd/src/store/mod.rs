@@ -14,7 +14,10 @@
 //!
 //! Reads and non-FUA writes up to [`DEFAULT_INLINE_MAX`] (an NBD client's reads at any size:
 //! [`BlockStore::read_for_client`]) first try `RWF_NOWAIT` on the calling thread ([`inline`]);
-//! whatever the page cache cannot serve without blocking goes to the engine.
+//! whatever the page cache cannot serve without blocking goes to the engine, except one such
+//! write per file at a time, written in place ([`inline::InlinePath::write_or_wait`]: ext4 has
+//! no `RWF_NOWAIT` buffered writes). A client's large read of cached data is sent from a
+//! mapping of the backing ([`mapped`]).
 //! On tmpfs/ramfs (memory only, but no `RWF_NOWAIT` support) they simply run on that thread,
 //! and larger ones run as a plain pread/pwrite on an engine worker (io_uring would only punt
 //! them to its io-wq).
@@ -771,6 +774,7 @@ impl BlockStore {
         let len = data.len() as u64;
         self.check_write(offset, len)?;
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        let _counted = self.inner.inline.blocking();
         os::pwrite_full(&self.inner.file, data, offset, flags).map_err(|source| StoreError::Write {
             offset,
             len,
