@@ -757,7 +757,7 @@ impl Resource {
     /// stale).
     ///
     /// A Primary's large read of cached data is a slice of the mapped backing, copied when the
-    /// reply is sent (see [`crate::store::BlockStore::read_for_client_sent`]): its writes come
+    /// reply is sent (see [`crate::store::BlockStore::read_for_client_at`]): its writes come
     /// from the clients themselves, which may not depend on a read racing their own write.
     pub async fn read(
         &self,
@@ -771,7 +771,10 @@ impl Resource {
             self.quorum_gate(offset, len as u64).await?;
         }
         if self.role() != Role::Primary {
-            return Ok(self.store.read_for_client(offset, len).await?.freeze());
+            return self
+                .store
+                .read_for_client_at(offset, len, CopyAt::Read)
+                .await;
         }
         let source = disk_failure::read_source(self.disk(), &self.peer_views());
         match source {

@@ -73,11 +73,6 @@ impl LocalStore {
         self.current().read(offset, len).await
     }
 
-    /// An NBD client's read (see [`crate::store::BlockStore::read_for_client`]).
-    pub async fn read_for_client(&self, offset: u64, len: usize) -> Result<BytesMut, StoreError> {
-        self.current().read_for_client(offset, len).await
-    }
-
     /// An NBD client's read, copied at `copy_at` (see
     /// [`crate::store::BlockStore::read_for_client_at`]).
     pub async fn read_for_client_at(

@@ -476,7 +476,7 @@ pub enum CopyAt {
     /// At the read, into a buffer of its own.
     Read,
     /// When the reply is written to a plain socket, by the kernel: a large cached range is a
-    /// slice of the mapped backing ([`BlockStore::read_for_client_sent`]).
+    /// slice of the mapped backing ([`BlockStore::read_for_client_at`]).
     Send,
 }
 
@@ -657,26 +657,18 @@ impl BlockStore {
         self.read_inline_up_to(offset, len, true).await
     }
 
-    /// [`Self::read_for_client`], copied at `copy_at`.
+    /// [`Self::read_for_client`], copied at `copy_at`. With [`CopyAt::Send`], a range of at
+    /// least [`MAPPED_READ_MIN`] bytes inside one mapped window whose pages are all cached is a
+    /// slice of the mapping: the data as it is when sent, copied once, by the kernel into the
+    /// socket (a page evicted before that is read back from the disk inside the socket write).
     pub async fn read_for_client_at(
         &self,
         offset: u64,
         len: usize,
         copy_at: CopyAt,
     ) -> Result<Bytes, StoreError> {
-        match copy_at {
-            CopyAt::Send => self.read_for_client_sent(offset, len).await,
-            CopyAt::Read => Ok(self.read_for_client(offset, len).await?.freeze()),
-        }
-    }
-
-    /// [`Self::read_for_client`] of data sent later, as it is then: a range of at least
-    /// [`MAPPED_READ_MIN`] bytes inside one mapped window whose pages are all cached is a slice
-    /// of the mapping, copied once, by the kernel into the socket (a page evicted before that
-    /// is read back from the disk inside the socket write).
-    async fn read_for_client_sent(&self, offset: u64, len: usize) -> Result<Bytes, StoreError> {
-        if len >= MAPPED_READ_MIN {
-            self.check_range(offset, len as u64)?;
+        if copy_at == CopyAt::Send && len >= MAPPED_READ_MIN {
+            // Ranges past the end are never mapped: the copying read reports them.
             if let Some(data) = self
                 .inner
                 .mapping

@@ -143,7 +143,10 @@ async fn client_reads_sent(engine: Setup, fs: Fs) {
         .unwrap();
     // Inside the first window (mapped), and across the first two (copied).
     for (off, len) in [(at, 1 << 20), (at + 12_345, 100_000), (at, 4 << 20)] {
-        let got = store.read_for_client_sent(off, len).await.unwrap();
+        let got = store
+            .read_for_client_at(off, len, CopyAt::Send)
+            .await
+            .unwrap();
         let from = (off - at) as usize;
         assert!(got[..] == data[from..from + len], "read {off}+{len}");
     }
@@ -154,7 +157,10 @@ async fn client_reads_sent(engine: Setup, fs: Fs) {
     );
     // A mapped read holds what the file holds when it is sent; one copied at the read (as for
     // TLS) what it held then.
-    let mapped = store.read_for_client_sent(at, 1 << 20).await.unwrap();
+    let mapped = store
+        .read_for_client_at(at, 1 << 20, CopyAt::Send)
+        .await
+        .unwrap();
     let copied = store
         .read_for_client_at(at, 1 << 20, CopyAt::Read)
         .await
@@ -167,16 +173,24 @@ async fn client_reads_sent(engine: Setup, fs: Fs) {
     assert!(mapped[..] == newer[..]);
     assert!(copied[..] == data[..1 << 20]);
     // A hole (not cached): zeroes, copied into a buffer of its own.
-    let hole = store.read_for_client_sent(1 << 20, 1 << 20).await.unwrap();
+    let hole = store
+        .read_for_client_at(1 << 20, 1 << 20, CopyAt::Send)
+        .await
+        .unwrap();
     assert!(hole.iter().all(|&b| b == 0));
     // Small reads are copied; past the end is an error either way.
     assert_eq!(
-        &store.read_for_client_sent(at, 10).await.unwrap()[..],
+        &store
+            .read_for_client_at(at, 10, CopyAt::Send)
+            .await
+            .unwrap()[..],
         &newer[..10]
     );
     assert_eq!(store.inner.mapping.mapped(), 1);
     assert!(matches!(
-        store.read_for_client_sent(size - 4096, 1 << 20).await,
+        store
+            .read_for_client_at(size - 4096, 1 << 20, CopyAt::Send)
+            .await,
         Err(StoreError::OutOfRange { .. })
     ));
 }
@@ -516,7 +530,10 @@ async fn read_past_shrunk_eof(engine: Setup) {
     assert!(got[500..].iter().all(|&b| b == 0));
     // A client's large read: the truncated pages are no longer cached, so it is copied, not
     // mapped (a mapping past the end of the file would fault).
-    let got = store.read_for_client_sent(0, 65536).await.unwrap();
+    let got = store
+        .read_for_client_at(0, 65536, CopyAt::Send)
+        .await
+        .unwrap();
     assert!(got[..1000].iter().all(|&b| b == 7));
     assert!(got[1000..].iter().all(|&b| b == 0));
 }
