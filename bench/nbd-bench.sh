@@ -20,7 +20,9 @@
 #   --no-build           use the existing target/release/blockd
 #   --quick              --runtime 3 --reps 1
 # Environment: BLOCKD=/path/to/blockd overrides the built binary; BLOCKD_B=/path/to/blockd is
-# the binary of server blockd-b (e.g. a build from before a change, in the same run).
+# the binary of server blockd-b (e.g. a build from before a change, in the same run);
+# BLOCKD_SAME_HOST_CONGESTION=system|NAME is blockd's --same-host-congestion (default cubic;
+# `system` runs it on the system's default, as nbdkit and qemu-nbd do).
 set -euo pipefail
 
 DIRS="/dev/shm /var/tmp"
@@ -115,7 +117,8 @@ start_server() {
             [ "$name" = blockd-sync ] && engine=sync
             [ "$name" = blockd-b ] && bin=${BLOCKD_B:?blockd-b needs BLOCKD_B=/path/to/blockd}
             "$bin" standalone --backing "$file" --listen "127.0.0.1:$port" \
-                --export bench --io-engine "$engine" >"$log" 2>&1 &
+                --export bench --io-engine "$engine" \
+                --same-host-congestion "${BLOCKD_SAME_HOST_CONGESTION:-cubic}" >"$log" 2>&1 &
             SERVER_PID=$!
             URI="nbd://127.0.0.1:$port/bench" ;;
         nbdkit)
@@ -200,6 +203,9 @@ run_fio() {
 
 read -r -a server_list <<<"$SERVERS"
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -r) $(nproc) CPUs; size=$SIZE runtime=${RUNTIME}s reps=$REPS"
+# The system's TCP congestion control is what nbdkit and qemu-nbd use over loopback; blockd
+# switches its same-host connections to cubic unless told otherwise (--same-host-congestion).
+echo "# tcp congestion control: $(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown) (blockd same-host: ${BLOCKD_SAME_HOST_CONGESTION:-cubic})"
 [ -n "${BLOCKD:-}" ] && echo "# blockd: $BLOCKD"
 [ -n "${BLOCKD_B:-}" ] && echo "# blockd-b: $BLOCKD_B"
 for dir in $DIRS; do

@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 
 use blockd::config::ClusterConfig;
+use blockd::nbd::congestion;
 use blockd::nbd::export::Export;
 use blockd::nbd::server::{self, Listener, ServerOptions};
 use blockd::nbd::tls::TlsSettings;
@@ -93,6 +94,11 @@ struct StandaloneArgs {
     /// Seconds a client may take for the whole handshake.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     handshake_timeout: u64,
+    /// TCP congestion control of client connections from this host (loopback, or this host's
+    /// own address): an algorithm, or `system` to keep the system's default. A paced default
+    /// such as BBR only costs CPU and throughput where no network is crossed.
+    #[arg(long, default_value = congestion::DEFAULT_SAME_HOST, value_name = "NAME|system")]
+    same_host_congestion: congestion::SameHost,
 }
 
 fn parse_size(text: &str) -> Result<u64, common::size::SizeError> {
@@ -192,6 +198,7 @@ async fn standalone(args: StandaloneArgs) -> Result<()> {
     );
     let options = ServerOptions {
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        same_host_congestion: args.same_host_congestion,
         ..ServerOptions::default()
     };
     let result = server::run_with(listeners, export, tls, options, shutdown).await;

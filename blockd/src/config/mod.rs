@@ -254,6 +254,9 @@ pub struct Resource {
     /// Bytes of replicated writes queued to a peer and not yet acknowledged, at most
     /// (`sndbuf-size`; protocol A writes wait beyond it, see `repl::congestion`).
     pub sndbuf_size: u64,
+    /// TCP congestion control of NBD clients on this host (`nbd-same-host-congestion`; see
+    /// `nbd::congestion`).
+    pub nbd_same_host_congestion: crate::nbd::congestion::SameHost,
 }
 
 impl Resource {
@@ -334,6 +337,7 @@ struct Settings {
     c_plan_ahead: Option<u32>,
     csums: Option<crate::repl::checksum::Csums>,
     sndbuf_size: Option<u64>,
+    nbd_same_host_congestion: Option<crate::nbd::congestion::SameHost>,
 }
 
 impl Settings {
@@ -467,6 +471,15 @@ impl Settings {
         if sndbuf_size.is_some_and(|s| s < crate::repl::congestion::MIN_SNDBUF_SIZE) {
             return Err(sec.error("sndbuf-size", "must be at least 1M"));
         }
+        let nbd_same_host_congestion = match sec.string("nbd-same-host-congestion")? {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|e: crate::nbd::congestion::BadAlgorithm| {
+                        sec.error("nbd-same-host-congestion", format!("{e}, or \"system\""))
+                    })?,
+            ),
+        };
         Ok(Settings {
             protocol,
             tls,
@@ -488,6 +501,7 @@ impl Settings {
             c_plan_ahead,
             csums,
             sndbuf_size,
+            nbd_same_host_congestion,
         })
     }
 
@@ -514,6 +528,9 @@ impl Settings {
             c_plan_ahead: self.c_plan_ahead.or(defaults.c_plan_ahead),
             csums: self.csums.or(defaults.csums),
             sndbuf_size: self.sndbuf_size.or(defaults.sndbuf_size),
+            nbd_same_host_congestion: self
+                .nbd_same_host_congestion
+                .or(defaults.nbd_same_host_congestion),
         }
     }
 }
@@ -745,6 +762,7 @@ fn read_resource(
         sndbuf_size: settings
             .sndbuf_size
             .unwrap_or(crate::repl::congestion::DEFAULT_SNDBUF_SIZE),
+        nbd_same_host_congestion: settings.nbd_same_host_congestion.unwrap_or_default(),
     })
 }
 

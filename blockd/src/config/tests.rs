@@ -632,6 +632,32 @@ fn sndbuf_size_per_resource_with_a_global_default() {
 }
 
 #[test]
+fn nbd_same_host_congestion_per_resource_with_a_global_default() {
+    use crate::nbd::congestion::SameHost;
+    let get = |text: &str| parse(text).unwrap().resources[0].nbd_same_host_congestion;
+    assert_eq!(get(&two_nodes("", "")), SameHost::default());
+    assert_eq!(
+        get(&two_nodes("nbd-same-host-congestion = \"reno\"", "")),
+        "reno".parse().unwrap()
+    );
+    let global = two_nodes("", "").replace(
+        "[global]\n",
+        "[global]\nnbd-same-host-congestion = \"system\"\n",
+    );
+    assert_eq!(get(&global), SameHost::System);
+    let both = two_nodes("nbd-same-host-congestion = \"cubic\"", "").replace(
+        "[global]\n",
+        "[global]\nnbd-same-host-congestion = \"system\"\n",
+    );
+    assert_eq!(get(&both), SameHost::default());
+    invalid(
+        &two_nodes("nbd-same-host-congestion = \"no such\"", ""),
+        "resource.r0.nbd-same-host-congestion",
+        "not a TCP congestion control algorithm name",
+    );
+}
+
+#[test]
 fn snapshot_areas_never_default_to_dev() {
     // Beside a backing file; a node's own `snapshot-dir` wins; never in /dev.
     let cfg = parse(&two_nodes("", "snapshot-dir = \"snaps\"")).unwrap();

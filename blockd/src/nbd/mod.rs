@@ -4,6 +4,7 @@
 //! negotiates the session, [`transmission`] runs requests against the [`crate::store`] and
 //! writes replies, [`server`] accepts connections and shuts down cleanly.
 
+pub mod congestion;
 pub mod export;
 pub mod handshake;
 pub mod metrics;

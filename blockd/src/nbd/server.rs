@@ -14,6 +14,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::nbd::congestion;
+
 use crate::nbd::export::Export;
 use crate::nbd::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT, HandshakeConfig, Negotiated};
 use crate::nbd::tls::{MaybeTls, TlsSettings};
@@ -53,6 +55,8 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Per-connection transmission limits.
     pub limits: Limits,
+    /// TCP congestion control of connections from this host ([`congestion`]).
+    pub same_host_congestion: congestion::SameHost,
 }
 
 impl Default for ServerOptions {
@@ -60,6 +64,7 @@ impl Default for ServerOptions {
         ServerOptions {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             limits: Limits::default(),
+            same_host_congestion: congestion::SameHost::default(),
         }
     }
 }
@@ -155,7 +160,11 @@ pub async fn run_with(
     let (accepted_tx, mut accepted) = mpsc::channel::<(Conn, Peer)>(64);
     let mut acceptors = JoinSet::new();
     for listener in listeners {
-        acceptors.spawn(accept_loop(listener, accepted_tx.clone()));
+        acceptors.spawn(accept_loop(
+            listener,
+            options.same_host_congestion,
+            accepted_tx.clone(),
+        ));
     }
     drop(accepted_tx);
 
@@ -203,7 +212,12 @@ fn keepalive() -> socket2::TcpKeepalive {
         .with_retries(6)
 }
 
-async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(Conn, Peer)>) {
+async fn accept_loop(
+    listener: Listener,
+    same_host: congestion::SameHost,
+    accepted: mpsc::Sender<(Conn, Peer)>,
+) {
+    let mut congestion_warned = false;
     loop {
         let result = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, addr)| {
@@ -212,6 +226,19 @@ async fn accept_loop(listener: Listener, accepted: mpsc::Sender<(Conn, Peer)>) {
                 }
                 if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive()) {
                     tracing::warn!(error = %e, "cannot set TCP keepalive");
+                }
+                let choice = s
+                    .local_addr()
+                    .ok()
+                    .and_then(|local| congestion::choice_for(same_host, local, addr));
+                if let Some(algorithm) = choice
+                    && let Err(e) = congestion::apply(&s, algorithm)
+                    // Once: the kernel's answer will not change from one client to the next.
+                    && !congestion_warned
+                {
+                    congestion_warned = true;
+                    tracing::warn!(error = %e, %algorithm,
+                        "cannot set the TCP congestion control of same-host connections");
                 }
                 (Conn::Tcp(s), Peer(addr.to_string()))
             }),

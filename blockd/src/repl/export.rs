@@ -48,7 +48,10 @@ pub async fn serve_while_primary(
         vec![Listener::Tcp(listener)],
         export,
         res.spec.nbd_tls.clone(),
-        ServerOptions::default(),
+        ServerOptions {
+            same_host_congestion: res.spec.nbd_same_host_congestion,
+            ..ServerOptions::default()
+        },
         demoted,
     )
     .await;

@@ -469,6 +469,8 @@ pub struct ResourceSpec {
     pub link: LinkSettings,
     /// TLS of the NBD export (`[nbd-tls]`), loaded at start so bad files fail early.
     pub nbd_tls: Option<crate::nbd::tls::TlsSettings>,
+    /// TCP congestion control of NBD clients on this host (`nbd-same-host-congestion`).
+    pub nbd_same_host_congestion: crate::nbd::congestion::SameHost,
     pub engine: EngineKind,
 }
 
@@ -537,6 +539,7 @@ impl ResourceSpec {
             on_io_error: r.on_io_error,
             link,
             nbd_tls,
+            nbd_same_host_congestion: r.nbd_same_host_congestion,
             engine: EngineKind::Auto,
         })
     }

@@ -50,6 +50,7 @@ use bytes::{Bytes, BytesMut};
 use in_flight::WriteGuard;
 
 pub use in_flight::WritesInFlight;
+pub use mapped::InPlace;
 pub use os::set_receive_low_water;
 pub use sync::{SyncConfig, SyncEngine};
 pub use uring::{UringConfig, UringEngine};
@@ -500,7 +501,9 @@ impl BlockStore {
         config: EngineConfig,
     ) -> Result<BlockStore, StoreError> {
         let (file, size, backing) = open_backing(path, opts)?;
-        let memory_backed = os::is_memory_backed(&file);
+        // (A device node lives on devtmpfs, which reports itself as tmpfs: only a file's file
+        // system says where its data is.)
+        let memory_backed = backing == Backing::File && os::is_memory_backed(&file);
         let file = Arc::new(file);
         let (punch, zero_range, discard) = probe_zeroing(&file, backing, opts.read_only);
         let engine = match opts.engine {
@@ -519,7 +522,14 @@ impl BlockStore {
         };
         tracing::debug!(path = %path.display(), size, ?backing, engine = engine.name(),
             punch, zero_range, "block store open");
-        let mapping = mapped::MappedWindows::new(size, mapped::WINDOWS_KEPT);
+        // Only memory-backed stores take writes through the windows: on a disk a written page
+        // of a shared mapping is dirtied through the file system's fault handler (block
+        // allocation, journal), which a socket receive would wait for on a runtime thread.
+        let mapping = mapped::MappedWindows::new(
+            size,
+            mapped::WINDOWS_KEPT,
+            memory_backed && !opts.read_only,
+        );
         Ok(BlockStore {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -755,6 +765,31 @@ impl BlockStore {
                 source,
             })
         })
+    }
+
+    /// `offset..offset + len` as a place to receive a client's WRITE payload into: on a
+    /// memory-backed store, when the range lies in one mapped window and all its pages exist
+    /// (so that writing them allocates nothing), a range of the mapping, which a socket
+    /// receive fills: the data is written as it is received, with one copy instead of two
+    /// (into a buffer, then into the file). `None` otherwise, for the caller to receive the
+    /// payload into a buffer and write it.
+    pub(crate) fn write_in_place(&self, offset: u64, len: usize) -> Option<InPlace> {
+        self.check_write(offset, len as u64).ok()?;
+        self.inner
+            .mapping
+            .writable_range(&self.inner.file, offset, len)
+    }
+
+    /// Whether the backing lives in memory (tests).
+    #[cfg(test)]
+    pub(crate) fn memory_backed(&self) -> bool {
+        self.inner.memory_backed
+    }
+
+    /// Ranges handed out by [`Self::write_in_place`] so far (tests).
+    #[cfg(test)]
+    pub(crate) fn in_place_receives(&self) -> usize {
+        self.inner.mapping.in_place()
     }
 
     /// Writes `data` at `offset` with a plain `pwrite` on the calling thread, which blocks until

@@ -193,6 +193,15 @@ async fn client_reads_sent(engine: Setup, fs: Fs) {
             .await,
         Err(StoreError::OutOfRange { .. })
     ));
+    // WRITE payloads are received in place on tmpfs only, into pages that exist, inside the
+    // export.
+    let in_place = store.write_in_place(at, 1 << 20);
+    assert_eq!(in_place.is_some(), matches!(fs, Fs::Tmpfs), "{fs:?}");
+    assert!(store.write_in_place(1 << 20, 4096).is_none(), "a hole");
+    assert!(
+        store.write_in_place(size - 4096, 8192).is_none(),
+        "past the end"
+    );
 }
 
 async fn large_request(engine: Setup) {
@@ -461,6 +470,8 @@ async fn read_only(engine: Setup) {
     ro_err(store.trim(0, 10).await);
     ro_err(store.write_zeroes(0, 10, true, false).await);
     ro_err(store.fast_zero(0, 10, true).await);
+    // (A cached range of a read-only store is no place to receive a WRITE into either.)
+    assert!(store.write_in_place(10, 5).is_none());
     store.flush().await.unwrap();
     store.block_status(0, size).await.unwrap();
     // Growing a read-only file is refused.
@@ -717,6 +728,8 @@ async fn block_device(engine: Setup) {
     };
     let store = engine.open(&lo.dev, &o).unwrap();
     assert_eq!(store.size(), 16 << 20);
+    // Its node lives on devtmpfs, which says it is tmpfs: the device is no memory all the same.
+    assert!(!store.inner.memory_backed);
     let data = pattern(3, 100_001);
     store
         .write(12_345, Bytes::from(data.clone()), true)

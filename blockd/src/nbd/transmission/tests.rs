@@ -820,6 +820,9 @@ async fn large_requests_over_a_socket_to_disk_are_exact() {
 async fn large_requests_over_a_socket(root: &str) {
     for structured in [false, true] {
         let mut h = start_tcp_in(root, structured, Limits::default()).await;
+        // The first writes fill a sparse file: no page to receive into yet, so each is
+        // received into a buffer and written; the later ones overwrite and, on tmpfs, are
+        // received in place (FUA aside).
         let mut data = pattern(4 << 20, 3);
         for (i, piece) in data.chunks(1 << 20).enumerate() {
             let at = (i << 20) as u64;
@@ -861,6 +864,12 @@ async fn large_requests_over_a_socket(root: &str) {
         }
         let stored = h.store.read(0, data.len()).await.unwrap();
         assert!(stored[..] == data[..], "store differs after large writes");
+        let in_place = h.store.in_place_receives();
+        if h.store.memory_backed() {
+            assert!(in_place >= 2, "overwrites received in place: {in_place}");
+        } else {
+            assert_eq!(in_place, 0, "a disk-backed store receives into buffers");
+        }
         // Aligned and unaligned, below, at and above the piece limits; several in flight.
         let reads: [(u64, usize); 7] = [
             (0, 1 << 20),
