@@ -406,19 +406,17 @@ async fn activity_log_registrations_are_given_back_when_cancelled() {
             "a cold extent's registration waits for its transaction"
         );
     }
-    wait_for("transaction persisted", || {
-        r.meta.lock().unwrap().al_persisting == 0
-    })
+    // The persisting task hands the registration back after it counted the transaction
+    // persisted (the hold is dropped with the task's unclaimed result, a moment later).
+    wait_for(
+        "transaction persisted and the cancelled write given back",
+        || {
+            let m = r.meta.lock().unwrap();
+            m.al_persisting == 0 && m.al.inflight(extent) == 0
+        },
+    )
     .await;
-    {
-        let m = r.meta.lock().unwrap();
-        assert!(m.al.active_extents().contains(&extent));
-        assert_eq!(
-            m.al.inflight(extent),
-            0,
-            "the cancelled write is not in flight"
-        );
-    }
+    assert!(r.meta.lock().unwrap().al.active_extents().contains(&extent));
     // Hot now: the inline registration works, and counts until dropped.
     let hold = r.al_begin_hot(at + 8192, 4096).expect("hot extent");
     assert_eq!(r.meta.lock().unwrap().al.inflight(extent), 1);
