@@ -1391,12 +1391,10 @@ async fn receive_large_write<R: RequestSource>(
     let mut piece = BytesMut::new();
     let in_place = reader.get_ref().receives_in_place();
     while pos < len {
-        let n = (len - pos).min(PIECE_MAX);
-        let target = if in_place {
-            store.write_in_place(offset + pos as u64, n)
-        } else {
-            None
-        };
+        let mut n = (len - pos).min(PIECE_MAX);
+        let target = in_place
+            .then(|| store.write_in_place(offset + pos as u64, n))
+            .flatten();
         if let Some(mut target) = target {
             let got = receive_in_place(reader, &mut target, len - pos, &mut threshold).await?;
             pos += got;
@@ -1405,9 +1403,9 @@ async fn receive_large_write<R: RequestSource>(
             }
             // A page could not be written: the rest of this piece is received into a buffer,
             // and its write reports why.
+            n -= got;
         }
         let at = offset + pos as u64;
-        let n = (len - pos).min(PIECE_MAX);
         let permit = charge(budget, n).await;
         // Whatever has arrived (at least the wake-up threshold, as a rule), written at once.
         piece.clear();
