@@ -112,15 +112,16 @@ fn resync_resumes_after_the_primary_is_killed() {
         .unwrap();
     assert_eq!(dirty, 92 << 20);
     c.blockctl_ok(Some(0), &["connect", RESOURCE, "--peer", "n1"]);
-    // The bitmap is persisted every 16 MiB of walk: kill after more than 32 MiB.
+    // The bitmap is persisted every 16 MiB of walk: kill after more than 32 MiB. (Until the
+    // new resync starts, the status still shows the finished initial one: 128 MiB done of
+    // 128; the one to watch is the resync of the dirty bytes.)
     let mut done = 0;
     integration_tests::wait_for(
         Duration::from_secs(60),
         || {
-            done = c.status(0)["peers"][0]["resync"]["done_bytes"]
-                .as_u64()
-                .unwrap_or(0);
-            done >= 34 << 20
+            let resync = &c.status(0)["peers"][0]["resync"];
+            done = resync["done_bytes"].as_u64().unwrap_or(0);
+            resync["total_bytes"].as_u64() == Some(dirty) && done >= 34 << 20
         },
         "resync progress past 34 MiB",
     );
